@@ -1,0 +1,126 @@
+//! The relay: publishes committed events to the bus in commit order, from a durable
+//! checkpoint that advances only after the bus acknowledged the batch (at-least-once).
+
+use pcf_domain::ports::{EventPublisher, LogQuery};
+use pcf_domain::Position;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::store::{EventStore, StoreError};
+
+/// How the relay reads and waits.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// The checkpoint's name; one per destination.
+    pub name: String,
+    pub batch_size: usize,
+    /// How long to wait for a commit signal before looking anyway.
+    pub poll_interval: Duration,
+    /// The longest pause after a failure.
+    pub max_backoff: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            name: "bus".to_owned(),
+            batch_size: 500,
+            poll_interval: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a relay step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("reading the log: {0}")]
+    Read(pcf_domain::ports::PortError),
+    #[error("publishing: {0}")]
+    Publish(pcf_domain::ports::PortError),
+}
+
+/// Moves events from the store to a publisher.
+pub struct Relay {
+    store: Arc<dyn EventStore>,
+    publisher: Arc<dyn EventPublisher>,
+    config: RelayConfig,
+}
+
+impl Relay {
+    pub fn new(
+        store: Arc<dyn EventStore>,
+        publisher: Arc<dyn EventPublisher>,
+        config: RelayConfig,
+    ) -> Self {
+        Self {
+            store,
+            publisher,
+            config,
+        }
+    }
+
+    /// Publishes one batch after the checkpoint and advances it. Returns how many events
+    /// were published (0 when caught up).
+    pub async fn step(&self) -> Result<usize, RelayError> {
+        let checkpoint = self.store.load_checkpoint(&self.config.name).await?;
+        let query = LogQuery {
+            after: Some(checkpoint),
+            limit: self.config.batch_size,
+            ..LogQuery::default()
+        };
+        let events = self.store.read(&query).await.map_err(RelayError::Read)?;
+        let Some(last) = events.last().map(|e| e.position) else {
+            return Ok(0);
+        };
+        self.publisher
+            .publish(&events)
+            .await
+            .map_err(RelayError::Publish)?;
+        self.store.save_checkpoint(&self.config.name, last).await?;
+        tracing::debug!(count = events.len(), position = %last, "relayed events");
+        Ok(events.len())
+    }
+
+    /// The checkpoint: everything at or before it has been published.
+    pub async fn checkpoint(&self) -> Result<Position, StoreError> {
+        self.store.load_checkpoint(&self.config.name).await
+    }
+
+    /// Relays until `shutdown` completes: drains the backlog, then waits for a commit signal
+    /// (or the poll interval), backing off after failures.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let committed = self.store.committed();
+        if let Err(e) = self.store.watch_commits().await {
+            tracing::warn!(error = %e, "commit notifications unavailable; polling only");
+        }
+        let mut failures = 0u32;
+        loop {
+            let pause = match self.step().await {
+                Ok(n) if n > 0 => {
+                    failures = 0;
+                    continue;
+                }
+                Ok(_) => {
+                    failures = 0;
+                    self.config.poll_interval
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, failures, "relay step failed; backing off");
+                    let exp = Duration::from_millis(100 * 2u64.saturating_pow(failures.min(10)));
+                    exp.min(self.config.max_backoff)
+                }
+            };
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = committed.notified(), if failures == 0 => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+}

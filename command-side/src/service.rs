@@ -1,0 +1,166 @@
+//! Command execution: load the user, let the aggregate decide, append in one transaction,
+//! retry on a concurrent append, and answer a repeated command id with its first result.
+
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use pcf_domain::ports::{CommandObserver, EmailDirectory};
+use pcf_domain::{EventMetadata, UserCommand, UserError, UserServices};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+use tracing::Instrument;
+use uuid::Uuid;
+
+pub use crate::store::CommandResult;
+use crate::store::{AppendError, AppendRequest, EventStore, StoreError};
+
+/// How often a command without `expectedVersion` is retried after losing a race.
+const MAX_ATTEMPTS: u32 = 50;
+/// Per-user locks are striped: enough stripes that unrelated users rarely share one.
+const LOCK_STRIPES: usize = 1024;
+
+/// Why a command did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Rejected(#[from] UserError),
+    /// Retries ran out while other writers kept changing the user.
+    #[error("the user is changing too fast; try again")]
+    Contended,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl CommandError {
+    /// The outcome label metrics use.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::Rejected(e) => e.code().as_str(),
+            Self::Contended => "CONFLICT",
+            Self::Store(StoreError::Unavailable(_)) => "UNAVAILABLE",
+            Self::Store(StoreError::Internal(_)) => "INTERNAL",
+        }
+    }
+}
+
+/// Executes commands against the event store.
+pub struct CommandService {
+    store: Arc<dyn EventStore>,
+    services: UserServices,
+    observer: Arc<dyn CommandObserver>,
+    // Commands on one user in this process run one at a time, so they do not race each
+    // other to the same sequence number; other processes are handled by the retry.
+    locks: Vec<Mutex<()>>,
+}
+
+struct StoreDirectory(Arc<dyn EventStore>);
+
+#[async_trait::async_trait]
+impl EmailDirectory for StoreDirectory {
+    async fn owner_of(
+        &self,
+        email: &pcf_domain::Email,
+    ) -> Result<Option<Uuid>, pcf_domain::ports::PortError> {
+        self.0.owner_of(email).await
+    }
+}
+
+impl CommandService {
+    pub fn new(store: Arc<dyn EventStore>, observer: Arc<dyn CommandObserver>) -> Self {
+        let services = UserServices {
+            emails: Arc::new(StoreDirectory(store.clone())),
+        };
+        Self {
+            store,
+            services,
+            observer,
+            locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
+    /// Executes `command` on user `user_id`.
+    pub async fn execute(
+        &self,
+        user_id: Uuid,
+        command: UserCommand,
+        metadata: EventMetadata,
+    ) -> Result<CommandResult, CommandError> {
+        let name = command.name();
+        let span = tracing::info_span!("command", command = name, user = %user_id,
+            command_id = metadata.command_id.as_deref().unwrap_or(""));
+        let started = Instant::now();
+        let result = self
+            .execute_inner(user_id, command, &metadata)
+            .instrument(span)
+            .await;
+        let outcome = match &result {
+            Ok(_) => "OK",
+            Err(e) => e.outcome(),
+        };
+        self.observer
+            .command_finished(name, outcome, started.elapsed());
+        result
+    }
+
+    async fn execute_inner(
+        &self,
+        user_id: Uuid,
+        command: UserCommand,
+        metadata: &EventMetadata,
+    ) -> Result<CommandResult, CommandError> {
+        let stripe = (user_id.as_u128() % LOCK_STRIPES as u128) as usize;
+        let _guard = self.locks[stripe].lock().await;
+        for attempt in 0..MAX_ATTEMPTS {
+            if let Some(command_id) = &metadata.command_id {
+                if let Some(previous) = self.store.find_command(command_id).await? {
+                    return Ok(previous);
+                }
+            }
+            let (mut user, sequence) = self.store.load(user_id).await?;
+            let sink = EventSink::default();
+            user.handle(command.clone(), &self.services, &sink).await?;
+            let events = sink.collect().await;
+            if events.is_empty() {
+                // Nothing changes: answer with the current state.
+                let position = self.store.position_of(user_id, sequence).await?;
+                return Ok(CommandResult {
+                    user_id,
+                    user: user.view().cloned(),
+                    version: user.version(),
+                    position,
+                });
+            }
+            let request = AppendRequest {
+                user_id,
+                expected_sequence: sequence,
+                events: &events,
+                metadata,
+                user_after: user.view(),
+            };
+            match self.store.append(request).await {
+                Ok(result) => return Ok(result),
+                // Lost a race with another writer, or the same command id ran elsewhere:
+                // reload and decide again. With an `expectedVersion` the aggregate now
+                // answers CONFLICT; a repeated command id now finds its first result.
+                Err(AppendError::Conflict) | Err(AppendError::DuplicateCommand) => {
+                    tracing::debug!(attempt, "append lost a race; retrying");
+                    backoff(attempt).await;
+                }
+                Err(AppendError::EmailTaken) => return Err(UserError::EmailTaken.into()),
+                Err(AppendError::Store(e)) => return Err(e.into()),
+            }
+        }
+        Err(CommandError::Contended)
+    }
+}
+
+/// A short, growing, jittered pause so that racing writers spread out.
+async fn backoff(attempt: u32) {
+    let base = 2u64.saturating_pow(attempt.min(6)); // up to 64 ms
+    let jitter = Uuid::new_v4().as_u128() as u64 % (base + 1);
+    tokio::time::sleep(Duration::from_millis(base / 2 + jitter)).await;
+}

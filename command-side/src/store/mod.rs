@@ -1,0 +1,247 @@
+//! The event store behind one trait, with a PostgreSQL and an SQLite adapter.
+//!
+//! Loading an aggregate goes through postgres-es / sqlite-es (`PersistedEventStore`), so
+//! their upcasting and snapshot support apply. Appending does not: an append must also claim
+//! or release emails and record the command id *in the same transaction* as the events, and
+//! the crates' `persist` opens a transaction of its own. So each adapter writes the crates'
+//! table layout itself, in one transaction, and maps unique violations to their meaning.
+
+pub mod postgres;
+pub mod sqlite;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use pcf_domain::ports::{EmailDirectory, EventLog, PortError};
+use pcf_domain::{EventEnvelope, EventMetadata, Position, User, UserEvent, UserView};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+/// The store failed for a reason that is not the caller's.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+    #[error("event store error: {0}")]
+    Internal(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => Self::Unavailable(e.to_string()),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<StoreError> for PortError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(m) => PortError::Unavailable(m),
+            StoreError::Internal(m) => PortError::Internal(m),
+        }
+    }
+}
+
+/// Why an append did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// Another writer appended to this user first (optimistic concurrency).
+    #[error("the user changed concurrently")]
+    Conflict,
+    /// A live account already holds the email.
+    #[error("email already in use")]
+    EmailTaken,
+    /// A command with this id has already been executed.
+    #[error("command already executed")]
+    DuplicateCommand,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a command returned; stored with its command id so a repeat returns it again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandResult {
+    pub user_id: Uuid,
+    pub user: Option<UserView>,
+    pub version: u64,
+    pub position: Position,
+}
+
+/// Events to append to one user, after `expected_sequence`.
+pub struct AppendRequest<'a> {
+    pub user_id: Uuid,
+    pub expected_sequence: u64,
+    pub events: &'a [UserEvent],
+    pub metadata: &'a EventMetadata,
+    /// The user's state after the events, for the stored command result.
+    pub user_after: Option<&'a UserView>,
+}
+
+/// The event store as the command side and the relay use it.
+#[async_trait]
+pub trait EventStore: EventLog + EmailDirectory + Send + Sync {
+    /// The user's current state and the sequence of its last event (0 if none).
+    async fn load(&self, user_id: Uuid) -> Result<(User, u64), StoreError>;
+
+    /// Appends the events, claims and releases emails, and records the command id, all in
+    /// one transaction. Returns the position of the last event appended.
+    async fn append(&self, request: AppendRequest<'_>) -> Result<CommandResult, AppendError>;
+
+    /// The stored result of an already executed command.
+    async fn find_command(&self, command_id: &str) -> Result<Option<CommandResult>, StoreError>;
+
+    /// The position of the user's event with this sequence.
+    async fn position_of(&self, user_id: Uuid, sequence: u64) -> Result<Position, StoreError>;
+
+    async fn load_checkpoint(&self, name: &str) -> Result<Position, StoreError>;
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError>;
+
+    /// Succeeds when the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Signalled after events are committed (by this process, or by another one where the
+    /// backend can tell); waiters fall back to polling for anything missed.
+    fn committed(&self) -> Arc<Notify>;
+
+    /// Starts whatever forwards other processes' commits to `committed` (PostgreSQL's
+    /// LISTEN). A no-op where the store has a single writer process.
+    async fn watch_commits(&self) -> Result<(), StoreError>;
+}
+
+/// How the email index changes when events are appended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum EmailChange<'a> {
+    Claim(&'a str),
+    Release(&'a str),
+    ReleaseAll,
+}
+
+/// The email claims and releases that `events` imply, in the order to apply them.
+pub(crate) fn email_changes(events: &[UserEvent]) -> Vec<EmailChange<'_>> {
+    let mut changes = Vec::new();
+    for event in events {
+        match event {
+            UserEvent::UserCreated { email, .. } => changes.push(EmailChange::Claim(email)),
+            UserEvent::EmailChanged {
+                old_email,
+                new_email,
+                ..
+            } => {
+                changes.push(EmailChange::Release(old_email));
+                changes.push(EmailChange::Claim(new_email));
+            }
+            UserEvent::AccountDeleted { .. } => changes.push(EmailChange::ReleaseAll),
+            UserEvent::ProfileUpdated { .. } => {}
+        }
+    }
+    changes
+}
+
+/// Metadata as stored by cqrs-es: a flat map of strings.
+pub(crate) fn metadata_value(metadata: &EventMetadata) -> serde_json::Value {
+    serde_json::to_value(metadata).unwrap_or_else(|_| serde_json::json!({}))
+}
+
+pub(crate) fn metadata_from_value(value: &serde_json::Value) -> EventMetadata {
+    // Events written by other tools may carry other keys; keep the ones we know.
+    let map: HashMap<String, serde_json::Value> =
+        serde_json::from_value(value.clone()).unwrap_or_default();
+    let get = |k: &str| map.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    EventMetadata {
+        correlation_id: get("correlationId"),
+        causation_id: get("causationId"),
+        command_id: get("commandId"),
+        actor: get("actor"),
+    }
+}
+
+/// A stored row, as both adapters read it, before it becomes an envelope.
+pub(crate) struct StoredEvent {
+    pub event_id: Uuid,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: serde_json::Value,
+    pub metadata: serde_json::Value,
+    pub position: Position,
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl StoredEvent {
+    pub(crate) fn into_envelope(self) -> Result<EventEnvelope, StoreError> {
+        let aggregate_id = Uuid::parse_str(&self.aggregate_id).map_err(|e| {
+            StoreError::Internal(format!("aggregate id {:?}: {e}", self.aggregate_id))
+        })?;
+        Ok(EventEnvelope {
+            event_id: self.event_id,
+            aggregate_type: pcf_domain::AGGREGATE_TYPE.to_owned(),
+            aggregate_id,
+            sequence: self.sequence as u64,
+            position: self.position,
+            event_type: self.event_type,
+            event_version: self.event_version,
+            recorded_at: self.recorded_at,
+            metadata: metadata_from_value(&self.metadata),
+            // Stored payloads are externally tagged by cqrs-es; the envelope carries the inside.
+            payload: untag(self.payload),
+        })
+    }
+}
+
+fn untag(payload: serde_json::Value) -> serde_json::Value {
+    match payload {
+        serde_json::Value::Object(mut map) if map.len() == 1 => {
+            let key = map.keys().next().cloned().unwrap_or_default();
+            map.remove(&key).unwrap_or(serde_json::Value::Null)
+        }
+        other => other,
+    }
+}
+
+/// Serialises an event as cqrs-es stores it (externally tagged).
+pub(crate) fn stored_payload(event: &UserEvent) -> Result<serde_json::Value, StoreError> {
+    serde_json::to_value(event).map_err(|e| StoreError::Internal(e.to_string()))
+}
+
+pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changing_an_email_releases_the_old_one_before_claiming_the_new() {
+        let events = [UserEvent::EmailChanged {
+            old_email: "a@x.io".into(),
+            new_email: "b@x.io".into(),
+            occurred_at: Utc::now(),
+        }];
+        assert_eq!(
+            email_changes(&events),
+            vec![EmailChange::Release("a@x.io"), EmailChange::Claim("b@x.io")]
+        );
+    }
+
+    #[test]
+    fn metadata_round_trips_through_the_stored_map() {
+        let m = EventMetadata {
+            correlation_id: Some("c".into()),
+            causation_id: None,
+            command_id: Some("k".into()),
+            actor: Some("u".into()),
+        };
+        assert_eq!(metadata_from_value(&metadata_value(&m)), m);
+    }
+}

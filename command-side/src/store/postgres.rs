@@ -1,0 +1,344 @@
+//! The PostgreSQL event store: postgres-es for loading, one transaction of our own per append.
+
+use async_trait::async_trait;
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::DomainEvent;
+use cqrs_es::EventStore as _;
+use pcf_domain::ports::{EmailDirectory, EventLog, LogQuery, PortError};
+use pcf_domain::{Email, EventEnvelope, Position, User};
+use postgres_es::PostgresEventRepository;
+use sqlx::postgres::{PgListener, PgRow};
+use sqlx::{PgPool, Row};
+use std::sync::Arc;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use super::{
+    email_changes, is_unique_violation, metadata_value, stored_payload, AppendError, AppendRequest,
+    CommandResult, EmailChange, EventStore, StoreError, StoredEvent,
+};
+
+const NOTIFY_CHANNEL: &str = "pcf_events";
+
+/// Columns every read of the log selects; `transaction_id` goes out as text because sqlx has
+/// no `xid8` type.
+const EVENT_COLUMNS: &str = "event_id, aggregate_id, sequence, event_type, event_version, \
+     payload, metadata, global_position, transaction_id::text AS txid, recorded_at";
+
+/// The event store on a PostgreSQL primary.
+pub struct PostgresStore {
+    pool: PgPool,
+    loader: PersistedEventStore<PostgresEventRepository, User>,
+    committed: Arc<Notify>,
+}
+
+impl PostgresStore {
+    pub fn new(pool: PgPool) -> Self {
+        let loader =
+            PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()));
+        Self {
+            pool,
+            loader,
+            committed: Arc::new(Notify::new()),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+fn row_to_event(row: &PgRow) -> Result<StoredEvent, StoreError> {
+    let txid: String = row.try_get("txid")?;
+    let commit = txid
+        .parse::<u64>()
+        .map_err(|e| StoreError::Internal(format!("transaction id {txid:?}: {e}")))?;
+    let global: i64 = row.try_get("global_position")?;
+    Ok(StoredEvent {
+        event_id: row.try_get("event_id")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        sequence: row.try_get("sequence")?,
+        event_type: row.try_get("event_type")?,
+        event_version: row.try_get("event_version")?,
+        payload: row.try_get("payload")?,
+        metadata: row.try_get("metadata")?,
+        position: Position::new(commit, global as u64),
+        recorded_at: row.try_get("recorded_at")?,
+    })
+}
+
+fn rows_to_envelopes(rows: &[PgRow]) -> Result<Vec<EventEnvelope>, StoreError> {
+    rows.iter()
+        .map(|r| row_to_event(r).and_then(StoredEvent::into_envelope))
+        .collect()
+}
+
+/// Runs one statement of an append, mapping a unique violation to `on_unique`.
+fn classify(e: sqlx::Error, on_unique: AppendError) -> AppendError {
+    if is_unique_violation(&e) {
+        on_unique
+    } else {
+        AppendError::Store(e.into())
+    }
+}
+
+#[async_trait]
+impl EventStore for PostgresStore {
+    async fn load(&self, user_id: Uuid) -> Result<(User, u64), StoreError> {
+        let context = self
+            .loader
+            .load_aggregate(&user_id.to_string())
+            .await
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        Ok((context.aggregate, context.current_sequence as u64))
+    }
+
+    async fn append(&self, req: AppendRequest<'_>) -> Result<CommandResult, AppendError> {
+        let aggregate_id = req.user_id.to_string();
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        // The command id goes first: a concurrent duplicate waits here for the first to
+        // commit and then fails, rather than racing it to the events.
+        if let Some(command_id) = &req.metadata.command_id {
+            sqlx::query(
+                "INSERT INTO processed_commands (command_id, aggregate_id) VALUES ($1, $2)",
+            )
+            .bind(command_id)
+            .bind(&aggregate_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| classify(e, AppendError::DuplicateCommand))?;
+        }
+        let metadata = metadata_value(req.metadata);
+        let mut last = Position::START;
+        for (i, event) in req.events.iter().enumerate() {
+            let row = sqlx::query(
+                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+                 event_version, payload, metadata, event_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 RETURNING global_position, transaction_id::text AS txid",
+            )
+            .bind(pcf_domain::AGGREGATE_TYPE)
+            .bind(&aggregate_id)
+            .bind((req.expected_sequence + 1 + i as u64) as i64)
+            .bind(event.event_type())
+            .bind(event.event_version())
+            .bind(stored_payload(event)?)
+            .bind(&metadata)
+            .bind(Uuid::now_v7())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| classify(e, AppendError::Conflict))?;
+            let txid: String = row.try_get("txid").map_err(StoreError::from)?;
+            let global: i64 = row.try_get("global_position").map_err(StoreError::from)?;
+            last = Position::new(txid.parse().unwrap_or_default(), global as u64);
+        }
+        for change in email_changes(req.events) {
+            let result = match change {
+                EmailChange::Claim(email) => {
+                    sqlx::query("INSERT INTO user_emails (email, user_id) VALUES ($1, $2)")
+                        .bind(email)
+                        .bind(&aggregate_id)
+                        .execute(&mut *tx)
+                        .await
+                }
+                EmailChange::Release(email) => {
+                    sqlx::query("DELETE FROM user_emails WHERE email = $1 AND user_id = $2")
+                        .bind(email)
+                        .bind(&aggregate_id)
+                        .execute(&mut *tx)
+                        .await
+                }
+                EmailChange::ReleaseAll => {
+                    sqlx::query("DELETE FROM user_emails WHERE user_id = $1")
+                        .bind(&aggregate_id)
+                        .execute(&mut *tx)
+                        .await
+                }
+            };
+            result.map_err(|e| classify(e, AppendError::EmailTaken))?;
+        }
+        let result = CommandResult {
+            user_id: req.user_id,
+            user: req.user_after.cloned(),
+            version: req.expected_sequence + req.events.len() as u64,
+            position: last,
+        };
+        if let Some(command_id) = &req.metadata.command_id {
+            let stored =
+                serde_json::to_value(&result).map_err(|e| StoreError::Internal(e.to_string()))?;
+            sqlx::query("UPDATE processed_commands SET result = $2 WHERE command_id = $1")
+                .bind(command_id)
+                .bind(stored)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+        self.committed.notify_one();
+        Ok(result)
+    }
+
+    async fn find_command(&self, command_id: &str) -> Result<Option<CommandResult>, StoreError> {
+        let row: Option<(Option<serde_json::Value>,)> =
+            sqlx::query_as("SELECT result FROM processed_commands WHERE command_id = $1")
+                .bind(command_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        match row {
+            Some((Some(value),)) => serde_json::from_value(value)
+                .map(Some)
+                .map_err(|e| StoreError::Internal(e.to_string())),
+            _ => Ok(None),
+        }
+    }
+
+    async fn position_of(&self, user_id: Uuid, sequence: u64) -> Result<Position, StoreError> {
+        let row = sqlx::query(
+            "SELECT global_position, transaction_id::text AS txid FROM events \
+             WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
+        )
+        .bind(pcf_domain::AGGREGATE_TYPE)
+        .bind(user_id.to_string())
+        .bind(sequence as i64)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => {
+                let txid: String = row.try_get("txid")?;
+                let global: i64 = row.try_get("global_position")?;
+                Ok(Position::new(
+                    txid.parse().unwrap_or_default(),
+                    global as u64,
+                ))
+            }
+            None => Ok(Position::START),
+        }
+    }
+
+    async fn load_checkpoint(&self, name: &str) -> Result<Position, StoreError> {
+        let row = sqlx::query(
+            "SELECT transaction_id::text AS txid, global_position FROM relay_checkpoints WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => {
+                let txid: String = row.try_get("txid")?;
+                let global: i64 = row.try_get("global_position")?;
+                Ok(Position::new(
+                    txid.parse().unwrap_or_default(),
+                    global as u64,
+                ))
+            }
+            None => Ok(Position::START),
+        }
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO relay_checkpoints (name, transaction_id, global_position, updated_at) \
+             VALUES ($1, $2::text::xid8, $3, now()) \
+             ON CONFLICT (name) DO UPDATE SET transaction_id = EXCLUDED.transaction_id, \
+             global_position = EXCLUDED.global_position, updated_at = now()",
+        )
+        .bind(name)
+        .bind(position.commit.to_string())
+        .bind(position.global as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    fn committed(&self) -> Arc<Notify> {
+        self.committed.clone()
+    }
+
+    async fn watch_commits(&self) -> Result<(), StoreError> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(NOTIFY_CHANNEL).await?;
+        let committed = self.committed.clone();
+        tokio::spawn(async move {
+            loop {
+                // `recv` reconnects by itself after a lost connection; anything committed
+                // meanwhile is found by the waiters' polling.
+                match listener.recv().await {
+                    Ok(_) => committed.notify_one(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "event notification listener failed");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl EventLog for PostgresStore {
+    async fn read(&self, q: &LogQuery) -> Result<Vec<EventEnvelope>, PortError> {
+        let after = q.after.unwrap_or(Position::START);
+        // Only below the oldest running transaction: anything that could still commit with
+        // a lower position is not visible yet, so the prefix returned never changes.
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events \
+             WHERE aggregate_type = $1 \
+               AND (transaction_id, global_position) > ($2::text::xid8, $3) \
+               AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+               AND ($4::text IS NULL OR aggregate_id = $4) \
+               AND (cardinality($5::text[]) = 0 OR event_type = ANY($5)) \
+             ORDER BY transaction_id, global_position \
+             LIMIT $6"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(pcf_domain::AGGREGATE_TYPE)
+            .bind(after.commit.to_string())
+            .bind(after.global as i64)
+            .bind(q.aggregate_id.map(|id| id.to_string()))
+            .bind(&q.types)
+            .bind(q.limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(rows_to_envelopes(&rows)?)
+    }
+
+    async fn user_events(
+        &self,
+        user: Uuid,
+        after_sequence: u64,
+    ) -> Result<Vec<EventEnvelope>, PortError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events \
+             WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 \
+             ORDER BY sequence"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(pcf_domain::AGGREGATE_TYPE)
+            .bind(user.to_string())
+            .bind(after_sequence as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(rows_to_envelopes(&rows)?)
+    }
+}
+
+#[async_trait]
+impl EmailDirectory for PostgresStore {
+    async fn owner_of(&self, email: &Email) -> Result<Option<Uuid>, PortError> {
+        let row: Option<(String,)> =
+            sqlx::query_as("SELECT user_id FROM user_emails WHERE email = $1")
+                .bind(email.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(StoreError::from)?;
+        Ok(row.and_then(|(id,)| Uuid::parse_str(&id).ok()))
+    }
+}

@@ -1,0 +1,107 @@
+//! Events of the `User` aggregate, in the past tense, each with a version. Payloads hold
+//! plain strings (already validated when written) so that old events always load even if a
+//! rule later tightens.
+
+use chrono::{DateTime, Utc};
+use cqrs_es::DomainEvent;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Something that happened to a user. Serialised externally tagged by event type, which is
+/// also how postgres-es and sqlite-es store it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UserEvent {
+    #[serde(rename_all = "camelCase")]
+    UserCreated {
+        user_id: Uuid,
+        email: String,
+        display_name: String,
+        bio: Option<String>,
+        avatar_url: Option<String>,
+        occurred_at: DateTime<Utc>,
+    },
+    /// Carries the whole new profile, so a reader never needs the previous state.
+    #[serde(rename_all = "camelCase")]
+    ProfileUpdated {
+        display_name: String,
+        bio: Option<String>,
+        avatar_url: Option<String>,
+        occurred_at: DateTime<Utc>,
+    },
+    #[serde(rename_all = "camelCase")]
+    EmailChanged {
+        old_email: String,
+        new_email: String,
+        occurred_at: DateTime<Utc>,
+    },
+    #[serde(rename_all = "camelCase")]
+    AccountDeleted { occurred_at: DateTime<Utc> },
+}
+
+/// The version every event type is written with today.
+pub const CURRENT_EVENT_VERSION: &str = "1";
+
+impl UserEvent {
+    pub fn occurred_at(&self) -> DateTime<Utc> {
+        match self {
+            Self::UserCreated { occurred_at, .. }
+            | Self::ProfileUpdated { occurred_at, .. }
+            | Self::EmailChanged { occurred_at, .. }
+            | Self::AccountDeleted { occurred_at } => *occurred_at,
+        }
+    }
+
+    /// The payload alone (without the type tag), as published in the envelope.
+    pub fn payload(&self) -> serde_json::Value {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(mut map)) => map
+                .remove(&self.event_type())
+                .unwrap_or(serde_json::Value::Null),
+            _ => serde_json::Value::Null,
+        }
+    }
+
+    /// Rebuilds an event from its type name and payload, as found in an envelope.
+    pub fn from_payload(
+        event_type: &str,
+        payload: &serde_json::Value,
+    ) -> Result<Self, serde_json::Error> {
+        let mut map = serde_json::Map::with_capacity(1);
+        map.insert(event_type.to_owned(), payload.clone());
+        serde_json::from_value(serde_json::Value::Object(map))
+    }
+}
+
+impl DomainEvent for UserEvent {
+    fn event_type(&self) -> String {
+        match self {
+            Self::UserCreated { .. } => "UserCreated",
+            Self::ProfileUpdated { .. } => "ProfileUpdated",
+            Self::EmailChanged { .. } => "EmailChanged",
+            Self::AccountDeleted { .. } => "AccountDeleted",
+        }
+        .to_owned()
+    }
+
+    fn event_version(&self) -> String {
+        CURRENT_EVENT_VERSION.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_round_trips_through_the_envelope_shape() {
+        let event = UserEvent::EmailChanged {
+            old_email: "a@example.com".into(),
+            new_email: "b@example.com".into(),
+            occurred_at: Utc::now(),
+        };
+        let payload = event.payload();
+        assert_eq!(payload["newEmail"], "b@example.com");
+        let back = UserEvent::from_payload(&event.event_type(), &payload).unwrap();
+        assert_eq!(back, event);
+    }
+}

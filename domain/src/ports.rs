@@ -1,0 +1,79 @@
+//! Port traits: what the domain and the read side need from the outside world. The embedded
+//! and cluster modes are two sets of adapters behind these.
+
+use async_trait::async_trait;
+use std::time::Duration;
+use uuid::Uuid;
+
+use crate::envelope::{EventEnvelope, Position};
+use crate::values::Email;
+use crate::view::UserView;
+
+/// A dependency could not do what was asked; the message is for logs, not for clients.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PortError {
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Who owns an email address among live accounts. Consulted by the aggregate for an early,
+/// friendly answer; the event store's unique index is what makes it true under concurrency.
+#[async_trait]
+pub trait EmailDirectory: Send + Sync {
+    async fn owner_of(&self, email: &Email) -> Result<Option<Uuid>, PortError>;
+}
+
+/// What to read from the log.
+#[derive(Debug, Clone, Default)]
+pub struct LogQuery {
+    /// Only events after this position.
+    pub after: Option<Position>,
+    /// Only this user's events.
+    pub aggregate_id: Option<Uuid>,
+    /// Only these event types (all when empty).
+    pub types: Vec<String>,
+    pub limit: usize,
+}
+
+/// Reads committed events. `read` returns only the prefix of the log that can no longer
+/// change (no earlier transaction is still running), in commit order.
+#[async_trait]
+pub trait EventLog: Send + Sync {
+    async fn read(&self, query: &LogQuery) -> Result<Vec<EventEnvelope>, PortError>;
+
+    /// One user's events with a sequence above `after_sequence`, in sequence order.
+    async fn user_events(
+        &self,
+        user: Uuid,
+        after_sequence: u64,
+    ) -> Result<Vec<EventEnvelope>, PortError>;
+}
+
+/// Where the relay publishes (Kafka, or the in-process bus when embedded).
+#[async_trait]
+pub trait EventPublisher: Send + Sync {
+    /// Returns once every event is acknowledged, in order per user.
+    async fn publish(&self, events: &[EventEnvelope]) -> Result<(), PortError>;
+}
+
+/// Reads the user view that the projectors maintain.
+#[async_trait]
+pub trait UserReader: Send + Sync {
+    /// The user's view, including a tombstone (`deleted`) for a deleted account.
+    async fn user(&self, id: Uuid) -> Result<Option<UserView>, PortError>;
+    async fn user_by_email(&self, email: &Email) -> Result<Option<UserView>, PortError>;
+}
+
+/// Told about every command that finished, for metrics.
+pub trait CommandObserver: Send + Sync {
+    fn command_finished(&self, command: &'static str, outcome: &'static str, elapsed: Duration);
+}
+
+/// An observer that records nothing.
+pub struct NoopObserver;
+
+impl CommandObserver for NoopObserver {
+    fn command_finished(&self, _: &'static str, _: &'static str, _: Duration) {}
+}

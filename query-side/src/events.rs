@@ -1,0 +1,114 @@
+//! The `events` query: the audit trail, in commit order, paginated by position.
+
+use async_graphql::connection::{Connection, Edge};
+use async_graphql::{Context, Json, Object, SimpleObject, ID};
+use chrono::{DateTime, Utc};
+use pcf_domain::ports::LogQuery;
+use pcf_domain::{EventEnvelope, Position};
+use uuid::Uuid;
+
+use crate::errors::{invalid, unavailable};
+use crate::users::ReadModels;
+
+const MAX_PAGE: i32 = 500;
+
+/// Who and what caused an event.
+#[derive(SimpleObject)]
+#[graphql(name = "EventMetadata")]
+pub struct MetadataObject {
+    correlation_id: Option<String>,
+    causation_id: Option<String>,
+    command_id: Option<String>,
+    actor: Option<String>,
+}
+
+/// One event of the log, as in the event envelope.
+pub struct EventObject(pub EventEnvelope);
+
+#[Object(name = "Event")]
+impl EventObject {
+    async fn event_id(&self) -> ID {
+        ID(self.0.event_id.to_string())
+    }
+    async fn aggregate_type(&self) -> &str {
+        &self.0.aggregate_type
+    }
+    async fn aggregate_id(&self) -> ID {
+        ID(self.0.aggregate_id.to_string())
+    }
+    async fn sequence(&self) -> i64 {
+        self.0.sequence as i64
+    }
+    /// Opaque; orders like the log.
+    async fn position(&self) -> String {
+        self.0.position.to_string()
+    }
+    async fn event_type(&self) -> &str {
+        &self.0.event_type
+    }
+    async fn event_version(&self) -> &str {
+        &self.0.event_version
+    }
+    async fn recorded_at(&self) -> DateTime<Utc> {
+        self.0.recorded_at
+    }
+    async fn metadata(&self) -> MetadataObject {
+        let m = &self.0.metadata;
+        MetadataObject {
+            correlation_id: m.correlation_id.clone(),
+            causation_id: m.causation_id.clone(),
+            command_id: m.command_id.clone(),
+            actor: m.actor.clone(),
+        }
+    }
+    async fn payload(&self) -> Json<serde_json::Value> {
+        Json(self.0.payload.clone())
+    }
+}
+
+/// Audit queries.
+#[derive(Default)]
+pub struct EventQueries;
+
+#[Object]
+impl EventQueries {
+    /// Events in commit order, after the cursor `after` (a position), optionally of one user
+    /// and of some types.
+    async fn events(
+        &self,
+        ctx: &Context<'_>,
+        aggregate_id: Option<ID>,
+        after: Option<String>,
+        #[graphql(default = 50)] first: i32,
+        types: Option<Vec<String>>,
+    ) -> async_graphql::Result<Connection<String, EventObject>> {
+        let models = ctx.data::<ReadModels>()?;
+        if !(0..=MAX_PAGE).contains(&first) {
+            return Err(invalid("first", "must be between 0 and 500"));
+        }
+        let after = after
+            .map(|a| a.parse::<Position>())
+            .transpose()
+            .map_err(|_| invalid("after", "not a cursor returned by this API"))?;
+        let aggregate_id = aggregate_id
+            .map(|id| Uuid::parse_str(id.as_str()))
+            .transpose()
+            .map_err(|_| invalid("aggregateId", "not a user id"))?;
+        let query = LogQuery {
+            after,
+            aggregate_id,
+            types: types.unwrap_or_default(),
+            limit: first as usize + 1,
+        };
+        let mut events = models.log.read(&query).await.map_err(unavailable)?;
+        let has_next = events.len() > first as usize;
+        events.truncate(first as usize);
+        let mut connection = Connection::new(after.is_some(), has_next);
+        connection.edges.extend(
+            events
+                .into_iter()
+                .map(|e| Edge::new(e.position.to_string(), EventObject(e))),
+        );
+        Ok(connection)
+    }
+}

@@ -1,0 +1,10 @@
+//! The query side of PCF: reads the views the projectors maintain and the event log, and
+//! serves them as the GraphQL `QueryRoot`, waiting (bounded) for a version when asked to.
+#![forbid(unsafe_code)]
+
+pub mod errors;
+pub mod events;
+pub mod users;
+
+pub use events::EventObject;
+pub use users::{QueryRoot, ReadModels, UserObject};

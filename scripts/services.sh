@@ -1,0 +1,377 @@
+#!/usr/bin/env bash
+# Local development/test services for PCF, all on loopback:
+#
+#   pg_primary  PostgreSQL 15 primary            127.0.0.1:5432  (cluster "15 main")
+#   pg_replica  PostgreSQL 15 streaming replica  127.0.0.1:5433  (cluster "15 replica")
+#   redis       Redis, no persistence            127.0.0.1:6379
+#
+# Usage: scripts/services.sh up|down|status
+#
+#   up      installs missing Debian packages, configures and starts every service that is not
+#           already running, and waits until each one is ready. Running services are left alone.
+#   down    stops every service (replica before primary).
+#   status  prints one line per service; exits non-zero if any service is down.
+#
+# These services are for development and tests only: PostgreSQL trusts every loopback TCP
+# connection (so postgres://postgres@127.0.0.1:5432/DB works on both ports), runs with fsync=off,
+# and Redis has no password and no persistence. Nothing listens beyond 127.0.0.1.
+#
+# Plain Debian 12 as root, no systemd, no Docker: clusters are driven with pg_ctlcluster and
+# Redis is started daemonized. Each service is a set of functions <name>_up, <name>_down and
+# <name>_status; add a service by writing those and listing it in SERVICES below.
+#
+# Environment: SERVICES_TIMEOUT (seconds to wait for readiness, default 90).
+set -euo pipefail
+
+SERVICES=(pg_primary pg_replica redis)
+
+PG_VERSION=15
+PG_HOST=127.0.0.1
+PG_PRIMARY_CLUSTER=main
+PG_PRIMARY_PORT=5432
+PG_REPLICA_CLUSTER=replica
+PG_REPLICA_PORT=5433
+PG_REPLICA_SLOT=pcf_replica
+REDIS_HOST=127.0.0.1
+REDIS_PORT=6379
+TIMEOUT="${SERVICES_TIMEOUT:-90}"
+
+export DEBIAN_FRONTEND=noninteractive
+export PATH="/usr/lib/postgresql/${PG_VERSION}/bin:${PATH}:/usr/sbin:/sbin"
+
+log() { printf 'services: %s\n' "$*" >&2; }
+die() {
+    printf 'services: error: %s\n' "$*" >&2
+    exit 1
+}
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+APT_UPDATED=0
+
+# ensure_packages PKG... : apt-get install whatever is not installed yet (apt-get update once).
+ensure_packages() {
+    local missing=() pkg
+    for pkg in "$@"; do
+        if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+            missing+=("$pkg")
+        fi
+    done
+    ((${#missing[@]} == 0)) && return 0
+    [[ $(id -u) -eq 0 ]] || die "missing packages (${missing[*]}) and not root; install them first"
+    if ((APT_UPDATED == 0)); then
+        log "apt-get update"
+        apt-get update -qq
+        APT_UPDATED=1
+    fi
+    log "installing ${missing[*]}"
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# wait_until DESCRIPTION COMMAND... : retry COMMAND every 0.5 s until it succeeds or TIMEOUT.
+wait_until() {
+    local what=$1
+    shift
+    local deadline=$((SECONDS + TIMEOUT))
+    until "$@" >/dev/null 2>&1; do
+        if ((SECONDS >= deadline)); then
+            log "timed out after ${TIMEOUT}s waiting for ${what}"
+            return 1
+        fi
+        sleep 0.5
+    done
+}
+
+as_postgres() { runuser -u postgres -- "$@"; }
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL (shared by primary and replica)
+
+pg_conf_dir() { echo "/etc/postgresql/${PG_VERSION}/$1"; }
+pg_data_dir() { echo "/var/lib/postgresql/${PG_VERSION}/$1"; }
+
+pg_ensure_packages() { ensure_packages "postgresql-${PG_VERSION}" "postgresql-client-${PG_VERSION}"; }
+
+pg_running() { pg_ctlcluster "$PG_VERSION" "$1" status >/dev/null 2>&1; }
+
+pg_ready() { pg_isready -q -h "$PG_HOST" -p "$1"; }
+
+# psql_at PORT SQL : run SQL over loopback TCP as postgres, unaligned tuples only.
+psql_at() { psql "postgres://postgres@${PG_HOST}:$1/postgres" -X -v ON_ERROR_STOP=1 -Atqc "$2"; }
+
+# pg_configure CLUSTER : write our settings and loopback trust rules into the cluster's config.
+# Prints "changed" when anything was written. Both clusters get identical settings: a hot standby
+# refuses to start when max_connections (and friends) are lower than on its primary.
+pg_configure() {
+    local cluster=$1 dir changed=0
+    dir=$(pg_conf_dir "$cluster")
+    mkdir -p "$dir/conf.d"
+    grep -Eq "^[[:space:]]*include_dir[[:space:]]*=?[[:space:]]*'conf\.d'" "$dir/postgresql.conf" ||
+        die "$dir/postgresql.conf does not include conf.d"
+
+    local conf="$dir/conf.d/pcf-services.conf" want
+    want=$(
+        cat <<'EOF'
+# Written by scripts/services.sh (PCF development and tests only). Do not edit by hand.
+listen_addresses = '127.0.0.1'
+max_connections = 300
+wal_level = replica
+max_wal_senders = 10
+max_replication_slots = 10
+wal_keep_size = 256MB
+max_slot_wal_keep_size = 4GB
+hot_standby = on
+hot_standby_feedback = on
+# Test data only: trade crash safety of the machine for speed (CREATE DATABASE, many commits).
+fsync = off
+EOF
+    )
+    if [[ ! -f $conf || $(cat "$conf") != "$want" ]]; then
+        printf '%s\n' "$want" >"$conf"
+        chown postgres:postgres "$conf"
+        changed=1
+    fi
+
+    # pg_hba.conf: first match wins, so our trust rules go in a marked block at the very top.
+    local hba="$dir/pg_hba.conf" begin='# BEGIN pcf scripts/services.sh' end='# END pcf scripts/services.sh'
+    if ! grep -qxF "$begin" "$hba"; then
+        local tmp
+        tmp=$(mktemp)
+        {
+            echo "$begin"
+            echo "# Development and tests only: trust every loopback TCP connection."
+            echo "host    all             all             127.0.0.1/32            trust"
+            echo "host    all             all             ::1/128                 trust"
+            echo "host    replication     all             127.0.0.1/32            trust"
+            echo "host    replication     all             ::1/128                 trust"
+            echo "$end"
+            cat "$hba"
+        } >"$tmp"
+        cat "$tmp" >"$hba" # keep owner and mode of the original file
+        rm -f "$tmp"
+        changed=1
+    fi
+    ((changed == 1)) && echo changed
+    return 0
+}
+
+# pg_apply_config CLUSTER PORT : after a config change on a running cluster, reload it, and
+# restart it only if a changed setting needs a restart (for example right after the package
+# install started it with its defaults).
+pg_apply_config() {
+    local cluster=$1 port=$2
+    log "reloading ${PG_VERSION}/${cluster} configuration"
+    pg_ctlcluster "$PG_VERSION" "$cluster" reload
+    sleep 1
+    local pending
+    pending=$(as_postgres psql -X -p "$port" -h /var/run/postgresql -d postgres -Atqc \
+        "select count(*) from pg_settings where pending_restart" 2>/dev/null || echo 1)
+    if [[ $pending != 0 ]]; then
+        log "restarting ${PG_VERSION}/${cluster} for settings that need a restart"
+        pg_ctlcluster "$PG_VERSION" "$cluster" restart
+    fi
+}
+
+pg_prepare_runtime_dirs() {
+    install -d -o postgres -g postgres -m 2775 /var/run/postgresql
+    install -d -o postgres -g postgres -m 1775 /var/log/postgresql 2>/dev/null || true
+}
+
+# pg_start CLUSTER PORT : start the cluster unless it already runs, then wait for readiness.
+pg_start() {
+    local cluster=$1 port=$2
+    if pg_running "$cluster"; then
+        log "${PG_VERSION}/${cluster} already running"
+    else
+        log "starting ${PG_VERSION}/${cluster} on ${PG_HOST}:${port}"
+        pg_ctlcluster "$PG_VERSION" "$cluster" start ||
+            die "could not start ${PG_VERSION}/${cluster}; see /var/log/postgresql/postgresql-${PG_VERSION}-${cluster}.log"
+    fi
+    wait_until "PostgreSQL ${PG_VERSION}/${cluster} on ${PG_HOST}:${port}" pg_ready "$port" ||
+        die "PostgreSQL ${PG_VERSION}/${cluster} is not ready; see /var/log/postgresql/postgresql-${PG_VERSION}-${cluster}.log"
+}
+
+pg_stop() {
+    local cluster=$1
+    if [[ -d $(pg_conf_dir "$cluster") ]] && pg_running "$cluster"; then
+        log "stopping ${PG_VERSION}/${cluster}"
+        pg_ctlcluster "$PG_VERSION" "$cluster" stop -m fast
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# service: pg_primary
+
+pg_primary_up() {
+    pg_ensure_packages
+    pg_prepare_runtime_dirs
+    if [[ ! -d $(pg_conf_dir "$PG_PRIMARY_CLUSTER") ]]; then
+        log "creating cluster ${PG_VERSION}/${PG_PRIMARY_CLUSTER} on port ${PG_PRIMARY_PORT}"
+        pg_createcluster "$PG_VERSION" "$PG_PRIMARY_CLUSTER" --port "$PG_PRIMARY_PORT" >/dev/null
+    fi
+    local changed
+    changed=$(pg_configure "$PG_PRIMARY_CLUSTER")
+    if pg_running "$PG_PRIMARY_CLUSTER" && [[ $changed == changed ]]; then
+        pg_apply_config "$PG_PRIMARY_CLUSTER" "$PG_PRIMARY_PORT"
+    fi
+    pg_start "$PG_PRIMARY_CLUSTER" "$PG_PRIMARY_PORT"
+}
+
+pg_primary_down() { pg_stop "$PG_PRIMARY_CLUSTER"; }
+
+pg_primary_status() {
+    if pg_ready "$PG_PRIMARY_PORT" 2>/dev/null; then
+        echo "pg_primary  up    ${PG_HOST}:${PG_PRIMARY_PORT}"
+    else
+        echo "pg_primary  down  ${PG_HOST}:${PG_PRIMARY_PORT}"
+        return 1
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# service: pg_replica (streaming replica of pg_primary, made with pg_basebackup -R)
+
+pg_replica_streaming() {
+    [[ $(psql_at "$PG_REPLICA_PORT" "select count(*) from pg_stat_wal_receiver where status = 'streaming'" 2>/dev/null) == 1 ]]
+}
+
+# Replace the replica's data directory with a fresh base backup of the primary.
+pg_replica_clone() {
+    local data
+    data=$(pg_data_dir "$PG_REPLICA_CLUSTER")
+    pg_stop "$PG_REPLICA_CLUSTER"
+    log "cloning ${PG_HOST}:${PG_PRIMARY_PORT} into ${data} (pg_basebackup -R)"
+    # A slot keeps the WAL the replica still needs while it is stopped (bounded by
+    # max_slot_wal_keep_size); a stale one from an earlier clone is dropped first.
+    psql_at "$PG_PRIMARY_PORT" "select pg_drop_replication_slot(slot_name) from pg_replication_slots
+                                 where slot_name = '${PG_REPLICA_SLOT}' and not active" >/dev/null
+    rm -rf "$data"
+    install -d -o postgres -g postgres -m 0700 "$data"
+    as_postgres pg_basebackup -h "$PG_HOST" -p "$PG_PRIMARY_PORT" -U postgres -D "$data" \
+        -R -X stream -C -S "$PG_REPLICA_SLOT" --checkpoint=fast --no-password ||
+        die "pg_basebackup from ${PG_HOST}:${PG_PRIMARY_PORT} failed"
+}
+
+pg_replica_up() {
+    pg_ensure_packages
+    pg_prepare_runtime_dirs
+    pg_ready "$PG_PRIMARY_PORT" || die "pg_replica needs pg_primary up on ${PG_HOST}:${PG_PRIMARY_PORT}"
+
+    local data
+    data=$(pg_data_dir "$PG_REPLICA_CLUSTER")
+    if [[ ! -d $(pg_conf_dir "$PG_REPLICA_CLUSTER") ]]; then
+        log "creating cluster ${PG_VERSION}/${PG_REPLICA_CLUSTER} on port ${PG_REPLICA_PORT}"
+        pg_createcluster "$PG_VERSION" "$PG_REPLICA_CLUSTER" --port "$PG_REPLICA_PORT" >/dev/null
+    fi
+    local changed
+    changed=$(pg_configure "$PG_REPLICA_CLUSTER")
+
+    if pg_running "$PG_REPLICA_CLUSTER"; then
+        [[ $changed == changed ]] && pg_apply_config "$PG_REPLICA_CLUSTER" "$PG_REPLICA_PORT"
+        pg_start "$PG_REPLICA_CLUSTER" "$PG_REPLICA_PORT"
+        return 0
+    fi
+
+    # Not running. A data directory without standby.signal is not a replica (for example the
+    # empty cluster pg_createcluster just made): clone it from the primary.
+    local cloned=0
+    if [[ ! -f $data/standby.signal ]]; then
+        pg_replica_clone
+        cloned=1
+    fi
+    pg_start "$PG_REPLICA_CLUSTER" "$PG_REPLICA_PORT"
+    if ! wait_until "the replica to stream from the primary" pg_replica_streaming; then
+        # The primary may have been recreated, or the WAL the replica needs is gone.
+        ((cloned == 0)) || die "replica on ${PG_HOST}:${PG_REPLICA_PORT} does not stream from the primary"
+        log "replica does not stream from the primary; cloning it again"
+        pg_replica_clone
+        pg_start "$PG_REPLICA_CLUSTER" "$PG_REPLICA_PORT"
+        wait_until "the replica to stream from the primary" pg_replica_streaming ||
+            die "replica on ${PG_HOST}:${PG_REPLICA_PORT} does not stream from the primary"
+    fi
+}
+
+pg_replica_down() { pg_stop "$PG_REPLICA_CLUSTER"; }
+
+pg_replica_status() {
+    if pg_ready "$PG_REPLICA_PORT" 2>/dev/null; then
+        local note="(not streaming)"
+        pg_replica_streaming && note="(streaming from ${PG_HOST}:${PG_PRIMARY_PORT})"
+        echo "pg_replica  up    ${PG_HOST}:${PG_REPLICA_PORT} ${note}"
+    else
+        echo "pg_replica  down  ${PG_HOST}:${PG_REPLICA_PORT}"
+        return 1
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# service: redis
+
+redis_ready() { [[ $(redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]; }
+
+redis_up() {
+    ensure_packages redis-server
+    if redis_ready; then
+        log "redis already running"
+        return 0
+    fi
+    log "starting redis on ${REDIS_HOST}:${REDIS_PORT}"
+    install -d -m 0755 /var/log/redis
+    local dir=/var/lib/pcf-services/redis
+    install -d -m 0700 "$dir"
+    redis-server --port "$REDIS_PORT" --bind "$REDIS_HOST" --daemonize yes \
+        --save '' --appendonly no --dir "$dir" \
+        --logfile /var/log/redis/pcf-redis-server.log \
+        --pidfile "$dir/redis-server.pid" ||
+        die "could not start redis-server"
+    wait_until "redis on ${REDIS_HOST}:${REDIS_PORT}" redis_ready ||
+        die "redis is not ready; see /var/log/redis/pcf-redis-server.log"
+}
+
+redis_down() {
+    if redis_ready; then
+        log "stopping redis"
+        redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+        local deadline=$((SECONDS + TIMEOUT))
+        while redis_ready && ((SECONDS < deadline)); do sleep 0.2; done
+    fi
+}
+
+redis_status() {
+    if command -v redis-cli >/dev/null && redis_ready; then
+        echo "redis       up    ${REDIS_HOST}:${REDIS_PORT}"
+    else
+        echo "redis       down  ${REDIS_HOST}:${REDIS_PORT}"
+        return 1
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+
+cmd_up() {
+    local s
+    for s in "${SERVICES[@]}"; do "${s}_up"; done
+    cmd_status
+}
+
+cmd_down() {
+    local i
+    for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do "${SERVICES[i]}_down"; done
+}
+
+cmd_status() {
+    local s rc=0
+    for s in "${SERVICES[@]}"; do "${s}_status" || rc=1; done
+    return "$rc"
+}
+
+case "${1:-}" in
+up) cmd_up ;;
+down) cmd_down ;;
+status) cmd_status ;;
+*)
+    echo "usage: $0 up|down|status" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every check CI runs: starts the local services (PostgreSQL primary + replica, Redis),
+# then rustfmt, clippy (warnings are errors) and the whole workspace's tests against them.
+# Usage: scripts/test.sh
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [[ -f "$HOME/.cargo/env" ]]; then
+    # shellcheck source=/dev/null
+    source "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null || {
+    echo "test.sh: cargo not found on PATH (install Rust with rustup)" >&2
+    exit 1
+}
+
+scripts/services.sh up
+
+export PCF_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres
+export PCF_TEST_READ_DATABASE_URL=postgres://postgres@127.0.0.1:5433/postgres
+export PCF_TEST_REDIS_URL=redis://127.0.0.1:6379
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test --workspace --all-targets"
+cargo test --workspace --all-targets

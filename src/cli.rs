@@ -1,0 +1,155 @@
+//! The `pcf` command line.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use pcf_domain::ports::LogQuery;
+use pcf_domain::Position;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::config::Config;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pcf",
+    version,
+    about = "PCF: an event-sourced CQRS backend for user accounts"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Runs the server (all roles by default).
+    Serve {
+        /// Comma-separated roles: api, relay, projector.
+        #[arg(long, value_delimiter = ',', default_value = "api,relay,projector")]
+        role: Vec<Role>,
+        /// HTTP address (overrides PCF_LISTEN).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Applies the SQL migrations.
+    Migrate,
+    /// Prints the GraphQL SDL.
+    Schema,
+    /// Reads the event log.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EventsCommand {
+    /// Prints one user's events as JSON envelopes, one per line.
+    Show { user_id: uuid::Uuid },
+    /// Prints the log from a position on (the start by default) and follows it.
+    Tail {
+        #[arg(long)]
+        from: Option<String>,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Api,
+    Relay,
+    Projector,
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let command = cli.command.unwrap_or(Command::Serve {
+        role: vec![Role::Api, Role::Relay, Role::Projector],
+        listen: None,
+    });
+    match command {
+        Command::Serve { role, listen } => serve(Config::load(listen)?, &role).await,
+        Command::Migrate => {
+            let config = Config::load(None)?;
+            crate::app::open_store(&config).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Schema => {
+            print!("{}", crate::app::sdl());
+            Ok(())
+        }
+        Command::Events { command } => events(Config::load(None)?, command).await,
+    }
+}
+
+async fn serve(config: Config, roles: &[Role]) -> anyhow::Result<()> {
+    if roles.len() < 3 && config.embedded() {
+        // The in-process bus and in-memory views exist only inside one process.
+        anyhow::bail!("embedded mode runs every role in one process; drop --role or configure PCF_DATABASE_URL");
+    }
+    let app = crate::app::build(&config).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let mode = if config.embedded() {
+        format!("embedded, data in {}", config.data_dir.display())
+    } else {
+        "cluster".to_owned()
+    };
+    tracing::info!(%addr, %mode, "PCF listening");
+    println!("PCF listening on http://{addr} ({mode})");
+    if config.environment == crate::config::Environment::Development {
+        println!("GraphiQL: http://{addr}/graphiql");
+    }
+    let router = app.router.clone();
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+    })
+    .await?;
+    app.shutdown().await;
+    Ok(())
+}
+
+async fn events(config: Config, command: EventsCommand) -> anyhow::Result<()> {
+    let store = crate::app::open_store(&config).await?;
+    let mut out = std::io::stdout().lock();
+    match command {
+        EventsCommand::Show { user_id } => {
+            for e in store.user_events(user_id, 0).await? {
+                writeln!(out, "{}", serde_json::to_string(&e)?)?;
+            }
+        }
+        EventsCommand::Tail { from } => {
+            let mut after = match from {
+                Some(p) => p.parse::<Position>().map_err(|_| {
+                    anyhow::anyhow!("--from: {p:?} is not a position printed by PCF")
+                })?,
+                None => Position::START,
+            };
+            loop {
+                let query = LogQuery {
+                    after: Some(after),
+                    limit: 1000,
+                    ..LogQuery::default()
+                };
+                let batch = store.read(&query).await?;
+                for e in &batch {
+                    writeln!(out, "{}", serde_json::to_string(e)?)?;
+                }
+                out.flush()?;
+                match batch.last() {
+                    Some(last) => after = last.position,
+                    None => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            }
+        }
+    }
+    Ok(())
+}

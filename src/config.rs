@@ -1,0 +1,237 @@
+//! Configuration: flags > environment > `pcf.toml` > defaults.
+
+use anyhow::Context;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where PCF runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Environment {
+    Development,
+    Production,
+}
+
+/// Everything a process needs to know, resolved.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Unset: embedded mode (SQLite under `data_dir`).
+    pub database_url: Option<String>,
+    pub read_database_urls: Vec<String>,
+    pub kafka_brokers: Option<String>,
+    pub kafka_topic: String,
+    pub redis_url: Option<String>,
+    pub environment: Environment,
+    pub log: String,
+    pub log_json: bool,
+    /// How long `minVersion` waits.
+    pub consistency_timeout: Duration,
+    /// The largest request body accepted.
+    pub body_limit: usize,
+    pub max_depth: usize,
+    pub max_complexity: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./pcf-data"),
+            database_url: None,
+            read_database_urls: Vec::new(),
+            kafka_brokers: None,
+            kafka_topic: "pcf.users.v1".to_owned(),
+            redis_url: None,
+            environment: Environment::Development,
+            log: "info".to_owned(),
+            log_json: false,
+            consistency_timeout: Duration::from_secs(5),
+            body_limit: 64 * 1024,
+            max_depth: 15,
+            max_complexity: 1000,
+        }
+    }
+}
+
+/// The keys `pcf.toml` may set; all optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    read_database_url: Option<String>,
+    kafka_brokers: Option<String>,
+    kafka_topic: Option<String>,
+    redis_url: Option<String>,
+    env: Option<String>,
+    log: Option<String>,
+    log_format: Option<String>,
+    consistency_timeout_ms: Option<u64>,
+    body_limit: Option<usize>,
+    max_depth: Option<usize>,
+    max_complexity: Option<usize>,
+}
+
+impl FileConfig {
+    /// Layers `PCF_*` environment variables over the file's values.
+    fn overlay_env(mut self, env: &dyn Fn(&str) -> Option<String>) -> Self {
+        let pick = |current: &mut Option<String>, key: &str| {
+            if let Some(v) = env(key).filter(|v| !v.is_empty()) {
+                *current = Some(v);
+            }
+        };
+        pick(&mut self.listen, "PCF_LISTEN");
+        if let Some(v) = env("PCF_DATA_DIR").filter(|v| !v.is_empty()) {
+            self.data_dir = Some(PathBuf::from(v));
+        }
+        pick(&mut self.database_url, "PCF_DATABASE_URL");
+        pick(&mut self.read_database_url, "PCF_READ_DATABASE_URL");
+        pick(&mut self.kafka_brokers, "PCF_KAFKA_BROKERS");
+        pick(&mut self.kafka_topic, "PCF_KAFKA_TOPIC");
+        pick(&mut self.redis_url, "PCF_REDIS_URL");
+        pick(&mut self.env, "PCF_ENV");
+        pick(&mut self.log, "PCF_LOG");
+        pick(&mut self.log_format, "PCF_LOG_FORMAT");
+        self
+    }
+}
+
+impl Config {
+    /// Reads `pcf.toml` (or the file named by `PCF_CONFIG`) if present, then the process
+    /// environment, then applies `listen` from the command line.
+    pub fn load(listen_flag: Option<SocketAddr>) -> anyhow::Result<Self> {
+        let path = std::env::var("PCF_CONFIG").unwrap_or_else(|_| "pcf.toml".to_owned());
+        let file = read_file(Path::new(&path))?;
+        let mut config = Self::resolve(file, &|k| std::env::var(k).ok())?;
+        if let Some(listen) = listen_flag {
+            config.listen = listen;
+        }
+        Ok(config)
+    }
+
+    /// Resolves from a file's contents (if any) and an environment.
+    pub fn from_sources(
+        toml_text: Option<&str>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Self> {
+        let file = match toml_text {
+            Some(text) => toml::from_str(text).context("invalid pcf.toml")?,
+            None => FileConfig::default(),
+        };
+        Self::resolve(file, env)
+    }
+
+    fn resolve(file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+        let f = file.overlay_env(env);
+        let mut c = Config::default();
+        if let Some(listen) = f.listen {
+            c.listen = listen.parse().with_context(|| {
+                format!("PCF_LISTEN: {listen:?} is not an address like 127.0.0.1:8080")
+            })?;
+        }
+        if let Some(dir) = f.data_dir {
+            c.data_dir = dir;
+        }
+        c.database_url = f.database_url;
+        c.read_database_urls = match f.read_database_url {
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            None => c.database_url.iter().cloned().collect(),
+        };
+        c.kafka_brokers = f.kafka_brokers;
+        if let Some(topic) = f.kafka_topic {
+            c.kafka_topic = topic;
+        }
+        c.redis_url = f.redis_url;
+        c.environment = match f.env.as_deref() {
+            None | Some("development") => Environment::Development,
+            Some("production") => Environment::Production,
+            Some(other) => {
+                anyhow::bail!("PCF_ENV: {other:?} is neither development nor production")
+            }
+        };
+        if let Some(log) = f.log {
+            c.log = log;
+        }
+        c.log_json = match f.log_format.as_deref() {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(other) => anyhow::bail!("PCF_LOG_FORMAT: {other:?} is neither text nor json"),
+        };
+        if let Some(ms) = f.consistency_timeout_ms {
+            c.consistency_timeout = Duration::from_millis(ms);
+        }
+        if let Some(limit) = f.body_limit {
+            c.body_limit = limit;
+        }
+        if let Some(depth) = f.max_depth {
+            c.max_depth = depth;
+        }
+        if let Some(complexity) = f.max_complexity {
+            c.max_complexity = complexity;
+        }
+        Ok(c)
+    }
+
+    /// Embedded mode: no event store URL configured.
+    pub fn embedded(&self) -> bool {
+        self.database_url.is_none()
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => toml::from_str(&text).with_context(|| format!("invalid {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FileConfig::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_configuration_means_embedded_on_the_default_address() {
+        let c = Config::from_sources(None, &|_| None).unwrap();
+        assert!(c.embedded());
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.data_dir, PathBuf::from("./pcf-data"));
+        assert_eq!(c.kafka_topic, "pcf.users.v1");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let toml = "listen = \"127.0.0.1:9000\"\ndatabase_url = \"postgres://file\"\n";
+        let env = |k: &str| (k == "PCF_DATABASE_URL").then(|| "postgres://env".to_owned());
+        let c = Config::from_sources(Some(toml), &env).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(c.database_url.as_deref(), Some("postgres://env"));
+        assert_eq!(c.read_database_urls, vec!["postgres://env".to_owned()]);
+    }
+
+    #[test]
+    fn read_replicas_are_a_comma_separated_list() {
+        let env = |k: &str| {
+            (k == "PCF_READ_DATABASE_URL").then(|| "postgres://a, postgres://b".to_owned())
+        };
+        let c = Config::from_sources(None, &env).unwrap();
+        assert_eq!(c.read_database_urls, vec!["postgres://a", "postgres://b"]);
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        let env = |k: &str| (k == "PCF_LISTEN").then(|| "nowhere".to_owned());
+        let err = Config::from_sources(None, &env).unwrap_err().to_string();
+        assert!(err.contains("PCF_LISTEN"), "{err}");
+        assert!(Config::from_sources(Some("nonsense = 1"), &|_| None).is_err());
+    }
+}

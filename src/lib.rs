@@ -1,0 +1,13 @@
+//! PCF, the binary's library: configuration, wiring of the two modes, the HTTP server, the
+//! in-process bus, metrics and the CLI. `main.rs` only calls into here.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod bus;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod metrics;
+
+pub use app::{build, App};
+pub use config::Config;
