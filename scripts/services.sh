@@ -4,6 +4,7 @@
 #   pg_primary  PostgreSQL 15 primary            127.0.0.1:5432  (cluster "15 main")
 #   pg_replica  PostgreSQL 15 streaming replica  127.0.0.1:5433  (cluster "15 replica")
 #   redis       Redis, no persistence            127.0.0.1:6379
+#   kafka       Apache Kafka, KRaft, one node    127.0.0.1:9092  (controller 127.0.0.1:9093)
 #
 # Usage: scripts/services.sh up|down|status
 #
@@ -14,16 +15,23 @@
 #
 # These services are for development and tests only: PostgreSQL trusts every loopback TCP
 # connection (so postgres://postgres@127.0.0.1:5432/DB works on both ports), runs with fsync=off,
-# and Redis has no password and no persistence. Nothing listens beyond 127.0.0.1.
+# Redis has no password and no persistence, and Kafka has no auth. Nothing listens beyond 127.0.0.1.
 #
 # Plain Debian 12 as root, no systemd, no Docker: clusters are driven with pg_ctlcluster and
-# Redis is started daemonized. Each service is a set of functions <name>_up, <name>_down and
-# <name>_status; add a service by writing those and listing it in SERVICES below.
+# Redis is started daemonized. Kafka has no Debian package: its jars come from Maven Central
+# through `mvn` (scripts/kafka/pom.xml) into a cache outside the repository (scripts/kafka/lib.sh),
+# and `java` runs the broker's main class in the background; its data (/var/lib/pcf-kafka)
+# survives `down`, its logs go to /var/log/pcf-kafka. scripts/kafka-topics.sh and
+# scripts/kafka/run-class.sh run Kafka's command-line tools on the same jars.
 #
-# Environment: SERVICES_TIMEOUT (seconds to wait for readiness, default 90).
+# Each service is a set of functions <name>_up, <name>_down and <name>_status; add a service by
+# writing those and listing it in SERVICES below.
+#
+# Environment: SERVICES_TIMEOUT (seconds to wait for readiness, default 90); for Kafka also
+# PCF_KAFKA_VERSION and PCF_CACHE (see scripts/kafka/lib.sh).
 set -euo pipefail
 
-SERVICES=(pg_primary pg_replica redis)
+SERVICES=(pg_primary pg_replica redis kafka)
 
 PG_VERSION=15
 PG_HOST=127.0.0.1
@@ -34,6 +42,11 @@ PG_REPLICA_PORT=5433
 PG_REPLICA_SLOT=pcf_replica
 REDIS_HOST=127.0.0.1
 REDIS_PORT=6379
+KAFKA_HOST=127.0.0.1
+KAFKA_PORT=9092
+KAFKA_CONTROLLER_PORT=9093
+KAFKA_HOME=/var/lib/pcf-kafka     # server.properties, cluster-id, pid file; data/ holds the logs
+KAFKA_LOG_DIR=/var/log/pcf-kafka
 TIMEOUT="${SERVICES_TIMEOUT:-90}"
 
 export DEBIAN_FRONTEND=noninteractive
@@ -343,6 +356,187 @@ redis_status() {
         echo "redis       up    ${REDIS_HOST}:${REDIS_PORT}"
     else
         echo "redis       down  ${REDIS_HOST}:${REDIS_PORT}"
+        return 1
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# service: kafka (Apache Kafka in KRaft mode, one combined broker + controller)
+
+# shellcheck source=/dev/null # scripts/kafka/lib.sh, checked on its own
+source "$(dirname "${BASH_SOURCE[0]}")/kafka/lib.sh"
+
+KAFKA_DATA_DIR="${KAFKA_HOME}/data"
+KAFKA_CONF="${KAFKA_HOME}/server.properties"
+KAFKA_PID_FILE="${KAFKA_HOME}/kafka.pid"
+
+# kafka_pid : print the pid of our broker (the java process running kafka.Kafka with our
+# server.properties); fails when none runs. The pid file is tried first, checked against the
+# process's command line so a recycled pid is not mistaken for it; without it (lost, or
+# overwritten by a concurrent start that failed) the process table is searched.
+kafka_is_broker() {
+    [[ $(cat "/proc/$1/comm" 2>/dev/null) == java ]] &&
+        tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline" | grep -qF "kafka.Kafka ${KAFKA_CONF}"
+}
+
+kafka_pid() {
+    local pid dir
+    if [[ -f $KAFKA_PID_FILE ]]; then
+        pid=$(<"$KAFKA_PID_FILE")
+        if [[ $pid =~ ^[0-9]+$ ]] && kafka_is_broker "$pid"; then
+            echo "$pid"
+            return 0
+        fi
+    fi
+    for dir in /proc/[0-9]*; do
+        pid=${dir#/proc/}
+        if kafka_is_broker "$pid"; then
+            echo "$pid"
+            return 0
+        fi
+    done
+    return 1
+}
+
+kafka_port_open() { timeout 2 bash -c ": </dev/tcp/${KAFKA_HOST}/${KAFKA_PORT}" 2>/dev/null; }
+
+# kafka_ready : the broker answers a metadata request (TopicCommand --list), which it does only
+# once it has caught up with its KRaft metadata and is really serving.
+kafka_ready() {
+    kafka_port_open || return 1
+    timeout 30 "${KAFKA_SCRIPTS_DIR}/run-class.sh" org.apache.kafka.tools.TopicCommand \
+        --bootstrap-server "${KAFKA_HOST}:${KAFKA_PORT}" --list >/dev/null 2>&1
+}
+
+kafka_configure() {
+    install -d -m 0755 "$KAFKA_HOME" "$KAFKA_LOG_DIR"
+    install -d -m 0700 "$KAFKA_DATA_DIR"
+    local want
+    want=$(
+        cat <<EOF
+# Written by scripts/services.sh (PCF development and tests only). Do not edit by hand.
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=${KAFKA_HOST}:${KAFKA_CONTROLLER_PORT}
+listeners=PLAINTEXT://${KAFKA_HOST}:${KAFKA_PORT},CONTROLLER://${KAFKA_HOST}:${KAFKA_CONTROLLER_PORT}
+advertised.listeners=PLAINTEXT://${KAFKA_HOST}:${KAFKA_PORT},CONTROLLER://${KAFKA_HOST}:${KAFKA_CONTROLLER_PORT}
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=${KAFKA_DATA_DIR}
+# Applications create their topics explicitly; auto-creation stays on as Kafka's default.
+auto.create.topics.enable=true
+num.partitions=6
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+EOF
+    )
+    if [[ ! -f $KAFKA_CONF || $(cat "$KAFKA_CONF") != "$want" ]]; then
+        printf '%s\n' "$want" >"$KAFKA_CONF"
+        if kafka_pid >/dev/null; then
+            log "kafka configuration changed; it applies after scripts/services.sh down && up"
+        fi
+    fi
+}
+
+# kafka_format : format the storage once, as a single-node dynamic KRaft quorum. The cluster id
+# is generated once and kept beside the data.
+kafka_format() {
+    [[ -f $KAFKA_DATA_DIR/meta.properties ]] && return 0
+    local id_file="${KAFKA_HOME}/cluster-id" id
+    if [[ ! -s $id_file ]]; then
+        id=$(kafka_tool_java kafka.tools.StorageTool random-uuid) || die "kafka: could not generate a cluster id"
+        echo "$id" >"$id_file"
+    fi
+    id=$(<"$id_file")
+    log "formatting kafka storage ${KAFKA_DATA_DIR} (cluster id ${id})"
+    kafka_tool_java kafka.tools.StorageTool format --standalone -t "$id" -c "$KAFKA_CONF" \
+        >"${KAFKA_LOG_DIR}/format.log" 2>&1 ||
+        die "kafka storage format failed; see ${KAFKA_LOG_DIR}/format.log"
+}
+
+kafka_up() {
+    if ! command -v java >/dev/null; then ensure_packages openjdk-17-jre-headless; fi
+    if ! command -v mvn >/dev/null; then ensure_packages maven; fi
+    kafka_check_java || die "kafka needs Java 17 or newer"
+    # One `up` at a time sets Kafka up (two test runs may start together); the lock is released
+    # when this function returns, and the broker does not inherit it.
+    install -d -m 0755 "$KAFKA_HOME"
+    local lock_fd
+    exec {lock_fd}>"${KAFKA_HOME}/.lock"
+    flock -w "$TIMEOUT" "$lock_fd" || die "another scripts/services.sh holds ${KAFKA_HOME}/.lock"
+    kafka_fetch_libs || die "could not fetch Apache Kafka ${KAFKA_VERSION}"
+    kafka_configure
+
+    if kafka_pid >/dev/null || kafka_port_open; then
+        log "kafka already running"
+    else
+        kafka_format
+        log "starting kafka ${KAFKA_VERSION} on ${KAFKA_HOST}:${KAFKA_PORT}"
+        rm -f "$KAFKA_PID_FILE"
+        local log_size=0
+        [[ -f ${KAFKA_LOG_DIR}/server.log ]] && log_size=$(stat -c %s "${KAFKA_LOG_DIR}/server.log")
+        # The inner shell writes its own pid and then becomes the JVM (exec), so the pid file
+        # names the broker itself; setsid detaches it from this script's session and terminal.
+        # shellcheck disable=SC2016 # $$ and $1 belong to the inner shell
+        setsid nohup bash -c 'echo $$ >"$1"; shift; exec "$@"' kafka "$KAFKA_PID_FILE" \
+            java -Xms256m -Xmx512m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+            -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
+            -Djava.awt.headless=true -Dkafka.logs.dir="$KAFKA_LOG_DIR" \
+            -Dlog4j2.configurationFile="${KAFKA_SCRIPTS_DIR}/log4j2.properties" \
+            -cp "${KAFKA_LIBS}/*" kafka.Kafka "$KAFKA_CONF" \
+            >>"${KAFKA_LOG_DIR}/kafka.out" 2>&1 </dev/null {lock_fd}>&- &
+        # Wait for the listener, failing fast if the JVM dies (bad config, port taken, ...).
+        local started=$SECONDS
+        until kafka_port_open; do
+            if ((SECONDS - started >= TIMEOUT)); then
+                die "timed out after ${TIMEOUT}s waiting for kafka on ${KAFKA_HOST}:${KAFKA_PORT}; see ${KAFKA_LOG_DIR}/server.log"
+            fi
+            if ((SECONDS - started >= 2)) && ! kafka_pid >/dev/null; then
+                # This start's errors only: server.log keeps earlier runs' lines.
+                tail -c "+$((log_size + 1))" "${KAFKA_LOG_DIR}/server.log" 2>/dev/null |
+                    grep -E '^\[.*\] (ERROR|FATAL)' | tail -n 5 >&2 || true
+                tail -n 5 "${KAFKA_LOG_DIR}/kafka.out" >&2 2>/dev/null || true
+                die "kafka exited during start; see ${KAFKA_LOG_DIR}/server.log and kafka.out"
+            fi
+            sleep 0.5
+        done
+    fi
+    wait_until "kafka on ${KAFKA_HOST}:${KAFKA_PORT} to answer metadata requests" kafka_ready ||
+        die "kafka is not ready; see ${KAFKA_LOG_DIR}/server.log"
+    exec {lock_fd}>&-
+}
+
+kafka_down() {
+    local pid
+    pid=$(kafka_pid) || return 0
+    log "stopping kafka (pid ${pid})"
+    kill -TERM "$pid" 2>/dev/null || true
+    local deadline=$((SECONDS + TIMEOUT))
+    while kill -0 "$pid" 2>/dev/null; do
+        if ((SECONDS >= deadline)); then
+            log "kafka did not stop within ${TIMEOUT}s; killing it"
+            kill -KILL "$pid" 2>/dev/null || true
+            break
+        fi
+        sleep 0.2
+    done
+    rm -f "$KAFKA_PID_FILE"
+}
+
+kafka_status() {
+    if kafka_port_open; then
+        local pid note="(Kafka ${KAFKA_VERSION}, KRaft)"
+        pid=$(kafka_pid) && note="(Kafka ${KAFKA_VERSION}, KRaft, pid ${pid})"
+        echo "kafka       up    ${KAFKA_HOST}:${KAFKA_PORT} ${note}"
+    else
+        echo "kafka       down  ${KAFKA_HOST}:${KAFKA_PORT}"
         return 1
     fi
 }
