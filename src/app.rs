@@ -1,24 +1,51 @@
-//! Wiring: the event store, views, projector, relay and GraphQL schema for one process.
+//! Wiring: the event store, bus, projectors, relay, views and GraphQL schema of one process,
+//! in embedded mode (SQLite or PostgreSQL, in-process bus, in-memory views) or in cluster
+//! mode (PostgreSQL, Kafka, Redis, read replicas).
 
 use anyhow::Context;
 use async_graphql::{EmptySubscription, Schema};
+use pcf_command::kafka::{KafkaConfig, KafkaPublisher};
 use pcf_command::{
     CommandService, EventStore, MutationRoot, PostgresStore, Relay, RelayConfig, SqliteStore,
 };
-use pcf_domain::ports::{EventLog, UserReader};
-use pcf_projectors::{MemoryUserViews, UserProjector};
-use pcf_query::{QueryRoot, ReadModels, UserObject};
+use pcf_domain::ports::{EventLog, EventPublisher, UserReader};
+use pcf_projectors::{
+    ConsumerConfig, KafkaProjector, MemoryUserViews, ProjectorStats, RedisUserViews, SqlUserViews,
+    UserProjector,
+};
+use pcf_query::{
+    FallbackReader, QueryRoot, ReadModels, RedisUserReader, SqlUserReader, UserObject,
+};
 use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::bus::InProcessBus;
 use crate::config::{Config, Environment};
+use crate::health::{Dependencies, Dependency};
 use crate::metrics::Metrics;
 
 /// The GraphQL schema PCF serves.
 pub type PcfSchema = Schema<QueryRoot, MutationRoot<UserObject>, EmptySubscription>;
+
+/// What a process does.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Serves GraphQL and HTTP.
+    Api,
+    /// Publishes the event store to the bus (one active across processes).
+    Relay,
+    /// Builds the views from the bus.
+    Projector,
+}
+
+/// Every role.
+pub const ALL_ROLES: [Role; 3] = [Role::Api, Role::Relay, Role::Projector];
+
+/// Names of the Kafka projections, for status and rebuild.
+pub const PROJECTIONS: [&str; 2] = ["users-redis", "users-sql"];
 
 /// A running PCF: its HTTP router and background tasks.
 pub struct App {
@@ -40,16 +67,21 @@ impl App {
     }
 }
 
+/// Connects a PostgreSQL pool.
+pub async fn pg_pool(url: &str, max: u32, what: &str) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to {what}"))
+}
+
 /// Opens the event store the configuration names and applies the migrations.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn EventStore>> {
     match &config.database_url {
         Some(url) => {
-            let pool = PgPoolOptions::new()
-                .max_connections(32)
-                .acquire_timeout(std::time::Duration::from_secs(5))
-                .connect(url)
-                .await
-                .context("connecting to the event store (PCF_DATABASE_URL)")?;
+            let pool = pg_pool(url, 32, "the event store (PCF_DATABASE_URL)").await?;
             pcf_migrations::run_postgres(&pool)
                 .await
                 .context("applying PostgreSQL migrations")?;
@@ -99,33 +131,147 @@ pub fn sdl() -> String {
     .sdl()
 }
 
-/// Builds every part of a process and starts its background tasks. The views are rebuilt
-/// from the log before this returns.
+/// The Kafka settings of a configuration.
+pub fn kafka_config(config: &Config) -> Option<KafkaConfig> {
+    let brokers = config.kafka_brokers.as_ref()?;
+    let mut kafka = KafkaConfig::new(brokers.clone(), config.kafka_topic.clone());
+    kafka.partitions = config.kafka_partitions;
+    Some(kafka)
+}
+
+/// The relay's checkpoint name for a configuration.
+pub fn relay_name(config: &Config) -> String {
+    match &config.kafka_brokers {
+        Some(_) => format!("kafka:{}", config.kafka_topic),
+        None => "bus".to_owned(),
+    }
+}
+
+/// Builds every part of a process with all roles.
 pub async fn build(config: &Config) -> anyhow::Result<App> {
+    build_roles(config, &ALL_ROLES).await
+}
+
+/// Builds the parts of a process that `roles` need and starts their background tasks.
+pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App> {
     let store = open_store(config).await?;
-    let log: Arc<dyn EventLog> = upcast_log(store.clone());
+    let log: Arc<dyn EventLog> = Arc::new(StoreLog(store.clone()));
     let metrics = Arc::new(Metrics::new());
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    let mut dependencies = Dependencies::default();
+    dependencies.add(Dependency::EventStore(store.clone()));
 
-    // Views: subscribe first, then rebuild from the log, so nothing falls between the two
-    // (anything seen twice is skipped by sequence).
-    let bus = Arc::new(InProcessBus::new());
-    let views = Arc::new(MemoryUserViews::new());
-    let projector = UserProjector::new(views.clone(), log.clone());
-    let batches = bus.subscribe();
-    projector
-        .catch_up(1000)
-        .await
-        .context("rebuilding the views from the log")?;
-    tracing::info!(users = views.len(), "views rebuilt from the log");
-    tasks.push(tokio::spawn(projector.run(batches)));
-
-    let relay = Relay::new(store.clone(), bus.clone(), RelayConfig::default());
-    tasks.push(tokio::spawn(relay.run(wait_for(shutdown_rx.clone()))));
+    let users: Arc<dyn UserReader> = match kafka_config(config) {
+        None => {
+            if roles.len() < ALL_ROLES.len() {
+                anyhow::bail!(
+                    "without Kafka every role runs in one process (the bus and views are in memory); drop --role or set PCF_KAFKA_BROKERS"
+                );
+            }
+            let bus = Arc::new(InProcessBus::new());
+            let views = Arc::new(MemoryUserViews::new());
+            let projector = UserProjector::new(views.clone(), log.clone());
+            // Subscribe first, then rebuild from the log, so nothing falls between the two
+            // (anything seen twice is skipped by sequence).
+            let batches = bus.subscribe();
+            projector
+                .catch_up(1000)
+                .await
+                .context("rebuilding the views from the log")?;
+            tracing::info!(users = views.len(), "views rebuilt from the log");
+            tasks.push(tokio::spawn(projector.run(batches)));
+            let relay = Relay::new(store.clone(), bus, relay_config(config));
+            metrics.watch_relay(relay_config(config), store.clone());
+            tasks.push(tokio::spawn(
+                relay.run(crate::app::wait_for(shutdown_rx.clone())),
+            ));
+            views
+        }
+        Some(kafka) => {
+            let Some(database_url) = &config.database_url else {
+                anyhow::bail!("Kafka needs the PostgreSQL event store: set PCF_DATABASE_URL");
+            };
+            let publisher = Arc::new(
+                KafkaPublisher::new(kafka.clone()).context("creating the Kafka producer")?,
+            );
+            dependencies.add(Dependency::Kafka(publisher.clone()));
+            if roles.contains(&Role::Relay) || roles.contains(&Role::Projector) {
+                if let Err(e) = publisher.ensure_topics().await {
+                    // The relay backs off until Kafka is there; so does the projector.
+                    tracing::warn!(error = %e, "could not create the Kafka topics yet");
+                }
+            }
+            if roles.contains(&Role::Relay) {
+                let relay_publisher: Arc<dyn EventPublisher> = publisher.clone();
+                let relay = Relay::new(store.clone(), relay_publisher, relay_config(config));
+                metrics.watch_relay(relay_config(config), store.clone());
+                tasks.push(tokio::spawn(relay.run(wait_for(shutdown_rx.clone()))));
+            }
+            let redis_views = match &config.redis_url {
+                Some(url) => Some(
+                    RedisUserViews::connect(url, config.redis_prefix.clone())
+                        .await
+                        .context("connecting to Redis (PCF_REDIS_URL)")?,
+                ),
+                None => None,
+            };
+            if roles.contains(&Role::Projector) {
+                let primary = pg_pool(database_url, 16, "the SQL view (PCF_DATABASE_URL)").await?;
+                let mut views: Vec<Arc<dyn pcf_projectors::Generational>> =
+                    vec![Arc::new(SqlUserViews::new(primary))];
+                if let Some(redis) = &redis_views {
+                    views.push(Arc::new(redis.clone()));
+                }
+                for view in views {
+                    let mut consumer =
+                        ConsumerConfig::new(kafka.brokers.clone(), kafka.topic.clone());
+                    consumer.group_prefix = config.kafka_group_prefix.clone();
+                    let stats = Arc::new(ProjectorStats::default());
+                    metrics.watch_projector(
+                        view.name(),
+                        stats.clone(),
+                        Some((
+                            kafka.brokers.clone(),
+                            kafka.topic.clone(),
+                            format!("{}{}", config.kafka_group_prefix, view.name()),
+                        )),
+                    );
+                    let projector = KafkaProjector::new(consumer, view, log.clone(), stats)
+                        .context("creating a Kafka consumer")?;
+                    let stop = wait_for(shutdown_rx.clone());
+                    tasks.push(tokio::spawn(async move {
+                        if let Err(e) = projector.run(stop).await {
+                            tracing::error!(error = %e, "projector stopped");
+                        }
+                    }));
+                }
+            }
+            let mut replicas = Vec::new();
+            for url in &config.read_database_urls {
+                replicas.push(pg_pool(url, 16, "a read replica (PCF_READ_DATABASE_URL)").await?);
+            }
+            let sql = Arc::new(SqlUserReader::new(replicas));
+            dependencies.add(Dependency::ReadReplica(sql.clone()));
+            match &config.redis_url {
+                Some(url) => {
+                    let redis = Arc::new(
+                        RedisUserReader::connect(url, config.redis_prefix.clone())
+                            .await
+                            .context("connecting to Redis (PCF_REDIS_URL)")?,
+                    );
+                    dependencies.add(Dependency::Redis(redis.clone()));
+                    Arc::new(FallbackReader {
+                        primary: redis,
+                        fallback: sql,
+                    })
+                }
+                None => sql,
+            }
+        }
+    };
 
     let commands = Arc::new(CommandService::new(store.clone(), metrics.clone()));
-    let users: Arc<dyn UserReader> = views;
     let models = ReadModels {
         users,
         log,
@@ -134,7 +280,7 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
     let schema = schema(config, commands, models);
     let router = crate::http::router(crate::http::HttpState {
         schema: schema.clone(),
-        store: store.clone(),
+        dependencies: Arc::new(dependencies),
         metrics: metrics.clone(),
         graphiql: config.environment == Environment::Development,
         body_limit: config.body_limit,
@@ -149,12 +295,15 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
     })
 }
 
-fn upcast_log(store: Arc<dyn EventStore>) -> Arc<dyn EventLog> {
-    Arc::new(StoreLog(store))
+fn relay_config(config: &Config) -> RelayConfig {
+    RelayConfig {
+        name: relay_name(config),
+        ..RelayConfig::default()
+    }
 }
 
 /// The store seen only as an event log.
-struct StoreLog(Arc<dyn EventStore>);
+pub struct StoreLog(pub Arc<dyn EventStore>);
 
 #[async_trait::async_trait]
 impl EventLog for StoreLog {
@@ -171,6 +320,10 @@ impl EventLog for StoreLog {
         after_sequence: u64,
     ) -> Result<Vec<pcf_domain::EventEnvelope>, pcf_domain::ports::PortError> {
         self.0.user_events(user, after_sequence).await
+    }
+
+    async fn event_count(&self) -> Result<Option<u64>, pcf_domain::ports::PortError> {
+        self.0.event_count().await
     }
 }
 

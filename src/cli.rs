@@ -8,6 +8,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::app::{Role, ALL_ROLES};
 use crate::config::Config;
 
 #[derive(Parser, Debug)]
@@ -41,6 +42,31 @@ pub enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// Inspects and rebuilds the projections.
+    Projections {
+        #[command(subcommand)]
+        command: ProjectionsCommand,
+    },
+    /// Inspects the relay.
+    Relay {
+        #[command(subcommand)]
+        command: RelayCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProjectionsCommand {
+    /// Generation, checkpoint and lag of every projection.
+    Status,
+    /// Rebuilds a projection (or `all`) from the event store into a new generation and
+    /// switches readers to it when it has caught up, while live traffic goes on.
+    Rebuild { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RelayCommand {
+    /// The relay's checkpoint and backlog.
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -54,17 +80,10 @@ pub enum EventsCommand {
     },
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Api,
-    Relay,
-    Projector,
-}
-
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let command = cli.command.unwrap_or(Command::Serve {
-        role: vec![Role::Api, Role::Relay, Role::Projector],
+        role: ALL_ROLES.to_vec(),
         listen: None,
     });
     match command {
@@ -80,23 +99,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Events { command } => events(Config::load(None)?, command).await,
+        Command::Projections { command } => {
+            crate::operate::projections(Config::load(None)?, command).await
+        }
+        Command::Relay {
+            command: RelayCommand::Status,
+        } => crate::operate::relay_status(Config::load(None)?).await,
     }
 }
 
 async fn serve(config: Config, roles: &[Role]) -> anyhow::Result<()> {
-    if roles.len() < 3 && config.embedded() {
-        // The in-process bus and in-memory views exist only inside one process.
-        anyhow::bail!("embedded mode runs every role in one process; drop --role or configure PCF_DATABASE_URL");
-    }
-    let app = crate::app::build(&config).await?;
+    let app = crate::app::build_roles(&config, roles).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     let mode = if config.embedded() {
         format!("embedded, data in {}", config.data_dir.display())
-    } else {
+    } else if config.uses_kafka() {
         "cluster".to_owned()
+    } else {
+        "PostgreSQL event store, in-process bus".to_owned()
     };
     tracing::info!(%addr, %mode, "PCF listening");
     println!("PCF listening on http://{addr} ({mode})");

@@ -24,6 +24,12 @@ pub struct Config {
     pub kafka_brokers: Option<String>,
     pub kafka_topic: String,
     pub redis_url: Option<String>,
+    /// Prefix of every Redis key of the user view.
+    pub redis_prefix: String,
+    /// Prefix of the projectors' consumer group ids.
+    pub kafka_group_prefix: String,
+    /// Partitions of the event topic when PCF creates it.
+    pub kafka_partitions: i32,
     pub environment: Environment,
     pub log: String,
     pub log_json: bool,
@@ -45,6 +51,9 @@ impl Default for Config {
             kafka_brokers: None,
             kafka_topic: "pcf.users.v1".to_owned(),
             redis_url: None,
+            redis_prefix: pcf_domain::read_model::REDIS_PREFIX.to_owned(),
+            kafka_group_prefix: String::new(),
+            kafka_partitions: 12,
             environment: Environment::Development,
             log: "info".to_owned(),
             log_json: false,
@@ -67,6 +76,9 @@ struct FileConfig {
     kafka_brokers: Option<String>,
     kafka_topic: Option<String>,
     redis_url: Option<String>,
+    redis_prefix: Option<String>,
+    kafka_group_prefix: Option<String>,
+    kafka_partitions: Option<i32>,
     env: Option<String>,
     log: Option<String>,
     log_format: Option<String>,
@@ -93,6 +105,8 @@ impl FileConfig {
         pick(&mut self.kafka_brokers, "PCF_KAFKA_BROKERS");
         pick(&mut self.kafka_topic, "PCF_KAFKA_TOPIC");
         pick(&mut self.redis_url, "PCF_REDIS_URL");
+        pick(&mut self.redis_prefix, "PCF_REDIS_PREFIX");
+        pick(&mut self.kafka_group_prefix, "PCF_KAFKA_GROUP_PREFIX");
         pick(&mut self.env, "PCF_ENV");
         pick(&mut self.log, "PCF_LOG");
         pick(&mut self.log_format, "PCF_LOG_FORMAT");
@@ -151,6 +165,16 @@ impl Config {
             c.kafka_topic = topic;
         }
         c.redis_url = f.redis_url;
+        if let Some(prefix) = f.redis_prefix {
+            c.redis_prefix = prefix;
+        }
+        if let Some(prefix) = f.kafka_group_prefix {
+            c.kafka_group_prefix = prefix;
+        }
+        if let Some(partitions) = f.kafka_partitions {
+            anyhow::ensure!(partitions > 0, "kafka_partitions must be positive");
+            c.kafka_partitions = partitions;
+        }
         c.environment = match f.env.as_deref() {
             None | Some("development") => Environment::Development,
             Some("production") => Environment::Production,
@@ -179,6 +203,11 @@ impl Config {
             c.max_complexity = complexity;
         }
         Ok(c)
+    }
+
+    /// The event stream goes through Kafka (cluster mode).
+    pub fn uses_kafka(&self) -> bool {
+        self.kafka_brokers.is_some()
     }
 
     /// Embedded mode: no event store URL configured.

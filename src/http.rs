@@ -7,20 +7,21 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use pcf_command::{CommandContext, EventStore};
+use pcf_command::CommandContext;
 use pcf_domain::ErrorCode;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::app::PcfSchema;
+use crate::health::Dependencies;
 use crate::metrics::Metrics;
 
 /// What the handlers share.
 #[derive(Clone)]
 pub struct HttpState {
     pub schema: PcfSchema,
-    pub store: Arc<dyn EventStore>,
+    pub dependencies: Arc<Dependencies>,
     pub metrics: Arc<Metrics>,
     pub graphiql: bool,
     pub body_limit: usize,
@@ -158,11 +159,7 @@ async fn live() -> &'static str {
 
 /// Ready when every dependency answers; otherwise 503 naming the ones that do not.
 async fn ready(State(state): State<HttpState>) -> Response {
-    let mut down = Vec::new();
-    if let Err(e) = state.store.ping().await {
-        tracing::warn!(error = %e, "readiness: event store down");
-        down.push("event_store");
-    }
+    let down = state.dependencies.down().await;
     if down.is_empty() {
         (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
     } else {
@@ -180,7 +177,7 @@ async fn metrics(State(state): State<HttpState>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        state.metrics.render(),
+        state.metrics.render().await,
     )
         .into_response()
 }

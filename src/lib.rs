@@ -6,8 +6,10 @@ pub mod app;
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod operate;
 
 pub use app::{build, App};
 pub use config::Config;

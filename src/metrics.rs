@@ -1,9 +1,13 @@
 //! A small Prometheus registry: counters and latency histograms by label, rendered in the
 //! text exposition format at `/metrics`.
 
+use pcf_command::{EventStore, RelayConfig};
 use pcf_domain::ports::CommandObserver;
+use pcf_projectors::ProjectorStats;
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -26,10 +30,23 @@ struct Registry {
     histograms: BTreeMap<(&'static str, Labels), Histogram>,
 }
 
+/// brokers, topic, consumer group.
+type LagSource = (String, String, String);
+
+/// A Kafka projection whose lag is reported.
+struct WatchedProjector {
+    name: String,
+    stats: Arc<ProjectorStats>,
+    /// brokers, topic, consumer group
+    lag_source: Option<LagSource>,
+}
+
 /// Process-wide metrics.
 #[derive(Default)]
 pub struct Metrics {
     registry: Mutex<Registry>,
+    relays: Mutex<Vec<(RelayConfig, Arc<dyn EventStore>)>>,
+    projectors: Mutex<Vec<WatchedProjector>>,
 }
 
 impl Metrics {
@@ -65,8 +82,112 @@ impl Metrics {
         );
     }
 
-    /// The registry in Prometheus text format.
-    pub fn render(&self) -> String {
+    /// Reports the backlog of a relay of this process.
+    pub fn watch_relay(&self, relay: RelayConfig, store: Arc<dyn EventStore>) {
+        self.relays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((relay, store));
+    }
+
+    /// Reports a projector's counters, and its consumer lag when `lag_source` names
+    /// (brokers, topic, group).
+    pub fn watch_projector(
+        &self,
+        name: &str,
+        stats: Arc<ProjectorStats>,
+        lag_source: Option<LagSource>,
+    ) {
+        self.projectors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(WatchedProjector {
+                name: name.to_owned(),
+                stats,
+                lag_source,
+            });
+    }
+
+    /// Gauges read at scrape time: relay backlog, projector counters and lag.
+    async fn render_gauges(&self, out: &mut String) {
+        let relays: Vec<(RelayConfig, Arc<dyn EventStore>)> = self
+            .relays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if !relays.is_empty() {
+            let _ = writeln!(out, "# TYPE pcf_relay_backlog_events gauge");
+        }
+        for (relay, store) in relays {
+            let backlog = match store.load_checkpoint(&relay.name).await {
+                Ok(cp) => store.count_after(cp).await.ok(),
+                Err(_) => None,
+            };
+            if let Some(n) = backlog {
+                let _ = writeln!(
+                    out,
+                    "pcf_relay_backlog_events{{relay=\"{}\"}} {n}",
+                    relay.name
+                );
+            }
+        }
+        let projectors: Vec<(String, Arc<ProjectorStats>, Option<LagSource>)> = self
+            .projectors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|p| (p.name.clone(), p.stats.clone(), p.lag_source.clone()))
+            .collect();
+        if projectors.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "# TYPE pcf_projector_applied_events_total counter");
+        for (name, stats, _) in &projectors {
+            let n = stats.applied.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "pcf_projector_applied_events_total{{projection=\"{name}\"}} {n}"
+            );
+        }
+        let _ = writeln!(out, "# TYPE pcf_projector_dead_letters_total counter");
+        for (name, stats, _) in &projectors {
+            let n = stats.dead_lettered.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "pcf_projector_dead_letters_total{{projection=\"{name}\"}} {n}"
+            );
+        }
+        let _ = writeln!(out, "# TYPE pcf_projector_lag_messages gauge");
+        for (name, _, source) in &projectors {
+            let Some((brokers, topic, group)) = source else {
+                continue;
+            };
+            let lag = tokio::time::timeout(
+                Duration::from_secs(3),
+                pcf_projectors::consumer_lag(brokers, topic, group),
+            )
+            .await;
+            if let Ok(Ok(partitions)) = lag {
+                for p in partitions {
+                    let _ = writeln!(
+                        out,
+                        "pcf_projector_lag_messages{{projection=\"{name}\",partition=\"{}\"}} {}",
+                        p.partition, p.lag
+                    );
+                }
+            }
+        }
+    }
+
+    /// Everything in Prometheus text format.
+    pub async fn render(&self) -> String {
+        let mut out = self.render_registry();
+        self.render_gauges(&mut out).await;
+        out
+    }
+
+    /// The counters and histograms.
+    pub fn render_registry(&self) -> String {
         let r = self.lock();
         let mut out = String::new();
         let mut last = "";
@@ -149,7 +270,7 @@ mod tests {
         m.command_finished("createUser", "OK", Duration::from_millis(3));
         m.command_finished("createUser", "EMAIL_TAKEN", Duration::from_millis(1));
         m.command_finished("createUser", "OK", Duration::from_millis(30));
-        let text = m.render();
+        let text = m.render_registry();
         assert!(text.contains("pcf_commands_total{command=\"createUser\",outcome=\"OK\"} 2"));
         assert!(text.contains(
             "pcf_commands_duration_seconds_bucket{command=\"createUser\",outcome=\"OK\",le=\"0.005\"} 1"

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod graphql;
+pub mod kafka;
 pub mod relay;
 pub mod service;
 pub mod store;

@@ -19,6 +19,8 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// The longest pause after a failure.
     pub max_backoff: Duration,
+    /// How often a standby relay tries to take over, and a leader checks it still leads.
+    pub standby_interval: Duration,
 }
 
 impl Default for RelayConfig {
@@ -28,6 +30,7 @@ impl Default for RelayConfig {
             batch_size: 500,
             poll_interval: Duration::from_millis(500),
             max_backoff: Duration::from_secs(10),
+            standby_interval: Duration::from_secs(2),
         }
     }
 }
@@ -85,21 +88,71 @@ impl Relay {
         Ok(events.len())
     }
 
+    /// Events committed but not yet published.
+    pub async fn backlog(&self) -> Result<u64, StoreError> {
+        let checkpoint = self.checkpoint().await?;
+        self.store.count_after(checkpoint).await
+    }
+
     /// The checkpoint: everything at or before it has been published.
     pub async fn checkpoint(&self) -> Result<Position, StoreError> {
         self.store.load_checkpoint(&self.config.name).await
     }
 
-    /// Relays until `shutdown` completes: drains the backlog, then waits for a commit signal
-    /// (or the poll interval), backing off after failures.
+    /// Relays until `shutdown` completes, while this process leads: one relay is active
+    /// across instances, the others wait to take over.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let committed = self.store.committed();
         if let Err(e) = self.store.watch_commits().await {
             tracing::warn!(error = %e, "commit notifications unavailable; polling only");
         }
-        let mut failures = 0u32;
         loop {
+            let lease = match self.store.try_lead(&self.config.name).await {
+                Ok(Some(lease)) => Some(lease),
+                Ok(None) => {
+                    tracing::debug!("another relay is active; standing by");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay leadership check failed");
+                    None
+                }
+            };
+            match lease {
+                Some(lease) => {
+                    tracing::info!(relay = %self.config.name, "relay active");
+                    if self.lead(lease, &mut shutdown).await {
+                        return;
+                    }
+                    tracing::warn!("relay leadership lost");
+                }
+                None => {
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        _ = tokio::time::sleep(self.config.standby_interval) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Relays while `lease` holds: drains the backlog, then waits for a commit signal (or
+    /// the poll interval), backing off after failures. Returns true on shutdown.
+    async fn lead(
+        &self,
+        mut lease: Box<dyn crate::store::Lease>,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> bool {
+        let committed = self.store.committed();
+        let mut failures = 0u32;
+        let mut checked = std::time::Instant::now();
+        loop {
+            if checked.elapsed() >= self.config.standby_interval {
+                if !lease.alive().await {
+                    return false;
+                }
+                checked = std::time::Instant::now();
+            }
             let pause = match self.step().await {
                 Ok(n) if n > 0 => {
                     failures = 0;
@@ -117,7 +170,7 @@ impl Relay {
                 }
             };
             tokio::select! {
-                _ = &mut shutdown => return,
+                _ = shutdown.as_mut() => return true,
                 _ = committed.notified(), if failures == 0 => {}
                 _ = tokio::time::sleep(pause) => {}
             }

@@ -10,6 +10,7 @@ pub mod envelope;
 pub mod errors;
 pub mod events;
 pub mod ports;
+pub mod read_model;
 pub mod values;
 pub mod view;
 

@@ -49,6 +49,22 @@ pub trait EventLog: Send + Sync {
         user: Uuid,
         after_sequence: u64,
     ) -> Result<Vec<EventEnvelope>, PortError>;
+
+    /// How many events the log holds (for progress reports); `None` if unknown.
+    async fn event_count(&self) -> Result<Option<u64>, PortError> {
+        Ok(None)
+    }
+}
+
+/// Which users a listing returns.
+#[derive(Debug, Clone, Default)]
+pub struct UserFilter {
+    /// Exactly this (normalised) email.
+    pub email: Option<String>,
+    /// Display names containing this, case-insensitively.
+    pub display_name_contains: Option<String>,
+    pub created_after: Option<chrono::DateTime<chrono::Utc>>,
+    pub created_before: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Where the relay publishes (Kafka, or the in-process bus when embedded).
@@ -64,6 +80,15 @@ pub trait UserReader: Send + Sync {
     /// The user's view, including a tombstone (`deleted`) for a deleted account.
     async fn user(&self, id: Uuid) -> Result<Option<UserView>, PortError>;
     async fn user_by_email(&self, email: &Email) -> Result<Option<UserView>, PortError>;
+
+    /// Live users with an id above `after`, in id order (ids are time-ordered), at most
+    /// `limit` of them.
+    async fn list(
+        &self,
+        after: Option<Uuid>,
+        limit: usize,
+        filter: &UserFilter,
+    ) -> Result<Vec<UserView>, PortError>;
 }
 
 /// Told about every command that finished, for metrics.

@@ -3,8 +3,20 @@
 //! the event store first).
 #![forbid(unsafe_code)]
 
+pub mod consumer;
+pub mod generations;
 pub mod memory;
 pub mod projector;
+pub mod rebuild;
+pub mod redis_view;
+pub mod sql_view;
+pub mod status;
 
+pub use consumer::{ConsumerConfig, KafkaProjector, ProjectorStats};
+pub use generations::{GenerationState, Generational};
 pub use memory::MemoryUserViews;
 pub use projector::{ProjectionError, UserProjector, UserViewWriter};
+pub use rebuild::{rebuild, Progress, RebuildOptions};
+pub use redis_view::RedisUserViews;
+pub use sql_view::SqlUserViews;
+pub use status::{consumer_lag, PartitionLag};

@@ -7,6 +7,9 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+/// How often one event is retried after losing a race to another writer.
+const MAX_RACES: usize = 8;
+
 /// Why a batch could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
@@ -18,6 +21,14 @@ pub enum ProjectionError {
     Poison { event_id: Uuid, reason: String },
 }
 
+impl ProjectionError {
+    /// Whether retrying later may succeed (a dependency is down), as opposed to an event
+    /// that can never be applied.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, Self::Poison { .. })
+    }
+}
+
 /// Writes one read model of users.
 #[async_trait]
 pub trait UserViewWriter: Send + Sync {
@@ -25,8 +36,13 @@ pub trait UserViewWriter: Send + Sync {
     async fn current(&self, id: Uuid) -> Result<Option<UserView>, PortError>;
 
     /// Replaces the user's view with `next` if the stored one is still at `previous`'s
-    /// version (the write is skipped otherwise), keeping the email index in step.
-    async fn replace(&self, previous: Option<&UserView>, next: &UserView) -> Result<(), PortError>;
+    /// version, keeping the email index in step. Returns false (and writes nothing) when the
+    /// stored view is not at `previous`'s version: another writer got there first.
+    async fn replace(
+        &self,
+        previous: Option<&UserView>,
+        next: &UserView,
+    ) -> Result<bool, PortError>;
 }
 
 /// Applies events to a view: skips what was applied, fills gaps from the log.
@@ -50,6 +66,21 @@ impl UserProjector {
     }
 
     async fn apply(&self, envelope: &EventEnvelope) -> Result<(), ProjectionError> {
+        // Another writer of the same view (a rebuild, another consumer after a rebalance)
+        // may move the user on between our read and our write; then read again.
+        for _ in 0..MAX_RACES {
+            if self.try_apply(envelope).await? {
+                return Ok(());
+            }
+        }
+        Err(ProjectionError::View(PortError::Unavailable(format!(
+            "user {} kept changing while applying sequence {}",
+            envelope.aggregate_id, envelope.sequence
+        ))))
+    }
+
+    /// Returns false when a concurrent writer changed the view first.
+    async fn try_apply(&self, envelope: &EventEnvelope) -> Result<bool, ProjectionError> {
         let id = envelope.aggregate_id;
         let current = self
             .writer
@@ -58,10 +89,15 @@ impl UserProjector {
             .map_err(ProjectionError::View)?;
         let last = current.as_ref().map_or(0, |v| v.version);
         if envelope.sequence <= last {
-            return Ok(());
+            return Ok(true);
         }
         if envelope.sequence == last + 1 {
-            return self.fold_and_write(current, envelope).await;
+            let next = fold(current.clone(), envelope)?;
+            return self
+                .writer
+                .replace(current.as_ref(), &next)
+                .await
+                .map_err(ProjectionError::View);
         }
         // A gap: earlier events of this user have not reached us (yet). Take them, and this
         // one, from the event store.
@@ -73,25 +109,17 @@ impl UserProjector {
         let mut view = current;
         for earlier in missing.iter().filter(|e| e.sequence <= envelope.sequence) {
             let next = fold(view.clone(), earlier)?;
-            self.writer
+            if !self
+                .writer
                 .replace(view.as_ref(), &next)
                 .await
-                .map_err(ProjectionError::View)?;
+                .map_err(ProjectionError::View)?
+            {
+                return Ok(false);
+            }
             view = Some(next);
         }
-        Ok(())
-    }
-
-    async fn fold_and_write(
-        &self,
-        current: Option<UserView>,
-        envelope: &EventEnvelope,
-    ) -> Result<(), ProjectionError> {
-        let next = fold(current.clone(), envelope)?;
-        self.writer
-            .replace(current.as_ref(), &next)
-            .await
-            .map_err(ProjectionError::View)
+        Ok(true)
     }
 
     /// Applies the whole log from the start, in commit order.

@@ -4,7 +4,9 @@
 
 pub mod errors;
 pub mod events;
+pub mod readers;
 pub mod users;
 
 pub use events::EventObject;
+pub use readers::{FallbackReader, RedisUserReader, SqlUserReader};
 pub use users::{QueryRoot, ReadModels, UserObject};

@@ -1,14 +1,16 @@
 //! The `user` and `userByEmail` queries and the GraphQL `User` type.
 
-use async_graphql::{Context, MergedObject, Object, ID};
+use async_graphql::connection::{Connection, Edge};
+use async_graphql::{Context, InputObject, MergedObject, Object, ID};
 use chrono::{DateTime, Utc};
+use pcf_domain::ports::UserFilter;
 use pcf_domain::ports::{EventLog, UserReader};
 use pcf_domain::{Email, ErrorCode, UserView};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-use crate::errors::{error, unavailable};
+use crate::errors::{error, invalid, unavailable};
 use crate::events::EventQueries;
 
 /// What the resolvers read from, put into the schema's data by the binary.
@@ -60,6 +62,46 @@ impl UserObject {
     }
 }
 
+const MAX_USERS_PAGE: i32 = 100;
+
+/// Which users `users` returns; all conditions must hold.
+#[derive(InputObject, Default)]
+#[graphql(name = "UserFilter")]
+pub struct UserFilterInput {
+    /// Exactly this email (compared case-insensitively).
+    pub email: Option<String>,
+    /// Display names containing this text, case-insensitively.
+    pub display_name_contains: Option<String>,
+    pub created_after: Option<DateTime<Utc>>,
+    pub created_before: Option<DateTime<Utc>>,
+}
+
+impl UserFilterInput {
+    fn into_filter(self) -> async_graphql::Result<UserFilter> {
+        let email = self
+            .email
+            .map(|e| Email::parse(&e).map(|e| e.as_str().to_owned()))
+            .transpose()
+            .map_err(|e| invalid("filter.email", &e.reason))?;
+        if self
+            .display_name_contains
+            .as_ref()
+            .is_some_and(|s| s.chars().count() > 100)
+        {
+            return Err(invalid(
+                "filter.displayNameContains",
+                "must be at most 100 characters",
+            ));
+        }
+        Ok(UserFilter {
+            email,
+            display_name_contains: self.display_name_contains,
+            created_after: self.created_after,
+            created_before: self.created_before,
+        })
+    }
+}
+
 /// User look-ups.
 #[derive(Default)]
 pub struct UserQueries;
@@ -99,6 +141,43 @@ impl UserQueries {
             tokio::time::sleep(pause.min(deadline - now)).await;
             pause = (pause * 2).min(Duration::from_millis(20));
         }
+    }
+
+    /// Live users in creation order, a page at a time (keyset pagination on the id), from
+    /// the read replicas in cluster mode.
+    async fn users(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 20)] first: i32,
+        after: Option<String>,
+        filter: Option<UserFilterInput>,
+    ) -> async_graphql::Result<Connection<String, UserObject>> {
+        let models = ctx.data::<ReadModels>()?;
+        if !(0..=MAX_USERS_PAGE).contains(&first) {
+            return Err(invalid("first", "must be between 0 and 100"));
+        }
+        let after = after
+            .map(|a| Uuid::parse_str(&a))
+            .transpose()
+            .map_err(|_| invalid("after", "not a cursor returned by this API"))?;
+        let filter = filter
+            .map(UserFilterInput::into_filter)
+            .transpose()?
+            .unwrap_or_default();
+        let mut users = models
+            .users
+            .list(after, first as usize + 1, &filter)
+            .await
+            .map_err(unavailable)?;
+        let has_next = users.len() > first as usize;
+        users.truncate(first as usize);
+        let mut connection = Connection::new(after.is_some(), has_next);
+        connection.edges.extend(
+            users
+                .into_iter()
+                .map(|u| Edge::new(u.id.to_string(), UserObject(u))),
+        );
+        Ok(connection)
     }
 
     /// A user by email address (compared case-insensitively).

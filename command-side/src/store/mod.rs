@@ -103,6 +103,9 @@ pub trait EventStore: EventLog + EmailDirectory + Send + Sync {
     async fn position_of(&self, user_id: Uuid, sequence: u64) -> Result<Position, StoreError>;
 
     async fn load_checkpoint(&self, name: &str) -> Result<Position, StoreError>;
+
+    /// How many events lie after `position` (committed or not yet safe to publish).
+    async fn count_after(&self, position: Position) -> Result<u64, StoreError>;
     async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError>;
 
     /// Succeeds when the store answers.
@@ -112,9 +115,29 @@ pub trait EventStore: EventLog + EmailDirectory + Send + Sync {
     /// backend can tell); waiters fall back to polling for anything missed.
     fn committed(&self) -> Arc<Notify>;
 
+    /// Tries to become the one active relay named `name`. `None`: another process leads.
+    async fn try_lead(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError>;
+
     /// Starts whatever forwards other processes' commits to `committed` (PostgreSQL's
     /// LISTEN). A no-op where the store has a single writer process.
     async fn watch_commits(&self) -> Result<(), StoreError>;
+}
+
+/// Leadership held while the lease lives; lost when its process or connection dies.
+#[async_trait]
+pub trait Lease: Send + Sync {
+    /// Whether leadership is still held.
+    async fn alive(&mut self) -> bool;
+}
+
+/// The lease of a store with a single writer process: always held.
+pub(crate) struct SoleLease;
+
+#[async_trait]
+impl Lease for SoleLease {
+    async fn alive(&mut self) -> bool {
+        true
+    }
 }
 
 /// How the email index changes when events are appended.

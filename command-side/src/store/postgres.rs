@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::{
     email_changes, is_unique_violation, metadata_value, stored_payload, AppendError, AppendRequest,
-    CommandResult, EmailChange, EventStore, StoreError, StoredEvent,
+    CommandResult, EmailChange, EventStore, Lease, StoreError, StoredEvent,
 };
 
 const NOTIFY_CHANNEL: &str = "pcf_events";
@@ -235,6 +235,18 @@ impl EventStore for PostgresStore {
         }
     }
 
+    async fn count_after(&self, position: Position) -> Result<u64, StoreError> {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM events \
+             WHERE (transaction_id, global_position) > ($1::text::xid8, $2)",
+        )
+        .bind(position.commit.to_string())
+        .bind(position.global as i64)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n as u64)
+    }
+
     async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO relay_checkpoints (name, transaction_id, global_position, updated_at) \
@@ -259,6 +271,18 @@ impl EventStore for PostgresStore {
         self.committed.clone()
     }
 
+    async fn try_lead(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {
+        // A session-level advisory lock on a connection of its own: held until released or
+        // until the connection (or the process) dies, when another relay takes over.
+        let mut conn = self.pool.acquire().await?.detach();
+        let (locked,): (bool,) =
+            sqlx::query_as("SELECT pg_try_advisory_lock(hashtext($1)::bigint)")
+                .bind(format!("pcf-relay:{name}"))
+                .fetch_one(&mut conn)
+                .await?;
+        Ok(locked.then(|| Box::new(AdvisoryLease { conn }) as Box<dyn Lease>))
+    }
+
     async fn watch_commits(&self) -> Result<(), StoreError> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(NOTIFY_CHANNEL).await?;
@@ -277,6 +301,21 @@ impl EventStore for PostgresStore {
             }
         });
         Ok(())
+    }
+}
+
+/// An advisory lock held by a dedicated connection.
+struct AdvisoryLease {
+    conn: sqlx::PgConnection,
+}
+
+#[async_trait]
+impl Lease for AdvisoryLease {
+    async fn alive(&mut self) -> bool {
+        sqlx::query("SELECT 1")
+            .execute(&mut self.conn)
+            .await
+            .is_ok()
     }
 }
 
@@ -307,6 +346,10 @@ impl EventLog for PostgresStore {
             .await
             .map_err(StoreError::from)?;
         Ok(rows_to_envelopes(&rows)?)
+    }
+
+    async fn event_count(&self) -> Result<Option<u64>, PortError> {
+        Ok(Some(self.count_after(Position::START).await?))
     }
 
     async fn user_events(

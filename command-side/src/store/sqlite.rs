@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use super::{
     email_changes, is_unique_violation, metadata_value, stored_payload, AppendError, AppendRequest,
-    CommandResult, EmailChange, EventStore, StoreError, StoredEvent,
+    CommandResult, EmailChange, EventStore, Lease, SoleLease, StoreError, StoredEvent,
 };
 
 const EVENT_COLUMNS: &str = "event_id, aggregate_id, sequence, event_type, event_version, \
@@ -247,6 +247,14 @@ impl EventStore for SqliteStore {
             .unwrap_or(Position::START))
     }
 
+    async fn count_after(&self, position: Position) -> Result<u64, StoreError> {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM events WHERE global_position > $1")
+            .bind(position.global as i64)
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(n as u64)
+    }
+
     async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO relay_checkpoints (name, transaction_id, global_position, updated_at) \
@@ -269,6 +277,10 @@ impl EventStore for SqliteStore {
 
     fn committed(&self) -> Arc<Notify> {
         self.committed.clone()
+    }
+
+    async fn try_lead(&self, _name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {
+        Ok(Some(Box::new(SoleLease)))
     }
 
     async fn watch_commits(&self) -> Result<(), StoreError> {
@@ -299,6 +311,10 @@ impl EventLog for SqliteStore {
             .await
             .map_err(StoreError::from)?;
         Ok(rows_to_envelopes(&rows)?)
+    }
+
+    async fn event_count(&self) -> Result<Option<u64>, PortError> {
+        Ok(Some(self.count_after(Position::START).await?))
     }
 
     async fn user_events(

@@ -1,0 +1,184 @@
+//! The relay's Kafka adapter: one topic per aggregate type, keyed by user id so that a user's
+//! events stay ordered in one partition; idempotent producer with `acks=all`.
+
+use async_trait::async_trait;
+use pcf_domain::ports::{EventPublisher, PortError};
+use pcf_domain::EventEnvelope;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use std::time::Duration;
+
+/// Where and how to publish.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topic: String,
+    /// Partitions of the topic when PCF creates it.
+    pub partitions: i32,
+    /// How long one message may wait for acknowledgement before the batch fails.
+    pub delivery_timeout: Duration,
+}
+
+impl KafkaConfig {
+    pub fn new(brokers: impl Into<String>, topic: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            topic: topic.into(),
+            partitions: 12,
+            delivery_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The dead-letter topic beside the event topic.
+    pub fn dead_letter_topic(&self) -> String {
+        format!("{}.dlq", self.topic)
+    }
+}
+
+/// The W3C `traceparent` of an event: the trace is its correlation id when that is a UUID
+/// (so one request's events share a trace), else the event id; the span is the event's.
+pub fn traceparent(event: &EventEnvelope) -> String {
+    let trace = event
+        .metadata
+        .correlation_id
+        .as_deref()
+        .and_then(|c| uuid::Uuid::parse_str(c).ok())
+        .unwrap_or(event.event_id);
+    let span = &event.event_id.simple().to_string()[16..];
+    format!("00-{}-{}-01", trace.simple(), span)
+}
+
+/// Publishes envelopes to Kafka.
+pub struct KafkaPublisher {
+    producer: FutureProducer,
+    config: KafkaConfig,
+}
+
+impl KafkaPublisher {
+    pub fn new(config: KafkaConfig) -> Result<Self, KafkaError> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("compression.type", "lz4")
+            .set(
+                "message.timeout.ms",
+                config.delivery_timeout.as_millis().to_string(),
+            )
+            .create()?;
+        Ok(Self { producer, config })
+    }
+
+    /// Creates the event topic and its dead-letter topic if they do not exist.
+    pub async fn ensure_topics(&self) -> Result<(), KafkaError> {
+        ensure_topics(&self.config).await
+    }
+
+    /// Succeeds when a broker answers with the topic's metadata.
+    pub async fn ping(&self) -> Result<(), KafkaError> {
+        let producer = self.producer.clone();
+        let topic = self.config.topic.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(2))
+                .map(|_| ())
+        })
+        .await
+        .map_err(|_| KafkaError::Canceled)?
+    }
+}
+
+/// Creates the configured topics, leaving existing ones alone.
+pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .create()?;
+    let dlq = config.dead_letter_topic();
+    // Replication -1 takes the broker's default, so the same code fits one broker and many.
+    let topics = [
+        NewTopic::new(
+            &config.topic,
+            config.partitions,
+            TopicReplication::Fixed(-1),
+        ),
+        NewTopic::new(&dlq, 1, TopicReplication::Fixed(-1)),
+    ];
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&topics, &options).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
+                    tracing::error!(%topic, ?code, "creating topic failed");
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl EventPublisher for KafkaPublisher {
+    async fn publish(&self, events: &[EventEnvelope]) -> Result<(), PortError> {
+        let mut deliveries = Vec::with_capacity(events.len());
+        for event in events {
+            let key = event.aggregate_id.to_string();
+            let value =
+                serde_json::to_vec(event).map_err(|e| PortError::Internal(e.to_string()))?;
+            let trace = traceparent(event);
+            let mut headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "eventType",
+                    value: Some(event.event_type.as_bytes()),
+                })
+                .insert(Header {
+                    key: "eventVersion",
+                    value: Some(event.event_version.as_bytes()),
+                })
+                .insert(Header {
+                    key: "traceparent",
+                    value: Some(trace.as_bytes()),
+                });
+            if let Some(correlation) = &event.metadata.correlation_id {
+                headers = headers.insert(Header {
+                    key: "correlationId",
+                    value: Some(correlation.as_bytes()),
+                });
+            }
+            let mut record = FutureRecord::to(&self.config.topic)
+                .key(&key)
+                .payload(&value)
+                .headers(headers);
+            // Enqueue; when the local queue is full, wait for deliveries to drain it.
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        deliveries.push(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => return Err(PortError::Unavailable(e.to_string())),
+                }
+            }
+        }
+        // The idempotent producer keeps per-partition order across retries, so waiting for
+        // all acknowledgements at the end keeps each user's events in sequence.
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(PortError::Unavailable(e.to_string())),
+                Err(_) => return Err(PortError::Unavailable("delivery canceled".into())),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,320 @@
+//! The Kafka side of a projector: consume a batch, write it to every live generation of the
+//! view, then commit the offsets (at-least-once; the views skip what they already have).
+//! Events that cannot be applied go to the dead-letter topic; a dependency that is down is
+//! waited for, never dead-lettered.
+
+use pcf_domain::ports::EventLog;
+use pcf_domain::EventEnvelope;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::generations::Generational;
+use crate::projector::ProjectionError;
+
+/// How a projector consumes.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    pub brokers: String,
+    pub topic: String,
+    /// Put before the projection's name to make the consumer group's id.
+    pub group_prefix: String,
+    pub batch_size: usize,
+    /// How long to wait for more messages once a batch has begun.
+    pub batch_wait: Duration,
+}
+
+impl ConsumerConfig {
+    pub fn new(brokers: impl Into<String>, topic: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            topic: topic.into(),
+            group_prefix: String::new(),
+            batch_size: 500,
+            batch_wait: Duration::from_millis(5),
+        }
+    }
+
+    pub fn dead_letter_topic(&self) -> String {
+        format!("{}.dlq", self.topic)
+    }
+}
+
+/// Counters a projector keeps for metrics and status.
+#[derive(Debug, Default)]
+pub struct ProjectorStats {
+    pub applied: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub batches: AtomicU64,
+    pub failures: AtomicU64,
+}
+
+/// A message as read from the topic.
+struct Received {
+    partition: i32,
+    offset: i64,
+    payload: Vec<u8>,
+    key: Option<Vec<u8>>,
+}
+
+fn received(m: &BorrowedMessage<'_>) -> Received {
+    Received {
+        partition: m.partition(),
+        offset: m.offset(),
+        payload: m.payload().unwrap_or_default().to_vec(),
+        key: m.key().map(<[u8]>::to_vec),
+    }
+}
+
+/// Consumes the topic into `view` until `shutdown` completes.
+pub struct KafkaProjector {
+    config: ConsumerConfig,
+    view: Arc<dyn Generational>,
+    log: Arc<dyn EventLog>,
+    stats: Arc<ProjectorStats>,
+    dead_letters: FutureProducer,
+}
+
+impl KafkaProjector {
+    pub fn new(
+        config: ConsumerConfig,
+        view: Arc<dyn Generational>,
+        log: Arc<dyn EventLog>,
+        stats: Arc<ProjectorStats>,
+    ) -> Result<Self, rdkafka::error::KafkaError> {
+        let dead_letters = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .create()?;
+        Ok(Self {
+            config,
+            view,
+            log,
+            stats,
+            dead_letters,
+        })
+    }
+
+    /// The consumer group's id.
+    pub fn group(&self) -> String {
+        format!("{}{}", self.config.group_prefix, self.view.name())
+    }
+
+    fn consumer(&self) -> Result<StreamConsumer, rdkafka::error::KafkaError> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.config.brokers)
+            .set("group.id", self.group())
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("session.timeout.ms", "10000")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .create()?;
+        consumer.subscribe(&[&self.config.topic])?;
+        Ok(consumer)
+    }
+
+    /// Runs until `shutdown` completes.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), rdkafka::error::KafkaError> {
+        tokio::pin!(shutdown);
+        let consumer = self.consumer()?;
+        tracing::info!(projection = self.view.name(), topic = %self.config.topic, "projector consuming");
+        loop {
+            let first = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                m = consumer.recv() => m,
+            };
+            let first = match first {
+                Ok(m) => received(&m),
+                Err(e) => {
+                    tracing::warn!(error = %e, "consume failed");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < self.config.batch_size {
+                match tokio::time::timeout(self.config.batch_wait, consumer.recv()).await {
+                    Ok(Ok(m)) => batch.push(received(&m)),
+                    _ => break,
+                }
+            }
+            if !self.process(batch.as_slice(), &mut shutdown).await {
+                return Ok(());
+            }
+            commit(&consumer, &self.config.topic, &batch);
+        }
+    }
+
+    /// Writes a batch, retrying while dependencies are down and dead-lettering what can
+    /// never be applied. Returns false if shutdown came first (nothing is committed then).
+    async fn process(
+        &self,
+        batch: &[Received],
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> bool {
+        let span = tracing::debug_span!(
+            "projection_batch",
+            projection = self.view.name(),
+            size = batch.len()
+        );
+        let _enter = span.enter();
+        let mut events: Vec<EventEnvelope> = Vec::with_capacity(batch.len());
+        let mut sources: Vec<&Received> = Vec::with_capacity(batch.len());
+        for message in batch {
+            match serde_json::from_slice::<EventEnvelope>(&message.payload) {
+                Ok(e) => {
+                    events.push(e);
+                    sources.push(message);
+                }
+                Err(e) => {
+                    self.dead_letter(message, &format!("not an event envelope: {e}"))
+                        .await
+                }
+            }
+        }
+        let offsets = next_offsets(batch);
+        let mut failures = 0u32;
+        loop {
+            match self.write(&events, &offsets).await {
+                Ok(()) => {
+                    self.stats
+                        .applied
+                        .fetch_add(events.len() as u64, Ordering::Relaxed);
+                    self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                Err(ProjectionError::Poison { event_id, reason }) => {
+                    // Set the one event aside and write the rest again; what was already
+                    // written is skipped by version.
+                    if let Some(i) = events.iter().position(|e| e.event_id == event_id) {
+                        let e = events.remove(i);
+                        let source = sources.remove(i);
+                        tracing::error!(event_id = %e.event_id, %reason, "dead-lettering event");
+                        self.dead_letter(source, &reason).await;
+                    } else {
+                        // The poison came from the gap fill: set aside the event that
+                        // needed it (the first of that user in the batch).
+                        tracing::error!(%event_id, %reason, "event from the store cannot be applied");
+                        events.remove(0);
+                        let source = sources.remove(0);
+                        self.dead_letter(source, &reason).await;
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
+                    tracing::warn!(error = %e, failures, "projection batch failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.as_mut() => return false,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn write(
+        &self,
+        events: &[EventEnvelope],
+        offsets: &[(i32, i64)],
+    ) -> Result<(), ProjectionError> {
+        let state = self.view.state().await.map_err(ProjectionError::View)?;
+        for generation in state.targets() {
+            self.view
+                .apply(generation, events, Some(offsets), self.log.clone())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes the message, as received, to the dead-letter topic with the reason;
+    /// retries until the broker has it, so no event is lost.
+    async fn dead_letter(&self, message: &Received, reason: &str) {
+        let topic = self.config.dead_letter_topic();
+        let partition = message.partition.to_string();
+        let offset = message.offset.to_string();
+        let group = self.group();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "error",
+                    value: Some(reason.as_bytes()),
+                })
+                .insert(Header {
+                    key: "sourceTopic",
+                    value: Some(self.config.topic.as_bytes()),
+                })
+                .insert(Header {
+                    key: "sourcePartition",
+                    value: Some(partition.as_bytes()),
+                })
+                .insert(Header {
+                    key: "sourceOffset",
+                    value: Some(offset.as_bytes()),
+                })
+                .insert(Header {
+                    key: "consumerGroup",
+                    value: Some(group.as_bytes()),
+                });
+            let mut record = FutureRecord::to(&topic)
+                .payload(&message.payload)
+                .headers(headers);
+            if let Some(key) = &message.key {
+                record = record.key(key);
+            }
+            match self
+                .dead_letters
+                .send(record, Duration::from_secs(10))
+                .await
+            {
+                Ok(_) => {
+                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Err((e, _)) => {
+                    tracing::warn!(error = %e, "dead-letter publish failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// The offset to resume from, per partition: one past the last message of the batch.
+fn next_offsets(batch: &[Received]) -> Vec<(i32, i64)> {
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    for m in batch {
+        let e = next.entry(m.partition).or_insert(m.offset + 1);
+        *e = (*e).max(m.offset + 1);
+    }
+    next.into_iter().collect()
+}
+
+fn commit(consumer: &StreamConsumer, topic: &str, batch: &[Received]) {
+    let mut tpl = TopicPartitionList::new();
+    for (partition, offset) in next_offsets(batch) {
+        if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(offset)) {
+            tracing::warn!(error = %e, "building the offset commit failed");
+            return;
+        }
+    }
+    // A failed commit only means some messages come again; the views skip them.
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        tracing::warn!(error = %e, "offset commit failed");
+    }
+}

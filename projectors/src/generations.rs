@@ -1,0 +1,55 @@
+//! Generations of a read model: readers use the active one; a rebuild writes a new one
+//! beside it, and live projectors write both until the rebuild switches readers over.
+
+use async_trait::async_trait;
+use pcf_domain::ports::{EventLog, PortError};
+use pcf_domain::EventEnvelope;
+use std::sync::Arc;
+
+use crate::projector::ProjectionError;
+
+/// Where a Kafka batch came from: `(partition, next offset)` pairs.
+pub type Offsets = [(i32, i64)];
+
+/// The active generation, and the one being built if a rebuild runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GenerationState {
+    pub active: u64,
+    pub building: Option<u64>,
+}
+
+impl GenerationState {
+    /// Every generation live events must reach.
+    pub fn targets(&self) -> Vec<u64> {
+        let mut t = vec![self.active];
+        t.extend(self.building.filter(|b| *b != self.active));
+        t
+    }
+}
+
+/// A read model with generations.
+#[async_trait]
+pub trait Generational: Send + Sync {
+    /// The projection's name (also its Kafka consumer group).
+    fn name(&self) -> &str;
+
+    async fn state(&self) -> Result<GenerationState, PortError>;
+
+    /// Creates empty storage for `generation` and marks it as being built.
+    async fn begin(&self, generation: u64) -> Result<(), PortError>;
+
+    /// Makes `generation` the one readers use, atomically, and ends the build.
+    async fn switch(&self, generation: u64) -> Result<(), PortError>;
+
+    /// Removes a generation no reader uses any more.
+    async fn drop_generation(&self, generation: u64) -> Result<(), PortError>;
+
+    /// Applies a batch to one generation; `offsets`, when given, is recorded with it.
+    async fn apply(
+        &self,
+        generation: u64,
+        events: &[EventEnvelope],
+        offsets: Option<&Offsets>,
+        log: Arc<dyn EventLog>,
+    ) -> Result<(), ProjectionError>;
+}

@@ -1,0 +1,205 @@
+//! The Redis user view: one JSON document per user plus an email index, under a generation
+//! prefix; every change of a user is one atomic script guarded by the user's version.
+
+use async_trait::async_trait;
+use pcf_domain::ports::{EventLog, PortError};
+use pcf_domain::read_model::{
+    redis_active_key, redis_building_key, redis_email_key, redis_generation_prefix, redis_user_key,
+};
+use pcf_domain::{EventEnvelope, UserView};
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use std::sync::{Arc, LazyLock};
+use uuid::Uuid;
+
+use crate::generations::{GenerationState, Generational, Offsets};
+use crate::projector::{ProjectionError, UserProjector, UserViewWriter};
+
+/// Replaces a user's document if it is still at the expected version (1: written, 0: the
+/// stored one is already newer, -1: it moved since it was read), and moves its email entry.
+static REPLACE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local current = redis.call('GET', KEYS[1])
+local stored = 0
+if current then stored = tonumber(cjson.decode(current)['version']) end
+local next_version = tonumber(ARGV[2])
+if next_version <= stored then return 0 end
+if stored ~= tonumber(ARGV[3]) then return -1 end
+if KEYS[3] ~= '' and redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
+if KEYS[2] ~= '' then redis.call('SET', KEYS[2], ARGV[4]) end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"#,
+    )
+});
+
+fn unavailable(e: redis::RedisError) -> PortError {
+    PortError::Unavailable(format!("redis: {e}"))
+}
+
+/// One generation of the Redis view, as a projector writes it.
+pub struct RedisGenerationWriter {
+    conn: ConnectionManager,
+    prefix: String,
+    generation: u64,
+}
+
+#[async_trait]
+impl UserViewWriter for RedisGenerationWriter {
+    async fn current(&self, id: Uuid) -> Result<Option<UserView>, PortError> {
+        let key = redis_user_key(&self.prefix, self.generation, id);
+        let doc: Option<String> = self.conn.clone().get(key).await.map_err(unavailable)?;
+        doc.map(|d| serde_json::from_str(&d))
+            .transpose()
+            .map_err(|e| PortError::Internal(format!("user document: {e}")))
+    }
+
+    async fn replace(
+        &self,
+        previous: Option<&UserView>,
+        next: &UserView,
+    ) -> Result<bool, PortError> {
+        let user_key = redis_user_key(&self.prefix, self.generation, next.id);
+        let new_email = if next.deleted {
+            String::new()
+        } else {
+            redis_email_key(&self.prefix, self.generation, &next.email)
+        };
+        let old_email = match previous {
+            Some(p) if !p.deleted && (p.email != next.email || next.deleted) => {
+                redis_email_key(&self.prefix, self.generation, &p.email)
+            }
+            _ => String::new(),
+        };
+        let doc = serde_json::to_string(next).map_err(|e| PortError::Internal(e.to_string()))?;
+        let outcome: i64 = REPLACE
+            .key(user_key)
+            .key(new_email)
+            .key(old_email)
+            .arg(doc)
+            .arg(next.version)
+            .arg(previous.map_or(0, |p| p.version))
+            .arg(next.id.to_string())
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(outcome >= 0)
+    }
+}
+
+/// The Redis user view with its generations.
+#[derive(Clone)]
+pub struct RedisUserViews {
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+impl RedisUserViews {
+    pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, PortError> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let conn = ConnectionManager::new(client).await.map_err(unavailable)?;
+        Ok(Self {
+            conn,
+            prefix: prefix.into(),
+        })
+    }
+
+    /// A writer of one generation.
+    pub fn writer(&self, generation: u64) -> RedisGenerationWriter {
+        RedisGenerationWriter {
+            conn: self.conn.clone(),
+            prefix: self.prefix.clone(),
+            generation,
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), PortError> {
+        let _: String = redis::cmd("PING")
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Generational for RedisUserViews {
+    fn name(&self) -> &str {
+        "users-redis"
+    }
+
+    async fn state(&self) -> Result<GenerationState, PortError> {
+        let (active, building): (Option<u64>, Option<u64>) = redis::pipe()
+            .get(redis_active_key(&self.prefix))
+            .get(redis_building_key(&self.prefix))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(GenerationState {
+            active: active.unwrap_or(1),
+            building,
+        })
+    }
+
+    async fn begin(&self, generation: u64) -> Result<(), PortError> {
+        // Leftovers of an interrupted build of the same number go first.
+        self.drop_generation(generation).await?;
+        let mut conn = self.conn.clone();
+        let active = self.state().await?.active;
+        redis::pipe()
+            .atomic()
+            .set_nx(redis_active_key(&self.prefix), active)
+            .set(redis_building_key(&self.prefix), generation)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn switch(&self, generation: u64) -> Result<(), PortError> {
+        redis::pipe()
+            .atomic()
+            .set(redis_active_key(&self.prefix), generation)
+            .del(redis_building_key(&self.prefix))
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn drop_generation(&self, generation: u64) -> Result<(), PortError> {
+        let pattern = format!("{}*", redis_generation_prefix(&self.prefix, generation));
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if !keys.is_empty() {
+                let _: () = conn.del(keys).await.map_err(unavailable)?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    async fn apply(
+        &self,
+        generation: u64,
+        events: &[EventEnvelope],
+        _offsets: Option<&Offsets>,
+        log: Arc<dyn EventLog>,
+    ) -> Result<(), ProjectionError> {
+        // Kafka keeps this projection's offsets; each script is atomic and idempotent.
+        UserProjector::new(Arc::new(self.writer(generation)), log)
+            .apply_batch(events)
+            .await
+    }
+}

@@ -1,0 +1,284 @@
+//! View readers of cluster mode: the Redis view for point reads, the SQL view on the read
+//! replicas for lists and as the fallback when Redis is down.
+
+use async_trait::async_trait;
+use pcf_domain::ports::{PortError, UserFilter, UserReader};
+use pcf_domain::read_model::{redis_active_key, SQL_VIEW};
+use pcf_domain::{Email, UserView};
+use redis::aio::ConnectionManager;
+use redis::Script;
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
+use uuid::Uuid;
+
+/// Reads a user document of the active generation in one round trip.
+static USER_BY_ID: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local g = redis.call('GET', KEYS[1]) or '1'
+return redis.call('GET', ARGV[1] .. ':g' .. g .. ':user:' .. ARGV[2])
+"#,
+    )
+});
+
+/// Follows the email index of the active generation to the user document, in one round trip.
+static USER_BY_EMAIL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local g = redis.call('GET', KEYS[1]) or '1'
+local base = ARGV[1] .. ':g' .. g
+local id = redis.call('GET', base .. ':email:' .. ARGV[2])
+if not id then return false end
+return redis.call('GET', base .. ':user:' .. id)
+"#,
+    )
+});
+
+fn redis_down(e: redis::RedisError) -> PortError {
+    PortError::Unavailable(format!("redis: {e}"))
+}
+
+fn parse_doc(doc: Option<String>) -> Result<Option<UserView>, PortError> {
+    doc.map(|d| serde_json::from_str(&d))
+        .transpose()
+        .map_err(|e| PortError::Internal(format!("user document: {e}")))
+}
+
+/// The Redis user view.
+#[derive(Clone)]
+pub struct RedisUserReader {
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+impl RedisUserReader {
+    pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, PortError> {
+        let client = redis::Client::open(url).map_err(redis_down)?;
+        // Fail fast while Redis is down, so the replica answers instead.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(std::time::Duration::from_millis(500)))
+            .set_response_timeout(Some(std::time::Duration::from_millis(500)))
+            .set_number_of_retries(1);
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(redis_down)?;
+        Ok(Self {
+            conn,
+            prefix: prefix.into(),
+        })
+    }
+
+    pub async fn ping(&self) -> Result<(), PortError> {
+        let _: String = redis::cmd("PING")
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_down)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl UserReader for RedisUserReader {
+    async fn user(&self, id: Uuid) -> Result<Option<UserView>, PortError> {
+        let doc: Option<String> = USER_BY_ID
+            .key(redis_active_key(&self.prefix))
+            .arg(&self.prefix)
+            .arg(id.to_string())
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_down)?;
+        parse_doc(doc)
+    }
+
+    async fn user_by_email(&self, email: &Email) -> Result<Option<UserView>, PortError> {
+        let doc: Option<String> = USER_BY_EMAIL
+            .key(redis_active_key(&self.prefix))
+            .arg(&self.prefix)
+            .arg(email.as_str())
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_down)?;
+        parse_doc(doc)
+    }
+
+    async fn list(
+        &self,
+        _after: Option<Uuid>,
+        _limit: usize,
+        _filter: &UserFilter,
+    ) -> Result<Vec<UserView>, PortError> {
+        Err(PortError::Internal(
+            "the Redis view serves point reads; lists come from the SQL view".into(),
+        ))
+    }
+}
+
+fn sql_error(e: sqlx::Error) -> PortError {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
+            PortError::Unavailable(format!("read replica: {e}"))
+        }
+        other => PortError::Internal(format!("read replica: {other}")),
+    }
+}
+
+fn row_to_view(row: &PgRow) -> Result<UserView, sqlx::Error> {
+    Ok(UserView {
+        id: row.try_get("id")?,
+        email: row.try_get("email")?,
+        display_name: row.try_get("display_name")?,
+        bio: row.try_get("bio")?,
+        avatar_url: row.try_get("avatar_url")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        version: row.try_get::<i64, _>("version")? as u64,
+        deleted: row.try_get("deleted")?,
+    })
+}
+
+/// The SQL user view on the read replicas, taken in turn.
+pub struct SqlUserReader {
+    replicas: Vec<PgPool>,
+    next: AtomicUsize,
+}
+
+impl SqlUserReader {
+    /// `replicas` must not be empty.
+    pub fn new(replicas: Vec<PgPool>) -> Self {
+        assert!(!replicas.is_empty(), "at least one read replica");
+        Self {
+            replicas,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    fn pool(&self) -> &PgPool {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.replicas.len();
+        &self.replicas[i]
+    }
+
+    /// Succeeds when every replica answers.
+    pub async fn ping(&self) -> Result<(), PortError> {
+        for pool in &self.replicas {
+            sqlx::query("SELECT 1")
+                .execute(pool)
+                .await
+                .map_err(sql_error)?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl UserReader for SqlUserReader {
+    async fn user(&self, id: Uuid) -> Result<Option<UserView>, PortError> {
+        let sql = format!("SELECT * FROM {SQL_VIEW} WHERE id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(sql_error)?;
+        row.map(|r| row_to_view(&r)).transpose().map_err(sql_error)
+    }
+
+    async fn user_by_email(&self, email: &Email) -> Result<Option<UserView>, PortError> {
+        let sql = format!("SELECT * FROM {SQL_VIEW} WHERE email = $1 AND NOT deleted LIMIT 1");
+        let row = sqlx::query(&sql)
+            .bind(email.as_str())
+            .fetch_optional(self.pool())
+            .await
+            .map_err(sql_error)?;
+        row.map(|r| row_to_view(&r)).transpose().map_err(sql_error)
+    }
+
+    async fn list(
+        &self,
+        after: Option<Uuid>,
+        limit: usize,
+        filter: &UserFilter,
+    ) -> Result<Vec<UserView>, PortError> {
+        // Keyset pagination on the (time-ordered) id: no OFFSET, stable under inserts.
+        let sql = format!(
+            "SELECT * FROM {SQL_VIEW} WHERE NOT deleted \
+               AND ($1::uuid IS NULL OR id > $1) \
+               AND ($2::text IS NULL OR email = $2) \
+               AND ($3::text IS NULL OR display_name ILIKE '%' || $3 || '%' ESCAPE '\\') \
+               AND ($4::timestamptz IS NULL OR created_at > $4) \
+               AND ($5::timestamptz IS NULL OR created_at < $5) \
+             ORDER BY id LIMIT $6"
+        );
+        let needle = filter.display_name_contains.as_deref().map(escape_like);
+        let rows = sqlx::query(&sql)
+            .bind(after)
+            .bind(&filter.email)
+            .bind(needle)
+            .bind(filter.created_after)
+            .bind(filter.created_before)
+            .bind(limit as i64)
+            .fetch_all(self.pool())
+            .await
+            .map_err(sql_error)?;
+        rows.iter()
+            .map(row_to_view)
+            .collect::<Result<_, _>>()
+            .map_err(sql_error)
+    }
+}
+
+/// Makes `%`, `_` and `\` match themselves in a LIKE pattern.
+fn escape_like(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
+}
+
+/// Point reads from the primary reader, falling back to the other when it is unavailable;
+/// lists from the fallback (the SQL view).
+pub struct FallbackReader {
+    pub primary: Arc<dyn UserReader>,
+    pub fallback: Arc<dyn UserReader>,
+}
+
+#[async_trait]
+impl UserReader for FallbackReader {
+    async fn user(&self, id: Uuid) -> Result<Option<UserView>, PortError> {
+        match self.primary.user(id).await {
+            Err(PortError::Unavailable(detail)) => {
+                tracing::warn!(%detail, "point read falling back to the read replica");
+                self.fallback.user(id).await
+            }
+            other => other,
+        }
+    }
+
+    async fn user_by_email(&self, email: &Email) -> Result<Option<UserView>, PortError> {
+        match self.primary.user_by_email(email).await {
+            Err(PortError::Unavailable(detail)) => {
+                tracing::warn!(%detail, "point read falling back to the read replica");
+                self.fallback.user_by_email(email).await
+            }
+            other => other,
+        }
+    }
+
+    async fn list(
+        &self,
+        after: Option<Uuid>,
+        limit: usize,
+        filter: &UserFilter,
+    ) -> Result<Vec<UserView>, PortError> {
+        self.fallback.list(after, limit, filter).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn like_wildcards_in_a_filter_match_themselves() {
+        assert_eq!(escape_like("50%_a\\b"), "50\\%\\_a\\\\b");
+    }
+}

@@ -1,0 +1,147 @@
+//! Operator commands: projection status and rebuilds, relay status.
+
+use anyhow::Context;
+use pcf_domain::ports::EventLog;
+use pcf_projectors::{
+    consumer_lag, rebuild, Generational, Progress, RebuildOptions, RedisUserViews, SqlUserViews,
+};
+use std::io::Write;
+use std::sync::Arc;
+
+use crate::app::{open_store, pg_pool, relay_name, StoreLog, PROJECTIONS};
+use crate::cli::ProjectionsCommand;
+use crate::config::Config;
+
+/// The projections of a cluster configuration, by name.
+async fn projections_of(config: &Config) -> anyhow::Result<Vec<Arc<dyn Generational>>> {
+    let Some(url) = &config.database_url else {
+        anyhow::bail!("embedded mode keeps its views in memory and rebuilds them at every start");
+    };
+    if !config.uses_kafka() {
+        anyhow::bail!("without Kafka the views are in memory and rebuilt at every start");
+    }
+    let primary = pg_pool(url, 8, "the SQL view (PCF_DATABASE_URL)").await?;
+    let mut views: Vec<Arc<dyn Generational>> = vec![Arc::new(SqlUserViews::new(primary))];
+    if let Some(redis) = &config.redis_url {
+        views.push(Arc::new(
+            RedisUserViews::connect(redis, config.redis_prefix.clone())
+                .await
+                .context("connecting to Redis (PCF_REDIS_URL)")?,
+        ));
+    }
+    Ok(views)
+}
+
+/// `pcf projections status|rebuild`.
+pub async fn projections(config: Config, command: ProjectionsCommand) -> anyhow::Result<()> {
+    let views = projections_of(&config).await?;
+    match command {
+        ProjectionsCommand::Status => {
+            let brokers = config.kafka_brokers.clone().unwrap_or_default();
+            for view in views {
+                let state = view.state().await?;
+                let group = format!("{}{}", config.kafka_group_prefix, view.name());
+                println!(
+                    "{}  generation {}{}  (consumer group {group})",
+                    view.name(),
+                    state.active,
+                    state
+                        .building
+                        .map(|b| format!(", building {b}"))
+                        .unwrap_or_default()
+                );
+                match consumer_lag(&brokers, &config.kafka_topic, &group).await {
+                    Ok(partitions) => {
+                        let total: i64 = partitions.iter().map(|p| p.lag).sum();
+                        for p in partitions {
+                            let committed = p
+                                .committed
+                                .map_or_else(|| "-".to_owned(), |c| c.to_string());
+                            println!(
+                                "  partition {:>3}  checkpoint {committed:>10}  end {:>10}  lag {:>8}",
+                                p.partition, p.high, p.lag
+                            );
+                        }
+                        println!("  total lag {total}");
+                    }
+                    Err(e) => println!("  lag unknown: {e}"),
+                }
+            }
+            Ok(())
+        }
+        ProjectionsCommand::Rebuild { name } => {
+            let chosen: Vec<Arc<dyn Generational>> = if name == "all" {
+                views
+            } else {
+                let found: Vec<_> = views.into_iter().filter(|v| v.name() == name).collect();
+                if found.is_empty() {
+                    anyhow::bail!(
+                        "no projection named {name:?}; choose one of {} or all",
+                        PROJECTIONS.join(", ")
+                    );
+                }
+                found
+            };
+            let store = open_store(&config).await?;
+            let log: Arc<dyn EventLog> = Arc::new(StoreLog(store));
+            for view in chosen {
+                let label = view.name().to_owned();
+                let report = move |p: Progress| print_progress(&label, &p);
+                let generation = rebuild(
+                    view.clone(),
+                    log.clone(),
+                    &RebuildOptions::default(),
+                    &report,
+                )
+                .await
+                .with_context(|| format!("rebuilding {}", view.name()))?;
+                eprintln!();
+                println!(
+                    "{}: readers switched to generation {generation}",
+                    view.name()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// One line of progress, redrawn in place: a bar, counts, events/s and ETA.
+fn print_progress(name: &str, p: &Progress) {
+    const WIDTH: usize = 30;
+    let (bar, percent) = match p.total {
+        Some(total) if total > 0 => {
+            let ratio = (p.applied as f64 / total as f64).min(1.0);
+            let filled = (ratio * WIDTH as f64) as usize;
+            (
+                format!("{}{}", "#".repeat(filled), ".".repeat(WIDTH - filled)),
+                format!("{:>3.0}%", ratio * 100.0),
+            )
+        }
+        _ => (".".repeat(WIDTH), "  ?%".to_owned()),
+    };
+    let eta = p
+        .eta()
+        .map_or_else(|| "?".to_owned(), |d| format!("{}s", d.as_secs()));
+    let total = p.total.map_or_else(|| "?".to_owned(), |t| t.to_string());
+    let mut err = std::io::stderr().lock();
+    let _ = write!(
+        err,
+        "\r{name} [{bar}] {percent} {}/{total} events  {:.0} events/s  ETA {eta}   ",
+        p.applied,
+        p.rate()
+    );
+    let _ = err.flush();
+}
+
+/// `pcf relay status`.
+pub async fn relay_status(config: Config) -> anyhow::Result<()> {
+    let store = open_store(&config).await?;
+    let name = relay_name(&config);
+    let checkpoint = store.load_checkpoint(&name).await?;
+    let backlog = store.count_after(checkpoint).await?;
+    println!("relay {name}");
+    println!("  checkpoint {checkpoint}");
+    println!("  backlog    {backlog} events");
+    Ok(())
+}
