@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every check CI runs: starts the local services (PostgreSQL primary + replica, Redis),
+# Runs every check CI runs: starts the local services (PostgreSQL primary + replica, Redis, Kafka),
 # then rustfmt, clippy (warnings are errors) and the whole workspace's tests against them.
 # Usage: scripts/test.sh
 set -euo pipefail
@@ -20,6 +20,7 @@ scripts/services.sh up
 export PCF_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres
 export PCF_TEST_READ_DATABASE_URL=postgres://postgres@127.0.0.1:5433/postgres
 export PCF_TEST_REDIS_URL=redis://127.0.0.1:6379
+export PCF_TEST_KAFKA_BROKERS=127.0.0.1:9092
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
