@@ -3,7 +3,7 @@
 //! mode (PostgreSQL, Kafka, Redis, read replicas).
 
 use anyhow::Context;
-use async_graphql::{EmptySubscription, Schema};
+use async_graphql::Schema;
 use pcf_command::kafka::{KafkaConfig, KafkaPublisher};
 use pcf_command::{
     CommandService, EventStore, MutationRoot, PostgresStore, Relay, RelayConfig, SqliteStore,
@@ -14,7 +14,8 @@ use pcf_projectors::{
     UserProjector,
 };
 use pcf_query::{
-    FallbackReader, QueryRoot, ReadModels, RedisUserReader, SqlUserReader, UserObject,
+    FallbackReader, LiveLog, QueryRoot, ReadModels, RedisUserReader, SqlUserReader,
+    SubscriptionRoot, UserObject,
 };
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -28,7 +29,7 @@ use crate::health::{Dependencies, Dependency};
 use crate::metrics::Metrics;
 
 /// The GraphQL schema PCF serves.
-pub type PcfSchema = Schema<QueryRoot, MutationRoot<UserObject>, EmptySubscription>;
+pub type PcfSchema = Schema<QueryRoot, MutationRoot<UserObject>, SubscriptionRoot>;
 
 /// What a process does.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +51,8 @@ pub const PROJECTIONS: [&str; 2] = ["users-redis", "users-sql"];
 /// A running PCF: its HTTP router and background tasks.
 pub struct App {
     pub router: axum::Router,
+    /// A development admin token, when no secret was configured.
+    pub dev_token: Option<String>,
     pub store: Arc<dyn EventStore>,
     pub schema: PcfSchema,
     pub metrics: Arc<Metrics>,
@@ -104,14 +107,21 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn EventStore>> 
 }
 
 /// Builds the schema with the configured limits.
-pub fn schema(config: &Config, commands: Arc<CommandService>, models: ReadModels) -> PcfSchema {
+pub fn schema(
+    config: &Config,
+    commands: Arc<CommandService>,
+    models: ReadModels,
+    live: Arc<LiveLog>,
+) -> PcfSchema {
     let mut builder = Schema::build(
         QueryRoot::default(),
         MutationRoot::<UserObject>::default(),
-        EmptySubscription,
+        SubscriptionRoot,
     )
     .data(commands)
     .data(models)
+    .data(live)
+    .extension(crate::limits::AliasLimit(config.max_aliases))
     .limit_depth(config.max_depth)
     .limit_complexity(config.max_complexity);
     if config.environment == Environment::Production {
@@ -125,7 +135,7 @@ pub fn sdl() -> String {
     Schema::build(
         QueryRoot::default(),
         MutationRoot::<UserObject>::default(),
-        EmptySubscription,
+        SubscriptionRoot,
     )
     .finish()
     .sdl()
@@ -154,6 +164,7 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
 
 /// Builds the parts of a process that `roles` need and starts their background tasks.
 pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App> {
+    let auth = crate::auth::AuthSetup::from_config(config)?;
     let store = open_store(config).await?;
     let log: Arc<dyn EventLog> = Arc::new(StoreLog(store.clone()));
     let metrics = Arc::new(Metrics::new());
@@ -272,21 +283,45 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
     };
 
     let commands = Arc::new(CommandService::new(store.clone(), metrics.clone()));
+    let live = LiveLog::spawn(
+        log.clone(),
+        store.commits(),
+        std::time::Duration::from_millis(500),
+    )
+    .await;
     let models = ReadModels {
         users,
         log,
         consistency_timeout: config.consistency_timeout,
     };
-    let schema = schema(config, commands, models);
+    let schema = schema(config, commands, models, live);
+    let shared_counts = match &config.redis_url {
+        Some(url) => {
+            let client = redis::Client::open(url.as_str()).context("PCF_REDIS_URL")?;
+            let conn = redis::aio::ConnectionManager::new(client)
+                .await
+                .context("connecting to Redis (PCF_REDIS_URL)")?;
+            Some((conn, config.redis_prefix.clone()))
+        }
+        None => None,
+    };
     let router = crate::http::router(crate::http::HttpState {
         schema: schema.clone(),
         dependencies: Arc::new(dependencies),
         metrics: metrics.clone(),
+        authenticator: Arc::new(auth.authenticator),
+        limiter: Arc::new(crate::ratelimit::RateLimiter::new(
+            config.rate_limits,
+            shared_counts,
+        )),
+        trusted_proxies: Arc::new(config.trusted_proxies.clone()),
         graphiql: config.environment == Environment::Development,
         body_limit: config.body_limit,
+        request_timeout: config.request_timeout,
     });
     Ok(App {
         router,
+        dev_token: auth.dev_token,
         store,
         schema,
         metrics,
@@ -320,6 +355,12 @@ impl EventLog for StoreLog {
         after_sequence: u64,
     ) -> Result<Vec<pcf_domain::EventEnvelope>, pcf_domain::ports::PortError> {
         self.0.user_events(user, after_sequence).await
+    }
+
+    async fn last_position(
+        &self,
+    ) -> Result<Option<pcf_domain::Position>, pcf_domain::ports::PortError> {
+        self.0.last_position().await
     }
 
     async fn event_count(&self) -> Result<Option<u64>, pcf_domain::ports::PortError> {

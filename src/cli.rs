@@ -47,6 +47,18 @@ pub enum Command {
         #[command(subcommand)]
         command: ProjectionsCommand,
     },
+    /// Mints a JWT with the configured secret (PCF_JWT_SECRET), for development and tests.
+    Token {
+        #[arg(long)]
+        sub: String,
+        /// admin, auditor or analytics; repeat for several. None for a plain user.
+        #[arg(long)]
+        role: Vec<String>,
+        #[arg(long)]
+        tier: Option<String>,
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
     /// Inspects the relay.
     Relay {
         #[command(subcommand)]
@@ -94,6 +106,36 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("migrations applied");
             Ok(())
         }
+        Command::Token {
+            sub,
+            role,
+            tier,
+            ttl,
+        } => {
+            let config = Config::load(None)?;
+            let Some(secret) = &config.jwt_secret else {
+                anyhow::bail!(
+                    "pcf token signs with PCF_JWT_SECRET; set it (the server must use the same)"
+                );
+            };
+            let roles = role
+                .iter()
+                .map(|r| {
+                    pcf_domain::auth::AccessRole::parse(r).ok_or_else(|| {
+                        anyhow::anyhow!("--role {r:?}: one of admin, auditor, analytics")
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            if let Some(t) = tier.as_deref().filter(|t| *t != "premium") {
+                anyhow::bail!("--tier {t:?}: the only tier is premium");
+            }
+            let ttl = crate::auth::parse_ttl(&ttl)?;
+            println!(
+                "{}",
+                crate::auth::mint(secret, &sub, &roles, tier.as_deref(), ttl)?
+            );
+            Ok(())
+        }
         Command::Schema => {
             print!("{}", crate::app::sdl());
             Ok(())
@@ -125,6 +167,10 @@ async fn serve(config: Config, roles: &[Role]) -> anyhow::Result<()> {
     println!("PCF listening on http://{addr} ({mode})");
     if config.environment == crate::config::Environment::Development {
         println!("GraphiQL: http://{addr}/graphiql");
+    }
+    if let Some(token) = &app.dev_token {
+        println!("No PCF_JWT_SECRET set: tokens are signed with a random secret until restart.");
+        println!("Development admin token (12h): {token}");
     }
     let router = app.router.clone();
     axum::serve(

@@ -31,6 +31,19 @@ pub struct Config {
     /// Partitions of the event topic when PCF creates it.
     pub kafka_partitions: i32,
     pub environment: Environment,
+    /// HS256 secret for bearer tokens.
+    pub jwt_secret: Option<String>,
+    /// RS256/ES256 public key (PEM text or a file path) for bearer tokens.
+    pub jwt_public_key: Option<String>,
+    /// Hashed API keys with their roles.
+    pub api_keys_file: Option<PathBuf>,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Requests per minute: anonymous (per address), authenticated (per subject), premium.
+    pub rate_limits: RateLimits,
+    pub max_aliases: usize,
+    /// The longest a GraphQL request may run.
+    pub request_timeout: Duration,
     pub log: String,
     pub log_json: bool,
     /// How long `minVersion` waits.
@@ -39,6 +52,24 @@ pub struct Config {
     pub body_limit: usize,
     pub max_depth: usize,
     pub max_complexity: usize,
+}
+
+/// Requests per minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimits {
+    pub anonymous: u32,
+    pub authenticated: u32,
+    pub premium: u32,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        Self {
+            anonymous: 1000,
+            authenticated: 5000,
+            premium: 10000,
+        }
+    }
 }
 
 impl Default for Config {
@@ -55,6 +86,13 @@ impl Default for Config {
             kafka_group_prefix: String::new(),
             kafka_partitions: 12,
             environment: Environment::Development,
+            jwt_secret: None,
+            jwt_public_key: None,
+            api_keys_file: None,
+            trusted_proxies: Vec::new(),
+            rate_limits: RateLimits::default(),
+            max_aliases: 15,
+            request_timeout: Duration::from_secs(15),
             log: "info".to_owned(),
             log_json: false,
             consistency_timeout: Duration::from_secs(5),
@@ -80,6 +118,15 @@ struct FileConfig {
     kafka_group_prefix: Option<String>,
     kafka_partitions: Option<i32>,
     env: Option<String>,
+    jwt_secret: Option<String>,
+    jwt_public_key: Option<String>,
+    api_keys_file: Option<String>,
+    trusted_proxies: Option<String>,
+    rate_limit_anonymous: Option<u32>,
+    rate_limit_authenticated: Option<u32>,
+    rate_limit_premium: Option<u32>,
+    max_aliases: Option<usize>,
+    request_timeout_ms: Option<u64>,
     log: Option<String>,
     log_format: Option<String>,
     consistency_timeout_ms: Option<u64>,
@@ -108,6 +155,10 @@ impl FileConfig {
         pick(&mut self.redis_prefix, "PCF_REDIS_PREFIX");
         pick(&mut self.kafka_group_prefix, "PCF_KAFKA_GROUP_PREFIX");
         pick(&mut self.env, "PCF_ENV");
+        pick(&mut self.jwt_secret, "PCF_JWT_SECRET");
+        pick(&mut self.jwt_public_key, "PCF_JWT_PUBLIC_KEY");
+        pick(&mut self.api_keys_file, "PCF_API_KEYS_FILE");
+        pick(&mut self.trusted_proxies, "PCF_TRUSTED_PROXIES");
         pick(&mut self.log, "PCF_LOG");
         pick(&mut self.log_format, "PCF_LOG_FORMAT");
         self
@@ -182,6 +233,35 @@ impl Config {
                 anyhow::bail!("PCF_ENV: {other:?} is neither development nor production")
             }
         };
+        c.jwt_secret = f.jwt_secret;
+        c.jwt_public_key = f.jwt_public_key;
+        c.api_keys_file = f.api_keys_file.map(PathBuf::from);
+        if let Some(list) = f.trusted_proxies {
+            c.trusted_proxies = list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    s.parse()
+                        .with_context(|| format!("PCF_TRUSTED_PROXIES: {s:?} is not an IP address"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+        }
+        if let Some(n) = f.rate_limit_anonymous {
+            c.rate_limits.anonymous = n;
+        }
+        if let Some(n) = f.rate_limit_authenticated {
+            c.rate_limits.authenticated = n;
+        }
+        if let Some(n) = f.rate_limit_premium {
+            c.rate_limits.premium = n;
+        }
+        if let Some(n) = f.max_aliases {
+            c.max_aliases = n;
+        }
+        if let Some(ms) = f.request_timeout_ms {
+            c.request_timeout = Duration::from_millis(ms);
+        }
         if let Some(log) = f.log {
             c.log = log;
         }

@@ -1,21 +1,29 @@
-//! The HTTP surface: `POST /graphql`, `/graphiql`, health and metrics.
+//! The HTTP surface: `POST /graphql`, `GET /graphql/ws` (graphql-transport-ws), `/graphiql`,
+//! health and metrics. Every GraphQL request is authenticated and rate limited first; a
+//! refused request runs no resolver.
 
-use async_graphql::http::GraphiQLSource;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use async_graphql::http::{GraphiQLSource, ALL_WEBSOCKET_PROTOCOLS};
+use async_graphql::Data;
+use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use pcf_command::CommandContext;
+use pcf_domain::auth::Principal;
 use pcf_domain::ErrorCode;
 use serde_json::json;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::app::PcfSchema;
+use crate::auth::Authenticator;
 use crate::health::Dependencies;
 use crate::metrics::Metrics;
+use crate::ratelimit::{Decision, RateLimiter};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -23,22 +31,26 @@ pub struct HttpState {
     pub schema: PcfSchema,
     pub dependencies: Arc<Dependencies>,
     pub metrics: Arc<Metrics>,
+    pub authenticator: Arc<Authenticator>,
+    pub limiter: Arc<RateLimiter>,
+    pub trusted_proxies: Arc<Vec<IpAddr>>,
     pub graphiql: bool,
     pub body_limit: usize,
+    pub request_timeout: Duration,
 }
 
 /// The router, testable without a socket.
 pub fn router(state: HttpState) -> Router {
-    let limit = state.body_limit;
     let mut router = Router::new()
         .route("/graphql", post(graphql))
+        .route("/graphql/ws", get(websocket))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics));
     if state.graphiql {
         router = router.route("/graphiql", get(graphiql));
     }
-    router.layer(DefaultBodyLimit::max(limit)).with_state(state)
+    router.with_state(state)
 }
 
 /// A response carrying one GraphQL-shaped error.
@@ -48,16 +60,106 @@ fn request_error(status: StatusCode, code: ErrorCode, message: &str) -> Response
     (status, Json(body)).into_response()
 }
 
-async fn graphql(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+/// The client's address: the peer, or what a trusted proxy says in `X-Forwarded-For` (the
+/// nearest address that is not itself a trusted proxy).
+fn client_address(req: &Request, trusted: &[IpAddr]) -> String {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    forwarded_client(peer, req.headers(), trusted)
+}
+
+fn forwarded_client(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpAddr]) -> String {
+    let Some(peer) = peer else {
+        return "unknown".to_owned();
+    };
+    if !trusted.contains(&peer) {
+        return peer.to_string();
+    }
+    let forwarded = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| s.trim().parse::<IpAddr>().ok())
+        .collect::<Vec<_>>();
+    forwarded
+        .into_iter()
+        .rev()
+        .find(|ip| !trusted.contains(ip))
+        .unwrap_or(peer)
+        .to_string()
+}
+
+/// Authenticates and rate-limits; the error is the response to send.
+async fn admit(
+    state: &HttpState,
+    headers: &HeaderMap,
+    client: &str,
+) -> Result<Principal, (Response, &'static str)> {
+    let principal = match state.authenticator.authenticate(headers) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::info!(reason = %e, "credentials refused");
+            let mut response = request_error(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthenticated,
+                "the credentials are not valid",
+            );
+            response
+                .headers_mut()
+                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+            return Err((response, "unauthenticated"));
+        }
+    };
+    if let Decision::Limited { retry_after } = state.limiter.check(&principal, client).await {
+        let mut response = request_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            "too many requests; slow down",
+        );
+        if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
+            response.headers_mut().insert("retry-after", v);
+        }
+        return Err((response, "rate_limited"));
+    }
+    Ok(principal)
+}
+
+async fn graphql(State(state): State<HttpState>, req: Request) -> Response {
     let started = Instant::now();
-    let (response, outcome) = execute(&state, &headers, body).await;
+    let client = client_address(&req, &state.trusted_proxies);
+    let (parts, body) = req.into_parts();
+    let (response, outcome) = match admit(&state, &parts.headers, &client).await {
+        Ok(principal) => execute(&state, principal, parts.headers, body).await,
+        Err(refused) => refused,
+    };
     state
         .metrics
         .http_request("/graphql", outcome, started.elapsed());
     response
 }
 
-async fn execute(state: &HttpState, headers: &HeaderMap, body: Bytes) -> (Response, &'static str) {
+async fn execute(
+    state: &HttpState,
+    principal: Principal,
+    headers: HeaderMap,
+    body: Body,
+) -> (Response, &'static str) {
+    let body = match axum::body::to_bytes(body, state.body_limit).await {
+        Ok(b) => b,
+        Err(_) => {
+            return (
+                request_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorCode::BadRequest,
+                    "the request body is too large",
+                ),
+                "too_large",
+            )
+        }
+    };
     let value: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(_) => {
@@ -97,14 +199,28 @@ async fn execute(state: &HttpState, headers: &HeaderMap, body: Bytes) -> (Respon
     let correlation_id = headers
         .get("x-correlation-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 200)
+        .filter(|v| !v.is_empty() && v.len() <= 200 && v.chars().all(|c| c.is_ascii_graphic()))
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let request = request.data(CommandContext {
-        correlation_id: Some(correlation_id.clone()),
-        actor: None,
-    });
-    let mut response = state.schema.execute(request).await;
+    let request = request
+        .data(CommandContext {
+            correlation_id: Some(correlation_id.clone()),
+            actor: None,
+        })
+        .data(principal);
+    let Ok(mut response) =
+        tokio::time::timeout(state.request_timeout, state.schema.execute(request)).await
+    else {
+        tracing::warn!("request timed out");
+        return (
+            request_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "the request took too long",
+            ),
+            "timeout",
+        );
+    };
     // Errors that stopped the request before any resolver ran (syntax, validation, limits)
     // carry no path; they are the client's fault: 400, with a code.
     let rejected = !response.errors.is_empty()
@@ -112,7 +228,10 @@ async fn execute(state: &HttpState, headers: &HeaderMap, body: Bytes) -> (Respon
         && response.errors.iter().all(|e| e.path.is_empty());
     if rejected {
         for e in &mut response.errors {
-            let code = if e.message.contains("too complex") || e.message.contains("too deep") {
+            let code = if e.message.contains("too complex")
+                || e.message.contains("too deep")
+                || e.message.contains("too many aliases")
+            {
                 ErrorCode::QueryTooComplex
             } else {
                 ErrorCode::BadRequest
@@ -142,7 +261,82 @@ async fn execute(state: &HttpState, headers: &HeaderMap, body: Bytes) -> (Respon
     (http, outcome)
 }
 
-/// GraphiQL, pointed at `/graphql` and `/graphql/ws`.
+/// graphql-transport-ws: the upgrade is rate limited like a request; the connection is
+/// authenticated by `connection_init` (`{"authorization": "Bearer …"}`), and refused
+/// without valid credentials.
+async fn websocket(State(state): State<HttpState>, req: Request) -> Response {
+    let client = client_address(&req, &state.trusted_proxies);
+    if let Decision::Limited { retry_after } =
+        state.limiter.check(&Principal::anonymous(), &client).await
+    {
+        let mut response = request_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            "too many requests; slow down",
+        );
+        if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
+            response.headers_mut().insert("retry-after", v);
+        }
+        return response;
+    }
+    let (mut parts, _body) = req.into_parts();
+    let protocol = match <GraphQLProtocol as FromRequestParts<HttpState>>::from_request_parts(
+        &mut parts, &state,
+    )
+    .await
+    {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let upgrade = match <WebSocketUpgrade as FromRequestParts<HttpState>>::from_request_parts(
+        &mut parts, &state,
+    )
+    .await
+    {
+        Ok(u) => u,
+        Err(e) => return e.into_response(),
+    };
+    let schema = state.schema.clone();
+    let authenticator = state.authenticator.clone();
+    upgrade
+        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |socket| async move {
+            GraphQLWebSocket::new(socket, schema, protocol)
+                .on_connection_init(move |payload| async move {
+                    let principal = connection_principal(&authenticator, &payload)?;
+                    let mut data = Data::default();
+                    data.insert(principal);
+                    data.insert(CommandContext {
+                        correlation_id: Some(uuid::Uuid::new_v4().to_string()),
+                        actor: None,
+                    });
+                    Ok(data)
+                })
+                .serve()
+                .await
+        })
+}
+
+/// The principal of a websocket's `connection_init` payload.
+fn connection_principal(
+    authenticator: &Authenticator,
+    payload: &serde_json::Value,
+) -> async_graphql::Result<Principal> {
+    let value = payload
+        .get("authorization")
+        .or_else(|| payload.get("Authorization"))
+        .and_then(|v| v.as_str());
+    let Some(value) = value else {
+        return Err(async_graphql::Error::new(
+            "connection_init must carry {\"authorization\": \"Bearer <token>\"}",
+        ));
+    };
+    authenticator.credentials(value).map_err(|e| {
+        tracing::info!(reason = %e, "websocket credentials refused");
+        async_graphql::Error::new("the credentials are not valid")
+    })
+}
+
 async fn graphiql() -> Html<String> {
     Html(
         GraphiQLSource::build()

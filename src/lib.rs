@@ -3,13 +3,16 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod auth;
 pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod health;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod operate;
+pub mod ratelimit;
 
 pub use app::{build, App};
 pub use config::Config;

@@ -7,6 +7,7 @@ use async_graphql::{
     Context, ErrorExtensions, InputObject, MaybeUndefined, Object, OutputType, ID,
 };
 use chrono::Utc;
+use pcf_domain::auth::Principal;
 use pcf_domain::{ErrorCode, EventMetadata, ProfilePatch, UserCommand, UserError, UserView};
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -119,7 +120,9 @@ where
             avatar_url: input.avatar_url,
             at: Utc::now(),
         };
-        run(ctx, user_id, command, command_id).await.map(payload)
+        run(ctx, user_id, command, command_id, Access::Anyone)
+            .await
+            .map(payload)
     }
 
     /// Changes a user's profile.
@@ -138,9 +141,15 @@ where
             expected_version: version_arg(expected_version)?,
             at: Utc::now(),
         };
-        run(ctx, user_id(&id)?, command, command_id)
-            .await
-            .map(payload)
+        run(
+            ctx,
+            user_id(&id)?,
+            command,
+            command_id,
+            Access::OwnerOrAdmin,
+        )
+        .await
+        .map(payload)
     }
 
     /// Changes a user's email address.
@@ -157,9 +166,15 @@ where
             expected_version: version_arg(expected_version)?,
             at: Utc::now(),
         };
-        run(ctx, user_id(&id)?, command, command_id)
-            .await
-            .map(payload)
+        run(
+            ctx,
+            user_id(&id)?,
+            command,
+            command_id,
+            Access::OwnerOrAdmin,
+        )
+        .await
+        .map(payload)
     }
 
     /// Deletes an account; its email becomes free and its personal data leaves the views.
@@ -174,9 +189,15 @@ where
             expected_version: version_arg(expected_version)?,
             at: Utc::now(),
         };
-        run(ctx, user_id(&id)?, command, command_id)
-            .await
-            .map(DeleteAccountPayload)
+        run(
+            ctx,
+            user_id(&id)?,
+            command,
+            command_id,
+            Access::OwnerOrAdmin,
+        )
+        .await
+        .map(DeleteAccountPayload)
     }
 }
 
@@ -208,17 +229,43 @@ fn user_id(id: &ID) -> async_graphql::Result<Uuid> {
     Uuid::parse_str(id.as_str()).map_err(|_| error(ErrorCode::NotFound, "no such user", None))
 }
 
+/// Who may run a command.
+enum Access {
+    /// Sign-up.
+    Anyone,
+    /// The account's owner or an admin.
+    OwnerOrAdmin,
+}
+
 async fn run(
     ctx: &Context<'_>,
     user_id: Uuid,
     command: UserCommand,
     command_id: Option<ID>,
+    access: Access,
 ) -> async_graphql::Result<CommandResult> {
     let service = ctx.data::<Arc<CommandService>>()?;
     let caller = ctx
         .data_opt::<CommandContext>()
         .cloned()
         .unwrap_or_default();
+    let principal = ctx.data_opt::<Principal>().cloned().unwrap_or_default();
+    if let Access::OwnerOrAdmin = access {
+        if !principal.is_authenticated() {
+            return Err(error(
+                ErrorCode::Unauthenticated,
+                "sign in to change an account",
+                None,
+            ));
+        }
+        if !principal.may_access_user(user_id) {
+            return Err(error(
+                ErrorCode::Forbidden,
+                "you may change only your own account",
+                None,
+            ));
+        }
+    }
     if let Some(id) = &command_id {
         if id.is_empty() || id.len() > 200 {
             return Err(validation("commandId", "must be 1 to 200 characters"));
@@ -228,7 +275,7 @@ async fn run(
         correlation_id: caller.correlation_id.clone(),
         causation_id: command_id.as_ref().map(|id| id.to_string()),
         command_id: command_id.map(|id| id.0),
-        actor: caller.actor,
+        actor: principal.subject.or(caller.actor),
     };
     service
         .execute(user_id, command, metadata)

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
+pub mod auth;
 pub mod commands;
 pub mod envelope;
 pub mod errors;

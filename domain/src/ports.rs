@@ -50,6 +50,11 @@ pub trait EventLog: Send + Sync {
         after_sequence: u64,
     ) -> Result<Vec<EventEnvelope>, PortError>;
 
+    /// The position of the last event of the safe prefix (what `read` can return), if any.
+    async fn last_position(&self) -> Result<Option<Position>, PortError> {
+        Ok(None)
+    }
+
     /// How many events the log holds (for progress reports); `None` if unknown.
     async fn event_count(&self) -> Result<Option<u64>, PortError> {
         Ok(None)

@@ -3,11 +3,13 @@
 use async_graphql::connection::{Connection, Edge};
 use async_graphql::{Context, Json, Object, SimpleObject, ID};
 use chrono::{DateTime, Utc};
+use pcf_domain::auth::{redact_payload, LogAccess, Principal};
 use pcf_domain::ports::LogQuery;
 use pcf_domain::{EventEnvelope, Position};
 use uuid::Uuid;
 
 use crate::errors::{invalid, unavailable};
+use crate::subscriptions::require_log_access;
 use crate::users::ReadModels;
 
 const MAX_PAGE: i32 = 500;
@@ -83,6 +85,8 @@ impl EventQueries {
         types: Option<Vec<String>>,
     ) -> async_graphql::Result<Connection<String, EventObject>> {
         let models = ctx.data::<ReadModels>()?;
+        let caller = ctx.data_opt::<Principal>().cloned().unwrap_or_default();
+        let access = require_log_access(&caller)?;
         if !(0..=MAX_PAGE).contains(&first) {
             return Err(invalid("first", "must be between 0 and 500"));
         }
@@ -104,11 +108,12 @@ impl EventQueries {
         let has_next = events.len() > first as usize;
         events.truncate(first as usize);
         let mut connection = Connection::new(after.is_some(), has_next);
-        connection.edges.extend(
-            events
-                .into_iter()
-                .map(|e| Edge::new(e.position.to_string(), EventObject(e))),
-        );
+        connection.edges.extend(events.into_iter().map(|mut e| {
+            if access == LogAccess::WithoutPersonalData {
+                e.payload = redact_payload(&e.payload);
+            }
+            Edge::new(e.position.to_string(), EventObject(e))
+        }));
         Ok(connection)
     }
 }

@@ -4,9 +4,13 @@
 
 pub mod errors;
 pub mod events;
+pub mod live;
 pub mod readers;
+pub mod subscriptions;
 pub mod users;
 
 pub use events::EventObject;
+pub use live::LiveLog;
 pub use readers::{FallbackReader, RedisUserReader, SqlUserReader};
+pub use subscriptions::SubscriptionRoot;
 pub use users::{QueryRoot, ReadModels, UserObject};

@@ -3,6 +3,7 @@
 use async_graphql::connection::{Connection, Edge};
 use async_graphql::{Context, InputObject, MergedObject, Object, ID};
 use chrono::{DateTime, Utc};
+use pcf_domain::auth::Principal;
 use pcf_domain::ports::UserFilter;
 use pcf_domain::ports::{EventLog, UserReader};
 use pcf_domain::{Email, ErrorCode, UserView};
@@ -117,7 +118,12 @@ impl UserQueries {
         min_version: Option<i64>,
     ) -> async_graphql::Result<Option<UserObject>> {
         let models = ctx.data::<ReadModels>()?;
-        let Ok(id) = Uuid::parse_str(id.as_str()) else {
+        let caller = signed_in(ctx)?;
+        // Someone else's account reads exactly like one that does not exist.
+        let Some(id) = Uuid::parse_str(id.as_str())
+            .ok()
+            .filter(|id| caller.may_access_user(*id))
+        else {
             return Ok(None);
         };
         let Some(min) = min_version.filter(|v| *v > 0) else {
@@ -153,6 +159,13 @@ impl UserQueries {
         filter: Option<UserFilterInput>,
     ) -> async_graphql::Result<Connection<String, UserObject>> {
         let models = ctx.data::<ReadModels>()?;
+        let caller = signed_in(ctx)?;
+        if !caller.is_admin() {
+            return Err(error(
+                ErrorCode::Forbidden,
+                "listing users needs the admin role",
+            ));
+        }
         if !(0..=MAX_USERS_PAGE).contains(&first) {
             return Err(invalid("first", "must be between 0 and 100"));
         }
@@ -187,6 +200,7 @@ impl UserQueries {
         email: String,
     ) -> async_graphql::Result<Option<UserObject>> {
         let models = ctx.data::<ReadModels>()?;
+        let caller = signed_in(ctx)?;
         let Ok(email) = Email::parse(&email) else {
             return Ok(None);
         };
@@ -195,7 +209,17 @@ impl UserQueries {
             .user_by_email(&email)
             .await
             .map_err(unavailable)?;
-        Ok(live(view))
+        Ok(live(view.filter(|v| caller.may_access_user(v.id))))
+    }
+}
+
+/// The caller, who must be signed in.
+pub(crate) fn signed_in(ctx: &Context<'_>) -> async_graphql::Result<Principal> {
+    let caller = ctx.data_opt::<Principal>().cloned().unwrap_or_default();
+    if caller.is_authenticated() {
+        Ok(caller)
+    } else {
+        Err(error(ErrorCode::Unauthenticated, "sign in to read users"))
     }
 }
 

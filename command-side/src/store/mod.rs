@@ -115,6 +115,10 @@ pub trait EventStore: EventLog + EmailDirectory + Send + Sync {
     /// backend can tell); waiters fall back to polling for anything missed.
     fn committed(&self) -> Arc<Notify>;
 
+    /// A counter that moves on every commit signal, for any number of watchers (the relay
+    /// uses `committed`; live subscriptions use this).
+    fn commits(&self) -> tokio::sync::watch::Receiver<u64>;
+
     /// Tries to become the one active relay named `name`. `None`: another process leads.
     async fn try_lead(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError>;
 
@@ -137,6 +141,35 @@ pub(crate) struct SoleLease;
 impl Lease for SoleLease {
     async fn alive(&mut self) -> bool {
         true
+    }
+}
+
+/// Wakes the relay and every watcher of commits.
+#[derive(Clone)]
+pub(crate) struct CommitSignal {
+    relay: Arc<Notify>,
+    watchers: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl CommitSignal {
+    pub(crate) fn new() -> Self {
+        Self {
+            relay: Arc::new(Notify::new()),
+            watchers: Arc::new(tokio::sync::watch::channel(0).0),
+        }
+    }
+
+    pub(crate) fn signal(&self) {
+        self.relay.notify_one();
+        self.watchers.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    pub(crate) fn relay(&self) -> Arc<Notify> {
+        self.relay.clone()
+    }
+
+    pub(crate) fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.watchers.subscribe()
     }
 }
 

@@ -11,6 +11,8 @@ use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{PgPool, Row};
 use std::sync::Arc;
 use tokio::sync::Notify;
+
+use super::CommitSignal;
 use uuid::Uuid;
 
 use super::{
@@ -29,7 +31,7 @@ const EVENT_COLUMNS: &str = "event_id, aggregate_id, sequence, event_type, event
 pub struct PostgresStore {
     pool: PgPool,
     loader: PersistedEventStore<PostgresEventRepository, User>,
-    committed: Arc<Notify>,
+    committed: CommitSignal,
 }
 
 impl PostgresStore {
@@ -39,7 +41,7 @@ impl PostgresStore {
         Self {
             pool,
             loader,
-            committed: Arc::new(Notify::new()),
+            committed: CommitSignal::new(),
         }
     }
 
@@ -174,7 +176,7 @@ impl EventStore for PostgresStore {
                 .map_err(StoreError::from)?;
         }
         tx.commit().await.map_err(StoreError::from)?;
-        self.committed.notify_one();
+        self.committed.signal();
         Ok(result)
     }
 
@@ -268,7 +270,11 @@ impl EventStore for PostgresStore {
     }
 
     fn committed(&self) -> Arc<Notify> {
-        self.committed.clone()
+        self.committed.relay()
+    }
+
+    fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.committed.watch()
     }
 
     async fn try_lead(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {
@@ -292,7 +298,7 @@ impl EventStore for PostgresStore {
                 // `recv` reconnects by itself after a lost connection; anything committed
                 // meanwhile is found by the waiters' polling.
                 match listener.recv().await {
-                    Ok(_) => committed.notify_one(),
+                    Ok(_) => committed.signal(),
                     Err(e) => {
                         tracing::warn!(error = %e, "event notification listener failed");
                         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -346,6 +352,28 @@ impl EventLog for PostgresStore {
             .await
             .map_err(StoreError::from)?;
         Ok(rows_to_envelopes(&rows)?)
+    }
+
+    async fn last_position(&self) -> Result<Option<Position>, PortError> {
+        let row = sqlx::query(
+            "SELECT global_position, transaction_id::text AS txid FROM events \
+             WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::from)?;
+        match row {
+            Some(row) => {
+                let txid: String = row.try_get("txid").map_err(StoreError::from)?;
+                let global: i64 = row.try_get("global_position").map_err(StoreError::from)?;
+                Ok(Some(Position::new(
+                    txid.parse().unwrap_or_default(),
+                    global as u64,
+                )))
+            }
+            None => Ok(None),
+        }
     }
 
     async fn event_count(&self) -> Result<Option<u64>, PortError> {

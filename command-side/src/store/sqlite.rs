@@ -18,6 +18,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
+
+use super::CommitSignal;
 use uuid::Uuid;
 
 use super::{
@@ -33,7 +35,7 @@ pub struct SqliteStore {
     reader: SqlitePool,
     writer: SqlitePool,
     loader: PersistedEventStore<SqliteEventRepository, User>,
-    committed: Arc<Notify>,
+    committed: CommitSignal,
 }
 
 impl SqliteStore {
@@ -65,7 +67,7 @@ impl SqliteStore {
             reader,
             writer,
             loader,
-            committed: Arc::new(Notify::new()),
+            committed: CommitSignal::new(),
         }
     }
 
@@ -202,7 +204,7 @@ impl EventStore for SqliteStore {
                 .map_err(StoreError::from)?;
         }
         tx.commit().await.map_err(StoreError::from)?;
-        self.committed.notify_one();
+        self.committed.signal();
         Ok(result)
     }
 
@@ -276,7 +278,11 @@ impl EventStore for SqliteStore {
     }
 
     fn committed(&self) -> Arc<Notify> {
-        self.committed.clone()
+        self.committed.relay()
+    }
+
+    fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.committed.watch()
     }
 
     async fn try_lead(&self, _name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {
@@ -311,6 +317,14 @@ impl EventLog for SqliteStore {
             .await
             .map_err(StoreError::from)?;
         Ok(rows_to_envelopes(&rows)?)
+    }
+
+    async fn last_position(&self) -> Result<Option<Position>, PortError> {
+        let (max,): (Option<i64>,) = sqlx::query_as("SELECT max(global_position) FROM events")
+            .fetch_one(&self.reader)
+            .await
+            .map_err(StoreError::from)?;
+        Ok(max.map(|g| Position::new(g as u64, g as u64)))
     }
 
     async fn event_count(&self) -> Result<Option<u64>, PortError> {

@@ -1,0 +1,359 @@
+//! Authentication: bearer JWTs (HS256 with `PCF_JWT_SECRET`, or RS256/ES256 with
+//! `PCF_JWT_PUBLIC_KEY`) and hashed API keys for service consumers (`PCF_API_KEYS_FILE`).
+
+use anyhow::Context;
+use axum::http::HeaderMap;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use pcf_domain::auth::{AccessRole, Principal, Tier};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::config::{Config, Environment};
+
+/// The claims PCF reads and writes.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    #[serde(default)]
+    pub iat: u64,
+}
+
+/// Why credentials were refused; the detail is logged, the client sees `UNAUTHENTICATED`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct AuthError(pub String);
+
+/// One API key of the keys file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiKeyEntry {
+    name: String,
+    /// Hex SHA-256 of the key; the key itself is never stored.
+    sha256: String,
+    #[serde(default)]
+    roles: Vec<String>,
+    #[serde(default)]
+    tier: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiKeysFile {
+    #[serde(default)]
+    keys: Vec<ApiKeyEntry>,
+}
+
+/// Verifies credentials.
+pub struct Authenticator {
+    decoding: DecodingKey,
+    validation: Validation,
+    /// SHA-256 of each key → its principal.
+    api_keys: HashMap<[u8; 32], Principal>,
+}
+
+/// How a process verifies (and, in development, mints) tokens.
+pub struct AuthSetup {
+    pub authenticator: Authenticator,
+    /// A development admin token, when the secret was generated at start.
+    pub dev_token: Option<String>,
+}
+
+fn parse_roles(roles: &[String], whose: &str) -> anyhow::Result<BTreeSet<AccessRole>> {
+    roles
+        .iter()
+        .map(|r| {
+            AccessRole::parse(r)
+                .with_context(|| format!("{whose}: unknown role {r:?} (admin, auditor, analytics)"))
+        })
+        .collect()
+}
+
+fn parse_tier(tier: Option<&str>) -> Tier {
+    match tier {
+        Some("premium") => Tier::Premium,
+        _ => Tier::Standard,
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A random 256-bit secret, hex-encoded.
+fn random_secret() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    Ok(hex::encode(bytes))
+}
+
+/// Mints an HS256 token.
+pub fn mint(
+    secret: &str,
+    sub: &str,
+    roles: &[AccessRole],
+    tier: Option<&str>,
+    ttl: Duration,
+) -> anyhow::Result<String> {
+    let iat = now();
+    let claims = Claims {
+        sub: sub.to_owned(),
+        roles: roles.iter().map(|r| r.as_str().to_owned()).collect(),
+        tier: tier.map(str::to_owned),
+        exp: iat + ttl.as_secs(),
+        nbf: Some(iat),
+        iat,
+    };
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .context("signing the token")
+}
+
+/// Parses `90s`, `15m`, `1h`, `7d`.
+pub fn parse_ttl(s: &str) -> anyhow::Result<Duration> {
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = number
+        .parse()
+        .with_context(|| format!("--ttl {s:?}: expected a number and a unit, like 1h"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        other => anyhow::bail!("--ttl {s:?}: unknown unit {other:?} (s, m, h, d)"),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+impl AuthSetup {
+    /// From the configuration. Without a secret or public key, development gets a random
+    /// secret and an admin token; production refuses to start.
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let api_keys = match &config.api_keys_file {
+            Some(path) => load_api_keys(path)?,
+            None => HashMap::new(),
+        };
+        let (decoding, mut validation, dev_token) =
+            match (&config.jwt_secret, &config.jwt_public_key) {
+                (Some(_), Some(_)) => {
+                    anyhow::bail!("set PCF_JWT_SECRET or PCF_JWT_PUBLIC_KEY, not both")
+                }
+                (Some(secret), None) => (
+                    DecodingKey::from_secret(secret.as_bytes()),
+                    Validation::new(Algorithm::HS256),
+                    None,
+                ),
+                (None, Some(key)) => {
+                    let pem = read_pem(key)?;
+                    if let Ok(k) = DecodingKey::from_rsa_pem(pem.as_bytes()) {
+                        (k, Validation::new(Algorithm::RS256), None)
+                    } else if let Ok(k) = DecodingKey::from_ec_pem(pem.as_bytes()) {
+                        (k, Validation::new(Algorithm::ES256), None)
+                    } else {
+                        anyhow::bail!(
+                            "PCF_JWT_PUBLIC_KEY is neither an RSA nor an EC public key in PEM"
+                        );
+                    }
+                }
+                (None, None) => {
+                    if config.environment == Environment::Production {
+                        anyhow::bail!(
+                            "PCF_ENV=production needs PCF_JWT_SECRET or PCF_JWT_PUBLIC_KEY"
+                        );
+                    }
+                    let secret = random_secret()?;
+                    let token = mint(
+                        &secret,
+                        "dev-admin",
+                        &[AccessRole::Admin],
+                        None,
+                        Duration::from_secs(12 * 3600),
+                    )?;
+                    (
+                        DecodingKey::from_secret(secret.as_bytes()),
+                        Validation::new(Algorithm::HS256),
+                        Some(token),
+                    )
+                }
+            };
+        // One algorithm only: the key decides it, the token's header cannot.
+        validation.validate_nbf = true;
+        validation.leeway = 5;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Ok(Self {
+            authenticator: Authenticator {
+                decoding,
+                validation,
+                api_keys,
+            },
+            dev_token,
+        })
+    }
+}
+
+fn read_pem(value: &str) -> anyhow::Result<String> {
+    if value.contains("-----BEGIN") {
+        Ok(value.to_owned())
+    } else {
+        std::fs::read_to_string(value)
+            .with_context(|| format!("reading PCF_JWT_PUBLIC_KEY from {value}"))
+    }
+}
+
+fn load_api_keys(path: &Path) -> anyhow::Result<HashMap<[u8; 32], Principal>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading PCF_API_KEYS_FILE {}", path.display()))?;
+    let file: ApiKeysFile =
+        toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
+    let mut keys = HashMap::new();
+    for entry in file.keys {
+        let whose = format!("API key {:?}", entry.name);
+        let mut hash = [0u8; 32];
+        hex::decode_to_slice(entry.sha256.trim(), &mut hash)
+            .with_context(|| format!("{whose}: sha256 must be 64 hex digits"))?;
+        let principal = Principal {
+            subject: Some(entry.name.clone()),
+            roles: parse_roles(&entry.roles, &whose)?,
+            tier: parse_tier(entry.tier.as_deref()),
+        };
+        keys.insert(hash, principal);
+    }
+    Ok(keys)
+}
+
+impl Authenticator {
+    /// The caller of a request: anonymous without credentials; an error for credentials that
+    /// do not verify.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, AuthError> {
+        if let Some(key) = headers.get("x-api-key") {
+            let key = key
+                .to_str()
+                .map_err(|_| AuthError("malformed API key".into()))?;
+            return self.api_key(key);
+        }
+        let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
+            return Ok(Principal::anonymous());
+        };
+        let value = value
+            .to_str()
+            .map_err(|_| AuthError("malformed Authorization header".into()))?;
+        self.credentials(value)
+    }
+
+    /// Verifies an `Authorization` value: `Bearer <jwt>` or `ApiKey <key>`.
+    pub fn credentials(&self, value: &str) -> Result<Principal, AuthError> {
+        let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value, ""));
+        if scheme.eq_ignore_ascii_case("bearer") {
+            self.token(rest.trim())
+        } else if scheme.eq_ignore_ascii_case("apikey") {
+            self.api_key(rest.trim())
+        } else {
+            Err(AuthError(format!(
+                "unsupported authorization scheme {scheme:?}"
+            )))
+        }
+    }
+
+    /// Verifies a JWT: signature with the one configured algorithm, `exp`, `nbf`.
+    pub fn token(&self, token: &str) -> Result<Principal, AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| AuthError(format!("token refused: {e}")))?;
+        let claims = data.claims;
+        Ok(Principal {
+            subject: Some(claims.sub),
+            // Roles this version does not know grant nothing.
+            roles: claims
+                .roles
+                .iter()
+                .filter_map(|r| AccessRole::parse(r))
+                .collect(),
+            tier: parse_tier(claims.tier.as_deref()),
+        })
+    }
+
+    fn api_key(&self, key: &str) -> Result<Principal, AuthError> {
+        let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        self.api_keys
+            .get(&hash)
+            .cloned()
+            .ok_or_else(|| AuthError("unknown API key".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(secret: &str) -> Authenticator {
+        let config = Config {
+            jwt_secret: Some(secret.to_owned()),
+            ..Config::default()
+        };
+        AuthSetup::from_config(&config).unwrap().authenticator
+    }
+
+    #[test]
+    fn a_minted_token_verifies_with_its_roles_and_tier() {
+        let auth = setup("s3cret");
+        let token = mint(
+            "s3cret",
+            "u1",
+            &[AccessRole::Auditor],
+            Some("premium"),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        let p = auth.token(&token).unwrap();
+        assert_eq!(p.subject.as_deref(), Some("u1"));
+        assert!(p.has(AccessRole::Auditor));
+        assert_eq!(p.tier, Tier::Premium);
+    }
+
+    #[test]
+    fn a_token_signed_with_another_secret_is_refused() {
+        let auth = setup("s3cret");
+        let token = mint("other", "u1", &[], None, Duration::from_secs(60)).unwrap();
+        assert!(auth.token(&token).is_err());
+    }
+
+    #[test]
+    fn ttl_units_parse() {
+        assert_eq!(parse_ttl("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_ttl("15m").unwrap(), Duration::from_secs(900));
+        assert!(parse_ttl("1w").is_err());
+        assert!(parse_ttl("h").is_err());
+    }
+
+    #[test]
+    fn production_without_a_secret_does_not_start() {
+        let config = Config {
+            environment: Environment::Production,
+            ..Config::default()
+        };
+        let err = AuthSetup::from_config(&config).err().unwrap().to_string();
+        assert!(err.contains("PCF_JWT_SECRET"), "{err}");
+    }
+
+    #[test]
+    fn development_without_a_secret_gets_a_working_admin_token() {
+        let setup = AuthSetup::from_config(&Config::default()).unwrap();
+        let token = setup.dev_token.unwrap();
+        let p = setup.authenticator.token(&token).unwrap();
+        assert!(p.is_admin());
+    }
+}
