@@ -3,12 +3,13 @@
 //! mode (PostgreSQL, Kafka, Redis, read replicas).
 
 use anyhow::Context;
+use async_graphql::dataloader::DataLoader;
 use async_graphql::Schema;
 use pcf_command::kafka::{KafkaConfig, KafkaPublisher};
 use pcf_command::{
     CommandService, EventStore, MutationRoot, PostgresStore, Relay, RelayConfig, SqliteStore,
 };
-use pcf_domain::ports::{EventLog, EventPublisher, UserReader};
+use pcf_domain::ports::{EventLog, EventPublisher, ProjectionMonitor, UserReader};
 use pcf_projectors::{
     ConsumerConfig, KafkaProjector, MemoryUserViews, ProjectorStats, RedisUserViews, SqlUserViews,
     UserProjector,
@@ -112,6 +113,7 @@ pub fn schema(
     commands: Arc<CommandService>,
     models: ReadModels,
     live: Arc<LiveLog>,
+    monitor: Arc<dyn ProjectionMonitor>,
 ) -> PcfSchema {
     let mut builder = Schema::build(
         QueryRoot::default(),
@@ -119,8 +121,13 @@ pub fn schema(
         SubscriptionRoot,
     )
     .data(commands)
+    .data(DataLoader::new(
+        pcf_query::events::UserLoader(models.users.clone()),
+        tokio::spawn,
+    ))
     .data(models)
     .data(live)
+    .data(monitor)
     .extension(crate::limits::AliasLimit(config.max_aliases))
     .limit_depth(config.max_depth)
     .limit_complexity(config.max_complexity);
@@ -173,7 +180,9 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
     let mut dependencies = Dependencies::default();
     dependencies.add(Dependency::EventStore(store.clone()));
 
-    let users: Arc<dyn UserReader> = match kafka_config(config) {
+    let (users, monitor): (Arc<dyn UserReader>, Arc<dyn ProjectionMonitor>) = match kafka_config(
+        config,
+    ) {
         None => {
             if roles.len() < ALL_ROLES.len() {
                 anyhow::bail!(
@@ -197,7 +206,14 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
             tasks.push(tokio::spawn(
                 relay.run(crate::app::wait_for(shutdown_rx.clone())),
             ));
-            views
+            let monitor = Arc::new(crate::monitor::MemoryMonitor {
+                store: store.clone(),
+                relay: relay_name(config),
+            });
+            (
+                views as Arc<dyn UserReader>,
+                monitor as Arc<dyn ProjectionMonitor>,
+            )
         }
         Some(kafka) => {
             let Some(database_url) = &config.database_url else {
@@ -227,13 +243,25 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
                 ),
                 None => None,
             };
+            let pool_size = if roles.contains(&Role::Projector) {
+                16
+            } else {
+                2
+            };
+            let primary =
+                pg_pool(database_url, pool_size, "the SQL view (PCF_DATABASE_URL)").await?;
+            let mut views: Vec<Arc<dyn pcf_projectors::Generational>> =
+                vec![Arc::new(SqlUserViews::new(primary))];
+            if let Some(redis) = &redis_views {
+                views.push(Arc::new(redis.clone()));
+            }
+            let monitor: Arc<dyn ProjectionMonitor> = Arc::new(crate::monitor::KafkaMonitor {
+                views: views.clone(),
+                brokers: kafka.brokers.clone(),
+                topic: kafka.topic.clone(),
+                group_prefix: config.kafka_group_prefix.clone(),
+            });
             if roles.contains(&Role::Projector) {
-                let primary = pg_pool(database_url, 16, "the SQL view (PCF_DATABASE_URL)").await?;
-                let mut views: Vec<Arc<dyn pcf_projectors::Generational>> =
-                    vec![Arc::new(SqlUserViews::new(primary))];
-                if let Some(redis) = &redis_views {
-                    views.push(Arc::new(redis.clone()));
-                }
                 for view in views {
                     let mut consumer =
                         ConsumerConfig::new(kafka.brokers.clone(), kafka.topic.clone());
@@ -272,12 +300,15 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
                             .context("connecting to Redis (PCF_REDIS_URL)")?,
                     );
                     dependencies.add(Dependency::Redis(redis.clone()));
-                    Arc::new(FallbackReader {
-                        primary: redis,
-                        fallback: sql,
-                    })
+                    (
+                        Arc::new(FallbackReader {
+                            primary: redis,
+                            fallback: sql,
+                        }) as Arc<dyn UserReader>,
+                        monitor,
+                    )
                 }
-                None => sql,
+                None => (sql as Arc<dyn UserReader>, monitor),
             }
         }
     };
@@ -294,7 +325,7 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
         log,
         consistency_timeout: config.consistency_timeout,
     };
-    let schema = schema(config, commands, models, live);
+    let schema = schema(config, commands, models, live, monitor);
     let shared_counts = match &config.redis_url {
         Some(url) => {
             let client = redis::Client::open(url.as_str()).context("PCF_REDIS_URL")?;

@@ -86,6 +86,17 @@ pub trait UserReader: Send + Sync {
     async fn user(&self, id: Uuid) -> Result<Option<UserView>, PortError>;
     async fn user_by_email(&self, email: &Email) -> Result<Option<UserView>, PortError>;
 
+    /// Several users at once (tombstones included; missing ones left out), for batching.
+    async fn users(&self, ids: &[Uuid]) -> Result<Vec<UserView>, PortError> {
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(view) = self.user(*id).await? {
+                found.push(view);
+            }
+        }
+        Ok(found)
+    }
+
     /// Live users with an id above `after`, in id order (ids are time-ordered), at most
     /// `limit` of them.
     async fn list(
@@ -106,4 +117,22 @@ pub struct NoopObserver;
 
 impl CommandObserver for NoopObserver {
     fn command_finished(&self, _: &'static str, _: &'static str, _: Duration) {}
+}
+
+/// Where one projection stands, for operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectionState {
+    pub name: String,
+    /// The generation readers use.
+    pub generation: u64,
+    /// The generation a rebuild is writing, if one runs.
+    pub building: Option<u64>,
+    /// Messages (or events) not yet applied, if known.
+    pub lag: Option<i64>,
+}
+
+/// Reports the projections of a deployment.
+#[async_trait]
+pub trait ProjectionMonitor: Send + Sync {
+    async fn projections(&self) -> Result<Vec<ProjectionState>, PortError>;
 }

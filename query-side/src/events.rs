@@ -1,16 +1,20 @@
 //! The `events` query: the audit trail, in commit order, paginated by position.
 
 use async_graphql::connection::{Connection, Edge};
+use async_graphql::dataloader::{DataLoader, Loader};
 use async_graphql::{Context, Json, Object, SimpleObject, ID};
 use chrono::{DateTime, Utc};
 use pcf_domain::auth::{redact_payload, LogAccess, Principal};
-use pcf_domain::ports::LogQuery;
+use pcf_domain::ports::{LogQuery, PortError, UserReader};
+use pcf_domain::UserView;
 use pcf_domain::{EventEnvelope, Position};
+use std::collections::HashMap;
+use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::errors::{invalid, unavailable};
 use crate::subscriptions::require_log_access;
-use crate::users::ReadModels;
+use crate::users::{ReadModels, UserObject};
 
 const MAX_PAGE: i32 = 500;
 
@@ -65,6 +69,36 @@ impl EventObject {
     }
     async fn payload(&self) -> Json<serde_json::Value> {
         Json(self.0.payload.clone())
+    }
+
+    /// The event's user as it is now (null once deleted, or when personal data is not
+    /// readable by the caller). Loaded in batches across the page.
+    async fn user(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<UserObject>> {
+        let caller = ctx.data_opt::<Principal>().cloned().unwrap_or_default();
+        if caller.log_access() != Some(LogAccess::Full)
+            && !caller.may_access_user(self.0.aggregate_id)
+        {
+            return Ok(None);
+        }
+        let loader = ctx.data::<DataLoader<UserLoader>>()?;
+        let view = loader
+            .load_one(self.0.aggregate_id)
+            .await
+            .map_err(|e| unavailable((*e).clone()))?;
+        Ok(view.filter(|v| !v.deleted).map(UserObject))
+    }
+}
+
+/// Batches user look-ups of one request into one read.
+pub struct UserLoader(pub Arc<dyn UserReader>);
+
+impl Loader<Uuid> for UserLoader {
+    type Value = UserView;
+    type Error = Arc<PortError>;
+
+    async fn load(&self, keys: &[Uuid]) -> Result<HashMap<Uuid, UserView>, Arc<PortError>> {
+        let views = self.0.users(keys).await.map_err(Arc::new)?;
+        Ok(views.into_iter().map(|v| (v.id, v)).collect())
     }
 }
 

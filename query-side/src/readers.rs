@@ -23,6 +23,18 @@ return redis.call('GET', ARGV[1] .. ':g' .. g .. ':user:' .. ARGV[2])
     )
 });
 
+/// Reads several user documents of the active generation in one round trip.
+static USERS_BY_ID: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local g = redis.call('GET', KEYS[1]) or '1'
+local keys = {}
+for i = 2, #ARGV do keys[#keys + 1] = ARGV[1] .. ':g' .. g .. ':user:' .. ARGV[i] end
+return redis.call('MGET', unpack(keys))
+"#,
+    )
+});
+
 /// Follows the email index of the active generation to the user document, in one round trip.
 static USER_BY_EMAIL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -90,6 +102,28 @@ impl UserReader for RedisUserReader {
             .await
             .map_err(redis_down)?;
         parse_doc(doc)
+    }
+
+    async fn users(&self, ids: &[Uuid]) -> Result<Vec<UserView>, PortError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = USERS_BY_ID.key(redis_active_key(&self.prefix));
+        invocation.arg(&self.prefix);
+        for id in ids {
+            invocation.arg(id.to_string());
+        }
+        let docs: Vec<Option<String>> = invocation
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_down)?;
+        let mut found = Vec::with_capacity(docs.len());
+        for doc in docs {
+            if let Some(view) = parse_doc(doc)? {
+                found.push(view);
+            }
+        }
+        Ok(found)
     }
 
     async fn user_by_email(&self, email: &Email) -> Result<Option<UserView>, PortError> {
@@ -183,6 +217,19 @@ impl UserReader for SqlUserReader {
         row.map(|r| row_to_view(&r)).transpose().map_err(sql_error)
     }
 
+    async fn users(&self, ids: &[Uuid]) -> Result<Vec<UserView>, PortError> {
+        let sql = format!("SELECT * FROM {SQL_VIEW} WHERE id = ANY($1)");
+        let rows = sqlx::query(&sql)
+            .bind(ids)
+            .fetch_all(self.pool())
+            .await
+            .map_err(sql_error)?;
+        rows.iter()
+            .map(row_to_view)
+            .collect::<Result<_, _>>()
+            .map_err(sql_error)
+    }
+
     async fn user_by_email(&self, email: &Email) -> Result<Option<UserView>, PortError> {
         let sql = format!("SELECT * FROM {SQL_VIEW} WHERE email = $1 AND NOT deleted LIMIT 1");
         let row = sqlx::query(&sql)
@@ -248,6 +295,16 @@ impl UserReader for FallbackReader {
             Err(PortError::Unavailable(detail)) => {
                 tracing::warn!(%detail, "point read falling back to the read replica");
                 self.fallback.user(id).await
+            }
+            other => other,
+        }
+    }
+
+    async fn users(&self, ids: &[Uuid]) -> Result<Vec<UserView>, PortError> {
+        match self.primary.users(ids).await {
+            Err(PortError::Unavailable(detail)) => {
+                tracing::warn!(%detail, "batched read falling back to the read replica");
+                self.fallback.users(ids).await
             }
             other => other,
         }

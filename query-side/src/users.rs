@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::errors::{error, invalid, unavailable};
 use crate::events::EventQueries;
+use crate::projections::ProjectionQueries;
 
 /// What the resolvers read from, put into the schema's data by the binary.
 #[derive(Clone)]
@@ -230,4 +231,4 @@ fn live(view: Option<UserView>) -> Option<UserObject> {
 /// Every query of the public contract.
 #[derive(MergedObject, Default)]
 #[graphql(name = "Query")]
-pub struct QueryRoot(UserQueries, EventQueries);
+pub struct QueryRoot(UserQueries, EventQueries, ProjectionQueries);
