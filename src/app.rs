@@ -195,13 +195,19 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
             // Subscribe first, then rebuild from the log, so nothing falls between the two
             // (anything seen twice is skipped by sequence).
             let batches = bus.subscribe();
-            projector
+            let caught_up = projector
                 .catch_up(1000)
                 .await
                 .context("rebuilding the views from the log")?;
             tracing::info!(users = views.len(), "views rebuilt from the log");
             tasks.push(tokio::spawn(projector.run(batches)));
-            let relay = Relay::new(store.clone(), bus, relay_config(config));
+            let mut relay_settings = relay_config(config);
+            if config.database_url.is_some() {
+                // Several processes may share this event store, each with in-memory views:
+                // each relays to its own bus, from where its rebuild ended.
+                relay_settings.local_from = Some(caught_up);
+            }
+            let relay = Relay::new(store.clone(), bus, relay_settings);
             metrics.watch_relay(relay_config(config), store.clone());
             tasks.push(tokio::spawn(
                 relay.run(crate::app::wait_for(shutdown_rx.clone())),
@@ -313,6 +319,13 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
         }
     };
 
+    if !roles.contains(&Role::Relay) {
+        // The relay forwards other processes' commits to `commits`; without it, listen here
+        // so that live subscriptions wake promptly.
+        if let Err(e) = store.watch_commits().await {
+            tracing::warn!(error = %e, "commit notifications unavailable; subscriptions poll");
+        }
+    }
     let commands = Arc::new(CommandService::new(store.clone(), metrics.clone()));
     let live = LiveLog::spawn(
         log.clone(),

@@ -221,26 +221,32 @@ async fn execute(
             "timeout",
         );
     };
-    // Errors that stopped the request before any resolver ran (syntax, validation, limits)
-    // carry no path; they are the client's fault: 400, with a code.
+    // Errors without a code come from GraphQL itself, not from a resolver: syntax,
+    // validation, limits, arguments that do not fit their types. They are the client's:
+    // they get a code, and when nothing else came back, a 400.
+    let from_graphql = |e: &async_graphql::ServerError| {
+        e.extensions
+            .as_ref()
+            .is_none_or(|ext| ext.get("code").is_none())
+    };
     let rejected = !response.errors.is_empty()
         && response.data == async_graphql::Value::Null
-        && response.errors.iter().all(|e| e.path.is_empty());
-    if rejected {
-        for e in &mut response.errors {
-            let code = if e.message.contains("too complex")
-                || e.message.contains("too deep")
-                || e.message.contains("too many aliases")
-            {
-                ErrorCode::QueryTooComplex
-            } else {
-                ErrorCode::BadRequest
-            };
-            let ext = e.extensions.get_or_insert_with(Default::default);
-            if ext.get("code").is_none() {
-                ext.set("code", code.as_str());
-            }
+        && response.errors.iter().all(from_graphql);
+    for e in &mut response.errors {
+        if !from_graphql(e) {
+            continue;
         }
+        let code = if e.message.contains("too complex")
+            || e.message.contains("too deep")
+            || e.message.contains("too many aliases")
+        {
+            ErrorCode::QueryTooComplex
+        } else {
+            ErrorCode::BadRequest
+        };
+        e.extensions
+            .get_or_insert_with(Default::default)
+            .set("code", code.as_str());
     }
     let status = if rejected {
         StatusCode::BAD_REQUEST

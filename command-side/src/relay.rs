@@ -3,6 +3,7 @@
 
 use pcf_domain::ports::{EventPublisher, LogQuery};
 use pcf_domain::Position;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +22,10 @@ pub struct RelayConfig {
     pub max_backoff: Duration,
     /// How often a standby relay tries to take over, and a leader checks it still leads.
     pub standby_interval: Duration,
+    /// `Some(start)`: a relay of this process only (no leadership), keeping its checkpoint
+    /// in memory from `start` on. For an in-process bus feeding in-memory views, which are
+    /// rebuilt at every start, so that every process's views get every event.
+    pub local_from: Option<Position>,
 }
 
 impl Default for RelayConfig {
@@ -31,6 +36,7 @@ impl Default for RelayConfig {
             poll_interval: Duration::from_millis(500),
             max_backoff: Duration::from_secs(10),
             standby_interval: Duration::from_secs(2),
+            local_from: None,
         }
     }
 }
@@ -51,6 +57,8 @@ pub struct Relay {
     store: Arc<dyn EventStore>,
     publisher: Arc<dyn EventPublisher>,
     config: RelayConfig,
+    /// The checkpoint of a local relay.
+    local: std::sync::Mutex<Option<Position>>,
 }
 
 impl Relay {
@@ -59,17 +67,19 @@ impl Relay {
         publisher: Arc<dyn EventPublisher>,
         config: RelayConfig,
     ) -> Self {
+        let local = std::sync::Mutex::new(config.local_from);
         Self {
             store,
             publisher,
             config,
+            local,
         }
     }
 
     /// Publishes one batch after the checkpoint and advances it. Returns how many events
     /// were published (0 when caught up).
     pub async fn step(&self) -> Result<usize, RelayError> {
-        let checkpoint = self.store.load_checkpoint(&self.config.name).await?;
+        let checkpoint = self.checkpoint().await?;
         let query = LogQuery {
             after: Some(checkpoint),
             limit: self.config.batch_size,
@@ -83,7 +93,10 @@ impl Relay {
             .publish(&events)
             .await
             .map_err(RelayError::Publish)?;
-        self.store.save_checkpoint(&self.config.name, last).await?;
+        match self.config.local_from {
+            Some(_) => *self.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(last),
+            None => self.store.save_checkpoint(&self.config.name, last).await?,
+        }
         tracing::debug!(count = events.len(), position = %last, "relayed events");
         Ok(events.len())
     }
@@ -96,6 +109,9 @@ impl Relay {
 
     /// The checkpoint: everything at or before it has been published.
     pub async fn checkpoint(&self) -> Result<Position, StoreError> {
+        if let Some(local) = *self.local.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(local);
+        }
         self.store.load_checkpoint(&self.config.name).await
     }
 
@@ -105,6 +121,11 @@ impl Relay {
         tokio::pin!(shutdown);
         if let Err(e) = self.store.watch_commits().await {
             tracing::warn!(error = %e, "commit notifications unavailable; polling only");
+        }
+        if self.config.local_from.is_some() {
+            self.lead(Box::new(crate::store::SoleLease), &mut shutdown)
+                .await;
+            return;
         }
         loop {
             let lease = match self.store.try_lead(&self.config.name).await {

@@ -122,7 +122,16 @@ impl CommandService {
             }
             let (mut user, sequence) = self.store.load(user_id).await?;
             let sink = EventSink::default();
-            user.handle(command.clone(), &self.services, &sink).await?;
+            if let Err(rejection) = user.handle(command.clone(), &self.services, &sink).await {
+                // The same command may have committed since the look-up above (its email
+                // claim is what we now see as taken): answer with its result.
+                if let Some(command_id) = &metadata.command_id {
+                    if let Some(previous) = self.store.find_command(command_id).await? {
+                        return Ok(previous);
+                    }
+                }
+                return Err(rejection.into());
+            }
             let events = sink.collect().await;
             if events.is_empty() {
                 // Nothing changes: answer with the current state.
@@ -150,7 +159,14 @@ impl CommandService {
                     tracing::debug!(attempt, "append lost a race; retrying");
                     backoff(attempt).await;
                 }
-                Err(AppendError::EmailTaken) => return Err(UserError::EmailTaken.into()),
+                Err(AppendError::EmailTaken) => {
+                    if let Some(command_id) = &metadata.command_id {
+                        if let Some(previous) = self.store.find_command(command_id).await? {
+                            return Ok(previous);
+                        }
+                    }
+                    return Err(UserError::EmailTaken.into());
+                }
                 Err(AppendError::Store(e)) => return Err(e.into()),
             }
         }

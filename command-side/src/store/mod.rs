@@ -134,8 +134,9 @@ pub trait Lease: Send + Sync {
     async fn alive(&mut self) -> bool;
 }
 
-/// The lease of a store with a single writer process: always held.
-pub(crate) struct SoleLease;
+/// A lease that is always held: a store with a single writer process, or a relay that needs
+/// no leadership.
+pub struct SoleLease;
 
 #[async_trait]
 impl Lease for SoleLease {
