@@ -1,0 +1,334 @@
+//! The relay on PostgreSQL: commit order across transactions that commit late, a durable
+//! checkpoint to resume from, and prompt wake-up on commits made by another process.
+//!
+//! These tests hold transactions open on purpose. PostgreSQL's transaction ids are
+//! cluster-wide, so an open transaction holds back the relay's horizon in every database:
+//! the tests of this file take [`SERIAL`] so they do not stall each other, and they poll
+//! (bounded) wherever other clients of the server could delay visibility.
+
+mod common;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use common::{eventually, TestDb};
+use pcf_command::{CommandService, EventStore, PostgresStore, Relay, RelayConfig};
+use pcf_domain::ports::{EventLog, EventPublisher, NoopObserver, PortError};
+use pcf_domain::{EventEnvelope, EventMetadata, Position, ProfilePatch, UserCommand, UserEvent};
+use serde_json::json;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use uuid::Uuid;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Runs `$scenario(&db)` on a fresh database and drops it afterwards, even on panic.
+macro_rules! on_fresh_database {
+    ($scenario:path) => {{
+        use futures::FutureExt as _;
+        let _serial = SERIAL.lock().await;
+        let db = TestDb::create().await;
+        let outcome = std::panic::AssertUnwindSafe($scenario(&db))
+            .catch_unwind()
+            .await;
+        db.drop_db().await;
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }};
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relay_publishes_in_commit_order_and_never_past_an_open_transaction() {
+    on_fresh_database!(commit_order);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relay_resumes_from_its_durable_checkpoint() {
+    on_fresh_database!(resume);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_through_another_store_wakes_a_watching_store_promptly() {
+    on_fresh_database!(wake_up);
+}
+
+/// Collects everything published, in order.
+#[derive(Default)]
+struct Recorder {
+    events: Mutex<Vec<EventEnvelope>>,
+}
+
+impl Recorder {
+    fn published(&self) -> Vec<EventEnvelope> {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// (user, sequence) of everything published, in order.
+    fn keys(&self) -> Vec<(Uuid, u64)> {
+        self.published()
+            .iter()
+            .map(|e| (e.aggregate_id, e.sequence))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl EventPublisher for Recorder {
+    async fn publish(&self, events: &[EventEnvelope]) -> Result<(), PortError> {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(events);
+        Ok(())
+    }
+}
+
+/// A store of its own on the test database (a separate pool: another process, in effect).
+async fn open_store(db: &TestDb) -> (Arc<PostgresStore>, PgPool) {
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&db.url)
+        .await
+        .expect("connecting to the test database");
+    pcf_migrations::run_postgres(&pool)
+        .await
+        .expect("applying the migrations");
+    (Arc::new(PostgresStore::new(pool.clone())), pool)
+}
+
+fn relay(store: Arc<PostgresStore>, recorder: &Arc<Recorder>, name: &str) -> Relay {
+    Relay::new(
+        store,
+        recorder.clone(),
+        RelayConfig {
+            name: name.to_owned(),
+            batch_size: 2,
+            ..RelayConfig::default()
+        },
+    )
+}
+
+fn commands(store: &Arc<PostgresStore>) -> CommandService {
+    CommandService::new(store.clone(), Arc::new(NoopObserver))
+}
+
+async fn create(service: &CommandService, id: Uuid, email: &str) {
+    let command = UserCommand::CreateUser {
+        user_id: id,
+        email: email.to_owned(),
+        display_name: "Relayed".to_owned(),
+        bio: None,
+        avatar_url: None,
+        at: Utc::now(),
+    };
+    let result = service
+        .execute(id, command, EventMetadata::default())
+        .await
+        .expect("createUser");
+    assert_eq!(result.version, 1);
+}
+
+async fn rename(service: &CommandService, id: Uuid, name: &str) {
+    let command = UserCommand::UpdateProfile {
+        display_name: Some(name.to_owned()),
+        bio: ProfilePatch::Keep,
+        avatar_url: ProfilePatch::Keep,
+        expected_version: None,
+        at: Utc::now(),
+    };
+    service
+        .execute(id, command, EventMetadata::default())
+        .await
+        .expect("updateProfile");
+}
+
+/// Steps the relay until the recorder holds `count` events (other clients of the server
+/// may hold the horizon back for a moment).
+async fn step_until(relay: &Relay, recorder: &Recorder, count: usize) {
+    eventually(
+        Duration::from_secs(15),
+        "the relay to publish",
+        || async move {
+            relay.step().await.expect("relay step");
+            (recorder.published().len() >= count).then_some(())
+        },
+    )
+    .await;
+}
+
+async fn commit_order(db: &TestDb) {
+    let (store, pool) = open_store(db).await;
+    let recorder = Arc::new(Recorder::default());
+    let relay = relay(store.clone(), &recorder, "commit-order");
+    let service = commands(&store);
+    let (x, y) = (Uuid::now_v7(), Uuid::now_v7());
+
+    // X's transaction writes first (so it has the lower transaction id) and stays open
+    // while Y's events commit; it writes its second event after them, so global positions
+    // alone (X1, Y1, Y2, X2) are not the commit order (X1, X2, Y1, Y2).
+    let mut tx = pool.begin().await.expect("begin");
+    let at = "2024-05-01T12:00:00Z";
+    let insert_x = |sequence: i64, event_type: &'static str, payload: serde_json::Value| {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+             event_version, payload, metadata, event_id) \
+             VALUES ('User', $1, $2, $3, '1', $4, '{}'::jsonb, $5)",
+        )
+        .bind(x.to_string())
+        .bind(sequence)
+        .bind(event_type)
+        .bind(payload)
+        .bind(Uuid::now_v7())
+    };
+    insert_x(
+        1,
+        "UserCreated",
+        json!({ "UserCreated": {
+            "userId": x, "email": "x@example.com", "displayName": "X",
+            "bio": null, "avatarUrl": null, "occurredAt": at,
+        } }),
+    )
+    .execute(&mut *tx)
+    .await
+    .expect("inserting X's first event");
+
+    create(&service, y, "y@example.com").await;
+    rename(&service, y, "Y two").await;
+    assert_eq!(
+        store.user_events(y, 0).await.expect("Y's events").len(),
+        2,
+        "Y's events are committed"
+    );
+
+    insert_x(
+        2,
+        "ProfileUpdated",
+        json!({ "ProfileUpdated": {
+            "displayName": "X two", "bio": null, "avatarUrl": null, "occurredAt": at,
+        } }),
+    )
+    .execute(&mut *tx)
+    .await
+    .expect("inserting X's second event");
+
+    for _ in 0..3 {
+        let published = relay.step().await.expect("relay step");
+        assert_eq!(published, 0, "nothing past the open transaction");
+    }
+    assert!(recorder.published().is_empty(), "Y is not published yet");
+    assert_eq!(
+        relay.checkpoint().await.expect("checkpoint"),
+        Position::START
+    );
+
+    tx.commit().await.expect("committing X");
+    step_until(&relay, &recorder, 4).await;
+    assert_eq!(
+        recorder.keys(),
+        [(x, 1), (x, 2), (y, 1), (y, 2)],
+        "X's transaction began first, so it comes first although it committed last"
+    );
+    let published = recorder.published();
+    assert!(
+        published.windows(2).all(|w| w[0].position < w[1].position),
+        "positions increase in publication order"
+    );
+    let x_created = published[0].event().expect("X's event decodes");
+    assert!(
+        matches!(&x_created, UserEvent::UserCreated { email, .. } if email == "x@example.com"),
+        "{x_created:?}"
+    );
+    assert_eq!(published[2].event_type, "UserCreated");
+    assert_eq!(published[3].payload["displayName"], "Y two");
+    assert!(
+        published[1].position.global > published[3].position.global,
+        "X's second event was inserted after Y's events"
+    );
+
+    let checkpoint = relay.checkpoint().await.expect("checkpoint");
+    assert_eq!(checkpoint, published[3].position, "the checkpoint advanced");
+    assert_eq!(
+        checkpoint,
+        store
+            .position_of(y, 2)
+            .await
+            .expect("position of Y's last event")
+    );
+    assert_eq!(relay.step().await.expect("relay step"), 0);
+    assert_eq!(recorder.published().len(), 4, "nothing published twice");
+    pool.close().await;
+}
+
+async fn resume(db: &TestDb) {
+    let (store, pool) = open_store(db).await;
+    let service = commands(&store);
+    let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    create(&service, a, "a@example.com").await;
+    create(&service, b, "b@example.com").await;
+
+    let first = Arc::new(Recorder::default());
+    let relay_one = relay(store.clone(), &first, "resume");
+    step_until(&relay_one, &first, 2).await;
+    assert_eq!(first.keys(), [(a, 1), (b, 1)]);
+    let checkpoint = relay_one.checkpoint().await.expect("checkpoint");
+    assert_eq!(checkpoint, first.published()[1].position);
+    drop(relay_one);
+
+    // A new relay, on a new store (a restarted process), with the same checkpoint name.
+    let (store_two, pool_two) = open_store(db).await;
+    let second = Arc::new(Recorder::default());
+    let relay_two = relay(store_two.clone(), &second, "resume");
+    assert_eq!(
+        relay_two.checkpoint().await.expect("checkpoint"),
+        checkpoint
+    );
+    assert_eq!(relay_two.step().await.expect("relay step"), 0);
+    assert!(second.published().is_empty(), "nothing is published again");
+
+    create(&service, c, "c@example.com").await;
+    rename(&service, a, "A two").await;
+    step_until(&relay_two, &second, 2).await;
+    assert_eq!(second.keys(), [(c, 1), (a, 2)], "only the new events");
+    assert_eq!(relay_two.step().await.expect("relay step"), 0);
+    assert_eq!(second.published().len(), 2);
+
+    // Checkpoints are per name: another destination starts from the beginning.
+    let other = Arc::new(Recorder::default());
+    let relay_other = relay(store_two, &other, "another-destination");
+    step_until(&relay_other, &other, 4).await;
+    assert_eq!(other.keys(), [(a, 1), (b, 1), (c, 1), (a, 2)]);
+    pool.close().await;
+    pool_two.close().await;
+}
+
+async fn wake_up(db: &TestDb) {
+    let (watcher, pool_a) = open_store(db).await;
+    let (writer, pool_b) = open_store(db).await;
+    watcher.watch_commits().await.expect("LISTEN");
+    let committed = watcher.committed();
+
+    let idle = tokio::time::timeout(Duration::from_millis(300), committed.notified()).await;
+    assert!(idle.is_err(), "no signal without a commit");
+
+    let service = commands(&writer);
+    create(&service, Uuid::now_v7(), "wake@example.com").await;
+    let woke = tokio::time::timeout(Duration::from_secs(5), committed.notified()).await;
+    assert!(
+        woke.is_ok(),
+        "a commit through another store signals the watcher within 5 s"
+    );
+
+    // And again: the listener keeps listening.
+    create(&service, Uuid::now_v7(), "wake2@example.com").await;
+    let woke = tokio::time::timeout(Duration::from_secs(5), committed.notified()).await;
+    assert!(woke.is_ok(), "a second commit signals the watcher too");
+    // The watcher's listener keeps a connection of `pool_a` for good; dropping the database
+    // ends it.
+    drop(pool_a);
+    pool_b.close().await;
+}
