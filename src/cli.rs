@@ -59,6 +59,30 @@ pub enum Command {
         #[arg(long, default_value = "1h")]
         ttl: String,
     },
+    /// Benchmarks against the cluster services, each scenario beside its baseline.
+    Bench {
+        /// Seconds of warm-up before each measurement.
+        #[arg(long, default_value_t = 3)]
+        warmup: u64,
+        /// Seconds each measurement lasts.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Users for the updateProfile and query scenarios.
+        #[arg(long, default_value_t = 10_000)]
+        users: usize,
+        /// Events in the log for the rebuild scenario.
+        #[arg(long, default_value_t = 1_000_000)]
+        rebuild_events: u64,
+        /// Only scenarios whose name starts with one of these (createUser, updateProfile,
+        /// visible, query, rebuild).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Inspects the relay.
     Relay {
         #[command(subcommand)]
@@ -135,6 +159,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 crate::auth::mint(secret, &sub, &roles, tier.as_deref(), ttl)?
             );
             Ok(())
+        }
+        Command::Bench {
+            warmup,
+            duration,
+            concurrency,
+            users,
+            rebuild_events,
+            only,
+            out,
+        } => {
+            let options = crate::bench::BenchOptions {
+                warmup: Duration::from_secs(warmup),
+                duration: Duration::from_secs(duration),
+                concurrency: concurrency.max(1),
+                users: users.max(1),
+                rebuild_events,
+                only,
+                out,
+            };
+            crate::bench::run(Config::load(None)?, options).await
         }
         Command::Schema => {
             print!("{}", crate::app::sdl());

@@ -1,0 +1,171 @@
+//! The load generator: closed loop (N workers back to back) for throughput, open loop (a
+//! fixed arrival rate, latency counted from the planned start, so a slow server cannot hide
+//! its queue) for latency. Latencies go into an HDR histogram.
+
+use futures::future::BoxFuture;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// One operation; its argument counts up from 0 across all workers.
+pub type Op = Arc<dyn Fn(u64) -> BoxFuture<'static, anyhow::Result<()>> + Send + Sync>;
+
+/// What a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Measurement {
+    pub ops: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub throughput: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Measurement {
+    pub fn from_histogram(h: &Histogram<u64>, errors: u64, elapsed: Duration) -> Self {
+        let ms = |us: u64| us as f64 / 1000.0;
+        let seconds = elapsed.as_secs_f64();
+        Self {
+            ops: h.len(),
+            errors,
+            seconds,
+            throughput: if seconds > 0.0 {
+                h.len() as f64 / seconds
+            } else {
+                0.0
+            },
+            p50_ms: ms(h.value_at_quantile(0.5)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            max_ms: ms(h.max()),
+        }
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs to 60 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Runs `op` from `concurrency` workers for `warmup` (not recorded) then `duration`.
+pub async fn closed_loop(
+    op: Op,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Measurement {
+    let counter = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let merged = Arc::new(Mutex::new(histogram()));
+    let start = Instant::now();
+    let record_from = start + warmup;
+    let end = record_from + duration;
+    let mut workers = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let op = op.clone();
+        let counter = counter.clone();
+        let errors = errors.clone();
+        let merged = merged.clone();
+        workers.push(tokio::spawn(async move {
+            let mut h = histogram();
+            loop {
+                let began = Instant::now();
+                if began >= end {
+                    break;
+                }
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let ok = op(n).await.is_ok();
+                if began >= record_from {
+                    if ok {
+                        let _ = h.record(began.elapsed().as_micros().max(1) as u64);
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            let _ = merged.lock().map(|mut m| m.add(&h));
+        }));
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    let h = merged
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| histogram());
+    Measurement::from_histogram(&h, errors.load(Ordering::Relaxed), duration)
+}
+
+/// Starts `op` at a fixed `rate` per second for `warmup` then `duration`; each latency
+/// runs from the planned start time.
+pub async fn open_loop(op: Op, rate: f64, warmup: Duration, duration: Duration) -> Measurement {
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let merged = Arc::new(Mutex::new(histogram()));
+    let start = Instant::now();
+    let record_from = start + warmup;
+    let end = record_from + duration;
+    let mut tasks = Vec::new();
+    let mut n = 0u64;
+    loop {
+        let planned = start + interval * n as u32;
+        if planned >= end {
+            break;
+        }
+        tokio::time::sleep_until(planned.into()).await;
+        let op = op.clone();
+        let errors = errors.clone();
+        let merged = merged.clone();
+        let i = n;
+        tasks.push(tokio::spawn(async move {
+            let ok = op(i).await.is_ok();
+            if planned >= record_from {
+                if ok {
+                    let us = planned.elapsed().as_micros().max(1) as u64;
+                    let _ = merged.lock().map(|mut h| h.record(us));
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+        n += 1;
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let h = merged
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| histogram());
+    Measurement::from_histogram(&h, errors.load(Ordering::Relaxed), duration)
+}
+
+/// A histogram of latencies measured elsewhere (for scenarios that time themselves).
+#[derive(Clone)]
+pub struct Recorder(Arc<Mutex<Histogram<u64>>>);
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Self(Arc::new(Mutex::new(histogram())))
+    }
+}
+
+impl Recorder {
+    pub fn record(&self, latency: Duration) {
+        let _ = self
+            .0
+            .lock()
+            .map(|mut h| h.record(latency.as_micros().max(1) as u64));
+    }
+
+    pub fn measurement(&self, elapsed: Duration) -> Measurement {
+        let h = self
+            .0
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|_| histogram());
+        Measurement::from_histogram(&h, 0, elapsed)
+    }
+}

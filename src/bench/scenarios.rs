@@ -1,0 +1,776 @@
+//! The scenarios of `pcf bench`, each with the baseline it is divided by.
+
+use anyhow::Context;
+use axum::extract::{Path, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::FutureExt;
+use pcf_domain::read_model::{redis_active_key, redis_user_key};
+use pcf_domain::UserView;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Message;
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use serde_json::json;
+use sqlx::PgPool;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+use super::client::HttpClient;
+use super::load::{closed_loop, open_loop, Measurement, Op, Recorder};
+use super::{BenchOptions, ScenarioResult};
+use crate::app::{build, pg_pool, App};
+use crate::config::{Config, RateLimits};
+
+/// The database URL with another database name.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let cut = base.rfind('/').map_or(base.len(), |i| i + 1);
+    let mut out = format!("{}{name}", &base[..cut]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+struct Bench {
+    options: BenchOptions,
+    config: Config,
+    app: App,
+    client: HttpClient,
+    primary: PgPool,
+    redis: ConnectionManager,
+    users: Vec<Uuid>,
+    run_id: String,
+    /// The command rate measured by the updateProfile scenario.
+    max_command_rate: Option<f64>,
+}
+
+/// Baseline handlers served beside the API, so both go through the same server and client.
+#[derive(Clone)]
+struct Baselines {
+    redis: ConnectionManager,
+    prefix: String,
+}
+
+async fn noop() -> Json<serde_json::Value> {
+    Json(json!({ "data": { "ok": true } }))
+}
+
+async fn redis_user(State(b): State<Baselines>, Path(id): Path<Uuid>) -> Json<serde_json::Value> {
+    let mut conn = b.redis.clone();
+    let generation: u64 = conn
+        .get::<_, Option<u64>>(redis_active_key(&b.prefix))
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(1);
+    let doc: Option<String> = conn
+        .get(redis_user_key(&b.prefix, generation, id))
+        .await
+        .ok()
+        .flatten();
+    let view: Option<UserView> = doc.and_then(|d| serde_json::from_str(&d).ok());
+    Json(json!({ "data": { "user": view } }))
+}
+
+async fn setup(base: Config, options: &BenchOptions) -> anyhow::Result<Bench> {
+    let (Some(url), Some(_), Some(redis_url)) =
+        (&base.database_url, &base.kafka_brokers, &base.redis_url)
+    else {
+        anyhow::bail!(
+            "pcf bench runs on the cluster services: run scripts/services.sh up and set \
+             PCF_DATABASE_URL, PCF_READ_DATABASE_URL, PCF_KAFKA_BROKERS and PCF_REDIS_URL"
+        );
+    };
+    let run_id = format!("{}", chrono::Utc::now().format("%Y%m%d%H%M%S"));
+    let database = format!("pcf_bench_{run_id}");
+    let admin = pg_pool(url, 2, "PostgreSQL (PCF_DATABASE_URL)").await?;
+    sqlx::query(&format!("CREATE DATABASE {database}"))
+        .execute(&admin)
+        .await
+        .context("creating the benchmark database")?;
+    let mut config = base.clone();
+    config.database_url = Some(with_database(url, &database));
+    config.read_database_urls = base
+        .read_database_urls
+        .iter()
+        .map(|u| with_database(u, &database))
+        .collect();
+    config.kafka_topic = format!("pcf.bench.{run_id}");
+    config.kafka_group_prefix = format!("bench{run_id}-");
+    config.redis_prefix = format!("pcf:bench:{run_id}");
+    let secret = format!("bench-{}", Uuid::new_v4());
+    config.jwt_secret = Some(secret.clone());
+    config.jwt_public_key = None;
+    config.rate_limits = RateLimits {
+        anonymous: u32::MAX,
+        authenticated: u32::MAX,
+        premium: u32::MAX,
+    };
+    config.consistency_timeout = Duration::from_secs(10);
+    // The replica may take a moment to see the new database.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let app = build(&config).await?;
+    let primary = pg_pool(
+        config.database_url.as_deref().unwrap_or_default(),
+        options.concurrency as u32 + 2,
+        "the benchmark database",
+    )
+    .await?;
+    sqlx::query("CREATE TABLE bench_events (LIKE events INCLUDING ALL)")
+        .execute(&primary)
+        .await?;
+    let redis = ConnectionManager::new(redis::Client::open(redis_url.as_str())?).await?;
+    let baselines = Baselines {
+        redis: redis.clone(),
+        prefix: config.redis_prefix.clone(),
+    };
+    let router = app.router.clone().merge(
+        Router::new()
+            .route("/bench/noop", get(noop))
+            .route("/bench/redis-user/{id}", get(redis_user))
+            .with_state(baselines),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await;
+    });
+    let token = crate::auth::mint(
+        &secret,
+        "bench",
+        &[pcf_domain::auth::AccessRole::Admin],
+        None,
+        Duration::from_secs(24 * 3600),
+    )?;
+    let client = HttpClient::new(format!("http://{addr}"), Some(token));
+    eprintln!(
+        "bench: database {database}, topic {}, server {addr}",
+        config.kafka_topic
+    );
+    Ok(Bench {
+        options: options.clone(),
+        config,
+        app,
+        client,
+        primary,
+        redis,
+        users: Vec::new(),
+        run_id,
+        max_command_rate: None,
+    })
+}
+
+fn wanted(options: &BenchOptions, name: &str) -> bool {
+    options.only.is_empty() || options.only.iter().any(|o| name.starts_with(o.as_str()))
+}
+
+/// Runs every selected scenario.
+pub async fn run_all(base: Config, options: &BenchOptions) -> anyhow::Result<Vec<ScenarioResult>> {
+    let mut bench = setup(base, options).await?;
+    let mut results = Vec::new();
+    if wanted(options, "createUser") {
+        results.push(bench.create_user().await?);
+    }
+    bench.fill_users().await?;
+    if wanted(options, "updateProfile") {
+        results.push(bench.update_profile().await?);
+    }
+    if wanted(options, "visible") {
+        results.push(bench.commit_to_visible().await?);
+    }
+    if wanted(options, "query") {
+        results.extend(bench.user_queries().await?);
+    }
+    if wanted(options, "rebuild") {
+        results.push(bench.rebuild().await?);
+    }
+    bench.app.shutdown().await;
+    Ok(results)
+}
+
+fn ratio_result(
+    scenario: &str,
+    subject: Measurement,
+    baseline_name: &str,
+    baseline: Measurement,
+    minimum: f64,
+) -> ScenarioResult {
+    let ratio = if baseline.throughput > 0.0 {
+        subject.throughput / baseline.throughput
+    } else {
+        0.0
+    };
+    ScenarioResult {
+        scenario: scenario.to_owned(),
+        metric: "throughput".to_owned(),
+        subject,
+        baseline_name: baseline_name.to_owned(),
+        baseline,
+        ratio,
+        target: format!(">= {minimum}"),
+        met: ratio >= minimum,
+    }
+}
+
+impl Bench {
+    /// The append-shaped transaction straight on PostgreSQL: read a user's events, insert
+    /// one row, commit.
+    fn append_baseline(&self, existing: bool) -> Op {
+        let pool = self.primary.clone();
+        let users = Arc::new(self.users.clone());
+        Arc::new(move |n| {
+            let pool = pool.clone();
+            let users = users.clone();
+            async move {
+                let id = if existing && !users.is_empty() {
+                    users[n as usize % users.len()]
+                } else {
+                    Uuid::new_v4()
+                };
+                let mut tx = pool.begin().await?;
+                let _rows = sqlx::query(
+                    "SELECT sequence, payload FROM events \
+                     WHERE aggregate_type = 'User' AND aggregate_id = $1 ORDER BY sequence",
+                )
+                .bind(id.to_string())
+                .fetch_all(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO bench_events (aggregate_type, aggregate_id, sequence, \
+                     event_type, event_version, payload, metadata) \
+                     VALUES ('User', $1, $2, 'ProfileUpdated', '1', $3, '{}')",
+                )
+                .bind(id.to_string())
+                .bind(n as i64 + 1)
+                .bind(json!({"ProfileUpdated": {"displayName": format!("B{n}")}}))
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+            .boxed()
+        })
+    }
+
+    async fn create_user(&mut self) -> anyhow::Result<ScenarioResult> {
+        eprintln!("bench: createUser");
+        let client = self.client.clone();
+        let run = self.run_id.clone();
+        let op: Op = Arc::new(move |n| {
+            let client = client.clone();
+            let email = format!("c{n}-{run}@bench.test");
+            async move {
+                client
+                    .graphql(&json!({
+                        "query": "mutation($e: String!) { createUser(input: {email: $e, displayName: \"Bench\"}) { version } }",
+                        "variables": { "e": email }
+                    }))
+                    .await
+                    .map(|_| ())
+            }
+            .boxed()
+        });
+        let o = &self.options;
+        let subject = closed_loop(op, o.concurrency, o.warmup, o.duration).await;
+        let baseline = closed_loop(
+            self.append_baseline(false),
+            o.concurrency,
+            o.warmup,
+            o.duration,
+        )
+        .await;
+        Ok(ratio_result(
+            "createUser over HTTP",
+            subject,
+            "append transaction on PostgreSQL",
+            baseline,
+            0.5,
+        ))
+    }
+
+    /// Creates the users the other scenarios act on.
+    async fn fill_users(&mut self) -> anyhow::Result<()> {
+        let n = self.options.users;
+        eprintln!("bench: creating {n} users");
+        let created = Arc::new(Mutex::new(Vec::with_capacity(n)));
+        let next = Arc::new(AtomicU64::new(0));
+        let mut workers = Vec::new();
+        for _ in 0..self.options.concurrency {
+            let client = self.client.clone();
+            let created = created.clone();
+            let next = next.clone();
+            let run = self.run_id.clone();
+            workers.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n as u64 {
+                        return Ok::<(), anyhow::Error>(());
+                    }
+                    let v = client
+                        .graphql(&json!({
+                            "query": "mutation($e: String!) { createUser(input: {email: $e, displayName: \"User\"}) { user { id } } }",
+                            "variables": { "e": format!("u{i}-{run}@bench.test") }
+                        }))
+                        .await?;
+                    let id = v["data"]["createUser"]["user"]["id"]
+                        .as_str()
+                        .and_then(|s| Uuid::parse_str(s).ok())
+                        .context("createUser returned no id")?;
+                    created.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push(id);
+                }
+            }));
+        }
+        for w in workers {
+            w.await??;
+        }
+        self.users = created
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .clone();
+        Ok(())
+    }
+
+    fn update_op(&self) -> Op {
+        let client = self.client.clone();
+        let users = Arc::new(self.users.clone());
+        Arc::new(move |n| {
+            let client = client.clone();
+            let id = users[n as usize % users.len()];
+            async move {
+                client
+                    .graphql(&json!({
+                        "query": "mutation($id: ID!, $d: String!) { updateProfile(id: $id, input: {displayName: $d}) { version } }",
+                        "variables": { "id": id, "d": format!("B{n}") }
+                    }))
+                    .await
+                    .map(|_| ())
+            }
+            .boxed()
+        })
+    }
+
+    async fn update_profile(&mut self) -> anyhow::Result<ScenarioResult> {
+        eprintln!("bench: updateProfile on {} users", self.users.len());
+        let o = self.options.clone();
+        let subject = closed_loop(self.update_op(), o.concurrency, o.warmup, o.duration).await;
+        self.max_command_rate = Some(subject.throughput);
+        let baseline = closed_loop(
+            self.append_baseline(true),
+            o.concurrency,
+            o.warmup,
+            o.duration,
+        )
+        .await;
+        Ok(ratio_result(
+            &format!("updateProfile on {} users", self.users.len()),
+            subject,
+            "append transaction on PostgreSQL",
+            baseline,
+            0.5,
+        ))
+    }
+
+    /// Commit (the mutation's answer) → the new version readable in Redis, at half the
+    /// maximum command rate; against Kafka produce → consume with the same client settings.
+    async fn commit_to_visible(&mut self) -> anyhow::Result<ScenarioResult> {
+        let rate = match self.max_command_rate {
+            Some(r) => r / 2.0,
+            None => {
+                let o = &self.options;
+                closed_loop(
+                    self.update_op(),
+                    o.concurrency,
+                    o.warmup,
+                    Duration::from_secs(3),
+                )
+                .await
+                .throughput
+                    / 2.0
+            }
+        };
+        eprintln!("bench: commit to visible at {rate:.0}/s");
+        let recorder = Recorder::default();
+        let client = self.client.clone();
+        let users = Arc::new(self.users.clone());
+        let redis = self.redis.clone();
+        let prefix = self.config.redis_prefix.clone();
+        let mut conn = redis.clone();
+        let generation: u64 = conn
+            .get::<_, Option<u64>>(redis_active_key(&prefix))
+            .await?
+            .unwrap_or(1);
+        let rec = recorder.clone();
+        let op: Op = Arc::new(move |n| {
+            let client = client.clone();
+            let id = users[n as usize % users.len()];
+            let mut redis = redis.clone();
+            let key = redis_user_key(&prefix, generation, id);
+            let rec = rec.clone();
+            async move {
+                let v = client
+                    .graphql(&json!({
+                        "query": "mutation($id: ID!, $d: String!) { updateProfile(id: $id, input: {displayName: $d}) { version } }",
+                        "variables": { "id": id, "d": format!("V{n}") }
+                    }))
+                    .await?;
+                let committed = Instant::now();
+                let version = v["data"]["updateProfile"]["version"].as_u64().unwrap_or(0);
+                loop {
+                    let doc: Option<String> = redis.get(&key).await?;
+                    let seen = doc
+                        .and_then(|d| serde_json::from_str::<UserView>(&d).ok())
+                        .is_some_and(|u| u.version >= version);
+                    if seen {
+                        rec.record(committed.elapsed());
+                        return Ok(());
+                    }
+                    anyhow::ensure!(committed.elapsed() < Duration::from_secs(10), "never visible");
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+            }
+            .boxed()
+        });
+        let o = self.options.clone();
+        let paced = open_loop(op, rate, o.warmup, o.duration).await;
+        let mut subject = recorder.measurement(o.duration);
+        subject.errors = paced.errors;
+        let baseline = self.kafka_round_trip(rate).await?;
+        let limit = 3.0 * baseline.p99_ms + 2.0;
+        Ok(ScenarioResult {
+            scenario: "commit -> visible in user(id) (Redis)".to_owned(),
+            metric: "p99".to_owned(),
+            ratio: if baseline.p99_ms > 0.0 {
+                subject.p99_ms / baseline.p99_ms
+            } else {
+                0.0
+            },
+            met: subject.p99_ms <= limit,
+            target: format!("p99 <= {limit:.1} ms"),
+            subject,
+            baseline_name: "Kafka produce -> consume".to_owned(),
+            baseline,
+        })
+    }
+
+    /// Produce → consume latency at `rate`, with the relay's producer and the projector's
+    /// consumer settings.
+    async fn kafka_round_trip(&self, rate: f64) -> anyhow::Result<Measurement> {
+        let brokers = self.config.kafka_brokers.clone().unwrap_or_default();
+        let topic = format!("{}.baseline", self.config.kafka_topic);
+        let mut kafka = pcf_command::kafka::KafkaConfig::new(brokers.clone(), topic.clone());
+        kafka.partitions = self.config.kafka_partitions;
+        pcf_command::kafka::ensure_topics(&kafka).await?;
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("compression.type", "lz4")
+            .create()?;
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", format!("bench{}-baseline", self.run_id))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "latest")
+            .set("enable.partition.eof", "false")
+            .create()?;
+        consumer.subscribe(&[&topic])?;
+        // Let the group settle before measuring.
+        let _ = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await;
+        let t0 = Instant::now();
+        let recorder = Recorder::default();
+        let rec = recorder.clone();
+        let o = self.options.clone();
+        let record_from = o.warmup;
+        let consuming = tokio::spawn(async move {
+            while let Ok(Ok(m)) =
+                tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await
+            {
+                let sent = m
+                    .payload()
+                    .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+                    .and_then(|v| v["sentMicros"].as_u64());
+                if let Some(sent) = sent {
+                    let sent = Duration::from_micros(sent);
+                    if sent >= record_from {
+                        rec.record(t0.elapsed().saturating_sub(sent));
+                    }
+                }
+            }
+        });
+        let padding = "x".repeat(400);
+        let op: Op = Arc::new(move |n| {
+            let producer = producer.clone();
+            let topic = topic.clone();
+            let padding = padding.clone();
+            async move {
+                let payload =
+                    json!({ "sentMicros": t0.elapsed().as_micros() as u64, "pad": padding })
+                        .to_string();
+                let key = (n % 10_000).to_string();
+                producer
+                    .send(
+                        FutureRecord::to(&topic).key(&key).payload(&payload),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .map_err(|(e, _)| anyhow::anyhow!(e))?;
+                Ok(())
+            }
+            .boxed()
+        });
+        let _ = open_loop(op, rate, o.warmup, o.duration).await;
+        let _ = consuming.await;
+        Ok(recorder.measurement(o.duration))
+    }
+
+    async fn user_queries(&mut self) -> anyhow::Result<Vec<ScenarioResult>> {
+        eprintln!("bench: user(id) queries");
+        let o = self.options.clone();
+        let users = Arc::new(self.users.clone());
+        let client = self.client.clone();
+        let ids = users.clone();
+        let query: Op = Arc::new(move |n| {
+            let client = client.clone();
+            let id = ids[n as usize % ids.len()];
+            async move {
+                client
+                    .graphql(&json!({
+                        "query": "query($id: ID!) { user(id: $id) { id email displayName version } }",
+                        "variables": { "id": id }
+                    }))
+                    .await
+                    .map(|_| ())
+            }
+            .boxed()
+        });
+        let subject = closed_loop(query, o.concurrency, o.warmup, o.duration).await;
+        let client = self.client.clone();
+        let noop: Op = Arc::new(move |_| {
+            let client = client.clone();
+            async move { client.get("/bench/noop").await.map(|_| ()) }.boxed()
+        });
+        let bare = closed_loop(noop, o.concurrency, o.warmup, o.duration).await;
+        let client = self.client.clone();
+        let ids = users.clone();
+        let plain: Op = Arc::new(move |n| {
+            let client = client.clone();
+            let id = ids[n as usize % ids.len()];
+            async move {
+                client
+                    .get(&format!("/bench/redis-user/{id}"))
+                    .await
+                    .map(|_| ())
+            }
+            .boxed()
+        });
+        let redis_get = closed_loop(plain, o.concurrency, o.warmup, o.duration).await;
+        Ok(vec![
+            ratio_result(
+                "user(id) over HTTP",
+                subject.clone(),
+                "bare HTTP handler",
+                bare,
+                0.25,
+            ),
+            ratio_result(
+                "user(id) over HTTP",
+                subject,
+                "handler: Redis GET + JSON",
+                redis_get,
+                0.7,
+            ),
+        ])
+    }
+
+    /// `rebuild all` over a log of `rebuild_events` events, against the raw Kafka consume
+    /// rate of the same topic and a raw pipelined Redis write of the same documents.
+    async fn rebuild(&mut self) -> anyhow::Result<ScenarioResult> {
+        let total = self.options.rebuild_events;
+        let per_user = 10u64;
+        let users = total.div_ceil(per_user);
+        eprintln!("bench: seeding {total} events");
+        let chunk = 10_000u64;
+        let mut done = 0u64;
+        while done < users {
+            let n = chunk.min(users - done);
+            sqlx::query(
+                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+                 SELECT 'User', u.id::text, s.seq, \
+                   CASE WHEN s.seq = 1 THEN 'UserCreated' ELSE 'ProfileUpdated' END, '1', \
+                   CASE WHEN s.seq = 1 THEN jsonb_build_object('UserCreated', jsonb_build_object( \
+                       'userId', u.id, 'email', 'r' || u.n || '-' || $3 || '@bench.test', 'displayName', 'R' || u.n, \
+                       'bio', null, 'avatarUrl', null, 'occurredAt', '2026-01-01T00:00:00Z')) \
+                   ELSE jsonb_build_object('ProfileUpdated', jsonb_build_object( \
+                       'displayName', 'R' || u.n || '-' || s.seq, 'bio', null, 'avatarUrl', null, \
+                       'occurredAt', '2026-01-01T00:00:00Z')) END, \
+                   '{}'::jsonb \
+                 FROM (SELECT n, gen_random_uuid() AS id FROM generate_series($1::bigint, $2::bigint) n) u \
+                 CROSS JOIN generate_series(1, 10) s(seq) ORDER BY u.n, s.seq",
+            )
+            .bind(done as i64)
+            .bind((done + n - 1) as i64)
+            .bind(&self.run_id)
+            .execute(&self.primary)
+            .await?;
+            done += n;
+        }
+        // Everything published and projected before measuring, so nothing competes.
+        eprintln!("bench: waiting for the relay and projectors to catch up");
+        let relay = crate::app::relay_name(&self.config);
+        loop {
+            let cp = self.app.store.load_checkpoint(&relay).await?;
+            let backlog = self.app.store.count_after(cp).await?;
+            let brokers = self.config.kafka_brokers.clone().unwrap_or_default();
+            let mut lag = 0i64;
+            for p in crate::app::PROJECTIONS {
+                let group = format!("{}{p}", self.config.kafka_group_prefix);
+                lag += pcf_projectors::consumer_lag(&brokers, &self.config.kafka_topic, &group)
+                    .await
+                    .map(|ps| ps.iter().map(|p| p.lag).sum::<i64>())
+                    .unwrap_or(i64::MAX / 4);
+            }
+            eprint!("\rbench: relay backlog {backlog}, projector lag {lag}      ");
+            if backlog == 0 && lag == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        eprintln!();
+        let in_log = self
+            .app
+            .store
+            .count_after(pcf_domain::Position::START)
+            .await?;
+        // Subject: what `pcf projections rebuild all` does.
+        let log: Arc<dyn pcf_domain::ports::EventLog> =
+            Arc::new(crate::app::StoreLog(self.app.store.clone()));
+        let views: Vec<Arc<dyn pcf_projectors::Generational>> = vec![
+            Arc::new(pcf_projectors::SqlUserViews::new(self.primary.clone())),
+            Arc::new(
+                pcf_projectors::RedisUserViews::connect(
+                    self.config.redis_url.as_deref().unwrap_or_default(),
+                    self.config.redis_prefix.clone(),
+                )
+                .await?,
+            ),
+        ];
+        let started = Instant::now();
+        for view in views {
+            pcf_projectors::rebuild(
+                view,
+                log.clone(),
+                &pcf_projectors::RebuildOptions::default(),
+                &|_| {},
+            )
+            .await?;
+        }
+        let subject = rate_measurement(in_log, started.elapsed());
+        // Baseline 1: consume the whole topic with a no-op handler.
+        let brokers = self.config.kafka_brokers.clone().unwrap_or_default();
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", format!("bench{}-raw", self.run_id))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        consumer.subscribe(&[&self.config.kafka_topic])?;
+        let mut consumed = 0u64;
+        let mut first: Option<Instant> = None;
+        while consumed < in_log {
+            match tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await {
+                Ok(Ok(_)) => {
+                    first.get_or_insert_with(Instant::now);
+                    consumed += 1;
+                }
+                _ => break,
+            }
+        }
+        let consume = rate_measurement(consumed, first.map_or(Duration::ZERO, |f| f.elapsed()));
+        // Baseline 2: write one document per event, pipelined.
+        let mut conn = self.redis.clone();
+        let doc = serde_json::to_string(&UserView {
+            id: Uuid::nil(),
+            email: "r1@bench.test".into(),
+            display_name: "R1-10".into(),
+            bio: None,
+            avatar_url: None,
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+            version: 10,
+            deleted: false,
+        })?;
+        let started = Instant::now();
+        let mut written = 0u64;
+        while written < in_log {
+            let mut pipe = redis::pipe();
+            for i in written..(written + 1000).min(in_log) {
+                pipe.set(
+                    format!("{}:baseline:{}", self.config.redis_prefix, i / per_user),
+                    &doc,
+                )
+                .ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+            written = (written + 1000).min(in_log);
+        }
+        let redis_write = rate_measurement(written, started.elapsed());
+        let (name, slower) = if consume.throughput <= redis_write.throughput {
+            ("raw Kafka consume (slower baseline)", consume)
+        } else {
+            ("pipelined Redis write (slower baseline)", redis_write)
+        };
+        Ok(ratio_result(
+            &format!("projections rebuild all ({in_log} events)"),
+            subject,
+            name,
+            slower,
+            0.5,
+        ))
+    }
+}
+
+fn rate_measurement(count: u64, elapsed: Duration) -> Measurement {
+    let seconds = elapsed.as_secs_f64();
+    Measurement {
+        ops: count,
+        errors: 0,
+        seconds,
+        throughput: if seconds > 0.0 {
+            count as f64 / seconds
+        } else {
+            0.0
+        },
+        p50_ms: 0.0,
+        p99_ms: 0.0,
+        max_ms: 0.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn the_database_name_is_replaced_keeping_the_options() {
+        assert_eq!(
+            with_database("postgres://u@h:5432/pcf?sslmode=disable", "b"),
+            "postgres://u@h:5432/b?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://u@h/pcf", "b"), "postgres://u@h/b");
+    }
+}
