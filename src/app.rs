@@ -114,6 +114,7 @@ pub fn schema(
     models: ReadModels,
     live: Arc<LiveLog>,
     monitor: Arc<dyn ProjectionMonitor>,
+    limiter: Arc<crate::ratelimit::RateLimiter>,
 ) -> PcfSchema {
     let mut builder = Schema::build(
         QueryRoot::default(),
@@ -128,7 +129,11 @@ pub fn schema(
     .data(models)
     .data(live)
     .data(monitor)
-    .extension(crate::limits::AliasLimit(config.max_aliases))
+    .extension(crate::ratelimit::WebSocketLimit(limiter))
+    .extension(crate::limits::DocumentLimits {
+        aliases: config.max_aliases,
+        fields: config.max_complexity,
+    })
     .limit_depth(config.max_depth)
     .limit_complexity(config.max_complexity);
     if config.environment == Environment::Production {
@@ -229,11 +234,32 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
                 KafkaPublisher::new(kafka.clone()).context("creating the Kafka producer")?,
             );
             dependencies.add(Dependency::Kafka(publisher.clone()));
+            // The topics are created in the background, retried until Kafka answers, so a
+            // process starts promptly while Kafka is down; projectors subscribe once the
+            // topics exist (the relay backs off on its own until then).
+            let (topics_ready_tx, topics_ready) = watch::channel(false);
             if roles.contains(&Role::Relay) || roles.contains(&Role::Projector) {
-                if let Err(e) = publisher.ensure_topics().await {
-                    // The relay backs off until Kafka is there; so does the projector.
-                    tracing::warn!(error = %e, "could not create the Kafka topics yet");
-                }
+                let topics = kafka.clone();
+                let mut stop = shutdown_rx.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut pause = std::time::Duration::from_millis(200);
+                    loop {
+                        match pcf_command::kafka::ensure_topics(&topics).await {
+                            Ok(()) => {
+                                let _ = topics_ready_tx.send(true);
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "could not create the Kafka topics yet; retrying")
+                            }
+                        }
+                        tokio::select! {
+                            _ = stop.changed() => return,
+                            _ = tokio::time::sleep(pause) => {}
+                        }
+                        pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                    }
+                }));
             }
             if roles.contains(&Role::Relay) {
                 let relay_publisher: Arc<dyn EventPublisher> = publisher.clone();
@@ -285,7 +311,13 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
                     let projector = KafkaProjector::new(consumer, view, log.clone(), stats)
                         .context("creating a Kafka consumer")?;
                     let stop = wait_for(shutdown_rx.clone());
+                    let mut ready = topics_ready.clone();
                     tasks.push(tokio::spawn(async move {
+                        tokio::pin!(stop);
+                        tokio::select! {
+                            _ = &mut stop => return,
+                            ok = ready.wait_for(|r| *r) => if ok.is_err() { return },
+                        }
                         if let Err(e) = projector.run(stop).await {
                             tracing::error!(error = %e, "projector stopped");
                         }
@@ -307,10 +339,7 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
                     );
                     dependencies.add(Dependency::Redis(redis.clone()));
                     (
-                        Arc::new(FallbackReader {
-                            primary: redis,
-                            fallback: sql,
-                        }) as Arc<dyn UserReader>,
+                        Arc::new(FallbackReader::new(redis, sql)) as Arc<dyn UserReader>,
                         monitor,
                     )
                 }
@@ -338,26 +367,32 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
         log,
         consistency_timeout: config.consistency_timeout,
     };
-    let schema = schema(config, commands, models, live, monitor);
     let shared_counts = match &config.redis_url {
         Some(url) => {
             let client = redis::Client::open(url.as_str()).context("PCF_REDIS_URL")?;
-            let conn = redis::aio::ConnectionManager::new(client)
+            // Fail fast: a request never waits long on the rate limiter's Redis.
+            let settings = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(std::time::Duration::from_millis(300)))
+                .set_response_timeout(Some(std::time::Duration::from_millis(300)))
+                .set_number_of_retries(1);
+            let conn = redis::aio::ConnectionManager::new_with_config(client, settings)
                 .await
                 .context("connecting to Redis (PCF_REDIS_URL)")?;
             Some((conn, config.redis_prefix.clone()))
         }
         None => None,
     };
+    let limiter = Arc::new(crate::ratelimit::RateLimiter::new(
+        config.rate_limits,
+        shared_counts,
+    ));
+    let schema = schema(config, commands, models, live, monitor, limiter.clone());
     let router = crate::http::router(crate::http::HttpState {
         schema: schema.clone(),
         dependencies: Arc::new(dependencies),
         metrics: metrics.clone(),
         authenticator: Arc::new(auth.authenticator),
-        limiter: Arc::new(crate::ratelimit::RateLimiter::new(
-            config.rate_limits,
-            shared_counts,
-        )),
+        limiter,
         trusted_proxies: Arc::new(config.trusted_proxies.clone()),
         graphiql: config.environment == Environment::Development,
         body_limit: config.body_limit,

@@ -23,7 +23,7 @@ use crate::app::PcfSchema;
 use crate::auth::Authenticator;
 use crate::health::Dependencies;
 use crate::metrics::Metrics;
-use crate::ratelimit::{Decision, RateLimiter};
+use crate::ratelimit::{Decision, RateLimiter, WebSocketClient};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -304,6 +304,7 @@ async fn websocket(State(state): State<HttpState>, req: Request) -> Response {
     };
     let schema = state.schema.clone();
     let authenticator = state.authenticator.clone();
+    let address = client.clone();
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |socket| async move {
@@ -311,6 +312,10 @@ async fn websocket(State(state): State<HttpState>, req: Request) -> Response {
                 .on_connection_init(move |payload| async move {
                     let principal = connection_principal(&authenticator, &payload)?;
                     let mut data = Data::default();
+                    data.insert(WebSocketClient {
+                        principal: principal.clone(),
+                        address,
+                    });
                     data.insert(principal);
                     data.insert(CommandContext {
                         correlation_id: Some(uuid::Uuid::new_v4().to_string()),

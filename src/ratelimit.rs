@@ -2,6 +2,10 @@
 //! per subject when authenticated. Counted in Redis when configured, so that every instance
 //! shares the count; in process otherwise (and while Redis is unreachable).
 
+use async_graphql::extensions::{
+    Extension, ExtensionContext, ExtensionFactory, NextPrepareRequest,
+};
+use async_graphql::{ErrorExtensionValues, ServerError, ServerResult};
 use pcf_domain::auth::{Principal, Tier};
 use redis::aio::ConnectionManager;
 use redis::Script;
@@ -37,6 +41,8 @@ pub struct RateLimiter {
     limits: RateLimits,
     redis: Option<(ConnectionManager, String)>,
     local: Mutex<HashMap<String, (u64, u32)>>,
+    /// After Redis fails, count locally until then instead of waiting on it per request.
+    redis_down_until: Mutex<Option<std::time::Instant>>,
 }
 
 fn unix_now() -> u64 {
@@ -53,6 +59,7 @@ impl RateLimiter {
             limits,
             redis,
             local: Mutex::new(HashMap::new()),
+            redis_down_until: Mutex::new(None),
         }
     }
 
@@ -85,6 +92,18 @@ impl RateLimiter {
 
     async fn count_shared(&self, key: &str, window: u64) -> Option<u64> {
         let (conn, prefix) = self.redis.as_ref()?;
+        let now = std::time::Instant::now();
+        {
+            let mut down = self
+                .redis_down_until
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match *down {
+                Some(until) if now < until => return None,
+                Some(_) => *down = None,
+                None => {}
+            }
+        }
         let result: Result<u64, _> = HIT
             .key(format!("{prefix}:ratelimit:{window}:{key}"))
             .invoke_async(&mut conn.clone())
@@ -92,7 +111,12 @@ impl RateLimiter {
         match result {
             Ok(n) => Some(n),
             Err(e) => {
-                tracing::warn!(error = %e, "rate limit counting in Redis failed; counting locally");
+                tracing::warn!(error = %e, "rate limit counting in Redis failed; counting locally for 5 s");
+                *self
+                    .redis_down_until
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) =
+                    Some(now + std::time::Duration::from_secs(5));
                 None
             }
         }
@@ -110,6 +134,50 @@ impl RateLimiter {
         }
         entry.1 = entry.1.saturating_add(1);
         u64::from(entry.1)
+    }
+}
+
+/// Marks a websocket connection: who opened it and from where.
+#[derive(Debug, Clone)]
+pub struct WebSocketClient {
+    pub principal: Principal,
+    pub address: String,
+}
+
+/// Counts every operation sent over a websocket against the connection's limit (HTTP
+/// requests are counted before they reach the schema).
+pub struct WebSocketLimit(pub std::sync::Arc<RateLimiter>);
+
+impl ExtensionFactory for WebSocketLimit {
+    fn create(&self) -> std::sync::Arc<dyn Extension> {
+        std::sync::Arc::new(WebSocketLimitExtension(self.0.clone()))
+    }
+}
+
+struct WebSocketLimitExtension(std::sync::Arc<RateLimiter>);
+
+#[async_trait::async_trait]
+impl Extension for WebSocketLimitExtension {
+    async fn prepare_request(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        request: async_graphql::Request,
+        next: NextPrepareRequest<'_>,
+    ) -> ServerResult<async_graphql::Request> {
+        if let Some(client) = ctx.data_opt::<WebSocketClient>() {
+            if let Decision::Limited { retry_after } =
+                self.0.check(&client.principal, &client.address).await
+            {
+                let mut error =
+                    ServerError::new(format!("too many requests; retry in {retry_after} s"), None);
+                let mut ext = ErrorExtensionValues::default();
+                ext.set("code", pcf_domain::ErrorCode::RateLimited.as_str());
+                ext.set("retryAfter", retry_after);
+                error.extensions = Some(ext);
+                return Err(error);
+            }
+        }
+        next.run(ctx, request).await
     }
 }
 

@@ -270,6 +270,12 @@ async fn run(
         if id.is_empty() || id.len() > 200 {
             return Err(validation("commandId", "must be 1 to 200 characters"));
         }
+        if id.chars().any(char::is_control) {
+            return Err(validation(
+                "commandId",
+                "must not contain control characters",
+            ));
+        }
     }
     let metadata = EventMetadata {
         correlation_id: caller.correlation_id.clone(),

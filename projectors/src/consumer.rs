@@ -198,19 +198,19 @@ impl KafkaProjector {
                 Err(ProjectionError::Poison { event_id, reason }) => {
                     // Set the one event aside and write the rest again; what was already
                     // written is skipped by version.
-                    if let Some(i) = events.iter().position(|e| e.event_id == event_id) {
-                        let e = events.remove(i);
-                        let source = sources.remove(i);
-                        tracing::error!(event_id = %e.event_id, %reason, "dead-lettering event");
-                        self.dead_letter(source, &reason).await;
-                    } else {
-                        // The poison came from the gap fill: set aside the event that
-                        // needed it (the first of that user in the batch).
-                        tracing::error!(%event_id, %reason, "event from the store cannot be applied");
-                        events.remove(0);
-                        let source = sources.remove(0);
-                        self.dead_letter(source, &reason).await;
-                    }
+                    let Some(i) = events.iter().position(|e| e.event_id == event_id) else {
+                        // Not one of ours: nothing to set aside, and retrying cannot help.
+                        // Keep every remaining event, in the dead-letter topic.
+                        tracing::error!(%event_id, %reason, "unappliable event outside the batch");
+                        for source in sources.drain(..) {
+                            self.dead_letter(source, &reason).await;
+                        }
+                        return true;
+                    };
+                    events.remove(i);
+                    let source = sources.remove(i);
+                    tracing::error!(%event_id, %reason, "dead-lettering event");
+                    self.dead_letter(source, &reason).await;
                 }
                 Err(e) => {
                     failures += 1;

@@ -108,7 +108,20 @@ impl UserProjector {
             .map_err(ProjectionError::Log)?;
         let mut view = current;
         for earlier in missing.iter().filter(|e| e.sequence <= envelope.sequence) {
-            let next = fold(view.clone(), earlier)?;
+            // An earlier event that cannot be applied makes this one unappliable too; the
+            // error names this one, the event the caller holds.
+            let next = fold(view.clone(), earlier).map_err(|e| match e {
+                ProjectionError::Poison { reason, .. } if earlier.event_id != envelope.event_id => {
+                    ProjectionError::Poison {
+                        event_id: envelope.event_id,
+                        reason: format!(
+                            "earlier event {} (sequence {}) cannot be applied: {reason}",
+                            earlier.event_id, earlier.sequence
+                        ),
+                    }
+                }
+                other => other,
+            })?;
             if !self
                 .writer
                 .replace(view.as_ref(), &next)

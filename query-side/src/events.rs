@@ -132,10 +132,21 @@ impl EventQueries {
             .map(|id| Uuid::parse_str(id.as_str()))
             .transpose()
             .map_err(|_| invalid("aggregateId", "not a user id"))?;
+        let types = types.unwrap_or_default();
+        if types.len() > 20
+            || types
+                .iter()
+                .any(|t| t.is_empty() || t.len() > 100 || t.chars().any(char::is_control))
+        {
+            return Err(invalid(
+                "types",
+                "at most 20 event type names of 1 to 100 characters, without control characters",
+            ));
+        }
         let query = LogQuery {
             after,
             aggregate_id,
-            types: types.unwrap_or_default(),
+            types,
             limit: first as usize + 1,
         };
         let mut events = models.log.read(&query).await.map_err(unavailable)?;

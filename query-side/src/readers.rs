@@ -281,19 +281,52 @@ fn escape_like(s: &str) -> String {
         .replace('_', "\\_")
 }
 
-/// Point reads from the primary reader, falling back to the other when it is unavailable;
-/// lists from the fallback (the SQL view).
+/// Point reads from the primary reader, falling back to the other when it is unavailable
+/// (and, for a few seconds after a failure, going to the fallback directly instead of
+/// waiting on the primary per request); lists from the fallback (the SQL view).
 pub struct FallbackReader {
-    pub primary: Arc<dyn UserReader>,
-    pub fallback: Arc<dyn UserReader>,
+    primary: Arc<dyn UserReader>,
+    fallback: Arc<dyn UserReader>,
+    primary_down_until: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl FallbackReader {
+    pub fn new(primary: Arc<dyn UserReader>, fallback: Arc<dyn UserReader>) -> Self {
+        Self {
+            primary,
+            fallback,
+            primary_down_until: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The reader to use now.
+    fn reader(&self) -> &Arc<dyn UserReader> {
+        let down = self
+            .primary_down_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match *down {
+            Some(until) if std::time::Instant::now() < until => &self.fallback,
+            _ => &self.primary,
+        }
+    }
+
+    fn primary_failed(&self, detail: &str) {
+        tracing::warn!(%detail, "point reads falling back to the read replica for 2 s");
+        *self
+            .primary_down_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) =
+            Some(std::time::Instant::now() + std::time::Duration::from_secs(2));
+    }
 }
 
 #[async_trait]
 impl UserReader for FallbackReader {
     async fn user(&self, id: Uuid) -> Result<Option<UserView>, PortError> {
-        match self.primary.user(id).await {
-            Err(PortError::Unavailable(detail)) => {
-                tracing::warn!(%detail, "point read falling back to the read replica");
+        match self.reader().user(id).await {
+            Err(PortError::Unavailable(detail)) if !Arc::ptr_eq(self.reader(), &self.fallback) => {
+                self.primary_failed(&detail);
                 self.fallback.user(id).await
             }
             other => other,
@@ -301,9 +334,9 @@ impl UserReader for FallbackReader {
     }
 
     async fn users(&self, ids: &[Uuid]) -> Result<Vec<UserView>, PortError> {
-        match self.primary.users(ids).await {
-            Err(PortError::Unavailable(detail)) => {
-                tracing::warn!(%detail, "batched read falling back to the read replica");
+        match self.reader().users(ids).await {
+            Err(PortError::Unavailable(detail)) if !Arc::ptr_eq(self.reader(), &self.fallback) => {
+                self.primary_failed(&detail);
                 self.fallback.users(ids).await
             }
             other => other,
@@ -311,9 +344,9 @@ impl UserReader for FallbackReader {
     }
 
     async fn user_by_email(&self, email: &Email) -> Result<Option<UserView>, PortError> {
-        match self.primary.user_by_email(email).await {
-            Err(PortError::Unavailable(detail)) => {
-                tracing::warn!(%detail, "point read falling back to the read replica");
+        match self.reader().user_by_email(email).await {
+            Err(PortError::Unavailable(detail)) if !Arc::ptr_eq(self.reader(), &self.fallback) => {
+                self.primary_failed(&detail);
                 self.fallback.user_by_email(email).await
             }
             other => other,

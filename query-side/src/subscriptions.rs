@@ -59,9 +59,19 @@ impl SubscriptionRoot {
             .map(|id| Uuid::parse_str(id.as_str()))
             .transpose()
             .map_err(|_| invalid("aggregateId", "not a user id"))?;
+        let types = types.unwrap_or_default();
+        if types
+            .iter()
+            .any(|t| t.is_empty() || t.len() > 100 || t.chars().any(char::is_control))
+        {
+            return Err(invalid(
+                "types",
+                "event type names of 1 to 100 characters, without control characters",
+            ));
+        }
         let filter = LiveFilter {
             aggregate_id,
-            types: types.unwrap_or_default(),
+            types,
         };
         Ok(live
             .stream(after, filter)

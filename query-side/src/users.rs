@@ -88,11 +88,11 @@ impl UserFilterInput {
         if self
             .display_name_contains
             .as_ref()
-            .is_some_and(|s| s.chars().count() > 100)
+            .is_some_and(|s| s.chars().count() > 100 || s.chars().any(char::is_control))
         {
             return Err(invalid(
                 "filter.displayNameContains",
-                "must be at most 100 characters",
+                "at most 100 characters, without control characters",
             ));
         }
         Ok(UserFilter {
