@@ -1,0 +1,595 @@
+//! Who may do what (CONTRACT.md, "Who may do what"): sign-up is open; a user reads and
+//! changes only their own account, and someone else's account reads exactly like one that
+//! does not exist; `admin` may do everything; `auditor` reads `events` with personal data,
+//! `analytics` without it; API keys from the keys file carry their roles.
+
+mod api_support;
+
+use api_support::*;
+use axum::http::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// The personal fields `analytics` must never see in a payload.
+const PERSONAL: [&str; 6] = [
+    "email",
+    "displayName",
+    "bio",
+    "avatarUrl",
+    "oldEmail",
+    "newEmail",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_callers_may_sign_up_and_nothing_else() {
+    let api = Api::start().await;
+    let r = api
+        .gql(
+            None,
+            CREATE_USER,
+            json!({ "input": { "email": "anon@example.com", "displayName": "Anon" } }),
+        )
+        .await;
+    let created = r.ok()["createUser"].clone();
+    assert_eq!(created["user"]["email"], "anon@example.com");
+    let id = created["user"]["id"].as_str().unwrap().to_owned();
+    // The event records no actor for an anonymous sign-up.
+    assert_eq!(api.event_count().await, 1);
+
+    let reads = [
+        (USER, json!({ "id": id })),
+        (USER_BY_EMAIL, json!({ "email": "anon@example.com" })),
+        (USERS, json!({})),
+        (EVENTS, json!({})),
+        (PROJECTIONS, json!({})),
+    ];
+    for (query, vars) in reads {
+        let r = api.gql(None, query, vars).await;
+        r.expect_error("UNAUTHENTICATED");
+        assert!(
+            !r.text.contains("anon@example.com"),
+            "an anonymous read leaked data: {}",
+            r.text
+        );
+    }
+
+    let changes = [
+        (
+            UPDATE_PROFILE,
+            json!({ "id": id, "input": { "displayName": "Hijacked" } }),
+        ),
+        (
+            CHANGE_EMAIL,
+            json!({ "id": id, "email": "hijacked@example.com" }),
+        ),
+        (DELETE_ACCOUNT, json!({ "id": id })),
+    ];
+    for (query, vars) in changes {
+        api.gql(None, query, vars)
+            .await
+            .expect_error("UNAUTHENTICATED");
+    }
+    assert_eq!(api.event_count().await, 1, "a refused command appended");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_reads_and_changes_their_own_account() {
+    let api = Api::start().await;
+    let (a, created) = api.create_user("alice@example.com", "Alice").await;
+    let alice = owner(a);
+
+    let r = api.gql(Some(&alice), USER, json!({ "id": a })).await;
+    assert_eq!(r.ok()["user"], created["user"]);
+    let r = api
+        .gql(
+            Some(&alice),
+            USER_BY_EMAIL,
+            json!({ "email": "ALICE@example.com" }),
+        )
+        .await;
+    assert_eq!(r.ok()["userByEmail"]["id"], a.to_string());
+
+    let r = api
+        .gql(
+            Some(&alice),
+            UPDATE_PROFILE,
+            json!({ "id": a, "input": { "displayName": "Alice B.", "bio": "hello" } }),
+        )
+        .await;
+    let updated = &r.ok()["updateProfile"]["user"];
+    assert_eq!(updated["displayName"], "Alice B.");
+    assert_eq!(updated["bio"], "hello");
+
+    let r = api
+        .gql(
+            Some(&alice),
+            CHANGE_EMAIL,
+            json!({ "id": a, "email": "alice.b@example.com" }),
+        )
+        .await;
+    assert_eq!(
+        r.ok()["changeEmail"]["user"]["email"],
+        "alice.b@example.com"
+    );
+
+    // The events carry the owner as the actor.
+    let events = api.all_events().await;
+    assert_eq!(events.len(), 3);
+    assert_eq!(
+        events[2].metadata.actor.as_deref(),
+        Some(a.to_string().as_str())
+    );
+
+    let r = api
+        .gql(Some(&alice), DELETE_ACCOUNT, json!({ "id": a }))
+        .await;
+    assert_eq!(r.ok()["deleteAccount"]["id"], a.to_string());
+    assert_eq!(api.event_count().await, 4);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_users_account_reads_exactly_like_one_that_does_not_exist() {
+    let api = Api::start().await;
+    let (a, _) = api.create_user("alice@example.com", "Alice").await;
+    let (b, _) = api.create_user("bob@example.com", "Bob").await;
+    let alice = owner(a);
+
+    let of_b = api.gql(Some(&alice), USER, json!({ "id": b })).await;
+    let of_nobody = api
+        .gql(Some(&alice), USER, json!({ "id": Uuid::new_v4() }))
+        .await;
+    assert_eq!(of_b.status, StatusCode::OK);
+    assert_eq!(
+        of_b.body,
+        json!({ "data": { "user": null } }),
+        "{}",
+        of_b.text
+    );
+    assert_eq!(of_b.status, of_nobody.status);
+    assert_eq!(of_b.body, of_nobody.body);
+
+    // Waiting for a version of someone else's account also answers at once, with null.
+    let started = std::time::Instant::now();
+    let r = api
+        .gql(Some(&alice), USER, json!({ "id": b, "minVersion": 1 }))
+        .await;
+    assert_eq!(r.body, json!({ "data": { "user": null } }), "{}", r.text);
+    let r = api
+        .gql(Some(&alice), USER, json!({ "id": b, "minVersion": 99 }))
+        .await;
+    assert_eq!(r.body, json!({ "data": { "user": null } }), "{}", r.text);
+    let r = api
+        .gql(
+            Some(&alice),
+            USER,
+            json!({ "id": Uuid::new_v4(), "minVersion": 99 }),
+        )
+        .await;
+    assert_eq!(r.body, json!({ "data": { "user": null } }), "{}", r.text);
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+
+    let by_email_b = api
+        .gql(
+            Some(&alice),
+            USER_BY_EMAIL,
+            json!({ "email": "bob@example.com" }),
+        )
+        .await;
+    let by_email_nobody = api
+        .gql(
+            Some(&alice),
+            USER_BY_EMAIL,
+            json!({ "email": "nobody@example.com" }),
+        )
+        .await;
+    assert_eq!(
+        by_email_b.body,
+        json!({ "data": { "userByEmail": null } }),
+        "{}",
+        by_email_b.text
+    );
+    assert_eq!(by_email_b.body, by_email_nobody.body);
+
+    // Roles that are not admin do not open other accounts either.
+    for t in [auditor(), analytics()] {
+        let r = api.gql(Some(&t), USER, json!({ "id": b })).await;
+        assert_eq!(r.body, json!({ "data": { "user": null } }), "{}", r.text);
+    }
+    // The subject `b` itself does see it (the test can fail).
+    let r = api.gql(Some(&owner(b)), USER, json!({ "id": b })).await;
+    assert_eq!(r.ok()["user"]["email"], "bob@example.com");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_another_users_account_is_forbidden_and_appends_nothing() {
+    let api = Api::start().await;
+    let (a, _) = api.create_user("alice@example.com", "Alice").await;
+    let (b, b_created) = api.create_user("bob@example.com", "Bob").await;
+    let before = api.all_events().await;
+
+    let callers = [
+        ("user A", owner(a)),
+        ("auditor", auditor()),
+        ("analytics", analytics()),
+        ("a service without roles", token("svc", &[])),
+    ];
+    for (who, t) in &callers {
+        for target in [b, Uuid::new_v4()] {
+            let commands = [
+                (
+                    UPDATE_PROFILE,
+                    json!({ "id": target, "input": { "displayName": "Mallory" } }),
+                ),
+                (
+                    CHANGE_EMAIL,
+                    json!({ "id": target, "email": "mallory@example.com" }),
+                ),
+                (DELETE_ACCOUNT, json!({ "id": target })),
+            ];
+            for (query, vars) in commands {
+                let r = api.gql(Some(t), query, vars).await;
+                assert_eq!(r.codes(), vec!["FORBIDDEN"], "{who}: {}", r.text);
+                assert!(r.data().is_null(), "{who}: {}", r.text);
+            }
+        }
+    }
+    assert_eq!(
+        api.all_events().await,
+        before,
+        "a forbidden command appended"
+    );
+    // B is unchanged and the email is still B's.
+    let r = api.gql(Some(&owner(b)), USER, json!({ "id": b })).await;
+    assert_eq!(r.ok()["user"], b_created["user"]);
+    let r = api
+        .gql(
+            None,
+            CREATE_USER,
+            json!({ "input": { "email": "mallory@example.com", "displayName": "M" } }),
+        )
+        .await;
+    r.ok();
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_may_do_everything() {
+    let api = Api::start().await;
+    let (a, _) = api.create_user("alice@example.com", "Alice").await;
+    let (b, _) = api.create_user("bob@example.com", "Bob").await;
+    let admin = admin();
+
+    let r = api.gql(Some(&admin), USER, json!({ "id": b })).await;
+    assert_eq!(r.ok()["user"]["email"], "bob@example.com");
+    let r = api
+        .gql(
+            Some(&admin),
+            USER_BY_EMAIL,
+            json!({ "email": "alice@example.com" }),
+        )
+        .await;
+    assert_eq!(r.ok()["userByEmail"]["id"], a.to_string());
+
+    let r = api.gql(Some(&admin), USERS, json!({ "first": 10 })).await;
+    let ids: Vec<&str> = r.ok()["users"]["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["node"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![a.to_string(), b.to_string()]);
+
+    let r = api.gql(Some(&admin), PROJECTIONS, json!({})).await;
+    assert!(r.ok()["projections"].is_array(), "{}", r.text);
+
+    let r = api.gql(Some(&admin), EVENTS, json!({})).await;
+    let edges = r.ok()["events"]["edges"].as_array().unwrap();
+    assert_eq!(edges.len(), 2);
+    assert_eq!(edges[0]["node"]["payload"]["email"], "alice@example.com");
+
+    let r = api
+        .gql(
+            Some(&admin),
+            UPDATE_PROFILE,
+            json!({ "id": b, "input": { "displayName": "Bobby" } }),
+        )
+        .await;
+    assert_eq!(r.ok()["updateProfile"]["user"]["displayName"], "Bobby");
+    let r = api
+        .gql(
+            Some(&admin),
+            CHANGE_EMAIL,
+            json!({ "id": b, "email": "bobby@example.com" }),
+        )
+        .await;
+    assert_eq!(r.ok()["changeEmail"]["user"]["email"], "bobby@example.com");
+    let r = api
+        .gql(Some(&admin), DELETE_ACCOUNT, json!({ "id": b }))
+        .await;
+    assert_eq!(r.ok()["deleteAccount"]["id"], b.to_string());
+    let events = api.all_events().await;
+    assert_eq!(events.len(), 5);
+    assert_eq!(events[4].event_type, "AccountDeleted");
+    assert_eq!(events[4].metadata.actor.as_deref(), Some("test-admin"));
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_users_and_projections_needs_admin() {
+    let api = Api::start().await;
+    let (a, _) = api.create_user("alice@example.com", "Alice").await;
+    for (who, t) in [
+        ("user", owner(a)),
+        ("auditor", auditor()),
+        ("analytics", analytics()),
+    ] {
+        for query in [USERS, PROJECTIONS] {
+            let r = api.gql(Some(&t), query, json!({})).await;
+            assert_eq!(r.status, StatusCode::OK, "{who}: {}", r.text);
+            assert_eq!(r.codes(), vec!["FORBIDDEN"], "{who}: {}", r.text);
+            assert!(!r.text.contains("alice@example.com"), "{who}: {}", r.text);
+        }
+    }
+    api.stop().await;
+}
+
+/// Creates a user, changes every personal field and the email, and returns the id.
+async fn a_user_with_history(api: &Api) -> Uuid {
+    let (a, _) = api.create_user("carol@example.com", "Carol").await;
+    let carol = owner(a);
+    api.gql(
+        Some(&carol),
+        UPDATE_PROFILE,
+        json!({ "id": a, "input": {
+            "displayName": "Carol C.", "bio": "about me", "avatarUrl": "https://img.example.com/c.png"
+        } }),
+    )
+    .await
+    .ok();
+    api.gql(
+        Some(&carol),
+        CHANGE_EMAIL,
+        json!({ "id": a, "email": "carol.c@example.com" }),
+    )
+    .await
+    .ok();
+    api.gql(Some(&carol), DELETE_ACCOUNT, json!({ "id": a }))
+        .await
+        .ok();
+    let (_, _) = api.create_user("dave@example.com", "Dave").await;
+    a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auditors_read_events_with_personal_data() {
+    let api = Api::start().await;
+    let carol = a_user_with_history(&api).await;
+    let events = api.events_via_api(&auditor()).await;
+    let types: Vec<&str> = events
+        .iter()
+        .map(|e| e["eventType"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "UserCreated",
+            "ProfileUpdated",
+            "EmailChanged",
+            "AccountDeleted",
+            "UserCreated"
+        ]
+    );
+    assert_eq!(events[0]["payload"]["email"], "carol@example.com");
+    assert_eq!(events[0]["payload"]["displayName"], "Carol");
+    assert_eq!(events[0]["payload"]["userId"], carol.to_string());
+    assert_eq!(events[1]["payload"]["displayName"], "Carol C.");
+    assert_eq!(events[1]["payload"]["bio"], "about me");
+    assert_eq!(
+        events[1]["payload"]["avatarUrl"],
+        "https://img.example.com/c.png"
+    );
+    assert_eq!(events[2]["payload"]["oldEmail"], "carol@example.com");
+    assert_eq!(events[2]["payload"]["newEmail"], "carol.c@example.com");
+
+    // The `user` of an event is readable by an auditor (Dave is alive).
+    let r = api
+        .gql(
+            Some(&auditor()),
+            "{ events(types: [\"UserCreated\"]) { edges { node { user { email } } } } }",
+            json!({}),
+        )
+        .await;
+    let edges = r.ok()["events"]["edges"].as_array().unwrap();
+    assert_eq!(edges[1]["node"]["user"]["email"], "dave@example.com");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analytics_reads_events_without_personal_data() {
+    let api = Api::start().await;
+    let carol = a_user_with_history(&api).await;
+    let full = api.events_via_api(&auditor()).await;
+    let redacted = api.events_via_api(&analytics()).await;
+    assert_eq!(redacted.len(), 5);
+    assert_personal_data_left_out(&full, &redacted);
+    assert_eq!(redacted[0]["payload"]["userId"], carol.to_string());
+
+    // The event's `user` (personal data too) is not readable by analytics.
+    let r = api
+        .gql(
+            Some(&analytics()),
+            "{ events { edges { node { eventType user { email displayName } } } } }",
+            json!({}),
+        )
+        .await;
+    let text = r.text.clone();
+    for e in r.ok()["events"]["edges"].as_array().unwrap() {
+        assert!(e["node"]["user"].is_null(), "{text}");
+    }
+    for leak in [
+        "carol",
+        "Carol",
+        "dave",
+        "Dave",
+        "about me",
+        "img.example.com",
+    ] {
+        assert!(!text.contains(leak), "{leak} leaked: {text}");
+    }
+    api.stop().await;
+}
+
+/// `redacted` is `full` without the personal fields, everything else equal.
+pub fn assert_personal_data_left_out(full: &[Value], redacted: &[Value]) {
+    assert_eq!(full.len(), redacted.len());
+    for (f, r) in full.iter().zip(redacted) {
+        let payload = r["payload"].as_object().expect("a payload object");
+        for field in PERSONAL {
+            assert!(
+                !payload.contains_key(field),
+                "{field} in an analytics payload: {r}"
+            );
+        }
+        // Other fields are there, with their values.
+        assert!(payload.contains_key("occurredAt"), "{r}");
+        let mut expected = f["payload"].as_object().unwrap().clone();
+        expected.retain(|k, _| !PERSONAL.contains(&k.as_str()));
+        assert_eq!(payload, &expected);
+        for key in [
+            "eventId",
+            "aggregateType",
+            "aggregateId",
+            "sequence",
+            "position",
+            "eventType",
+            "eventVersion",
+            "recordedAt",
+            "metadata",
+        ] {
+            assert_eq!(r[key], f[key], "{key}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_users_may_not_read_events() {
+    let api = Api::start().await;
+    let (a, _) = api.create_user("alice@example.com", "Alice").await;
+    for vars in [json!({}), json!({ "aggregateId": a })] {
+        let r = api.gql(Some(&owner(a)), EVENTS, vars).await;
+        r.expect_error("FORBIDDEN");
+        assert!(!r.text.contains("alice@example.com"), "{}", r.text);
+    }
+    // Neither does a service without roles, nor roles this version does not know.
+    let r = api.gql(Some(&token("svc", &[])), EVENTS, json!({})).await;
+    r.expect_error("FORBIDDEN");
+    let unknown_roles = token_with_claims(&json!({
+        "sub": "svc", "roles": ["superuser", "Admin", "AUDITOR", "root"], "exp": unix_now() + 600
+    }));
+    let r = api.gql(Some(&unknown_roles), EVENTS, json!({})).await;
+    r.expect_error("FORBIDDEN");
+    let r = api.gql(Some(&unknown_roles), USERS, json!({})).await;
+    r.expect_error("FORBIDDEN");
+    api.stop().await;
+}
+
+const AUDIT_KEY: &str = "pcf-test-audit-key-3f9c2a";
+const ANALYTICS_KEY: &str = "pcf-test-analytics-key-77b1";
+const NO_ROLE_KEY: &str = "pcf-test-plain-key-0d4e";
+
+async fn api_with_keys() -> Api {
+    Api::with_files(|config, files| {
+        let path = files.join("api-keys.toml");
+        let text = format!(
+            "[[keys]]\nname = \"audit-service\"\nsha256 = \"{}\"\nroles = [\"auditor\"]\n\n\
+             [[keys]]\nname = \"bi-service\"\nsha256 = \"{}\"\nroles = [\"analytics\"]\n\n\
+             [[keys]]\nname = \"plain-service\"\nsha256 = \"{}\"\nroles = []\n",
+            sha256_hex(AUDIT_KEY),
+            sha256_hex(ANALYTICS_KEY),
+            sha256_hex(NO_ROLE_KEY),
+        );
+        std::fs::write(&path, text).expect("writing the keys file");
+        config.api_keys_file = Some(path);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_from_the_keys_file_carry_their_roles() {
+    let api = api_with_keys().await;
+    let _ = a_user_with_history(&api).await;
+    let full = api.events_via_api(&auditor()).await;
+
+    for auth in [
+        Auth::ApiKeyHeader(AUDIT_KEY.into()),
+        Auth::Raw(format!("ApiKey {AUDIT_KEY}")),
+    ] {
+        let r = api
+            .send(Gql::vars(EVENTS, json!({})).auth(auth.clone()))
+            .await;
+        let edges = r.ok()["events"]["edges"].as_array().unwrap().clone();
+        let nodes: Vec<Value> = edges.iter().map(|e| e["node"].clone()).collect();
+        assert_eq!(nodes, full, "{auth:?}");
+    }
+    for auth in [
+        Auth::ApiKeyHeader(ANALYTICS_KEY.into()),
+        Auth::Raw(format!("ApiKey {ANALYTICS_KEY}")),
+    ] {
+        let r = api
+            .send(Gql::vars(EVENTS, json!({})).auth(auth.clone()))
+            .await;
+        let nodes: Vec<Value> = r.ok()["events"]["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["node"].clone())
+            .collect();
+        assert_personal_data_left_out(&full, &nodes);
+    }
+    // A key without roles is a signed-in service that may not read the log or list users.
+    let r = api
+        .send(Gql::vars(EVENTS, json!({})).auth(Auth::ApiKeyHeader(NO_ROLE_KEY.into())))
+        .await;
+    r.expect_error("FORBIDDEN");
+    let r = api
+        .send(Gql::vars(USERS, json!({})).auth(Auth::ApiKeyHeader(AUDIT_KEY.into())))
+        .await;
+    r.expect_error("FORBIDDEN");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_api_key_is_unauthenticated() {
+    let api = api_with_keys().await;
+    let unknown = [
+        Auth::ApiKeyHeader("not-a-key".into()),
+        Auth::Raw("ApiKey not-a-key".into()),
+        // The hash itself is not the key.
+        Auth::ApiKeyHeader(sha256_hex(AUDIT_KEY)),
+        Auth::ApiKeyHeader(String::new()),
+        Auth::Raw("ApiKey".into()),
+    ];
+    for auth in unknown {
+        let r = api
+            .send(Gql::vars(EVENTS, json!({})).auth(auth.clone()))
+            .await;
+        r.expect_refused(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED");
+        assert!(r.data().is_null(), "{auth:?}: {}", r.text);
+        // Even sign-up is refused with bad credentials: they are not silently anonymous.
+        let r = api
+            .send(
+                Gql::vars(
+                    CREATE_USER,
+                    json!({ "input": { "email": "k@example.com", "displayName": "K" } }),
+                )
+                .auth(auth.clone()),
+            )
+            .await;
+        r.expect_refused(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED");
+    }
+    assert_eq!(api.event_count().await, 0);
+    api.stop().await;
+}

@@ -1,0 +1,440 @@
+//! Hardening of `POST /graphql`: depth, alias and complexity limits (400
+//! `QUERY_TOO_COMPLEX`), batches and malformed JSON (400 `BAD_REQUEST`), the body limit (413),
+//! a refused request runs no resolver, and production mode hides the schema (no
+//! introspection, no field suggestions, no GraphiQL).
+
+mod api_support;
+
+use api_support::*;
+use axum::http::StatusCode;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// A query whose deepest path has exactly `depth` fields (`__schema`, `types`, `ofType`…,
+/// `name`); introspection types nest without end.
+fn deep_query(depth: usize) -> String {
+    assert!(depth >= 3);
+    let mut q = String::from("{ __schema { types { ");
+    for _ in 0..depth - 3 {
+        q.push_str("ofType { ");
+    }
+    q.push_str("name");
+    for _ in 0..depth - 3 {
+        q.push_str(" }");
+    }
+    q.push_str(" } } }");
+    q
+}
+
+/// A query with `n` aliased fields.
+fn aliased_query(n: usize) -> String {
+    let fields: Vec<String> = (0..n).map(|i| format!("a{i}: __typename")).collect();
+    format!("{{ {} }}", fields.join(" "))
+}
+
+#[track_caller]
+fn too_complex(r: &Resp, what: &str) {
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{what}: {}", r.text);
+    assert!(!r.codes().is_empty(), "{what}: {}", r.text);
+    assert!(
+        r.codes().iter().all(|c| c == "QUERY_TOO_COMPLEX"),
+        "{what}: {}",
+        r.text
+    );
+    assert!(r.data().is_null(), "{what}: {}", r.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_16_deep_is_too_complex_and_15_deep_is_not() {
+    let api = Api::start().await;
+    assert_eq!(api.config.max_depth, 15);
+    let r = api.send(Gql::new(&deep_query(16)).bearer(&admin())).await;
+    too_complex(&r, "16 deep");
+    let r = api.send(Gql::new(&deep_query(15)).bearer(&admin())).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert!(!r.has_errors(), "15 deep was refused: {}", r.text);
+    assert!(r.data()["__schema"]["types"].is_array(), "{}", r.text);
+    // Depth through fragments counts too.
+    let q = format!("{{ ...F }} fragment F on Query {}", deep_query(16));
+    let r = api.send(Gql::new(&q).bearer(&admin())).await;
+    too_complex(&r, "16 deep through a fragment");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_aliases_are_too_complex_and_fifteen_are_not() {
+    let api = Api::start().await;
+    assert_eq!(api.config.max_aliases, 15);
+    let r = api.send(Gql::new(&aliased_query(15))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert!(!r.has_errors(), "15 aliases were refused: {}", r.text);
+    assert_eq!(r.data()["a14"], "Query");
+    let r = api.send(Gql::new(&aliased_query(16))).await;
+    too_complex(&r, "16 aliases");
+    // Aliases hidden in fragments and nested selections count too.
+    let q = "{ ...F u: user(id: \"x\") { a: id b: email c: displayName d: bio e: version } } \
+             fragment F on Query { f: __typename g: __typename h: __typename i: __typename \
+             j: __typename k: __typename l: __typename m: __typename n: __typename \
+             o: __typename p: __typename }";
+    let r = api.send(Gql::new(q).bearer(&admin())).await;
+    too_complex(&r, "16 aliases across a fragment and a nested selection");
+    api.stop().await;
+}
+
+/// `User` fields spread `width^levels` times through nested fragments.
+fn fragment_bomb(levels: usize, width: usize) -> String {
+    let mut doc = String::from(
+        "query { users(first: 100) { edges { node { ...F0 } } } }\n\
+         fragment F1 on User { id email displayName bio avatarUrl createdAt updatedAt version }\n",
+    );
+    let spreads = |name: String| vec![format!("...{name}"); width].join(" ");
+    for level in 2..=levels + 1 {
+        doc.push_str(&format!(
+            "fragment F{level} on User {{ {} }}\n",
+            spreads(format!("F{}", level - 1))
+        ));
+    }
+    doc.push_str(&format!("fragment F0 on User {{ ...F{} }}\n", levels + 1));
+    doc
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complexity_bomb_is_too_complex() {
+    let api = Api::start().await;
+    assert_eq!(api.config.max_complexity, 1000);
+    // Many fields: 1200 selections in a user page.
+    let fields =
+        vec!["id email displayName bio avatarUrl createdAt updatedAt version"; 150].join(" ");
+    let q = format!("{{ users(first: 100) {{ edges {{ node {{ {fields} }} }} }} }}");
+    let r = api.send(Gql::new(&q).bearer(&admin())).await;
+    too_complex(&r, "1200 fields");
+    // A small document that inlines to 8 * 12 * 12 = 1152 fields per node.
+    let r = api
+        .send(Gql::new(&fragment_bomb(2, 12)).bearer(&admin()))
+        .await;
+    too_complex(&r, "fragment bomb 8x12x12");
+    // Below the limit it runs (the control).
+    let r = api
+        .send(Gql::new(&fragment_bomb(1, 10)).bearer(&admin()))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert!(!r.has_errors(), "{}", r.text);
+    // Repeated unaliased fields count too.
+    let q = format!("{{ {} }}", vec!["projections { name }"; 501].join(" "));
+    let r = api.send(Gql::new(&q).bearer(&admin())).await;
+    too_complex(&r, "501 x projections { name }");
+    api.stop().await;
+}
+
+/// An exponential fragment bomb: an anonymous request of under 1 KB whose fragments inline
+/// to 8 * 10^8 fields. It must be refused quickly, not validated field by field while a core
+/// spins (validation is synchronous: `request_timeout` cannot interrupt it, and the worker
+/// thread serves nothing else meanwhile).
+#[test]
+fn an_exponential_fragment_bomb_is_refused_quickly() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let outcome = runtime.block_on(async {
+        let api = Api::start().await;
+        let doc = fragment_bomb(8, 10);
+        assert!(doc.len() < 2000, "{}", doc.len());
+        let router = api.router();
+        let started = Instant::now();
+        let call = tokio::spawn(async move { send(&router, Gql::new(&doc).request()).await });
+        let outcome = tokio::time::timeout(Duration::from_secs(20), call).await;
+        (
+            outcome.map(|r| r.expect("the request task")),
+            started.elapsed(),
+        )
+    });
+    // Do not wait for a validation that may never end.
+    runtime.shutdown_background();
+    match outcome {
+        (Ok(r), elapsed) => {
+            too_complex(&r, "exponential fragment bomb");
+            assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+        }
+        (Err(_), elapsed) => panic!(
+            "a {}-byte fragment bomb got no answer within {elapsed:?}",
+            fragment_bomb(8, 10).len()
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_query_runs_no_resolver() {
+    let api = Api::start().await;
+    let create =
+        "createUser(input: {email: \"bomb@example.com\", displayName: \"Bomb\"}) { version }";
+    let aliases: Vec<String> = (0..16).map(|i| format!("a{i}: __typename")).collect();
+    let over_aliases = format!("mutation {{ {create} {} }}", aliases.join(" "));
+    let r = api.send(Gql::new(&over_aliases)).await;
+    too_complex(&r, "mutation with 16 aliases");
+
+    let many =
+        vec!["id email displayName bio avatarUrl createdAt updatedAt version"; 130].join(" ");
+    let over_complexity = format!(
+        "mutation {{ createUser(input: {{email: \"bomb@example.com\", displayName: \"Bomb\"}}) \
+         {{ version user {{ {many} }} }} }}"
+    );
+    let r = api.send(Gql::new(&over_complexity)).await;
+    too_complex(&r, "mutation over the complexity limit");
+
+    let bomb = format!(
+        "mutation {{ createUser(input: {{email: \"bomb@example.com\", displayName: \"Bomb\"}}) \
+         {{ user {{ ...F0 }} }} }}\n{}",
+        fragment_bomb(2, 12).split_once('\n').unwrap().1
+    );
+    let r = api.send(Gql::new(&bomb)).await;
+    too_complex(&r, "mutation with a fragment bomb");
+
+    // Syntax and validation errors also run nothing.
+    for q in [
+        format!("mutation {{ {create} nope }}"),
+        format!("mutation {{ {create} "),
+    ] {
+        let r = api.send(Gql::new(&q)).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    }
+    // A batch whose first operation is a sign-up.
+    let batch = json!([
+        { "query": format!("mutation {{ {create} }}") },
+        { "query": "{ __typename }" }
+    ]);
+    let r = api.send(Gql::raw(batch.to_string())).await;
+    r.expect_refused(StatusCode::BAD_REQUEST, "BAD_REQUEST");
+
+    assert_eq!(api.event_count().await, 0, "a refused request appended");
+    // The same sign-up alone works (the control).
+    let r = api
+        .send(Gql::new(&format!("mutation {{ {create} }}")))
+        .await;
+    r.ok();
+    assert_eq!(api.event_count().await, 1);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_refused() {
+    let api = Api::start().await;
+    for body in [
+        json!([{ "query": "{ __typename }" }, { "query": "{ __typename }" }]).to_string(),
+        json!([{ "query": "{ __typename }" }]).to_string(),
+        "[]".to_owned(),
+    ] {
+        let r = api.send(Gql::raw(body.clone())).await;
+        r.expect_refused(StatusCode::BAD_REQUEST, "BAD_REQUEST");
+    }
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_mebibyte_body_is_payload_too_large() {
+    let api = Api::start().await;
+    assert_eq!(api.config.body_limit, 64 * 1024);
+    let padding = "x".repeat(1024 * 1024);
+    let body = json!({ "query": "{ __typename }", "variables": { "pad": padding } }).to_string();
+    let r = api.send(Gql::raw(body)).await;
+    r.expect_refused(StatusCode::PAYLOAD_TOO_LARGE, "BAD_REQUEST");
+    // Streamed, without a Content-Length.
+    let chunks: Vec<Result<axum::body::Bytes, std::io::Error>> = (0..16)
+        .map(|_| Ok(axum::body::Bytes::from(vec![b' '; 64 * 1024])))
+        .collect();
+    let mut request = axum::http::Request::post("/graphql")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from_stream(futures::stream::iter(chunks)))
+        .unwrap();
+    request.extensions_mut().insert(axum::extract::ConnectInfo(
+        DEFAULT_PEER.parse::<std::net::SocketAddr>().unwrap(),
+    ));
+    let r = api.send_request(request).await;
+    r.expect_refused(StatusCode::PAYLOAD_TOO_LARGE, "BAD_REQUEST");
+    // Not JSON at all, still 413 (the size is checked first).
+    let r = api.send(Gql::raw(vec![b'{'; 1024 * 1024])).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text);
+    // Just over the limit, and just under it (the control).
+    let over = json!({ "query": "{ __typename }", "variables": { "pad": "y".repeat(64 * 1024) } });
+    let r = api.send(Gql::raw(over.to_string())).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text);
+    let under = json!({ "query": "{ __typename }", "variables": { "pad": "y".repeat(60 * 1024) } });
+    let r = api.send(Gql::raw(under.to_string())).await;
+    r.ok();
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_json_is_a_bad_request() {
+    let api = Api::start().await;
+    for body in [
+        "{\"query\": ",
+        "{\"query\": \"{ __typename }\"",
+        "not json",
+        "",
+        "\u{0}\u{1}\u{2}",
+        "{\"query\": \"{ __typename }\"}}",
+    ] {
+        let r = api.send(Gql::raw(body)).await;
+        r.expect_refused(StatusCode::BAD_REQUEST, "BAD_REQUEST");
+    }
+    // Invalid UTF-8.
+    let r = api
+        .send(Gql::raw(vec![b'{', b'"', 0xff, 0xfe, b'"', b'}']))
+        .await;
+    r.expect_refused(StatusCode::BAD_REQUEST, "BAD_REQUEST");
+    // JSON, but not a GraphQL request.
+    for body in ["42", "\"{ __typename }\"", "{\"query\": 5}", "null"] {
+        let r = api.send(Gql::raw(body)).await;
+        r.expect_refused(StatusCode::BAD_REQUEST, "BAD_REQUEST");
+    }
+    api.stop().await;
+}
+
+async fn production() -> Api {
+    Api::with(|c| c.environment = pcf::config::Environment::Production).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_has_no_introspection() {
+    let dev = Api::start().await;
+    let prod = production().await;
+    for q in [
+        "{ __schema { types { name } } }",
+        "{ __type(name: \"User\") { fields { name } } }",
+        "{ __schema { queryType { fields { name } } } }",
+    ] {
+        // The control: development answers.
+        let r = dev.send(Gql::new(q).bearer(&admin())).await;
+        r.ok();
+        let r = prod.send(Gql::new(q).bearer(&admin())).await;
+        // Either refused, or answered with nothing: no schema information at all.
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let data = r.data();
+        assert!(
+            data.is_null() || (data["__schema"].is_null() && data["__type"].is_null()),
+            "production introspected: {}",
+            r.text
+        );
+        for leak in ["UserConnection", "displayName", "CreateUserInput"] {
+            assert!(!r.text.contains(leak), "{leak} leaked: {}", r.text);
+        }
+    }
+    // `__typename` is not introspection and still answers.
+    prod.send(Gql::new("{ __typename }")).await.ok();
+    dev.stop().await;
+    prod.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_makes_no_field_suggestions() {
+    let dev = Api::start().await;
+    let prod = production().await;
+    let queries = [
+        "{ userz(id: \"x\") { id } }",
+        "{ user(id: \"x\") { emails } }",
+        "{ events { edges { node { evenType } } } }",
+        "mutation { createUsr(input: {email: \"a@b.co\", displayName: \"A\"}) { version } }",
+    ];
+    for q in queries {
+        let r = dev.send(Gql::new(q).bearer(&admin())).await;
+        assert!(
+            r.text.contains("Did you mean"),
+            "the control: development suggests: {}",
+            r.text
+        );
+        let r = prod.send(Gql::new(q).bearer(&admin())).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+        assert!(r.has_errors(), "{}", r.text);
+        assert!(
+            !r.text.to_lowercase().contains("did you mean"),
+            "production suggested: {}",
+            r.text
+        );
+    }
+    // Wrong argument names are not suggested either.
+    let r = prod
+        .send(Gql::new("{ user(idd: \"x\") { id } }").bearer(&admin()))
+        .await;
+    assert!(r.has_errors());
+    assert!(
+        !r.text.to_lowercase().contains("did you mean"),
+        "{}",
+        r.text
+    );
+    dev.stop().await;
+    prod.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_serves_no_graphiql() {
+    let dev = Api::start().await;
+    let prod = production().await;
+    let get = |path: &str| {
+        axum::http::Request::get(path)
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    let r = dev.send_request(get("/graphiql")).await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "the control: development serves GraphiQL"
+    );
+    assert!(r.text.to_lowercase().contains("graphiql"));
+    let r = prod.send_request(get("/graphiql")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
+    assert!(!r.text.to_lowercase().contains("graphiql"), "{}", r.text);
+    // GET /graphql is no playground either.
+    let r = prod.send_request(get("/graphql")).await;
+    assert_ne!(r.status, StatusCode::OK, "{}", r.text);
+    dev.stop().await;
+    prod.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_does_not_start_without_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = pcf::Config {
+        data_dir: dir.path().to_path_buf(),
+        environment: pcf::config::Environment::Production,
+        ..Default::default()
+    };
+    let Err(e) = pcf::build(&config).await else {
+        panic!("production started without a JWT secret or public key");
+    };
+    assert!(format!("{e:#}").contains("PCF_JWT_SECRET"), "{e:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_are_configurable() {
+    let api = Api::with(|c| {
+        c.max_depth = 5;
+        c.max_aliases = 2;
+        c.max_complexity = 20;
+        c.body_limit = 1024;
+    })
+    .await;
+    too_complex(
+        &api.send(Gql::new(&deep_query(6)).bearer(&admin())).await,
+        "6 deep",
+    );
+    api.send(Gql::new(&deep_query(5)).bearer(&admin()))
+        .await
+        .ok();
+    too_complex(&api.send(Gql::new(&aliased_query(3))).await, "3 aliases");
+    api.send(Gql::new(&aliased_query(2))).await.ok();
+    let q = format!("{{ {} }}", ["projections { name }"; 11].join(" "));
+    too_complex(
+        &api.send(Gql::new(&q).bearer(&admin())).await,
+        "11 x projections { name }",
+    );
+    let q = format!("{{ {} }}", ["projections { name }"; 10].join(" "));
+    api.send(Gql::new(&q).bearer(&admin())).await.ok();
+    let body = json!({ "query": "{ __typename }", "variables": { "p": "z".repeat(1100) } });
+    let r = api.send(Gql::raw(body.to_string())).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text);
+    let _: Value = api.send(Gql::new("{ __typename }")).await.ok().clone();
+    api.stop().await;
+}

@@ -1,0 +1,405 @@
+//! Rate limits (CONTRACT.md): per minute, 1000 anonymous requests per client address, 5000
+//! per authenticated subject, 10000 for tier `premium`; over the limit HTTP 429 with
+//! `Retry-After` and `RATE_LIMITED`. `X-Forwarded-For` counts only from a trusted proxy. The
+//! windows are fixed minutes, so each burst first makes sure enough of the minute is left.
+
+mod api_support;
+
+use api_support::*;
+use axum::http::StatusCode;
+use pcf::config::RateLimits;
+use serde_json::json;
+
+const PING: &str = "{ __typename }";
+
+fn limits(anonymous: u32, authenticated: u32, premium: u32) -> RateLimits {
+    RateLimits {
+        anonymous,
+        authenticated,
+        premium,
+    }
+}
+
+#[track_caller]
+fn allowed(r: &Resp, what: &str) {
+    assert_eq!(r.status, StatusCode::OK, "{what}: {}", r.text);
+    assert!(!r.has_errors(), "{what}: {}", r.text);
+}
+
+#[track_caller]
+fn limited(r: &Resp, what: &str) {
+    assert_eq!(
+        r.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{what}: {}",
+        r.text
+    );
+    assert_eq!(r.codes(), vec!["RATE_LIMITED"], "{what}: {}", r.text);
+    let retry_after: u64 = r
+        .headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: no numeric Retry-After: {:?}", r.headers));
+    assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_1001st_anonymous_request_in_a_minute_is_refused() {
+    let api = Api::start().await;
+    assert_eq!(api.config.rate_limits.anonymous, 1000);
+    fresh_window(10).await;
+    for i in 1..=1000 {
+        let r = api.send(Gql::new(PING).peer("198.51.100.7:5000")).await;
+        allowed(&r, &format!("request {i}"));
+    }
+    let r = api.send(Gql::new(PING).peer("198.51.100.7:5001")).await;
+    limited(&r, "request 1001");
+    // Another address is counted on its own.
+    let r = api.send(Gql::new(PING).peer("198.51.100.8:5000")).await;
+    allowed(&r, "another address");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_requests_are_counted_per_address() {
+    let api = Api::with(|c| c.rate_limits = limits(5, 100, 100)).await;
+    fresh_window(5).await;
+    for i in 1..=5 {
+        allowed(
+            &api.send(Gql::new(PING).peer("203.0.113.1:1000")).await,
+            &format!("A {i}"),
+        );
+    }
+    // A new port of the same host is the same client.
+    limited(
+        &api.send(Gql::new(PING).peer("203.0.113.1:1001")).await,
+        "A 6",
+    );
+    limited(
+        &api.send(Gql::new(PING).peer("203.0.113.1:1002")).await,
+        "A 7",
+    );
+    for i in 1..=5 {
+        allowed(
+            &api.send(Gql::new(PING).peer("203.0.113.2:1000")).await,
+            &format!("B {i}"),
+        );
+    }
+    limited(
+        &api.send(Gql::new(PING).peer("203.0.113.2:1000")).await,
+        "B 6",
+    );
+    // IPv6 clients too.
+    for i in 1..=5 {
+        allowed(
+            &api.send(Gql::new(PING).peer("[2001:db8::1]:443")).await,
+            &format!("v6 {i}"),
+        );
+    }
+    limited(
+        &api.send(Gql::new(PING).peer("[2001:db8::1]:443")).await,
+        "v6 6",
+    );
+    // A signed-in caller from a limited address is counted by subject instead.
+    let r = api
+        .send(
+            Gql::new(PING)
+                .peer("203.0.113.1:1000")
+                .bearer(&token("someone", &[])),
+        )
+        .await;
+    allowed(&r, "signed in from A");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_request_runs_nothing() {
+    let api = Api::with(|c| c.rate_limits = limits(2, 100, 100)).await;
+    fresh_window(5).await;
+    for i in 0..2 {
+        allowed(&api.send(Gql::new(PING)).await, &format!("{i}"));
+    }
+    let r = api
+        .send(Gql::vars(
+            CREATE_USER,
+            json!({ "input": { "email": "late@example.com", "displayName": "Late" } }),
+        ))
+        .await;
+    limited(&r, "createUser over the limit");
+    assert!(r.data().is_null());
+    assert_eq!(api.event_count().await, 0, "a limited createUser appended");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_from_an_untrusted_peer_does_not_dodge_the_limit() {
+    // 10.0.0.9 is a trusted proxy; the client below is not it.
+    let api = Api::with(|c| {
+        c.rate_limits = limits(5, 100, 100);
+        c.trusted_proxies = vec!["10.0.0.9".parse().unwrap()];
+    })
+    .await;
+    fresh_window(5).await;
+    for i in 1..=5 {
+        let r = api
+            .send(
+                Gql::new(PING)
+                    .peer("203.0.113.50:4000")
+                    .header("x-forwarded-for", &format!("198.18.0.{i}")),
+            )
+            .await;
+        allowed(&r, &format!("{i}"));
+    }
+    for spoof in [
+        "198.18.0.99",
+        "10.0.0.9",
+        "198.18.0.100, 10.0.0.9",
+        "unknown",
+        "203.0.113.51",
+    ] {
+        let r = api
+            .send(
+                Gql::new(PING)
+                    .peer("203.0.113.50:4000")
+                    .header("x-forwarded-for", spoof)
+                    .header("x-real-ip", "198.18.1.1")
+                    .header("forwarded", "for=198.18.1.2"),
+            )
+            .await;
+        limited(&r, &format!("spoofed {spoof:?}"));
+    }
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_from_a_trusted_proxy_counts_each_client() {
+    let api = Api::with(|c| {
+        c.rate_limits = limits(5, 100, 100);
+        c.trusted_proxies = vec!["10.0.0.9".parse().unwrap(), "10.0.0.10".parse().unwrap()];
+    })
+    .await;
+    fresh_window(5).await;
+    let via_proxy = |xff: &str| {
+        Gql::new(PING)
+            .peer("10.0.0.9:50000")
+            .header("x-forwarded-for", xff)
+    };
+    for i in 1..=5 {
+        allowed(
+            &api.send(via_proxy("198.51.100.1")).await,
+            &format!("client 1, {i}"),
+        );
+    }
+    limited(&api.send(via_proxy("198.51.100.1")).await, "client 1, 6");
+    // Another client behind the same proxy has its own count.
+    for i in 1..=5 {
+        allowed(
+            &api.send(via_proxy("198.51.100.2")).await,
+            &format!("client 2, {i}"),
+        );
+    }
+    limited(&api.send(via_proxy("198.51.100.2")).await, "client 2, 6");
+    // What the client itself wrote before the proxy appended its address does not count:
+    // the nearest untrusted address is the client.
+    for i in 1..=5 {
+        let xff = format!("192.0.2.{i}, 198.51.100.3");
+        allowed(&api.send(via_proxy(&xff)).await, &format!("client 3, {i}"));
+    }
+    limited(
+        &api.send(via_proxy("192.0.2.77, 198.51.100.3")).await,
+        "client 3, 6",
+    );
+    // Through a chain of two trusted proxies, the client is still the one counted.
+    limited(
+        &api.send(via_proxy("198.51.100.3, 10.0.0.10")).await,
+        "client 3 through two proxies",
+    );
+    allowed(
+        &api.send(via_proxy("198.51.100.4, 10.0.0.10")).await,
+        "client 4 through two proxies",
+    );
+    // The proxy's own requests (no header) are the proxy's: still allowed.
+    allowed(
+        &api.send(Gql::new(PING).peer("10.0.0.9:50000")).await,
+        "the proxy itself",
+    );
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn premium_subjects_get_a_higher_limit_than_standard_ones() {
+    let api = Api::with(|c| c.rate_limits = limits(2, 3, 6)).await;
+    fresh_window(5).await;
+    let standard = token("standard-subject", &[]);
+    let premium = token_with_tier("premium-subject", &[], Some("premium"));
+    for i in 1..=3 {
+        allowed(
+            &api.send(Gql::new(PING).bearer(&standard)).await,
+            &format!("standard {i}"),
+        );
+    }
+    limited(
+        &api.send(Gql::new(PING).bearer(&standard)).await,
+        "standard 4",
+    );
+    for i in 1..=6 {
+        allowed(
+            &api.send(Gql::new(PING).bearer(&premium)).await,
+            &format!("premium {i}"),
+        );
+    }
+    limited(
+        &api.send(Gql::new(PING).bearer(&premium)).await,
+        "premium 7",
+    );
+    // An unknown tier is standard.
+    let gold = token_with_tier("gold-subject", &[], Some("gold"));
+    for i in 1..=3 {
+        allowed(
+            &api.send(Gql::new(PING).bearer(&gold)).await,
+            &format!("gold {i}"),
+        );
+    }
+    limited(&api.send(Gql::new(PING).bearer(&gold)).await, "gold 4");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_requests_are_counted_per_subject_not_per_address() {
+    let api = Api::with(|c| c.rate_limits = limits(100, 3, 6)).await;
+    fresh_window(5).await;
+    let t = token("roaming-subject", &[]);
+    for (i, peer) in ["192.0.2.1:1", "192.0.2.2:1", "192.0.2.3:1"]
+        .into_iter()
+        .enumerate()
+    {
+        allowed(
+            &api.send(Gql::new(PING).bearer(&t).peer(peer)).await,
+            &format!("{i}"),
+        );
+    }
+    limited(
+        &api.send(Gql::new(PING).bearer(&t).peer("192.0.2.4:1"))
+            .await,
+        "a fourth address",
+    );
+    // A fresh token of the same subject shares the count.
+    let again = token("roaming-subject", &["auditor"]);
+    limited(
+        &api.send(Gql::new(PING).bearer(&again)).await,
+        "same subject",
+    );
+    // Another subject from the same address is not limited.
+    allowed(
+        &api.send(
+            Gql::new(PING)
+                .bearer(&token("other-subject", &[]))
+                .peer("192.0.2.1:1"),
+        )
+        .await,
+        "other subject",
+    );
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_are_limited_per_key_with_their_tier() {
+    const KEY: &str = "pcf-ratelimit-test-key";
+    const PREMIUM_KEY: &str = "pcf-ratelimit-test-premium-key";
+    let api = Api::with_files(|c, files| {
+        let path = files.join("keys.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[[keys]]\nname = \"svc\"\nsha256 = \"{}\"\nroles = [\"analytics\"]\n\n\
+                 [[keys]]\nname = \"svc-premium\"\nsha256 = \"{}\"\nroles = [\"analytics\"]\ntier = \"premium\"\n",
+                sha256_hex(KEY),
+                sha256_hex(PREMIUM_KEY)
+            ),
+        )
+        .unwrap();
+        c.api_keys_file = Some(path);
+        c.rate_limits = limits(100, 2, 4);
+    })
+    .await;
+    fresh_window(5).await;
+    for i in 1..=2 {
+        let r = api
+            .send(Gql::new(PING).auth(Auth::ApiKeyHeader(KEY.into())))
+            .await;
+        allowed(&r, &format!("key {i}"));
+    }
+    let r = api
+        .send(Gql::new(PING).auth(Auth::Raw(format!("ApiKey {KEY}"))))
+        .await;
+    limited(&r, "key 3");
+    for i in 1..=4 {
+        let r = api
+            .send(Gql::new(PING).auth(Auth::ApiKeyHeader(PREMIUM_KEY.into())))
+            .await;
+        allowed(&r, &format!("premium key {i}"));
+    }
+    let r = api
+        .send(Gql::new(PING).auth(Auth::ApiKeyHeader(PREMIUM_KEY.into())))
+        .await;
+    limited(&r, "premium key 5");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_websocket_upgrade_is_rate_limited_by_address() {
+    let api = Api::with(|c| c.rate_limits = limits(2, 100, 100)).await;
+    fresh_window(5).await;
+    let ws_upgrade = || {
+        let mut request = axum::http::Request::get("/graphql/ws")
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-protocol", "graphql-transport-ws")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        request.extensions_mut().insert(axum::extract::ConnectInfo(
+            "198.51.100.200:1234"
+                .parse::<std::net::SocketAddr>()
+                .unwrap(),
+        ));
+        request
+    };
+    for _ in 0..2 {
+        let r = api.send_request(ws_upgrade()).await;
+        assert_ne!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text);
+    }
+    let r = api.send_request(ws_upgrade()).await;
+    limited(&r, "third upgrade");
+    api.stop().await;
+}
+
+/// Shared through Redis: two instances with the same Redis count together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_sharing_redis_share_the_count() {
+    let redis = std::env::var("PCF_TEST_REDIS_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+    let prefix = format!("pcf-api-test-{}", uuid::Uuid::new_v4().simple());
+    let tune = |c: &mut pcf::Config| {
+        c.rate_limits = limits(5, 100, 100);
+        c.redis_url = Some(redis.clone());
+        c.redis_prefix = prefix.clone();
+    };
+    let one = Api::with(tune).await;
+    let two = Api::with(tune).await;
+    fresh_window(5).await;
+    for i in 1..=3 {
+        allowed(&one.send(Gql::new(PING)).await, &format!("one {i}"));
+    }
+    for i in 4..=5 {
+        allowed(&two.send(Gql::new(PING)).await, &format!("two {i}"));
+    }
+    limited(&two.send(Gql::new(PING)).await, "two 6");
+    limited(&one.send(Gql::new(PING)).await, "one 7");
+    one.stop().await;
+    two.stop().await;
+}

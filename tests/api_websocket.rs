@@ -1,0 +1,496 @@
+//! `GET /graphql/ws` (graphql-transport-ws) on a real loopback socket: a connection without
+//! valid credentials in `connection_init` is refused (no `connection_ack`); `events` follows
+//! the log with the caller's access (auditor: everything; analytics: no personal data; plain
+//! users: refused); a client that disconnects and resumes from the last position it saw gets
+//! every event exactly once, in order; `userChanged` pushes the owner's new state.
+
+mod api_support;
+
+use api_support::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const EVENTS_SUB: &str = "subscription($after: String, $aggregateId: ID, $types: [String!]) {
+  events(after: $after, aggregateId: $aggregateId, types: $types) {
+    eventId aggregateId sequence position eventType payload
+  }
+}";
+
+const USER_CHANGED: &str = "subscription($id: ID!) {
+  userChanged(id: $id) { id email displayName bio version }
+}";
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Asserts the server refused the connection: no `connection_ack`, and the connection ends.
+async fn assert_refused(server: &Server, payload: Value, what: &str) {
+    let mut ws = WsClient::connect(server).await;
+    let answer = ws.init(payload).await;
+    match &answer {
+        WsIn::Closed(code, reason) => {
+            assert!(
+                (4000..5000).contains(code) || *code == 1002 || *code == 1008,
+                "{what}: closed with {code} {reason:?}"
+            );
+        }
+        WsIn::Gone(_) => {}
+        WsIn::Msg(m) => panic!("{what}: the server answered {m}"),
+        WsIn::Silent => panic!("{what}: the server neither acknowledged nor closed"),
+    }
+    // Nothing more comes through, subscriptions included.
+    let _ = ws
+        .try_send(json!({
+            "id": "1",
+            "type": "subscribe",
+            "payload": { "query": EVENTS_SUB, "variables": { "after": START } },
+        }))
+        .await;
+    match ws.next(Duration::from_millis(500)).await {
+        WsIn::Msg(m) => panic!("{what}: data after a refused init: {m}"),
+        WsIn::Closed(..) | WsIn::Gone(_) | WsIn::Silent => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_without_valid_credentials_is_refused() {
+    let api = Api::start().await;
+    api.create_user("ws@example.com", "Ws").await;
+    let server = Server::start(api.router()).await;
+
+    let now = unix_now();
+    let expired = token_with_claims(
+        &json!({ "sub": "a", "roles": ["auditor"], "iat": now - 7200, "exp": now - 3600 }),
+    );
+    let none_alg = format!(
+        "{}.{}.",
+        b64url(br#"{"alg":"none","typ":"JWT"}"#),
+        b64url(
+            json!({ "sub": "a", "roles": ["auditor"], "exp": now + 600 })
+                .to_string()
+                .as_bytes()
+        )
+    );
+    let other_secret = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({ "sub": "a", "roles": ["auditor"], "exp": now + 600 }),
+        &jsonwebtoken::EncodingKey::from_secret(b"not-the-secret"),
+    )
+    .unwrap();
+    let refusals = [
+        (json!({}), "no payload fields"),
+        (json!(null), "null payload"),
+        (json!({ "authorization": "" }), "empty authorization"),
+        (json!({ "authorization": "Bearer" }), "Bearer alone"),
+        (
+            json!({ "authorization": "Bearer garbage" }),
+            "garbage token",
+        ),
+        (
+            json!({ "authorization": format!("Bearer {expired}") }),
+            "expired",
+        ),
+        (
+            json!({ "authorization": format!("Bearer {none_alg}") }),
+            "alg none",
+        ),
+        (
+            json!({ "authorization": format!("Bearer {other_secret}") }),
+            "other secret",
+        ),
+        (json!({ "authorization": "ApiKey nope" }), "unknown API key"),
+        (json!({ "authorization": 42 }), "a number"),
+        (json!({ "token": auditor() }), "a token under another name"),
+        (json!({ "authorization": auditor() }), "no scheme"),
+    ];
+    for (payload, what) in refusals {
+        assert_refused(&server, payload, what).await;
+    }
+
+    // Subscribing without connection_init at all gets nothing.
+    let mut ws = WsClient::connect(&server).await;
+    ws.subscribe("1", EVENTS_SUB, json!({ "after": START }))
+        .await;
+    match ws.next(Duration::from_secs(5)).await {
+        WsIn::Msg(m) => panic!("data without connection_init: {m}"),
+        WsIn::Closed(..) | WsIn::Gone(_) | WsIn::Silent => {}
+    }
+
+    // The control: a valid token is acknowledged (both spellings of the key).
+    WsClient::authenticated(&server, &auditor())
+        .await
+        .close()
+        .await;
+    let mut ws = WsClient::connect(&server).await;
+    match ws
+        .init(json!({ "Authorization": format!("Bearer {}", auditor()) }))
+        .await
+    {
+        WsIn::Msg(m) if m["type"] == "connection_ack" => {}
+        other => panic!("expected connection_ack, got {other:?}"),
+    }
+    drop(server);
+    api.stop().await;
+}
+
+/// Reads `next` messages of subscription `id` until `n` items arrived (panics on an error,
+/// a `complete` or silence).
+async fn take(ws: &mut WsClient, id: &str, n: usize, field: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        match ws.next(WAIT).await {
+            WsIn::Msg(m) if m["type"] == "next" && m["id"] == id => {
+                assert!(
+                    m["payload"]["errors"].is_null(),
+                    "an error in the stream: {m}"
+                );
+                out.push(m["payload"]["data"][field].clone());
+            }
+            other => panic!("expected item {} of {n}, got {other:?}", out.len() + 1),
+        }
+    }
+    out
+}
+
+/// The first message of subscription `id`, expected to be an error with `code`.
+async fn expect_stream_error(ws: &mut WsClient, id: &str, code: &str) {
+    match ws.next(WAIT).await {
+        WsIn::Msg(m) if m["id"] == id && (m["type"] == "next" || m["type"] == "error") => {
+            let errors = if m["type"] == "error" {
+                m["payload"].clone()
+            } else {
+                m["payload"]["errors"].clone()
+            };
+            assert_eq!(errors[0]["extensions"]["code"], code, "{m}");
+            assert!(m["payload"]["data"].is_null(), "{m}");
+        }
+        other => panic!("expected a {code} error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auditor_subscription_receives_events_replayed_then_live() {
+    let api = Api::start().await;
+    let (a, _) = api.create_user("first@example.com", "First").await;
+    let server = Server::start(api.router()).await;
+    let mut ws = WsClient::authenticated(&server, &auditor()).await;
+    ws.subscribe("s1", EVENTS_SUB, json!({ "after": START }))
+        .await;
+    let replayed = take(&mut ws, "s1", 1, "events").await;
+    assert_eq!(replayed[0]["eventType"], "UserCreated");
+    assert_eq!(replayed[0]["payload"]["email"], "first@example.com");
+    assert_eq!(replayed[0]["payload"]["displayName"], "First");
+
+    // Live: a new user and a change.
+    let (b, _) = api.create_user("second@example.com", "Second").await;
+    api.gql(
+        Some(&owner(a)),
+        UPDATE_PROFILE,
+        json!({ "id": a, "input": { "bio": "live bio" } }),
+    )
+    .await
+    .ok();
+    let live = take(&mut ws, "s1", 2, "events").await;
+    assert_eq!(live[0]["aggregateId"], b.to_string());
+    assert_eq!(live[0]["payload"]["email"], "second@example.com");
+    assert_eq!(live[1]["eventType"], "ProfileUpdated");
+    assert_eq!(live[1]["payload"]["bio"], "live bio");
+
+    // Filters: one user's events of one type.
+    ws.subscribe(
+        "s2",
+        EVENTS_SUB,
+        json!({ "after": START, "aggregateId": a, "types": ["ProfileUpdated"] }),
+    )
+    .await;
+    let filtered = take(&mut ws, "s2", 1, "events").await;
+    assert_eq!(filtered[0]["payload"]["bio"], "live bio");
+    ws.close().await;
+    drop(server);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analytics_subscriptions_leave_personal_data_out_and_users_are_refused() {
+    let api = Api::start().await;
+    let (a, _) = api
+        .create_user("private@example.com", "Private Person")
+        .await;
+    api.gql(
+        Some(&owner(a)),
+        CHANGE_EMAIL,
+        json!({ "id": a, "email": "private2@example.com" }),
+    )
+    .await
+    .ok();
+    let server = Server::start(api.router()).await;
+
+    let mut ws = WsClient::authenticated(&server, &analytics()).await;
+    ws.subscribe("a", EVENTS_SUB, json!({ "after": START }))
+        .await;
+    let events = take(&mut ws, "a", 2, "events").await;
+    for e in &events {
+        let payload = e["payload"].as_object().expect("a payload");
+        for field in [
+            "email",
+            "displayName",
+            "bio",
+            "avatarUrl",
+            "oldEmail",
+            "newEmail",
+        ] {
+            assert!(!payload.contains_key(field), "{field} in {e}");
+        }
+        assert!(payload.contains_key("occurredAt"), "{e}");
+        assert_eq!(e["aggregateId"], a.to_string());
+    }
+    assert_eq!(events[0]["payload"]["userId"], a.to_string());
+    assert_eq!(events[1]["eventType"], "EmailChanged");
+    ws.close().await;
+
+    // A plain user may not follow the log; nor follow someone else's account.
+    let (b, _) = api.create_user("other@example.com", "Other").await;
+    let mut ws = WsClient::authenticated(&server, &owner(b)).await;
+    ws.subscribe("e", EVENTS_SUB, json!({ "after": START }))
+        .await;
+    expect_stream_error(&mut ws, "e", "FORBIDDEN").await;
+    ws.subscribe("u", USER_CHANGED, json!({ "id": a })).await;
+    loop {
+        // The `complete` of "e" may come first.
+        match ws.next(WAIT).await {
+            WsIn::Msg(m) if m["type"] == "complete" && m["id"] == "e" => continue,
+            WsIn::Msg(m) if m["id"] == "u" => {
+                let errors = if m["type"] == "error" {
+                    m["payload"].clone()
+                } else {
+                    m["payload"]["errors"].clone()
+                };
+                assert_eq!(errors[0]["extensions"]["code"], "NOT_FOUND", "{m}");
+                break;
+            }
+            other => panic!("expected NOT_FOUND for userChanged, got {other:?}"),
+        }
+    }
+    ws.close().await;
+    drop(server);
+    api.stop().await;
+}
+
+/// Writes `updates` profile changes to a new user, pausing between them.
+async fn writer(router: axum::Router, n: usize, updates: usize) {
+    let email = format!("writer{n}@example.com");
+    let r = send(
+        &router,
+        Gql::vars(
+            CREATE_USER,
+            json!({ "input": { "email": email, "displayName": format!("Writer {n}") } }),
+        )
+        .request(),
+    )
+    .await;
+    let id = r.ok()["createUser"]["user"]["id"]
+        .as_str()
+        .expect("an id")
+        .to_owned();
+    let t = token(&id, &[]);
+    for i in 0..updates {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        let r = send(
+            &router,
+            Gql::vars(
+                UPDATE_PROFILE,
+                json!({ "id": id, "input": { "bio": format!("update {i} of writer {n}") } }),
+            )
+            .bearer(&t)
+            .request(),
+        )
+        .await;
+        r.ok();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_subscription_gets_every_event_exactly_once_in_order() {
+    let api = Api::start().await;
+    for i in 0..3 {
+        api.create_user(&format!("seed{i}@example.com"), &format!("Seed {i}"))
+            .await;
+    }
+    let server = Server::start(api.router()).await;
+    let mut seen: Vec<Value> = Vec::new();
+
+    let mut ws = WsClient::authenticated(&server, &auditor()).await;
+    ws.subscribe("1", EVENTS_SUB, json!({ "after": START }))
+        .await;
+    seen.extend(take(&mut ws, "1", 3, "events").await);
+
+    // Concurrent writers, while subscribed.
+    let writers: Vec<_> = (0..4)
+        .map(|n| tokio::spawn(writer(api.router(), n, 12)))
+        .collect();
+    seen.extend(take(&mut ws, "1", 10, "events").await);
+    // Disconnect midway, without a goodbye.
+    drop(ws);
+    let last = seen.last().unwrap()["position"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let still_writing = writers.iter().any(|w| !w.is_finished());
+
+    let mut ws = WsClient::authenticated(&server, &auditor()).await;
+    ws.subscribe("2", EVENTS_SUB, json!({ "after": last }))
+        .await;
+    for w in writers {
+        w.await.expect("a writer");
+    }
+    let expected = api.events_via_api(&auditor()).await;
+    assert_eq!(expected.len(), 3 + 4 * 13);
+    let missing = expected.len() - seen.len();
+    seen.extend(take(&mut ws, "2", missing, "events").await);
+    // Nothing more (no duplicates, nothing extra).
+    match ws.next(Duration::from_millis(500)).await {
+        WsIn::Silent => {}
+        other => panic!("more than every event: {other:?}"),
+    }
+
+    let ids = |events: &[Value]| -> Vec<String> {
+        events
+            .iter()
+            .map(|e| e["eventId"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ids(&seen), ids(&expected));
+    for (got, want) in seen.iter().zip(&expected) {
+        assert_eq!(got["position"], want["position"]);
+        assert_eq!(got["payload"], want["payload"]);
+    }
+    let positions: Vec<&str> = seen
+        .iter()
+        .map(|e| e["position"].as_str().unwrap())
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+    assert!(
+        still_writing,
+        "the writers were done before the disconnect; the test proved less than it should"
+    );
+    ws.close().await;
+    drop(server);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_changed_pushes_the_owners_new_state() {
+    let api = Api::start().await;
+    let (a, _) = api.create_user("changing@example.com", "Before").await;
+    let alice = owner(a);
+    let server = Server::start(api.router()).await;
+    let mut ws = WsClient::authenticated(&server, &alice).await;
+    ws.subscribe("u", USER_CHANGED, json!({ "id": a })).await;
+
+    // The subscription starts "from now on": update until the first push arrives.
+    let mut names = std::collections::HashMap::new();
+    let mut first = None;
+    for i in 0..20 {
+        let name = format!("Name {i}");
+        let r = api
+            .gql(
+                Some(&alice),
+                UPDATE_PROFILE,
+                json!({ "id": a, "input": { "displayName": name } }),
+            )
+            .await;
+        let version = r.ok()["updateProfile"]["version"].as_i64().unwrap();
+        names.insert(version, name);
+        match ws.next(Duration::from_millis(500)).await {
+            WsIn::Msg(m) if m["type"] == "next" && m["id"] == "u" => {
+                first = Some(m["payload"]["data"]["userChanged"].clone());
+                break;
+            }
+            WsIn::Silent => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let first = first.expect("no push after 20 updates");
+    assert_eq!(first["id"], a.to_string());
+    let version = first["version"].as_i64().unwrap();
+    assert_eq!(first["displayName"], names[&version], "{first}");
+
+    // Now surely subscribed: the next change is pushed with the new state.
+    let r = api
+        .gql(
+            Some(&alice),
+            UPDATE_PROFILE,
+            json!({ "id": a, "input": { "displayName": "Final", "bio": "pushed" } }),
+        )
+        .await;
+    let final_version = r.ok()["updateProfile"]["version"].as_i64().unwrap();
+    loop {
+        let pushed = take(&mut ws, "u", 1, "userChanged").await.remove(0);
+        let v = pushed["version"].as_i64().unwrap();
+        if v < final_version {
+            // An earlier update of the loop above, pushed late.
+            assert_eq!(pushed["displayName"], names[&v]);
+            continue;
+        }
+        assert_eq!(v, final_version);
+        assert_eq!(pushed["displayName"], "Final");
+        assert_eq!(pushed["bio"], "pushed");
+        assert_eq!(pushed["email"], "changing@example.com");
+        break;
+    }
+
+    // Deleting the account ends the stream.
+    api.gql(Some(&alice), DELETE_ACCOUNT, json!({ "id": a }))
+        .await
+        .ok();
+    match ws.next(WAIT).await {
+        WsIn::Msg(m) if m["type"] == "complete" && m["id"] == "u" => {}
+        other => panic!("expected complete after deleteAccount, got {other:?}"),
+    }
+    ws.close().await;
+    drop(server);
+    api.stop().await;
+}
+
+/// Operations sent over an open websocket count against the subject's rate limit like HTTP
+/// requests (CONTRACT.md: 5000 per authenticated subject per minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_over_a_websocket_are_rate_limited() {
+    let api = Api::with(|c| {
+        c.rate_limits = pcf::config::RateLimits {
+            anonymous: 100,
+            authenticated: 3,
+            premium: 6,
+        }
+    })
+    .await;
+    fresh_window(15).await;
+    let server = Server::start(api.router()).await;
+    let t = token("ws-subject", &[]);
+    let mut ws = WsClient::authenticated(&server, &t).await;
+    let mut limited = 0;
+    for i in 0..10 {
+        let id = format!("q{i}");
+        ws.subscribe(&id, "{ __typename }", json!({})).await;
+        match ws.next(WAIT).await {
+            WsIn::Msg(m) if m["type"] == "next" => {
+                if m["payload"]["errors"][0]["extensions"]["code"] == "RATE_LIMITED" {
+                    limited += 1;
+                }
+            }
+            WsIn::Closed(..) | WsIn::Gone(_) => {
+                limited += 1;
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // Skip the `complete`.
+        let _ = ws.next(Duration::from_millis(200)).await;
+    }
+    assert!(
+        limited > 0,
+        "10 operations over one websocket, none limited (limit: 3 per minute)"
+    );
+    drop(server);
+    api.stop().await;
+}

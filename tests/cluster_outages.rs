@@ -1,0 +1,304 @@
+//! Dependencies going down and coming back, on private servers of each test (the shared
+//! services are never stopped): Kafka during writes, Redis during reads and writes.
+
+mod cluster_support;
+
+use cluster_support::*;
+use pcf::app::ALL_ROLES;
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_stay_prompt_while_redis_is_down() {
+    cluster_scenario!(prompt_without_redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_succeed_while_kafka_is_down_and_reach_the_views_when_it_returns() {
+    cluster_scenario!(kafka_outage);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_fall_back_to_the_replica_while_redis_is_down_and_redis_converges_after() {
+    cluster_scenario!(redis_outage);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_process_started_while_kafka_is_down_publishes_and_projects_once_kafka_is_up() {
+    cluster_scenario!(kafka_down_at_start);
+}
+
+async fn kafka_outage(c: &mut Cluster) {
+    let mut kafka = PrivateKafka::start().await;
+    c.use_private_kafka(kafka.brokers());
+    let config = c.config();
+    let app = c.start(&config, &ALL_ROLES).await;
+    let tag = c.tag().to_owned();
+
+    let before = create_user(&app.router, &format!("before@{tag}.example.com"), "Before").await;
+    assert_eq!(
+        user(&app.router, before, Some(1)).await["id"],
+        json!(before.to_string())
+    );
+
+    kafka.kill();
+    let down_at = Instant::now();
+    // Commands do not need Kafka: every one of them succeeds while it is down.
+    let mut created = Vec::new();
+    for i in 0..5 {
+        let (status, body) = gql_with(
+            &app.router,
+            CREATE_USER,
+            json!({ "input": { "email": format!("down{i}@{tag}.example.com"), "displayName": format!("Down {i}") } }),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.get("errors").is_none(),
+            "createUser failed while Kafka was down: {body}"
+        );
+        created.push(uuid_of(&body["data"]["createUser"]["user"]["id"]));
+    }
+    for v in 2..=3 {
+        let version = update_profile(
+            &app.router,
+            before,
+            json!({ "displayName": format!("Before v{v}") }),
+        )
+        .await;
+        assert_eq!(version, v);
+    }
+    // Stay down longer than the producer's delivery timeout (10 s), so that publishing
+    // really fails and has to be retried, not merely delayed.
+    let outage = Duration::from_secs(12);
+    if let Some(left) = outage.checked_sub(down_at.elapsed()) {
+        tokio::time::sleep(left).await;
+    }
+    // Nothing of the outage is visible yet (Kafka is the only way into the views).
+    assert_eq!(user(&app.router, created[0], None).await, Value::Null);
+
+    kafka.restart().await;
+    let back_at = Instant::now();
+    // Everything reaches the topic (the relay retried what failed) ...
+    let mut tail = TopicTail::new(&c.brokers, &c.topic).await;
+    let stored = stored_event_ids(&c.pool).await;
+    tail.wait_for(
+        Duration::from_secs(120),
+        "every stored event in Kafka",
+        |records| {
+            let ids: BTreeSet<Uuid> = records
+                .iter()
+                .filter_map(Record::envelope)
+                .map(|e| e.event_id)
+                .collect();
+            stored.is_subset(&ids)
+        },
+    )
+    .await;
+    let published_after = back_at.elapsed();
+    // ... and the views.
+    let redis = c.redis_view(&shared_redis_url()).await;
+    c.wait_views_match_log(Duration::from_secs(120), app.log(), Some(&redis))
+        .await;
+    eprintln!(
+        "after Kafka returned: all events in the topic after {published_after:?}, views converged after {:?}",
+        back_at.elapsed()
+    );
+    for id in &created {
+        assert_eq!(
+            user(&app.router, *id, Some(1)).await["id"],
+            json!(id.to_string())
+        );
+    }
+    assert_eq!(
+        user(&app.router, before, Some(3)).await["displayName"],
+        "Before v3"
+    );
+}
+
+async fn kafka_down_at_start(c: &mut Cluster) {
+    // The broker is formatted but not running when PCF starts.
+    let mut kafka = PrivateKafka::format();
+    c.use_private_kafka(kafka.brokers());
+    let config = c.config();
+    let started = Instant::now();
+    let app = c.start(&config, &ALL_ROLES).await;
+    eprintln!(
+        "PCF started in {:?} while Kafka was down",
+        started.elapsed()
+    );
+    let tag = c.tag().to_owned();
+    let id = create_user(&app.router, &format!("early@{tag}.example.com"), "Early").await;
+
+    kafka.launch().await;
+    let back_at = Instant::now();
+    let redis = c.redis_view(&shared_redis_url()).await;
+    c.wait_views_match_log(Duration::from_secs(90), app.log(), Some(&redis))
+        .await;
+    eprintln!(
+        "views converged {:?} after Kafka came up",
+        back_at.elapsed()
+    );
+    assert_eq!(
+        user(&app.router, id, Some(1)).await["id"],
+        json!(id.to_string())
+    );
+    // The topics are PCF's, as configured.
+    let lag = pcf_projectors::consumer_lag(&c.brokers, &c.topic, "probe")
+        .await
+        .expect("the topic's partitions");
+    assert_eq!(lag.len(), PARTITIONS as usize, "partitions of {}", c.topic);
+    let dlq = pcf_projectors::consumer_lag(&c.brokers, &format!("{}.dlq", c.topic), "probe")
+        .await
+        .expect("the dead-letter topic's partitions");
+    assert_eq!(dlq.len(), 1, "the dead-letter topic {}.dlq", c.topic);
+}
+
+async fn ready(router: &axum::Router) -> (u16, Value) {
+    let (status, body) = get(router, "/health/ready").await;
+    (status.as_u16(), body)
+}
+
+async fn redis_user(redis: &RedisView, id: Uuid) -> Result<Option<pcf_domain::UserView>, String> {
+    Ok(redis_docs(redis).await?.users.get(&id).cloned())
+}
+
+async fn redis_outage(c: &mut Cluster) {
+    let mut private = PrivateRedis::start().await;
+    let mut config = c.config();
+    config.redis_url = Some(private.url());
+    let app = c.start(&config, &ALL_ROLES).await;
+    let tag = c.tag().to_owned();
+    let redis = c.redis_view(&private.url()).await;
+
+    let a = create_user(&app.router, &format!("a@{tag}.example.com"), "Alice").await;
+    let a_view = user(&app.router, a, Some(1)).await;
+    assert_eq!(
+        redis_user(&redis, a).await.unwrap().map(|v| v.version),
+        Some(1)
+    );
+    // The replica has A too, before Redis goes away.
+    let replica = c.replica_pool().await;
+    wait_until(CONVERGE, "A on the replica", || async {
+        let rows = sql_rows(&replica, "read_users").await;
+        rows.get(&a).map(|_| ()).ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+    assert_eq!(ready(&app.router).await.0, 200);
+
+    private.save_and_kill().await;
+
+    // Point reads answer from the replica.
+    let (status, body) = gql_with(&app.router, USER, json!({ "id": a }), &[]).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.get("errors").is_none(),
+        "user(id) failed while Redis was down: {body}"
+    );
+    assert_same_user(&body["data"]["user"], &a_view);
+    let by_email = gql(
+        &app.router,
+        USER_BY_EMAIL,
+        json!({ "email": format!("a@{tag}.example.com") }),
+    )
+    .await;
+    assert_eq!(by_email["userByEmail"]["id"], json!(a.to_string()));
+    // Readiness names Redis, and only Redis.
+    let (status, body) = ready(&app.router).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["down"], json!(["redis"]), "{body}");
+
+    // Writes go on; the SQL view keeps up and serves them through the fallback.
+    let b = create_user(&app.router, &format!("b@{tag}.example.com"), "Bob").await;
+    assert_eq!(
+        update_profile(&app.router, a, json!({ "displayName": "Alice 2" })).await,
+        2
+    );
+    let b_fallback = user(&app.router, b, Some(1)).await;
+    assert_eq!(b_fallback["displayName"], "Bob");
+    let a_fallback = user(&app.router, a, Some(2)).await;
+    assert_eq!(a_fallback["displayName"], "Alice 2");
+
+    private.restart().await;
+
+    // Redis converges: B, created while it was down, and A's change are in the Redis view.
+    wait_until(CONVERGE, "the Redis view to catch up", || async {
+        let got_b = redis_user(&redis, b).await?.map(|v| v.version);
+        let got_a = redis_user(&redis, a).await?.map(|v| v.version);
+        if got_a == Some(2) && got_b == Some(1) {
+            Ok(())
+        } else {
+            Err(format!("A at {got_a:?}, B at {got_b:?}"))
+        }
+    })
+    .await;
+    c.wait_views_match_log(CONVERGE, app.log(), Some(&redis))
+        .await;
+    let b_redis = user(&app.router, b, Some(1)).await;
+    assert_same_user(&b_redis, &b_fallback);
+    assert_eq!(
+        user(&app.router, a, Some(2)).await["displayName"],
+        "Alice 2"
+    );
+    wait_until(CONVERGE, "readiness after Redis returned", || async {
+        match ready(&app.router).await {
+            (200, _) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
+async fn prompt_without_redis(c: &mut Cluster) {
+    let mut private = PrivateRedis::start().await;
+    let mut config = c.config();
+    config.redis_url = Some(private.url());
+    let app = c.start(&config, &ALL_ROLES).await;
+    let tag = c.tag().to_owned();
+    let a = create_user(&app.router, &format!("a@{tag}.example.com"), "Alice").await;
+    user(&app.router, a, Some(1)).await;
+    let replica = c.replica_pool().await;
+    wait_until(CONVERGE, "A on the replica", || async {
+        let rows = sql_rows(&replica, "read_users").await;
+        rows.get(&a).map(|_| ()).ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+
+    private.kill();
+    // Each request answers within a bound a client would wait; none hangs on Redis.
+    let mut slow = Vec::new();
+    for i in 0..6 {
+        let (what, started) = (
+            if i % 2 == 0 { "user(id)" } else { "createUser" },
+            Instant::now(),
+        );
+        let (status, body) = if i % 2 == 0 {
+            gql_with(&app.router, USER, json!({ "id": a }), &[]).await
+        } else {
+            gql_with(
+                &app.router,
+                CREATE_USER,
+                json!({ "input": { "email": format!("p{i}@{tag}.example.com"), "displayName": "P" } }),
+                &[],
+            )
+            .await
+        };
+        let took = started.elapsed();
+        eprintln!("{what} #{i} with Redis down: {took:?}");
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.get("errors").is_none(),
+            "{what} failed with Redis down: {body}"
+        );
+        if took > Duration::from_secs(2) {
+            slow.push(format!("{what} #{i} took {took:?}"));
+        }
+    }
+    assert!(
+        slow.is_empty(),
+        "requests stalled while Redis was down: {slow:?}"
+    );
+}

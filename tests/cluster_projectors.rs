@@ -1,0 +1,651 @@
+//! The Kafka projectors against the real services: a projector killed between its view write
+//! and its offset commit, duplicated and poison messages, and a blue-green rebuild while writes
+//! and reads continue. Each ends by comparing both views with a fresh fold of the event log.
+
+mod cluster_support;
+
+use cluster_support::*;
+use pcf::app::{Role, ALL_ROLES};
+use pcf_domain::EventEnvelope;
+use pcf_projectors::{consumer_lag, rebuild, Generational, Progress, RebuildOptions, SqlUserViews};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use rdkafka::Message;
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_projector_killed_after_its_view_write_and_before_its_offset_commit_applies_nothing_twice(
+) {
+    cluster_scenario!(killed_mid_batch);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicates_change_nothing_and_poison_messages_go_to_the_dead_letter_topic() {
+    cluster_scenario!(duplicates_and_poison);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_while_writes_and_reads_continue_switches_readers_without_a_partial_view() {
+    cluster_scenario!(rebuild_under_load);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_in_the_log_that_cannot_be_applied_dead_letters_only_its_own_user() {
+    cluster_scenario!(poison_in_the_log);
+}
+
+/// `(partition, next offset)` of a batch, as the projector records them.
+fn next_offsets(records: &[Record]) -> Vec<(i32, i64)> {
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    for r in records {
+        let e = next.entry(r.partition).or_insert(r.offset + 1);
+        *e = (*e).max(r.offset + 1);
+    }
+    next.into_iter().collect()
+}
+
+/// The offsets of a projection's consumer group: `(partition, committed, end)`.
+async fn committed(c: &Cluster, projection: &str) -> Vec<(i32, Option<i64>, i64)> {
+    let group = format!("{}{projection}", c.group_prefix);
+    consumer_lag(&c.brokers, &c.topic, &group)
+        .await
+        .unwrap_or_else(|e| panic!("reading the offsets of {group}: {e}"))
+        .into_iter()
+        .map(|p| (p.partition, p.committed, p.high))
+        .collect()
+}
+
+/// Waits until a projection's group has committed everything up to the partitions' ends.
+async fn wait_committed_to_end(c: &Cluster, projection: &str) {
+    wait_until(
+        CONVERGE,
+        &format!("{projection} to commit its offsets"),
+        || async {
+            let offsets = committed(c, projection).await;
+            if offsets
+                .iter()
+                .all(|(_, committed, high)| *high == 0 || *committed == Some(*high))
+            {
+                Ok(())
+            } else {
+                Err(format!("{offsets:?}"))
+            }
+        },
+    )
+    .await;
+}
+
+async fn killed_mid_batch(c: &mut Cluster) {
+    let config = c.config();
+    // Commands and the relay only: no projector consumes yet.
+    let writer = c.start(&config, &[Role::Api, Role::Relay]).await;
+    let tag = c.tag().to_owned();
+    let mut users = Vec::new();
+    for i in 0..6 {
+        let id = create_user(
+            &writer.router,
+            &format!("crash{i}@{tag}.example.com"),
+            &format!("Crash {i}"),
+        )
+        .await;
+        users.push(id);
+    }
+    for (i, id) in users.iter().enumerate() {
+        update_profile(
+            &writer.router,
+            *id,
+            json!({ "displayName": format!("Crash {i} b"), "bio": "b" }),
+        )
+        .await;
+        update_profile(
+            &writer.router,
+            *id,
+            json!({ "displayName": format!("Crash {i} c") }),
+        )
+        .await;
+    }
+    change_email(
+        &writer.router,
+        users[1],
+        &format!("crash1-new@{tag}.example.com"),
+    )
+    .await;
+    delete_account(&writer.router, users[2]).await;
+    let total = stored_event_ids(&c.pool).await.len();
+    assert_eq!(total, 6 * 3 + 2);
+    let mut tail = TopicTail::new(&c.brokers, &c.topic).await;
+    tail.wait_for(CONVERGE, "every event in Kafka", |r| r.len() >= total)
+        .await;
+
+    // The crash: a member of each projector's group reads a batch, writes it to the view, and
+    // dies before committing its offsets.
+    let log = writer.log();
+    let sql_views = SqlUserViews::new(c.pool.clone());
+    let redis = c.redis_view(&shared_redis_url()).await;
+    let views: [(&str, Arc<dyn Generational>); 2] = [
+        ("users-sql", Arc::new(sql_views.clone())),
+        ("users-redis", Arc::new(redis.views.clone())),
+    ];
+    const BATCH: usize = 11;
+    for (projection, view) in &views {
+        assert_eq!(view.name(), *projection);
+        let group = format!("{}{projection}", c.group_prefix);
+        let consumer = group_consumer(&c.brokers, &group, &c.topic);
+        let mut batch = Vec::new();
+        let deadline = Instant::now() + CONVERGE;
+        while batch.len() < BATCH {
+            assert!(
+                Instant::now() < deadline,
+                "the crash consumer read only {} messages",
+                batch.len()
+            );
+            if let Ok(Ok(m)) =
+                tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await
+            {
+                batch.push(Record {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: None,
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                    headers: BTreeMap::new(),
+                });
+            }
+        }
+        let events: Vec<EventEnvelope> = batch
+            .iter()
+            .map(|r| r.envelope().expect("an envelope"))
+            .collect();
+        let active = view.state().await.expect("the view's state").active;
+        view.apply(active, &events, Some(&next_offsets(&batch)), log.clone())
+            .await
+            .unwrap_or_else(|e| panic!("applying the batch to {projection}: {e}"));
+        drop(consumer);
+        let offsets = committed(c, projection).await;
+        assert!(
+            offsets.iter().all(|(_, committed, _)| committed.is_none()),
+            "the crashed member committed offsets of {projection}: {offsets:?}"
+        );
+    }
+    // The views hold the batch's effects and not yet the rest.
+    let partial = c.sql_view().await;
+    let applied: u64 = partial.values().map(|v| v.version).sum();
+    assert_eq!(
+        applied as usize, BATCH,
+        "the SQL view holds exactly the crashed batch"
+    );
+    let docs = redis_docs(&redis).await.expect("the Redis view");
+    assert_eq!(
+        docs.users.values().map(|v| v.version).sum::<u64>() as usize,
+        BATCH,
+        "the Redis view holds exactly the crashed batch"
+    );
+    assert!(c.views_match_log(log.clone(), Some(&redis)).await.is_err());
+
+    // One more change while no projector runs.
+    update_profile(
+        &writer.router,
+        users[0],
+        json!({ "bio": "after the crash" }),
+    )
+    .await;
+
+    // The projector restarts: it reads the batch again from the last commit (none) and must
+    // skip what the crashed member applied.
+    let projector = c.start(&config, &[Role::Api, Role::Projector]).await;
+    c.wait_views_match_log(CONVERGE, projector.log(), Some(&redis))
+        .await;
+    let counts = c.event_counts().await;
+    for (id, view) in c.sql_view().await {
+        assert_eq!(view.version, counts[&id], "SQL version of {id}");
+    }
+    for (id, view) in redis_docs(&redis).await.expect("the Redis view").users {
+        assert_eq!(view.version, counts[&id], "Redis version of {id}");
+    }
+    let u0 = user(&projector.router, users[0], Some(4)).await;
+    assert_eq!(u0["bio"], "after the crash");
+    assert_eq!(
+        user(&projector.router, users[2], None).await,
+        serde_json::Value::Null
+    );
+    // Offsets are committed after the writes.
+    wait_committed_to_end(c, "users-sql").await;
+    wait_committed_to_end(c, "users-redis").await;
+}
+
+async fn duplicates_and_poison(c: &mut Cluster) {
+    let config = c.config();
+    let app = c.start(&config, &ALL_ROLES).await;
+    let tag = c.tag().to_owned();
+    let u = create_user(&app.router, &format!("dup@{tag}.example.com"), "Dup").await;
+    update_profile(
+        &app.router,
+        u,
+        json!({ "displayName": "Dup 2", "bio": "two" }),
+    )
+    .await;
+    let before = user(&app.router, u, Some(2)).await;
+    let redis = c.redis_view(&shared_redis_url()).await;
+    let log = app.log();
+    c.wait_views_match_log(CONVERGE, log.clone(), Some(&redis))
+        .await;
+    let sql_before = c.sql_view().await[&u].clone();
+    let redis_before = redis_docs(&redis).await.expect("Redis").users[&u].clone();
+
+    let mut tail = TopicTail::new(&c.brokers, &c.topic).await;
+    tail.wait_for(CONVERGE, "the user's events", |r| r.len() >= 2)
+        .await;
+    let first = tail
+        .records
+        .iter()
+        .find(|r| r.envelope().is_some_and(|e| e.sequence == 1))
+        .expect("the UserCreated message")
+        .clone();
+    let producer = producer(&c.brokers);
+    let key = u.to_string();
+
+    // A duplicate of an event already applied.
+    let mut headers = OwnedHeaders::new();
+    for (k, v) in &first.headers {
+        headers = headers.insert(Header {
+            key: k.as_str(),
+            value: Some(v.as_bytes()),
+        });
+    }
+    let dup = producer
+        .send(
+            FutureRecord::to(&c.topic)
+                .key(&key)
+                .payload(&first.payload)
+                .headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("producing the duplicate");
+    assert_eq!(dup.partition, first.partition, "same key, same partition");
+    for projection in pcf::app::PROJECTIONS {
+        wait_until(
+            CONVERGE,
+            "the duplicate to be consumed and committed",
+            || async {
+                let offsets = committed(c, projection).await;
+                match offsets.iter().find(|(p, _, _)| *p == dup.partition) {
+                    Some((_, Some(o), _)) if *o > dup.offset => Ok(()),
+                    other => Err(format!("{projection}: {other:?}")),
+                }
+            },
+        )
+        .await;
+    }
+    assert_eq!(
+        c.sql_view().await[&u],
+        sql_before,
+        "the duplicate changed the SQL view"
+    );
+    assert_eq!(
+        redis_docs(&redis).await.expect("Redis").users[&u],
+        redis_before,
+        "the duplicate changed the Redis view"
+    );
+    let after = user(&app.router, u, None).await;
+    assert_eq!(after, before);
+
+    // Poison: bytes that are not JSON, and an envelope whose payload is not the event's.
+    let garbage: &[u8] = b"\x00\xffthis is not an event envelope";
+    let mut bad: serde_json::Value = serde_json::from_slice(&first.payload).expect("JSON");
+    bad["eventId"] = json!(Uuid::new_v4());
+    bad["sequence"] = json!(3);
+    bad["eventType"] = json!("ProfileUpdated");
+    bad["payload"] = json!({ "displayName": 42, "occurredAt": "yesterday" });
+    let bad = serde_json::to_vec(&bad).expect("JSON");
+    assert!(
+        serde_json::from_slice::<EventEnvelope>(&bad).is_ok_and(|e| e.event().is_err()),
+        "the second poison must be an envelope whose payload does not decode"
+    );
+    for payload in [garbage, bad.as_slice()] {
+        producer
+            .send(
+                FutureRecord::to(&c.topic).key(&key).payload(payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("producing a poison message");
+    }
+    // A later valid event of the same user, in the same partition after the poison.
+    let v = update_profile(&app.router, u, json!({ "displayName": "Dup 3" })).await;
+    assert_eq!(v, 3);
+    let later = user(&app.router, u, Some(3)).await;
+    assert_eq!(later["displayName"], "Dup 3");
+    c.wait_views_match_log(CONVERGE, log.clone(), Some(&redis))
+        .await;
+
+    // Each projection dead-lettered both poison messages, with the error, and nothing else.
+    let mut dlq = TopicTail::new(&c.brokers, &format!("{}.dlq", c.topic)).await;
+    dlq.wait_for(CONVERGE, "four dead letters", |r| r.len() >= 4)
+        .await;
+    dlq.drain_for(Duration::from_millis(500)).await;
+    let mut seen: BTreeSet<(String, Vec<u8>)> = BTreeSet::new();
+    for r in &dlq.records {
+        let error = r
+            .headers
+            .get("error")
+            .unwrap_or_else(|| panic!("no error header: {r:?}"));
+        assert!(!error.is_empty(), "{r:?}");
+        assert_eq!(r.key.as_deref(), Some(key.as_str()));
+        let group = r.headers.get("consumerGroup").cloned().unwrap_or_default();
+        assert!(
+            r.payload == garbage || r.payload == bad,
+            "an unexpected dead letter: {r:?}"
+        );
+        assert!(
+            seen.insert((group, r.payload.clone())),
+            "dead-lettered twice: {r:?}"
+        );
+    }
+    let expected: BTreeSet<(String, Vec<u8>)> = pcf::app::PROJECTIONS
+        .iter()
+        .flat_map(|p| {
+            let group = format!("{}{p}", c.group_prefix);
+            [(group.clone(), garbage.to_vec()), (group, bad.clone())]
+        })
+        .collect();
+    assert_eq!(seen, expected);
+    let (_, metrics) = get(&app.router, "/metrics").await;
+    let metrics = metrics.as_str().expect("metrics text").to_owned();
+    for p in pcf::app::PROJECTIONS {
+        let line = format!("pcf_projector_dead_letters_total{{projection=\"{p}\"}} 2");
+        assert!(metrics.contains(&line), "{line} not in metrics:\n{metrics}");
+    }
+}
+
+/// What the readers saw during the rebuild.
+#[derive(Default)]
+struct Reads {
+    ok: AtomicU64,
+    bad: Mutex<Vec<String>>,
+}
+
+async fn rebuild_under_load(c: &mut Cluster) {
+    let config = c.config();
+    let app = c.start(&config, &ALL_ROLES).await;
+    let mut replica_only = config.clone();
+    replica_only.redis_url = None;
+    let sql = c.start(&replica_only, &[Role::Api]).await;
+    let tag = c.tag().to_owned();
+
+    // Users that exist before the rebuild, at known versions.
+    let mut seeded: Vec<(Uuid, i64)> = Vec::new();
+    for i in 0..24 {
+        let id = create_user(
+            &app.router,
+            &format!("seed{i}@{tag}.example.com"),
+            &format!("Seed {i}"),
+        )
+        .await;
+        let mut version = 1;
+        if i % 2 == 0 {
+            version = update_profile(&app.router, id, json!({ "bio": format!("seed {i}") })).await;
+        }
+        seeded.push((id, version));
+    }
+    for (id, version) in &seeded {
+        user(&app.router, *id, Some(*version)).await;
+        user(&sql.router, *id, Some(*version)).await;
+    }
+    let seeded = Arc::new(seeded);
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // Writers: new users and profile updates, all the time.
+    let writes = Arc::new(AtomicU64::new(0));
+    let write_errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let writer = {
+        let (router, seeded, stop, writes, errors) = (
+            app.router.clone(),
+            seeded.clone(),
+            stop.clone(),
+            writes.clone(),
+            write_errors.clone(),
+        );
+        let tag = tag.clone();
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let result = if i % 3 == 0 {
+                    try_gql(
+                        &router,
+                        CREATE_USER,
+                        json!({ "input": { "email": format!("during{i}@{tag}.example.com"), "displayName": format!("During {i}") } }),
+                    )
+                    .await
+                } else {
+                    let (id, _) = seeded[i % seeded.len()];
+                    try_gql(
+                        &router,
+                        UPDATE_PROFILE,
+                        json!({ "id": id, "input": { "displayName": format!("Seed write {i}") } }),
+                    )
+                    .await
+                };
+                match result {
+                    Ok(_) => {
+                        writes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(body) => errors.lock().unwrap().push(body.to_string()),
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    // Readers: point reads of the seeded users from Redis and from the replica.
+    let mut readers = Vec::new();
+    for (label, router) in [
+        ("redis", app.router.clone()),
+        ("replica", sql.router.clone()),
+    ] {
+        let reads = Arc::new(Reads::default());
+        let (seeded, stop, r) = (seeded.clone(), stop.clone(), reads.clone());
+        readers.push((
+            label,
+            reads,
+            tokio::spawn(async move {
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let (id, version) = seeded[i % seeded.len()];
+                    match try_gql(&router, USER, json!({ "id": id })).await {
+                        Ok(data) if data["user"]["version"].as_i64().is_some_and(|v| v >= version) => {
+                            r.ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(data) => r.bad.lock().unwrap().push(format!(
+                            "{label}: user {id} (at version {version} before the rebuild) read as {}",
+                            data["user"]
+                        )),
+                        Err(body) => r.bad.lock().unwrap().push(format!("{label}: {body}")),
+                    }
+                    i += 1;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }),
+        ));
+    }
+
+    let log = app.log();
+    let options = RebuildOptions {
+        batch_size: 7,
+        grace: Duration::from_secs(1),
+        linger: Duration::from_secs(1),
+    };
+    let sql_views: Arc<dyn Generational> = Arc::new(SqlUserViews::new(c.pool.clone()));
+    let redis = c.redis_view(&shared_redis_url()).await;
+    let redis_views: Arc<dyn Generational> = Arc::new(redis.views.clone());
+    let writes_before = writes.load(Ordering::Relaxed);
+    let reads_before: Vec<u64> = readers
+        .iter()
+        .map(|(_, r, _)| r.ok.load(Ordering::Relaxed))
+        .collect();
+    let progress = |_: Progress| {};
+    let started = Instant::now();
+    let (g_sql, g_redis) = tokio::join!(
+        rebuild(sql_views.clone(), log.clone(), &options, &progress),
+        rebuild(redis_views.clone(), log.clone(), &options, &progress),
+    );
+    let took = started.elapsed();
+    let g_sql = g_sql.expect("the SQL rebuild");
+    let g_redis = g_redis.expect("the Redis rebuild");
+    assert_eq!((g_sql, g_redis), (2, 2));
+    let writes_during = writes.load(Ordering::Relaxed) - writes_before;
+    // Writes go on a little after the switch too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.expect("the writer task");
+    let mut reads_during = Vec::new();
+    for ((label, reads, task), before) in readers.into_iter().zip(reads_before) {
+        task.await.expect("a reader task");
+        let bad = reads.bad.lock().unwrap().clone();
+        assert!(
+            bad.is_empty(),
+            "{label} readers saw a partial view: {bad:#?}"
+        );
+        reads_during.push((label, reads.ok.load(Ordering::Relaxed) - before));
+    }
+    let errors = write_errors.lock().unwrap().clone();
+    assert!(
+        errors.is_empty(),
+        "writes failed during the rebuild: {errors:#?}"
+    );
+    eprintln!("rebuild took {took:?}; {writes_during} writes and reads {reads_during:?} meanwhile");
+    assert!(
+        writes_during > 10,
+        "too few writes overlapped the rebuild: {writes_during}"
+    );
+    for (label, n) in &reads_during {
+        assert!(*n > 10, "too few {label} reads overlapped the rebuild: {n}");
+    }
+
+    for view in [&sql_views, &redis_views] {
+        let state = view.state().await.expect("state");
+        assert_eq!((state.active, state.building), (2, None), "{}", view.name());
+    }
+    c.wait_views_match_log(CONVERGE, log, Some(&redis)).await;
+}
+
+/// Appends one event row directly, in a transaction of its own.
+async fn insert_event(
+    c: &Cluster,
+    user: Uuid,
+    sequence: i64,
+    event_type: &str,
+    payload: serde_json::Value,
+) -> Uuid {
+    let (event_id,): (Uuid,) = sqlx::query_as(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
+         payload, metadata) VALUES ('User', $1, $2, $3, '1', $4, '{}') RETURNING event_id",
+    )
+    .bind(user.to_string())
+    .bind(sequence)
+    .bind(event_type)
+    .bind(payload)
+    .fetch_one(&c.pool)
+    .await
+    .expect("inserting an event");
+    event_id
+}
+
+async fn poison_in_the_log(c: &mut Cluster) {
+    // One partition, so the batch order is the log's order.
+    let mut config = c.config();
+    config.kafka_partitions = 1;
+    let writer = c.start(&config, &[Role::Api, Role::Relay]).await;
+    let tag = c.tag().to_owned();
+    let now = chrono::Utc::now();
+
+    // P: created normally; its second event is in the log but cannot be read as a
+    // ProfileUpdated (a corrupt row, or one written by a newer version); a third follows.
+    let p = create_user(&writer.router, &format!("p@{tag}.example.com"), "P").await;
+    let p2 = insert_event(
+        c,
+        p,
+        2,
+        "ProfileUpdated",
+        json!({ "ProfileUpdated": { "displayName": 42, "occurredAt": now } }),
+    )
+    .await;
+    // Q: a valid user of its own, in the same batch.
+    let q = create_user(&writer.router, &format!("q@{tag}.example.com"), "Q").await;
+    let p3 = insert_event(
+        c,
+        p,
+        3,
+        "ProfileUpdated",
+        json!({ "ProfileUpdated": { "displayName": "P three", "bio": null, "avatarUrl": null, "occurredAt": now } }),
+    )
+    .await;
+    let mut tail = TopicTail::new(&c.brokers, &c.topic).await;
+    tail.wait_for(CONVERGE, "the four events in Kafka", |r| r.len() >= 4)
+        .await;
+
+    // The projectors start on the whole topic.
+    let projector = c.start(&config, &[Role::Api, Role::Projector]).await;
+    let mut dlq = TopicTail::new(&c.brokers, &format!("{}.dlq", c.topic)).await;
+    wait_committed_to_end(c, "users-sql").await;
+    wait_committed_to_end(c, "users-redis").await;
+    dlq.drain_for(Duration::from_secs(1)).await;
+
+    let dead: BTreeSet<(String, Uuid)> = dlq
+        .records
+        .iter()
+        .map(|r| {
+            let e = r
+                .envelope()
+                .unwrap_or_else(|| panic!("a dead letter that is not an envelope: {r:?}"));
+            (
+                r.headers.get("consumerGroup").cloned().unwrap_or_default(),
+                e.event_id,
+            )
+        })
+        .collect();
+    let sql = c.sql_view().await;
+    let redis = c.redis_view(&shared_redis_url()).await;
+    let docs = redis_docs(&redis).await.expect("the Redis view").users;
+    let versions = |v: &BTreeMap<Uuid, pcf_domain::UserView>| {
+        [("P", p), ("Q", q)].map(|(n, id)| (n, v.get(&id).map(|u| u.version)))
+    };
+    eprintln!(
+        "dead letters {:?}; SQL view {:?}; Redis view {:?}",
+        dead.iter()
+            .map(|(g, e)| (g.rsplit('-').next().unwrap_or_default().to_owned(), *e))
+            .collect::<Vec<_>>(),
+        versions(&sql),
+        versions(&docs)
+    );
+    for (what, view) in [("SQL", &sql), ("Redis", &docs)] {
+        assert_eq!(
+            view.get(&q).map(|v| v.version),
+            Some(1),
+            "{what} view of Q: {view:?}"
+        );
+        assert_eq!(
+            view.get(&p).map(|v| v.version),
+            Some(1),
+            "{what} view of P: {view:?}"
+        );
+    }
+    // Only P's unreadable event and the one after it (which needs it) are set aside, by
+    // each projection; P's first event and Q's are applied.
+    let expected: BTreeSet<(String, Uuid)> = pcf::app::PROJECTIONS
+        .iter()
+        .flat_map(|proj| {
+            let group = format!("{}{proj}", c.group_prefix);
+            [(group.clone(), p2), (group, p3)]
+        })
+        .collect();
+    assert_eq!(dead, expected, "dead letters (consumer group, event id)");
+    assert_eq!(
+        user(&projector.router, q, Some(1)).await["displayName"],
+        "Q"
+    );
+}
