@@ -3,6 +3,7 @@
 use async_trait::async_trait;
 use pcf_domain::ports::{EventLog, LogQuery, PortError};
 use pcf_domain::{EventEnvelope, Position, UserView};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -43,6 +44,31 @@ pub trait UserViewWriter: Send + Sync {
         previous: Option<&UserView>,
         next: &UserView,
     ) -> Result<bool, PortError>;
+
+    /// The current views of several users (missing ones left out). Adapters override this
+    /// to read them in one round trip.
+    async fn current_many(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, UserView>, PortError> {
+        let mut found = HashMap::with_capacity(ids.len());
+        for id in ids {
+            if let Some(view) = self.current(*id).await? {
+                found.insert(*id, view);
+            }
+        }
+        Ok(found)
+    }
+
+    /// `replace` for several users (distinct ids), answering for each in order. Adapters
+    /// override this to write them in one round trip.
+    async fn replace_many(
+        &self,
+        changes: &[(Option<UserView>, UserView)],
+    ) -> Result<Vec<bool>, PortError> {
+        let mut written = Vec::with_capacity(changes.len());
+        for (previous, next) in changes {
+            written.push(self.replace(previous.as_ref(), next).await?);
+        }
+        Ok(written)
+    }
 }
 
 /// Applies events to a view: skips what was applied, fills gaps from the log.
@@ -57,10 +83,69 @@ impl UserProjector {
     }
 
     /// Applies a batch, in order. Safe to repeat: events at or below a user's version are
-    /// skipped.
+    /// skipped. The users of the batch are read at once, folded in memory and written at
+    /// once (each write guarded by the version it was folded from); a user with a gap, or
+    /// whose view another writer moved meanwhile, goes through the event-by-event path.
     pub async fn apply_batch(&self, events: &[EventEnvelope]) -> Result<(), ProjectionError> {
-        for envelope in events {
-            self.apply(envelope).await?;
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut ids: Vec<Uuid> = Vec::new();
+        let mut seen = HashSet::new();
+        for e in events {
+            if seen.insert(e.aggregate_id) {
+                ids.push(e.aggregate_id);
+            }
+        }
+        let stored = self
+            .writer
+            .current_many(&ids)
+            .await
+            .map_err(ProjectionError::View)?;
+        let mut working: HashMap<Uuid, Option<UserView>> = ids
+            .iter()
+            .map(|id| (*id, stored.get(id).cloned()))
+            .collect();
+        let mut slow: HashSet<Uuid> = HashSet::new();
+        for e in events {
+            let id = e.aggregate_id;
+            if slow.contains(&id) {
+                continue;
+            }
+            let current = working.get(&id).cloned().flatten();
+            let last = current.as_ref().map_or(0, |v| v.version);
+            if e.sequence <= last {
+                continue;
+            }
+            if e.sequence == last + 1 {
+                let next = fold(current, e)?;
+                working.insert(id, Some(next));
+            } else {
+                slow.insert(id);
+            }
+        }
+        let changes: Vec<(Option<UserView>, UserView)> = ids
+            .iter()
+            .filter(|id| !slow.contains(id))
+            .filter_map(|id| {
+                let folded = working.get(id).cloned().flatten()?;
+                let original = stored.get(id).cloned();
+                (original.as_ref().map(|o| o.version) != Some(folded.version))
+                    .then_some((original, folded))
+            })
+            .collect();
+        let written = self
+            .writer
+            .replace_many(&changes)
+            .await
+            .map_err(ProjectionError::View)?;
+        for ((_, next), ok) in changes.iter().zip(written) {
+            if !ok {
+                slow.insert(next.id);
+            }
+        }
+        for e in events.iter().filter(|e| slow.contains(&e.aggregate_id)) {
+            self.apply(e).await?;
         }
         Ok(())
     }
@@ -180,4 +265,135 @@ fn fold(current: Option<UserView>, envelope: &EventEnvelope) -> Result<UserView,
             ),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryUserViews;
+    use chrono::{TimeZone, Utc};
+    use pcf_domain::ports::LogQuery;
+    use pcf_domain::{EventMetadata, UserEvent};
+
+    /// A log of fixed events.
+    struct FixedLog(Vec<EventEnvelope>);
+
+    #[async_trait]
+    impl EventLog for FixedLog {
+        async fn read(&self, _: &LogQuery) -> Result<Vec<EventEnvelope>, PortError> {
+            Ok(self.0.clone())
+        }
+
+        async fn user_events(
+            &self,
+            user: Uuid,
+            after: u64,
+        ) -> Result<Vec<EventEnvelope>, PortError> {
+            Ok(self
+                .0
+                .iter()
+                .filter(|e| e.aggregate_id == user && e.sequence > after)
+                .cloned()
+                .collect())
+        }
+    }
+
+    fn envelope(user: Uuid, sequence: u64, event: UserEvent) -> EventEnvelope {
+        EventEnvelope {
+            event_id: Uuid::now_v7(),
+            aggregate_type: "User".into(),
+            aggregate_id: user,
+            sequence,
+            position: Position::new(sequence, sequence),
+            event_type: type_name(&event),
+            event_version: "1".into(),
+            recorded_at: Utc.timestamp_opt(0, 0).unwrap(),
+            metadata: EventMetadata::default(),
+            payload: event.payload(),
+        }
+    }
+
+    fn type_name(event: &UserEvent) -> String {
+        match event {
+            UserEvent::UserCreated { .. } => "UserCreated",
+            UserEvent::ProfileUpdated { .. } => "ProfileUpdated",
+            UserEvent::EmailChanged { .. } => "EmailChanged",
+            UserEvent::AccountDeleted { .. } => "AccountDeleted",
+        }
+        .into()
+    }
+
+    fn history(user: Uuid, n: u64) -> Vec<EventEnvelope> {
+        let at = Utc.timestamp_opt(0, 0).unwrap();
+        let mut events = vec![envelope(
+            user,
+            1,
+            UserEvent::UserCreated {
+                user_id: user,
+                email: format!("{user}@example.com"),
+                display_name: "v1".into(),
+                bio: None,
+                avatar_url: None,
+                occurred_at: at,
+            },
+        )];
+        for seq in 2..=n {
+            events.push(envelope(
+                user,
+                seq,
+                UserEvent::ProfileUpdated {
+                    display_name: format!("v{seq}"),
+                    bio: None,
+                    avatar_url: None,
+                    occurred_at: at,
+                },
+            ));
+        }
+        events
+    }
+
+    #[tokio::test]
+    async fn a_batch_with_duplicates_and_a_gap_ends_at_the_log() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let (log_a, log_b) = (history(a, 4), history(b, 3));
+        let mut all = log_a.clone();
+        all.extend(log_b.clone());
+        let views = Arc::new(MemoryUserViews::new());
+        let projector = UserProjector::new(views.clone(), Arc::new(FixedLog(all)));
+        // a: 1, 2, 2 (duplicate), 4 (gap: 3 missing); b: 1, 2, 3, 1 (duplicate).
+        let batch = vec![
+            log_a[0].clone(),
+            log_b[0].clone(),
+            log_a[1].clone(),
+            log_a[1].clone(),
+            log_b[1].clone(),
+            log_a[3].clone(),
+            log_b[2].clone(),
+            log_b[0].clone(),
+        ];
+        projector.apply_batch(&batch).await.unwrap();
+        let va = views.current(a).await.unwrap().unwrap();
+        let vb = views.current(b).await.unwrap().unwrap();
+        assert_eq!((va.version, va.display_name.as_str()), (4, "v4"));
+        assert_eq!((vb.version, vb.display_name.as_str()), (3, "v3"));
+        // Applying the same batch again changes nothing.
+        projector.apply_batch(&batch).await.unwrap();
+        assert_eq!(views.current(a).await.unwrap().unwrap(), va);
+    }
+
+    #[tokio::test]
+    async fn an_event_that_cannot_be_applied_is_named_and_nothing_of_the_batch_is_written() {
+        let a = Uuid::now_v7();
+        let mut events = history(a, 2);
+        events[1].payload = serde_json::json!({"nonsense": true});
+        let views = Arc::new(MemoryUserViews::new());
+        let projector = UserProjector::new(views.clone(), Arc::new(FixedLog(events.clone())));
+        match projector.apply_batch(&events).await {
+            Err(ProjectionError::Poison { event_id, .. }) => {
+                assert_eq!(event_id, events[1].event_id)
+            }
+            other => panic!("expected poison, got {other:?}"),
+        }
+        assert!(views.current(a).await.unwrap().is_none());
+    }
 }

@@ -9,6 +9,7 @@ use pcf_domain::read_model::{
 use pcf_domain::{EventEnvelope, UserView};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
+use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 use uuid::Uuid;
 
@@ -60,31 +61,86 @@ impl UserViewWriter for RedisGenerationWriter {
         previous: Option<&UserView>,
         next: &UserView,
     ) -> Result<bool, PortError> {
-        let user_key = redis_user_key(&self.prefix, self.generation, next.id);
-        let new_email = if next.deleted {
-            String::new()
-        } else {
-            redis_email_key(&self.prefix, self.generation, &next.email)
-        };
-        let old_email = match previous {
-            Some(p) if !p.deleted && (p.email != next.email || next.deleted) => {
-                redis_email_key(&self.prefix, self.generation, &p.email)
-            }
-            _ => String::new(),
-        };
-        let doc = serde_json::to_string(next).map_err(|e| PortError::Internal(e.to_string()))?;
-        let outcome: i64 = REPLACE
-            .key(user_key)
-            .key(new_email)
-            .key(old_email)
-            .arg(doc)
-            .arg(next.version)
-            .arg(previous.map_or(0, |p| p.version))
-            .arg(next.id.to_string())
-            .invoke_async(&mut self.conn.clone())
+        let written = self
+            .replace_many(&[(previous.cloned(), next.clone())])
+            .await?;
+        Ok(written.first().copied().unwrap_or(false))
+    }
+
+    async fn current_many(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, UserView>, PortError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let keys: Vec<String> = ids
+            .iter()
+            .map(|id| redis_user_key(&self.prefix, self.generation, *id))
+            .collect();
+        let docs: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(keys)
+            .query_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
-        Ok(outcome >= 0)
+        let mut found = HashMap::with_capacity(ids.len());
+        for (id, doc) in ids.iter().zip(docs) {
+            if let Some(doc) = doc {
+                let view: UserView = serde_json::from_str(&doc)
+                    .map_err(|e| PortError::Internal(format!("user document: {e}")))?;
+                found.insert(*id, view);
+            }
+        }
+        Ok(found)
+    }
+
+    /// One pipeline of the guarded script, one entry per user.
+    async fn replace_many(
+        &self,
+        changes: &[(Option<UserView>, UserView)],
+    ) -> Result<Vec<bool>, PortError> {
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (previous, next) in changes {
+            let user_key = redis_user_key(&self.prefix, self.generation, next.id);
+            let new_email = if next.deleted {
+                String::new()
+            } else {
+                redis_email_key(&self.prefix, self.generation, &next.email)
+            };
+            let old_email = match previous {
+                Some(p) if !p.deleted && (p.email != next.email || next.deleted) => {
+                    redis_email_key(&self.prefix, self.generation, &p.email)
+                }
+                _ => String::new(),
+            };
+            let doc =
+                serde_json::to_string(next).map_err(|e| PortError::Internal(e.to_string()))?;
+            pipe.cmd("EVALSHA")
+                .arg(REPLACE.get_hash())
+                .arg(3)
+                .arg(user_key)
+                .arg(new_email)
+                .arg(old_email)
+                .arg(doc)
+                .arg(next.version)
+                .arg(previous.as_ref().map_or(0, |p| p.version))
+                .arg(next.id.to_string());
+        }
+        let mut conn = self.conn.clone();
+        let outcomes: Vec<i64> = match pipe.query_async(&mut conn).await {
+            Ok(o) => o,
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                // A restarted Redis forgot the script: load it and go again.
+                REPLACE
+                    .prepare_invoke()
+                    .load_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                pipe.query_async(&mut conn).await.map_err(unavailable)?
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        Ok(outcomes.into_iter().map(|o| o >= 0).collect())
     }
 }
 

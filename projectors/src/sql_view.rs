@@ -7,6 +7,7 @@ use pcf_domain::read_model::{sql_table, SQL_VIEW};
 use pcf_domain::{EventEnvelope, UserView};
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Row, Transaction};
+use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::Mutex;
 use uuid::Uuid;
@@ -57,6 +58,20 @@ impl UserViewWriter for TxWriter {
             .await
             .map_err(db)?;
         row.map(|r| row_to_view(&r)).transpose().map_err(db)
+    }
+
+    async fn current_many(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, UserView>, PortError> {
+        let mut tx = self.tx.lock().await;
+        let sql = format!("SELECT * FROM {} WHERE id = ANY($1)", self.table);
+        let rows = sqlx::query(&sql)
+            .bind(ids)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| row_to_view(r).map(|v| (v.id, v)))
+            .collect::<Result<_, _>>()
+            .map_err(db)
     }
 
     async fn replace(
