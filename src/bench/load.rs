@@ -76,7 +76,13 @@ pub async fn closed_loop(
                     break;
                 }
                 let n = counter.fetch_add(1, Ordering::Relaxed);
-                let ok = op(n).await.is_ok();
+                let result = op(n).await;
+                if let Err(e) = &result {
+                    if errors.load(Ordering::Relaxed) == 0 {
+                        tracing::warn!(error = %e, "first failed operation");
+                    }
+                }
+                let ok = result.is_ok();
                 if began >= record_from {
                     if ok {
                         let _ = h.record(began.elapsed().as_micros().max(1) as u64);
@@ -120,7 +126,13 @@ pub async fn open_loop(op: Op, rate: f64, warmup: Duration, duration: Duration) 
         let merged = merged.clone();
         let i = n;
         tasks.push(tokio::spawn(async move {
-            let ok = op(i).await.is_ok();
+            let result = op(i).await;
+            if let Err(e) = &result {
+                if errors.load(Ordering::Relaxed) == 0 {
+                    tracing::warn!(error = %e, "first failed operation");
+                }
+            }
+            let ok = result.is_ok();
             if planned >= record_from {
                 if ok {
                     let us = planned.elapsed().as_micros().max(1) as u64;

@@ -384,6 +384,30 @@ impl Bench {
         ))
     }
 
+    /// Waits until the relay and both projectors have nothing left to do.
+    async fn wait_caught_up(&self) -> anyhow::Result<()> {
+        eprintln!("bench: waiting for the relay and projectors to catch up");
+        let relay = crate::app::relay_name(&self.config);
+        let brokers = self.config.kafka_brokers.clone().unwrap_or_default();
+        loop {
+            let cp = self.app.store.load_checkpoint(&relay).await?;
+            let backlog = self.app.store.count_after(cp).await?;
+            let mut lag = 0i64;
+            for p in crate::app::PROJECTIONS {
+                let group = format!("{}{p}", self.config.kafka_group_prefix);
+                lag += pcf_projectors::consumer_lag(&brokers, &self.config.kafka_topic, &group)
+                    .await
+                    .map(|ps| ps.iter().map(|p| p.lag).sum::<i64>())
+                    .unwrap_or(i64::MAX / 4);
+            }
+            if backlog == 0 && lag == 0 {
+                return Ok(());
+            }
+            eprintln!("bench: relay backlog {backlog}, projector lag {lag}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     /// Commit (the mutation's answer) → the new version readable in Redis, at half the
     /// maximum command rate; against Kafka produce → consume with the same client settings.
     async fn commit_to_visible(&mut self) -> anyhow::Result<ScenarioResult> {
@@ -402,6 +426,7 @@ impl Bench {
                     / 2.0
             }
         };
+        self.wait_caught_up().await?;
         eprintln!("bench: commit to visible at {rate:.0}/s");
         let recorder = Recorder::default();
         let client = self.client.clone();
@@ -630,27 +655,7 @@ impl Bench {
             done += n;
         }
         // Everything published and projected before measuring, so nothing competes.
-        eprintln!("bench: waiting for the relay and projectors to catch up");
-        let relay = crate::app::relay_name(&self.config);
-        loop {
-            let cp = self.app.store.load_checkpoint(&relay).await?;
-            let backlog = self.app.store.count_after(cp).await?;
-            let brokers = self.config.kafka_brokers.clone().unwrap_or_default();
-            let mut lag = 0i64;
-            for p in crate::app::PROJECTIONS {
-                let group = format!("{}{p}", self.config.kafka_group_prefix);
-                lag += pcf_projectors::consumer_lag(&brokers, &self.config.kafka_topic, &group)
-                    .await
-                    .map(|ps| ps.iter().map(|p| p.lag).sum::<i64>())
-                    .unwrap_or(i64::MAX / 4);
-            }
-            eprint!("\rbench: relay backlog {backlog}, projector lag {lag}      ");
-            if backlog == 0 && lag == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        eprintln!();
+        self.wait_caught_up().await?;
         let in_log = self
             .app
             .store
