@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use crate::store::{EventStore, StoreError};
 
+/// The first pause before looking again at rows that are committed but not readable yet.
+const PENDING_PAUSE_MIN: Duration = Duration::from_millis(2);
+
 /// How the relay reads and waits.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -101,6 +104,14 @@ impl Relay {
         Ok(events.len())
     }
 
+    /// Whether rows lie after the checkpoint (readable or not yet).
+    async fn pending(&self) -> bool {
+        match self.checkpoint().await {
+            Ok(cp) => self.store.count_after(cp).await.is_ok_and(|n| n > 0),
+            Err(_) => false,
+        }
+    }
+
     /// Events committed but not yet published.
     pub async fn backlog(&self) -> Result<u64, StoreError> {
         let checkpoint = self.checkpoint().await?;
@@ -166,6 +177,7 @@ impl Relay {
     ) -> bool {
         let committed = self.store.committed();
         let mut failures = 0u32;
+        let mut pending_pause = PENDING_PAUSE_MIN;
         let mut checked = std::time::Instant::now();
         loop {
             if checked.elapsed() >= self.config.standby_interval {
@@ -177,11 +189,22 @@ impl Relay {
             let pause = match self.step().await {
                 Ok(n) if n > 0 => {
                     failures = 0;
+                    pending_pause = PENDING_PAUSE_MIN;
                     continue;
                 }
                 Ok(_) => {
                     failures = 0;
-                    self.config.poll_interval
+                    // Committed rows that are not readable yet wait only for an earlier
+                    // transaction to end, and nothing signals that: look again soon (less
+                    // often the longer it takes) rather than at the next poll.
+                    if self.pending().await {
+                        let pause = pending_pause;
+                        pending_pause = (pending_pause * 2).min(self.config.poll_interval);
+                        pause
+                    } else {
+                        pending_pause = PENDING_PAUSE_MIN;
+                        self.config.poll_interval
+                    }
                 }
                 Err(e) => {
                     failures += 1;
