@@ -178,7 +178,7 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
 pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App> {
     let auth = crate::auth::AuthSetup::from_config(config)?;
     let store = open_store(config).await?;
-    let log: Arc<dyn EventLog> = Arc::new(StoreLog(store.clone()));
+    let log: Arc<dyn EventLog> = store.clone();
     let metrics = Arc::new(Metrics::new());
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -413,37 +413,6 @@ fn relay_config(config: &Config) -> RelayConfig {
     RelayConfig {
         name: relay_name(config),
         ..RelayConfig::default()
-    }
-}
-
-/// The store seen only as an event log.
-pub struct StoreLog(pub Arc<dyn EventStore>);
-
-#[async_trait::async_trait]
-impl EventLog for StoreLog {
-    async fn read(
-        &self,
-        q: &pcf_domain::ports::LogQuery,
-    ) -> Result<Vec<pcf_domain::EventEnvelope>, pcf_domain::ports::PortError> {
-        self.0.read(q).await
-    }
-
-    async fn user_events(
-        &self,
-        user: uuid::Uuid,
-        after_sequence: u64,
-    ) -> Result<Vec<pcf_domain::EventEnvelope>, pcf_domain::ports::PortError> {
-        self.0.user_events(user, after_sequence).await
-    }
-
-    async fn last_position(
-        &self,
-    ) -> Result<Option<pcf_domain::Position>, pcf_domain::ports::PortError> {
-        self.0.last_position().await
-    }
-
-    async fn event_count(&self) -> Result<Option<u64>, pcf_domain::ports::PortError> {
-        self.0.event_count().await
     }
 }
 

@@ -60,6 +60,19 @@ fn request_error(status: StatusCode, code: ErrorCode, message: &str) -> Response
     (status, Json(body)).into_response()
 }
 
+/// 429 with `Retry-After`.
+fn rate_limited(retry_after: u64) -> Response {
+    let mut response = request_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::RateLimited,
+        "too many requests; slow down",
+    );
+    if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
+        response.headers_mut().insert("retry-after", v);
+    }
+    response
+}
+
 /// The client's address: the peer, or what a trusted proxy says in `X-Forwarded-For` (the
 /// nearest address that is not itself a trusted proxy).
 fn client_address(req: &Request, trusted: &[IpAddr]) -> String {
@@ -114,15 +127,7 @@ async fn admit(
         }
     };
     if let Decision::Limited { retry_after } = state.limiter.check(&principal, client).await {
-        let mut response = request_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::RateLimited,
-            "too many requests; slow down",
-        );
-        if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
-            response.headers_mut().insert("retry-after", v);
-        }
-        return Err((response, "rate_limited"));
+        return Err((rate_limited(retry_after), "rate_limited"));
     }
     Ok(principal)
 }
@@ -275,15 +280,7 @@ async fn websocket(State(state): State<HttpState>, req: Request) -> Response {
     if let Decision::Limited { retry_after } =
         state.limiter.check(&Principal::anonymous(), &client).await
     {
-        let mut response = request_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::RateLimited,
-            "too many requests; slow down",
-        );
-        if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
-            response.headers_mut().insert("retry-after", v);
-        }
-        return response;
+        return rate_limited(retry_after);
     }
     let (mut parts, _body) = req.into_parts();
     let protocol = match <GraphQLProtocol as FromRequestParts<HttpState>>::from_request_parts(

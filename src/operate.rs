@@ -8,7 +8,7 @@ use pcf_projectors::{
 use std::io::Write;
 use std::sync::Arc;
 
-use crate::app::{open_store, pg_pool, relay_name, StoreLog, PROJECTIONS};
+use crate::app::{open_store, pg_pool, relay_name, PROJECTIONS};
 use crate::cli::ProjectionsCommand;
 use crate::config::Config;
 
@@ -83,7 +83,7 @@ pub async fn projections(config: Config, command: ProjectionsCommand) -> anyhow:
                 found
             };
             let store = open_store(&config).await?;
-            let log: Arc<dyn EventLog> = Arc::new(StoreLog(store));
+            let log: Arc<dyn EventLog> = store;
             for view in chosen {
                 let label = view.name().to_owned();
                 let report = move |p: Progress| print_progress(&label, &p);

@@ -3,7 +3,7 @@
 
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
-use pcf_domain::ports::{CommandObserver, EmailDirectory};
+use pcf_domain::ports::CommandObserver;
 use pcf_domain::{EventMetadata, UserCommand, UserError, UserServices};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,22 +53,10 @@ pub struct CommandService {
     locks: Vec<Mutex<()>>,
 }
 
-struct StoreDirectory(Arc<dyn EventStore>);
-
-#[async_trait::async_trait]
-impl EmailDirectory for StoreDirectory {
-    async fn owner_of(
-        &self,
-        email: &pcf_domain::Email,
-    ) -> Result<Option<Uuid>, pcf_domain::ports::PortError> {
-        self.0.owner_of(email).await
-    }
-}
-
 impl CommandService {
     pub fn new(store: Arc<dyn EventStore>, observer: Arc<dyn CommandObserver>) -> Self {
         let services = UserServices {
-            emails: Arc::new(StoreDirectory(store.clone())),
+            emails: store.clone(),
         };
         Self {
             store,
@@ -125,12 +113,7 @@ impl CommandService {
             if let Err(rejection) = user.handle(command.clone(), &self.services, &sink).await {
                 // The same command may have committed since the look-up above (its email
                 // claim is what we now see as taken): answer with its result.
-                if let Some(command_id) = &metadata.command_id {
-                    if let Some(previous) = self.store.find_command(command_id).await? {
-                        return Ok(previous);
-                    }
-                }
-                return Err(rejection.into());
+                return self.first_result_or(metadata, rejection).await;
             }
             let events = sink.collect().await;
             if events.is_empty() {
@@ -160,17 +143,26 @@ impl CommandService {
                     backoff(attempt).await;
                 }
                 Err(AppendError::EmailTaken) => {
-                    if let Some(command_id) = &metadata.command_id {
-                        if let Some(previous) = self.store.find_command(command_id).await? {
-                            return Ok(previous);
-                        }
-                    }
-                    return Err(UserError::EmailTaken.into());
+                    return self.first_result_or(metadata, UserError::EmailTaken).await;
                 }
                 Err(AppendError::Store(e)) => return Err(e.into()),
             }
         }
         Err(CommandError::Contended)
+    }
+
+    /// The stored result of this command if it already ran, else `rejection`.
+    async fn first_result_or(
+        &self,
+        metadata: &EventMetadata,
+        rejection: UserError,
+    ) -> Result<CommandResult, CommandError> {
+        if let Some(command_id) = &metadata.command_id {
+            if let Some(previous) = self.store.find_command(command_id).await? {
+                return Ok(previous);
+            }
+        }
+        Err(rejection.into())
     }
 }
 

@@ -52,8 +52,6 @@ impl ConsumerConfig {
 pub struct ProjectorStats {
     pub applied: AtomicU64,
     pub dead_lettered: AtomicU64,
-    pub batches: AtomicU64,
-    pub failures: AtomicU64,
 }
 
 /// A message as read from the topic.
@@ -192,7 +190,6 @@ impl KafkaProjector {
                     self.stats
                         .applied
                         .fetch_add(events.len() as u64, Ordering::Relaxed);
-                    self.stats.batches.fetch_add(1, Ordering::Relaxed);
                     return true;
                 }
                 Err(ProjectionError::Poison { event_id, reason }) => {
@@ -214,7 +211,6 @@ impl KafkaProjector {
                 }
                 Err(e) => {
                     failures += 1;
-                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
                     let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
                     tracing::warn!(error = %e, failures, "projection batch failed; retrying");
                     tokio::select! {

@@ -102,6 +102,29 @@ impl Loader<Uuid> for UserLoader {
     }
 }
 
+/// The `aggregateId` and `types` arguments of the log queries, checked.
+pub(crate) fn log_filter(
+    aggregate_id: Option<ID>,
+    types: Option<Vec<String>>,
+) -> async_graphql::Result<(Option<Uuid>, Vec<String>)> {
+    let aggregate_id = aggregate_id
+        .map(|id| Uuid::parse_str(id.as_str()))
+        .transpose()
+        .map_err(|_| invalid("aggregateId", "not a user id"))?;
+    let types = types.unwrap_or_default();
+    if types.len() > 20
+        || types
+            .iter()
+            .any(|t| t.is_empty() || t.len() > 100 || t.chars().any(char::is_control))
+    {
+        return Err(invalid(
+            "types",
+            "at most 20 event type names of 1 to 100 characters, without control characters",
+        ));
+    }
+    Ok((aggregate_id, types))
+}
+
 /// Audit queries.
 #[derive(Default)]
 pub struct EventQueries;
@@ -128,21 +151,7 @@ impl EventQueries {
             .map(|a| a.parse::<Position>())
             .transpose()
             .map_err(|_| invalid("after", "not a cursor returned by this API"))?;
-        let aggregate_id = aggregate_id
-            .map(|id| Uuid::parse_str(id.as_str()))
-            .transpose()
-            .map_err(|_| invalid("aggregateId", "not a user id"))?;
-        let types = types.unwrap_or_default();
-        if types.len() > 20
-            || types
-                .iter()
-                .any(|t| t.is_empty() || t.len() > 100 || t.chars().any(char::is_control))
-        {
-            return Err(invalid(
-                "types",
-                "at most 20 event type names of 1 to 100 characters, without control characters",
-            ));
-        }
+        let (aggregate_id, types) = log_filter(aggregate_id, types)?;
         let query = LogQuery {
             after,
             aggregate_id,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use crate::errors::{error, invalid};
-use crate::events::EventObject;
+use crate::events::{log_filter, EventObject};
 use crate::live::{LiveFilter, LiveLog};
 use crate::users::{ReadModels, UserObject};
 
@@ -55,20 +55,7 @@ impl SubscriptionRoot {
             .map(|a| a.parse::<Position>())
             .transpose()
             .map_err(|_| invalid("after", "not a position returned by this API"))?;
-        let aggregate_id = aggregate_id
-            .map(|id| Uuid::parse_str(id.as_str()))
-            .transpose()
-            .map_err(|_| invalid("aggregateId", "not a user id"))?;
-        let types = types.unwrap_or_default();
-        if types
-            .iter()
-            .any(|t| t.is_empty() || t.len() > 100 || t.chars().any(char::is_control))
-        {
-            return Err(invalid(
-                "types",
-                "event type names of 1 to 100 characters, without control characters",
-            ));
-        }
+        let (aggregate_id, types) = log_filter(aggregate_id, types)?;
         let filter = LiveFilter {
             aggregate_id,
             types,

@@ -662,8 +662,7 @@ impl Bench {
             .count_after(pcf_domain::Position::START)
             .await?;
         // Subject: what `pcf projections rebuild all` does.
-        let log: Arc<dyn pcf_domain::ports::EventLog> =
-            Arc::new(crate::app::StoreLog(self.app.store.clone()));
+        let log: Arc<dyn pcf_domain::ports::EventLog> = self.app.store.clone();
         let views: Vec<Arc<dyn pcf_projectors::Generational>> = vec![
             Arc::new(pcf_projectors::SqlUserViews::new(self.primary.clone())),
             Arc::new(

@@ -15,7 +15,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, Request, StatusCode};
 use chrono::{DateTime, Utc};
 use http_body_util::BodyExt;
-use pcf::app::{Role, StoreLog};
+use pcf::app::Role;
 use pcf_command::EventStore;
 use pcf_domain::ports::EventLog;
 use pcf_domain::read_model::{redis_email_key, redis_generation_prefix, redis_user_key};
@@ -140,7 +140,7 @@ pub struct Node {
 impl Node {
     /// The node's event store as an event log.
     pub fn log(&self) -> Arc<dyn EventLog> {
-        Arc::new(StoreLog(self.store.clone()))
+        self.store.clone()
     }
 }
 
