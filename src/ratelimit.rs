@@ -1,6 +1,12 @@
 //! Rate limits per minute (fixed one-minute windows): per client address when anonymous,
 //! per subject when authenticated. Counted in Redis when configured, so that every instance
 //! shares the count; in process otherwise (and while Redis is unreachable).
+//!
+//! An instance does not ask Redis on every request: it takes a share of the remaining
+//! budget at once (`INCRBY`), a sixteenth of what is left, and spends it locally. Near the
+//! limit the shares shrink to one request, so the limit itself is exact; far from it, one
+//! round trip serves many requests. Tokens taken and not spent count as used, so instances
+//! together may refuse slightly early, never late.
 
 use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextPrepareRequest,
@@ -15,16 +21,24 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::RateLimits;
 
-/// Counts a hit and returns the count in this window; the key expires with the window.
-static HIT: LazyLock<Script> = LazyLock::new(|| {
+/// Takes up to `ARGV[1]` tokens of a window whose limit is `ARGV[2]`; returns how many were
+/// granted. The key (the count taken so far) expires with the window.
+static TAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('EXPIRE', KEYS[1], 61) end
-return n
+local want = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local n = redis.call('INCRBY', KEYS[1], want)
+if n == want then redis.call('EXPIRE', KEYS[1], 61) end
+local before = n - want
+if before >= limit then return 0 end
+return math.min(want, limit - before)
 "#,
     )
 });
+
+/// The most tokens taken in one round trip.
+const MAX_SHARE: u64 = 1000;
 
 /// The answer for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,11 +50,37 @@ pub enum Decision {
     },
 }
 
+/// What this instance holds of one key's window.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    window: u64,
+    /// Requests counted in process (without Redis) in this window.
+    counted: u64,
+    /// Tokens taken from the shared count and not spent yet.
+    tokens: u64,
+    /// Whether the shared count of this window has been used up.
+    exhausted: bool,
+    /// Tokens taken from the shared count in this window, for the size of the next share.
+    taken: u64,
+}
+
+impl Budget {
+    fn new(window: u64) -> Self {
+        Self {
+            window,
+            counted: 0,
+            tokens: 0,
+            exhausted: false,
+            taken: 0,
+        }
+    }
+}
+
 /// Counts requests.
 pub struct RateLimiter {
     limits: RateLimits,
     redis: Option<(ConnectionManager, String)>,
-    local: Mutex<HashMap<String, (u64, u32)>>,
+    budgets: Mutex<HashMap<String, Budget>>,
     /// After Redis fails, count locally until then instead of waiting on it per request.
     redis_down_until: Mutex<Option<std::time::Instant>>,
 }
@@ -52,13 +92,19 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// How many tokens to ask for when `taken` of `limit` are already taken by this instance
+/// (others may have taken more): a sixteenth of what may be left, at least one.
+fn share(limit: u64, taken: u64) -> u64 {
+    (limit.saturating_sub(taken) / 16).clamp(1, MAX_SHARE)
+}
+
 impl RateLimiter {
     /// `redis`: a connection and the key prefix to count under.
     pub fn new(limits: RateLimits, redis: Option<(ConnectionManager, String)>) -> Self {
         Self {
             limits,
             redis,
-            local: Mutex::new(HashMap::new()),
+            budgets: Mutex::new(HashMap::new()),
             redis_down_until: Mutex::new(None),
         }
     }
@@ -75,22 +121,45 @@ impl RateLimiter {
     /// Counts one request of `principal` from address `client`.
     pub async fn check(&self, principal: &Principal, client: &str) -> Decision {
         let (limit, key) = self.bucket(principal, client);
+        let limit = u64::from(limit);
         let now = unix_now();
         let window = now / 60;
-        let count = match self.count_shared(&key, window).await {
-            Some(n) => n,
-            None => self.count_local(&key, window),
+        let allowed = match self.spend_token(&key, window) {
+            Some(allowed) => allowed,
+            None => match self.take_shared(&key, window, limit).await {
+                Some(allowed) => allowed,
+                None => self.count_local(&key, window) <= limit,
+            },
         };
-        if count > u64::from(limit) {
+        if allowed {
+            Decision::Allowed
+        } else {
             Decision::Limited {
                 retry_after: 60 - now % 60,
             }
-        } else {
-            Decision::Allowed
         }
     }
 
-    async fn count_shared(&self, key: &str, window: u64) -> Option<u64> {
+    fn budgets(&self) -> std::sync::MutexGuard<'_, HashMap<String, Budget>> {
+        self.budgets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Answers from what this instance already holds of the shared count: `Some(true)` spends
+    /// a token, `Some(false)` when the window's count is used up, `None` to ask Redis.
+    fn spend_token(&self, key: &str, window: u64) -> Option<bool> {
+        self.redis.as_ref()?;
+        let mut budgets = self.budgets();
+        let budget = budgets.get_mut(key).filter(|b| b.window == window)?;
+        if budget.tokens > 0 {
+            budget.tokens -= 1;
+            return Some(true);
+        }
+        budget.exhausted.then_some(false)
+    }
+
+    /// Takes a share of the shared count and spends one token of it; `None` when Redis is
+    /// not configured or unreachable.
+    async fn take_shared(&self, key: &str, window: u64, limit: u64) -> Option<bool> {
         let (conn, prefix) = self.redis.as_ref()?;
         let now = std::time::Instant::now();
         {
@@ -104,12 +173,37 @@ impl RateLimiter {
                 None => {}
             }
         }
-        let result: Result<u64, _> = HIT
+        let taken_before = self
+            .budgets()
+            .get(key)
+            .filter(|b| b.window == window)
+            .map_or(0, |b| b.taken);
+        let want = share(limit, taken_before);
+        let result: Result<u64, _> = TAKE
             .key(format!("{prefix}:ratelimit:{window}:{key}"))
+            .arg(want)
+            .arg(limit)
             .invoke_async(&mut conn.clone())
             .await;
         match result {
-            Ok(n) => Some(n),
+            Ok(granted) => {
+                let mut budgets = self.budgets();
+                Self::forget_old(&mut budgets, window);
+                let budget = budgets
+                    .entry(key.to_owned())
+                    .or_insert_with(|| Budget::new(window));
+                if budget.window != window {
+                    *budget = Budget::new(window);
+                }
+                budget.taken += want;
+                if granted == 0 {
+                    budget.exhausted = true;
+                    return Some(false);
+                }
+                // One token is this request's.
+                budget.tokens += granted - 1;
+                Some(true)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "rate limit counting in Redis failed; counting locally for 5 s");
                 *self
@@ -122,18 +216,24 @@ impl RateLimiter {
         }
     }
 
+    /// Old windows are worthless; drop them rather than grow without bound.
+    fn forget_old(budgets: &mut HashMap<String, Budget>, window: u64) {
+        if budgets.len() > 100_000 {
+            budgets.retain(|_, b| b.window == window);
+        }
+    }
+
     fn count_local(&self, key: &str, window: u64) -> u64 {
-        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
-        if local.len() > 100_000 {
-            // Old windows are worthless; drop them rather than grow without bound.
-            local.retain(|_, (w, _)| *w == window);
+        let mut budgets = self.budgets();
+        Self::forget_old(&mut budgets, window);
+        let budget = budgets
+            .entry(key.to_owned())
+            .or_insert_with(|| Budget::new(window));
+        if budget.window != window {
+            *budget = Budget::new(window);
         }
-        let entry = local.entry(key.to_owned()).or_insert((window, 0));
-        if entry.0 != window {
-            *entry = (window, 0);
-        }
-        entry.1 = entry.1.saturating_add(1);
-        u64::from(entry.1)
+        budget.counted = budget.counted.saturating_add(1);
+        budget.counted
     }
 }
 
