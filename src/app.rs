@@ -130,10 +130,10 @@ pub fn schema(
     .data(live)
     .data(monitor)
     .extension(crate::ratelimit::WebSocketLimit(limiter))
-    .extension(crate::limits::DocumentLimits {
-        aliases: config.max_aliases,
-        fields: config.max_complexity,
-    })
+    .extension(crate::limits::DocumentLimits::new(
+        config.max_aliases,
+        config.max_complexity,
+    ))
     .limit_depth(config.max_depth)
     .limit_complexity(config.max_complexity);
     if config.environment == Environment::Production {

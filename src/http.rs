@@ -165,41 +165,29 @@ async fn execute(
             )
         }
     };
-    let value: serde_json::Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(_) => {
-            return (
-                request_error(
-                    StatusCode::BAD_REQUEST,
-                    ErrorCode::BadRequest,
-                    "the body is not valid JSON",
-                ),
-                "bad_request",
-            )
-        }
+    // Decoded straight into the request; only a body that does not decode is looked at
+    // again, to say what is wrong with it.
+    let batched = body
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'[');
+    let decoded = if batched {
+        None
+    } else {
+        serde_json::from_slice::<async_graphql::Request>(&body).ok()
     };
-    if value.is_array() {
+    let Some(request) = decoded else {
+        let message = if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+            "the body is not valid JSON"
+        } else if batched {
+            "batched requests are not supported; send one operation per request"
+        } else {
+            "the body must be a GraphQL request: {\"query\": ..., \"variables\": ...}"
+        };
         return (
-            request_error(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadRequest,
-                "batched requests are not supported; send one operation per request",
-            ),
+            request_error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message),
             "bad_request",
         );
-    }
-    let request: async_graphql::Request = match serde_json::from_value(value) {
-        Ok(r) => r,
-        Err(_) => {
-            return (
-                request_error(
-                    StatusCode::BAD_REQUEST,
-                    ErrorCode::BadRequest,
-                    "the body must be a GraphQL request: {\"query\": ..., \"variables\": ...}",
-                ),
-                "bad_request",
-            )
-        }
     };
     let correlation_id = headers
         .get("x-correlation-id")

@@ -1,4 +1,7 @@
-//! Query limits beyond async-graphql's own depth and complexity: the number of aliases.
+//! Query limits beyond async-graphql's own depth and complexity (the number of aliases and
+//! of fields once fragments are spread), and a cache of parsed documents: clients send the
+//! same few query texts again and again, and parsing is the largest part of a small
+//! query's cost.
 
 use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextPrepareRequest,
@@ -8,15 +11,27 @@ use async_graphql::parser::types::{
 };
 use async_graphql::{Request, ServerError, ServerResult};
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Refuses, before anything runs, documents with more than `aliases` aliased fields or
 /// that expand (fragments spread in place) to more than `fields` fields. The second guards
 /// the validator itself: async-graphql expands every spread before it counts complexity,
 /// so a few hundred bytes of nested fragments would otherwise take minutes.
 pub struct DocumentLimits {
-    pub aliases: usize,
-    pub fields: usize,
+    aliases: usize,
+    fields: usize,
+    cache: Arc<DocumentCache>,
+}
+
+impl DocumentLimits {
+    pub fn new(aliases: usize, fields: usize) -> Self {
+        Self {
+            aliases,
+            fields,
+            cache: Arc::new(DocumentCache::new(CACHED_DOCUMENTS)),
+        }
+    }
 }
 
 impl ExtensionFactory for DocumentLimits {
@@ -24,6 +39,7 @@ impl ExtensionFactory for DocumentLimits {
         Arc::new(AliasLimitExtension {
             aliases: self.aliases,
             fields: self.fields,
+            cache: self.cache.clone(),
         })
     }
 }
@@ -31,6 +47,62 @@ impl ExtensionFactory for DocumentLimits {
 struct AliasLimitExtension {
     aliases: usize,
     fields: usize,
+    cache: Arc<DocumentCache>,
+}
+
+/// How many parsed documents are kept.
+const CACHED_DOCUMENTS: usize = 1024;
+/// Longer query texts are parsed every time rather than kept.
+const MAX_CACHED_TEXT: usize = 16 * 1024;
+
+/// Parsed documents that passed the limits, by query text. Bounded: when full, the half
+/// least recently used is dropped.
+pub struct DocumentCache {
+    capacity: usize,
+    entries: Mutex<HashMap<String, (ExecutableDocument, u64)>>,
+    clock: AtomicU64,
+}
+
+impl DocumentCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            entries: Mutex::new(HashMap::new()),
+            clock: AtomicU64::new(0),
+        }
+    }
+
+    fn get(&self, text: &str) -> Option<ExecutableDocument> {
+        let tick = self.clock.fetch_add(1, Ordering::Relaxed);
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let (doc, used) = entries.get_mut(text)?;
+        *used = tick;
+        Some(doc.clone())
+    }
+
+    fn put(&self, text: &str, doc: &ExecutableDocument) {
+        if text.len() > MAX_CACHED_TEXT {
+            return;
+        }
+        let tick = self.clock.fetch_add(1, Ordering::Relaxed);
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= self.capacity {
+            let mut ticks: Vec<u64> = entries.values().map(|(_, t)| *t).collect();
+            let older_half = (ticks.len() - 1) / 2;
+            let (_, cut, _) = ticks.select_nth_unstable(older_half);
+            let cut = *cut;
+            entries.retain(|_, (_, t)| *t > cut);
+        }
+        entries.insert(text.to_owned(), (doc.clone(), tick));
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// How many fields a selection set stands for once fragments are spread, saturating;
@@ -122,35 +194,50 @@ pub fn count_aliases(doc: &ExecutableDocument) -> usize {
     operations + fragments
 }
 
+impl AliasLimitExtension {
+    /// The error for a document over the limits, if it is.
+    fn refuse(&self, doc: &ExecutableDocument) -> Option<ServerError> {
+        let n = count_aliases(doc);
+        if n > self.aliases {
+            return Some(ServerError::new(
+                format!("Query has too many aliases ({n}; at most {})", self.aliases),
+                None,
+            ));
+        }
+        // A cycle (`None`) is the validator's to report; it does not expand one.
+        let fields = expanded_fields(doc).filter(|f| *f > self.fields as u64)?;
+        Some(ServerError::new(
+            format!(
+                "Query is too complex: {fields} fields once fragments are spread (at most {})",
+                self.fields
+            ),
+            None,
+        ))
+    }
+}
+
 #[async_trait::async_trait]
 impl Extension for AliasLimitExtension {
     /// Runs before async-graphql's own checks, some of which (the recursion depth check)
-    /// already spread fragments: the document is parsed here once and handed on.
+    /// already spread fragments: the document is parsed here once (or taken from the
+    /// cache, where only documents within the limits are kept) and handed on.
     async fn prepare_request(
         &self,
         ctx: &ExtensionContext<'_>,
         mut request: Request,
         next: NextPrepareRequest<'_>,
     ) -> ServerResult<Request> {
+        if let Some(doc) = self.cache.get(&request.query) {
+            request.set_parsed_query(doc);
+            return next.run(ctx, request).await;
+        }
+        let query = request.query.clone();
         // A syntax error is reported by the normal path, with its position.
         if let Ok(doc) = request.parsed_query() {
-            let n = count_aliases(doc);
-            if n > self.aliases {
-                return Err(ServerError::new(
-                    format!("Query has too many aliases ({n}; at most {})", self.aliases),
-                    None,
-                ));
+            if let Some(error) = self.refuse(doc) {
+                return Err(error);
             }
-            if let Some(fields) = expanded_fields(doc).filter(|f| *f > self.fields as u64) {
-                return Err(ServerError::new(
-                    format!(
-                        "Query is too complex: {fields} fields once fragments are spread (at most {})",
-                        self.fields
-                    ),
-                    None,
-                ));
-            }
-            // A cycle (`None`) is the validator's to report; it does not expand one.
+            self.cache.put(&query, doc);
         }
         next.run(ctx, request).await
     }
@@ -188,6 +275,23 @@ mod tests {
         let n = expanded_fields(&doc).unwrap();
         assert!(n > 100_000_000, "{n}");
         assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_cache_keeps_the_recently_used_half_when_full() {
+        let cache = DocumentCache::new(4);
+        let doc = async_graphql::parser::parse_query("{ a }").unwrap();
+        for q in ["q0", "q1", "q2", "q3"] {
+            cache.put(q, &doc);
+        }
+        // q0 and q1 are used again; q2 and q3 are the least recently used.
+        assert!(cache.get("q0").is_some());
+        assert!(cache.get("q1").is_some());
+        cache.put("q4", &doc);
+        assert!(cache.len() <= 4);
+        assert!(cache.get("q0").is_some() && cache.get("q1").is_some());
+        assert!(cache.get("q4").is_some());
+        assert!(cache.get("q2").is_none() && cache.get("q3").is_none());
     }
 
     #[test]
