@@ -59,6 +59,41 @@ pub struct Authenticator {
     validation: Validation,
     /// SHA-256 of each key → its principal.
     api_keys: HashMap<[u8; 32], Principal>,
+    verified: VerifiedTokens,
+}
+
+/// Tokens whose signature and claims have verified, by their whole text: the signature is
+/// part of the text, so the same text verifies the same way again, and only the times
+/// (`exp`, `nbf`) need checking on each use. Clients send the same token on every request;
+/// this spares the signature check and the claims' decoding.
+#[derive(Default)]
+struct VerifiedTokens {
+    entries: std::sync::Mutex<HashMap<String, VerifiedToken>>,
+}
+
+#[derive(Clone)]
+struct VerifiedToken {
+    principal: Principal,
+    exp: u64,
+    nbf: Option<u64>,
+}
+
+/// At most this many tokens are remembered; when full, the memory starts again.
+const VERIFIED_TOKENS: usize = 10_000;
+
+impl VerifiedTokens {
+    fn get(&self, token: &str) -> Option<VerifiedToken> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.get(token).cloned()
+    }
+
+    fn put(&self, token: &str, verified: VerifiedToken) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= VERIFIED_TOKENS {
+            entries.clear();
+        }
+        entries.insert(token.to_owned(), verified);
+    }
 }
 
 /// How a process verifies (and, in development, mints) tokens.
@@ -200,6 +235,7 @@ impl AuthSetup {
                 decoding,
                 validation,
                 api_keys,
+                verified: VerifiedTokens::default(),
             },
             dev_token,
         })
@@ -271,10 +307,25 @@ impl Authenticator {
 
     /// Verifies a JWT: signature with the one configured algorithm, `exp`, `nbf`.
     pub fn token(&self, token: &str) -> Result<Principal, AuthError> {
+        if let Some(known) = self.verified.get(token) {
+            // The same checks of the times as the first verification, with its leeway.
+            let now = jsonwebtoken::get_current_timestamp();
+            let leeway = self.validation.leeway;
+            if known.exp.saturating_add(leeway) < now {
+                return Err(AuthError("token refused: ExpiredSignature".into()));
+            }
+            if known
+                .nbf
+                .is_some_and(|nbf| nbf > now.saturating_add(leeway))
+            {
+                return Err(AuthError("token refused: ImmatureSignature".into()));
+            }
+            return Ok(known.principal);
+        }
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| AuthError(format!("token refused: {e}")))?;
         let claims = data.claims;
-        Ok(Principal {
+        let principal = Principal {
             subject: Some(claims.sub),
             // Roles this version does not know grant nothing.
             roles: claims
@@ -283,7 +334,16 @@ impl Authenticator {
                 .filter_map(|r| AccessRole::parse(r))
                 .collect(),
             tier: parse_tier(claims.tier.as_deref()),
-        })
+        };
+        self.verified.put(
+            token,
+            VerifiedToken {
+                principal: principal.clone(),
+                exp: claims.exp,
+                nbf: claims.nbf,
+            },
+        );
+        Ok(principal)
     }
 
     fn api_key(&self, key: &str) -> Result<Principal, AuthError> {
@@ -329,6 +389,24 @@ mod tests {
         let auth = setup("s3cret");
         let token = mint("other", "u1", &[], None, Duration::from_secs(60)).unwrap();
         assert!(auth.token(&token).is_err());
+    }
+
+    #[test]
+    fn a_remembered_token_is_still_refused_once_it_expires() {
+        let auth = setup("s3cret");
+        let token = mint("s3cret", "u1", &[], None, Duration::from_secs(60)).unwrap();
+        assert_eq!(auth.token(&token).unwrap().subject.as_deref(), Some("u1"));
+        // Its verification is remembered; move its expiry into the past, beyond the leeway.
+        let mut known = auth.verified.get(&token).expect("remembered");
+        known.exp = jsonwebtoken::get_current_timestamp() - auth.validation.leeway - 2;
+        auth.verified.put(&token, known);
+        let err = auth.token(&token).unwrap_err();
+        assert!(err.0.contains("ExpiredSignature"), "{}", err.0);
+        // A token with one character changed is verified afresh, and refused.
+        let mut forged = token.clone();
+        let last = forged.pop().unwrap();
+        forged.push(if last == 'A' { 'B' } else { 'A' });
+        assert!(auth.token(&forged).is_err());
     }
 
     #[test]
