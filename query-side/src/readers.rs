@@ -3,25 +3,15 @@
 
 use async_trait::async_trait;
 use pcf_domain::ports::{PortError, UserFilter, UserReader};
-use pcf_domain::read_model::{redis_active_key, SQL_VIEW};
+use pcf_domain::read_model::{redis_active_key, redis_user_key, SQL_VIEW};
 use pcf_domain::{Email, UserView};
 use redis::aio::ConnectionManager;
 use redis::Script;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use uuid::Uuid;
-
-/// Reads a user document of the active generation in one round trip.
-static USER_BY_ID: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local g = redis.call('GET', KEYS[1]) or '1'
-return redis.call('GET', ARGV[1] .. ':g' .. g .. ':user:' .. ARGV[2])
-"#,
-    )
-});
 
 /// Reads several user documents of the active generation in one round trip.
 static USERS_BY_ID: LazyLock<Script> = LazyLock::new(|| {
@@ -63,6 +53,11 @@ fn parse_doc(doc: Option<String>) -> Result<Option<UserView>, PortError> {
 pub struct RedisUserReader {
     conn: ConnectionManager,
     prefix: String,
+    active_key: String,
+    /// The active generation as last seen. A point read asks for the active pointer and the
+    /// document of this generation in one pipeline (two plain GETs, cheaper for Redis than
+    /// a script), and reads again only when a rebuild has moved the pointer.
+    generation: Arc<AtomicU64>,
 }
 
 impl RedisUserReader {
@@ -76,9 +71,12 @@ impl RedisUserReader {
         let conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(redis_down)?;
+        let prefix = prefix.into();
         Ok(Self {
             conn,
-            prefix: prefix.into(),
+            active_key: redis_active_key(&prefix),
+            prefix,
+            generation: Arc::new(AtomicU64::new(1)),
         })
     }
 
@@ -94,11 +92,22 @@ impl RedisUserReader {
 #[async_trait]
 impl UserReader for RedisUserReader {
     async fn user(&self, id: Uuid) -> Result<Option<UserView>, PortError> {
-        let doc: Option<String> = USER_BY_ID
-            .key(redis_active_key(&self.prefix))
-            .arg(&self.prefix)
-            .arg(id.to_string())
-            .invoke_async(&mut self.conn.clone())
+        let mut conn = self.conn.clone();
+        let assumed = self.generation.load(Ordering::Relaxed);
+        let (active, doc): (Option<u64>, Option<String>) = redis::pipe()
+            .get(&self.active_key)
+            .get(redis_user_key(&self.prefix, assumed, id))
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_down)?;
+        let active = active.unwrap_or(1);
+        if active == assumed {
+            return parse_doc(doc);
+        }
+        self.generation.store(active, Ordering::Relaxed);
+        let doc: Option<String> = redis::cmd("GET")
+            .arg(redis_user_key(&self.prefix, active, id))
+            .query_async(&mut conn)
             .await
             .map_err(redis_down)?;
         parse_doc(doc)
