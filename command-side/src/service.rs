@@ -1,10 +1,11 @@
 //! Command execution: load the user, let the aggregate decide, append in one transaction,
 //! retry on a concurrent append, and answer a repeated command id with its first result.
 
+use async_trait::async_trait;
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
-use pcf_domain::ports::CommandObserver;
-use pcf_domain::{EventMetadata, UserCommand, UserError, UserServices};
+use pcf_domain::ports::{CommandObserver, EmailDirectory, PortError};
+use pcf_domain::{Email, EventMetadata, User, UserCommand, UserError, UserServices};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
@@ -43,10 +44,26 @@ impl CommandError {
     }
 }
 
+/// The email directory of a command's first attempt: it knows of no owner, so the check is
+/// left to the append, where the email index's primary key decides anyway (and under
+/// concurrency, only it can). An append refused for a taken email is tried again with the
+/// real directory, which then gives the aggregate's answer. This spares a round trip per
+/// command that claims an email.
+struct UncheckedEmails;
+
+#[async_trait]
+impl EmailDirectory for UncheckedEmails {
+    async fn owner_of(&self, _: &Email) -> Result<Option<Uuid>, PortError> {
+        Ok(None)
+    }
+}
+
 /// Executes commands against the event store.
 pub struct CommandService {
     store: Arc<dyn EventStore>,
     services: UserServices,
+    /// The services of a first attempt (see `UncheckedEmails`).
+    optimistic: UserServices,
     observer: Arc<dyn CommandObserver>,
     // Commands on one user in this process run one at a time, so they do not race each
     // other to the same sequence number; other processes are handled by the retry.
@@ -61,6 +78,9 @@ impl CommandService {
         Self {
             store,
             services,
+            optimistic: UserServices {
+                emails: Arc::new(UncheckedEmails),
+            },
             observer,
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
         }
@@ -102,22 +122,47 @@ impl CommandService {
     ) -> Result<CommandResult, CommandError> {
         let stripe = (user_id.as_u128() % LOCK_STRIPES as u128) as usize;
         let _guard = self.locks[stripe].lock().await;
+        // The first attempt is optimistic: it assumes the command has not run before, the
+        // email is free and (for `createUser`, whose id was just made) that the user has no
+        // events, and leaves all three to the append's unique constraints. Whatever they
+        // refuse is decided again carefully: the command id looked up, the user loaded,
+        // the email asked of the directory.
+        let mut careful = false;
         for attempt in 0..MAX_ATTEMPTS {
-            if let Some(command_id) = &metadata.command_id {
-                if let Some(previous) = self.store.find_command(command_id).await? {
-                    return Ok(previous);
+            if careful {
+                if let Some(command_id) = &metadata.command_id {
+                    if let Some(previous) = self.store.find_command(command_id).await? {
+                        return Ok(previous);
+                    }
                 }
             }
-            let (mut user, sequence) = self.store.load(user_id).await?;
+            let fresh = !careful && matches!(command, UserCommand::CreateUser { .. });
+            let (mut user, sequence) = if fresh {
+                (User::default(), 0)
+            } else {
+                self.store.load(user_id).await?
+            };
+            let services = if careful {
+                &self.services
+            } else {
+                &self.optimistic
+            };
             let sink = EventSink::default();
-            if let Err(rejection) = user.handle(command.clone(), &self.services, &sink).await {
-                // The same command may have committed since the look-up above (its email
-                // claim is what we now see as taken): answer with its result.
+            if let Err(rejection) = user.handle(command.clone(), services, &sink).await {
+                // The same command may have committed before (its email claim is what we
+                // now see as taken, or the change it made is why it is refused): answer
+                // with its result.
                 return self.first_result_or(metadata, rejection).await;
             }
             let events = sink.collect().await;
             if events.is_empty() {
-                // Nothing changes: answer with the current state.
+                // Nothing changes: answer with the first result of a repeated command, or
+                // the current state.
+                if let Some(command_id) = &metadata.command_id {
+                    if let Some(previous) = self.store.find_command(command_id).await? {
+                        return Ok(previous);
+                    }
+                }
                 let position = self.store.position_of(user_id, sequence).await?;
                 return Ok(CommandResult {
                     user_id,
@@ -140,8 +185,14 @@ impl CommandService {
                 // answers CONFLICT; a repeated command id now finds its first result.
                 Err(AppendError::Conflict) | Err(AppendError::DuplicateCommand) => {
                     tracing::debug!(attempt, "append lost a race; retrying");
-                    backoff(attempt).await;
+                    if careful {
+                        backoff(attempt).await;
+                    }
+                    careful = true;
                 }
+                // Decided again with the directory: the aggregate gives the answer (or the
+                // command's first result, if it ran before).
+                Err(AppendError::EmailTaken) if !careful => careful = true,
                 Err(AppendError::EmailTaken) => {
                     return self.first_result_or(metadata, UserError::EmailTaken).await;
                 }

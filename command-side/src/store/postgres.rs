@@ -16,8 +16,8 @@ use super::CommitSignal;
 use uuid::Uuid;
 
 use super::{
-    email_changes, is_unique_violation, metadata_value, stored_payload, AppendError, AppendRequest,
-    CommandResult, EmailChange, EventStore, Lease, StoreError, StoredEvent,
+    email_changes, metadata_value, stored_payload, AppendError, AppendRequest, CommandResult,
+    EmailChange, EventStore, Lease, StoreError, StoredEvent,
 };
 
 const NOTIFY_CHANNEL: &str = "pcf_events";
@@ -75,12 +75,45 @@ fn rows_to_envelopes(rows: &[PgRow]) -> Result<Vec<EventEnvelope>, StoreError> {
         .collect()
 }
 
-/// Runs one statement of an append, mapping a unique violation to `on_unique`.
-fn classify(e: sqlx::Error, on_unique: AppendError) -> AppendError {
-    if is_unique_violation(&e) {
-        on_unique
-    } else {
-        AppendError::Store(e.into())
+/// An append in one statement, so one round trip and no explicit transaction: the events,
+/// the email index and the command id change together or not at all. Each unique
+/// violation names its constraint (see `classify`). The stored command result gets the
+/// position of the last event appended, formatted as `Position` prints it.
+const APPEND: &str = "\
+WITH appended AS ( \
+    INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
+                        payload, metadata, event_id) \
+    SELECT $1, $2, $3 + e.ord, e.event_type, e.event_version, e.payload, $7, e.event_id \
+    FROM UNNEST($4::text[], $5::text[], $6::jsonb[], $8::uuid[]) \
+         WITH ORDINALITY AS e (event_type, event_version, payload, event_id, ord) \
+    RETURNING global_position, transaction_id \
+), released AS ( \
+    DELETE FROM user_emails WHERE user_id = $2 AND ($9 OR email = ANY($10::text[])) \
+), claimed AS ( \
+    INSERT INTO user_emails (email, user_id) SELECT c, $2 FROM UNNEST($11::text[]) AS c \
+), last AS ( \
+    SELECT transaction_id, max(global_position) AS global_position \
+    FROM appended GROUP BY transaction_id \
+), command AS ( \
+    INSERT INTO processed_commands (command_id, aggregate_id, result) \
+    SELECT $12, $2, jsonb_set($13::jsonb, '{position}', to_jsonb( \
+        lpad(to_hex(transaction_id::text::bigint), 16, '0') || \
+        lpad(to_hex(global_position), 16, '0'))) \
+    FROM last WHERE $12::text IS NOT NULL \
+) \
+SELECT transaction_id::text AS txid, global_position FROM last";
+
+/// What a failed append means: each unique constraint it may violate stands for one answer.
+fn classify(e: sqlx::Error) -> AppendError {
+    let constraint = match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => db.constraint(),
+        _ => None,
+    };
+    match constraint {
+        Some("events_pkey") => AppendError::Conflict,
+        Some("user_emails_pkey") => AppendError::EmailTaken,
+        Some("processed_commands_pkey") => AppendError::DuplicateCommand,
+        _ => AppendError::Store(e.into()),
     }
 }
 
@@ -97,85 +130,65 @@ impl EventStore for PostgresStore {
 
     async fn append(&self, req: AppendRequest<'_>) -> Result<CommandResult, AppendError> {
         let aggregate_id = req.user_id.to_string();
-        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        // The command id goes first: a concurrent duplicate waits here for the first to
-        // commit and then fails, rather than racing it to the events.
-        if let Some(command_id) = &req.metadata.command_id {
-            sqlx::query(
-                "INSERT INTO processed_commands (command_id, aggregate_id) VALUES ($1, $2)",
-            )
-            .bind(command_id)
-            .bind(&aggregate_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| classify(e, AppendError::DuplicateCommand))?;
+        let n = req.events.len();
+        let mut types = Vec::with_capacity(n);
+        let mut versions = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        let mut ids = Vec::with_capacity(n);
+        for event in req.events {
+            types.push(event.event_type());
+            versions.push(event.event_version());
+            payloads.push(stored_payload(event)?);
+            ids.push(Uuid::now_v7());
         }
-        let metadata = metadata_value(req.metadata);
-        let mut last = Position::START;
-        for (i, event) in req.events.iter().enumerate() {
-            let row = sqlx::query(
-                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
-                 event_version, payload, metadata, event_id) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                 RETURNING global_position, transaction_id::text AS txid",
-            )
-            .bind(pcf_domain::AGGREGATE_TYPE)
-            .bind(&aggregate_id)
-            .bind((req.expected_sequence + 1 + i as u64) as i64)
-            .bind(event.event_type())
-            .bind(event.event_version())
-            .bind(stored_payload(event)?)
-            .bind(&metadata)
-            .bind(Uuid::now_v7())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| classify(e, AppendError::Conflict))?;
-            let txid: String = row.try_get("txid").map_err(StoreError::from)?;
-            let global: i64 = row.try_get("global_position").map_err(StoreError::from)?;
-            last = Position::new(txid.parse().unwrap_or_default(), global as u64);
-        }
+        let mut claims: Vec<&str> = Vec::new();
+        let mut releases: Vec<&str> = Vec::new();
+        let mut release_all = false;
         for change in email_changes(req.events) {
-            let result = match change {
-                EmailChange::Claim(email) => {
-                    sqlx::query("INSERT INTO user_emails (email, user_id) VALUES ($1, $2)")
-                        .bind(email)
-                        .bind(&aggregate_id)
-                        .execute(&mut *tx)
-                        .await
-                }
-                EmailChange::Release(email) => {
-                    sqlx::query("DELETE FROM user_emails WHERE email = $1 AND user_id = $2")
-                        .bind(email)
-                        .bind(&aggregate_id)
-                        .execute(&mut *tx)
-                        .await
-                }
-                EmailChange::ReleaseAll => {
-                    sqlx::query("DELETE FROM user_emails WHERE user_id = $1")
-                        .bind(&aggregate_id)
-                        .execute(&mut *tx)
-                        .await
-                }
-            };
-            result.map_err(|e| classify(e, AppendError::EmailTaken))?;
+            match change {
+                EmailChange::Claim(email) => claims.push(email),
+                EmailChange::Release(email) => releases.push(email),
+                EmailChange::ReleaseAll => release_all = true,
+            }
         }
-        let result = CommandResult {
+        let mut result = CommandResult {
             user_id: req.user_id,
             user: req.user_after.cloned(),
-            version: req.expected_sequence + req.events.len() as u64,
-            position: last,
+            version: req.expected_sequence + n as u64,
+            position: Position::START,
         };
-        if let Some(command_id) = &req.metadata.command_id {
-            let stored =
-                serde_json::to_value(&result).map_err(|e| StoreError::Internal(e.to_string()))?;
-            sqlx::query("UPDATE processed_commands SET result = $2 WHERE command_id = $1")
-                .bind(command_id)
-                .bind(stored)
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::from)?;
-        }
-        tx.commit().await.map_err(StoreError::from)?;
+        // The stored result gets its position inside the statement, once it is known.
+        let stored = req
+            .metadata
+            .command_id
+            .as_ref()
+            .map(|_| serde_json::to_value(&result))
+            .transpose()
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let row = sqlx::query(APPEND)
+            .bind(pcf_domain::AGGREGATE_TYPE)
+            .bind(&aggregate_id)
+            .bind(req.expected_sequence as i64)
+            .bind(&types)
+            .bind(&versions)
+            .bind(&payloads)
+            .bind(metadata_value(req.metadata))
+            .bind(&ids)
+            .bind(release_all)
+            .bind(&releases)
+            .bind(&claims)
+            .bind(&req.metadata.command_id)
+            .bind(stored)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)?;
+        let txid: String = row.try_get("txid").map_err(StoreError::from)?;
+        let global: i64 = row.try_get("global_position").map_err(StoreError::from)?;
+        result.position = Position::new(
+            txid.parse()
+                .map_err(|e| StoreError::Internal(format!("transaction id {txid:?}: {e}")))?,
+            global as u64,
+        );
         self.committed.signal();
         Ok(result)
     }
