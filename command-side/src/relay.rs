@@ -83,6 +83,15 @@ impl Relay {
     /// were published (0 when caught up).
     pub async fn step(&self) -> Result<usize, RelayError> {
         let checkpoint = self.checkpoint().await?;
+        Ok(self.publish_after(checkpoint).await?.map_or(0, |(n, _)| n))
+    }
+
+    /// Publishes one batch after `checkpoint` and saves the new checkpoint. Returns how many
+    /// events were published and the new checkpoint, or `None` when caught up.
+    async fn publish_after(
+        &self,
+        checkpoint: Position,
+    ) -> Result<Option<(usize, Position)>, RelayError> {
         let query = LogQuery {
             after: Some(checkpoint),
             limit: self.config.batch_size,
@@ -90,7 +99,7 @@ impl Relay {
         };
         let events = self.store.read(&query).await.map_err(RelayError::Read)?;
         let Some(last) = events.last().map(|e| e.position) else {
-            return Ok(0);
+            return Ok(None);
         };
         self.publisher
             .publish(&events)
@@ -101,15 +110,15 @@ impl Relay {
             None => self.store.save_checkpoint(&self.config.name, last).await?,
         }
         tracing::debug!(count = events.len(), position = %last, "relayed events");
-        Ok(events.len())
+        Ok(Some((events.len(), last)))
     }
 
-    /// Whether rows lie after the checkpoint (readable or not yet).
-    async fn pending(&self) -> bool {
-        match self.checkpoint().await {
-            Ok(cp) => self.store.count_after(cp).await.is_ok_and(|n| n > 0),
-            Err(_) => false,
-        }
+    /// Whether rows lie after `checkpoint` (readable or not yet).
+    async fn pending(&self, checkpoint: Position) -> bool {
+        self.store
+            .count_after(checkpoint)
+            .await
+            .is_ok_and(|n| n > 0)
     }
 
     /// Events committed but not yet published.
@@ -179,6 +188,9 @@ impl Relay {
         let mut failures = 0u32;
         let mut pending_pause = PENDING_PAUSE_MIN;
         let mut checked = std::time::Instant::now();
+        // The checkpoint as this leader last saved it: while it leads, nobody else moves
+        // it, so it is read from the store only when leading starts and after a failure.
+        let mut saved: Option<Position> = None;
         loop {
             if checked.elapsed() >= self.config.standby_interval {
                 if !lease.alive().await {
@@ -186,18 +198,31 @@ impl Relay {
                 }
                 checked = std::time::Instant::now();
             }
-            let pause = match self.step().await {
-                Ok(n) if n > 0 => {
+            let step = match saved {
+                Some(checkpoint) => Ok(checkpoint),
+                None => self.checkpoint().await.map_err(RelayError::from),
+            };
+            let step = match step {
+                Ok(checkpoint) => self
+                    .publish_after(checkpoint)
+                    .await
+                    .map(|published| (checkpoint, published)),
+                Err(e) => Err(e),
+            };
+            let pause = match step {
+                Ok((_, Some((_, last)))) => {
+                    saved = Some(last);
                     failures = 0;
                     pending_pause = PENDING_PAUSE_MIN;
                     continue;
                 }
-                Ok(_) => {
+                Ok((checkpoint, None)) => {
+                    saved = Some(checkpoint);
                     failures = 0;
                     // Committed rows that are not readable yet wait only for an earlier
                     // transaction to end, and nothing signals that: look again soon (less
                     // often the longer it takes) rather than at the next poll.
-                    if self.pending().await {
+                    if self.pending(checkpoint).await {
                         let pause = pending_pause;
                         pending_pause = (pending_pause * 2).min(self.config.poll_interval);
                         pause
@@ -207,6 +232,7 @@ impl Relay {
                     }
                 }
                 Err(e) => {
+                    saved = None;
                     failures += 1;
                     tracing::warn!(error = %e, failures, "relay step failed; backing off");
                     let exp = Duration::from_millis(100 * 2u64.saturating_pow(failures.min(10)));
