@@ -141,9 +141,13 @@ impl KafkaProjector {
                     continue;
                 }
             };
+            // Whatever else arrives within `batch_wait` of the first message joins its batch.
+            // The wait is counted from the first message, not from each one: under a steady
+            // stream a wait per message would hold the batch until it is full.
+            let deadline = tokio::time::Instant::now() + self.config.batch_wait;
             let mut batch = vec![first];
             while batch.len() < self.config.batch_size {
-                match tokio::time::timeout(self.config.batch_wait, consumer.recv()).await {
+                match tokio::time::timeout_at(deadline, consumer.recv()).await {
                     Ok(Ok(m)) => batch.push(received(&m)),
                     _ => break,
                 }
@@ -227,13 +231,9 @@ impl KafkaProjector {
         events: &[EventEnvelope],
         offsets: &[(i32, i64)],
     ) -> Result<(), ProjectionError> {
-        let state = self.view.state().await.map_err(ProjectionError::View)?;
-        for generation in state.targets() {
-            self.view
-                .apply(generation, events, Some(offsets), self.log.clone())
-                .await?;
-        }
-        Ok(())
+        self.view
+            .apply_live(events, offsets, self.log.clone())
+            .await
     }
 
     /// Publishes the message, as received, to the dead-letter topic with the reason;

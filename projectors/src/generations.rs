@@ -52,4 +52,22 @@ pub trait Generational: Send + Sync {
         offsets: Option<&Offsets>,
         log: Arc<dyn EventLog>,
     ) -> Result<(), ProjectionError>;
+
+    /// Applies a batch of the live stream to every generation that must have it (see
+    /// `GenerationState::targets`). Adapters make this a handshake with `begin` and
+    /// `switch`: a batch is never written with a state that changed before its write
+    /// landed, so a rebuild needs no pause for live projectors to notice it.
+    async fn apply_live(
+        &self,
+        events: &[EventEnvelope],
+        offsets: &Offsets,
+        log: Arc<dyn EventLog>,
+    ) -> Result<(), ProjectionError> {
+        let state = self.state().await.map_err(ProjectionError::View)?;
+        for generation in state.targets() {
+            self.apply(generation, events, Some(offsets), log.clone())
+                .await?;
+        }
+        Ok(())
+    }
 }

@@ -18,9 +18,13 @@ use crate::projector::{ProjectionError, UserProjector, UserViewWriter};
 
 /// Replaces a user's document if it is still at the expected version (1: written, 0: the
 /// stored one is already newer, -1: it moved since it was read), and moves its email entry.
+/// With a building key (KEYS[4]), the write happens only while the generation being built
+/// is still the one the writer knows (ARGV[5], '' for none); else -2: the generation state
+/// moved (a rebuild began or switched) and the batch must be written again for the new one.
 static REPLACE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+if KEYS[4] ~= '' and (redis.call('GET', KEYS[4]) or '') ~= ARGV[5] then return -2 end
 local current = redis.call('GET', KEYS[1])
 local stored = 0
 if current then stored = tonumber(cjson.decode(current)['version']) end
@@ -35,6 +39,9 @@ return 1
     )
 });
 
+/// How often a live batch is written again after the generation state moved under it.
+const MAX_STATE_MOVES: usize = 8;
+
 fn unavailable(e: redis::RedisError) -> PortError {
     PortError::Unavailable(format!("redis: {e}"))
 }
@@ -44,6 +51,16 @@ pub struct RedisGenerationWriter {
     conn: ConnectionManager,
     prefix: String,
     generation: u64,
+    /// `Some(building)`: write only while the generation being built is still this one.
+    expected_building: Option<Option<u64>>,
+    /// Set when a write was refused because the generation state moved.
+    moved: std::sync::atomic::AtomicBool,
+}
+
+impl RedisGenerationWriter {
+    fn state_moved(&self) -> bool {
+        self.moved.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 #[async_trait]
@@ -99,6 +116,13 @@ impl UserViewWriter for RedisGenerationWriter {
         if changes.is_empty() {
             return Ok(Vec::new());
         }
+        let (building_key, expected_building) = match self.expected_building {
+            Some(building) => (
+                redis_building_key(&self.prefix),
+                building.map(|b| b.to_string()).unwrap_or_default(),
+            ),
+            None => (String::new(), String::new()),
+        };
         let mut pipe = redis::pipe();
         for (previous, next) in changes {
             let user_key = redis_user_key(&self.prefix, self.generation, next.id);
@@ -117,14 +141,16 @@ impl UserViewWriter for RedisGenerationWriter {
                 serde_json::to_string(next).map_err(|e| PortError::Internal(e.to_string()))?;
             pipe.cmd("EVALSHA")
                 .arg(REPLACE.get_hash())
-                .arg(3)
+                .arg(4)
                 .arg(user_key)
                 .arg(new_email)
                 .arg(old_email)
+                .arg(&building_key)
                 .arg(doc)
                 .arg(next.version)
                 .arg(previous.as_ref().map_or(0, |p| p.version))
-                .arg(next.id.to_string());
+                .arg(next.id.to_string())
+                .arg(&expected_building);
         }
         let mut conn = self.conn.clone();
         let outcomes: Vec<i64> = match pipe.query_async(&mut conn).await {
@@ -140,6 +166,12 @@ impl UserViewWriter for RedisGenerationWriter {
             }
             Err(e) => return Err(unavailable(e)),
         };
+        if outcomes.contains(&-2) {
+            self.moved.store(true, std::sync::atomic::Ordering::Relaxed);
+            return Err(PortError::Unavailable(
+                "the view's generations changed during the write".into(),
+            ));
+        }
         Ok(outcomes.into_iter().map(|o| o >= 0).collect())
     }
 }
@@ -167,6 +199,8 @@ impl RedisUserViews {
             conn: self.conn.clone(),
             prefix: self.prefix.clone(),
             generation,
+            expected_building: None,
+            moved: Default::default(),
         }
     }
 
@@ -257,5 +291,37 @@ impl Generational for RedisUserViews {
         UserProjector::new(Arc::new(self.writer(generation)), log)
             .apply_batch(events)
             .await
+    }
+
+    /// Every write carries the generation state it was made for, and the script refuses
+    /// it once `begin` or `switch` changed that state: the batch is then written again for
+    /// the new state (each write is idempotent).
+    async fn apply_live(
+        &self,
+        events: &[EventEnvelope],
+        _offsets: &Offsets,
+        log: Arc<dyn EventLog>,
+    ) -> Result<(), ProjectionError> {
+        'attempts: for _ in 0..MAX_STATE_MOVES {
+            let state = self.state().await.map_err(ProjectionError::View)?;
+            for generation in state.targets() {
+                let writer = Arc::new(RedisGenerationWriter {
+                    expected_building: Some(state.building),
+                    ..self.writer(generation)
+                });
+                match UserProjector::new(writer.clone(), log.clone())
+                    .apply_batch(events)
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(_) if writer.state_moved() => continue 'attempts,
+                    Err(e) => return Err(e),
+                }
+            }
+            return Ok(());
+        }
+        Err(ProjectionError::View(PortError::Unavailable(
+            "the view's generations kept changing".into(),
+        )))
     }
 }

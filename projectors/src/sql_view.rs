@@ -17,6 +17,12 @@ use crate::projector::{ProjectionError, UserProjector, UserViewWriter};
 
 const NAME: &str = "users-sql";
 
+/// The advisory lock between live writes (shared, per transaction) and `begin` / `switch`
+/// (exclusive): a live batch reads the generation state and writes every target in one
+/// transaction under the shared lock, so a state change waits for the batches in flight,
+/// and the batches after it see the new state.
+const GENERATIONS_LOCK: i64 = 0x7063_665f_6765_6e73; // "pcf_gens"
+
 fn db(e: sqlx::Error) -> PortError {
     match e {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
@@ -41,9 +47,10 @@ fn row_to_view(row: &PgRow) -> Result<UserView, sqlx::Error> {
     })
 }
 
-/// Writes one generation inside one transaction.
+/// Writes one generation inside a transaction (shared with the other generations' writers
+/// of the same batch).
 struct TxWriter {
-    tx: Mutex<Transaction<'static, Postgres>>,
+    tx: Arc<Mutex<Transaction<'static, Postgres>>>,
     table: String,
 }
 
@@ -109,6 +116,92 @@ impl UserViewWriter for TxWriter {
             .rows_affected();
         Ok(written == 1)
     }
+
+    /// One statement for the whole batch: rows whose stored version is still the one they
+    /// were folded from are updated, new ones inserted where still absent.
+    async fn replace_many(
+        &self,
+        changes: &[(Option<UserView>, UserView)],
+    ) -> Result<Vec<bool>, PortError> {
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = changes.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut emails = Vec::with_capacity(n);
+        let mut names = Vec::with_capacity(n);
+        let mut bios = Vec::with_capacity(n);
+        let mut avatars = Vec::with_capacity(n);
+        let mut created = Vec::with_capacity(n);
+        let mut updated = Vec::with_capacity(n);
+        let mut versions = Vec::with_capacity(n);
+        let mut deleted = Vec::with_capacity(n);
+        let mut previous = Vec::with_capacity(n);
+        for (prev, next) in changes {
+            ids.push(next.id);
+            emails.push(next.email.as_str());
+            names.push(next.display_name.as_str());
+            bios.push(next.bio.as_deref());
+            avatars.push(next.avatar_url.as_deref());
+            created.push(next.created_at);
+            updated.push(next.updated_at);
+            versions.push(next.version as i64);
+            deleted.push(next.deleted);
+            previous.push(prev.as_ref().map_or(0, |p| p.version as i64));
+        }
+        let sql = format!(
+            "WITH x AS ( \
+                SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], \
+                    $5::text[], $6::timestamptz[], $7::timestamptz[], $8::bigint[], \
+                    $9::boolean[], $10::bigint[]) \
+                AS x (id, email, display_name, bio, avatar_url, created_at, updated_at, \
+                      version, deleted, previous) \
+             ), updated AS ( \
+                UPDATE {t} AS u SET email = x.email, display_name = x.display_name, \
+                    bio = x.bio, avatar_url = x.avatar_url, created_at = x.created_at, \
+                    updated_at = x.updated_at, version = x.version, deleted = x.deleted \
+                FROM x WHERE x.previous > 0 AND u.id = x.id AND u.version = x.previous \
+                RETURNING u.id \
+             ), inserted AS ( \
+                INSERT INTO {t} (id, email, display_name, bio, avatar_url, created_at, \
+                    updated_at, version, deleted) \
+                SELECT id, email, display_name, bio, avatar_url, created_at, updated_at, \
+                    version, deleted FROM x WHERE x.previous = 0 \
+                ON CONFLICT (id) DO NOTHING \
+                RETURNING id \
+             ) \
+             SELECT id FROM updated UNION ALL SELECT id FROM inserted",
+            t = self.table
+        );
+        let mut tx = self.tx.lock().await;
+        let written: Vec<(Uuid,)> = sqlx::query_as(&sql)
+            .bind(&ids)
+            .bind(&emails)
+            .bind(&names)
+            .bind(&bios)
+            .bind(&avatars)
+            .bind(&created)
+            .bind(&updated)
+            .bind(&versions)
+            .bind(&deleted)
+            .bind(&previous)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db)?;
+        let written: std::collections::HashSet<Uuid> =
+            written.into_iter().map(|(id,)| id).collect();
+        Ok(ids.iter().map(|id| written.contains(id)).collect())
+    }
+}
+
+/// Waits for the live batches in flight and holds off new ones until `tx` ends.
+async fn lock_generations(tx: &mut Transaction<'static, Postgres>) -> Result<(), PortError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(GENERATIONS_LOCK)
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+    Ok(())
 }
 
 /// The SQL user view with its generations.
@@ -145,22 +238,13 @@ impl Generational for SqlUserViews {
     }
 
     async fn state(&self) -> Result<GenerationState, PortError> {
-        let (active, building): (i64, Option<i64>) = sqlx::query_as(
-            "SELECT active, building FROM projection_generations WHERE projection = $1",
-        )
-        .bind(NAME)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(GenerationState {
-            active: active as u64,
-            building: building.map(|b| b as u64),
-        })
+        read_state(&self.pool).await
     }
 
     async fn begin(&self, generation: u64) -> Result<(), PortError> {
         let table = sql_table(generation);
         let mut tx = self.pool.begin().await.map_err(db)?;
+        lock_generations(&mut tx).await?;
         for sql in [
             format!("DROP TABLE IF EXISTS {table}"),
             format!("CREATE TABLE {table} (LIKE {} INCLUDING ALL)", sql_table(1)),
@@ -185,6 +269,7 @@ impl Generational for SqlUserViews {
 
     async fn switch(&self, generation: u64) -> Result<(), PortError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
+        lock_generations(&mut tx).await?;
         let view = format!(
             "CREATE OR REPLACE VIEW {SQL_VIEW} AS SELECT * FROM {}",
             sql_table(generation)
@@ -230,39 +315,100 @@ impl Generational for SqlUserViews {
         offsets: Option<&Offsets>,
         log: Arc<dyn EventLog>,
     ) -> Result<(), ProjectionError> {
-        let tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| ProjectionError::View(db(e)))?;
-        let writer = Arc::new(TxWriter {
-            tx: Mutex::new(tx),
-            table: sql_table(generation),
-        });
-        UserProjector::new(writer.clone(), log)
-            .apply_batch(events)
+        let tx = Arc::new(Mutex::new(self.pool.begin().await.map_err(view_error)?));
+        self.apply_in(&tx, generation, events, offsets, &log)
             .await?;
-        let Ok(writer) = Arc::try_unwrap(writer) else {
-            return Err(ProjectionError::View(PortError::Internal(
-                "transaction still shared after the batch".into(),
-            )));
-        };
-        let mut tx = writer.tx.into_inner();
-        for (partition, next_offset) in offsets.unwrap_or_default() {
-            sqlx::query(
-                "INSERT INTO projection_checkpoints (projection, generation, partition, next_offset) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (projection, generation, partition) \
-                 DO UPDATE SET next_offset = GREATEST(projection_checkpoints.next_offset, \
-                 EXCLUDED.next_offset), updated_at = now()",
-            )
-            .bind(NAME)
-            .bind(generation as i64)
-            .bind(partition)
-            .bind(next_offset)
+        commit(tx).await
+    }
+
+    async fn apply_live(
+        &self,
+        events: &[EventEnvelope],
+        offsets: &Offsets,
+        log: Arc<dyn EventLog>,
+    ) -> Result<(), ProjectionError> {
+        let mut tx = self.pool.begin().await.map_err(view_error)?;
+        // The lock first, then the state, in statements of their own: the state is read
+        // with a snapshot taken after any `begin` or `switch` it waited for.
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+            .bind(GENERATIONS_LOCK)
             .execute(&mut *tx)
             .await
-            .map_err(|e| ProjectionError::View(db(e)))?;
+            .map_err(view_error)?;
+        let state = read_state(&mut *tx).await.map_err(ProjectionError::View)?;
+        let tx = Arc::new(Mutex::new(tx));
+        for generation in state.targets() {
+            self.apply_in(&tx, generation, events, Some(offsets), &log)
+                .await?;
         }
-        tx.commit().await.map_err(|e| ProjectionError::View(db(e)))
+        commit(tx).await
+    }
+}
+
+fn view_error(e: sqlx::Error) -> ProjectionError {
+    ProjectionError::View(db(e))
+}
+
+async fn read_state(executor: impl sqlx::PgExecutor<'_>) -> Result<GenerationState, PortError> {
+    let (active, building): (i64, Option<i64>) =
+        sqlx::query_as("SELECT active, building FROM projection_generations WHERE projection = $1")
+            .bind(NAME)
+            .fetch_one(executor)
+            .await
+            .map_err(db)?;
+    Ok(GenerationState {
+        active: active as u64,
+        building: building.map(|b| b as u64),
+    })
+}
+
+async fn commit(tx: Arc<Mutex<Transaction<'static, Postgres>>>) -> Result<(), ProjectionError> {
+    let Ok(tx) = Arc::try_unwrap(tx) else {
+        return Err(ProjectionError::View(PortError::Internal(
+            "transaction still shared after the batch".into(),
+        )));
+    };
+    tx.into_inner().commit().await.map_err(view_error)
+}
+
+impl SqlUserViews {
+    /// Applies a batch to one generation inside `tx`, with the batch's checkpoint.
+    async fn apply_in(
+        &self,
+        tx: &Arc<Mutex<Transaction<'static, Postgres>>>,
+        generation: u64,
+        events: &[EventEnvelope],
+        offsets: Option<&Offsets>,
+        log: &Arc<dyn EventLog>,
+    ) -> Result<(), ProjectionError> {
+        let writer = Arc::new(TxWriter {
+            tx: tx.clone(),
+            table: sql_table(generation),
+        });
+        UserProjector::new(writer, log.clone())
+            .apply_batch(events)
+            .await?;
+        let offsets = offsets.unwrap_or_default();
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let partitions: Vec<i32> = offsets.iter().map(|(p, _)| *p).collect();
+        let next: Vec<i64> = offsets.iter().map(|(_, o)| *o).collect();
+        let mut tx = tx.lock().await;
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (projection, generation, partition, next_offset) \
+             SELECT $1, $2, p, o FROM UNNEST($3::integer[], $4::bigint[]) AS c (p, o) \
+             ON CONFLICT (projection, generation, partition) \
+             DO UPDATE SET next_offset = GREATEST(projection_checkpoints.next_offset, \
+             EXCLUDED.next_offset), updated_at = now()",
+        )
+        .bind(NAME)
+        .bind(generation as i64)
+        .bind(&partitions)
+        .bind(&next)
+        .execute(&mut **tx)
+        .await
+        .map_err(view_error)?;
+        Ok(())
     }
 }
