@@ -66,9 +66,13 @@ impl UserEvent {
         event_type: &str,
         payload: &serde_json::Value,
     ) -> Result<Self, serde_json::Error> {
-        let mut map = serde_json::Map::with_capacity(1);
-        map.insert(event_type.to_owned(), payload.clone());
-        serde_json::from_value(serde_json::Value::Object(map))
+        // `{event_type: payload}` as an externally tagged enum, read in place (no copy of
+        // the payload).
+        use serde::de::value::{MapAccessDeserializer, MapDeserializer};
+        use serde::Deserialize;
+        let tagged =
+            MapDeserializer::<_, serde_json::Error>::new(std::iter::once((event_type, payload)));
+        Self::deserialize(MapAccessDeserializer::new(tagged))
     }
 }
 
