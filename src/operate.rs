@@ -3,7 +3,7 @@
 use anyhow::Context;
 use pcf_domain::ports::EventLog;
 use pcf_projectors::{
-    consumer_lag, rebuild, Generational, Progress, RebuildOptions, RedisUserViews, SqlUserViews,
+    consumer_lag, rebuild_all, Generational, Progress, RebuildOptions, RedisUserViews, SqlUserViews,
 };
 use std::io::Write;
 use std::sync::Arc;
@@ -84,18 +84,18 @@ pub async fn projections(config: Config, command: ProjectionsCommand) -> anyhow:
             };
             let store = open_store(&config).await?;
             let log: Arc<dyn EventLog> = store;
-            for view in chosen {
-                let label = view.name().to_owned();
-                let report = move |p: Progress| print_progress(&label, &p);
-                let generation = rebuild(
-                    view.clone(),
-                    log.clone(),
-                    &RebuildOptions::default(),
-                    &report,
-                )
+            // All chosen views are built from one reading of the log.
+            let label = chosen
+                .iter()
+                .map(|v| v.name().to_owned())
+                .collect::<Vec<_>>()
+                .join("+");
+            let report = move |p: Progress| print_progress(&label, &p);
+            let generations = rebuild_all(&chosen, log, &RebuildOptions::default(), &report)
                 .await
-                .with_context(|| format!("rebuilding {}", view.name()))?;
-                eprintln!();
+                .with_context(|| format!("rebuilding {name}"))?;
+            eprintln!();
+            for (view, generation) in chosen.iter().zip(generations) {
                 println!(
                     "{}: readers switched to generation {generation}",
                     view.name()

@@ -476,7 +476,6 @@ async fn rebuild_under_load(c: &mut Cluster) {
     let log = app.log();
     let options = RebuildOptions {
         batch_size: 7,
-        grace: Duration::from_secs(1),
         linger: Duration::from_secs(1),
     };
     let sql_views: Arc<dyn Generational> = Arc::new(SqlUserViews::new(c.pool.clone()));

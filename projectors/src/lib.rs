@@ -16,7 +16,7 @@ pub use consumer::{ConsumerConfig, KafkaProjector, ProjectorStats};
 pub use generations::{GenerationState, Generational};
 pub use memory::MemoryUserViews;
 pub use projector::{ProjectionError, UserProjector, UserViewWriter};
-pub use rebuild::{rebuild, Progress, RebuildOptions};
+pub use rebuild::{rebuild, rebuild_all, Progress, RebuildOptions};
 pub use redis_view::RedisUserViews;
 pub use sql_view::SqlUserViews;
 pub use status::{consumer_lag, PartitionLag};

@@ -1,8 +1,8 @@
 //! Blue-green rebuilds: replay the event store into a new generation beside the live one,
 //! while live projectors keep both up to date, then switch readers over atomically.
 
-use pcf_domain::ports::{EventLog, LogQuery};
-use pcf_domain::Position;
+use pcf_domain::ports::{EventLog, LogQuery, PortError};
+use pcf_domain::{EventEnvelope, Position};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,8 @@ pub struct Progress {
     /// Events in the log when the rebuild started, if known.
     pub total: Option<u64>,
     pub elapsed: Duration,
+    /// Readers use the new generations (the old ones are dropped after the linger).
+    pub switched: bool,
 }
 
 impl Progress {
@@ -40,20 +42,17 @@ impl Progress {
 /// Knobs of a rebuild.
 #[derive(Debug, Clone)]
 pub struct RebuildOptions {
+    /// Events read from the log at a time; the next page is read while one is applied.
     pub batch_size: usize,
-    /// How long live projectors get to notice the new generation before the final pass
-    /// (they look at the generation state once per batch).
-    pub grace: Duration,
-    /// How long the old generation stays after the switch, for readers still on it.
+    /// How long the old generation stays after the switch, for reads already under way.
     pub linger: Duration,
 }
 
 impl Default for RebuildOptions {
     fn default() -> Self {
         Self {
-            batch_size: 1000,
-            grace: Duration::from_secs(2),
-            linger: Duration::from_secs(2),
+            batch_size: 10_000,
+            linger: Duration::from_secs(1),
         }
     }
 }
@@ -65,74 +64,101 @@ pub async fn rebuild(
     options: &RebuildOptions,
     progress: &(dyn Fn(Progress) + Send + Sync),
 ) -> Result<u64, ProjectionError> {
-    let state = view.state().await.map_err(ProjectionError::View)?;
-    let generation = state.active.max(state.building.unwrap_or(0)) + 1;
-    let span = tracing::info_span!("rebuild", projection = view.name(), generation);
-    let _enter = span.enter();
-    view.begin(generation)
-        .await
-        .map_err(ProjectionError::View)?;
+    let generations = rebuild_all(&[view], log, options, progress).await?;
+    Ok(generations[0])
+}
+
+/// Rebuilds every view of `views` from one reading of `log`, each into a new generation
+/// beside its live one, then switches readers over; returns the new generations, in order.
+///
+/// Live projectors write both generations from the moment a build begins: `begin` and
+/// their writes are a handshake (`Generational::apply_live`), so an event is either in the
+/// log when this reads it, or written to the new generation by a live projector (or both:
+/// every write is guarded by version). No pause is needed for them to notice.
+pub async fn rebuild_all(
+    views: &[Arc<dyn Generational>],
+    log: Arc<dyn EventLog>,
+    options: &RebuildOptions,
+    progress: &(dyn Fn(Progress) + Send + Sync),
+) -> Result<Vec<u64>, ProjectionError> {
+    let mut builds = Vec::with_capacity(views.len());
+    for view in views {
+        let state = view.state().await.map_err(ProjectionError::View)?;
+        let generation = state.active.max(state.building.unwrap_or(0)) + 1;
+        view.begin(generation)
+            .await
+            .map_err(ProjectionError::View)?;
+        tracing::info!(projection = view.name(), generation, "rebuild began");
+        builds.push((view.clone(), state.active, generation));
+    }
     let started = Instant::now();
     let total = log.event_count().await.map_err(ProjectionError::Log)?;
+    // One task reads the log page after page, a page ahead of the views.
+    let (pages, mut next_page) = tokio::sync::mpsc::channel::<Vec<EventEnvelope>>(2);
+    let reader = {
+        let log = log.clone();
+        let batch_size = options.batch_size.max(1);
+        tokio::spawn(async move {
+            let mut after = Position::START;
+            loop {
+                let query = LogQuery {
+                    after: Some(after),
+                    limit: batch_size,
+                    ..LogQuery::default()
+                };
+                let events = log.read(&query).await?;
+                let Some(last) = events.last().map(|e| e.position) else {
+                    return Ok(());
+                };
+                after = last;
+                if pages.send(events).await.is_err() {
+                    return Ok(());
+                }
+            }
+        })
+    };
     let mut applied = 0u64;
-    let mut after = Position::START;
-    // First pass: the log as it is; live projectors write new events to both generations
-    // from the moment they see the build.
-    loop {
-        let n = replay(&*view, &log, generation, &mut after, options.batch_size).await?;
-        if n == 0 {
-            break;
+    while let Some(page) = next_page.recv().await {
+        let writes = builds
+            .iter()
+            .map(|(view, _, generation)| view.apply(*generation, &page, None, log.clone()));
+        for result in futures::future::join_all(writes).await {
+            result?;
         }
-        applied += n as u64;
+        applied += page.len() as u64;
         progress(Progress {
             applied,
             total,
             elapsed: started.elapsed(),
+            switched: false,
         });
     }
-    // Anything a live projector handled before it noticed the build reached only the old
-    // generation; a last pass after the grace period covers it.
-    tokio::time::sleep(options.grace).await;
-    loop {
-        let n = replay(&*view, &log, generation, &mut after, options.batch_size).await?;
-        if n == 0 {
-            break;
+    match reader.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(ProjectionError::Log(e)),
+        Err(e) => {
+            return Err(ProjectionError::Log(PortError::Internal(format!(
+                "the log reader failed: {e}"
+            ))))
         }
-        applied += n as u64;
     }
-    view.switch(generation)
-        .await
-        .map_err(ProjectionError::View)?;
+    for (view, _, generation) in &builds {
+        view.switch(*generation)
+            .await
+            .map_err(ProjectionError::View)?;
+    }
     progress(Progress {
         applied,
         total: Some(applied.max(total.unwrap_or(0))),
         elapsed: started.elapsed(),
+        switched: true,
     });
-    tracing::info!(applied, "rebuild switched readers to the new generation");
+    tracing::info!(applied, "rebuild switched readers to the new generations");
     tokio::time::sleep(options.linger).await;
-    if let Err(e) = view.drop_generation(state.active).await {
-        tracing::warn!(error = %e, old = state.active, "dropping the old generation failed");
+    for (view, old, _) in &builds {
+        if let Err(e) = view.drop_generation(*old).await {
+            tracing::warn!(error = %e, projection = view.name(), old, "dropping the old generation failed");
+        }
     }
-    Ok(generation)
-}
-
-async fn replay(
-    view: &dyn Generational,
-    log: &Arc<dyn EventLog>,
-    generation: u64,
-    after: &mut Position,
-    batch_size: usize,
-) -> Result<usize, ProjectionError> {
-    let query = LogQuery {
-        after: Some(*after),
-        limit: batch_size,
-        ..LogQuery::default()
-    };
-    let events = log.read(&query).await.map_err(ProjectionError::Log)?;
-    let Some(last) = events.last().map(|e| e.position) else {
-        return Ok(0);
-    };
-    view.apply(generation, &events, None, log.clone()).await?;
-    *after = last;
-    Ok(events.len())
+    Ok(builds.iter().map(|(_, _, g)| *g).collect())
 }
