@@ -344,23 +344,36 @@ impl EventLog for PostgresStore {
         let after = q.after.unwrap_or(Position::START);
         // Only below the oldest running transaction: anything that could still commit with
         // a lower position is not visible yet, so the prefix returned never changes.
-        let sql = format!(
+        // Filters are written in only when asked for: optional ones (`$n IS NULL OR …`)
+        // lead a prepared statement's generic plan away from the ordered index scan on
+        // `events_commit_order`, into reading every later row and sorting them.
+        let mut sql = format!(
             "SELECT {EVENT_COLUMNS} FROM events \
-             WHERE aggregate_type = $1 \
-               AND (transaction_id, global_position) > ($2::text::xid8, $3) \
-               AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-               AND ($4::text IS NULL OR aggregate_id = $4) \
-               AND (cardinality($5::text[]) = 0 OR event_type = ANY($5)) \
-             ORDER BY transaction_id, global_position \
-             LIMIT $6"
+             WHERE aggregate_type = '{}' \
+               AND (transaction_id, global_position) > ($1::text::xid8, $2) \
+               AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())",
+            pcf_domain::AGGREGATE_TYPE
         );
-        let rows = sqlx::query(&sql)
-            .bind(pcf_domain::AGGREGATE_TYPE)
+        let mut next = 4;
+        if q.aggregate_id.is_some() {
+            sql.push_str(&format!(" AND aggregate_id = ${next}"));
+            next += 1;
+        }
+        if !q.types.is_empty() {
+            sql.push_str(&format!(" AND event_type = ANY(${next})"));
+        }
+        sql.push_str(" ORDER BY transaction_id, global_position LIMIT $3");
+        let mut query = sqlx::query(&sql)
             .bind(after.commit.to_string())
             .bind(after.global as i64)
-            .bind(q.aggregate_id.map(|id| id.to_string()))
-            .bind(&q.types)
-            .bind(q.limit as i64)
+            .bind(q.limit as i64);
+        if let Some(id) = q.aggregate_id {
+            query = query.bind(id.to_string());
+        }
+        if !q.types.is_empty() {
+            query = query.bind(&q.types);
+        }
+        let rows = query
             .fetch_all(&self.pool)
             .await
             .map_err(StoreError::from)?;
