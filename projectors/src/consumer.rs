@@ -38,7 +38,7 @@ impl ConsumerConfig {
             topic: topic.into(),
             group_prefix: String::new(),
             batch_size: 500,
-            batch_wait: Duration::from_millis(5),
+            batch_wait: Duration::from_millis(1),
         }
     }
 

@@ -18,13 +18,17 @@ use crate::projector::{ProjectionError, UserProjector, UserViewWriter};
 
 /// Replaces a user's document if it is still at the expected version (1: written, 0: the
 /// stored one is already newer, -1: it moved since it was read), and moves its email entry.
-/// With a building key (KEYS[4]), the write happens only while the generation being built
-/// is still the one the writer knows (ARGV[5], '' for none); else -2: the generation state
-/// moved (a rebuild began or switched) and the batch must be written again for the new one.
+/// With the state's keys (KEYS[4], building, and KEYS[5], active), the write happens only
+/// while the generation state is still the one the writer knows (ARGV[5] and ARGV[6], ''
+/// for none); else -2: the state moved (a rebuild began or switched) and the batch must be
+/// written again for the new state.
 static REPLACE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-if KEYS[4] ~= '' and (redis.call('GET', KEYS[4]) or '') ~= ARGV[5] then return -2 end
+if KEYS[4] ~= '' then
+  if (redis.call('GET', KEYS[4]) or '') ~= ARGV[5] then return -2 end
+  if (redis.call('GET', KEYS[5]) or '1') ~= ARGV[6] then return -2 end
+end
 local current = redis.call('GET', KEYS[1])
 local stored = 0
 if current then stored = tonumber(cjson.decode(current)['version']) end
@@ -51,8 +55,8 @@ pub struct RedisGenerationWriter {
     conn: ConnectionManager,
     prefix: String,
     generation: u64,
-    /// `Some(building)`: write only while the generation being built is still this one.
-    expected_building: Option<Option<u64>>,
+    /// `Some(state)`: write only while the generation state is still this one.
+    expected: Option<GenerationState>,
     /// Set when a write was refused because the generation state moved.
     moved: std::sync::atomic::AtomicBool,
 }
@@ -116,12 +120,14 @@ impl UserViewWriter for RedisGenerationWriter {
         if changes.is_empty() {
             return Ok(Vec::new());
         }
-        let (building_key, expected_building) = match self.expected_building {
-            Some(building) => (
+        let (building_key, active_key, expected_building, expected_active) = match self.expected {
+            Some(state) => (
                 redis_building_key(&self.prefix),
-                building.map(|b| b.to_string()).unwrap_or_default(),
+                redis_active_key(&self.prefix),
+                state.building.map(|b| b.to_string()).unwrap_or_default(),
+                state.active.to_string(),
             ),
-            None => (String::new(), String::new()),
+            None => Default::default(),
         };
         let mut pipe = redis::pipe();
         for (previous, next) in changes {
@@ -141,16 +147,18 @@ impl UserViewWriter for RedisGenerationWriter {
                 serde_json::to_string(next).map_err(|e| PortError::Internal(e.to_string()))?;
             pipe.cmd("EVALSHA")
                 .arg(REPLACE.get_hash())
-                .arg(4)
+                .arg(5)
                 .arg(user_key)
                 .arg(new_email)
                 .arg(old_email)
                 .arg(&building_key)
+                .arg(&active_key)
                 .arg(doc)
                 .arg(next.version)
                 .arg(previous.as_ref().map_or(0, |p| p.version))
                 .arg(next.id.to_string())
-                .arg(&expected_building);
+                .arg(&expected_building)
+                .arg(&expected_active);
         }
         let mut conn = self.conn.clone();
         let outcomes: Vec<i64> = match pipe.query_async(&mut conn).await {
@@ -181,6 +189,10 @@ impl UserViewWriter for RedisGenerationWriter {
 pub struct RedisUserViews {
     conn: ConnectionManager,
     prefix: String,
+    /// The generation state as live writes last found it. Every live write is checked
+    /// against the stored state in its script, so a stale one costs a retry, not a wrong
+    /// write; and a batch needs no round trip to read the state first.
+    known: Arc<std::sync::Mutex<Option<GenerationState>>>,
 }
 
 impl RedisUserViews {
@@ -190,6 +202,7 @@ impl RedisUserViews {
         Ok(Self {
             conn,
             prefix: prefix.into(),
+            known: Default::default(),
         })
     }
 
@@ -199,7 +212,7 @@ impl RedisUserViews {
             conn: self.conn.clone(),
             prefix: self.prefix.clone(),
             generation,
-            expected_building: None,
+            expected: None,
             moved: Default::default(),
         }
     }
@@ -302,11 +315,20 @@ impl Generational for RedisUserViews {
         _offsets: &Offsets,
         log: Arc<dyn EventLog>,
     ) -> Result<(), ProjectionError> {
+        let known = *self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cached = known;
         'attempts: for _ in 0..MAX_STATE_MOVES {
-            let state = self.state().await.map_err(ProjectionError::View)?;
+            let state = match cached.take() {
+                Some(state) => state,
+                None => {
+                    let state = self.state().await.map_err(ProjectionError::View)?;
+                    *self.known.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
+                    state
+                }
+            };
             for generation in state.targets() {
                 let writer = Arc::new(RedisGenerationWriter {
-                    expected_building: Some(state.building),
+                    expected: Some(state),
                     ..self.writer(generation)
                 });
                 match UserProjector::new(writer.clone(), log.clone())
