@@ -2,7 +2,7 @@
 //! events stay ordered in one partition; idempotent producer with `acks=all`.
 
 use async_trait::async_trait;
-use pcf_domain::ports::{EventPublisher, PortError};
+use pcf_domain::ports::{Acknowledgements, EventPublisher, PortError};
 use pcf_domain::EventEnvelope;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -126,6 +126,10 @@ pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
 #[async_trait]
 impl EventPublisher for KafkaPublisher {
     async fn publish(&self, events: &[EventEnvelope]) -> Result<(), PortError> {
+        self.enqueue(events).await?.await
+    }
+
+    async fn enqueue(&self, events: &[EventEnvelope]) -> Result<Acknowledgements, PortError> {
         let mut deliveries = Vec::with_capacity(events.len());
         for event in events {
             let key = event.aggregate_id.to_string();
@@ -170,15 +174,18 @@ impl EventPublisher for KafkaPublisher {
                 }
             }
         }
-        // The idempotent producer keeps per-partition order across retries, so waiting for
-        // all acknowledgements at the end keeps each user's events in sequence.
-        for delivery in deliveries {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(PortError::Unavailable(e.to_string())),
-                Err(_) => return Err(PortError::Unavailable("delivery canceled".into())),
+        // The idempotent producer keeps per-partition order across retries, and messages
+        // leave in the order they were enqueued, so each user's events stay in sequence
+        // whenever their acknowledgements are awaited.
+        Ok(Box::pin(async move {
+            for delivery in deliveries {
+                match delivery.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((e, _))) => return Err(PortError::Unavailable(e.to_string())),
+                    Err(_) => return Err(PortError::Unavailable("delivery canceled".into())),
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        }))
     }
 }

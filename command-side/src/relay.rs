@@ -1,7 +1,7 @@
 //! The relay: publishes committed events to the bus in commit order, from a durable
 //! checkpoint that advances only after the bus acknowledged the batch (at-least-once).
 
-use pcf_domain::ports::{EventPublisher, LogQuery};
+use pcf_domain::ports::{Acknowledgements, EventPublisher, LogQuery};
 use pcf_domain::Position;
 
 use std::future::Future;
@@ -105,10 +105,7 @@ impl Relay {
             .publish(&events)
             .await
             .map_err(RelayError::Publish)?;
-        match self.config.local_from {
-            Some(_) => *self.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(last),
-            None => self.store.save_checkpoint(&self.config.name, last).await?,
-        }
+        self.save(last).await?;
         tracing::debug!(count = events.len(), position = %last, "relayed events");
         Ok(Some((events.len(), last)))
     }
@@ -188,9 +185,7 @@ impl Relay {
         let mut failures = 0u32;
         let mut pending_pause = PENDING_PAUSE_MIN;
         let mut checked = std::time::Instant::now();
-        // The checkpoint as this leader last saved it: while it leads, nobody else moves
-        // it, so it is read from the store only when leading starts and after a failure.
-        let mut saved: Option<Position> = None;
+        let mut pipeline = Pipeline::default();
         loop {
             if checked.elapsed() >= self.config.standby_interval {
                 if !lease.alive().await {
@@ -198,26 +193,13 @@ impl Relay {
                 }
                 checked = std::time::Instant::now();
             }
-            let step = match saved {
-                Some(checkpoint) => Ok(checkpoint),
-                None => self.checkpoint().await.map_err(RelayError::from),
-            };
-            let step = match step {
-                Ok(checkpoint) => self
-                    .publish_after(checkpoint)
-                    .await
-                    .map(|published| (checkpoint, published)),
-                Err(e) => Err(e),
-            };
-            let pause = match step {
-                Ok((_, Some((_, last)))) => {
-                    saved = Some(last);
+            let pause = match self.advance(&mut pipeline).await {
+                Ok(Advance::HandedOver) => {
                     failures = 0;
                     pending_pause = PENDING_PAUSE_MIN;
                     continue;
                 }
-                Ok((checkpoint, None)) => {
-                    saved = Some(checkpoint);
+                Ok(Advance::CaughtUp(checkpoint)) => {
                     failures = 0;
                     // Committed rows that are not readable yet wait only for an earlier
                     // transaction to end, and nothing signals that: look again soon (less
@@ -232,7 +214,9 @@ impl Relay {
                     }
                 }
                 Err(e) => {
-                    saved = None;
+                    // Start again from the checkpoint in the store; batches in flight may
+                    // still arrive, and come again (at least once).
+                    pipeline = Pipeline::default();
                     failures += 1;
                     tracing::warn!(error = %e, failures, "relay step failed; backing off");
                     let exp = Duration::from_millis(100 * 2u64.saturating_pow(failures.min(10)));
@@ -246,4 +230,88 @@ impl Relay {
             }
         }
     }
+
+    /// One move of the pipeline: hands the next batch to the publisher (read while the
+    /// batch before is being acknowledged), and settles the oldest batch in flight when
+    /// the pipeline is full, or all of them when the log is caught up.
+    async fn advance(&self, pipeline: &mut Pipeline) -> Result<Advance, RelayError> {
+        let checkpoint = match pipeline.saved {
+            Some(checkpoint) => checkpoint,
+            None => {
+                let checkpoint = self.checkpoint().await?;
+                pipeline.saved = Some(checkpoint);
+                checkpoint
+            }
+        };
+        let query = LogQuery {
+            after: Some(pipeline.handed.unwrap_or(checkpoint)),
+            limit: self.config.batch_size,
+            ..LogQuery::default()
+        };
+        let events = self.store.read(&query).await.map_err(RelayError::Read)?;
+        if let Some(last) = events.last().map(|e| e.position) {
+            let acknowledged = self
+                .publisher
+                .enqueue(&events)
+                .await
+                .map_err(RelayError::Publish)?;
+            tracing::debug!(count = events.len(), position = %last, "handed events to the bus");
+            pipeline.handed = Some(last);
+            pipeline.in_flight.push_back((last, acknowledged));
+            if pipeline.in_flight.len() >= MAX_IN_FLIGHT {
+                self.settle_oldest(pipeline).await?;
+            }
+            return Ok(Advance::HandedOver);
+        }
+        while !pipeline.in_flight.is_empty() {
+            self.settle_oldest(pipeline).await?;
+        }
+        pipeline.handed = None;
+        Ok(Advance::CaughtUp(pipeline.saved.unwrap_or(checkpoint)))
+    }
+
+    /// Waits for the oldest batch in flight to be acknowledged, then saves its checkpoint.
+    async fn settle_oldest(&self, pipeline: &mut Pipeline) -> Result<(), RelayError> {
+        let Some((last, acknowledged)) = pipeline.in_flight.pop_front() else {
+            return Ok(());
+        };
+        acknowledged.await.map_err(RelayError::Publish)?;
+        self.save(last).await?;
+        pipeline.saved = Some(last);
+        Ok(())
+    }
+
+    async fn save(&self, position: Position) -> Result<(), StoreError> {
+        match self.config.local_from {
+            Some(_) => {
+                *self.local.lock().unwrap_or_else(|e| e.into_inner()) = Some(position);
+                Ok(())
+            }
+            None => {
+                self.store
+                    .save_checkpoint(&self.config.name, position)
+                    .await
+            }
+        }
+    }
+}
+
+/// Batches handed to the publisher and not acknowledged yet, at most this many.
+const MAX_IN_FLIGHT: usize = 2;
+
+/// A leading relay's progress.
+#[derive(Default)]
+struct Pipeline {
+    /// The checkpoint as this leader last saved it: while it leads, nobody else moves it,
+    /// so it is read from the store only when leading starts and after a failure.
+    saved: Option<Position>,
+    /// The last position handed to the publisher (after `saved` while batches are in
+    /// flight).
+    handed: Option<Position>,
+    in_flight: std::collections::VecDeque<(Position, Acknowledgements)>,
+}
+
+enum Advance {
+    HandedOver,
+    CaughtUp(Position),
 }

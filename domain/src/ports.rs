@@ -77,7 +77,20 @@ pub struct UserFilter {
 pub trait EventPublisher: Send + Sync {
     /// Returns once every event is acknowledged, in order per user.
     async fn publish(&self, events: &[EventEnvelope]) -> Result<(), PortError>;
+
+    /// Hands the events over for publishing and returns what completes once they are all
+    /// acknowledged. Events of a later call go out after these (per user), so a caller may
+    /// hand over the next batch before this one is acknowledged. By default this publishes
+    /// and waits.
+    async fn enqueue(&self, events: &[EventEnvelope]) -> Result<Acknowledgements, PortError> {
+        self.publish(events).await?;
+        Ok(Box::pin(std::future::ready(Ok(()))))
+    }
 }
+
+/// Completes once a batch handed to `EventPublisher::enqueue` is acknowledged.
+pub type Acknowledgements =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), PortError>> + Send + 'static>>;
 
 /// Reads the user view that the projectors maintain.
 #[async_trait]
