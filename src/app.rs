@@ -298,6 +298,9 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
                     let mut consumer =
                         ConsumerConfig::new(kafka.brokers.clone(), kafka.topic.clone());
                     consumer.group_prefix = config.kafka_group_prefix.clone();
+                    if let Some(wait) = view.batch_wait() {
+                        consumer.batch_wait = wait;
+                    }
                     let stats = Arc::new(ProjectorStats::default());
                     metrics.watch_projector(
                         view.name(),

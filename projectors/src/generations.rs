@@ -35,6 +35,12 @@ pub trait Generational: Send + Sync {
 
     async fn state(&self) -> Result<GenerationState, PortError>;
 
+    /// How long a live batch of this view waits for more events after its first, when
+    /// the view prefers a wait of its own to the consumer's default.
+    fn batch_wait(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// Creates empty storage for `generation` and marks it as being built.
     async fn begin(&self, generation: u64) -> Result<(), PortError>;
 

@@ -241,6 +241,13 @@ impl Generational for SqlUserViews {
         read_state(&self.pool).await
     }
 
+    /// Lists are served from this view; point reads and `minVersion` use the Redis view
+    /// (this one only while Redis is down). It takes larger batches: fewer and larger
+    /// transactions on the primary, which the commands share.
+    fn batch_wait(&self) -> Option<std::time::Duration> {
+        Some(std::time::Duration::from_millis(20))
+    }
+
     async fn begin(&self, generation: u64) -> Result<(), PortError> {
         let table = sql_table(generation);
         let mut tx = self.pool.begin().await.map_err(db)?;
