@@ -69,6 +69,9 @@ pub enum Command {
         duration: u64,
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
+        /// Throughput scenarios alternate with their baselines in this many rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
         /// Users for the updateProfile and query scenarios.
         #[arg(long, default_value_t = 10_000)]
         users: usize,
@@ -164,6 +167,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             warmup,
             duration,
             concurrency,
+            rounds,
             users,
             rebuild_events,
             only,
@@ -173,6 +177,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 warmup: Duration::from_secs(warmup),
                 duration: Duration::from_secs(duration),
                 concurrency: concurrency.max(1),
+                rounds: rounds.max(1),
                 users: users.max(1),
                 rebuild_events,
                 only,

@@ -57,6 +57,55 @@ pub async fn closed_loop(
     duration: Duration,
 ) -> Measurement {
     let counter = Arc::new(AtomicU64::new(0));
+    let (h, errors) = closed_loop_histogram(op, &counter, concurrency, warmup, duration).await;
+    Measurement::from_histogram(&h, errors, duration)
+}
+
+/// A subject and its baseline measured in alternating rounds, each `duration / rounds`
+/// long after a warm-up (the full `warmup` before the first round of each, a short one
+/// after): whatever drifts on a shared machine during the run (the database's background
+/// work, the other processes) falls on both alike. Returns (subject, baseline).
+pub async fn interleaved(
+    subject: Op,
+    baseline: Op,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+    rounds: u32,
+) -> (Measurement, Measurement) {
+    let rounds = rounds.max(1);
+    let slice = duration / rounds;
+    let mut merged = [histogram(), histogram()];
+    let mut errors = [0u64, 0u64];
+    // Each op's argument keeps counting across rounds (ops derive unique values from it).
+    let counters = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
+    for round in 0..rounds {
+        let warm = if round == 0 {
+            warmup
+        } else {
+            warmup.min(Duration::from_millis(500))
+        };
+        for (i, op) in [&subject, &baseline].into_iter().enumerate() {
+            let (h, e) =
+                closed_loop_histogram(op.clone(), &counters[i], concurrency, warm, slice).await;
+            let _ = merged[i].add(&h);
+            errors[i] += e;
+        }
+    }
+    let elapsed = slice * rounds;
+    (
+        Measurement::from_histogram(&merged[0], errors[0], elapsed),
+        Measurement::from_histogram(&merged[1], errors[1], elapsed),
+    )
+}
+
+async fn closed_loop_histogram(
+    op: Op,
+    counter: &Arc<AtomicU64>,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> (Histogram<u64>, u64) {
     let errors = Arc::new(AtomicU64::new(0));
     let merged = Arc::new(Mutex::new(histogram()));
     let start = Instant::now();
@@ -101,7 +150,7 @@ pub async fn closed_loop(
         .lock()
         .map(|h| h.clone())
         .unwrap_or_else(|_| histogram());
-    Measurement::from_histogram(&h, errors.load(Ordering::Relaxed), duration)
+    (h, errors.load(Ordering::Relaxed))
 }
 
 /// Starts `op` at a fixed `rate` per second for `warmup` then `duration`; each latency

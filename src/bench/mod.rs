@@ -19,6 +19,8 @@ pub struct BenchOptions {
     pub warmup: Duration,
     pub duration: Duration,
     pub concurrency: usize,
+    /// Throughput scenarios alternate with their baselines in this many rounds.
+    pub rounds: u32,
     /// Users created for the `updateProfile` and query scenarios.
     pub users: usize,
     /// Events in the log for the rebuild scenario.

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::client::HttpClient;
-use super::load::{closed_loop, open_loop, Measurement, Op, Recorder};
+use super::load::{closed_loop, interleaved, open_loop, Measurement, Op, Recorder};
 use super::{BenchOptions, ScenarioResult};
 use crate::app::{build, pg_pool, App};
 use crate::config::{Config, RateLimits};
@@ -285,12 +285,13 @@ impl Bench {
             .boxed()
         });
         let o = &self.options;
-        let subject = closed_loop(op, o.concurrency, o.warmup, o.duration).await;
-        let baseline = closed_loop(
+        let (subject, baseline) = interleaved(
+            op,
             self.append_baseline(false),
             o.concurrency,
             o.warmup,
             o.duration,
+            o.rounds,
         )
         .await;
         Ok(ratio_result(
@@ -366,15 +367,16 @@ impl Bench {
     async fn update_profile(&mut self) -> anyhow::Result<ScenarioResult> {
         eprintln!("bench: updateProfile on {} users", self.users.len());
         let o = self.options.clone();
-        let subject = closed_loop(self.update_op(), o.concurrency, o.warmup, o.duration).await;
-        self.max_command_rate = Some(subject.throughput);
-        let baseline = closed_loop(
+        let (subject, baseline) = interleaved(
+            self.update_op(),
             self.append_baseline(true),
             o.concurrency,
             o.warmup,
             o.duration,
+            o.rounds,
         )
         .await;
+        self.max_command_rate = Some(subject.throughput);
         Ok(ratio_result(
             &format!("updateProfile on {} users", self.users.len()),
             subject,
@@ -583,13 +585,20 @@ impl Bench {
             }
             .boxed()
         });
-        let subject = closed_loop(query, o.concurrency, o.warmup, o.duration).await;
         let client = self.client.clone();
         let noop: Op = Arc::new(move |_| {
             let client = client.clone();
             async move { client.get("/bench/noop").await.map(|_| ()) }.boxed()
         });
-        let bare = closed_loop(noop, o.concurrency, o.warmup, o.duration).await;
+        let (subject, bare) = interleaved(
+            query.clone(),
+            noop,
+            o.concurrency,
+            o.warmup,
+            o.duration,
+            o.rounds,
+        )
+        .await;
         let client = self.client.clone();
         let ids = users.clone();
         let plain: Op = Arc::new(move |n| {
@@ -603,18 +612,19 @@ impl Bench {
             }
             .boxed()
         });
-        let redis_get = closed_loop(plain, o.concurrency, o.warmup, o.duration).await;
+        let (subject_again, redis_get) =
+            interleaved(query, plain, o.concurrency, o.warmup, o.duration, o.rounds).await;
         Ok(vec![
             ratio_result(
                 "user(id) over HTTP",
-                subject.clone(),
+                subject,
                 "bare HTTP handler",
                 bare,
                 0.25,
             ),
             ratio_result(
                 "user(id) over HTTP",
-                subject,
+                subject_again,
                 "handler: Redis GET + JSON",
                 redis_get,
                 0.7,
