@@ -6,8 +6,11 @@ mod cluster_support;
 
 use cluster_support::*;
 use pcf::app::{Role, ALL_ROLES};
+use pcf_domain::ports::LogQuery;
 use pcf_domain::EventEnvelope;
-use pcf_projectors::{consumer_lag, rebuild, Generational, Progress, RebuildOptions, SqlUserViews};
+use pcf_projectors::{
+    consumer_lag, rebuild, Generational, Progress, RebuildOptions, SqlUserViews, UserViewWriter,
+};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::Message;
@@ -647,4 +650,82 @@ async fn poison_in_the_log(c: &mut Cluster) {
         user(&projector.router, q, Some(1)).await["displayName"],
         "Q"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_batch_after_a_rebuild_began_reaches_the_new_generation_too() {
+    cluster_scenario!(live_batch_after_begin);
+}
+
+/// Live batches and `begin` are a handshake: a batch written after a build began reaches
+/// the new generation as well, even from a projector that last saw the state before it
+/// (the Redis writer keeps the state it last found; the script refuses the stale one).
+async fn live_batch_after_begin(c: &mut Cluster) {
+    let config = c.config();
+    let node = c.start(&config, &[Role::Api]).await;
+    let tag = c.tag().to_owned();
+    let a = create_user(&node.router, &format!("a-{tag}@example.com"), "A").await;
+    let b = create_user(&node.router, &format!("b-{tag}@example.com"), "B").await;
+    update_profile(&node.router, a, json!({ "displayName": "A2" })).await;
+    update_profile(&node.router, b, json!({ "displayName": "B2" })).await;
+    let log = node.log();
+    let events = wait_until(CONVERGE, "four readable events", || {
+        let log = log.clone();
+        async move {
+            let query = LogQuery {
+                limit: 100,
+                ..LogQuery::default()
+            };
+            let events = log.read(&query).await.map_err(|e| e.to_string())?;
+            if events.len() == 4 {
+                Ok(events)
+            } else {
+                Err(format!("{} events readable", events.len()))
+            }
+        }
+    })
+    .await;
+    // Created a, created b | updated a, updated b.
+    let (before, after) = events.split_at(2);
+    let redis = c.redis_view(&shared_redis_url()).await.views;
+    let sql = SqlUserViews::new(c.pool.clone());
+    let views: [Arc<dyn Generational>; 2] = [Arc::new(redis.clone()), Arc::new(sql)];
+    for view in &views {
+        view.apply_live(before, &[(0, 2)], log.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{}: the first batch: {e}", view.name()));
+        view.begin(2)
+            .await
+            .unwrap_or_else(|e| panic!("{}: begin: {e}", view.name()));
+        view.apply_live(after, &[(0, 4)], log.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{}: the batch after begin: {e}", view.name()));
+    }
+    let expected = [(a, "A2"), (b, "B2")];
+    for generation in [1, 2] {
+        let writer = redis.writer(generation);
+        for (id, name) in expected {
+            let doc = writer
+                .current(id)
+                .await
+                .expect("reading Redis")
+                .unwrap_or_else(|| panic!("Redis generation {generation} lacks user {id}"));
+            assert_eq!(
+                (doc.version, doc.display_name.as_str()),
+                (2, name),
+                "Redis generation {generation}"
+            );
+        }
+        let rows = sql_rows(&c.pool, &format!("read_users_g{generation}")).await;
+        for (id, name) in expected {
+            let row = rows
+                .get(&id)
+                .unwrap_or_else(|| panic!("SQL generation {generation} lacks user {id}"));
+            assert_eq!(
+                (row.version, row.display_name.as_str()),
+                (2, name),
+                "SQL generation {generation}"
+            );
+        }
+    }
 }
