@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use pcf_domain::ports::{EventLog, PortError};
-use pcf_domain::EventEnvelope;
+use pcf_domain::{EventEnvelope, UserView};
 use std::sync::Arc;
 
 use crate::projector::ProjectionError;
@@ -57,6 +57,14 @@ pub trait Generational: Send + Sync {
         events: &[EventEnvelope],
         offsets: Option<&Offsets>,
         log: Arc<dyn EventLog>,
+    ) -> Result<(), ProjectionError>;
+
+    /// Writes users' states, folded from the log elsewhere (a rebuild), to one generation
+    /// where it is behind them.
+    async fn write_states(
+        &self,
+        generation: u64,
+        states: &[UserView],
     ) -> Result<(), ProjectionError>;
 
     /// Applies a batch of the live stream to every generation that must have it (see

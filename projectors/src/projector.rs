@@ -71,6 +71,20 @@ pub trait UserViewWriter: Send + Sync {
     }
 }
 
+/// A log with nothing in it, for writers that need none (whole states are written).
+pub(crate) struct NoLog;
+
+#[async_trait]
+impl EventLog for NoLog {
+    async fn read(&self, _: &LogQuery) -> Result<Vec<EventEnvelope>, PortError> {
+        Ok(Vec::new())
+    }
+
+    async fn user_events(&self, _: Uuid, _: u64) -> Result<Vec<EventEnvelope>, PortError> {
+        Ok(Vec::new())
+    }
+}
+
 /// Applies events to a view: skips what was applied, fills gaps from the log.
 pub struct UserProjector {
     writer: Arc<dyn UserViewWriter>,
@@ -220,6 +234,48 @@ impl UserProjector {
         Ok(true)
     }
 
+    /// Writes users' states folded elsewhere (one per user) where the view is behind them;
+    /// a view already at or past a state keeps its own. Each write is guarded by the
+    /// version read just before it, and read again when another writer got there first.
+    pub async fn apply_states(&self, states: &[UserView]) -> Result<(), ProjectionError> {
+        let mut todo: Vec<&UserView> = states.iter().collect();
+        for _ in 0..MAX_RACES {
+            if todo.is_empty() {
+                return Ok(());
+            }
+            let ids: Vec<Uuid> = todo.iter().map(|s| s.id).collect();
+            let stored = self
+                .writer
+                .current_many(&ids)
+                .await
+                .map_err(ProjectionError::View)?;
+            let changes: Vec<(Option<UserView>, UserView)> = todo
+                .iter()
+                .filter_map(|state| {
+                    let previous = stored.get(&state.id).cloned();
+                    (previous.as_ref().map_or(0, |p| p.version) < state.version)
+                        .then(|| (previous, (*state).clone()))
+                })
+                .collect();
+            let written = self
+                .writer
+                .replace_many(&changes)
+                .await
+                .map_err(ProjectionError::View)?;
+            let lost: HashSet<Uuid> = changes
+                .iter()
+                .zip(written)
+                .filter(|(_, ok)| !ok)
+                .map(|((_, next), _)| next.id)
+                .collect();
+            todo.retain(|state| lost.contains(&state.id));
+        }
+        Err(ProjectionError::View(PortError::Unavailable(format!(
+            "{} users kept changing while their folded states were written",
+            todo.len()
+        ))))
+    }
+
     /// Applies the whole log from the start, in commit order.
     pub async fn catch_up(&self, batch_size: usize) -> Result<Position, ProjectionError> {
         let mut after = Position::START;
@@ -251,7 +307,10 @@ impl UserProjector {
     }
 }
 
-fn fold(current: Option<UserView>, envelope: &EventEnvelope) -> Result<UserView, ProjectionError> {
+pub(crate) fn fold(
+    current: Option<UserView>,
+    envelope: &EventEnvelope,
+) -> Result<UserView, ProjectionError> {
     let event = envelope.event().map_err(|e| ProjectionError::Poison {
         event_id: envelope.event_id,
         reason: e.to_string(),
@@ -379,6 +438,28 @@ mod tests {
         // Applying the same batch again changes nothing.
         projector.apply_batch(&batch).await.unwrap();
         assert_eq!(views.current(a).await.unwrap().unwrap(), va);
+    }
+
+    #[tokio::test]
+    async fn folded_states_replace_older_views_and_leave_newer_ones() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let views = Arc::new(MemoryUserViews::new());
+        let projector = UserProjector::new(views.clone(), Arc::new(FixedLog(Vec::new())));
+        // a is at version 4 in the view already; b is not there.
+        projector.apply_batch(&history(a, 4)).await.unwrap();
+        let fold_all = |events: Vec<EventEnvelope>| {
+            events
+                .iter()
+                .try_fold(None, |view, e| fold(view, e).map(Some))
+                .unwrap()
+                .unwrap()
+        };
+        let a2 = fold_all(history(a, 2));
+        let b3 = fold_all(history(b, 3));
+        projector.apply_states(&[a2, b3.clone()]).await.unwrap();
+        let va = views.current(a).await.unwrap().unwrap();
+        assert_eq!((va.version, va.display_name.as_str()), (4, "v4"));
+        assert_eq!(views.current(b).await.unwrap().unwrap(), b3);
     }
 
     #[tokio::test]

@@ -2,9 +2,11 @@
 //! while live projectors keep both up to date, then switch readers over atomically.
 
 use pcf_domain::ports::{EventLog, LogQuery, PortError};
-use pcf_domain::{EventEnvelope, Position};
+use pcf_domain::{EventEnvelope, Position, UserView};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use uuid::Uuid;
 
 use crate::generations::Generational;
 use crate::projector::ProjectionError;
@@ -38,6 +40,9 @@ impl Progress {
             .then(|| Duration::from_secs_f64(total.saturating_sub(self.applied) as f64 / rate))
     }
 }
+
+/// How many users a rebuild keeps folded in memory at most.
+const MAX_FOLDED_USERS: usize = 1_000_000;
 
 /// Knobs of a rebuild.
 #[derive(Debug, Clone)]
@@ -118,12 +123,52 @@ pub async fn rebuild_all(
         })
     };
     let mut applied = 0u64;
+    // Users folded from the log so far, from their first event: each page is folded once
+    // here and the users it changed are written to every view. Bounded: when full it is
+    // forgotten, and a user met again after that goes through the views' own event path
+    // (which reads the user back, or fills from the log).
+    let mut folded: HashMap<Uuid, UserView> = HashMap::new();
     while let Some(page) = next_page.recv().await {
+        let mut changed: Vec<Uuid> = Vec::new();
+        let mut touched: HashSet<Uuid> = HashSet::new();
+        let mut irregular: Vec<EventEnvelope> = Vec::new();
+        for event in &page {
+            let id = event.aggregate_id;
+            let current = folded.get(&id);
+            let last = current.map_or(0, |v| v.version);
+            if event.sequence <= last {
+                continue;
+            }
+            if event.sequence != last + 1 {
+                irregular.push(event.clone());
+                continue;
+            }
+            let next = crate::projector::fold(current.cloned(), event)?;
+            folded.insert(id, next);
+            if touched.insert(id) {
+                changed.push(id);
+            }
+        }
+        let states: Vec<UserView> = changed
+            .iter()
+            .filter_map(|id| folded.get(id).cloned())
+            .collect();
         let writes = builds
             .iter()
-            .map(|(view, _, generation)| view.apply(*generation, &page, None, log.clone()));
+            .map(|(view, _, generation)| view.write_states(*generation, &states));
         for result in futures::future::join_all(writes).await {
             result?;
+        }
+        if !irregular.is_empty() {
+            let writes = builds.iter().map(|(view, _, generation)| {
+                view.apply(*generation, &irregular, None, log.clone())
+            });
+            for result in futures::future::join_all(writes).await {
+                result?;
+            }
+        }
+        if folded.len() > MAX_FOLDED_USERS {
+            folded.clear();
         }
         applied += page.len() as u64;
         progress(Progress {

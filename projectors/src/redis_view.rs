@@ -306,6 +306,18 @@ impl Generational for RedisUserViews {
             .await
     }
 
+    async fn write_states(
+        &self,
+        generation: u64,
+        states: &[UserView],
+    ) -> Result<(), ProjectionError> {
+        // The log is not needed: states are written whole.
+        let log: Arc<dyn EventLog> = Arc::new(crate::projector::NoLog);
+        UserProjector::new(Arc::new(self.writer(generation)), log)
+            .apply_states(states)
+            .await
+    }
+
     /// Every write carries the generation state it was made for, and the script refuses
     /// it once `begin` or `switch` changed that state: the batch is then written again for
     /// the new state (each write is idempotent).

@@ -328,6 +328,21 @@ impl Generational for SqlUserViews {
         commit(tx).await
     }
 
+    async fn write_states(
+        &self,
+        generation: u64,
+        states: &[UserView],
+    ) -> Result<(), ProjectionError> {
+        let tx = Arc::new(Mutex::new(self.pool.begin().await.map_err(view_error)?));
+        let writer = Arc::new(TxWriter {
+            tx: tx.clone(),
+            table: sql_table(generation),
+        });
+        let log: Arc<dyn EventLog> = Arc::new(crate::projector::NoLog);
+        UserProjector::new(writer, log).apply_states(states).await?;
+        commit(tx).await
+    }
+
     async fn apply_live(
         &self,
         events: &[EventEnvelope],
