@@ -81,7 +81,7 @@ impl DocumentCache {
     }
 
     fn put(&self, text: &str, doc: &ExecutableDocument) {
-        if text.len() > MAX_CACHED_TEXT {
+        if text.len() > MAX_CACHED_TEXT || self.capacity == 0 {
             return;
         }
         let tick = self.clock.fetch_add(1, Ordering::Relaxed);

@@ -2,11 +2,14 @@
 //! per subject when authenticated. Counted in Redis when configured, so that every instance
 //! shares the count; in process otherwise (and while Redis is unreachable).
 //!
-//! An instance does not ask Redis on every request: it takes a share of the remaining
-//! budget at once (`INCRBY`), a sixteenth of what is left, and spends it locally. Near the
-//! limit the shares shrink to one request, so the limit itself is exact; far from it, one
-//! round trip serves many requests. Tokens taken and not spent count as used, so instances
-//! together may refuse slightly early, never late.
+//! An instance does not ask Redis on every request: it takes a share of the window's
+//! budget at once (`INCRBY`), a sixteenth of what was left in Redis at its last look (one
+//! request when it has not looked yet in this window), and spends it locally. Near the
+//! limit the shares shrink to one request, so the limit itself is never exceeded; far from
+//! it, one round trip serves many requests. Tokens taken and not spent count as used: when
+//! a client's requests stick to some instances, the tokens other instances hold (at most a
+//! sixteenth of what was left, per instance) are lost to it for the window, so instances
+//! together may refuse somewhat early, never late.
 
 use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextPrepareRequest,
@@ -22,7 +25,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::config::RateLimits;
 
 /// Takes up to `ARGV[1]` tokens of a window whose limit is `ARGV[2]`; returns how many were
-/// granted. The key (the count taken so far) expires with the window.
+/// granted and how many are left in the window. The key (the count taken so far) expires
+/// with the window.
 static TAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -31,8 +35,9 @@ local limit = tonumber(ARGV[2])
 local n = redis.call('INCRBY', KEYS[1], want)
 if n == want then redis.call('EXPIRE', KEYS[1], 61) end
 local before = n - want
-if before >= limit then return 0 end
-return math.min(want, limit - before)
+local granted = 0
+if before < limit then granted = math.min(want, limit - before) end
+return {granted, math.max(0, limit - n)}
 "#,
     )
 });
@@ -60,8 +65,8 @@ struct Budget {
     tokens: u64,
     /// Whether the shared count of this window has been used up.
     exhausted: bool,
-    /// Tokens taken from the shared count in this window, for the size of the next share.
-    taken: u64,
+    /// What was left of the shared count at the last look, for the size of the next share.
+    left: Option<u64>,
 }
 
 impl Budget {
@@ -71,7 +76,7 @@ impl Budget {
             counted: 0,
             tokens: 0,
             exhausted: false,
-            taken: 0,
+            left: None,
         }
     }
 }
@@ -92,10 +97,10 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// How many tokens to ask for when `taken` of `limit` are already taken by this instance
-/// (others may have taken more): a sixteenth of what may be left, at least one.
-fn share(limit: u64, taken: u64) -> u64 {
-    (limit.saturating_sub(taken) / 16).clamp(1, MAX_SHARE)
+/// How many tokens to ask for when `left` remained of the shared count at the last look:
+/// a sixteenth of it, at least one; one when this window has not been looked at yet.
+fn share(left: Option<u64>) -> u64 {
+    left.map_or(1, |left| (left / 16).clamp(1, MAX_SHARE))
 }
 
 impl RateLimiter {
@@ -173,29 +178,34 @@ impl RateLimiter {
                 None => {}
             }
         }
-        let taken_before = self
+        let left = self
             .budgets()
             .get(key)
             .filter(|b| b.window == window)
-            .map_or(0, |b| b.taken);
-        let want = share(limit, taken_before);
-        let result: Result<u64, _> = TAKE
+            .and_then(|b| b.left);
+        let want = share(left);
+        let result: Result<(u64, u64), _> = TAKE
             .key(format!("{prefix}:ratelimit:{window}:{key}"))
             .arg(want)
             .arg(limit)
             .invoke_async(&mut conn.clone())
             .await;
         match result {
-            Ok(granted) => {
+            Ok((granted, left)) => {
                 let mut budgets = self.budgets();
                 Self::forget_old(&mut budgets, window);
                 let budget = budgets
                     .entry(key.to_owned())
                     .or_insert_with(|| Budget::new(window));
-                if budget.window != window {
+                if budget.window < window {
                     *budget = Budget::new(window);
                 }
-                budget.taken += want;
+                if budget.window != window {
+                    // A later window began while this answer was on its way; it belongs to
+                    // a window that is over, and so does this request.
+                    return Some(granted > 0);
+                }
+                budget.left = Some(left);
                 if granted == 0 {
                     budget.exhausted = true;
                     return Some(false);
@@ -284,6 +294,15 @@ impl Extension for WebSocketLimitExtension {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_share_is_a_sixteenth_of_what_was_left_and_one_before_the_first_look() {
+        assert_eq!(share(None), 1);
+        assert_eq!(share(Some(0)), 1);
+        assert_eq!(share(Some(15)), 1);
+        assert_eq!(share(Some(160)), 10);
+        assert_eq!(share(Some(u64::from(u32::MAX))), MAX_SHARE);
+    }
 
     #[tokio::test]
     async fn the_request_over_the_limit_is_refused_with_a_retry_time() {

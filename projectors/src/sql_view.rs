@@ -127,6 +127,10 @@ impl UserViewWriter for TxWriter {
             return Ok(Vec::new());
         }
         let n = changes.len();
+        // Rows in id order: concurrent writers of one table (a rebuild and a live projector)
+        // then meet their rows in the same order, which makes deadlocks between them rare.
+        let mut order: Vec<&(Option<UserView>, UserView)> = changes.iter().collect();
+        order.sort_by_key(|(_, next)| next.id);
         let mut ids = Vec::with_capacity(n);
         let mut emails = Vec::with_capacity(n);
         let mut names = Vec::with_capacity(n);
@@ -137,7 +141,7 @@ impl UserViewWriter for TxWriter {
         let mut versions = Vec::with_capacity(n);
         let mut deleted = Vec::with_capacity(n);
         let mut previous = Vec::with_capacity(n);
-        for (prev, next) in changes {
+        for (prev, next) in order {
             ids.push(next.id);
             emails.push(next.email.as_str());
             names.push(next.display_name.as_str());
@@ -190,7 +194,10 @@ impl UserViewWriter for TxWriter {
             .map_err(db)?;
         let written: std::collections::HashSet<Uuid> =
             written.into_iter().map(|(id,)| id).collect();
-        Ok(ids.iter().map(|id| written.contains(id)).collect())
+        Ok(changes
+            .iter()
+            .map(|(_, next)| written.contains(&next.id))
+            .collect())
     }
 }
 

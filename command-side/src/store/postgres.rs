@@ -104,8 +104,13 @@ WITH appended AS ( \
 SELECT transaction_id::text AS txid, global_position FROM last";
 
 /// What a failed append means: each unique constraint it may violate stands for one answer.
+/// A deadlock (two appends claiming each other's emails, say) is a lost race like a
+/// sequence clash: decided again.
 fn classify(e: sqlx::Error) -> AppendError {
     let constraint = match &e {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("40P01") => {
+            return AppendError::Conflict
+        }
         sqlx::Error::Database(db) if db.is_unique_violation() => db.constraint(),
         _ => None,
     };
