@@ -82,32 +82,15 @@ impl Relay {
     /// Publishes one batch after the checkpoint and advances it. Returns how many events
     /// were published (0 when caught up).
     pub async fn step(&self) -> Result<usize, RelayError> {
-        let checkpoint = self.checkpoint().await?;
-        Ok(self.publish_after(checkpoint).await?.map_or(0, |(n, _)| n))
-    }
-
-    /// Publishes one batch after `checkpoint` and saves the new checkpoint. Returns how many
-    /// events were published and the new checkpoint, or `None` when caught up.
-    async fn publish_after(
-        &self,
-        checkpoint: Position,
-    ) -> Result<Option<(usize, Position)>, RelayError> {
-        let query = LogQuery {
-            after: Some(checkpoint),
-            limit: self.config.batch_size,
-            ..LogQuery::default()
+        let mut pipeline = Pipeline::default();
+        let published = match self.advance(&mut pipeline).await? {
+            Advance::HandedOver(n) => n,
+            Advance::CaughtUp(_) => 0,
         };
-        let events = self.store.read(&query).await.map_err(RelayError::Read)?;
-        let Some(last) = events.last().map(|e| e.position) else {
-            return Ok(None);
-        };
-        self.publisher
-            .publish(&events)
-            .await
-            .map_err(RelayError::Publish)?;
-        self.save(last).await?;
-        tracing::debug!(count = events.len(), position = %last, "relayed events");
-        Ok(Some((events.len(), last)))
+        while !pipeline.in_flight.is_empty() {
+            self.settle_oldest(&mut pipeline).await?;
+        }
+        Ok(published)
     }
 
     /// Whether rows lie after `checkpoint` (readable or not yet).
@@ -194,7 +177,7 @@ impl Relay {
                 checked = std::time::Instant::now();
             }
             let pause = match self.advance(&mut pipeline).await {
-                Ok(Advance::HandedOver) => {
+                Ok(Advance::HandedOver(_)) => {
                     failures = 0;
                     pending_pause = PENDING_PAUSE_MIN;
                     continue;
@@ -261,7 +244,7 @@ impl Relay {
             if pipeline.in_flight.len() >= MAX_IN_FLIGHT {
                 self.settle_oldest(pipeline).await?;
             }
-            return Ok(Advance::HandedOver);
+            return Ok(Advance::HandedOver(events.len()));
         }
         while !pipeline.in_flight.is_empty() {
             self.settle_oldest(pipeline).await?;
@@ -312,6 +295,7 @@ struct Pipeline {
 }
 
 enum Advance {
-    HandedOver,
+    /// This many events handed to the publisher.
+    HandedOver(usize),
     CaughtUp(Position),
 }

@@ -86,35 +86,10 @@ impl UserViewWriter for TxWriter {
         previous: Option<&UserView>,
         next: &UserView,
     ) -> Result<bool, PortError> {
-        let mut tx = self.tx.lock().await;
-        // The version guard makes the write idempotent and safe beside other writers.
-        let sql = format!(
-            "INSERT INTO {t} AS u (id, email, display_name, bio, avatar_url, created_at, \
-             updated_at, version, deleted) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-             ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email, \
-             display_name = EXCLUDED.display_name, bio = EXCLUDED.bio, \
-             avatar_url = EXCLUDED.avatar_url, created_at = EXCLUDED.created_at, \
-             updated_at = EXCLUDED.updated_at, version = EXCLUDED.version, \
-             deleted = EXCLUDED.deleted \
-             WHERE u.version = $10",
-            t = self.table
-        );
-        let written = sqlx::query(&sql)
-            .bind(next.id)
-            .bind(&next.email)
-            .bind(&next.display_name)
-            .bind(&next.bio)
-            .bind(&next.avatar_url)
-            .bind(next.created_at)
-            .bind(next.updated_at)
-            .bind(next.version as i64)
-            .bind(next.deleted)
-            .bind(previous.map_or(0, |p| p.version as i64))
-            .execute(&mut **tx)
-            .await
-            .map_err(db)?
-            .rows_affected();
-        Ok(written == 1)
+        let written = self
+            .replace_many(&[(previous.cloned(), next.clone())])
+            .await?;
+        Ok(written.first().copied().unwrap_or(false))
     }
 
     /// One statement for the whole batch: rows whose stored version is still the one they
