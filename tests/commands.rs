@@ -25,6 +25,7 @@ on_both_backends!(
 on_postgres!(
     concurrent_updates_through_two_instances_retry_into_gap_free_sequences,
     two_instances_on_one_database_each_read_their_writes,
+    a_state_remembered_by_one_instance_and_changed_by_another_changes_no_answer,
 );
 
 /// The case variants of one address, as 20 different clients might type it.
@@ -304,6 +305,57 @@ async fn two_instances_on_one_database_each_read_their_writes(app: &TestApp) {
             assert_eq!(body["data"]["user"]["displayName"], format!("Iris {i}"));
         }
     }
+    second.shutdown().await;
+}
+
+/// Each instance remembers the users it wrote; here every command runs on an instance whose
+/// memory the other one has just made stale, and each must answer as if it had loaded the
+/// user.
+async fn a_state_remembered_by_one_instance_and_changed_by_another_changes_no_answer(
+    app: &TestApp,
+) {
+    let second = app.another_instance().await;
+    let (first, second_router) = (app.router(), second.router.clone());
+    let created = app.create_user("remy@example.com", "Remy").await;
+    let id = id_of(&created);
+    let update = |router: axum::Router, name: &'static str, expected: Option<i64>| async move {
+        let vars = json!({ "id": id, "input": { "displayName": name }, "expectedVersion": expected });
+        gql_on(&router, UPDATE_PROFILE, vars).await.1
+    };
+
+    let body = update(second_router.clone(), "Second", None).await;
+    assert_eq!(version_of(&body["data"]["updateProfile"]), 2, "{body}");
+    // The first instance remembers version 1; the expected version 2 is nevertheless right.
+    let body = update(first.clone(), "First", Some(2)).await;
+    assert_eq!(version_of(&body["data"]["updateProfile"]), 3, "{body}");
+    // The second instance remembers "Second" at version 2: the name is not unchanged.
+    let body = update(second_router.clone(), "Second", None).await;
+    let payload = &body["data"]["updateProfile"];
+    assert_eq!(version_of(payload), 4, "{body}");
+    assert_eq!(payload["user"]["displayName"], "Second", "{body}");
+    // And a stale expected version is still a conflict, decided on the stored user.
+    let body = update(first.clone(), "Again", Some(3)).await;
+    assert_eq!(error_code(&body), Some("CONFLICT"), "{body}");
+    let (_, body) = gql_on(
+        &first,
+        DELETE_ACCOUNT,
+        json!({ "id": id, "expectedVersion": 4 }),
+    )
+    .await;
+    assert_eq!(version_of(&body["data"]["deleteAccount"]), 5, "{body}");
+
+    let events = app.user_events(id).await;
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "UserCreated",
+            "ProfileUpdated",
+            "ProfileUpdated",
+            "ProfileUpdated",
+            "AccountDeleted"
+        ]
+    );
     second.shutdown().await;
 }
 
