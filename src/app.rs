@@ -107,39 +107,58 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn EventStore>> 
     }
 }
 
-/// Builds the schema with the configured limits.
-pub fn schema(
+/// The schemas of a server, with the configured limits.
+pub struct Schemas {
+    /// For websockets (and in-process callers): rate limits and document limits run as
+    /// extensions.
+    pub full: PcfSchema,
+    /// For HTTP, where the handler has rate-limited the request and runs `documents`
+    /// itself: no extensions, so that fields resolve without the extension chain.
+    pub http: PcfSchema,
+    pub documents: crate::limits::DocumentLimits,
+}
+
+/// Builds the schemas with the configured limits.
+pub fn schemas(
     config: &Config,
     commands: Arc<CommandService>,
     models: ReadModels,
     live: Arc<LiveLog>,
     monitor: Arc<dyn ProjectionMonitor>,
     limiter: Arc<crate::ratelimit::RateLimiter>,
-) -> PcfSchema {
-    let mut builder = Schema::build(
-        QueryRoot::default(),
-        MutationRoot::<UserObject>::default(),
-        SubscriptionRoot,
-    )
-    .data(commands)
-    .data(DataLoader::new(
-        pcf_query::events::UserLoader(models.users.clone()),
-        tokio::spawn,
-    ))
-    .data(models)
-    .data(live)
-    .data(monitor)
-    .extension(crate::ratelimit::WebSocketLimit(limiter))
-    .extension(crate::limits::DocumentLimits::new(
-        config.max_aliases,
-        config.max_complexity,
-    ))
-    .limit_depth(config.max_depth)
-    .limit_complexity(config.max_complexity);
-    if config.environment == Environment::Production {
-        builder = builder.disable_introspection().disable_suggestions();
+) -> Schemas {
+    let documents = crate::limits::DocumentLimits::new(config.max_aliases, config.max_complexity);
+    let build = |extended: bool| {
+        let mut builder = Schema::build(
+            QueryRoot::default(),
+            MutationRoot::<UserObject>::default(),
+            SubscriptionRoot,
+        )
+        .data(commands.clone())
+        .data(DataLoader::new(
+            pcf_query::events::UserLoader(models.users.clone()),
+            tokio::spawn,
+        ))
+        .data(models.clone())
+        .data(live.clone())
+        .data(monitor.clone())
+        .limit_depth(config.max_depth)
+        .limit_complexity(config.max_complexity);
+        if extended {
+            builder = builder
+                .extension(crate::ratelimit::WebSocketLimit(limiter.clone()))
+                .extension(documents.clone());
+        }
+        if config.environment == Environment::Production {
+            builder = builder.disable_introspection().disable_suggestions();
+        }
+        builder.finish()
+    };
+    Schemas {
+        full: build(true),
+        http: build(false),
+        documents: documents.clone(),
     }
-    builder.finish()
 }
 
 /// The schema with nothing behind it, for printing the SDL.
@@ -389,9 +408,10 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
         config.rate_limits,
         shared_counts,
     ));
-    let schema = schema(config, commands, models, live, monitor, limiter.clone());
+    let schemas = schemas(config, commands, models, live, monitor, limiter.clone());
+    let schema = schemas.full.clone();
     let router = crate::http::router(crate::http::HttpState {
-        schema: schema.clone(),
+        schemas: Arc::new(schemas),
         dependencies: Arc::new(dependencies),
         metrics: metrics.clone(),
         authenticator: Arc::new(auth.authenticator),

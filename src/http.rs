@@ -19,7 +19,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::app::PcfSchema;
+use crate::app::Schemas;
 use crate::auth::Authenticator;
 use crate::health::Dependencies;
 use crate::metrics::Metrics;
@@ -28,7 +28,7 @@ use crate::ratelimit::{Decision, RateLimiter, WebSocketClient};
 /// What the handlers share.
 #[derive(Clone)]
 pub struct HttpState {
-    pub schema: PcfSchema,
+    pub schemas: Arc<Schemas>,
     pub dependencies: Arc<Dependencies>,
     pub metrics: Arc<Metrics>,
     pub authenticator: Arc<Authenticator>,
@@ -51,6 +51,18 @@ pub fn router(state: HttpState) -> Router {
         router = router.route("/graphiql", get(graphiql));
     }
     router.with_state(state)
+}
+
+/// A correlation id for a request that brought none: a random UUID of this process with a
+/// counter in its last 48 bits, so unique without asking the kernel for randomness each
+/// time.
+fn new_correlation_id() -> String {
+    static BASE: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    const NODE: u128 = (1 << 48) - 1;
+    let base = *BASE.get_or_init(|| uuid::Uuid::new_v4().as_u128());
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as u128;
+    uuid::Uuid::from_u128((base & !NODE) | ((base + n) & NODE)).to_string()
 }
 
 /// A response carrying one GraphQL-shaped error.
@@ -194,25 +206,30 @@ async fn execute(
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 200 && v.chars().all(|c| c.is_ascii_graphic()))
         .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        .unwrap_or_else(new_correlation_id);
     let request = request
         .data(CommandContext {
             correlation_id: Some(correlation_id.clone()),
             actor: None,
         })
         .data(principal);
-    let Ok(mut response) =
-        tokio::time::timeout(state.request_timeout, state.schema.execute(request)).await
-    else {
-        tracing::warn!("request timed out");
-        return (
-            request_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::Unavailable,
-                "the request took too long",
-            ),
-            "timeout",
-        );
+    let mut response = match state.schemas.documents.admit(request) {
+        Err(refused) => async_graphql::Response::from_errors(vec![refused]),
+        Ok(request) => {
+            let executed = state.schemas.http.execute(request);
+            let Ok(response) = tokio::time::timeout(state.request_timeout, executed).await else {
+                tracing::warn!("request timed out");
+                return (
+                    request_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        ErrorCode::Unavailable,
+                        "the request took too long",
+                    ),
+                    "timeout",
+                );
+            };
+            response
+        }
     };
     // Errors without a code come from GraphQL itself, not from a resolver: syntax,
     // validation, limits, arguments that do not fit their types. They are the client's:
@@ -287,7 +304,7 @@ async fn websocket(State(state): State<HttpState>, req: Request) -> Response {
         Ok(u) => u,
         Err(e) => return e.into_response(),
     };
-    let schema = state.schema.clone();
+    let schema = state.schemas.full.clone();
     let authenticator = state.authenticator.clone();
     let address = client.clone();
     upgrade
@@ -303,7 +320,7 @@ async fn websocket(State(state): State<HttpState>, req: Request) -> Response {
                     });
                     data.insert(principal);
                     data.insert(CommandContext {
-                        correlation_id: Some(uuid::Uuid::new_v4().to_string()),
+                        correlation_id: Some(new_correlation_id()),
                         actor: None,
                     });
                     Ok(data)
@@ -370,4 +387,19 @@ async fn metrics(State(state): State<HttpState>) -> Response {
         state.metrics.render().await,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn correlation_ids_are_version_4_uuids_and_differ() {
+        let ids: std::collections::HashSet<String> =
+            (0..1000).map(|_| new_correlation_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 4);
+        }
+    }
 }

@@ -18,29 +18,33 @@ use std::sync::{Arc, Mutex};
 /// that expand (fragments spread in place) to more than `fields` fields. The second guards
 /// the validator itself: async-graphql expands every spread before it counts complexity,
 /// so a few hundred bytes of nested fragments would otherwise take minutes.
-pub struct DocumentLimits {
-    aliases: usize,
-    fields: usize,
-    cache: Arc<DocumentCache>,
-}
+///
+/// Over HTTP it runs in the handler (`admit`), so that the schema HTTP requests run on has
+/// no extensions: async-graphql then resolves each field directly rather than through the
+/// extension chain. On websockets it runs as an extension of the schema.
+#[derive(Clone)]
+pub struct DocumentLimits(Arc<AliasLimitExtension>);
 
 impl DocumentLimits {
     pub fn new(aliases: usize, fields: usize) -> Self {
-        Self {
+        Self(Arc::new(AliasLimitExtension {
             aliases,
             fields,
             cache: Arc::new(DocumentCache::new(CACHED_DOCUMENTS)),
-        }
+        }))
+    }
+
+    /// Hands `request` its parsed document, or refuses it for being over the limits. A
+    /// document that does not parse is handed on as it is, for the schema to report with
+    /// its position.
+    pub fn admit(&self, request: Request) -> Result<Request, ServerError> {
+        self.0.admit(request)
     }
 }
 
 impl ExtensionFactory for DocumentLimits {
     fn create(&self) -> Arc<dyn Extension> {
-        Arc::new(AliasLimitExtension {
-            aliases: self.aliases,
-            fields: self.fields,
-            cache: self.cache.clone(),
-        })
+        self.0.clone()
     }
 }
 
@@ -195,6 +199,21 @@ pub fn count_aliases(doc: &ExecutableDocument) -> usize {
 }
 
 impl AliasLimitExtension {
+    fn admit(&self, mut request: Request) -> Result<Request, ServerError> {
+        if let Some(doc) = self.cache.get(&request.query) {
+            request.set_parsed_query(doc);
+            return Ok(request);
+        }
+        let query = request.query.clone();
+        if let Ok(doc) = request.parsed_query() {
+            if let Some(error) = self.refuse(doc) {
+                return Err(error);
+            }
+            self.cache.put(&query, doc);
+        }
+        Ok(request)
+    }
+
     /// The error for a document over the limits, if it is.
     fn refuse(&self, doc: &ExecutableDocument) -> Option<ServerError> {
         let n = count_aliases(doc);
@@ -224,22 +243,10 @@ impl Extension for AliasLimitExtension {
     async fn prepare_request(
         &self,
         ctx: &ExtensionContext<'_>,
-        mut request: Request,
+        request: Request,
         next: NextPrepareRequest<'_>,
     ) -> ServerResult<Request> {
-        if let Some(doc) = self.cache.get(&request.query) {
-            request.set_parsed_query(doc);
-            return next.run(ctx, request).await;
-        }
-        let query = request.query.clone();
-        // A syntax error is reported by the normal path, with its position.
-        if let Ok(doc) = request.parsed_query() {
-            if let Some(error) = self.refuse(doc) {
-                return Err(error);
-            }
-            self.cache.put(&query, doc);
-        }
-        next.run(ctx, request).await
+        next.run(ctx, self.admit(request)?).await
     }
 }
 

@@ -22,11 +22,12 @@ struct Histogram {
     sum: f64,
 }
 
-type Labels = Vec<(&'static str, String)>;
+/// Label names and values; every value is one of a few known words, so none is allocated.
+type Labels = Vec<(&'static str, &'static str)>;
 
+/// Each histogram's count is also its counter (`…_total`).
 #[derive(Default)]
 struct Registry {
-    counters: BTreeMap<(&'static str, Labels), u64>,
     histograms: BTreeMap<(&'static str, Labels), Histogram>,
 }
 
@@ -61,7 +62,6 @@ impl Metrics {
     /// Counts one occurrence and records its duration under `name`.
     pub fn observe(&self, name: &'static str, labels: Labels, elapsed: Duration) {
         let mut r = self.lock();
-        *r.counters.entry((name, labels.clone())).or_default() += 1;
         let h = r.histograms.entry((name, labels)).or_default();
         let secs = elapsed.as_secs_f64();
         for (i, bound) in BUCKETS.iter().enumerate() {
@@ -74,10 +74,10 @@ impl Metrics {
     }
 
     /// Records one finished HTTP request.
-    pub fn http_request(&self, path: &str, outcome: &str, elapsed: Duration) {
+    pub fn http_request(&self, path: &'static str, outcome: &'static str, elapsed: Duration) {
         self.observe(
             "pcf_http_requests",
-            vec![("path", path.to_owned()), ("outcome", outcome.to_owned())],
+            vec![("path", path), ("outcome", outcome)],
             elapsed,
         );
     }
@@ -191,12 +191,12 @@ impl Metrics {
         let r = self.lock();
         let mut out = String::new();
         let mut last = "";
-        for ((name, labels), value) in &r.counters {
+        for ((name, labels), h) in &r.histograms {
             if *name != last {
                 let _ = writeln!(out, "# TYPE {name}_total counter");
                 last = name;
             }
-            let _ = writeln!(out, "{name}_total{} {value}", fmt_labels(labels, None));
+            let _ = writeln!(out, "{name}_total{} {}", fmt_labels(labels, None), h.count);
         }
         last = "";
         for ((name, labels), h) in &r.histograms {
@@ -251,10 +251,7 @@ impl CommandObserver for Metrics {
     fn command_finished(&self, command: &'static str, outcome: &'static str, elapsed: Duration) {
         self.observe(
             "pcf_commands",
-            vec![
-                ("command", command.to_owned()),
-                ("outcome", outcome.to_owned()),
-            ],
+            vec![("command", command), ("outcome", outcome)],
             elapsed,
         );
     }

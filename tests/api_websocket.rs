@@ -494,3 +494,35 @@ async fn operations_over_a_websocket_are_rate_limited() {
     drop(server);
     api.stop().await;
 }
+
+/// The document limits apply to operations over a websocket as to HTTP requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_over_the_limits_is_refused_over_a_websocket_too() {
+    let api = Api::with(|_| {}).await;
+    let server = Server::start(api.router()).await;
+    let t = token("ws-limits", &[]);
+    let mut ws = WsClient::authenticated(&server, &t).await;
+    let aliases = |n: usize| {
+        let fields: Vec<String> = (0..n).map(|i| format!("a{i}: __typename")).collect();
+        format!("{{ {} }}", fields.join(" "))
+    };
+    ws.subscribe("within", &aliases(15), json!({})).await;
+    match ws.next(WAIT).await {
+        WsIn::Msg(m) if m["type"] == "next" && m["id"] == "within" => {
+            assert!(m["payload"]["errors"].is_null(), "{m}");
+        }
+        other => panic!("15 aliases: {other:?}"),
+    }
+    let _ = ws.next(Duration::from_millis(200)).await;
+    ws.subscribe("over", &aliases(16), json!({})).await;
+    match ws.next(WAIT).await {
+        WsIn::Msg(m) if m["id"] == "over" && (m["type"] == "next" || m["type"] == "error") => {
+            let text = m.to_string();
+            assert!(text.contains("too many aliases"), "{m}");
+            assert!(m["payload"]["data"].is_null(), "{m}");
+        }
+        other => panic!("16 aliases: {other:?}"),
+    }
+    drop(server);
+    api.stop().await;
+}

@@ -319,7 +319,8 @@ async fn a_state_remembered_by_one_instance_and_changed_by_another_changes_no_an
     let created = app.create_user("remy@example.com", "Remy").await;
     let id = id_of(&created);
     let update = |router: axum::Router, name: &'static str, expected: Option<i64>| async move {
-        let vars = json!({ "id": id, "input": { "displayName": name }, "expectedVersion": expected });
+        let vars =
+            json!({ "id": id, "input": { "displayName": name }, "expectedVersion": expected });
         gql_on(&router, UPDATE_PROFILE, vars).await.1
     };
 

@@ -12,7 +12,8 @@ use hyper_util::rt::TokioExecutor;
 pub struct HttpClient {
     client: Client<HttpConnector, Full<Bytes>>,
     base: String,
-    token: Option<String>,
+    /// `Bearer …`, made once.
+    authorization: Option<hyper::header::HeaderValue>,
 }
 
 impl HttpClient {
@@ -20,30 +21,57 @@ impl HttpClient {
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(1024)
             .build_http();
+        let authorization = token.and_then(|t| format!("Bearer {t}").parse().ok());
         Self {
             client,
             base,
-            token,
+            authorization,
         }
     }
 
     /// POSTs a GraphQL request; fails unless it answered 200 without errors.
     pub async fn graphql(&self, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let bytes = self
+            .post_graphql(Bytes::from(serde_json::to_vec(body)?))
+            .await?;
+        let value: serde_json::Value = serde_json::from_slice(&bytes)?;
+        anyhow::ensure!(value.get("errors").is_none(), "{value}");
+        Ok(value)
+    }
+
+    /// POSTs a GraphQL request already encoded, and checks the answer as `graphql` does
+    /// without decoding it: a response with errors has an `"errors"` key, and those bytes
+    /// cannot occur inside a JSON string (its quotes are escaped there).
+    pub async fn graphql_encoded(&self, body: Bytes) -> anyhow::Result<()> {
+        let bytes = self.post_graphql(body).await?;
+        anyhow::ensure!(
+            !bytes.windows(9).any(|w| w == b"\"errors\":"),
+            "{}",
+            String::from_utf8_lossy(&bytes)
+        );
+        Ok(())
+    }
+
+    /// The body of a 200 answer to a POST on /graphql.
+    async fn post_graphql(&self, body: Bytes) -> anyhow::Result<Bytes> {
         let mut req = hyper::Request::post(format!("{}/graphql", self.base))
             .header("content-type", "application/json");
-        if let Some(token) = &self.token {
-            req = req.header("authorization", format!("Bearer {token}"));
+        if let Some(authorization) = &self.authorization {
+            req = req.header("authorization", authorization.clone());
         }
-        let req = req.body(Full::new(Bytes::from(serde_json::to_vec(body)?)))?;
-        let resp = self.client.request(req).await.context("request failed")?;
+        let resp = self
+            .client
+            .request(req.body(Full::new(body))?)
+            .await
+            .context("request failed")?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
-        let value: serde_json::Value = serde_json::from_slice(&bytes)?;
         anyhow::ensure!(
-            status.is_success() && value.get("errors").is_none(),
-            "{status}: {value}"
+            status.is_success(),
+            "{status}: {}",
+            String::from_utf8_lossy(&bytes)
         );
-        Ok(value)
+        Ok(bytes)
     }
 
     /// GETs a path; fails unless it answered 200.
