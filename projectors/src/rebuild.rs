@@ -143,7 +143,9 @@ pub async fn rebuild_all(
                 irregular.push(event.clone());
                 continue;
             }
-            let next = crate::projector::fold(current.cloned(), event)?;
+            // Folded in place: the state is taken out of the map, not copied.
+            let current = folded.remove(&id);
+            let next = crate::projector::fold(current, event)?;
             folded.insert(id, next);
             if touched.insert(id) {
                 changed.push(id);

@@ -14,7 +14,6 @@ use chrono::{DateTime, Utc};
 use pcf_domain::ports::{EmailDirectory, EventLog, PortError};
 use pcf_domain::{EventEnvelope, EventMetadata, Position, User, UserEvent, UserView};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -208,16 +207,21 @@ pub(crate) fn metadata_value(metadata: &EventMetadata) -> serde_json::Value {
     serde_json::to_value(metadata).unwrap_or_else(|_| serde_json::json!({}))
 }
 
-pub(crate) fn metadata_from_value(value: &serde_json::Value) -> EventMetadata {
-    // Events written by other tools may carry other keys; keep the ones we know.
-    let map: HashMap<String, serde_json::Value> =
-        serde_json::from_value(value.clone()).unwrap_or_default();
-    let get = |k: &str| map.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+pub(crate) fn metadata_from_value(value: serde_json::Value) -> EventMetadata {
+    // Events written by other tools may carry other keys, or other shapes; keep the
+    // strings under the keys we know.
+    let serde_json::Value::Object(mut map) = value else {
+        return EventMetadata::default();
+    };
+    let mut take = |k: &str| match map.remove(k) {
+        Some(serde_json::Value::String(s)) => Some(s),
+        _ => None,
+    };
     EventMetadata {
-        correlation_id: get("correlationId"),
-        causation_id: get("causationId"),
-        command_id: get("commandId"),
-        actor: get("actor"),
+        correlation_id: take("correlationId"),
+        causation_id: take("causationId"),
+        command_id: take("commandId"),
+        actor: take("actor"),
     }
 }
 
@@ -248,7 +252,7 @@ impl StoredEvent {
             event_type: self.event_type,
             event_version: self.event_version,
             recorded_at: self.recorded_at,
-            metadata: metadata_from_value(&self.metadata),
+            metadata: metadata_from_value(self.metadata),
             // Stored payloads are externally tagged by cqrs-es; the envelope carries the inside.
             payload: untag(self.payload),
         })
@@ -299,6 +303,6 @@ mod tests {
             command_id: Some("k".into()),
             actor: Some("u".into()),
         };
-        assert_eq!(metadata_from_value(&metadata_value(&m)), m);
+        assert_eq!(metadata_from_value(metadata_value(&m)), m);
     }
 }

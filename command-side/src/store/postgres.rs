@@ -22,8 +22,8 @@ use super::{
 
 const NOTIFY_CHANNEL: &str = "pcf_events";
 
-/// Columns every read of the log selects; `transaction_id` goes out as text because sqlx has
-/// no `xid8` type.
+/// Columns every read of the log selects, in the order `row_to_event` takes them;
+/// `transaction_id` goes out as text because sqlx has no `xid8` type.
 const EVENT_COLUMNS: &str = "event_id, aggregate_id, sequence, event_type, event_version, \
      payload, metadata, global_position, transaction_id::text AS txid, recorded_at";
 
@@ -51,21 +51,23 @@ impl PostgresStore {
 }
 
 fn row_to_event(row: &PgRow) -> Result<StoredEvent, StoreError> {
-    let txid: String = row.try_get("txid")?;
+    // By position, in the order of `EVENT_COLUMNS`: a log read decodes a million rows, and
+    // a lookup by name costs a hash per column.
+    let txid: String = row.try_get(8)?;
     let commit = txid
         .parse::<u64>()
         .map_err(|e| StoreError::Internal(format!("transaction id {txid:?}: {e}")))?;
-    let global: i64 = row.try_get("global_position")?;
+    let global: i64 = row.try_get(7)?;
     Ok(StoredEvent {
-        event_id: row.try_get("event_id")?,
-        aggregate_id: row.try_get("aggregate_id")?,
-        sequence: row.try_get("sequence")?,
-        event_type: row.try_get("event_type")?,
-        event_version: row.try_get("event_version")?,
-        payload: row.try_get("payload")?,
-        metadata: row.try_get("metadata")?,
+        event_id: row.try_get(0)?,
+        aggregate_id: row.try_get(1)?,
+        sequence: row.try_get(2)?,
+        event_type: row.try_get(3)?,
+        event_version: row.try_get(4)?,
+        payload: row.try_get(5)?,
+        metadata: row.try_get(6)?,
         position: Position::new(commit, global as u64),
-        recorded_at: row.try_get("recorded_at")?,
+        recorded_at: row.try_get(9)?,
     })
 }
 
