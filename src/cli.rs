@@ -85,6 +85,10 @@ pub enum Command {
         /// Also write the results as JSON here.
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+        /// Keep the run's database, topics, consumer groups and Redis keys afterwards
+        /// (they are removed by default).
+        #[arg(long)]
+        keep: bool,
     },
     /// Inspects the relay.
     Relay {
@@ -172,6 +176,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             rebuild_events,
             only,
             out,
+            keep,
         } => {
             let options = crate::bench::BenchOptions {
                 warmup: Duration::from_secs(warmup),
@@ -182,6 +187,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 rebuild_events,
                 only,
                 out,
+                keep,
             };
             crate::bench::run(Config::load(None)?, options).await
         }

@@ -28,6 +28,8 @@ pub struct BenchOptions {
     /// Only these scenarios (all when empty).
     pub only: Vec<String>,
     pub out: Option<PathBuf>,
+    /// Keep what the run created (database, topics, groups, Redis keys).
+    pub keep: bool,
 }
 
 /// One scenario: the subject, its baseline and how they compare.

@@ -52,6 +52,9 @@ struct Bench {
     run_id: String,
     /// The command rate measured by the updateProfile scenario.
     max_command_rate: Option<f64>,
+    /// The run's database, on the server of `base_url`.
+    database: String,
+    base_url: String,
 }
 
 /// Baseline handlers served beside the API, so both go through the same server and client.
@@ -171,6 +174,8 @@ async fn setup(base: Config, options: &BenchOptions) -> anyhow::Result<Bench> {
         users: Vec::new(),
         run_id,
         max_command_rate: None,
+        database,
+        base_url: url.clone(),
     })
 }
 
@@ -178,28 +183,157 @@ fn wanted(options: &BenchOptions, name: &str) -> bool {
     options.only.is_empty() || options.only.iter().any(|o| name.starts_with(o.as_str()))
 }
 
-/// Runs every selected scenario.
+/// Runs every selected scenario, then removes what the run created (unless kept).
 pub async fn run_all(base: Config, options: &BenchOptions) -> anyhow::Result<Vec<ScenarioResult>> {
     let mut bench = setup(base, options).await?;
-    let mut results = Vec::new();
-    if wanted(options, "createUser") {
-        results.push(bench.create_user().await?);
-    }
-    bench.fill_users().await?;
-    if wanted(options, "updateProfile") {
-        results.push(bench.update_profile().await?);
-    }
-    if wanted(options, "visible") {
-        results.push(bench.commit_to_visible().await?);
-    }
-    if wanted(options, "query") {
-        results.extend(bench.user_queries().await?);
-    }
-    if wanted(options, "rebuild") {
-        results.push(bench.rebuild().await?);
-    }
+    let results = bench.run_selected(options).await;
+    let created = Created {
+        database: bench.database.clone(),
+        base_url: bench.base_url.clone(),
+        config: bench.config.clone(),
+        primary: bench.primary.clone(),
+        redis: bench.redis.clone(),
+    };
     bench.app.shutdown().await;
-    Ok(results)
+    if options.keep {
+        eprintln!(
+            "bench: kept database {}, topics and groups of {}, Redis keys {}*",
+            created.database, created.config.kafka_topic, created.config.redis_prefix
+        );
+    } else {
+        created.remove().await;
+    }
+    results
+}
+
+/// What a run created, to remove afterwards.
+struct Created {
+    database: String,
+    base_url: String,
+    config: Config,
+    primary: PgPool,
+    redis: ConnectionManager,
+}
+
+impl Bench {
+    async fn run_selected(
+        &mut self,
+        options: &BenchOptions,
+    ) -> anyhow::Result<Vec<ScenarioResult>> {
+        let mut results = Vec::new();
+        if wanted(options, "createUser") {
+            results.push(self.create_user().await?);
+        }
+        self.fill_users().await?;
+        if wanted(options, "updateProfile") {
+            results.push(self.update_profile().await?);
+        }
+        if wanted(options, "visible") {
+            results.push(self.commit_to_visible().await?);
+        }
+        if wanted(options, "query") {
+            results.extend(self.user_queries().await?);
+        }
+        if wanted(options, "rebuild") {
+            results.push(self.rebuild().await?);
+        }
+        Ok(results)
+    }
+}
+
+impl Created {
+    /// Drops the run's database, deletes its topics and consumer groups and its Redis keys.
+    /// What cannot be removed is named, and the run's results stand.
+    async fn remove(&self) {
+        self.primary.close().await;
+        let database = self.database.clone();
+        let dropped = async {
+            let admin = pg_pool(&self.base_url, 1, "PostgreSQL (PCF_DATABASE_URL)").await?;
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+                .execute(&admin)
+                .await?;
+            anyhow::Ok(())
+        };
+        if let Err(e) = dropped.await {
+            eprintln!("bench: could not drop database {database}: {e:#}");
+        }
+        if let Err(e) = self.remove_kafka().await {
+            eprintln!("bench: could not delete the run's topics and groups: {e:#}");
+        }
+        let mut redis = self.redis.clone();
+        let pattern = format!("{}*", self.config.redis_prefix);
+        let removed = async {
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(10_000)
+                    .query_async(&mut redis)
+                    .await?;
+                if !keys.is_empty() {
+                    let _: () = redis::cmd("UNLINK")
+                        .arg(&keys)
+                        .query_async(&mut redis)
+                        .await?;
+                }
+                if next == 0 {
+                    return anyhow::Ok(());
+                }
+                cursor = next;
+            }
+        };
+        if let Err(e) = removed.await {
+            eprintln!("bench: could not delete Redis keys {pattern}: {e:#}");
+        }
+    }
+
+    /// Deletes every topic named after the run's topic and every group of its prefix.
+    async fn remove_kafka(&self) -> anyhow::Result<()> {
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        use rdkafka::client::DefaultClientContext;
+        let brokers = self.config.kafka_brokers.clone().unwrap_or_default();
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()?;
+        let metadata = admin
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(10))?;
+        let topics: Vec<String> = metadata
+            .topics()
+            .iter()
+            .map(|t| t.name().to_owned())
+            .filter(|name| name.starts_with(&self.config.kafka_topic))
+            .collect();
+        let groups: Vec<String> = admin
+            .inner()
+            .fetch_group_list(None, Duration::from_secs(10))?
+            .groups()
+            .iter()
+            .map(|g| g.name().to_owned())
+            .filter(|name| name.starts_with(&self.config.kafka_group_prefix))
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        if !groups.is_empty() {
+            let names: Vec<&str> = groups.iter().map(String::as_str).collect();
+            for result in admin.delete_groups(&names, &options).await? {
+                if let Err((group, e)) = result {
+                    eprintln!("bench: could not delete consumer group {group}: {e}");
+                }
+            }
+        }
+        if !topics.is_empty() {
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            for result in admin.delete_topics(&names, &options).await? {
+                if let Err((topic, e)) = result {
+                    eprintln!("bench: could not delete topic {topic}: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn ratio_result(
