@@ -55,6 +55,8 @@ struct Bench {
     /// The run's database, on the server of `base_url`.
     database: String,
     base_url: String,
+    /// The HTTP server's task: it holds the router, and through it the store.
+    server: tokio::task::JoinHandle<()>,
 }
 
 /// Baseline handlers served beside the API, so both go through the same server and client.
@@ -145,7 +147,7 @@ async fn setup(base: Config, options: &BenchOptions) -> anyhow::Result<Bench> {
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(async move {
+    let server = tokio::spawn(async move {
         let _ = axum::serve(
             listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),
@@ -176,6 +178,7 @@ async fn setup(base: Config, options: &BenchOptions) -> anyhow::Result<Bench> {
         max_command_rate: None,
         database,
         base_url: url.clone(),
+        server,
     })
 }
 
@@ -195,6 +198,13 @@ pub async fn run_all(base: Config, options: &BenchOptions) -> anyhow::Result<Vec
         redis: bench.redis.clone(),
     };
     bench.app.shutdown().await;
+    // Closing the client's connections and stopping the server drop the last handles on
+    // the store; the live tail sees that at its next look (within its 500 ms poll), and
+    // the store's commit listener ends with the store.
+    drop(bench.client);
+    bench.server.abort();
+    let _ = (&mut bench.server).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
     if options.keep {
         eprintln!(
             "bench: kept database {}, topics and groups of {}, Redis keys {}*",

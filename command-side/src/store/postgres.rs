@@ -32,6 +32,17 @@ pub struct PostgresStore {
     pool: PgPool,
     loader: PersistedEventStore<PostgresEventRepository, User>,
     committed: CommitSignal,
+    /// The task listening for commit notifications, ended with the store.
+    listener: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        let listener = self.listener.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(task) = listener.take() {
+            task.abort();
+        }
+    }
 }
 
 impl PostgresStore {
@@ -42,6 +53,7 @@ impl PostgresStore {
             pool,
             loader,
             committed: CommitSignal::new(),
+            listener: std::sync::Mutex::new(None),
         }
     }
 
@@ -313,7 +325,7 @@ impl EventStore for PostgresStore {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(NOTIFY_CHANNEL).await?;
         let committed = self.committed.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             loop {
                 // `recv` reconnects by itself after a lost connection; anything committed
                 // meanwhile is found by the waiters' polling.
@@ -326,6 +338,15 @@ impl EventStore for PostgresStore {
                 }
             }
         });
+        // One listener per store: a second call replaces the first.
+        let previous = self
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(task);
+        if let Some(previous) = previous {
+            previous.abort();
+        }
         Ok(())
     }
 }
