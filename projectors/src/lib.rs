@@ -17,6 +17,6 @@ pub use generations::{GenerationState, Generational};
 pub use memory::MemoryUserViews;
 pub use projector::{ProjectionError, UserProjector, UserViewWriter};
 pub use rebuild::{rebuild, rebuild_all, Progress, RebuildOptions};
-pub use redis_view::RedisUserViews;
+pub use redis_view::{delete_matching, RedisUserViews};
 pub use sql_view::SqlUserViews;
 pub use status::{consumer_lag, PartitionLag};

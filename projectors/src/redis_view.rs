@@ -46,6 +46,32 @@ return 1
 /// How often a live batch is written again after the generation state moved under it.
 const MAX_STATE_MOVES: usize = 8;
 
+/// Deletes every key matching `pattern`, a page of `SCAN` at a time (`UNLINK`: Redis frees
+/// the values in the background).
+pub async fn delete_matching(
+    conn: &mut ConnectionManager,
+    pattern: &str,
+) -> redis::RedisResult<()> {
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        if !keys.is_empty() {
+            let _: () = redis::cmd("UNLINK").arg(&keys).query_async(conn).await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
 fn unavailable(e: redis::RedisError) -> PortError {
     PortError::Unavailable(format!("redis: {e}"))
 }
@@ -272,25 +298,9 @@ impl Generational for RedisUserViews {
     async fn drop_generation(&self, generation: u64) -> Result<(), PortError> {
         let pattern = format!("{}*", redis_generation_prefix(&self.prefix, generation));
         let mut conn = self.conn.clone();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            if !keys.is_empty() {
-                let _: () = conn.del(keys).await.map_err(unavailable)?;
-            }
-            if next == 0 {
-                return Ok(());
-            }
-            cursor = next;
-        }
+        delete_matching(&mut conn, &pattern)
+            .await
+            .map_err(unavailable)
     }
 
     async fn apply(

@@ -272,30 +272,7 @@ impl Created {
         }
         let mut redis = self.redis.clone();
         let pattern = format!("{}*", self.config.redis_prefix);
-        let removed = async {
-            let mut cursor = 0u64;
-            loop {
-                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(10_000)
-                    .query_async(&mut redis)
-                    .await?;
-                if !keys.is_empty() {
-                    let _: () = redis::cmd("UNLINK")
-                        .arg(&keys)
-                        .query_async(&mut redis)
-                        .await?;
-                }
-                if next == 0 {
-                    return anyhow::Ok(());
-                }
-                cursor = next;
-            }
-        };
-        if let Err(e) = removed.await {
+        if let Err(e) = pcf_projectors::delete_matching(&mut redis, &pattern).await {
             eprintln!("bench: could not delete Redis keys {pattern}: {e:#}");
         }
     }
