@@ -21,7 +21,8 @@ const MAX_ATTEMPTS: u32 = 50;
 /// Per-user locks are striped: enough stripes that unrelated users rarely share one.
 const LOCK_STRIPES: usize = 1024;
 /// Users whose state each stripe remembers after a command (see `Stripe`): 64 × 1024 users
-/// in all, a few megabytes.
+/// in all, some tens of megabytes at most (a few hundred bytes a user, more with long
+/// bios).
 const REMEMBERED_PER_STRIPE: usize = 64;
 
 /// Why a command did not succeed.

@@ -155,8 +155,14 @@ async fn closed_loop_histogram(
 
 /// Starts `op` at a fixed `rate` per second for `warmup` then `duration`; each latency
 /// runs from the planned start time.
+/// The time between two planned operations of `open_loop` at `rate`: operation n is
+/// planned at n intervals after the start.
+pub fn interval(rate: f64) -> Duration {
+    Duration::from_secs_f64(1.0 / rate.max(1.0))
+}
+
 pub async fn open_loop(op: Op, rate: f64, warmup: Duration, duration: Duration) -> Measurement {
-    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    let interval = interval(rate);
     let errors = Arc::new(AtomicU64::new(0));
     let merged = Arc::new(Mutex::new(histogram()));
     let start = Instant::now();

@@ -103,83 +103,94 @@ async fn setup(base: Config, options: &BenchOptions) -> anyhow::Result<Bench> {
         .execute(&admin)
         .await
         .context("creating the benchmark database")?;
-    let mut config = base.clone();
-    config.database_url = Some(with_database(url, &database));
-    config.read_database_urls = base
-        .read_database_urls
-        .iter()
-        .map(|u| with_database(u, &database))
-        .collect();
-    config.kafka_topic = format!("pcf.bench.{run_id}");
-    config.kafka_group_prefix = format!("bench{run_id}-");
-    config.redis_prefix = format!("pcf:bench:{run_id}");
-    let secret = format!("bench-{}", Uuid::new_v4());
-    config.jwt_secret = Some(secret.clone());
-    config.jwt_public_key = None;
-    config.rate_limits = RateLimits {
-        anonymous: u32::MAX,
-        authenticated: u32::MAX,
-        premium: u32::MAX,
-    };
-    config.consistency_timeout = Duration::from_secs(10);
-    // The replica may take a moment to see the new database.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let app = build(&config).await?;
-    let primary = pg_pool(
-        config.database_url.as_deref().unwrap_or_default(),
-        options.concurrency as u32 + 2,
-        "the benchmark database",
-    )
-    .await?;
-    sqlx::query("CREATE TABLE bench_events (LIKE events INCLUDING ALL)")
-        .execute(&primary)
-        .await?;
-    let redis = ConnectionManager::new(redis::Client::open(redis_url.as_str())?).await?;
-    let baselines = Baselines {
-        redis: redis.clone(),
-        prefix: config.redis_prefix.clone(),
-    };
-    let router = app.router.clone().merge(
-        Router::new()
-            .route("/bench/noop", get(noop))
-            .route("/bench/redis-user/{id}", get(redis_user))
-            .with_state(baselines),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
+    // Whatever fails from here on, the database just made goes again.
+    let built = async {
+        let mut config = base.clone();
+        config.database_url = Some(with_database(url, &database));
+        config.read_database_urls = base
+            .read_database_urls
+            .iter()
+            .map(|u| with_database(u, &database))
+            .collect();
+        config.kafka_topic = format!("pcf.bench.{run_id}");
+        config.kafka_group_prefix = format!("bench{run_id}-");
+        config.redis_prefix = format!("pcf:bench:{run_id}");
+        let secret = format!("bench-{}", Uuid::new_v4());
+        config.jwt_secret = Some(secret.clone());
+        config.jwt_public_key = None;
+        config.rate_limits = RateLimits {
+            anonymous: u32::MAX,
+            authenticated: u32::MAX,
+            premium: u32::MAX,
+        };
+        config.consistency_timeout = Duration::from_secs(10);
+        // The replica may take a moment to see the new database.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let app = build(&config).await?;
+        let primary = pg_pool(
+            config.database_url.as_deref().unwrap_or_default(),
+            options.concurrency as u32 + 2,
+            "the benchmark database",
         )
-        .await;
-    });
-    let token = crate::auth::mint(
-        &secret,
-        "bench",
-        &[pcf_domain::auth::AccessRole::Admin],
-        None,
-        Duration::from_secs(24 * 3600),
-    )?;
-    let client = HttpClient::new(format!("http://{addr}"), Some(token));
-    eprintln!(
-        "bench: database {database}, topic {}, server {addr}",
-        config.kafka_topic
-    );
-    Ok(Bench {
-        options: options.clone(),
-        config,
-        app,
-        client,
-        primary,
-        redis,
-        users: Vec::new(),
-        run_id,
-        max_command_rate: None,
-        database,
-        base_url: url.clone(),
-        server,
-    })
+        .await?;
+        sqlx::query("CREATE TABLE bench_events (LIKE events INCLUDING ALL)")
+            .execute(&primary)
+            .await?;
+        let redis = ConnectionManager::new(redis::Client::open(redis_url.as_str())?).await?;
+        let baselines = Baselines {
+            redis: redis.clone(),
+            prefix: config.redis_prefix.clone(),
+        };
+        let router = app.router.clone().merge(
+            Router::new()
+                .route("/bench/noop", get(noop))
+                .route("/bench/redis-user/{id}", get(redis_user))
+                .with_state(baselines),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await;
+        });
+        let token = crate::auth::mint(
+            &secret,
+            "bench",
+            &[pcf_domain::auth::AccessRole::Admin],
+            None,
+            Duration::from_secs(24 * 3600),
+        )?;
+        let client = HttpClient::new(format!("http://{addr}"), Some(token));
+        eprintln!(
+            "bench: database {database}, topic {}, server {addr}",
+            config.kafka_topic
+        );
+        Ok(Bench {
+            options: options.clone(),
+            config,
+            app,
+            client,
+            primary,
+            redis,
+            users: Vec::new(),
+            run_id,
+            max_command_rate: None,
+            database: database.clone(),
+            base_url: url.clone(),
+            server,
+        })
+    }
+    .await;
+    if built.is_err() {
+        let drop = format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)");
+        if let Err(e) = sqlx::query(&drop).execute(&admin).await {
+            eprintln!("bench: could not drop database {database}: {e}");
+        }
+    }
+    built
 }
 
 fn wanted(options: &BenchOptions, name: &str) -> bool {
@@ -285,23 +296,32 @@ impl Created {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &brokers)
             .create()?;
-        let metadata = admin
-            .inner()
-            .fetch_metadata(None, Duration::from_secs(10))?;
-        let topics: Vec<String> = metadata
-            .topics()
-            .iter()
-            .map(|t| t.name().to_owned())
-            .filter(|name| name.starts_with(&self.config.kafka_topic))
-            .collect();
-        let groups: Vec<String> = admin
-            .inner()
-            .fetch_group_list(None, Duration::from_secs(10))?
-            .groups()
-            .iter()
-            .map(|g| g.name().to_owned())
-            .filter(|name| name.starts_with(&self.config.kafka_group_prefix))
-            .collect();
+        // librdkafka's metadata calls block: off the runtime's threads.
+        let (topic, group_prefix) = (
+            self.config.kafka_topic.clone(),
+            self.config.kafka_group_prefix.clone(),
+        );
+        let (admin, topics, groups) = tokio::task::spawn_blocking(move || {
+            let metadata = admin
+                .inner()
+                .fetch_metadata(None, Duration::from_secs(10))?;
+            let topics: Vec<String> = metadata
+                .topics()
+                .iter()
+                .map(|t| t.name().to_owned())
+                .filter(|name| name.starts_with(&topic))
+                .collect();
+            let groups: Vec<String> = admin
+                .inner()
+                .fetch_group_list(None, Duration::from_secs(10))?
+                .groups()
+                .iter()
+                .map(|g| g.name().to_owned())
+                .filter(|name| name.starts_with(&group_prefix))
+                .collect();
+            anyhow::Ok((admin, topics, groups))
+        })
+        .await??;
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         if !groups.is_empty() {
             let names: Vec<&str> = groups.iter().map(String::as_str).collect();
@@ -563,8 +583,8 @@ impl Bench {
             .unwrap_or(1);
         let rec = recorder.clone();
         // Operations planned during the warm-up are waited for but not recorded, as in the
-        // baseline (`open_loop` plans operation n at n / rate).
-        let first_recorded = (self.options.warmup.as_secs_f64() * rate).ceil() as u64;
+        // baseline (`open_loop` plans operation n at n intervals).
+        let (interval, warmup) = (super::load::interval(rate), self.options.warmup);
         let op: Op = Arc::new(move |n| {
             let client = client.clone();
             let id = users[n as usize % users.len()];
@@ -586,7 +606,7 @@ impl Bench {
                         .and_then(|d| serde_json::from_str::<UserView>(&d).ok())
                         .is_some_and(|u| u.version >= version);
                     if seen {
-                        if n >= first_recorded {
+                        if interval * n as u32 >= warmup {
                             rec.record(committed.elapsed());
                         }
                         return Ok(());
