@@ -54,6 +54,11 @@ async fn a_commit_through_another_store_wakes_a_watching_store_promptly() {
     on_fresh_database!(wake_up);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_log_read_as_changes_agrees_with_the_log_read_as_envelopes() {
+    on_fresh_database!(changes_match_envelopes);
+}
+
 /// Collects everything published, in order.
 #[derive(Default)]
 struct Recorder {
@@ -304,6 +309,95 @@ async fn resume(db: &TestDb) {
     assert_eq!(other.keys(), [(a, 1), (b, 1), (c, 1), (a, 2)]);
     pool.close().await;
     pool_two.close().await;
+}
+
+/// `read_changes` (what rebuilds read) carries what `read` does for a fold, for every
+/// event type, after a position and with a limit; a payload that does not decode is the
+/// change's error, not the read's.
+async fn changes_match_envelopes(db: &TestDb) {
+    let (store, pool) = open_store(db).await;
+    let service = commands(&store);
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    create(&service, a, "a@example.com").await;
+    create(&service, b, "b@example.com").await;
+    rename(&service, a, "A two").await;
+    let change_email = UserCommand::ChangeEmail {
+        email: "a2@example.com".to_owned(),
+        expected_version: None,
+        at: Utc::now(),
+    };
+    service
+        .execute(a, change_email, EventMetadata::default())
+        .await
+        .expect("changeEmail");
+    let delete = UserCommand::DeleteAccount {
+        expected_version: None,
+        at: Utc::now(),
+    };
+    service
+        .execute(b, delete, EventMetadata::default())
+        .await
+        .expect("deleteAccount");
+    // A row written by another tool, whose payload is not a `UserEvent`.
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
+         payload, metadata) VALUES ('User', $1, 3, 'ProfileUpdated', '1', '{\"Nonsense\": 1}', '{}')",
+    )
+    .bind(b.to_string())
+    .execute(&pool)
+    .await
+    .expect("a foreign row");
+
+    let everything = pcf_domain::ports::LogQuery {
+        after: Some(Position::START),
+        limit: 100,
+        ..Default::default()
+    };
+    let envelopes = eventually(Duration::from_secs(15), "all six rows readable", || {
+        let store = store.clone();
+        let q = everything.clone();
+        async move {
+            let read = store.read(&q).await.expect("read");
+            (read.len() == 6).then_some(read)
+        }
+    })
+    .await;
+    let changes = store.read_changes(&everything).await.expect("read_changes");
+    assert_eq!(changes.len(), envelopes.len());
+    for (change, envelope) in changes.iter().zip(&envelopes) {
+        assert_eq!(change.event_id, envelope.event_id);
+        assert_eq!(change.aggregate_id, envelope.aggregate_id);
+        assert_eq!(change.sequence, envelope.sequence);
+        assert_eq!(change.position, envelope.position);
+        match envelope.event() {
+            Ok(event) => assert_eq!(change.event.as_ref().ok(), Some(&event)),
+            Err(_) => assert!(change.event.is_err(), "{change:?}"),
+        }
+    }
+    assert!(changes[5].event.is_err(), "the foreign row does not decode");
+    let types: Vec<&str> = envelopes.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "UserCreated",
+            "UserCreated",
+            "ProfileUpdated",
+            "EmailChanged",
+            "AccountDeleted",
+            "ProfileUpdated"
+        ]
+    );
+
+    // After a position, with a limit: the same window as `read`.
+    let window = pcf_domain::ports::LogQuery {
+        after: Some(envelopes[1].position),
+        limit: 2,
+        ..Default::default()
+    };
+    let changes = store.read_changes(&window).await.expect("read_changes");
+    let ids: Vec<Uuid> = changes.iter().map(|c| c.event_id).collect();
+    assert_eq!(ids, [envelopes[2].event_id, envelopes[3].event_id]);
+    pool.close().await;
 }
 
 async fn wake_up(db: &TestDb) {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::envelope::{EventEnvelope, Position};
+use crate::events::UserEvent;
 use crate::values::Email;
 use crate::view::UserView;
 
@@ -43,6 +44,12 @@ pub struct LogQuery {
 pub trait EventLog: Send + Sync {
     async fn read(&self, query: &LogQuery) -> Result<Vec<EventEnvelope>, PortError>;
 
+    /// What `read` returns, as a fold needs it: a store may read less (no metadata, no
+    /// payload kept as JSON). Rebuilds read the whole log this way.
+    async fn read_changes(&self, query: &LogQuery) -> Result<Vec<Change>, PortError> {
+        Ok(self.read(query).await?.iter().map(Change::of).collect())
+    }
+
     /// One user's events with a sequence above `after_sequence`, in sequence order.
     async fn user_events(
         &self,
@@ -58,6 +65,29 @@ pub trait EventLog: Send + Sync {
     /// How many events the log holds (for progress reports); `None` if unknown.
     async fn event_count(&self) -> Result<Option<u64>, PortError> {
         Ok(None)
+    }
+}
+
+/// An event of the log as a fold needs it.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub event_id: Uuid,
+    pub aggregate_id: Uuid,
+    pub sequence: u64,
+    pub position: Position,
+    /// The event, or why its payload does not decode.
+    pub event: Result<UserEvent, String>,
+}
+
+impl Change {
+    pub fn of(envelope: &EventEnvelope) -> Self {
+        Self {
+            event_id: envelope.event_id,
+            aggregate_id: envelope.aggregate_id,
+            sequence: envelope.sequence,
+            position: envelope.position,
+            event: envelope.event().map_err(|e| e.to_string()),
+        }
     }
 }
 

@@ -4,10 +4,10 @@ use async_trait::async_trait;
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::DomainEvent;
 use cqrs_es::EventStore as _;
-use pcf_domain::ports::{EmailDirectory, EventLog, LogQuery, PortError};
+use pcf_domain::ports::{Change, EmailDirectory, EventLog, LogQuery, PortError};
 use pcf_domain::{Email, EventEnvelope, Position, User};
 use postgres_es::PostgresEventRepository;
-use sqlx::postgres::{PgListener, PgRow};
+use sqlx::postgres::{PgListener, PgRow, PgValueFormat};
 use sqlx::{PgPool, Row};
 use std::sync::Arc;
 use tokio::sync::Notify;
@@ -81,6 +81,79 @@ fn row_to_event(row: &PgRow) -> Result<StoredEvent, StoreError> {
         position: Position::new(commit, global as u64),
         recorded_at: row.try_get(9)?,
     })
+}
+
+fn row_to_change(row: &PgRow) -> Result<Change, StoreError> {
+    let txid: String = row.try_get(5)?;
+    let commit = txid
+        .parse::<u64>()
+        .map_err(|e| StoreError::Internal(format!("transaction id {txid:?}: {e}")))?;
+    let global: i64 = row.try_get(4)?;
+    let aggregate_id: String = row.try_get(1)?;
+    let aggregate_id = Uuid::parse_str(&aggregate_id)
+        .map_err(|e| StoreError::Internal(format!("aggregate id {aggregate_id:?}: {e}")))?;
+    let sequence: i64 = row.try_get(2)?;
+    let payload = row.try_get_raw(3)?;
+    let bytes = payload
+        .as_bytes()
+        .map_err(|e| StoreError::Internal(format!("payload: {e}")))?;
+    // jsonb in the binary format is a version byte (1) and the text.
+    let json = match payload.format() {
+        PgValueFormat::Binary => bytes.get(1..).unwrap_or_default(),
+        PgValueFormat::Text => bytes,
+    };
+    Ok(Change {
+        event_id: row.try_get(0)?,
+        aggregate_id,
+        sequence: sequence as u64,
+        position: Position::new(commit, global as u64),
+        event: serde_json::from_slice(json).map_err(|e| e.to_string()),
+    })
+}
+
+/// A read of the log after `q.after`, in commit order, of `columns`. Only below the
+/// oldest running transaction: anything that could still commit with a lower position is
+/// not visible yet, so the prefix returned never changes. Filters are written in only
+/// when asked for: optional ones (`$n IS NULL OR …`) lead a prepared statement's generic
+/// plan away from the ordered index scan on `events_commit_order`, into reading every
+/// later row and sorting them.
+fn log_sql(columns: &str, q: &LogQuery) -> String {
+    let mut sql = format!(
+        "SELECT {columns} FROM events \
+         WHERE aggregate_type = '{}' \
+           AND (transaction_id, global_position) > ($1::text::xid8, $2) \
+           AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())",
+        pcf_domain::AGGREGATE_TYPE
+    );
+    let mut next = 4;
+    if q.aggregate_id.is_some() {
+        sql.push_str(&format!(" AND aggregate_id = ${next}"));
+        next += 1;
+    }
+    if !q.types.is_empty() {
+        sql.push_str(&format!(" AND event_type = ANY(${next})"));
+    }
+    sql.push_str(" ORDER BY transaction_id, global_position LIMIT $3");
+    sql
+}
+
+/// `log_sql` with its arguments bound.
+fn log_query<'q>(
+    sql: &'q str,
+    q: &'q LogQuery,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let after = q.after.unwrap_or(Position::START);
+    let mut query = sqlx::query(sql)
+        .bind(after.commit.to_string())
+        .bind(after.global as i64)
+        .bind(q.limit as i64);
+    if let Some(id) = q.aggregate_id {
+        query = query.bind(id.to_string());
+    }
+    if !q.types.is_empty() {
+        query = query.bind(&q.types);
+    }
+    query
 }
 
 fn rows_to_envelopes(rows: &[PgRow]) -> Result<Vec<EventEnvelope>, StoreError> {
@@ -369,43 +442,30 @@ impl Lease for AdvisoryLease {
 #[async_trait]
 impl EventLog for PostgresStore {
     async fn read(&self, q: &LogQuery) -> Result<Vec<EventEnvelope>, PortError> {
-        let after = q.after.unwrap_or(Position::START);
-        // Only below the oldest running transaction: anything that could still commit with
-        // a lower position is not visible yet, so the prefix returned never changes.
-        // Filters are written in only when asked for: optional ones (`$n IS NULL OR …`)
-        // lead a prepared statement's generic plan away from the ordered index scan on
-        // `events_commit_order`, into reading every later row and sorting them.
-        let mut sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events \
-             WHERE aggregate_type = '{}' \
-               AND (transaction_id, global_position) > ($1::text::xid8, $2) \
-               AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())",
-            pcf_domain::AGGREGATE_TYPE
-        );
-        let mut next = 4;
-        if q.aggregate_id.is_some() {
-            sql.push_str(&format!(" AND aggregate_id = ${next}"));
-            next += 1;
-        }
-        if !q.types.is_empty() {
-            sql.push_str(&format!(" AND event_type = ANY(${next})"));
-        }
-        sql.push_str(" ORDER BY transaction_id, global_position LIMIT $3");
-        let mut query = sqlx::query(&sql)
-            .bind(after.commit.to_string())
-            .bind(after.global as i64)
-            .bind(q.limit as i64);
-        if let Some(id) = q.aggregate_id {
-            query = query.bind(id.to_string());
-        }
-        if !q.types.is_empty() {
-            query = query.bind(&q.types);
-        }
-        let rows = query
+        let sql = log_sql(EVENT_COLUMNS, q);
+        let rows = log_query(&sql, q)
             .fetch_all(&self.pool)
             .await
             .map_err(StoreError::from)?;
         Ok(rows_to_envelopes(&rows)?)
+    }
+
+    async fn read_changes(&self, q: &LogQuery) -> Result<Vec<Change>, PortError> {
+        // The payload is decoded straight from the bytes PostgreSQL sends (the stored,
+        // externally tagged form of `UserEvent`), without a JSON value in between; metadata,
+        // type, version and time are not read at all.
+        let sql = log_sql(
+            "event_id, aggregate_id, sequence, payload, global_position, \
+             transaction_id::text AS txid",
+            q,
+        );
+        let rows = log_query(&sql, q)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::from)?;
+        rows.iter()
+            .map(|row| row_to_change(row).map_err(PortError::from))
+            .collect()
     }
 
     async fn last_position(&self) -> Result<Option<Position>, PortError> {
