@@ -59,6 +59,11 @@ async fn the_log_read_as_changes_agrees_with_the_log_read_as_envelopes() {
     on_fresh_database!(changes_match_envelopes);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_draining_a_backlog_stops_when_asked_and_resumes_where_it_stopped() {
+    on_fresh_database!(stop_while_draining);
+}
+
 /// Collects everything published, in order.
 #[derive(Default)]
 struct Recorder {
@@ -397,6 +402,70 @@ async fn changes_match_envelopes(db: &TestDb) {
     let changes = store.read_changes(&window).await.expect("read_changes");
     let ids: Vec<Uuid> = changes.iter().map(|c| c.event_id).collect();
     assert_eq!(ids, [envelopes[2].event_id, envelopes[3].event_id]);
+    pool.close().await;
+}
+
+/// A publisher that takes 50 ms a batch.
+struct Slow(Recorder);
+
+#[async_trait]
+impl EventPublisher for Slow {
+    async fn publish(&self, events: &[EventEnvelope]) -> Result<(), PortError> {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.0.publish(events).await
+    }
+}
+
+/// Draining 200 events a batch of one at a time takes at least 10 s; shutdown asked for
+/// after 0.5 s ends the run long before, with the checkpoint at what was published, and
+/// a relay started again publishes the rest, once each.
+async fn stop_while_draining(db: &TestDb) {
+    let (store, pool) = open_store(db).await;
+    let service = commands(&store);
+    for i in 0..200 {
+        create(&service, Uuid::now_v7(), &format!("drain{i}@example.com")).await;
+    }
+    let config = RelayConfig {
+        name: "drain".to_owned(),
+        batch_size: 1,
+        ..RelayConfig::default()
+    };
+    let slow = Arc::new(Slow(Recorder::default()));
+    let relay = Relay::new(store.clone(), slow.clone(), config.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(relay.run(async move {
+        let _ = stopped.await;
+    }));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("the relay stops within 5 s of being asked, not after the backlog")
+        .expect("relay task");
+    let first = slow.0.keys();
+    assert!(
+        !first.is_empty() && first.len() < 200,
+        "{} of 200 published before the stop",
+        first.len()
+    );
+    let checkpoint = Relay::new(store.clone(), slow.clone(), config.clone())
+        .checkpoint()
+        .await
+        .expect("checkpoint");
+    assert_eq!(
+        Some(checkpoint),
+        slow.0.published().last().map(|e| e.position),
+        "the checkpoint is at the last event published"
+    );
+
+    let rest = Arc::new(Recorder::default());
+    let again = Relay::new(store.clone(), rest.clone(), config);
+    step_until(&again, &rest, 200 - first.len()).await;
+    let mut all = first;
+    all.extend(rest.keys());
+    let distinct: std::collections::BTreeSet<_> = all.iter().collect();
+    assert_eq!(all.len(), 200, "every event once");
+    assert_eq!(distinct.len(), 200);
     pool.close().await;
 }
 

@@ -180,6 +180,20 @@ impl Relay {
                 Ok(Advance::HandedOver(_)) => {
                     failures = 0;
                     pending_pause = PENDING_PAUSE_MIN;
+                    // While draining a backlog the relay does not wait, so shutdown is
+                    // looked for here too: it does not wait for the backlog to drain.
+                    if futures::FutureExt::now_or_never(shutdown.as_mut()).is_some() {
+                        // Save what the bus has by now, so that less comes again after a
+                        // restart.
+                        let settled = async {
+                            while !pipeline.in_flight.is_empty() {
+                                self.settle_oldest(&mut pipeline).await?;
+                            }
+                            Ok::<(), RelayError>(())
+                        };
+                        let _ = tokio::time::timeout(SHUTDOWN_SETTLE, settled).await;
+                        return true;
+                    }
                     continue;
                 }
                 Ok(Advance::CaughtUp(checkpoint)) => {
@@ -278,6 +292,9 @@ impl Relay {
         }
     }
 }
+
+/// How long a relay that is shutting down waits for the batches in flight.
+const SHUTDOWN_SETTLE: Duration = Duration::from_secs(2);
 
 /// Batches handed to the publisher and not acknowledged yet, at most this many.
 const MAX_IN_FLIGHT: usize = 2;
