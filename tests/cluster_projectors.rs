@@ -6,7 +6,7 @@ mod cluster_support;
 
 use cluster_support::*;
 use pcf::app::{Role, ALL_ROLES};
-use pcf_domain::ports::LogQuery;
+use pcf_domain::ports::{LogQuery, PortError};
 use pcf_domain::EventEnvelope;
 use pcf_projectors::{
     consumer_lag, rebuild, Generational, Progress, RebuildOptions, SqlUserViews, UserViewWriter,
@@ -727,5 +727,114 @@ async fn live_batch_after_begin(c: &mut Cluster) {
                 "SQL generation {generation}"
             );
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_rides_out_failed_writes_and_ends_equal_to_the_log() {
+    cluster_scenario!(rebuild_through_failures);
+}
+
+/// A view whose first `failures` page writes fail, as when its database restarts or a
+/// live projector's transaction deadlocks with the rebuild's.
+struct Flaky {
+    inner: SqlUserViews,
+    failures: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl Generational for Flaky {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    async fn state(&self) -> Result<pcf_projectors::GenerationState, PortError> {
+        self.inner.state().await
+    }
+    async fn begin(&self, generation: u64) -> Result<(), PortError> {
+        self.inner.begin(generation).await
+    }
+    async fn switch(&self, generation: u64) -> Result<(), PortError> {
+        self.inner.switch(generation).await
+    }
+    async fn drop_generation(&self, generation: u64) -> Result<(), PortError> {
+        self.inner.drop_generation(generation).await
+    }
+    async fn apply(
+        &self,
+        generation: u64,
+        events: &[EventEnvelope],
+        offsets: Option<&[(i32, i64)]>,
+        log: Arc<dyn pcf_domain::ports::EventLog>,
+    ) -> Result<(), pcf_projectors::ProjectionError> {
+        self.inner.apply(generation, events, offsets, log).await
+    }
+    async fn write_states(
+        &self,
+        generation: u64,
+        states: &[pcf_domain::UserView],
+    ) -> Result<(), pcf_projectors::ProjectionError> {
+        let left = self.failures.load(Ordering::SeqCst);
+        if left > 0 {
+            self.failures.store(left - 1, Ordering::SeqCst);
+            return Err(pcf_projectors::ProjectionError::View(
+                PortError::Unavailable("the view's database restarts".into()),
+            ));
+        }
+        self.inner.write_states(generation, states).await
+    }
+}
+
+/// A rebuild whose page writes fail twice finishes, and its generation holds every user
+/// as a fold of the log gives it.
+async fn rebuild_through_failures(c: &mut Cluster) {
+    let config = c.config();
+    let node = c.start(&config, &[Role::Api]).await;
+    let tag = c.tag().to_owned();
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let id = create_user(&node.router, &format!("f{i}-{tag}@example.com"), "F").await;
+        update_profile(&node.router, id, json!({ "displayName": format!("F{i}") })).await;
+        ids.push(id);
+    }
+    let log = node.log();
+    wait_until(CONVERGE, "twelve readable events", || {
+        let log = log.clone();
+        async move {
+            let query = LogQuery {
+                limit: 100,
+                ..LogQuery::default()
+            };
+            let n = log.read(&query).await.map_err(|e| e.to_string())?.len();
+            (n == 12)
+                .then_some(())
+                .ok_or(format!("{n} events readable"))
+        }
+    })
+    .await;
+    let flaky = Arc::new(Flaky {
+        inner: SqlUserViews::new(c.pool.clone()),
+        failures: AtomicU64::new(2),
+    });
+    let options = RebuildOptions {
+        batch_size: 4,
+        linger: Duration::from_millis(10),
+    };
+    let generation = rebuild(flaky.clone(), log.clone(), &options, &|_| {})
+        .await
+        .expect("the rebuild rides out two failed writes");
+    assert_eq!(
+        flaky.failures.load(Ordering::SeqCst),
+        0,
+        "both failures happened"
+    );
+    let rows = sql_rows(&c.pool, &format!("read_users_g{generation}")).await;
+    for (i, id) in ids.iter().enumerate() {
+        let row = rows
+            .get(id)
+            .unwrap_or_else(|| panic!("the rebuilt generation lacks user {id}"));
+        assert_eq!(
+            (row.version, row.display_name.as_str()),
+            (2, format!("F{i}").as_str())
+        );
     }
 }

@@ -56,6 +56,50 @@ fn fold_change(current: Option<UserView>, change: &Change) -> Result<UserView, P
     })
 }
 
+/// How often a rebuild tries a read or a page's write before it gives up.
+const ATTEMPTS: u32 = 6;
+
+/// Runs `attempt` until it succeeds, up to `ATTEMPTS` times with growing pauses (0.1 s to
+/// 1.6 s): a database that restarts or a deadlock with a live projector costs a rebuild a
+/// pause, not its progress. An event that cannot be applied is not tried again.
+async fn patiently<T, E, F, Fut>(what: &str, mut attempt: F) -> Result<T, E>
+where
+    E: std::fmt::Display + Transient,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut pause = Duration::from_millis(100);
+    let mut tries = 1;
+    loop {
+        match attempt().await {
+            Err(e) if tries < ATTEMPTS && e.transient() => {
+                tracing::warn!(error = %e, what, tries, "rebuild step failed; trying again");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether an error may go away by itself.
+trait Transient {
+    fn transient(&self) -> bool;
+}
+
+impl Transient for PortError {
+    fn transient(&self) -> bool {
+        true
+    }
+}
+
+impl Transient for ProjectionError {
+    fn transient(&self) -> bool {
+        self.is_transient()
+    }
+}
+
 /// How many users a rebuild keeps folded in memory at most.
 const MAX_FOLDED_USERS: usize = 1_000_000;
 
@@ -127,7 +171,9 @@ pub async fn rebuild_all(
                     limit: batch_size,
                     ..LogQuery::default()
                 };
-                let changes = log.read_changes(&query).await?;
+                let changes = patiently("reading the log", || log.read_changes(&query))
+                    .await
+                    .map_err(ProjectionError::Log)?;
                 let Some(last) = changes.last().map(|e| e.position) else {
                     return Ok(());
                 };
@@ -170,9 +216,10 @@ pub async fn rebuild_all(
             .iter()
             .filter_map(|id| folded.get(id).cloned())
             .collect();
-        let writes = builds
-            .iter()
-            .map(|(view, _, generation)| view.write_states(*generation, &states));
+        // Each view's writes are guarded by version, so writing a page again is harmless.
+        let writes = builds.iter().map(|(view, _, generation)| {
+            patiently(view.name(), || view.write_states(*generation, &states))
+        });
         for result in futures::future::join_all(writes).await {
             result?;
         }
@@ -180,15 +227,16 @@ pub async fn rebuild_all(
             // Rare (a user met after the folded users were forgotten): these go through
             // the views' own event path, which takes whole envelopes; the page is read
             // again for them.
-            let irregular: Vec<EventEnvelope> = log
-                .read(&query)
+            let irregular: Vec<EventEnvelope> = patiently("reading the log", || log.read(&query))
                 .await
                 .map_err(ProjectionError::Log)?
                 .into_iter()
                 .filter(|e| irregular.contains(&e.event_id))
                 .collect();
             let writes = builds.iter().map(|(view, _, generation)| {
-                view.apply(*generation, &irregular, None, log.clone())
+                patiently(view.name(), || {
+                    view.apply(*generation, &irregular, None, log.clone())
+                })
             });
             for result in futures::future::join_all(writes).await {
                 result?;
@@ -207,7 +255,7 @@ pub async fn rebuild_all(
     }
     match reader.await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(ProjectionError::Log(e)),
+        Ok(Err(e)) => return Err(e),
         Err(e) => {
             return Err(ProjectionError::Log(PortError::Internal(format!(
                 "the log reader failed: {e}"
