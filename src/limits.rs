@@ -30,7 +30,7 @@ impl DocumentLimits {
         Self(Arc::new(AliasLimitExtension {
             aliases,
             fields,
-            cache: Arc::new(DocumentCache::new(CACHED_DOCUMENTS)),
+            cache: DocumentCache::new(CACHED_DOCUMENTS),
         }))
     }
 
@@ -51,7 +51,7 @@ impl ExtensionFactory for DocumentLimits {
 struct AliasLimitExtension {
     aliases: usize,
     fields: usize,
-    cache: Arc<DocumentCache>,
+    cache: DocumentCache,
 }
 
 /// How many parsed documents are kept.

@@ -87,9 +87,7 @@ impl Relay {
             Advance::HandedOver(n) => n,
             Advance::CaughtUp(_) => 0,
         };
-        while !pipeline.in_flight.is_empty() {
-            self.settle_oldest(&mut pipeline).await?;
-        }
+        self.settle_all(&mut pipeline).await?;
         Ok(published)
     }
 
@@ -185,12 +183,7 @@ impl Relay {
                     if futures::FutureExt::now_or_never(shutdown.as_mut()).is_some() {
                         // Save what the bus has by now, so that less comes again after a
                         // restart.
-                        let settled = async {
-                            while !pipeline.in_flight.is_empty() {
-                                self.settle_oldest(&mut pipeline).await?;
-                            }
-                            Ok::<(), RelayError>(())
-                        };
+                        let settled = self.settle_all(&mut pipeline);
                         let _ = tokio::time::timeout(SHUTDOWN_SETTLE, settled).await;
                         return true;
                     }
@@ -260,11 +253,17 @@ impl Relay {
             }
             return Ok(Advance::HandedOver(events.len()));
         }
+        self.settle_all(pipeline).await?;
+        pipeline.handed = None;
+        Ok(Advance::CaughtUp(pipeline.saved.unwrap_or(checkpoint)))
+    }
+
+    /// Settles every batch in flight, oldest first.
+    async fn settle_all(&self, pipeline: &mut Pipeline) -> Result<(), RelayError> {
         while !pipeline.in_flight.is_empty() {
             self.settle_oldest(pipeline).await?;
         }
-        pipeline.handed = None;
-        Ok(Advance::CaughtUp(pipeline.saved.unwrap_or(checkpoint)))
+        Ok(())
     }
 
     /// Waits for the oldest batch in flight to be acknowledged, then saves its checkpoint.

@@ -72,7 +72,7 @@ pub trait UserViewWriter: Send + Sync {
 }
 
 /// A log with nothing in it, for writers that need none (whole states are written).
-pub(crate) struct NoLog;
+struct NoLog;
 
 #[async_trait]
 impl EventLog for NoLog {
@@ -94,6 +94,30 @@ pub struct UserProjector {
 impl UserProjector {
     pub fn new(writer: Arc<dyn UserViewWriter>, log: Arc<dyn EventLog>) -> Self {
         Self { writer, log }
+    }
+
+    /// A projector for writing whole states (`apply_states`), which needs no log.
+    pub(crate) fn without_log(writer: Arc<dyn UserViewWriter>) -> Self {
+        Self::new(writer, Arc::new(NoLog))
+    }
+
+    /// Writes `changes` (each guarded by its previous state); returns the users whose
+    /// write was refused because another writer moved their view first.
+    async fn refused(
+        &self,
+        changes: &[(Option<UserView>, UserView)],
+    ) -> Result<HashSet<Uuid>, ProjectionError> {
+        let written = self
+            .writer
+            .replace_many(changes)
+            .await
+            .map_err(ProjectionError::View)?;
+        Ok(changes
+            .iter()
+            .zip(written)
+            .filter(|(_, ok)| !ok)
+            .map(|((_, next), _)| next.id)
+            .collect())
     }
 
     /// Applies a batch, in order. Safe to repeat: events at or below a user's version are
@@ -148,16 +172,7 @@ impl UserProjector {
                     .then_some((original, folded))
             })
             .collect();
-        let written = self
-            .writer
-            .replace_many(&changes)
-            .await
-            .map_err(ProjectionError::View)?;
-        for ((_, next), ok) in changes.iter().zip(written) {
-            if !ok {
-                slow.insert(next.id);
-            }
-        }
+        slow.extend(self.refused(&changes).await?);
         for e in events.iter().filter(|e| slow.contains(&e.aggregate_id)) {
             self.apply(e).await?;
         }
@@ -257,17 +272,7 @@ impl UserProjector {
                         .then(|| (previous, (*state).clone()))
                 })
                 .collect();
-            let written = self
-                .writer
-                .replace_many(&changes)
-                .await
-                .map_err(ProjectionError::View)?;
-            let lost: HashSet<Uuid> = changes
-                .iter()
-                .zip(written)
-                .filter(|(_, ok)| !ok)
-                .map(|((_, next), _)| next.id)
-                .collect();
+            let lost = self.refused(&changes).await?;
             todo.retain(|state| lost.contains(&state.id));
         }
         Err(ProjectionError::View(PortError::Unavailable(format!(

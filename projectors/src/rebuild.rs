@@ -62,17 +62,16 @@ const ATTEMPTS: u32 = 6;
 /// Runs `attempt` until it succeeds, up to `ATTEMPTS` times with growing pauses (0.1 s to
 /// 1.6 s): a database that restarts or a deadlock with a live projector costs a rebuild a
 /// pause, not its progress. An event that cannot be applied is not tried again.
-async fn patiently<T, E, F, Fut>(what: &str, mut attempt: F) -> Result<T, E>
+async fn patiently<T, F, Fut>(what: &str, mut attempt: F) -> Result<T, ProjectionError>
 where
-    E: std::fmt::Display + Transient,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, E>>,
+    Fut: std::future::Future<Output = Result<T, ProjectionError>>,
 {
     let mut pause = Duration::from_millis(100);
     let mut tries = 1;
     loop {
         match attempt().await {
-            Err(e) if tries < ATTEMPTS && e.transient() => {
+            Err(e) if tries < ATTEMPTS && e.is_transient() => {
                 tracing::warn!(error = %e, what, tries, "rebuild step failed; trying again");
                 tokio::time::sleep(pause).await;
                 pause *= 2;
@@ -80,23 +79,6 @@ where
             }
             other => return other,
         }
-    }
-}
-
-/// Whether an error may go away by itself.
-trait Transient {
-    fn transient(&self) -> bool;
-}
-
-impl Transient for PortError {
-    fn transient(&self) -> bool {
-        true
-    }
-}
-
-impl Transient for ProjectionError {
-    fn transient(&self) -> bool {
-        self.is_transient()
     }
 }
 
@@ -171,9 +153,10 @@ pub async fn rebuild_all(
                     limit: batch_size,
                     ..LogQuery::default()
                 };
-                let changes = patiently("reading the log", || log.read_changes(&query))
-                    .await
-                    .map_err(ProjectionError::Log)?;
+                let changes = patiently("reading the log", || async {
+                    log.read_changes(&query).await.map_err(ProjectionError::Log)
+                })
+                .await?;
                 let Some(last) = changes.last().map(|e| e.position) else {
                     return Ok(());
                 };
@@ -227,12 +210,13 @@ pub async fn rebuild_all(
             // Rare (a user met after the folded users were forgotten): these go through
             // the views' own event path, which takes whole envelopes; the page is read
             // again for them.
-            let irregular: Vec<EventEnvelope> = patiently("reading the log", || log.read(&query))
-                .await
-                .map_err(ProjectionError::Log)?
-                .into_iter()
-                .filter(|e| irregular.contains(&e.event_id))
-                .collect();
+            let irregular: Vec<EventEnvelope> = patiently("reading the log", || async {
+                log.read(&query).await.map_err(ProjectionError::Log)
+            })
+            .await?
+            .into_iter()
+            .filter(|e| irregular.contains(&e.event_id))
+            .collect();
             let writes = builds.iter().map(|(view, _, generation)| {
                 patiently(view.name(), || {
                     view.apply(*generation, &irregular, None, log.clone())

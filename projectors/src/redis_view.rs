@@ -321,9 +321,7 @@ impl Generational for RedisUserViews {
         generation: u64,
         states: &[UserView],
     ) -> Result<(), ProjectionError> {
-        // The log is not needed: states are written whole.
-        let log: Arc<dyn EventLog> = Arc::new(crate::projector::NoLog);
-        UserProjector::new(Arc::new(self.writer(generation)), log)
+        UserProjector::without_log(Arc::new(self.writer(generation)))
             .apply_states(states)
             .await
     }

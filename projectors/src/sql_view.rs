@@ -320,8 +320,9 @@ impl Generational for SqlUserViews {
             tx: tx.clone(),
             table: sql_table(generation),
         });
-        let log: Arc<dyn EventLog> = Arc::new(crate::projector::NoLog);
-        UserProjector::new(writer, log).apply_states(states).await?;
+        UserProjector::without_log(writer)
+            .apply_states(states)
+            .await?;
         commit(tx).await
     }
 

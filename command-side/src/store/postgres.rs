@@ -65,11 +65,6 @@ impl PostgresStore {
 fn row_to_event(row: &PgRow) -> Result<StoredEvent, StoreError> {
     // By position, in the order of `EVENT_COLUMNS`: a log read decodes a million rows, and
     // a lookup by name costs a hash per column.
-    let txid: String = row.try_get(8)?;
-    let commit = txid
-        .parse::<u64>()
-        .map_err(|e| StoreError::Internal(format!("transaction id {txid:?}: {e}")))?;
-    let global: i64 = row.try_get(7)?;
     Ok(StoredEvent {
         event_id: row.try_get(0)?,
         aggregate_id: row.try_get(1)?,
@@ -78,17 +73,27 @@ fn row_to_event(row: &PgRow) -> Result<StoredEvent, StoreError> {
         event_version: row.try_get(4)?,
         payload: row.try_get(5)?,
         metadata: row.try_get(6)?,
-        position: Position::new(commit, global as u64),
+        position: position_at(row, 7, 8)?,
         recorded_at: row.try_get(9)?,
     })
 }
 
-fn row_to_change(row: &PgRow) -> Result<Change, StoreError> {
-    let txid: String = row.try_get(5)?;
+/// The position a row gives in its columns `global` (`global_position`) and `txid`
+/// (`transaction_id` as text).
+fn position_at<I: sqlx::ColumnIndex<PgRow>>(
+    row: &PgRow,
+    global: I,
+    txid: I,
+) -> Result<Position, StoreError> {
+    let global: i64 = row.try_get(global)?;
+    let txid: String = row.try_get(txid)?;
     let commit = txid
         .parse::<u64>()
         .map_err(|e| StoreError::Internal(format!("transaction id {txid:?}: {e}")))?;
-    let global: i64 = row.try_get(4)?;
+    Ok(Position::new(commit, global as u64))
+}
+
+fn row_to_change(row: &PgRow) -> Result<Change, StoreError> {
     let aggregate_id: String = row.try_get(1)?;
     let aggregate_id = Uuid::parse_str(&aggregate_id)
         .map_err(|e| StoreError::Internal(format!("aggregate id {aggregate_id:?}: {e}")))?;
@@ -106,7 +111,7 @@ fn row_to_change(row: &PgRow) -> Result<Change, StoreError> {
         event_id: row.try_get(0)?,
         aggregate_id,
         sequence: sequence as u64,
-        position: Position::new(commit, global as u64),
+        position: position_at(row, 4, 5)?,
         event: serde_json::from_slice(json).map_err(|e| e.to_string()),
     })
 }
@@ -274,13 +279,7 @@ impl EventStore for PostgresStore {
             .fetch_one(&self.pool)
             .await
             .map_err(classify)?;
-        let txid: String = row.try_get("txid").map_err(StoreError::from)?;
-        let global: i64 = row.try_get("global_position").map_err(StoreError::from)?;
-        result.position = Position::new(
-            txid.parse()
-                .map_err(|e| StoreError::Internal(format!("transaction id {txid:?}: {e}")))?,
-            global as u64,
-        );
+        result.position = position_at(&row, "global_position", "txid")?;
         self.committed.signal();
         Ok(result)
     }
