@@ -13,6 +13,13 @@ use crate::store::{EventStore, StoreError};
 /// The first pause before looking again at rows that are committed but not readable yet.
 const PENDING_PAUSE_MIN: Duration = Duration::from_millis(2);
 
+/// How often a leading relay saves its checkpoint while it publishes. What the bus has
+/// acknowledged is remembered at once; the store hears of it at most this often (and when
+/// the relay stops), so a steady stream costs the store one checkpoint write per interval
+/// instead of one per batch. After a crash at most this much is published again, which
+/// the consumers skip by version (at least once, as always).
+const SAVE_EVERY: Duration = Duration::from_millis(100);
+
 /// How the relay reads and waits.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -88,6 +95,7 @@ impl Relay {
             Advance::CaughtUp(_) => 0,
         };
         self.settle_all(&mut pipeline).await?;
+        self.flush(&mut pipeline, true).await?;
         Ok(published)
     }
 
@@ -174,7 +182,11 @@ impl Relay {
                 }
                 checked = std::time::Instant::now();
             }
-            let pause = match self.advance(&mut pipeline).await {
+            let advanced = match self.flush(&mut pipeline, false).await {
+                Ok(()) => self.advance(&mut pipeline).await,
+                Err(e) => Err(e.into()),
+            };
+            let pause = match advanced {
                 Ok(Advance::HandedOver(_)) => {
                     failures = 0;
                     pending_pause = PENDING_PAUSE_MIN;
@@ -183,8 +195,7 @@ impl Relay {
                     if futures::FutureExt::now_or_never(shutdown.as_mut()).is_some() {
                         // Save what the bus has by now, so that less comes again after a
                         // restart.
-                        let settled = self.settle_all(&mut pipeline);
-                        let _ = tokio::time::timeout(SHUTDOWN_SETTLE, settled).await;
+                        self.stop(&mut pipeline).await;
                         return true;
                     }
                     continue;
@@ -213,23 +224,63 @@ impl Relay {
                     exp.min(self.config.max_backoff)
                 }
             };
+            // A checkpoint waiting to be saved is saved by the end of this pause.
+            let pause = match pipeline.unsaved() {
+                true => pause.min(SAVE_EVERY.saturating_sub(pipeline.stored_at.elapsed())),
+                false => pause,
+            };
             tokio::select! {
-                _ = shutdown.as_mut() => return true,
+                _ = shutdown.as_mut() => {
+                    self.stop(&mut pipeline).await;
+                    return true;
+                }
                 _ = committed.notified(), if failures == 0 => {}
                 _ = tokio::time::sleep(pause) => {}
             }
         }
     }
 
+    /// On shutdown: waits (a bounded time) for the batches in flight and saves what the
+    /// bus has by then, so that less comes again after a restart.
+    async fn stop(&self, pipeline: &mut Pipeline) {
+        let settled = async {
+            self.settle_all(pipeline).await?;
+            self.flush(pipeline, true).await?;
+            Ok::<_, RelayError>(())
+        };
+        if let Ok(Err(e)) = tokio::time::timeout(SHUTDOWN_SETTLE, settled).await {
+            tracing::warn!(error = %e, "relay could not save its checkpoint on shutdown");
+        }
+    }
+
+    /// Saves the acknowledged position if it moved since the last save, and (unless
+    /// `now`) `SAVE_EVERY` has passed since.
+    async fn flush(&self, pipeline: &mut Pipeline, now: bool) -> Result<(), StoreError> {
+        let Some(acked) = pipeline.acked else {
+            return Ok(());
+        };
+        // A local relay's checkpoint is in memory: saving it costs nothing.
+        let due =
+            now || self.config.local_from.is_some() || pipeline.stored_at.elapsed() >= SAVE_EVERY;
+        if !pipeline.unsaved() || !due {
+            return Ok(());
+        }
+        self.save(acked).await?;
+        pipeline.stored = Some(acked);
+        pipeline.stored_at = std::time::Instant::now();
+        Ok(())
+    }
+
     /// One move of the pipeline: hands the next batch to the publisher (read while the
     /// batch before is being acknowledged), and settles the oldest batch in flight when
     /// the pipeline is full, or all of them when the log is caught up.
     async fn advance(&self, pipeline: &mut Pipeline) -> Result<Advance, RelayError> {
-        let checkpoint = match pipeline.saved {
+        let checkpoint = match pipeline.acked {
             Some(checkpoint) => checkpoint,
             None => {
                 let checkpoint = self.checkpoint().await?;
-                pipeline.saved = Some(checkpoint);
+                pipeline.acked = Some(checkpoint);
+                pipeline.stored = Some(checkpoint);
                 checkpoint
             }
         };
@@ -255,7 +306,7 @@ impl Relay {
         }
         self.settle_all(pipeline).await?;
         pipeline.handed = None;
-        Ok(Advance::CaughtUp(pipeline.saved.unwrap_or(checkpoint)))
+        Ok(Advance::CaughtUp(pipeline.acked.unwrap_or(checkpoint)))
     }
 
     /// Settles every batch in flight, oldest first.
@@ -266,14 +317,14 @@ impl Relay {
         Ok(())
     }
 
-    /// Waits for the oldest batch in flight to be acknowledged, then saves its checkpoint.
+    /// Waits for the oldest batch in flight to be acknowledged, and remembers its last
+    /// position as acknowledged (saved by `flush`).
     async fn settle_oldest(&self, pipeline: &mut Pipeline) -> Result<(), RelayError> {
         let Some((last, acknowledged)) = pipeline.in_flight.pop_front() else {
             return Ok(());
         };
         acknowledged.await.map_err(RelayError::Publish)?;
-        self.save(last).await?;
-        pipeline.saved = Some(last);
+        pipeline.acked = Some(last);
         Ok(())
     }
 
@@ -299,15 +350,37 @@ const SHUTDOWN_SETTLE: Duration = Duration::from_secs(2);
 const MAX_IN_FLIGHT: usize = 2;
 
 /// A leading relay's progress.
-#[derive(Default)]
 struct Pipeline {
-    /// The checkpoint as this leader last saved it: while it leads, nobody else moves it,
-    /// so it is read from the store only when leading starts and after a failure.
-    saved: Option<Position>,
-    /// The last position handed to the publisher (after `saved` while batches are in
+    /// Everything up to here is acknowledged by the bus. While a relay leads nobody else
+    /// moves the checkpoint, so it is read from the store only when leading starts and
+    /// after a failure.
+    acked: Option<Position>,
+    /// The checkpoint as this leader last saved it, and when.
+    stored: Option<Position>,
+    stored_at: std::time::Instant,
+    /// The last position handed to the publisher (after `acked` while batches are in
     /// flight).
     handed: Option<Position>,
     in_flight: std::collections::VecDeque<(Position, Acknowledgements)>,
+}
+
+impl Default for Pipeline {
+    fn default() -> Self {
+        Self {
+            acked: None,
+            stored: None,
+            stored_at: std::time::Instant::now(),
+            handed: None,
+            in_flight: Default::default(),
+        }
+    }
+}
+
+impl Pipeline {
+    /// Whether an acknowledged position waits to be saved.
+    fn unsaved(&self) -> bool {
+        self.acked.is_some() && self.acked != self.stored
+    }
 }
 
 enum Advance {

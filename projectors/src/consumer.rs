@@ -128,9 +128,17 @@ impl KafkaProjector {
         tokio::pin!(shutdown);
         let consumer = self.consumer()?;
         tracing::info!(projection = self.view.name(), topic = %self.config.topic, "projector consuming");
+        let mut offsets = Uncommitted::default();
         loop {
             let first = tokio::select! {
-                _ = &mut shutdown => return Ok(()),
+                _ = &mut shutdown => {
+                    offsets.commit(&consumer, &self.config.topic, CommitMode::Sync);
+                    return Ok(());
+                }
+                _ = tokio::time::sleep_until(offsets.due()), if offsets.waiting() => {
+                    offsets.commit(&consumer, &self.config.topic, CommitMode::Async);
+                    continue;
+                }
                 m = consumer.recv() => m,
             };
             let first = match first {
@@ -153,9 +161,13 @@ impl KafkaProjector {
                 }
             }
             if !self.process(batch.as_slice(), &mut shutdown).await {
+                offsets.commit(&consumer, &self.config.topic, CommitMode::Sync);
                 return Ok(());
             }
-            commit(&consumer, &self.config.topic, &batch);
+            offsets.add(&batch);
+            if offsets.due() <= tokio::time::Instant::now() {
+                offsets.commit(&consumer, &self.config.topic, CommitMode::Async);
+            }
         }
     }
 
@@ -301,16 +313,60 @@ fn next_offsets(batch: &[Received]) -> Vec<(i32, i64)> {
     next.into_iter().collect()
 }
 
-fn commit(consumer: &StreamConsumer, topic: &str, batch: &[Received]) {
-    let mut tpl = TopicPartitionList::new();
-    for (partition, offset) in next_offsets(batch) {
-        if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(offset)) {
-            tracing::warn!(error = %e, "building the offset commit failed");
-            return;
+/// How often a projector commits the offsets of the batches it wrote. Each commit is a
+/// write on the broker; committing after every batch of a steady stream made the broker
+/// one of the busiest processes on the machine. Offsets committed later only mean more
+/// messages come again after a crash or a rebalance, and the views skip them by version.
+const COMMIT_EVERY: Duration = Duration::from_millis(100);
+
+/// Offsets of written batches not committed yet.
+struct Uncommitted {
+    next: BTreeMap<i32, i64>,
+    committed_at: tokio::time::Instant,
+}
+
+impl Default for Uncommitted {
+    fn default() -> Self {
+        Self {
+            next: BTreeMap::new(),
+            committed_at: tokio::time::Instant::now(),
         }
     }
-    // A failed commit only means some messages come again; the views skip them.
-    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-        tracing::warn!(error = %e, "offset commit failed");
+}
+
+impl Uncommitted {
+    fn add(&mut self, batch: &[Received]) {
+        for (partition, offset) in next_offsets(batch) {
+            let e = self.next.entry(partition).or_insert(offset);
+            *e = (*e).max(offset);
+        }
+    }
+
+    /// Whether offsets wait to be committed.
+    fn waiting(&self) -> bool {
+        !self.next.is_empty()
+    }
+
+    /// When the offsets waiting are to be committed.
+    fn due(&self) -> tokio::time::Instant {
+        self.committed_at + COMMIT_EVERY
+    }
+
+    fn commit(&mut self, consumer: &StreamConsumer, topic: &str, mode: CommitMode) {
+        if self.next.is_empty() {
+            return;
+        }
+        self.committed_at = tokio::time::Instant::now();
+        let mut tpl = TopicPartitionList::new();
+        for (partition, offset) in std::mem::take(&mut self.next) {
+            if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(offset)) {
+                tracing::warn!(error = %e, "building the offset commit failed");
+                return;
+            }
+        }
+        // A failed commit only means some messages come again; the views skip them.
+        if let Err(e) = consumer.commit(&tpl, mode) {
+            tracing::warn!(error = %e, "offset commit failed");
+        }
     }
 }
