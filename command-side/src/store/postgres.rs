@@ -22,6 +22,12 @@ use super::{
 
 const NOTIFY_CHANNEL: &str = "pcf_events";
 
+/// The least time between two announcements of commits by one store. The first commit
+/// after a quiet spell is announced at once; the commits made within this time of an
+/// announcement are announced together at its end. Only other processes wait for it (this
+/// store signals its own relay and subscribers directly).
+const ANNOUNCE_GAP: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// Columns every read of the log selects, in the order `row_to_event` takes them;
 /// `transaction_id` goes out as text because sqlx has no `xid8` type.
 const EVENT_COLUMNS: &str = "event_id, aggregate_id, sequence, event_type, event_version, \
@@ -34,12 +40,22 @@ pub struct PostgresStore {
     committed: CommitSignal,
     /// The task listening for commit notifications, ended with the store.
     listener: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Woken after each append; the task announcing commits to other stores (started at
+    /// the first append, ended with the store).
+    appended: Arc<Notify>,
+    announcer: std::sync::OnceLock<tokio::task::JoinHandle<()>>,
+    /// The payload of this store's announcements, so that its listener can tell them from
+    /// other stores' (it signals its own commits directly).
+    token: String,
 }
 
 impl Drop for PostgresStore {
     fn drop(&mut self) {
         let listener = self.listener.get_mut().unwrap_or_else(|e| e.into_inner());
         if let Some(task) = listener.take() {
+            task.abort();
+        }
+        if let Some(task) = self.announcer.get() {
             task.abort();
         }
     }
@@ -54,7 +70,23 @@ impl PostgresStore {
             loader,
             committed: CommitSignal::new(),
             listener: std::sync::Mutex::new(None),
+            appended: Arc::new(Notify::new()),
+            announcer: std::sync::OnceLock::new(),
+            token: Uuid::new_v4().simple().to_string(),
         }
+    }
+
+    /// Signals this store's waiters, and has the commit announced to other stores.
+    fn committed_here(&self) {
+        self.committed.signal();
+        self.appended.notify_one();
+        self.announcer.get_or_init(|| {
+            tokio::spawn(announce_commits(
+                self.pool.clone(),
+                self.appended.clone(),
+                self.token.clone(),
+            ))
+        });
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -280,7 +312,7 @@ impl EventStore for PostgresStore {
             .await
             .map_err(classify)?;
         result.position = position_at(&row, "global_position", "txid")?;
-        self.committed.signal();
+        self.committed_here();
         Ok(result)
     }
 
@@ -397,11 +429,14 @@ impl EventStore for PostgresStore {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(NOTIFY_CHANNEL).await?;
         let committed = self.committed.clone();
+        let token = self.token.clone();
         let task = tokio::spawn(async move {
             loop {
                 // `recv` reconnects by itself after a lost connection; anything committed
                 // meanwhile is found by the waiters' polling.
                 match listener.recv().await {
+                    // This store's own commits were signalled when they were made.
+                    Ok(n) if n.payload() == token => {}
                     Ok(_) => committed.signal(),
                     Err(e) => {
                         tracing::warn!(error = %e, "event notification listener failed");
@@ -420,6 +455,25 @@ impl EventStore for PostgresStore {
             previous.abort();
         }
         Ok(())
+    }
+}
+
+/// Announces this store's commits on `NOTIFY_CHANNEL` after they are made (so a listener
+/// that hears it finds them committed), one NOTIFY for all the appends made while the
+/// previous one was on its way, at most one per `ANNOUNCE_GAP`. A failed announcement is
+/// not retried: listeners poll as well.
+async fn announce_commits(pool: PgPool, appended: Arc<Notify>, token: String) {
+    loop {
+        appended.notified().await;
+        let sent = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(NOTIFY_CHANNEL)
+            .bind(&token)
+            .execute(&pool)
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "announcing commits failed");
+        }
+        tokio::time::sleep(ANNOUNCE_GAP).await;
     }
 }
 
