@@ -87,12 +87,9 @@ async fn pg_pool_with(options: PgConnectOptions, max: u32, what: &str) -> anyhow
         .with_context(|| format!("connecting to {what}"))
 }
 
-/// The event store's connections plan each prepared statement once. Left to itself,
-/// PostgreSQL planned the append (one statement of five data-modifying parts) afresh at
-/// every execution, which was a sixth of the database's work under a stream of commands;
-/// every statement of the store has one good plan whatever its arguments (lookups by key,
-/// ordered index scans from a position).
-async fn store_pool(url: &str, max: u32) -> anyhow::Result<PgPool> {
+/// Connections for appends only, which keep one generic plan per prepared statement (see
+/// `PostgresStore::with_append_pool`).
+async fn append_pool(url: &str, max: u32) -> anyhow::Result<PgPool> {
     let what = "the event store (PCF_DATABASE_URL)";
     let options = PgConnectOptions::from_str(url)
         .with_context(|| format!("reading {what}"))?
@@ -104,11 +101,12 @@ async fn store_pool(url: &str, max: u32) -> anyhow::Result<PgPool> {
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn EventStore>> {
     match &config.database_url {
         Some(url) => {
-            let pool = store_pool(url, 32).await?;
+            let pool = pg_pool(url, 32, "the event store (PCF_DATABASE_URL)").await?;
+            let appends = append_pool(url, 32).await?;
             pcf_migrations::run_postgres(&pool)
                 .await
                 .context("applying PostgreSQL migrations")?;
-            Ok(Arc::new(PostgresStore::new(pool)))
+            Ok(Arc::new(PostgresStore::new(pool).with_append_pool(appends)))
         }
         None => {
             std::fs::create_dir_all(&config.data_dir).with_context(|| {

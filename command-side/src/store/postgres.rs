@@ -36,6 +36,8 @@ const EVENT_COLUMNS: &str = "event_id, aggregate_id, sequence, event_type, event
 /// The event store on a PostgreSQL primary.
 pub struct PostgresStore {
     pool: PgPool,
+    /// Where appends run: `pool`, or connections of their own (see `with_append_pool`).
+    appends: PgPool,
     loader: PersistedEventStore<PostgresEventRepository, User>,
     committed: CommitSignal,
     /// The task listening for commit notifications, ended with the store.
@@ -66,6 +68,7 @@ impl PostgresStore {
         let loader =
             PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()));
         Self {
+            appends: pool.clone(),
             pool,
             loader,
             committed: CommitSignal::new(),
@@ -91,6 +94,17 @@ impl PostgresStore {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Runs appends on `pool`, for connections set up for them: the append is one
+    /// statement of five data-modifying parts, which PostgreSQL (choosing between a plan
+    /// for the arguments at hand and a generic one) plans afresh at every execution unless
+    /// its connections are told to keep a generic plan. The other statements stay on the
+    /// store's pool, where a generic plan would be wrong for some (a count after a
+    /// position scans the whole table).
+    pub fn with_append_pool(mut self, pool: PgPool) -> Self {
+        self.appends = pool;
+        self
     }
 }
 
@@ -308,7 +322,7 @@ impl EventStore for PostgresStore {
             .bind(&claims)
             .bind(&req.metadata.command_id)
             .bind(stored)
-            .fetch_one(&self.pool)
+            .fetch_one(&self.appends)
             .await
             .map_err(classify)?;
         result.position = position_at(&row, "global_position", "txid")?;
