@@ -107,15 +107,28 @@ impl KafkaProjector {
     }
 
     fn consumer(&self) -> Result<StreamConsumer, rdkafka::error::KafkaError> {
-        let consumer: StreamConsumer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", &self.config.brokers)
             .set("group.id", self.group())
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("session.timeout.ms", "10000")
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            .create()?;
+            .set("partition.assignment.strategy", "cooperative-sticky");
+        // A projector that gathers its batches over a while (the SQL view's 20 ms) has the
+        // broker hold each fetch as long, instead of answering one as soon as any message
+        // arrives: a fetch answered per produce request, for a consumer that then waits
+        // anyway, was work for the broker and the client for nothing.
+        if self.config.batch_wait >= Duration::from_millis(5) {
+            config
+                .set(
+                    "fetch.wait.max.ms",
+                    self.config.batch_wait.as_millis().to_string(),
+                )
+                .set("fetch.min.bytes", "1048576");
+        }
+        let consumer: StreamConsumer = config.create()?;
         consumer.subscribe(&[&self.config.topic])?;
         Ok(consumer)
     }
