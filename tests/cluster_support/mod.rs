@@ -1230,6 +1230,17 @@ fn kafka_scripts() -> PathBuf {
 
 /// A random Kafka cluster id: 16 bytes, URL-safe base64 without padding.
 fn kafka_cluster_id() -> String {
+    // As Kafka's own `Uuid.randomUuid()` does: an id starting with '-' would be read by the
+    // storage tool as an option (1 in 64 ids).
+    loop {
+        let id = base64_uuid();
+        if !id.starts_with('-') {
+            return id;
+        }
+    }
+}
+
+fn base64_uuid() -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let bytes = Uuid::new_v4().into_bytes();
     let mut bits: u32 = 0;
