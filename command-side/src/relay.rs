@@ -244,6 +244,8 @@ impl Relay {
     /// bus has by then, so that less comes again after a restart.
     async fn stop(&self, pipeline: &mut Pipeline) {
         let settled = async {
+            // What is acknowledged already is saved first, in case the rest takes too long.
+            self.flush(pipeline, true).await?;
             self.settle_all(pipeline).await?;
             self.flush(pipeline, true).await?;
             Ok::<_, RelayError>(())

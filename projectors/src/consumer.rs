@@ -139,13 +139,13 @@ impl KafkaProjector {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), rdkafka::error::KafkaError> {
         tokio::pin!(shutdown);
-        let consumer = self.consumer()?;
+        let consumer = Arc::new(self.consumer()?);
         tracing::info!(projection = self.view.name(), topic = %self.config.topic, "projector consuming");
         let mut offsets = Uncommitted::default();
         loop {
             let first = tokio::select! {
                 _ = &mut shutdown => {
-                    offsets.commit(&consumer, &self.config.topic, CommitMode::Sync);
+                    offsets.commit_last(&consumer, &self.config.topic).await;
                     return Ok(());
                 }
                 _ = tokio::time::sleep_until(offsets.due()), if offsets.waiting() => {
@@ -174,7 +174,7 @@ impl KafkaProjector {
                 }
             }
             if !self.process(batch.as_slice(), &mut shutdown).await {
-                offsets.commit(&consumer, &self.config.topic, CommitMode::Sync);
+                offsets.commit_last(&consumer, &self.config.topic).await;
                 return Ok(());
             }
             offsets.add(&batch);
@@ -332,6 +332,9 @@ fn next_offsets(batch: &[Received]) -> Vec<(i32, i64)> {
 /// messages come again after a crash or a rebalance, and the views skip them by version.
 const COMMIT_EVERY: Duration = Duration::from_millis(100);
 
+/// The longest a stopping projector waits for its last offset commit.
+const LAST_COMMIT_WAIT: Duration = Duration::from_secs(2);
+
 /// Offsets of written batches not committed yet.
 struct Uncommitted {
     next: BTreeMap<i32, i64>,
@@ -366,20 +369,46 @@ impl Uncommitted {
     }
 
     fn commit(&mut self, consumer: &StreamConsumer, topic: &str, mode: CommitMode) {
-        if self.next.is_empty() {
+        let Some(tpl) = self.take(topic) else {
             return;
+        };
+        // A failed commit only means some messages come again; the views skip them.
+        if let Err(e) = consumer.commit(&tpl, mode) {
+            tracing::warn!(error = %e, "offset commit failed");
+        }
+    }
+
+    /// On shutdown: commits what waits and waits for the broker's answer, at most
+    /// `LAST_COMMIT_WAIT` (a broker that is down must not hold the shutdown up; the
+    /// offsets not committed then only mean messages come again).
+    async fn commit_last(&mut self, consumer: &Arc<StreamConsumer>, topic: &str) {
+        let Some(tpl) = self.take(topic) else {
+            return;
+        };
+        let consumer = consumer.clone();
+        let committed =
+            tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync));
+        match tokio::time::timeout(LAST_COMMIT_WAIT, committed).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "offset commit failed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "offset commit failed"),
+            Err(_) => tracing::warn!("offset commit unanswered; stopping without it"),
+        }
+    }
+
+    /// The offsets waiting, as a commit's partition list; none wait after it.
+    fn take(&mut self, topic: &str) -> Option<TopicPartitionList> {
+        if self.next.is_empty() {
+            return None;
         }
         self.committed_at = tokio::time::Instant::now();
         let mut tpl = TopicPartitionList::new();
         for (partition, offset) in std::mem::take(&mut self.next) {
             if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(offset)) {
                 tracing::warn!(error = %e, "building the offset commit failed");
-                return;
+                return None;
             }
         }
-        // A failed commit only means some messages come again; the views skip them.
-        if let Err(e) = consumer.commit(&tpl, mode) {
-            tracing::warn!(error = %e, "offset commit failed");
-        }
+        Some(tpl)
     }
 }

@@ -587,7 +587,7 @@ impl Bench {
         // tens of thousands of reads a second on the two cores the pipeline shares, and so
         // slowed what it measured; the Kafka baseline is pushed its messages. A latency is
         // counted until the answer that showed it arrived, so it is never under-stated,
-        // and over-stated by at most 1 ms and a read.
+        // and over-stated by about a millisecond and a read or two.
         let waiting: Arc<Mutex<Vec<Awaited>>> = Arc::default();
         let watcher = tokio::spawn(watch_visibility(redis.clone(), waiting.clone()));
         // Operations planned during the warm-up are waited for but not recorded, as in the
