@@ -173,11 +173,12 @@ impl KafkaProjector {
                     _ => break,
                 }
             }
-            if !self.process(batch.as_slice(), &mut shutdown).await {
+            let next = next_offsets(&batch);
+            if !self.process(&batch, &next, &mut shutdown).await {
                 offsets.commit_last(&consumer, &self.config.topic).await;
                 return Ok(());
             }
-            offsets.add(&batch);
+            offsets.add(&next);
             if offsets.due() <= tokio::time::Instant::now() {
                 offsets.commit(&consumer, &self.config.topic, CommitMode::Async);
             }
@@ -189,6 +190,7 @@ impl KafkaProjector {
     async fn process(
         &self,
         batch: &[Received],
+        offsets: &[(i32, i64)],
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> bool {
         let span = tracing::debug_span!(
@@ -211,10 +213,9 @@ impl KafkaProjector {
                 }
             }
         }
-        let offsets = next_offsets(batch);
         let mut failures = 0u32;
         loop {
-            match self.write(&events, &offsets).await {
+            match self.write(&events, offsets).await {
                 Ok(()) => {
                     self.stats
                         .applied
@@ -351,8 +352,9 @@ impl Default for Uncommitted {
 }
 
 impl Uncommitted {
-    fn add(&mut self, batch: &[Received]) {
-        for (partition, offset) in next_offsets(batch) {
+    /// Adds a written batch's next offsets (`next_offsets`).
+    fn add(&mut self, next: &[(i32, i64)]) {
+        for &(partition, offset) in next {
             let e = self.next.entry(partition).or_insert(offset);
             *e = (*e).max(offset);
         }

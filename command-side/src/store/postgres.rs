@@ -355,14 +355,7 @@ impl EventStore for PostgresStore {
         .fetch_optional(&self.pool)
         .await?;
         match row {
-            Some(row) => {
-                let txid: String = row.try_get("txid")?;
-                let global: i64 = row.try_get("global_position")?;
-                Ok(Position::new(
-                    txid.parse().unwrap_or_default(),
-                    global as u64,
-                ))
-            }
+            Some(row) => position_at(&row, "global_position", "txid"),
             None => Ok(Position::START),
         }
     }
@@ -375,14 +368,7 @@ impl EventStore for PostgresStore {
         .fetch_optional(&self.pool)
         .await?;
         match row {
-            Some(row) => {
-                let txid: String = row.try_get("txid")?;
-                let global: i64 = row.try_get("global_position")?;
-                Ok(Position::new(
-                    txid.parse().unwrap_or_default(),
-                    global as u64,
-                ))
-            }
+            Some(row) => position_at(&row, "global_position", "txid"),
             None => Ok(Position::START),
         }
     }
@@ -544,17 +530,9 @@ impl EventLog for PostgresStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(StoreError::from)?;
-        match row {
-            Some(row) => {
-                let txid: String = row.try_get("txid").map_err(StoreError::from)?;
-                let global: i64 = row.try_get("global_position").map_err(StoreError::from)?;
-                Ok(Some(Position::new(
-                    txid.parse().unwrap_or_default(),
-                    global as u64,
-                )))
-            }
-            None => Ok(None),
-        }
+        Ok(row
+            .map(|row| position_at(&row, "global_position", "txid"))
+            .transpose()?)
     }
 
     async fn event_count(&self) -> Result<Option<u64>, PortError> {
