@@ -15,6 +15,15 @@ command -v cargo >/dev/null || {
     exit 1
 }
 
+# A clean build of every test target takes about 3 GiB of disk under target/ (2.8 GiB measured).
+NEEDED_GB=4
+target_dir="${CARGO_TARGET_DIR:-target}"
+mkdir -p "$target_dir"
+free_kb=$(df -Pk "$target_dir" | awk 'NR == 2 { print $4 }')
+if ((free_kb < NEEDED_GB * 1024 * 1024)); then
+    echo "test.sh: warning: $((free_kb / 1024)) MiB free for $target_dir; a clean build needs about ${NEEDED_GB} GiB" >&2
+fi
+
 scripts/services.sh up
 
 export PCF_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres
