@@ -532,6 +532,23 @@ async fn rebuild_under_load(c: &mut Cluster) {
         let state = view.state().await.expect("state");
         assert_eq!((state.active, state.building), (2, None), "{}", view.name());
     }
+    // The new generation has the first one's indexes, each once, and all usable.
+    let indexes: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT c.relname::text, i.indisvalid FROM pg_index i \
+         JOIN pg_class c ON c.oid = i.indexrelid \
+         WHERE i.indrelid = $1::regclass ORDER BY 1",
+    )
+    .bind("read_users_g2")
+    .fetch_all(&c.pool)
+    .await
+    .expect("the new generation's indexes");
+    assert_eq!(
+        indexes,
+        vec![
+            ("read_users_g2_email".to_owned(), true),
+            ("read_users_g2_pkey".to_owned(), true)
+        ]
+    );
     c.wait_views_match_log(CONVERGE, log, Some(&redis)).await;
 }
 
@@ -728,6 +745,69 @@ async fn live_batch_after_begin(c: &mut Cluster) {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn folded_states_fill_new_users_and_replace_only_older_views() {
+    cluster_scenario!(states_over_existing_views);
+}
+
+/// A rebuild's writes of folded states: users without a view get theirs at once, an
+/// existing view is replaced only by a newer state (its email entry moved, a tombstone's
+/// removed), and an older state changes nothing.
+async fn states_over_existing_views(c: &mut Cluster) {
+    // A node without projectors: it migrates the database, and only this test writes.
+    let config = c.config();
+    let _node = c.start(&config, &[Role::Api]).await;
+    let tag = c.tag().to_owned();
+    let now = micros(chrono::Utc::now());
+    let state = |id: Uuid, email: &str, version: u64, deleted: bool| pcf_domain::UserView {
+        id,
+        email: format!("{email}@{tag}.example.com"),
+        display_name: format!("{email} at {version}"),
+        bio: None,
+        avatar_url: None,
+        created_at: now,
+        updated_at: now,
+        version,
+        deleted,
+    };
+    let (a, b, d) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let first = [
+        state(a, "a1", 2, false),
+        state(b, "b1", 3, false),
+        state(d, "d1", 1, false),
+    ];
+    let second = [
+        state(a, "a0", 1, false),
+        state(b, "b2", 5, false),
+        state(d, "d1", 2, true),
+    ];
+    let expected: BTreeMap<Uuid, pcf_domain::UserView> =
+        [first[0].clone(), second[1].clone(), second[2].clone()]
+            .into_iter()
+            .map(|v| (v.id, v))
+            .collect();
+    let sql = SqlUserViews::new(c.pool.clone());
+    let redis = c.redis_view(&shared_redis_url()).await;
+    for view in [&sql as &dyn Generational, &redis.views] {
+        view.write_states(1, &first)
+            .await
+            .expect("the first states");
+        view.write_states(1, &second)
+            .await
+            .expect("the second states");
+    }
+    assert_eq!(sql_rows(&c.pool, "read_users_g1").await, expected);
+    let docs = redis_docs(&redis).await.expect("the Redis view");
+    assert_eq!(docs.users, expected);
+    let emails: BTreeMap<String, Uuid> = [
+        (format!("a1@{tag}.example.com"), a),
+        (format!("b2@{tag}.example.com"), b),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(docs.emails, emails);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

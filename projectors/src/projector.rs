@@ -57,6 +57,14 @@ pub trait UserViewWriter: Send + Sync {
         Ok(found)
     }
 
+    /// Writes whole states (one per user, distinct ids) in one round trip where the store
+    /// can decide by version by itself; answers, for each in order, whether it is settled:
+    /// written, or the stored view already at or past it. The unsettled ones go the
+    /// guarded way (`current_many`, then `replace_many`). By default none is settled.
+    async fn write_newer(&self, states: &[UserView]) -> Result<Vec<bool>, PortError> {
+        Ok(vec![false; states.len()])
+    }
+
     /// `replace` for several users (distinct ids), answering for each in order. Adapters
     /// override this to write them in one round trip.
     async fn replace_many(
@@ -250,10 +258,21 @@ impl UserProjector {
     }
 
     /// Writes users' states folded elsewhere (one per user) where the view is behind them;
-    /// a view already at or past a state keeps its own. Each write is guarded by the
-    /// version read just before it, and read again when another writer got there first.
+    /// a view already at or past a state keeps its own. What the writer cannot settle at
+    /// once (`write_newer`) is written guarded by the version read just before, and read
+    /// again when another writer got there first.
     pub async fn apply_states(&self, states: &[UserView]) -> Result<(), ProjectionError> {
-        let mut todo: Vec<&UserView> = states.iter().collect();
+        let settled = self
+            .writer
+            .write_newer(states)
+            .await
+            .map_err(ProjectionError::View)?;
+        let mut todo: Vec<&UserView> = states
+            .iter()
+            .zip(settled)
+            .filter(|(_, settled)| !settled)
+            .map(|(state, _)| state)
+            .collect();
         for _ in 0..MAX_RACES {
             if todo.is_empty() {
                 return Ok(());

@@ -92,6 +92,39 @@ impl UserViewWriter for TxWriter {
         Ok(written.first().copied().unwrap_or(false))
     }
 
+    /// One statement: each state is inserted, or replaces a row at an older version.
+    async fn write_newer(&self, states: &[UserView]) -> Result<Vec<bool>, PortError> {
+        if states.is_empty() {
+            return Ok(Vec::new());
+        }
+        let columns = Columns::of(states.iter().map(|state| (state, 0)));
+        let sql = format!(
+            "INSERT INTO {t} AS u (id, email, display_name, bio, avatar_url, created_at, \
+                updated_at, version, deleted) \
+             SELECT id, email, display_name, bio, avatar_url, created_at, updated_at, \
+                version, deleted \
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                $6::timestamptz[], $7::timestamptz[], $8::bigint[], $9::boolean[], \
+                $10::bigint[]) \
+             AS x (id, email, display_name, bio, avatar_url, created_at, updated_at, \
+                version, deleted, previous) \
+             ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email, \
+                display_name = EXCLUDED.display_name, bio = EXCLUDED.bio, \
+                avatar_url = EXCLUDED.avatar_url, created_at = EXCLUDED.created_at, \
+                updated_at = EXCLUDED.updated_at, version = EXCLUDED.version, \
+                deleted = EXCLUDED.deleted \
+             WHERE u.version < EXCLUDED.version",
+            t = self.table
+        );
+        let mut tx = self.tx.lock().await;
+        columns
+            .bind(sqlx::query(&sql))
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+        Ok(vec![true; states.len()])
+    }
+
     /// One statement for the whole batch: rows whose stored version is still the one they
     /// were folded from are updated, new ones inserted where still absent.
     async fn replace_many(
@@ -101,33 +134,11 @@ impl UserViewWriter for TxWriter {
         if changes.is_empty() {
             return Ok(Vec::new());
         }
-        let n = changes.len();
-        // Rows in id order: concurrent writers of one table (a rebuild and a live projector)
-        // then meet their rows in the same order, which makes deadlocks between them rare.
-        let mut order: Vec<&(Option<UserView>, UserView)> = changes.iter().collect();
-        order.sort_by_key(|(_, next)| next.id);
-        let mut ids = Vec::with_capacity(n);
-        let mut emails = Vec::with_capacity(n);
-        let mut names = Vec::with_capacity(n);
-        let mut bios = Vec::with_capacity(n);
-        let mut avatars = Vec::with_capacity(n);
-        let mut created = Vec::with_capacity(n);
-        let mut updated = Vec::with_capacity(n);
-        let mut versions = Vec::with_capacity(n);
-        let mut deleted = Vec::with_capacity(n);
-        let mut previous = Vec::with_capacity(n);
-        for (prev, next) in order {
-            ids.push(next.id);
-            emails.push(next.email.as_str());
-            names.push(next.display_name.as_str());
-            bios.push(next.bio.as_deref());
-            avatars.push(next.avatar_url.as_deref());
-            created.push(next.created_at);
-            updated.push(next.updated_at);
-            versions.push(next.version as i64);
-            deleted.push(next.deleted);
-            previous.push(prev.as_ref().map_or(0, |p| p.version as i64));
-        }
+        let columns = Columns::of(
+            changes
+                .iter()
+                .map(|(prev, next)| (next, prev.as_ref().map_or(0, |p| p.version as i64))),
+        );
         let sql = format!(
             "WITH x AS ( \
                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], \
@@ -153,26 +164,86 @@ impl UserViewWriter for TxWriter {
             t = self.table
         );
         let mut tx = self.tx.lock().await;
-        let written: Vec<(Uuid,)> = sqlx::query_as(&sql)
-            .bind(&ids)
-            .bind(&emails)
-            .bind(&names)
-            .bind(&bios)
-            .bind(&avatars)
-            .bind(&created)
-            .bind(&updated)
-            .bind(&versions)
-            .bind(&deleted)
-            .bind(&previous)
+        let written: std::collections::HashSet<Uuid> = columns
+            .bind(sqlx::query(&sql))
             .fetch_all(&mut **tx)
             .await
+            .map_err(db)?
+            .iter()
+            .map(|row| row.try_get::<Uuid, _>(0))
+            .collect::<Result<_, _>>()
             .map_err(db)?;
-        let written: std::collections::HashSet<Uuid> =
-            written.into_iter().map(|(id,)| id).collect();
         Ok(changes
             .iter()
             .map(|(_, next)| written.contains(&next.id))
             .collect())
+    }
+}
+
+/// Users as the columns of `read_users`, in id order (concurrent writers of one table, a
+/// rebuild and a live projector, then meet their rows in the same order, which makes
+/// deadlocks between them rare), each with the version it was folded from.
+struct Columns<'a> {
+    ids: Vec<Uuid>,
+    emails: Vec<&'a str>,
+    names: Vec<&'a str>,
+    bios: Vec<Option<&'a str>>,
+    avatars: Vec<Option<&'a str>>,
+    created: Vec<chrono::DateTime<chrono::Utc>>,
+    updated: Vec<chrono::DateTime<chrono::Utc>>,
+    versions: Vec<i64>,
+    deleted: Vec<bool>,
+    previous: Vec<i64>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(users: impl Iterator<Item = (&'a UserView, i64)>) -> Self {
+        let mut order: Vec<(&UserView, i64)> = users.collect();
+        order.sort_by_key(|(user, _)| user.id);
+        let n = order.len();
+        let mut c = Columns {
+            ids: Vec::with_capacity(n),
+            emails: Vec::with_capacity(n),
+            names: Vec::with_capacity(n),
+            bios: Vec::with_capacity(n),
+            avatars: Vec::with_capacity(n),
+            created: Vec::with_capacity(n),
+            updated: Vec::with_capacity(n),
+            versions: Vec::with_capacity(n),
+            deleted: Vec::with_capacity(n),
+            previous: Vec::with_capacity(n),
+        };
+        for (user, previous) in order {
+            c.ids.push(user.id);
+            c.emails.push(user.email.as_str());
+            c.names.push(user.display_name.as_str());
+            c.bios.push(user.bio.as_deref());
+            c.avatars.push(user.avatar_url.as_deref());
+            c.created.push(user.created_at);
+            c.updated.push(user.updated_at);
+            c.versions.push(user.version as i64);
+            c.deleted.push(user.deleted);
+            c.previous.push(previous);
+        }
+        c
+    }
+
+    /// Binds the columns as $1..$10.
+    fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.ids)
+            .bind(&self.emails)
+            .bind(&self.names)
+            .bind(&self.bios)
+            .bind(&self.avatars)
+            .bind(&self.created)
+            .bind(&self.updated)
+            .bind(&self.versions)
+            .bind(&self.deleted)
+            .bind(&self.previous)
     }
 }
 
@@ -234,10 +305,15 @@ impl Generational for SqlUserViews {
         let table = sql_table(generation);
         let mut tx = self.pool.begin().await.map_err(db)?;
         lock_generations(&mut tx).await?;
+        // Only the primary key while it fills: the other indexes are built once, at the
+        // switch (`secondary_indexes`), which costs less than keeping them up row by row.
         for sql in [
             format!("DROP TABLE IF EXISTS {table}"),
-            format!("CREATE TABLE {table} (LIKE {} INCLUDING ALL)", sql_table(1)),
-            format!("CREATE INDEX {table}_email ON {table} (email) WHERE NOT deleted"),
+            format!(
+                "CREATE TABLE {table} (LIKE {} INCLUDING ALL EXCLUDING INDEXES)",
+                sql_table(1)
+            ),
+            format!("ALTER TABLE {table} ADD PRIMARY KEY (id)"),
         ] {
             sqlx::query(&sql).execute(&mut *tx).await.map_err(db)?;
         }
@@ -257,6 +333,7 @@ impl Generational for SqlUserViews {
     }
 
     async fn switch(&self, generation: u64) -> Result<(), PortError> {
+        build_secondary_indexes(&self.pool, &sql_table(generation)).await?;
         let mut tx = self.pool.begin().await.map_err(db)?;
         lock_generations(&mut tx).await?;
         let view = format!(
@@ -348,6 +425,46 @@ impl Generational for SqlUserViews {
         }
         commit(tx).await
     }
+}
+
+/// The indexes of a generation besides its primary key, by name: the same as the first
+/// generation's (migration `0002_read_models.sql`), which every later one is made like.
+fn secondary_indexes(table: &str) -> Vec<(String, String)> {
+    vec![(
+        format!("{table}_email"),
+        format!("ON {table} (email) WHERE NOT deleted"),
+    )]
+}
+
+/// Builds the secondary indexes of a generation that has filled, without blocking the live
+/// writes to it (`CONCURRENTLY`). An index that an interrupted build left invalid is
+/// dropped and built again.
+async fn build_secondary_indexes(pool: &PgPool, table: &str) -> Result<(), PortError> {
+    for (name, definition) in secondary_indexes(table) {
+        let valid: Option<bool> = sqlx::query_scalar(
+            "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+             WHERE c.relname = $1 AND c.relnamespace = current_schema()::regnamespace",
+        )
+        .bind(&name)
+        .fetch_optional(pool)
+        .await
+        .map_err(db)?;
+        if valid == Some(true) {
+            continue;
+        }
+        if valid == Some(false) {
+            sqlx::raw_sql(&format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+                .execute(pool)
+                .await
+                .map_err(db)?;
+        }
+        // Statements of their own: `CONCURRENTLY` cannot run inside a transaction.
+        sqlx::raw_sql(&format!("CREATE INDEX CONCURRENTLY {name} {definition}"))
+            .execute(pool)
+            .await
+            .map_err(db)?;
+    }
+    Ok(())
 }
 
 fn view_error(e: sqlx::Error) -> ProjectionError {

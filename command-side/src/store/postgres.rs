@@ -4,6 +4,7 @@ use async_trait::async_trait;
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::DomainEvent;
 use cqrs_es::EventStore as _;
+use futures::TryStreamExt;
 use pcf_domain::ports::{Change, EmailDirectory, EventLog, LogQuery, PortError};
 use pcf_domain::{Email, EventEnvelope, Position, User};
 use postgres_es::PostgresEventRepository;
@@ -206,6 +207,26 @@ fn log_query<'q>(
     }
     query
 }
+
+/// Decodes each row of a log read as it arrives, into a vector sized for the page once:
+/// collecting the rows first, then growing the result, copied a page of several megabytes
+/// over and over.
+async fn decode_log<T>(
+    sql: &str,
+    q: &LogQuery,
+    pool: &PgPool,
+    decode: impl Fn(&PgRow) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut rows = log_query(sql, q).fetch(pool);
+    let mut decoded = Vec::with_capacity(q.limit.min(LOG_PAGE_CAPACITY));
+    while let Some(row) = rows.try_next().await? {
+        decoded.push(decode(&row)?);
+    }
+    Ok(decoded)
+}
+
+/// The most rows a log read makes room for before it has seen them.
+const LOG_PAGE_CAPACITY: usize = 10_000;
 
 fn rows_to_envelopes(rows: &[PgRow]) -> Result<Vec<EventEnvelope>, StoreError> {
     rows.iter()
@@ -496,11 +517,10 @@ impl Lease for AdvisoryLease {
 impl EventLog for PostgresStore {
     async fn read(&self, q: &LogQuery) -> Result<Vec<EventEnvelope>, PortError> {
         let sql = log_sql(EVENT_COLUMNS, q);
-        let rows = log_query(&sql, q)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(StoreError::from)?;
-        Ok(rows_to_envelopes(&rows)?)
+        Ok(decode_log(&sql, q, &self.pool, |row| {
+            row_to_event(row).and_then(StoredEvent::into_envelope)
+        })
+        .await?)
     }
 
     async fn read_changes(&self, q: &LogQuery) -> Result<Vec<Change>, PortError> {
@@ -512,13 +532,7 @@ impl EventLog for PostgresStore {
              transaction_id::text AS txid",
             q,
         );
-        let rows = log_query(&sql, q)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(StoreError::from)?;
-        rows.iter()
-            .map(|row| row_to_change(row).map_err(PortError::from))
-            .collect()
+        Ok(decode_log(&sql, q, &self.pool, row_to_change).await?)
     }
 
     async fn last_position(&self) -> Result<Option<Position>, PortError> {
