@@ -811,6 +811,61 @@ async fn states_over_existing_views(c: &mut Cluster) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_migration_drops_the_email_index_that_earlier_rebuilds_kept_twice() {
+    cluster_scenario!(duplicate_email_index);
+}
+
+/// A generation as rebuilds made it before: the email index copied from the first
+/// generation and made again by name. Migration 0004 leaves one, and leaves a table that
+/// has only the copy as it is.
+async fn duplicate_email_index(c: &mut Cluster) {
+    let config = c.config();
+    let _node = c.start(&config, &[Role::Api]).await;
+    for sql in [
+        "CREATE TABLE read_users_g7 (LIKE read_users_g1 INCLUDING ALL)",
+        "CREATE INDEX read_users_g7_email ON read_users_g7 (email) WHERE NOT deleted",
+        "CREATE TABLE read_users_g8 (LIKE read_users_g1 INCLUDING ALL)",
+    ] {
+        sqlx::query(sql).execute(&c.pool).await.expect(sql);
+    }
+    let indexes = |table: &'static str| {
+        let pool = c.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT indexrelid::regclass::text FROM pg_index \
+                 WHERE indrelid = $1::regclass ORDER BY 1",
+            )
+            .bind(table)
+            .fetch_all(&pool)
+            .await
+            .expect("a table's indexes")
+        }
+    };
+    assert_eq!(
+        indexes("read_users_g7").await,
+        [
+            "read_users_g7_email",
+            "read_users_g7_email_idx",
+            "read_users_g7_pkey"
+        ]
+    );
+    sqlx::raw_sql(include_str!(
+        "../migrations/postgres/0004_one_email_index_per_generation.sql"
+    ))
+    .execute(&c.pool)
+    .await
+    .expect("migration 0004");
+    assert_eq!(
+        indexes("read_users_g7").await,
+        ["read_users_g7_email", "read_users_g7_pkey"]
+    );
+    assert_eq!(
+        indexes("read_users_g8").await,
+        ["read_users_g8_email_idx", "read_users_g8_pkey"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rebuild_rides_out_failed_writes_and_ends_equal_to_the_log() {
     cluster_scenario!(rebuild_through_failures);
 }
