@@ -476,6 +476,11 @@ async fn rebuild_under_load(c: &mut Cluster) {
         ));
     }
 
+    // An index a later migration might add to the first generation, the template of the others.
+    sqlx::query("CREATE INDEX read_users_g1_updated ON read_users_g1 (updated_at)")
+        .execute(&c.pool)
+        .await
+        .expect("an index on the first generation");
     let log = app.log();
     let options = RebuildOptions {
         batch_size: 7,
@@ -546,7 +551,8 @@ async fn rebuild_under_load(c: &mut Cluster) {
         indexes,
         vec![
             ("read_users_g2_email".to_owned(), true),
-            ("read_users_g2_pkey".to_owned(), true)
+            ("read_users_g2_pkey".to_owned(), true),
+            ("read_users_g2_updated".to_owned(), true),
         ]
     );
     c.wait_views_match_log(CONVERGE, log, Some(&redis)).await;

@@ -247,9 +247,13 @@ pub async fn rebuild_all(
         }
     }
     for (view, _, generation) in &builds {
-        view.switch(*generation)
-            .await
-            .map_err(ProjectionError::View)?;
+        // A switch may first build indexes (the SQL view's), long enough to meet a restart.
+        patiently(view.name(), || async {
+            view.switch(*generation)
+                .await
+                .map_err(ProjectionError::View)
+        })
+        .await?;
     }
     progress(Progress {
         applied,

@@ -427,20 +427,49 @@ impl Generational for SqlUserViews {
     }
 }
 
-/// The indexes of a generation besides its primary key, by name: the same as the first
-/// generation's (migration `0002_read_models.sql`), which every later one is made like.
-fn secondary_indexes(table: &str) -> Vec<(String, String)> {
-    vec![(
-        format!("{table}_email"),
-        format!("ON {table} (email) WHERE NOT deleted"),
-    )]
+/// The indexes of a generation besides its primary key: those of the first generation, the
+/// template every later one is made like (so an index a migration adds there reaches every
+/// rebuilt generation too), renamed for `table`. Each as its name and the statement that
+/// builds it without blocking writes.
+async fn secondary_indexes(pool: &PgPool, table: &str) -> Result<Vec<(String, String)>, PortError> {
+    let template = sql_table(1);
+    let indexes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT c.relname::text, pg_get_indexdef(i.indexrelid) FROM pg_index i \
+         JOIN pg_class c ON c.oid = i.indexrelid \
+         WHERE i.indrelid = $1::regclass AND NOT i.indisprimary ORDER BY 1",
+    )
+    .bind(&template)
+    .fetch_all(pool)
+    .await
+    .map_err(db)?;
+    indexes
+        .into_iter()
+        .map(|(name, definition)| {
+            // "CREATE [UNIQUE] INDEX <name> ON <schema>.<template> USING ..."
+            let (head, on) = definition.split_once(" ON ").ok_or_else(|| {
+                PortError::Internal(format!("an index definition without ON: {definition}"))
+            })?;
+            let unique = if head.starts_with("CREATE UNIQUE") {
+                "UNIQUE "
+            } else {
+                ""
+            };
+            let renamed = match name.strip_prefix(&template) {
+                Some(rest) => format!("{table}{rest}"),
+                None => format!("{table}_{name}"),
+            };
+            let on = on.replacen(&format!("{template} "), &format!("{table} "), 1);
+            let build = format!("CREATE {unique}INDEX CONCURRENTLY {renamed} ON {on}");
+            Ok((renamed, build))
+        })
+        .collect()
 }
 
 /// Builds the secondary indexes of a generation that has filled, without blocking the live
 /// writes to it (`CONCURRENTLY`). An index that an interrupted build left invalid is
 /// dropped and built again.
 async fn build_secondary_indexes(pool: &PgPool, table: &str) -> Result<(), PortError> {
-    for (name, definition) in secondary_indexes(table) {
+    for (name, build) in secondary_indexes(pool, table).await? {
         let valid: Option<bool> = sqlx::query_scalar(
             "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
              WHERE c.relname = $1 AND c.relnamespace = current_schema()::regnamespace",
@@ -459,10 +488,7 @@ async fn build_secondary_indexes(pool: &PgPool, table: &str) -> Result<(), PortE
                 .map_err(db)?;
         }
         // Statements of their own: `CONCURRENTLY` cannot run inside a transaction.
-        sqlx::raw_sql(&format!("CREATE INDEX CONCURRENTLY {name} {definition}"))
-            .execute(pool)
-            .await
-            .map_err(db)?;
+        sqlx::raw_sql(&build).execute(pool).await.map_err(db)?;
     }
     Ok(())
 }
