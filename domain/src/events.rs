@@ -18,6 +18,7 @@ pub enum UserEvent {
         display_name: String,
         bio: Option<String>,
         avatar_url: Option<String>,
+        #[serde(deserialize_with = "crate::time::deserialize")]
         occurred_at: DateTime<Utc>,
     },
     /// Carries the whole new profile, so a reader never needs the previous state.
@@ -26,16 +27,21 @@ pub enum UserEvent {
         display_name: String,
         bio: Option<String>,
         avatar_url: Option<String>,
+        #[serde(deserialize_with = "crate::time::deserialize")]
         occurred_at: DateTime<Utc>,
     },
     #[serde(rename_all = "camelCase")]
     EmailChanged {
         old_email: String,
         new_email: String,
+        #[serde(deserialize_with = "crate::time::deserialize")]
         occurred_at: DateTime<Utc>,
     },
     #[serde(rename_all = "camelCase")]
-    AccountDeleted { occurred_at: DateTime<Utc> },
+    AccountDeleted {
+        #[serde(deserialize_with = "crate::time::deserialize")]
+        occurred_at: DateTime<Utc>,
+    },
 }
 
 /// The version every event type is written with today.

@@ -12,6 +12,7 @@ pub mod errors;
 pub mod events;
 pub mod ports;
 pub mod read_model;
+pub mod time;
 pub mod values;
 pub mod view;
 

@@ -16,7 +16,9 @@ pub struct UserView {
     pub display_name: String,
     pub bio: Option<String>,
     pub avatar_url: Option<String>,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub created_at: DateTime<Utc>,
+    #[serde(deserialize_with = "crate::time::deserialize")]
     pub updated_at: DateTime<Utc>,
     pub version: u64,
     pub deleted: bool,
