@@ -83,26 +83,43 @@ return outcomes
     )
 });
 
-/// Sends `pipe` (calls of `script`), loading the script first if Redis has forgotten it
-/// (a restart).
-async fn query_scripts<T: redis::FromRedisValue>(
+/// Sends `pipe` (calls of `script`, each answering a list of outcomes), loading the script
+/// first if Redis has forgotten it (a restart); the outcomes of all the calls, in order.
+async fn query_scripts(
     conn: &ConnectionManager,
     script: &Script,
     pipe: &redis::Pipeline,
-) -> Result<T, PortError> {
+) -> Result<Vec<i64>, PortError> {
     let mut conn = conn.clone();
-    match pipe.query_async(&mut conn).await {
-        Ok(o) => Ok(o),
+    let outcomes: Vec<Vec<i64>> = match pipe.query_async(&mut conn).await {
+        Ok(o) => o,
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
             script
                 .prepare_invoke()
                 .load_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
-            pipe.query_async(&mut conn).await.map_err(unavailable)
+            pipe.query_async(&mut conn).await.map_err(unavailable)?
         }
-        Err(e) => Err(unavailable(e)),
+        Err(e) => return Err(unavailable(e)),
+    };
+    Ok(outcomes.into_iter().flatten().collect())
+}
+
+/// `outcomes`, checked to be one per user written.
+fn one_per_user(outcomes: Vec<i64>, users: usize) -> Result<Vec<i64>, PortError> {
+    if outcomes.len() != users {
+        return Err(PortError::Internal(format!(
+            "{} outcomes for {users} users written",
+            outcomes.len()
+        )));
     }
+    Ok(outcomes)
+}
+
+/// A user's document as stored.
+fn document(user: &UserView) -> Result<String, PortError> {
+    serde_json::to_string(user).map_err(|e| PortError::Internal(e.to_string()))
 }
 
 /// How often a live batch is written again after the generation state moved under it.
@@ -150,6 +167,15 @@ pub struct RedisGenerationWriter {
 }
 
 impl RedisGenerationWriter {
+    /// The email entry a user's document owns ('' for a tombstone, which owns none).
+    fn email_key(&self, user: &UserView) -> String {
+        if user.deleted {
+            String::new()
+        } else {
+            redis_email_key(&self.prefix, self.generation, &user.email)
+        }
+    }
+
     fn state_moved(&self) -> bool {
         self.moved.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -214,30 +240,18 @@ impl UserViewWriter for RedisGenerationWriter {
                 .arg(FILL.get_hash())
                 .arg(2 * chunk.len());
             for state in chunk {
-                let email = if state.deleted {
-                    String::new()
-                } else {
-                    redis_email_key(&self.prefix, self.generation, &state.email)
-                };
                 call.arg(redis_user_key(&self.prefix, self.generation, state.id))
-                    .arg(email);
+                    .arg(self.email_key(state));
             }
             for state in chunk {
-                let doc =
-                    serde_json::to_string(state).map_err(|e| PortError::Internal(e.to_string()))?;
-                call.arg(doc).arg(state.id.to_string());
+                call.arg(document(state)?).arg(state.id.to_string());
             }
         }
-        let outcomes: Vec<Vec<i64>> = query_scripts(&self.conn, &FILL, &pipe).await?;
-        let outcomes: Vec<bool> = outcomes.into_iter().flatten().map(|o| o == 1).collect();
-        if outcomes.len() != states.len() {
-            return Err(PortError::Internal(format!(
-                "{} outcomes for {} users written",
-                outcomes.len(),
-                states.len()
-            )));
-        }
-        Ok(outcomes)
+        let outcomes = query_scripts(&self.conn, &FILL, &pipe).await?;
+        Ok(one_per_user(outcomes, states.len())?
+            .into_iter()
+            .map(|o| o == 1)
+            .collect())
     }
 
     /// One pipeline of the guarded script, a call per `USERS_PER_CALL` users.
@@ -266,11 +280,6 @@ impl UserViewWriter for RedisGenerationWriter {
                 .arg(&building_key)
                 .arg(&active_key);
             for (previous, next) in chunk {
-                let new_email = if next.deleted {
-                    String::new()
-                } else {
-                    redis_email_key(&self.prefix, self.generation, &next.email)
-                };
                 let old_email = match previous {
                     Some(p) if !p.deleted && (p.email != next.email || next.deleted) => {
                         redis_email_key(&self.prefix, self.generation, &p.email)
@@ -278,35 +287,29 @@ impl UserViewWriter for RedisGenerationWriter {
                     _ => String::new(),
                 };
                 call.arg(redis_user_key(&self.prefix, self.generation, next.id))
-                    .arg(new_email)
+                    .arg(self.email_key(next))
                     .arg(old_email);
             }
             call.arg(&expected_building).arg(&expected_active);
             for (previous, next) in chunk {
-                let doc =
-                    serde_json::to_string(next).map_err(|e| PortError::Internal(e.to_string()))?;
-                call.arg(doc)
+                call.arg(document(next)?)
                     .arg(next.version)
                     .arg(previous.as_ref().map_or(0, |p| p.version))
                     .arg(next.id.to_string());
             }
         }
-        let outcomes: Vec<Vec<i64>> = query_scripts(&self.conn, &REPLACE, &pipe).await?;
-        let outcomes: Vec<i64> = outcomes.into_iter().flatten().collect();
+        let outcomes = query_scripts(&self.conn, &REPLACE, &pipe).await?;
+        // The state moved: a call answers only that.
         if outcomes.contains(&-2) {
             self.moved.store(true, std::sync::atomic::Ordering::Relaxed);
             return Err(PortError::Unavailable(
                 "the view's generations changed during the write".into(),
             ));
         }
-        if outcomes.len() != changes.len() {
-            return Err(PortError::Internal(format!(
-                "{} outcomes for {} users written",
-                outcomes.len(),
-                changes.len()
-            )));
-        }
-        Ok(outcomes.into_iter().map(|o| o >= 0).collect())
+        Ok(one_per_user(outcomes, changes.len())?
+            .into_iter()
+            .map(|o| o >= 0)
+            .collect())
     }
 }
 

@@ -92,7 +92,8 @@ impl UserViewWriter for TxWriter {
         Ok(written.first().copied().unwrap_or(false))
     }
 
-    /// One statement: each state is inserted, or replaces a row at an older version.
+    /// One statement: each state is inserted, or replaces a row at an older version (the
+    /// columns are bound as for `replace_many`; the versions folded from go unread).
     async fn write_newer(&self, states: &[UserView]) -> Result<Vec<bool>, PortError> {
         if states.is_empty() {
             return Ok(Vec::new());

@@ -228,10 +228,8 @@ async fn decode_log<T>(
 /// The most rows a log read makes room for before it has seen them.
 const LOG_PAGE_CAPACITY: usize = 10_000;
 
-fn rows_to_envelopes(rows: &[PgRow]) -> Result<Vec<EventEnvelope>, StoreError> {
-    rows.iter()
-        .map(|r| row_to_event(r).and_then(StoredEvent::into_envelope))
-        .collect()
+fn row_to_envelope(row: &PgRow) -> Result<EventEnvelope, StoreError> {
+    row_to_event(row).and_then(StoredEvent::into_envelope)
 }
 
 /// An append in one statement, so one round trip and no explicit transaction: the events,
@@ -517,10 +515,7 @@ impl Lease for AdvisoryLease {
 impl EventLog for PostgresStore {
     async fn read(&self, q: &LogQuery) -> Result<Vec<EventEnvelope>, PortError> {
         let sql = log_sql(EVENT_COLUMNS, q);
-        Ok(decode_log(&sql, q, &self.pool, |row| {
-            row_to_event(row).and_then(StoredEvent::into_envelope)
-        })
-        .await?)
+        Ok(decode_log(&sql, q, &self.pool, row_to_envelope).await?)
     }
 
     async fn read_changes(&self, q: &LogQuery) -> Result<Vec<Change>, PortError> {
@@ -570,7 +565,10 @@ impl EventLog for PostgresStore {
             .fetch_all(&self.pool)
             .await
             .map_err(StoreError::from)?;
-        Ok(rows_to_envelopes(&rows)?)
+        Ok(rows
+            .iter()
+            .map(row_to_envelope)
+            .collect::<Result<Vec<_>, _>>()?)
     }
 }
 
