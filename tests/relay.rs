@@ -64,6 +64,11 @@ async fn a_relay_draining_a_backlog_stops_when_asked_and_resumes_where_it_stoppe
     on_fresh_database!(stop_while_draining);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn log_reads_keep_to_the_commit_order_index_before_the_log_was_ever_analyzed() {
+    on_fresh_database!(reads_before_analyze);
+}
+
 /// Collects everything published, in order.
 #[derive(Default)]
 struct Recorder {
@@ -494,4 +499,88 @@ async fn wake_up(db: &TestDb) {
     // ends it.
     drop(pool_a);
     pool_b.close().await;
+}
+
+/// Index scans of `index` as the statistics collector has them.
+async fn index_scans(pool: &PgPool, index: &str) -> i64 {
+    sqlx::query_scalar("SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = $1")
+        .bind(index)
+        .fetch_one(pool)
+        .await
+        .expect("reading index statistics")
+}
+
+/// Scans of the log, sequential and by index, as the statistics collector has them.
+async fn table_scans(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT seq_scan + coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'events'",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("reading table statistics")
+}
+
+/// A new deployment's log has no statistics until autovacuum first analyzes it; the
+/// planner then takes any equality as selective. A read of the log (the relay reads it
+/// hundreds of times a second) must still walk `events_commit_order` from the position,
+/// and never read the whole primary key into a bitmap.
+async fn reads_before_analyze(db: &TestDb) {
+    let (store, pool) = open_store(db).await;
+    sqlx::query("ALTER TABLE events SET (autovacuum_enabled = false)")
+        .execute(&pool)
+        .await
+        .expect("keeping autovacuum away");
+    let service = commands(&store);
+    for i in 0..400 {
+        create(&service, Uuid::now_v7(), &format!("u{i}@example.com")).await;
+    }
+    let all = store
+        .read(&pcf_domain::ports::LogQuery {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("reading the log");
+    assert_eq!(all.len(), 400);
+    // Statistics reach the collector when a backend ends: these are the appends'.
+    pool.close().await;
+    drop((service, store));
+    let before = eventually(
+        Duration::from_secs(15),
+        "the appends' statistics",
+        || async {
+            let scans = table_scans(&db.pool).await;
+            (scans >= 1).then_some(scans)
+        },
+    )
+    .await;
+    let pkey_before = index_scans(&db.pool, "events_pkey").await;
+
+    let (store, pool) = open_store(db).await;
+    let after = all[all.len() - 10].position;
+    // More than five executions: the prepared statement's generic plan is in use by then.
+    let reads = 12;
+    for _ in 0..reads {
+        let page = store
+            .read(&pcf_domain::ports::LogQuery {
+                after: Some(after),
+                limit: 500,
+                ..Default::default()
+            })
+            .await
+            .expect("reading the log");
+        assert_eq!(page.len(), 9);
+    }
+    pool.close().await;
+    drop(store);
+    eventually(Duration::from_secs(15), "the reads' statistics", || async {
+        let scans = table_scans(&db.pool).await;
+        (scans >= before + reads).then_some(())
+    })
+    .await;
+    assert_eq!(
+        index_scans(&db.pool, "events_pkey").await,
+        pkey_before,
+        "a log read scanned the primary key"
+    );
 }

@@ -168,14 +168,16 @@ fn row_to_change(row: &PgRow) -> Result<Change, StoreError> {
 /// not visible yet, so the prefix returned never changes. Filters are written in only
 /// when asked for: optional ones (`$n IS NULL OR …`) lead a prepared statement's generic
 /// plan away from the ordered index scan on `events_commit_order`, into reading every
-/// later row and sorting them.
+/// later row and sorting them. The log holds one aggregate type, and is read whole (as
+/// `count_after` counts it): a condition on `aggregate_type`, true of every row, matches
+/// the leading column of the primary key, and while the table's statistics still
+/// describe it small (a new deployment, before autovacuum's first analyze) the planner
+/// read that whole index into a bitmap for every relay read.
 fn log_sql(columns: &str, q: &LogQuery) -> String {
     let mut sql = format!(
         "SELECT {columns} FROM events \
-         WHERE aggregate_type = '{}' \
-           AND (transaction_id, global_position) > ($1::text::xid8, $2) \
-           AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())",
-        pcf_domain::AGGREGATE_TYPE
+         WHERE (transaction_id, global_position) > ($1::text::xid8, $2) \
+           AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
     );
     let mut next = 4;
     if q.aggregate_id.is_some() {
