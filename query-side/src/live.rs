@@ -1,22 +1,33 @@
-//! The live tail of the log for subscriptions: one task per process follows the event store's
-//! commit order (the same gap-free read the relay uses), woken by commits, and broadcasts
-//! each batch. A subscriber replays from the store up to the tail, then follows the
-//! broadcast, skipping what it has seen, so the seam loses and repeats nothing.
+//! The live tail of the log for subscriptions: while anyone subscribes, one task per process
+//! follows the event store's commit order (the same gap-free read the relay uses), woken by
+//! commits, and broadcasts each batch. A subscriber replays from the store up to the tail,
+//! then follows the broadcast, skipping what it has seen, so the seam loses and repeats
+//! nothing. A process nobody subscribes to reads nothing: the tail stops with its last
+//! subscriber and starts again, from the end of the log, with the next; the first batch
+//! after such a start sends every subscriber back to the store once (they all joined while
+//! it was stopped, and may have replayed only up to a point before its start).
 
 use futures::stream::{self, BoxStream, StreamExt};
 use pcf_domain::ports::{EventLog, LogQuery};
 use pcf_domain::{EventEnvelope, Position};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, watch, Notify};
 use uuid::Uuid;
 
-type Batch = Arc<Vec<EventEnvelope>>;
+/// Events read by the tail.
+struct Batch {
+    /// The first batch since the tail started (again) from the end of the log: what was
+    /// committed before its start may be in no batch at all.
+    first: bool,
+    events: Vec<EventEnvelope>,
+}
 
 /// The process's live tail of the log.
 pub struct LiveLog {
-    batches: broadcast::Sender<Batch>,
-    head: watch::Receiver<Position>,
+    batches: broadcast::Sender<Arc<Batch>>,
+    /// Told when a subscriber arrives, so that an idle tail starts at once.
+    joined: Arc<Notify>,
     log: Arc<dyn EventLog>,
 }
 
@@ -37,53 +48,70 @@ impl LiveFilter {
 const BATCH: usize = 500;
 
 impl LiveLog {
-    /// Starts following the log from its current end. `commits` moves whenever events may
+    /// Starts the tail, idle until someone subscribes. `commits` moves whenever events may
     /// have been committed; `poll` is the fallback interval.
     pub async fn spawn(
         log: Arc<dyn EventLog>,
         mut commits: watch::Receiver<u64>,
         poll: Duration,
     ) -> Arc<Self> {
-        let start = match log.last_position().await {
-            Ok(p) => p.unwrap_or(Position::START),
-            Err(e) => {
-                tracing::warn!(error = %e, "live tail starts from the beginning of the log");
-                Position::START
-            }
-        };
         let (batches, _) = broadcast::channel(1024);
-        let (head_tx, head) = watch::channel(start);
+        let joined = Arc::new(Notify::new());
         let live = Arc::new(Self {
             batches: batches.clone(),
-            head,
+            joined: joined.clone(),
             log: log.clone(),
         });
         let alive = Arc::downgrade(&live);
         tokio::spawn(async move {
-            let mut after = start;
+            // Where the next read starts; `None` while idle: the tail starts again from the
+            // end of the log (subscribers replay whatever lies between).
+            let mut after: Option<Position> = None;
+            let mut first = true;
             loop {
+                if alive.strong_count() == 0 {
+                    // Nobody can subscribe any more.
+                    return;
+                }
+                if batches.receiver_count() == 0 {
+                    after = None;
+                    first = true;
+                    tokio::select! {
+                        _ = joined.notified() => {}
+                        _ = tokio::time::sleep(poll) => {}
+                    }
+                    continue;
+                }
+                let from = match after {
+                    Some(p) => p,
+                    None => match log.last_position().await {
+                        Ok(p) => p.unwrap_or(Position::START),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "live tail could not find the end of the log");
+                            tokio::time::sleep(poll).await;
+                            continue;
+                        }
+                    },
+                };
+                after = Some(from);
                 let query = LogQuery {
-                    after: Some(after),
+                    after: Some(from),
                     limit: BATCH,
                     ..LogQuery::default()
                 };
                 match log.read(&query).await {
                     Ok(events) if !events.is_empty() => {
-                        after = events.last().map_or(after, |e| e.position);
+                        after = events.last().map(|e| e.position);
                         let full = events.len() == BATCH;
-                        // No receivers is fine: nobody is subscribed right now.
-                        let _ = batches.send(Arc::new(events));
-                        let _ = head_tx.send(after);
+                        // A send fails only when the last subscriber left meanwhile.
+                        let _ = batches.send(Arc::new(Batch { first, events }));
+                        first = false;
                         if full {
                             continue;
                         }
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "live tail read failed"),
-                }
-                if alive.strong_count() == 0 {
-                    // Nobody can subscribe any more.
-                    return;
                 }
                 tokio::select! {
                     changed = commits.changed() => {
@@ -99,13 +127,8 @@ impl LiveLog {
         live
     }
 
-    /// The position the tail has reached.
-    pub fn head(&self) -> Position {
-        *self.head.borrow()
-    }
-
-    /// Events after `after` (or from now on), matching `filter`, in commit order: first
-    /// from the store, then live.
+    /// Events after `after` (or from now on: after the end of the log when the stream is
+    /// first polled), matching `filter`, in commit order: first from the store, then live.
     pub fn stream(
         self: &Arc<Self>,
         after: Option<Position>,
@@ -113,12 +136,12 @@ impl LiveLog {
     ) -> BoxStream<'static, EventEnvelope> {
         // Subscribe before reading the store, so nothing falls between the two.
         let rx = self.batches.subscribe();
-        let last = after.unwrap_or_else(|| self.head());
+        self.joined.notify_one();
         let state = Subscriber {
             live: self.clone(),
             rx,
-            last,
-            replaying: after.is_some(),
+            last: after,
+            replaying: true,
             filter,
         };
         stream::unfold(state, |mut s| async move {
@@ -132,9 +155,10 @@ impl LiveLog {
 
 struct Subscriber {
     live: Arc<LiveLog>,
-    rx: broadcast::Receiver<Batch>,
-    /// The last position delivered (or skipped as not matching).
-    last: Position,
+    rx: broadcast::Receiver<Arc<Batch>>,
+    /// The last position delivered (or skipped as not matching); `None` until a stream
+    /// "from now on" has found the end of the log.
+    last: Option<Position>,
     replaying: bool,
     filter: LiveFilter,
 }
@@ -142,9 +166,20 @@ struct Subscriber {
 impl Subscriber {
     /// The next events to deliver (possibly none); `None` ends the stream.
     async fn next_batch(&mut self) -> Option<Vec<EventEnvelope>> {
+        let last = match self.last {
+            Some(last) => last,
+            None => match self.live.log.last_position().await {
+                Ok(end) => *self.last.insert(end.unwrap_or(Position::START)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "subscription could not find the end of the log; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    return Some(Vec::new());
+                }
+            },
+        };
         if self.replaying {
             let query = LogQuery {
-                after: Some(self.last),
+                after: Some(last),
                 aggregate_id: self.filter.aggregate_id,
                 types: self.filter.types.clone(),
                 limit: BATCH,
@@ -157,7 +192,7 @@ impl Subscriber {
                         self.replaying = false;
                     }
                     if let Some(e) = events.last() {
-                        self.last = self.last.max(e.position);
+                        self.last = Some(last.max(e.position));
                     }
                     return Some(events);
                 }
@@ -169,14 +204,22 @@ impl Subscriber {
             }
         }
         match self.rx.recv().await {
+            Ok(batch) if batch.first => {
+                // The tail started after this subscriber joined, from the end of the log as
+                // it was then, which the replay may not have reached: replay again (the
+                // events of this batch come from the store too).
+                self.replaying = true;
+                Some(Vec::new())
+            }
             Ok(batch) => {
                 let out: Vec<EventEnvelope> = batch
+                    .events
                     .iter()
-                    .filter(|e| e.position > self.last && self.filter.matches(e))
+                    .filter(|e| e.position > last && self.filter.matches(e))
                     .cloned()
                     .collect();
-                if let Some(e) = batch.last() {
-                    self.last = self.last.max(e.position);
+                if let Some(e) = batch.events.last() {
+                    self.last = Some(last.max(e.position));
                 }
                 Some(out)
             }
@@ -187,5 +230,218 @@ impl Subscriber {
             }
             Err(broadcast::error::RecvError::Closed) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use pcf_domain::ports::PortError;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    /// A log in memory that counts its reads.
+    #[derive(Default)]
+    struct MemoryLog {
+        events: Mutex<Vec<EventEnvelope>>,
+        reads: AtomicUsize,
+        /// Held to keep `last_position` from answering.
+        gate: tokio::sync::Mutex<()>,
+    }
+
+    impl MemoryLog {
+        fn append(&self, aggregate_id: Uuid) -> EventEnvelope {
+            let mut events = self.events.lock().unwrap();
+            let n = events.len() as u64 + 1;
+            let e = EventEnvelope {
+                event_id: Uuid::now_v7(),
+                aggregate_type: pcf_domain::AGGREGATE_TYPE.to_owned(),
+                aggregate_id,
+                sequence: n,
+                position: Position::new(n, n),
+                event_type: "UserProfileUpdated".to_owned(),
+                event_version: "1".to_owned(),
+                recorded_at: chrono::Utc::now(),
+                metadata: Default::default(),
+                payload: serde_json::json!({ "n": n }),
+            };
+            events.push(e.clone());
+            e
+        }
+
+        fn reads(&self) -> usize {
+            self.reads.load(Ordering::SeqCst)
+        }
+    }
+
+    #[async_trait]
+    impl EventLog for MemoryLog {
+        async fn read(&self, q: &LogQuery) -> Result<Vec<EventEnvelope>, PortError> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let after = q.after.unwrap_or(Position::START);
+            Ok(self
+                .events
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| e.position > after)
+                .filter(|e| q.aggregate_id.is_none_or(|id| id == e.aggregate_id))
+                .take(q.limit)
+                .cloned()
+                .collect())
+        }
+
+        async fn user_events(&self, _: Uuid, _: u64) -> Result<Vec<EventEnvelope>, PortError> {
+            Ok(Vec::new())
+        }
+
+        async fn last_position(&self) -> Result<Option<Position>, PortError> {
+            let _open = self.gate.lock().await;
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            Ok(self.events.lock().unwrap().last().map(|e| e.position))
+        }
+    }
+
+    struct Setup {
+        log: Arc<MemoryLog>,
+        live: Arc<LiveLog>,
+        commits: watch::Sender<u64>,
+    }
+
+    async fn setup() -> Setup {
+        let log = Arc::new(MemoryLog::default());
+        let (commits, rx) = watch::channel(0);
+        let live = LiveLog::spawn(log.clone(), rx, Duration::from_millis(20)).await;
+        Setup { log, live, commits }
+    }
+
+    impl Setup {
+        fn commit(&self, user: Uuid) -> EventEnvelope {
+            let e = self.log.append(user);
+            self.commits.send_modify(|n| *n += 1);
+            e
+        }
+    }
+
+    async fn next(stream: &mut BoxStream<'static, EventEnvelope>) -> EventEnvelope {
+        tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("an event within 5 s")
+            .expect("the stream goes on")
+    }
+
+    #[tokio::test]
+    async fn a_tail_nobody_subscribes_to_reads_nothing() {
+        let s = setup().await;
+        let user = Uuid::now_v7();
+        for _ in 0..10 {
+            s.commit(user);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            s.log.reads(),
+            0,
+            "the tail read the log with nobody subscribed"
+        );
+
+        let mut stream = s.live.stream(None, LiveFilter::default());
+        // The stream finds the end of the log when first polled.
+        let waiting = tokio::time::timeout(Duration::from_millis(50), stream.next()).await;
+        assert!(waiting.is_err(), "nothing after the end yet");
+        let e = s.commit(user);
+        assert_eq!(next(&mut stream).await.position, e.position);
+        assert!(s.log.reads() > 0);
+
+        drop(stream);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let reads = s.log.reads();
+        for _ in 0..10 {
+            s.commit(user);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            s.log.reads(),
+            reads,
+            "the tail kept reading after its last subscriber left"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn subscribers_joining_a_stopped_tail_get_every_event_once_in_order() {
+        let s = setup().await;
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let before: Vec<EventEnvelope> = (0..5)
+            .map(|i| s.commit(if i % 2 == 0 { a } else { b }))
+            .collect();
+        // Joins while the tail is stopped: replays from the start, then live, while commits
+        // keep coming across the tail's start.
+        let mut all = s.live.stream(Some(Position::START), LiveFilter::default());
+        let mut only_a = s.live.stream(
+            Some(Position::START),
+            LiveFilter {
+                aggregate_id: Some(a),
+                types: Vec::new(),
+            },
+        );
+        let committer = {
+            let log = s.log.clone();
+            let commits = s.commits.clone();
+            tokio::spawn(async move {
+                let mut after = Vec::new();
+                for i in 0..200 {
+                    after.push(log.append(if i % 2 == 0 { a } else { b }));
+                    commits.send_modify(|n| *n += 1);
+                    if i % 10 == 0 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                after
+            })
+        };
+        let after = committer.await.unwrap();
+        let expected: Vec<Position> = before.iter().chain(&after).map(|e| e.position).collect();
+        let mut got = Vec::new();
+        while got.len() < expected.len() {
+            got.push(next(&mut all).await.position);
+        }
+        assert_eq!(got, expected);
+        let expected_a: Vec<Position> = before
+            .iter()
+            .chain(&after)
+            .filter(|e| e.aggregate_id == a)
+            .map(|e| e.position)
+            .collect();
+        let mut got_a = Vec::new();
+        while got_a.len() < expected_a.len() {
+            got_a.push(next(&mut only_a).await.position);
+        }
+        assert_eq!(got_a, expected_a);
+        let more = tokio::time::timeout(Duration::from_millis(100), all.next()).await;
+        assert!(more.is_err(), "an event came twice: {more:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscriber_that_replayed_before_the_tail_started_replays_again() {
+        let s = setup().await;
+        let user = Uuid::now_v7();
+        let mut expected: Vec<Position> = (0..3).map(|_| s.commit(user).position).collect();
+        // The tail, started by the subscriber, cannot find the end of the log yet.
+        let gate = s.log.gate.lock().await;
+        let mut stream = s.live.stream(Some(Position::START), LiveFilter::default());
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(next(&mut stream).await.position);
+        }
+        // Committed after the replay, before the tail's start: no batch will hold them.
+        expected.extend((0..2).map(|_| s.log.append(user).position));
+        drop(gate);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        expected.push(s.commit(user).position);
+        while got.len() < expected.len() {
+            got.push(next(&mut stream).await.position);
+        }
+        assert_eq!(got, expected);
     }
 }
