@@ -3,9 +3,9 @@
 //! commits, and broadcasts each batch. A subscriber replays from the store up to the tail,
 //! then follows the broadcast, skipping what it has seen, so the seam loses and repeats
 //! nothing. A process nobody subscribes to reads nothing: the tail stops with its last
-//! subscriber and starts again, from the end of the log, with the next; the first batch
-//! after such a start sends every subscriber back to the store once (they all joined while
-//! it was stopped, and may have replayed only up to a point before its start).
+//! subscriber and starts again, from the end of the log, with the next; a first (empty)
+//! batch at such a start sends every subscriber back to the store once (they all joined
+//! while it was stopped, and may have replayed only up to a point before its start).
 
 use futures::stream::{self, BoxStream, StreamExt};
 use pcf_domain::ports::{EventLog, LogQuery};
@@ -17,8 +17,8 @@ use uuid::Uuid;
 
 /// Events read by the tail.
 struct Batch {
-    /// The first batch since the tail started (again) from the end of the log: what was
-    /// committed before its start may be in no batch at all.
+    /// Sent, without events, when the tail starts (again) from the end of the log: what was
+    /// committed before that point is in no batch at all.
     first: bool,
     events: Vec<EventEnvelope>,
 }
@@ -67,7 +67,6 @@ impl LiveLog {
             // Where the next read starts; `None` while idle: the tail starts again from the
             // end of the log (subscribers replay whatever lies between).
             let mut after: Option<Position> = None;
-            let mut first = true;
             loop {
                 if alive.strong_count() == 0 {
                     // Nobody can subscribe any more.
@@ -75,7 +74,6 @@ impl LiveLog {
                 }
                 if batches.receiver_count() == 0 {
                     after = None;
-                    first = true;
                     tokio::select! {
                         _ = joined.notified() => {}
                         _ = tokio::time::sleep(poll) => {}
@@ -85,7 +83,15 @@ impl LiveLog {
                 let from = match after {
                     Some(p) => p,
                     None => match log.last_position().await {
-                        Ok(p) => p.unwrap_or(Position::START),
+                        Ok(p) => {
+                            // Whoever joined while the tail was stopped may have replayed
+                            // only up to a point before this one: back to the store, once.
+                            let _ = batches.send(Arc::new(Batch {
+                                first: true,
+                                events: Vec::new(),
+                            }));
+                            p.unwrap_or(Position::START)
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "live tail could not find the end of the log");
                             tokio::time::sleep(poll).await;
@@ -104,8 +110,10 @@ impl LiveLog {
                         after = events.last().map(|e| e.position);
                         let full = events.len() == BATCH;
                         // A send fails only when the last subscriber left meanwhile.
-                        let _ = batches.send(Arc::new(Batch { first, events }));
-                        first = false;
+                        let _ = batches.send(Arc::new(Batch {
+                            first: false,
+                            events,
+                        }));
                         if full {
                             continue;
                         }
@@ -206,8 +214,7 @@ impl Subscriber {
         match self.rx.recv().await {
             Ok(batch) if batch.first => {
                 // The tail started after this subscriber joined, from the end of the log as
-                // it was then, which the replay may not have reached: replay again (the
-                // events of this batch come from the store too).
+                // it was then, which the replay may not have reached: replay again.
                 self.replaying = true;
                 Some(Vec::new())
             }
@@ -246,6 +253,8 @@ mod tests {
     struct MemoryLog {
         events: Mutex<Vec<EventEnvelope>>,
         reads: AtomicUsize,
+        /// Events returned by `read`, in all.
+        rows: AtomicUsize,
         /// Held to keep `last_position` from answering.
         gate: tokio::sync::Mutex<()>,
     }
@@ -260,7 +269,12 @@ mod tests {
                 aggregate_id,
                 sequence: n,
                 position: Position::new(n, n),
-                event_type: "UserProfileUpdated".to_owned(),
+                event_type: if n % 3 == 0 {
+                    "UserEmailChanged"
+                } else {
+                    "UserProfileUpdated"
+                }
+                .to_owned(),
                 event_version: "1".to_owned(),
                 recorded_at: chrono::Utc::now(),
                 metadata: Default::default(),
@@ -280,16 +294,19 @@ mod tests {
         async fn read(&self, q: &LogQuery) -> Result<Vec<EventEnvelope>, PortError> {
             self.reads.fetch_add(1, Ordering::SeqCst);
             let after = q.after.unwrap_or(Position::START);
-            Ok(self
+            let events: Vec<EventEnvelope> = self
                 .events
                 .lock()
                 .unwrap()
                 .iter()
                 .filter(|e| e.position > after)
                 .filter(|e| q.aggregate_id.is_none_or(|id| id == e.aggregate_id))
+                .filter(|e| q.types.is_empty() || q.types.contains(&e.event_type))
                 .take(q.limit)
                 .cloned()
-                .collect())
+                .collect();
+            self.rows.fetch_add(events.len(), Ordering::SeqCst);
+            Ok(events)
         }
 
         async fn user_events(&self, _: Uuid, _: u64) -> Result<Vec<EventEnvelope>, PortError> {
@@ -368,15 +385,21 @@ mod tests {
         );
     }
 
+    /// Takes `n` events from `stream`, in the order they come.
+    async fn take(stream: &mut BoxStream<'static, EventEnvelope>, n: usize) -> Vec<Position> {
+        let mut got = Vec::with_capacity(n);
+        while got.len() < n {
+            got.push(next(stream).await.position);
+        }
+        got
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn subscribers_joining_a_stopped_tail_get_every_event_once_in_order() {
+    async fn subscribers_get_every_event_once_in_order_replayed_then_live() {
         let s = setup().await;
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-        let before: Vec<EventEnvelope> = (0..5)
-            .map(|i| s.commit(if i % 2 == 0 { a } else { b }))
-            .collect();
-        // Joins while the tail is stopped: replays from the start, then live, while commits
-        // keep coming across the tail's start.
+        let user = |i: usize| if i % 2 == 0 { a } else { b };
+        let before: Vec<EventEnvelope> = (0..5).map(|i| s.commit(user(i))).collect();
         let mut all = s.live.stream(Some(Position::START), LiveFilter::default());
         let mut only_a = s.live.stream(
             Some(Position::START),
@@ -385,41 +408,82 @@ mod tests {
                 types: Vec::new(),
             },
         );
-        let committer = {
-            let log = s.log.clone();
-            let commits = s.commits.clone();
-            tokio::spawn(async move {
-                let mut after = Vec::new();
-                for i in 0..200 {
-                    after.push(log.append(if i % 2 == 0 { a } else { b }));
-                    commits.send_modify(|n| *n += 1);
-                    if i % 10 == 0 {
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                }
-                after
-            })
+        let mut emails = s.live.stream(
+            Some(Position::START),
+            LiveFilter {
+                aggregate_id: None,
+                types: vec!["UserEmailChanged".to_owned()],
+            },
+        );
+        let positions = |events: &[EventEnvelope], keep: &dyn Fn(&EventEnvelope) -> bool| {
+            events
+                .iter()
+                .filter(|e| keep(e))
+                .map(|e| e.position)
+                .collect::<Vec<_>>()
         };
-        let after = committer.await.unwrap();
-        let expected: Vec<Position> = before.iter().chain(&after).map(|e| e.position).collect();
+        // The replay first, from the store.
+        assert_eq!(take(&mut all, 5).await, positions(&before, &|_| true));
+        let a_before = positions(&before, &|e| e.aggregate_id == a);
+        assert_eq!(take(&mut only_a, a_before.len()).await, a_before);
+        let emails_before = positions(&before, &|e| e.event_type == "UserEmailChanged");
+        assert_eq!(take(&mut emails, emails_before.len()).await, emails_before);
+        // Then live, from the running tail, taken while the commits go on.
+        let reads = s.log.reads();
+        let mut after = Vec::new();
         let mut got = Vec::new();
-        while got.len() < expected.len() {
-            got.push(next(&mut all).await.position);
+        for i in 0..200 {
+            after.push(s.commit(user(i)));
+            if i % 10 == 9 {
+                got.extend(take(&mut all, after.len() - got.len()).await);
+            }
         }
-        assert_eq!(got, expected);
-        let expected_a: Vec<Position> = before
-            .iter()
-            .chain(&after)
-            .filter(|e| e.aggregate_id == a)
-            .map(|e| e.position)
-            .collect();
-        let mut got_a = Vec::new();
-        while got_a.len() < expected_a.len() {
-            got_a.push(next(&mut only_a).await.position);
-        }
-        assert_eq!(got_a, expected_a);
+        assert_eq!(got, positions(&after, &|_| true));
+        assert!(
+            s.log.reads() - reads <= 220,
+            "one read or so per commit, not a replay per batch"
+        );
+        let a_after = positions(&after, &|e| e.aggregate_id == a);
+        assert_eq!(take(&mut only_a, a_after.len()).await, a_after);
+        let emails_after = positions(&after, &|e| e.event_type == "UserEmailChanged");
+        assert_eq!(take(&mut emails, emails_after.len()).await, emails_after);
         let more = tokio::time::timeout(Duration::from_millis(100), all.next()).await;
         assert!(more.is_err(), "an event came twice: {more:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tail_started_again_reads_from_the_end_and_its_subscribers_lose_nothing() {
+        let s = setup().await;
+        let user = Uuid::now_v7();
+        let mut first = s.live.stream(None, LiveFilter::default());
+        let waiting = tokio::time::timeout(Duration::from_millis(50), first.next()).await;
+        assert!(waiting.is_err(), "nothing after the end yet");
+        let seen = s.commit(user);
+        assert_eq!(next(&mut first).await.position, seen.position);
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Committed while nobody subscribes.
+        let mut expected: Vec<Position> = (0..300).map(|_| s.commit(user).position).collect();
+        let rows = s.log.rows.load(Ordering::SeqCst);
+
+        // The next subscriber resumes after what it saw; the tail, started again, cannot
+        // find the end of the log yet while that subscriber replays.
+        let gate = s.log.gate.lock().await;
+        let mut second = s.live.stream(Some(seen.position), LiveFilter::default());
+        let mut got = take(&mut second, 300).await;
+        expected.extend((0..2).map(|_| s.log.append(user).position));
+        drop(gate);
+        got.extend(take(&mut second, 2).await);
+        expected.push(s.commit(user).position);
+        got.extend(take(&mut second, 1).await);
+        assert_eq!(got, expected);
+        // The subscriber read the 300 (and the 2 after them, sent back by the tail's start); the
+        // tail read from the end of the log, not from where it had stopped.
+        let read = s.log.rows.load(Ordering::SeqCst) - rows;
+        assert!(
+            read < 400,
+            "{read} events read: the tail went over what it missed"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,7 +501,6 @@ mod tests {
         // Committed after the replay, before the tail's start: no batch will hold them.
         expected.extend((0..2).map(|_| s.log.append(user).position));
         drop(gate);
-        tokio::time::sleep(Duration::from_millis(50)).await;
         expected.push(s.commit(user).position);
         while got.len() < expected.len() {
             got.push(next(&mut stream).await.position);
