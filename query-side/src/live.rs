@@ -269,7 +269,7 @@ mod tests {
                 aggregate_id,
                 sequence: n,
                 position: Position::new(n, n),
-                event_type: if n % 3 == 0 {
+                event_type: if n.is_multiple_of(3) {
                     "UserEmailChanged"
                 } else {
                     "UserProfileUpdated"
@@ -398,7 +398,7 @@ mod tests {
     async fn subscribers_get_every_event_once_in_order_replayed_then_live() {
         let s = setup().await;
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-        let user = |i: usize| if i % 2 == 0 { a } else { b };
+        let user = |i: usize| if i.is_multiple_of(2) { a } else { b };
         let before: Vec<EventEnvelope> = (0..5).map(|i| s.commit(user(i))).collect();
         let mut all = s.live.stream(Some(Position::START), LiveFilter::default());
         let mut only_a = s.live.stream(
