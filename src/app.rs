@@ -399,8 +399,7 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
         log.clone(),
         store.commits(),
         std::time::Duration::from_millis(500),
-    )
-    .await;
+    );
     let models = ReadModels {
         users,
         log,

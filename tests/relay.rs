@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 use common::{eventually, TestDb};
 use pcf_command::{CommandService, EventStore, PostgresStore, Relay, RelayConfig};
-use pcf_domain::ports::{EventLog, EventPublisher, NoopObserver, PortError};
+use pcf_domain::ports::{EventLog, EventPublisher, LogQuery, NoopObserver, PortError};
 use pcf_domain::{EventEnvelope, EventMetadata, Position, ProfilePatch, UserCommand, UserEvent};
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
@@ -534,13 +534,11 @@ async fn reads_before_analyze(db: &TestDb) {
     for i in 0..400 {
         create(&service, Uuid::now_v7(), &format!("u{i}@example.com")).await;
     }
-    let all = store
-        .read(&pcf_domain::ports::LogQuery {
-            limit: 1000,
-            ..Default::default()
-        })
-        .await
-        .expect("reading the log");
+    let everything = LogQuery {
+        limit: 1000,
+        ..LogQuery::default()
+    };
+    let all = store.read(&everything).await.expect("reading the log");
     assert_eq!(all.len(), 400);
     // Statistics reach the collector when a backend ends: these are the appends'.
     pool.close().await;
@@ -557,18 +555,15 @@ async fn reads_before_analyze(db: &TestDb) {
     let pkey_before = index_scans(&db.pool, "events_pkey").await;
 
     let (store, pool) = open_store(db).await;
-    let after = all[all.len() - 10].position;
+    let last_nine = LogQuery {
+        after: Some(all[all.len() - 10].position),
+        limit: 500,
+        ..LogQuery::default()
+    };
     // More than five executions: the prepared statement's generic plan is in use by then.
     let reads = 12;
     for _ in 0..reads {
-        let page = store
-            .read(&pcf_domain::ports::LogQuery {
-                after: Some(after),
-                limit: 500,
-                ..Default::default()
-            })
-            .await
-            .expect("reading the log");
+        let page = store.read(&last_nine).await.expect("reading the log");
         assert_eq!(page.len(), 9);
     }
     pool.close().await;

@@ -50,7 +50,7 @@ const BATCH: usize = 500;
 impl LiveLog {
     /// Starts the tail, idle until someone subscribes. `commits` moves whenever events may
     /// have been committed; `poll` is the fallback interval.
-    pub async fn spawn(
+    pub fn spawn(
         log: Arc<dyn EventLog>,
         mut commits: watch::Receiver<u64>,
         poll: Duration,
@@ -326,10 +326,10 @@ mod tests {
         commits: watch::Sender<u64>,
     }
 
-    async fn setup() -> Setup {
+    fn setup() -> Setup {
         let log = Arc::new(MemoryLog::default());
         let (commits, rx) = watch::channel(0);
-        let live = LiveLog::spawn(log.clone(), rx, Duration::from_millis(20)).await;
+        let live = LiveLog::spawn(log.clone(), rx, Duration::from_millis(20));
         Setup { log, live, commits }
     }
 
@@ -350,7 +350,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tail_nobody_subscribes_to_reads_nothing() {
-        let s = setup().await;
+        let s = setup();
         let user = Uuid::now_v7();
         for _ in 0..10 {
             s.commit(user);
@@ -396,7 +396,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn subscribers_get_every_event_once_in_order_replayed_then_live() {
-        let s = setup().await;
+        let s = setup();
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
         let user = |i: usize| if i.is_multiple_of(2) { a } else { b };
         let before: Vec<EventEnvelope> = (0..5).map(|i| s.commit(user(i))).collect();
@@ -453,7 +453,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_tail_started_again_reads_from_the_end_and_its_subscribers_lose_nothing() {
-        let s = setup().await;
+        let s = setup();
         let user = Uuid::now_v7();
         let mut first = s.live.stream(None, LiveFilter::default());
         let waiting = tokio::time::timeout(Duration::from_millis(50), first.next()).await;
@@ -488,23 +488,18 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_subscriber_that_replayed_before_the_tail_started_replays_again() {
-        let s = setup().await;
+        let s = setup();
         let user = Uuid::now_v7();
         let mut expected: Vec<Position> = (0..3).map(|_| s.commit(user).position).collect();
         // The tail, started by the subscriber, cannot find the end of the log yet.
         let gate = s.log.gate.lock().await;
         let mut stream = s.live.stream(Some(Position::START), LiveFilter::default());
-        let mut got = Vec::new();
-        for _ in 0..3 {
-            got.push(next(&mut stream).await.position);
-        }
+        let mut got = take(&mut stream, 3).await;
         // Committed after the replay, before the tail's start: no batch will hold them.
         expected.extend((0..2).map(|_| s.log.append(user).position));
         drop(gate);
         expected.push(s.commit(user).position);
-        while got.len() < expected.len() {
-            got.push(next(&mut stream).await.position);
-        }
+        got.extend(take(&mut stream, 3).await);
         assert_eq!(got, expected);
     }
 }
