@@ -132,6 +132,10 @@ pub struct Schemas {
     /// For HTTP, where the handler has rate-limited the request and runs `documents`
     /// itself: no extensions, so that fields resolve without the extension chain.
     pub http: PcfSchema,
+    /// As `http`, with async-graphql's fast validation: for requests whose document passed
+    /// the full validation before and whose variables certainly fit it
+    /// ([`crate::limits::Known`]).
+    pub http_fast: PcfSchema,
     pub documents: crate::limits::DocumentLimits,
 }
 
@@ -145,7 +149,7 @@ pub fn schemas(
     limiter: Arc<crate::ratelimit::RateLimiter>,
 ) -> Schemas {
     let documents = crate::limits::DocumentLimits::new(config.max_aliases, config.max_complexity);
-    let build = |extended: bool| {
+    let build = |extended: bool, mode: async_graphql::ValidationMode| {
         let mut builder = Schema::build(
             QueryRoot::default(),
             MutationRoot::<UserObject>::default(),
@@ -160,7 +164,8 @@ pub fn schemas(
         .data(live.clone())
         .data(monitor.clone())
         .limit_depth(config.max_depth)
-        .limit_complexity(config.max_complexity);
+        .limit_complexity(config.max_complexity)
+        .validation_mode(mode);
         if extended {
             builder = builder
                 .extension(crate::ratelimit::WebSocketLimit(limiter.clone()))
@@ -172,8 +177,9 @@ pub fn schemas(
         builder.finish()
     };
     Schemas {
-        full: build(true),
-        http: build(false),
+        full: build(true, async_graphql::ValidationMode::Strict),
+        http: build(false, async_graphql::ValidationMode::Strict),
+        http_fast: build(false, async_graphql::ValidationMode::Fast),
         documents: documents.clone(),
     }
 }

@@ -213,10 +213,18 @@ async fn execute(
             actor: None,
         })
         .data(principal);
-    let mut response = match state.schemas.documents.admit(request) {
+    let mut known = None;
+    let mut response = match state.schemas.documents.admit_known(request) {
         Err(refused) => async_graphql::Response::from_errors(vec![refused]),
-        Ok(request) => {
-            let executed = state.schemas.http.execute(request);
+        Ok((request, k)) => {
+            let schema = match &k {
+                Some(k) if k.fast(&request) => &state.schemas.http_fast,
+                _ => {
+                    known = k;
+                    &state.schemas.http
+                }
+            };
+            let executed = schema.execute(request);
             let Ok(response) = tokio::time::timeout(state.request_timeout, executed).await else {
                 tracing::warn!("request timed out");
                 return (
@@ -242,6 +250,13 @@ async fn execute(
     let rejected = !response.errors.is_empty()
         && response.data == async_graphql::Value::Null
         && response.errors.iter().all(from_graphql);
+    // A document that ran through the full validation without an error from GraphQL
+    // itself may skip it from now on, for variables that certainly fit.
+    if let Some(known) = known {
+        if !response.errors.iter().any(from_graphql) {
+            known.validated();
+        }
+    }
     for e in &mut response.errors {
         if !from_graphql(e) {
             continue;

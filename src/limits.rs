@@ -1,17 +1,19 @@
 //! Query limits beyond async-graphql's own depth and complexity (the number of aliases and
 //! of fields once fragments are spread), and a cache of parsed documents: clients send the
 //! same few query texts again and again, and parsing is the largest part of a small
-//! query's cost.
+//! query's cost. The cache also remembers which documents passed the full validation, so
+//! that later requests with such a document skip the rules that cannot fail again (see
+//! [`Known`]).
 
 use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextPrepareRequest,
 };
 use async_graphql::parser::types::{
-    DocumentOperations, ExecutableDocument, Selection, SelectionSet,
+    BaseType, DocumentOperations, ExecutableDocument, Selection, SelectionSet,
 };
-use async_graphql::{Request, ServerError, ServerResult};
+use async_graphql::{Name, Request, ServerError, ServerResult, Value, Variables};
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Refuses, before anything runs, documents with more than `aliases` aliased fields or
@@ -38,7 +40,140 @@ impl DocumentLimits {
     /// document that does not parse is handed on as it is, for the schema to report with
     /// its position.
     pub fn admit(&self, request: Request) -> Result<Request, ServerError> {
+        self.0.admit(request).map(|(request, _)| request)
+    }
+
+    /// As [`admit`](Self::admit), with what is known of a cached document: whether a
+    /// request with it may skip the validation rules that cannot fail again.
+    pub fn admit_known(
+        &self,
+        request: Request,
+    ) -> Result<(Request, Option<Arc<Known>>), ServerError> {
         self.0.admit(request)
+    }
+}
+
+/// A base type whose validity for a variable's value depends only on the value's JSON
+/// kind, as async-graphql's validator checks it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Id,
+    String,
+    Boolean,
+    Int,
+}
+
+/// A declared variable of a cached document.
+#[derive(Debug)]
+struct Declared {
+    name: Name,
+    kind: Kind,
+    nullable: bool,
+    defaulted: bool,
+}
+
+/// What is known of a cached document beyond its parse.
+///
+/// async-graphql validates every request in full (22 rules), and on a small query that is
+/// a tenth of the process's work. Of those rules, only one looks at the variables' values
+/// (that each argument's value fits its type); the others see the document alone, so once
+/// a document has passed them it passes them again. A request with a document that passed
+/// the full validation may therefore run with async-graphql's fast validation (the
+/// complexity, depth and fragment-cycle checks, which it keeps) when its variables' values
+/// certainly fit: every declared variable is an `ID`, `String`, `Boolean` or `Int` (nullable
+/// or not, not a list), and each value is of a kind that type accepts (for `Int`, a whole
+/// number from 0 up). Any other request (a
+/// list or enum or input object or custom scalar variable, a value of the wrong kind, a
+/// missing required variable, a request naming an operation the document does not have)
+/// runs the full validation, so what a client is told about a bad request does not change.
+#[derive(Debug)]
+pub struct Known {
+    /// The single operation's name, and its variables when all are of the kinds above;
+    /// `None` when the document cannot take the fast path.
+    operation: Option<(Option<Name>, Vec<Declared>)>,
+    validated: AtomicBool,
+}
+
+impl Known {
+    fn new(doc: &ExecutableDocument) -> Self {
+        Self {
+            operation: fast_operation(doc),
+            validated: AtomicBool::new(false),
+        }
+    }
+
+    /// Records that a request with this document passed the full validation.
+    pub fn validated(&self) {
+        if self.operation.is_some() {
+            self.validated.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `request` (with this document) can run with the fast validation.
+    pub fn fast(&self, request: &Request) -> bool {
+        let Some((name, declared)) = &self.operation else {
+            return false;
+        };
+        if !self.validated.load(Ordering::Relaxed) {
+            return false;
+        }
+        let operation_fits = match (&request.operation_name, name) {
+            (None, _) => true,
+            (Some(asked), Some(name)) => asked.as_str() == name.as_str(),
+            (Some(_), None) => false,
+        };
+        operation_fits && declared.iter().all(|d| fits(d, &request.variables))
+    }
+}
+
+/// The document's only operation, if its variables are all of the simple kinds.
+fn fast_operation(doc: &ExecutableDocument) -> Option<(Option<Name>, Vec<Declared>)> {
+    let (name, operation) = match &doc.operations {
+        DocumentOperations::Single(op) => (None, op),
+        DocumentOperations::Multiple(ops) if ops.len() == 1 => {
+            let (name, op) = ops.iter().next()?;
+            (Some(name.clone()), op)
+        }
+        DocumentOperations::Multiple(_) => return None,
+    };
+    let mut declared = Vec::new();
+    for def in &operation.node.variable_definitions {
+        let ty = &def.node.var_type.node;
+        let BaseType::Named(base) = &ty.base else {
+            return None;
+        };
+        let kind = match base.as_str() {
+            "ID" => Kind::Id,
+            "String" => Kind::String,
+            "Boolean" => Kind::Boolean,
+            "Int" => Kind::Int,
+            _ => return None,
+        };
+        declared.push(Declared {
+            name: def.node.name.node.clone(),
+            kind,
+            nullable: ty.nullable,
+            defaulted: def.node.default_value.is_some(),
+        });
+    }
+    Some((name, declared))
+}
+
+/// Whether the request's value for a declared variable certainly fits its type.
+fn fits(declared: &Declared, variables: &Variables) -> bool {
+    match variables.get(&declared.name) {
+        None => declared.nullable || declared.defaulted,
+        Some(Value::Null) => declared.nullable,
+        Some(Value::String(_)) => matches!(declared.kind, Kind::Id | Kind::String),
+        // `Int` is registered by whichever integer type comes first, checking either
+        // `is_i64` or `is_u64`: a number that passes both passes either.
+        Some(Value::Number(n)) => match declared.kind {
+            Kind::Id => n.is_i64(),
+            Kind::Int => n.is_i64() && n.is_u64(),
+            Kind::String | Kind::Boolean => false,
+        },
+        Some(Value::Boolean(_)) => declared.kind == Kind::Boolean,
+        Some(_) => false,
     }
 }
 
@@ -63,7 +198,7 @@ const MAX_CACHED_TEXT: usize = 16 * 1024;
 /// least recently used is dropped.
 pub struct DocumentCache {
     capacity: usize,
-    entries: Mutex<HashMap<String, (ExecutableDocument, u64)>>,
+    entries: Mutex<HashMap<String, Entry>>,
     clock: AtomicU64,
 }
 
@@ -76,28 +211,38 @@ impl DocumentCache {
         }
     }
 
-    fn get(&self, text: &str) -> Option<ExecutableDocument> {
+    fn get(&self, text: &str) -> Option<(ExecutableDocument, Arc<Known>)> {
         let tick = self.clock.fetch_add(1, Ordering::Relaxed);
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let (doc, used) = entries.get_mut(text)?;
-        *used = tick;
-        Some(doc.clone())
+        let entry = entries.get_mut(text)?;
+        entry.used = tick;
+        Some((entry.doc.clone(), entry.known.clone()))
     }
 
-    fn put(&self, text: &str, doc: &ExecutableDocument) {
+    /// Keeps `doc` for `text`; returns what will be known of it, when it is kept.
+    fn put(&self, text: &str, doc: &ExecutableDocument) -> Option<Arc<Known>> {
         if text.len() > MAX_CACHED_TEXT || self.capacity == 0 {
-            return;
+            return None;
         }
         let tick = self.clock.fetch_add(1, Ordering::Relaxed);
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         if entries.len() >= self.capacity {
-            let mut ticks: Vec<u64> = entries.values().map(|(_, t)| *t).collect();
+            let mut ticks: Vec<u64> = entries.values().map(|e| e.used).collect();
             let older_half = (ticks.len() - 1) / 2;
             let (_, cut, _) = ticks.select_nth_unstable(older_half);
             let cut = *cut;
-            entries.retain(|_, (_, t)| *t > cut);
+            entries.retain(|_, e| e.used > cut);
         }
-        entries.insert(text.to_owned(), (doc.clone(), tick));
+        let known = Arc::new(Known::new(doc));
+        entries.insert(
+            text.to_owned(),
+            Entry {
+                doc: doc.clone(),
+                used: tick,
+                known: known.clone(),
+            },
+        );
+        Some(known)
     }
 
     pub fn len(&self) -> usize {
@@ -107,6 +252,13 @@ impl DocumentCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+struct Entry {
+    doc: ExecutableDocument,
+    /// The clock's value when last used.
+    used: u64,
+    known: Arc<Known>,
 }
 
 /// How many fields a selection set stands for once fragments are spread, saturating;
@@ -199,19 +351,20 @@ pub fn count_aliases(doc: &ExecutableDocument) -> usize {
 }
 
 impl AliasLimitExtension {
-    fn admit(&self, mut request: Request) -> Result<Request, ServerError> {
-        if let Some(doc) = self.cache.get(&request.query) {
+    fn admit(&self, mut request: Request) -> Result<(Request, Option<Arc<Known>>), ServerError> {
+        if let Some((doc, known)) = self.cache.get(&request.query) {
             request.set_parsed_query(doc);
-            return Ok(request);
+            return Ok((request, Some(known)));
         }
         let query = request.query.clone();
+        let mut known = None;
         if let Ok(doc) = request.parsed_query() {
             if let Some(error) = self.refuse(doc) {
                 return Err(error);
             }
-            self.cache.put(&query, doc);
+            known = self.cache.put(&query, doc);
         }
-        Ok(request)
+        Ok((request, known))
     }
 
     /// The error for a document over the limits, if it is.
@@ -246,7 +399,7 @@ impl Extension for AliasLimitExtension {
         request: Request,
         next: NextPrepareRequest<'_>,
     ) -> ServerResult<Request> {
-        next.run(ctx, self.admit(request)?).await
+        next.run(ctx, self.admit(request)?.0).await
     }
 }
 
@@ -299,6 +452,87 @@ mod tests {
         assert!(cache.get("q0").is_some() && cache.get("q1").is_some());
         assert!(cache.get("q4").is_some());
         assert!(cache.get("q2").is_none() && cache.get("q3").is_none());
+    }
+
+    fn request(query: &str, variables: serde_json::Value) -> Request {
+        Request::new(query).variables(Variables::from_json(variables))
+    }
+
+    fn known(query: &str) -> Known {
+        Known::new(&async_graphql::parser::parse_query(query).unwrap())
+    }
+
+    const USER: &str = "query($id: ID!, $v: Int, $on: Boolean = true, $s: String) { a }";
+
+    #[test]
+    fn only_a_document_that_passed_the_full_validation_skips_it() {
+        let k = known(USER);
+        let r = request(USER, serde_json::json!({ "id": "x" }));
+        assert!(!k.fast(&r));
+        k.validated();
+        assert!(k.fast(&r));
+    }
+
+    #[test]
+    fn variables_of_a_kind_their_type_accepts_take_the_fast_path() {
+        let k = known(USER);
+        k.validated();
+        for variables in [
+            serde_json::json!({ "id": "x" }),
+            serde_json::json!({ "id": 7, "v": 3, "on": false, "s": "y" }),
+            serde_json::json!({ "id": "x", "v": null, "on": null, "s": null }),
+            serde_json::json!({ "id": "x", "unknown": [1, 2] }),
+        ] {
+            assert!(k.fast(&request(USER, variables.clone())), "{variables}");
+        }
+    }
+
+    #[test]
+    fn variables_that_might_not_fit_run_the_full_validation() {
+        let k = known(USER);
+        k.validated();
+        for variables in [
+            serde_json::json!({}),
+            serde_json::json!({ "id": null }),
+            serde_json::json!({ "id": true }),
+            serde_json::json!({ "id": 1.5 }),
+            serde_json::json!({ "id": ["x"] }),
+            serde_json::json!({ "id": { "a": 1 } }),
+            serde_json::json!({ "id": "x", "v": -1 }),
+            serde_json::json!({ "id": "x", "v": "3" }),
+            serde_json::json!({ "id": "x", "on": "yes" }),
+            serde_json::json!({ "id": "x", "s": 5 }),
+        ] {
+            assert!(!k.fast(&request(USER, variables.clone())), "{variables}");
+        }
+    }
+
+    #[test]
+    fn documents_with_other_variables_or_operations_never_skip_it() {
+        for query in [
+            "query($ids: [ID!]!) { a }",
+            "query($f: UserFilter) { a }",
+            "query($t: DateTime) { a }",
+            "query A { a } query B { b }",
+        ] {
+            let k = known(query);
+            k.validated();
+            assert!(!k.fast(&request(query, serde_json::json!({}))), "{query}");
+        }
+    }
+
+    #[test]
+    fn a_request_must_name_the_operation_the_document_has() {
+        let query = "query Named($id: ID!) { a }";
+        let k = known(query);
+        k.validated();
+        let vars = serde_json::json!({ "id": "x" });
+        assert!(k.fast(&request(query, vars.clone())));
+        assert!(k.fast(&request(query, vars.clone()).operation_name("Named")));
+        assert!(!k.fast(&request(query, vars.clone()).operation_name("Other")));
+        let anonymous = known("query($id: ID!) { a }");
+        anonymous.validated();
+        assert!(!anonymous.fast(&request(query, vars).operation_name("Named")));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Hardening of `POST /graphql`: depth, alias and complexity limits (400
 //! `QUERY_TOO_COMPLEX`), batches and malformed JSON (400 `BAD_REQUEST`), the body limit (413),
-//! a refused request runs no resolver, and production mode hides the schema (no
+//! a refused request runs no resolver, variables that do not fit are refused alike before
+//! and after their document ran once, and production mode hides the schema (no
 //! introspection, no field suggestions, no GraphiQL).
 
 mod api_support;
@@ -289,6 +290,51 @@ async fn malformed_json_is_a_bad_request() {
         let r = api.send(Gql::raw(body)).await;
         r.expect_refused(StatusCode::BAD_REQUEST, "BAD_REQUEST");
     }
+    api.stop().await;
+}
+
+/// A document that ran once skips the validation rules that cannot fail again; variables
+/// that do not fit it must still be refused as they were before it ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn variables_that_do_not_fit_are_refused_alike_before_and_after_their_document_ran() {
+    let api = Api::start().await;
+    let (id, _) = api.create_user("known@example.com", "Known").await;
+    let bad = [
+        json!({}),
+        json!({ "id": null }),
+        json!({ "id": true }),
+        json!({ "id": 1.5 }),
+        json!({ "id": [id] }),
+        json!({ "id": { "id": id } }),
+        json!({ "id": id, "minVersion": "1" }),
+        json!({ "id": id, "minVersion": 1.5 }),
+        json!({ "id": id, "minVersion": [1] }),
+    ];
+    let send = |variables: &Value| api.send(Gql::vars(USER, variables.clone()).bearer(&admin()));
+    let mut before = Vec::new();
+    for variables in &bad {
+        let r = send(variables).await;
+        assert!(r.has_errors(), "{variables}: {}", r.text);
+        before.push((r.status, r.body));
+    }
+    for _ in 0..2 {
+        let r = send(&json!({ "id": id, "minVersion": 1 })).await;
+        assert_eq!(r.ok()["user"]["email"], "known@example.com", "{}", r.text);
+    }
+    for (variables, (status, body)) in bad.iter().zip(before) {
+        let r = send(variables).await;
+        assert_eq!((r.status, &r.body), (status, &body), "{variables}");
+    }
+    // A document that never passed goes on failing as it did.
+    let wrong = "query($id: ID!) { user(id: $id) { id nope } }";
+    let first = api
+        .send(Gql::vars(wrong, json!({ "id": id })).bearer(&admin()))
+        .await;
+    first.expect_refused(StatusCode::BAD_REQUEST, "BAD_REQUEST");
+    let again = api
+        .send(Gql::vars(wrong, json!({ "id": id })).bearer(&admin()))
+        .await;
+    assert_eq!((again.status, again.body), (first.status, first.body));
     api.stop().await;
 }
 
