@@ -551,6 +551,49 @@ impl Bench {
         }
     }
 
+    /// Does now the database's work that a bulk load leaves to its background processes,
+    /// so that it does not land inside a measurement of a few seconds: a vacuum with
+    /// statistics (autovacuum's pass over a million new rows), a checkpoint, and the
+    /// replicas' replay of everything written so far.
+    async fn settle_database(&self) -> anyhow::Result<()> {
+        eprintln!("bench: vacuuming, checkpointing, waiting for the replicas");
+        sqlx::query("VACUUM (ANALYZE)")
+            .execute(&self.primary)
+            .await
+            .context("vacuuming the benchmark database")?;
+        // Only a superuser (or pg_checkpoint) may; without it the run goes on.
+        if let Err(e) = sqlx::query("CHECKPOINT").execute(&self.primary).await {
+            eprintln!("bench: no checkpoint ({e}); measuring anyway");
+        }
+        let (lsn,): (String,) = sqlx::query_as("SELECT pg_current_wal_lsn()::text")
+            .fetch_one(&self.primary)
+            .await?;
+        for url in &self.config.read_database_urls {
+            let replica = pg_pool(url, 1, "a read replica").await?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                // NULL on a server that is not replaying (a primary given as a replica).
+                let (replayed,): (Option<bool>,) =
+                    sqlx::query_as("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn")
+                        .bind(&lsn)
+                        .fetch_one(&replica)
+                        .await?;
+                if replayed != Some(false) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    eprintln!(
+                        "bench: a replica has not replayed to {lsn} in 60 s; measuring anyway"
+                    );
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            replica.close().await;
+        }
+        Ok(())
+    }
+
     /// Commit (the mutation's answer) → the new version readable in Redis, at half the
     /// maximum command rate; against Kafka produce → consume with the same client settings.
     async fn commit_to_visible(&mut self) -> anyhow::Result<ScenarioResult> {
@@ -570,6 +613,7 @@ impl Bench {
             }
         };
         self.wait_caught_up().await?;
+        self.settle_database().await?;
         eprintln!("bench: commit to visible at {rate:.0}/s");
         let recorder = Recorder::default();
         let client = self.client.clone();
@@ -823,8 +867,10 @@ impl Bench {
             .await?;
             done += n;
         }
-        // Everything published and projected before measuring, so nothing competes.
+        // Everything published and projected before measuring, and the database settled
+        // after the seeding, so nothing competes.
         self.wait_caught_up().await?;
+        self.settle_database().await?;
         let in_log = self
             .app
             .store
