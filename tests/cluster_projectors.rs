@@ -754,6 +754,119 @@ async fn live_batch_after_begin(c: &mut Cluster) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn live_redis_writes_fold_on_what_they_wrote_and_recover_when_it_moved() {
+    cluster_scenario!(remembered_documents);
+}
+
+/// The Redis projector folds a batch on the documents it wrote last instead of reading
+/// them back; a document another writer moved meanwhile (another consumer, a generation
+/// dropped behind it) is refused by the version guard and read again.
+async fn remembered_documents(c: &mut Cluster) {
+    let config = c.config();
+    let node = c.start(&config, &[Role::Api]).await;
+    let tag = c.tag().to_owned();
+    let email = format!("m-{tag}@example.com");
+    let moved_to = format!("m2-{tag}@example.com");
+    let a = create_user(&node.router, &email, "M").await;
+    update_profile(&node.router, a, json!({ "bio": "first" })).await;
+    update_profile(&node.router, a, json!({ "displayName": "M3" })).await;
+    update_profile(&node.router, a, json!({ "displayName": "M4" })).await;
+    change_email(&node.router, a, &moved_to).await;
+    let log = node.log();
+    let events = wait_until(CONVERGE, "five readable events", || {
+        let log = log.clone();
+        async move {
+            let query = LogQuery {
+                limit: 100,
+                ..LogQuery::default()
+            };
+            let events = log.read(&query).await.map_err(|e| e.to_string())?;
+            if events.len() == 5 {
+                Ok(events)
+            } else {
+                Err(format!("{} events readable", events.len()))
+            }
+        }
+    })
+    .await;
+    let redis_view = c.redis_view(&shared_redis_url()).await;
+    let redis = redis_view.views.clone();
+    let offsets = [(0, 5)];
+    let stored = |redis: pcf_projectors::RedisUserViews| async move {
+        redis
+            .writer(1)
+            .current(a)
+            .await
+            .expect("reading Redis")
+            .expect("a document")
+    };
+    redis
+        .apply_live(&events[..1], &offsets, log.clone())
+        .await
+        .expect("v1");
+    // Changed behind the projector's back at the same version (no writer does that): the
+    // next batch folds on what the projector wrote, so the change stays unseen. This is
+    // how the test sees that the document was not read back.
+    let key = pcf_domain::read_model::redis_user_key(&redis_view.prefix, 1, a);
+    let mut tampered = stored(redis.clone()).await;
+    tampered.email = format!("tampered-{tag}@example.com");
+    let mut conn = redis_conn(&redis_view.url).await;
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(serde_json::to_string(&tampered).unwrap())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    redis
+        .apply_live(&events[1..2], &offsets, log.clone())
+        .await
+        .expect("v2");
+    let doc = stored(redis.clone()).await;
+    assert_eq!(
+        (doc.version, doc.email.as_str(), doc.bio.as_deref()),
+        (2, email.as_str(), Some("first")),
+        "v2 folded on the document the projector wrote"
+    );
+    // Another consumer (another process) moves the user on to v3; this projector then gets
+    // v3 again with v4: its remembered v2 is refused, and it reads what is stored.
+    let other = c.redis_view(&shared_redis_url()).await.views;
+    other
+        .apply_live(&events[2..3], &offsets, log.clone())
+        .await
+        .expect("v3 elsewhere");
+    redis
+        .apply_live(&events[2..4], &offsets, log.clone())
+        .await
+        .expect("v3, v4");
+    let doc = stored(redis.clone()).await;
+    assert_eq!((doc.version, doc.display_name.as_str()), (4, "M4"));
+    // The generation is dropped behind its back: the remembered v4 is refused again, and
+    // the user is folded from the log.
+    other
+        .drop_generation(1)
+        .await
+        .expect("dropping generation 1");
+    redis
+        .apply_live(&events[4..5], &offsets, log.clone())
+        .await
+        .expect("v5");
+    let docs = redis_docs(&redis_view)
+        .await
+        .expect("reading the Redis view");
+    let doc = &docs.users[&a];
+    assert_eq!(
+        (
+            doc.version,
+            doc.display_name.as_str(),
+            doc.email.as_str(),
+            doc.bio.as_deref()
+        ),
+        (5, "M4", moved_to.as_str(), Some("first"))
+    );
+    assert_eq!(docs.emails, BTreeMap::from([(moved_to, a)]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn folded_states_fill_new_users_and_replace_only_older_views() {
     cluster_scenario!(states_over_existing_views);
 }

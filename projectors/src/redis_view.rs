@@ -155,6 +155,29 @@ fn unavailable(e: redis::RedisError) -> PortError {
     PortError::Unavailable(format!("redis: {e}"))
 }
 
+/// How many users' documents live writes remember; when full, they start over.
+const REMEMBERED: usize = 65_536;
+
+/// The documents live writes wrote last, by generation and user: the next batch folds on
+/// them instead of reading them back (one round trip a batch instead of two). Nothing here
+/// is trusted: every write is guarded by the version it was folded from, so a document
+/// another writer moved meanwhile (a rebuild, another consumer after a rebalance, a
+/// generation dropped and begun again) is refused and goes the slow way, reading what is
+/// stored.
+#[derive(Default)]
+struct Remembered {
+    views: HashMap<(u64, Uuid), UserView>,
+}
+
+impl Remembered {
+    fn remember(&mut self, generation: u64, view: UserView) {
+        if self.views.len() >= REMEMBERED {
+            self.views.clear();
+        }
+        self.views.insert((generation, view.id), view);
+    }
+}
+
 /// One generation of the Redis view, as a projector writes it.
 pub struct RedisGenerationWriter {
     conn: ConnectionManager,
@@ -164,6 +187,8 @@ pub struct RedisGenerationWriter {
     expected: Option<GenerationState>,
     /// Set when a write was refused because the generation state moved.
     moved: std::sync::atomic::AtomicBool,
+    /// For live writes: the documents written last, read instead of Redis.
+    remembered: Option<Arc<std::sync::Mutex<Remembered>>>,
 }
 
 impl RedisGenerationWriter {
@@ -178,6 +203,12 @@ impl RedisGenerationWriter {
 
     fn state_moved(&self) -> bool {
         self.moved.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn remembered(&self) -> Option<std::sync::MutexGuard<'_, Remembered>> {
+        self.remembered
+            .as_ref()
+            .map(|r| r.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -203,10 +234,25 @@ impl UserViewWriter for RedisGenerationWriter {
     }
 
     async fn current_many(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, UserView>, PortError> {
-        if ids.is_empty() {
-            return Ok(HashMap::new());
+        let mut found = HashMap::with_capacity(ids.len());
+        let mut unknown = Vec::with_capacity(ids.len());
+        match self.remembered() {
+            Some(remembered) => {
+                for id in ids {
+                    match remembered.views.get(&(self.generation, *id)) {
+                        Some(view) => {
+                            found.insert(*id, view.clone());
+                        }
+                        None => unknown.push(*id),
+                    }
+                }
+            }
+            None => unknown.extend_from_slice(ids),
         }
-        let keys: Vec<String> = ids
+        if unknown.is_empty() {
+            return Ok(found);
+        }
+        let keys: Vec<String> = unknown
             .iter()
             .map(|id| redis_user_key(&self.prefix, self.generation, *id))
             .collect();
@@ -215,8 +261,7 @@ impl UserViewWriter for RedisGenerationWriter {
             .query_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
-        let mut found = HashMap::with_capacity(ids.len());
-        for (id, doc) in ids.iter().zip(docs) {
+        for (id, doc) in unknown.iter().zip(docs) {
             if let Some(doc) = doc {
                 let view: UserView = serde_json::from_str(&doc)
                     .map_err(|e| PortError::Internal(format!("user document: {e}")))?;
@@ -298,6 +343,13 @@ impl UserViewWriter for RedisGenerationWriter {
                     .arg(next.id.to_string());
             }
         }
+        // Whatever happens to this write, what was remembered of these users may be out of
+        // date after it; only a document written is remembered again.
+        if let Some(mut remembered) = self.remembered() {
+            for (_, next) in changes {
+                remembered.views.remove(&(self.generation, next.id));
+            }
+        }
         let outcomes = query_scripts(&self.conn, &REPLACE, &pipe).await?;
         // The state moved: a call answers only that.
         if outcomes.contains(&-2) {
@@ -306,10 +358,15 @@ impl UserViewWriter for RedisGenerationWriter {
                 "the view's generations changed during the write".into(),
             ));
         }
-        Ok(one_per_user(outcomes, changes.len())?
-            .into_iter()
-            .map(|o| o >= 0)
-            .collect())
+        let outcomes = one_per_user(outcomes, changes.len())?;
+        if let Some(mut remembered) = self.remembered() {
+            for ((_, next), outcome) in changes.iter().zip(&outcomes) {
+                if *outcome == 1 {
+                    remembered.remember(self.generation, next.clone());
+                }
+            }
+        }
+        Ok(outcomes.into_iter().map(|o| o >= 0).collect())
     }
 }
 
@@ -322,6 +379,8 @@ pub struct RedisUserViews {
     /// against the stored state in its script, so a stale one costs a retry, not a wrong
     /// write; and a batch needs no round trip to read the state first.
     known: Arc<std::sync::Mutex<Option<GenerationState>>>,
+    /// The documents live writes wrote last.
+    remembered: Arc<std::sync::Mutex<Remembered>>,
 }
 
 impl RedisUserViews {
@@ -332,6 +391,7 @@ impl RedisUserViews {
             conn,
             prefix: prefix.into(),
             known: Default::default(),
+            remembered: Default::default(),
         })
     }
 
@@ -343,6 +403,7 @@ impl RedisUserViews {
             generation,
             expected: None,
             moved: Default::default(),
+            remembered: None,
         }
     }
 
@@ -431,7 +492,8 @@ impl Generational for RedisUserViews {
 
     /// Every write carries the generation state it was made for, and the script refuses
     /// it once `begin` or `switch` changed that state: the batch is then written again for
-    /// the new state (each write is idempotent).
+    /// the new state (each write is idempotent). Users are folded on the documents these
+    /// writes wrote last where they are remembered (see `Remembered`).
     async fn apply_live(
         &self,
         events: &[EventEnvelope],
@@ -452,6 +514,7 @@ impl Generational for RedisUserViews {
             for generation in state.targets() {
                 let writer = Arc::new(RedisGenerationWriter {
                     expected: Some(state),
+                    remembered: Some(self.remembered.clone()),
                     ..self.writer(generation)
                 });
                 match UserProjector::new(writer.clone(), log.clone())
