@@ -82,10 +82,10 @@ struct Declared {
 /// complexity, depth and fragment-cycle checks, which it keeps) when its variables' values
 /// certainly fit: every declared variable is an `ID`, `String`, `Boolean` or `Int` (nullable
 /// or not, not a list), and each value is of a kind that type accepts (for `Int`, a whole
-/// number from 0 up). Any other request (a
-/// list or enum or input object or custom scalar variable, a value of the wrong kind, a
-/// missing required variable, a request naming an operation the document does not have)
-/// runs the full validation, so what a client is told about a bad request does not change.
+/// number from 0 up). Any other request (a list or enum or input object or custom scalar
+/// variable, a value of the wrong kind, an explicit `null`, a missing required variable, a
+/// request naming an operation the document does not have) runs the full validation, so
+/// what a client is told about a bad request does not change.
 #[derive(Debug)]
 pub struct Known {
     /// The single operation's name, and its variables when all are of the kinds above;
@@ -163,7 +163,10 @@ fn fast_operation(doc: &ExecutableDocument) -> Option<(Option<Name>, Vec<Declare
 fn fits(declared: &Declared, variables: &Variables) -> bool {
     match variables.get(&declared.name) {
         None => declared.nullable || declared.defaulted,
-        Some(Value::Null) => declared.nullable,
+        // A nullable variable may stand where a non-null argument has a default; the full
+        // validation refuses a null there, which the executor would only report as a
+        // field error.
+        Some(Value::Null) => false,
         Some(Value::String(_)) => matches!(declared.kind, Kind::Id | Kind::String),
         // `Int` is registered by whichever integer type comes first, checking either
         // `is_i64` or `is_u64`: a number that passes both passes either.
@@ -480,7 +483,6 @@ mod tests {
         for variables in [
             serde_json::json!({ "id": "x" }),
             serde_json::json!({ "id": 7, "v": 3, "on": false, "s": "y" }),
-            serde_json::json!({ "id": "x", "v": null, "on": null, "s": null }),
             serde_json::json!({ "id": "x", "unknown": [1, 2] }),
         ] {
             assert!(k.fast(&request(USER, variables.clone())), "{variables}");
@@ -494,6 +496,9 @@ mod tests {
         for variables in [
             serde_json::json!({}),
             serde_json::json!({ "id": null }),
+            serde_json::json!({ "id": "x", "v": null }),
+            serde_json::json!({ "id": "x", "on": null }),
+            serde_json::json!({ "id": "x", "s": null }),
             serde_json::json!({ "id": true }),
             serde_json::json!({ "id": 1.5 }),
             serde_json::json!({ "id": ["x"] }),

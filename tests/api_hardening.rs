@@ -299,31 +299,47 @@ async fn malformed_json_is_a_bad_request() {
 async fn variables_that_do_not_fit_are_refused_alike_before_and_after_their_document_ran() {
     let api = Api::start().await;
     let (id, _) = api.create_user("known@example.com", "Known").await;
-    let bad = [
-        json!({}),
-        json!({ "id": null }),
-        json!({ "id": true }),
-        json!({ "id": 1.5 }),
-        json!({ "id": [id] }),
-        json!({ "id": { "id": id } }),
-        json!({ "id": id, "minVersion": "1" }),
-        json!({ "id": id, "minVersion": 1.5 }),
-        json!({ "id": id, "minVersion": [1] }),
+    // `first` is `Int! = 20`: a nullable variable may stand there, but not a null.
+    let users = "query($first: Int) { users(first: $first) { edges { node { id } } } }";
+    let documents = [
+        (
+            USER,
+            json!({ "id": id, "minVersion": 1 }),
+            vec![
+                json!({}),
+                json!({ "id": null }),
+                json!({ "id": true }),
+                json!({ "id": 1.5 }),
+                json!({ "id": [id] }),
+                json!({ "id": { "id": id } }),
+                json!({ "id": id, "minVersion": "1" }),
+                json!({ "id": id, "minVersion": 1.5 }),
+                json!({ "id": id, "minVersion": [1] }),
+            ],
+        ),
+        (
+            users,
+            json!({ "first": 5 }),
+            vec![json!({ "first": null }), json!({ "first": "5" })],
+        ),
     ];
-    let send = |variables: &Value| api.send(Gql::vars(USER, variables.clone()).bearer(&admin()));
-    let mut before = Vec::new();
-    for variables in &bad {
-        let r = send(variables).await;
-        assert!(r.has_errors(), "{variables}: {}", r.text);
-        before.push((r.status, r.body));
-    }
-    for _ in 0..2 {
-        let r = send(&json!({ "id": id, "minVersion": 1 })).await;
-        assert_eq!(r.ok()["user"]["email"], "known@example.com", "{}", r.text);
-    }
-    for (variables, (status, body)) in bad.iter().zip(before) {
-        let r = send(variables).await;
-        assert_eq!((r.status, &r.body), (status, &body), "{variables}");
+    for (query, good, bad) in documents {
+        let send =
+            |variables: &Value| api.send(Gql::vars(query, variables.clone()).bearer(&admin()));
+        let mut before = Vec::new();
+        for variables in &bad {
+            let r = send(variables).await;
+            assert!(r.has_errors(), "{variables}: {}", r.text);
+            before.push((r.status, r.body));
+        }
+        for _ in 0..2 {
+            let r = send(&good).await;
+            assert!(!r.ok().is_null(), "{}", r.text);
+        }
+        for (variables, (status, body)) in bad.iter().zip(before) {
+            let r = send(variables).await;
+            assert_eq!((r.status, &r.body), (status, &body), "{variables}");
+        }
     }
     // A document that never passed goes on failing as it did.
     let wrong = "query($id: ID!) { user(id: $id) { id nope } }";
