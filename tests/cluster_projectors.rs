@@ -6,7 +6,7 @@ mod cluster_support;
 
 use cluster_support::*;
 use pcf::app::{Role, ALL_ROLES};
-use pcf_domain::ports::{LogQuery, PortError};
+use pcf_domain::ports::{EventLog, LogQuery, PortError};
 use pcf_domain::EventEnvelope;
 use pcf_projectors::{
     consumer_lag, rebuild, Generational, Progress, RebuildOptions, SqlUserViews, UserViewWriter,
@@ -43,6 +43,26 @@ async fn an_event_in_the_log_that_cannot_be_applied_dead_letters_only_its_own_us
 }
 
 /// `(partition, next offset)` of a batch, as the projector records them.
+/// Waits until the log reads exactly `n` events (the first 100); returns them.
+async fn readable_events(log: &Arc<dyn EventLog>, n: usize) -> Vec<EventEnvelope> {
+    wait_until(CONVERGE, &format!("{n} readable events"), || {
+        let log = log.clone();
+        async move {
+            let query = LogQuery {
+                limit: 100,
+                ..LogQuery::default()
+            };
+            let events = log.read(&query).await.map_err(|e| e.to_string())?;
+            if events.len() == n {
+                Ok(events)
+            } else {
+                Err(format!("{} events readable", events.len()))
+            }
+        }
+    })
+    .await
+}
+
 fn next_offsets(records: &[Record]) -> Vec<(i32, i64)> {
     let mut next: BTreeMap<i32, i64> = BTreeMap::new();
     for r in records {
@@ -692,22 +712,7 @@ async fn live_batch_after_begin(c: &mut Cluster) {
     update_profile(&node.router, a, json!({ "displayName": "A2" })).await;
     update_profile(&node.router, b, json!({ "displayName": "B2" })).await;
     let log = node.log();
-    let events = wait_until(CONVERGE, "four readable events", || {
-        let log = log.clone();
-        async move {
-            let query = LogQuery {
-                limit: 100,
-                ..LogQuery::default()
-            };
-            let events = log.read(&query).await.map_err(|e| e.to_string())?;
-            if events.len() == 4 {
-                Ok(events)
-            } else {
-                Err(format!("{} events readable", events.len()))
-            }
-        }
-    })
-    .await;
+    let events = readable_events(&log, 4).await;
     // Created a, created b | updated a, updated b.
     let (before, after) = events.split_at(2);
     let redis = c.redis_view(&shared_redis_url()).await.views;
@@ -773,22 +778,7 @@ async fn remembered_documents(c: &mut Cluster) {
     update_profile(&node.router, a, json!({ "displayName": "M4" })).await;
     change_email(&node.router, a, &moved_to).await;
     let log = node.log();
-    let events = wait_until(CONVERGE, "five readable events", || {
-        let log = log.clone();
-        async move {
-            let query = LogQuery {
-                limit: 100,
-                ..LogQuery::default()
-            };
-            let events = log.read(&query).await.map_err(|e| e.to_string())?;
-            if events.len() == 5 {
-                Ok(events)
-            } else {
-                Err(format!("{} events readable", events.len()))
-            }
-        }
-    })
-    .await;
+    let events = readable_events(&log, 5).await;
     let redis_view = c.redis_view(&shared_redis_url()).await;
     let redis = redis_view.views.clone();
     let offsets = [(0, 5)];
@@ -1051,20 +1041,7 @@ async fn rebuild_through_failures(c: &mut Cluster) {
         ids.push(id);
     }
     let log = node.log();
-    wait_until(CONVERGE, "twelve readable events", || {
-        let log = log.clone();
-        async move {
-            let query = LogQuery {
-                limit: 100,
-                ..LogQuery::default()
-            };
-            let n = log.read(&query).await.map_err(|e| e.to_string())?.len();
-            (n == 12)
-                .then_some(())
-                .ok_or(format!("{n} events readable"))
-        }
-    })
-    .await;
+    readable_events(&log, 12).await;
     let flaky = Arc::new(Flaky {
         inner: SqlUserViews::new(c.pool.clone()),
         failures: AtomicU64::new(2),
