@@ -435,6 +435,11 @@ transaction.state.log.min.isr=1
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
+# The log cleaner (compacting __consumer_offsets) keeps its dedupe buffer on the heap for
+# the broker's life: 128 MiB by default, a quarter of the heap below. With it the live set
+# sat at the heap occupancy that starts G1's concurrent marking, and the broker marked
+# again and again, taking a core in bursts. 16 MiB holds about 600,000 keys per pass.
+log.cleaner.dedupe.buffer.size=16777216
 EOF
     )
     if [[ ! -f $KAFKA_CONF || $(cat "$KAFKA_CONF") != "$want" ]]; then
