@@ -229,7 +229,7 @@ async fn serve(config: Config, roles: &[Role]) -> anyhow::Result<()> {
     }
     let router = app.router.clone();
     axum::serve(
-        listener,
+        crate::http::listener(listener),
         router.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async {

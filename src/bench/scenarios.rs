@@ -151,7 +151,7 @@ async fn setup(base: Config, options: &BenchOptions) -> anyhow::Result<Bench> {
         let addr = listener.local_addr()?;
         let server = tokio::spawn(async move {
             let _ = axum::serve(
-                listener,
+                crate::http::listener(listener),
                 router.into_make_service_with_connect_info::<SocketAddr>(),
             )
             .await;

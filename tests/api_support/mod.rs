@@ -717,7 +717,7 @@ impl Server {
         let addr = listener.local_addr().expect("the bound address");
         let task = tokio::spawn(async move {
             let _ = axum::serve(
-                listener,
+                pcf::http::listener(listener),
                 router.into_make_service_with_connect_info::<SocketAddr>(),
             )
             .await;
