@@ -53,9 +53,6 @@ pub fn router(state: HttpState) -> Router {
     router.with_state(state)
 }
 
-/// A correlation id for a request that brought none: a random UUID of this process with a
-/// counter in its last 48 bits, so unique without asking the kernel for randomness each
-/// time.
 /// What PCF serves on: a TCP listener whose accepted connections send without Nagle's
 /// algorithm (`TCP_NODELAY`).
 pub type Listener = axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)>;
@@ -75,6 +72,9 @@ fn send_at_once(stream: &mut tokio::net::TcpStream) {
     }
 }
 
+/// A correlation id for a request that brought none: a random UUID of this process with a
+/// counter in its last 48 bits, so unique without asking the kernel for randomness each
+/// time.
 fn new_correlation_id() -> String {
     static BASE: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -233,7 +233,7 @@ async fn execute(
         })
         .data(principal);
     let mut known = None;
-    let mut response = match state.schemas.documents.admit_known(request) {
+    let mut response = match state.schemas.documents.admit(request) {
         Err(refused) => async_graphql::Response::from_errors(vec![refused]),
         Ok((request, k)) => {
             let schema = match &k {

@@ -38,17 +38,9 @@ impl DocumentLimits {
 
     /// Hands `request` its parsed document, or refuses it for being over the limits. A
     /// document that does not parse is handed on as it is, for the schema to report with
-    /// its position.
-    pub fn admit(&self, request: Request) -> Result<Request, ServerError> {
-        self.0.admit(request).map(|(request, _)| request)
-    }
-
-    /// As [`admit`](Self::admit), with what is known of a cached document: whether a
-    /// request with it may skip the validation rules that cannot fail again.
-    pub fn admit_known(
-        &self,
-        request: Request,
-    ) -> Result<(Request, Option<Arc<Known>>), ServerError> {
+    /// its position. With a cached document comes what is known of it: whether a request
+    /// with it may skip the validation rules that cannot fail again.
+    pub fn admit(&self, request: Request) -> Result<(Request, Option<Arc<Known>>), ServerError> {
         self.0.admit(request)
     }
 }
