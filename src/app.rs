@@ -78,7 +78,11 @@ pub async fn pg_pool(url: &str, max: u32, what: &str) -> anyhow::Result<PgPool> 
     pg_pool_with(options, max, what).await
 }
 
-async fn pg_pool_with(options: PgConnectOptions, max: u32, what: &str) -> anyhow::Result<PgPool> {
+pub(crate) async fn pg_pool_with(
+    options: PgConnectOptions,
+    max: u32,
+    what: &str,
+) -> anyhow::Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(std::time::Duration::from_secs(5))

@@ -14,8 +14,10 @@ use rdkafka::Message;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde_json::json;
-use sqlx::PgPool;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, PgPool};
 use std::net::SocketAddr;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -127,8 +129,11 @@ async fn setup(base: Config, options: &BenchOptions) -> anyhow::Result<Bench> {
         // The replica may take a moment to see the new database.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let app = build(&config).await?;
-        let primary = pg_pool(
-            config.database_url.as_deref().unwrap_or_default(),
+        // The seeding statements write 100,000 rows each: sqlx would log every one of them
+        // as a slow statement.
+        let primary = crate::app::pg_pool_with(
+            PgConnectOptions::from_str(config.database_url.as_deref().unwrap_or_default())?
+                .log_slow_statements(log::LevelFilter::Off, Duration::from_secs(1)),
             options.concurrency as u32 + 2,
             "the benchmark database",
         )
