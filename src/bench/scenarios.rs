@@ -133,7 +133,7 @@ async fn setup(base: Config, options: &BenchOptions) -> anyhow::Result<Bench> {
         // as a slow statement.
         let primary = crate::app::pg_pool_with(
             PgConnectOptions::from_str(config.database_url.as_deref().unwrap_or_default())?
-                .log_slow_statements(log::LevelFilter::Off, Duration::from_secs(1)),
+                .disable_statement_logging(),
             options.concurrency as u32 + 2,
             "the benchmark database",
         )
