@@ -78,6 +78,10 @@ pub enum Command {
         /// Events in the log for the rebuild scenario.
         #[arg(long, default_value_t = 1_000_000)]
         rebuild_events: u64,
+        /// The loads commit -> visible runs at, as fractions of the maximum command rate;
+        /// its target applies at 0.5. More than one measures how latency grows with load.
+        #[arg(long, value_delimiter = ',', default_value = "0.5", value_parser = load_fraction)]
+        visible_load: Vec<f64>,
         /// Only scenarios whose name starts with one of these (createUser, updateProfile,
         /// visible, query, rebuild).
         #[arg(long, value_delimiter = ',')]
@@ -174,6 +178,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             rounds,
             users,
             rebuild_events,
+            visible_load,
             only,
             out,
             keep,
@@ -185,6 +190,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 rounds: rounds.max(1),
                 users: users.max(1),
                 rebuild_events,
+                visible_loads: visible_load,
                 only,
                 out,
                 keep,
@@ -276,4 +282,48 @@ async fn events(config: Config, command: EventsCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A load for `pcf bench --visible-load`: a fraction of the maximum command rate, above 0
+/// and at most 1.
+fn load_fraction(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(format!(
+            "{s:?} is not a fraction of the maximum command rate (above 0, at most 1)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Cli, Command};
+    use clap::Parser;
+
+    fn visible_loads(args: &[&str]) -> Result<Vec<f64>, clap::Error> {
+        let cli = Cli::try_parse_from([&["pcf", "bench"], args].concat())?;
+        match cli.command {
+            Some(Command::Bench { visible_load, .. }) => Ok(visible_load),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn commit_to_visible_runs_at_half_the_command_rate_unless_told() {
+        assert_eq!(visible_loads(&[]).unwrap(), vec![0.5]);
+        assert_eq!(
+            visible_loads(&["--visible-load", "0.1,0.25,0.5"]).unwrap(),
+            vec![0.1, 0.25, 0.5]
+        );
+        assert_eq!(visible_loads(&["--visible-load", "1"]).unwrap(), vec![1.0]);
+    }
+
+    #[test]
+    fn a_load_outside_the_command_rate_is_refused_with_its_value() {
+        for bad in ["0", "-0.5", "1.5", "half", "NaN"] {
+            let e = visible_loads(&[&format!("--visible-load={bad}")]).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{bad}");
+            assert!(e.to_string().contains(bad), "{bad}: {e}");
+        }
+    }
 }

@@ -52,7 +52,8 @@ struct Bench {
     redis: ConnectionManager,
     users: Vec<Uuid>,
     run_id: String,
-    /// The command rate measured by the updateProfile scenario.
+    /// The command rate measured by the updateProfile scenario (or, run without it, by the
+    /// first commit -> visible measurement's own closed loop).
     max_command_rate: Option<f64>,
     /// The run's database, on the server of `base_url`.
     database: String,
@@ -255,7 +256,9 @@ impl Bench {
             results.push(self.update_profile().await?);
         }
         if wanted(options, "visible") {
-            results.push(self.commit_to_visible().await?);
+            for &load in &options.visible_loads {
+                results.push(self.commit_to_visible(load).await?);
+            }
         }
         if wanted(options, "query") {
             results.extend(self.user_queries().await?);
@@ -599,24 +602,27 @@ impl Bench {
         Ok(())
     }
 
-    /// Commit (the mutation's answer) → the new version readable in Redis, at half the
-    /// maximum command rate; against Kafka produce → consume with the same client settings.
-    async fn commit_to_visible(&mut self) -> anyhow::Result<ScenarioResult> {
-        let rate = match self.max_command_rate {
-            Some(r) => r / 2.0,
+    /// Commit (the mutation's answer) → the new version readable in Redis, at `load` (the
+    /// target's 0.5) of the maximum command rate; against Kafka produce → consume with the
+    /// same client settings at the same rate.
+    async fn commit_to_visible(&mut self, load: f64) -> anyhow::Result<ScenarioResult> {
+        let max = match self.max_command_rate {
+            Some(r) => r,
             None => {
                 let o = &self.options;
-                closed_loop(
+                let measured = closed_loop(
                     self.update_op(),
                     o.concurrency,
                     o.warmup,
                     Duration::from_secs(3),
                 )
                 .await
-                .throughput
-                    / 2.0
+                .throughput;
+                self.max_command_rate = Some(measured);
+                measured
             }
         };
+        let rate = max * load;
         self.wait_caught_up().await?;
         self.settle_database().await?;
         eprintln!("bench: commit to visible at {rate:.0}/s");
@@ -682,7 +688,7 @@ impl Bench {
         let baseline = self.kafka_round_trip(rate).await?;
         let limit = 3.0 * baseline.p99_ms + 2.0;
         Ok(ScenarioResult {
-            scenario: "commit -> visible in user(id) (Redis)".to_owned(),
+            scenario: visible_scenario(load),
             metric: "p99".to_owned(),
             ratio: if baseline.p99_ms > 0.0 {
                 subject.p99_ms / baseline.p99_ms
@@ -1029,6 +1035,16 @@ async fn watch_visibility(mut redis: ConnectionManager, waiting: Arc<Mutex<Vec<A
     }
 }
 
+/// The scenario's name: the target's load (half the command rate) keeps the plain name.
+fn visible_scenario(load: f64) -> String {
+    let name = "commit -> visible in user(id) (Redis)";
+    if load == 0.5 {
+        name.to_owned()
+    } else {
+        format!("{name} at {load} of the max rate")
+    }
+}
+
 fn rate_measurement(count: u64, elapsed: Duration) -> Measurement {
     let seconds = elapsed.as_secs_f64();
     Measurement {
@@ -1048,7 +1064,19 @@ fn rate_measurement(count: u64, elapsed: Duration) -> Measurement {
 
 #[cfg(test)]
 mod tests {
-    use super::with_database;
+    use super::{visible_scenario, with_database};
+
+    #[test]
+    fn commit_to_visible_names_a_load_other_than_the_targets() {
+        assert_eq!(
+            visible_scenario(0.5),
+            "commit -> visible in user(id) (Redis)"
+        );
+        assert_eq!(
+            visible_scenario(0.25),
+            "commit -> visible in user(id) (Redis) at 0.25 of the max rate"
+        );
+    }
 
     #[test]
     fn the_database_name_is_replaced_keeping_the_options() {
