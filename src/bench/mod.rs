@@ -51,9 +51,10 @@ pub struct ScenarioResult {
 /// Runs the benchmark and prints the table (and writes JSON when asked).
 pub async fn run(config: Config, options: BenchOptions) -> anyhow::Result<()> {
     let results = scenarios::run_all(config, &options).await?;
+    let width = results.iter().map(|r| r.scenario.len()).max().unwrap_or(0);
     println!();
     println!(
-        "{:<34} {:>12} {:>12} {:>10} {:>10} {:>10}  {:<36} {:>8}  {:<14} met",
+        "{:<width$} {:>12} {:>12} {:>10} {:>10} {:>10}  {:<36} {:>8}  {:<14} met",
         "scenario",
         "subject",
         "baseline",
@@ -76,7 +77,7 @@ pub async fn run(config: Config, options: BenchOptions) -> anyhow::Result<()> {
             ),
         };
         println!(
-            "{:<34} {:>12} {:>12} {:>10.2} {:>10.2} {:>10.2}  {:<36} {:>8.2}  {:<14} {}",
+            "{:<width$} {:>12} {:>12} {:>10.2} {:>10.2} {:>10.2}  {:<36} {:>8.2}  {:<14} {}",
             r.scenario,
             s,
             b,
