@@ -1,0 +1,182 @@
+//! `pcf bench` end to end against the cluster services, at a tiny size: every scenario runs
+//! beside its baseline, both measure what they did without errors, and the run removes the
+//! database, topics, consumer groups and Redis keys it made. Nothing here is timed.
+
+mod cluster_support;
+
+use cluster_support::*;
+use rdkafka::admin::AdminClient;
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use serde_json::Value;
+use std::process::Command;
+use std::time::Duration;
+
+/// Runs `pcf bench` with `args` on the shared services; returns its results and what it
+/// wrote on standard error.
+fn bench(args: &[&str]) -> (Vec<Value>, String) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let out = dir.path().join("results.json");
+    let run = Command::new(env!("CARGO_BIN_EXE_pcf"))
+        .arg("bench")
+        .args(args)
+        .arg("--out")
+        .arg(&out)
+        .env("PCF_DATABASE_URL", primary_admin_url())
+        .env("PCF_READ_DATABASE_URL", replica_admin_url())
+        .env("PCF_KAFKA_BROKERS", shared_brokers())
+        .env("PCF_REDIS_URL", shared_redis_url())
+        .env("PCF_LOG", "warn")
+        .env_remove("PCF_CONFIG")
+        .output()
+        .expect("running pcf bench");
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(
+        run.status.success(),
+        "pcf bench failed ({}):\n{stderr}",
+        run.status
+    );
+    let results = std::fs::read(&out).expect("the results file");
+    let results: Vec<Value> = serde_json::from_slice(&results).expect("results as JSON");
+    (results, stderr)
+}
+
+/// The database and topic a run named on standard error (`bench: database D, topic T, …`).
+fn created(stderr: &str) -> (String, String) {
+    let line = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("bench: database "))
+        .unwrap_or_else(|| panic!("no database named in:\n{stderr}"));
+    let mut parts = line.split(", ");
+    let database = parts.next().unwrap_or_default().to_owned();
+    let topic = parts
+        .next()
+        .and_then(|t| t.strip_prefix("topic "))
+        .unwrap_or_else(|| panic!("no topic named in {line:?}"))
+        .to_owned();
+    (database, topic)
+}
+
+fn topics_named_after(brokers: &str, topic: &str) -> Vec<String> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("Kafka admin client");
+    admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))
+        .expect("Kafka metadata")
+        .topics()
+        .iter()
+        .map(|t| t.name().to_owned())
+        .filter(|name| name.starts_with(topic))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_run_measures_every_scenario_and_leaves_nothing_behind() {
+    let args = [
+        "--warmup",
+        "0",
+        "--duration",
+        "1",
+        "--rounds",
+        "1",
+        "--concurrency",
+        "4",
+        "--users",
+        "20",
+        "--rebuild-events",
+        "2000",
+        "--visible-load",
+        "0.1,0.5",
+    ];
+    let (results, stderr) = tokio::task::spawn_blocking(move || bench(&args))
+        .await
+        .expect("bench thread");
+
+    let names: Vec<&str> = results
+        .iter()
+        .map(|r| r["scenario"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        names[..6],
+        [
+            "createUser over HTTP",
+            "updateProfile on 20 users",
+            "commit -> visible in user(id) (Redis) at 0.1 of the max rate",
+            "commit -> visible in user(id) (Redis)",
+            "user(id) over HTTP",
+            "user(id) over HTTP",
+        ],
+        "{stderr}"
+    );
+    // The rebuild reads the whole log: the 2,000 events seeded and those of the scenarios
+    // before it, every one of them.
+    assert_eq!(names.len(), 7, "{names:?}");
+    let rebuilt: u64 = names[6]
+        .strip_prefix("projections rebuild all (")
+        .and_then(|n| n.strip_suffix(" events)"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{:?}", names[6]));
+    assert!(rebuilt > 2000, "{rebuilt}");
+    assert_eq!(results[6]["subject"]["ops"].as_u64(), Some(rebuilt));
+    for r in &results {
+        let name = &r["scenario"];
+        for side in ["subject", "baseline"] {
+            let m = &r[side];
+            assert!(m["ops"].as_u64().unwrap_or(0) > 0, "{name} {side}: {m}");
+            assert_eq!(m["errors"].as_u64(), Some(0), "{name} {side}: {m}");
+            assert!(
+                m["throughput"].as_f64().unwrap_or(0.0) > 0.0,
+                "{name} {side}: {m}"
+            );
+        }
+        assert!(r["ratio"].as_f64().unwrap_or(0.0) > 0.0, "{name}: {r}");
+        if r["metric"] == "p99" {
+            // Both sides timed every operation: a latency of at least a microsecond each.
+            assert!(r["subject"]["p99_ms"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+            assert!(r["baseline"]["p99_ms"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+            let target = r["target"].as_str().unwrap_or_default();
+            assert!(target.starts_with("p99 <= "), "{name}: target {target:?}");
+        }
+    }
+    // The visibility scenario at a tenth of the rate ran fewer commands than at half.
+    let commands = |i: usize| results[i]["subject"]["ops"].as_u64().unwrap_or(0);
+    assert!(commands(2) < commands(3), "{results:?}");
+
+    let (database, topic) = created(&stderr);
+    assert!(database.starts_with("pcf_bench_"), "{database}");
+    let primary = sqlx::PgPool::connect(&primary_admin_url())
+        .await
+        .expect("primary");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+        .bind(&database)
+        .fetch_one(&primary)
+        .await
+        .expect("pg_database");
+    assert_eq!(left, 0, "database {database} is still there");
+    // A deleted topic leaves the broker's metadata within moments.
+    let brokers = shared_brokers();
+    wait_until(Duration::from_secs(30), "the run's topics deleted", || {
+        let (b, t) = (brokers.clone(), topic.clone());
+        async move {
+            let topics = tokio::task::spawn_blocking(move || topics_named_after(&b, &t))
+                .await
+                .map_err(|e| e.to_string())?;
+            match topics.is_empty() {
+                true => Ok(()),
+                false => Err(format!("topics left: {topics:?}")),
+            }
+        }
+    })
+    .await;
+    let run_id = database.trim_start_matches("pcf_bench_");
+    let mut redis = redis_conn(&shared_redis_url()).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("pcf:bench:{run_id}*"))
+        .query_async(&mut redis)
+        .await
+        .expect("KEYS");
+    assert!(keys.is_empty(), "Redis keys left: {keys:?}");
+}
