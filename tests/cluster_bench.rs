@@ -137,6 +137,13 @@ async fn a_small_run_measures_every_scenario_and_leaves_nothing_behind() {
             // Both sides timed every operation: a latency of at least a microsecond each.
             assert!(r["subject"]["p99_ms"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
             assert!(r["baseline"]["p99_ms"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+            // Where /proc/stat exists, how much of the machine each side left idle.
+            if std::path::Path::new("/proc/stat").exists() {
+                for side in ["subject", "baseline"] {
+                    let idle = r[side]["machine_idle_percent"].as_f64();
+                    assert!(idle.is_some_and(|i| (0.0..=100.0).contains(&i)), "{r}");
+                }
+            }
             let target = r["target"].as_str().unwrap_or_default();
             assert!(target.starts_with("p99 <= "), "{name}: target {target:?}");
         }

@@ -22,6 +22,10 @@ pub struct Measurement {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// The share of the machine's CPU time left idle over the measured seconds, where it
+    /// was measured (Linux).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machine_idle_percent: Option<f64>,
 }
 
 impl Measurement {
@@ -40,6 +44,7 @@ impl Measurement {
             p50_ms: ms(h.value_at_quantile(0.5)),
             p99_ms: ms(h.value_at_quantile(0.99)),
             max_ms: ms(h.max()),
+            machine_idle_percent: None,
         }
     }
 }
@@ -209,6 +214,33 @@ pub async fn open_loop(op: Op, rate: f64, warmup: Duration, duration: Duration) 
     Measurement::from_histogram(&h, errors.load(Ordering::Relaxed), duration)
 }
 
+/// The machine's idle share of CPU time (idle and I/O wait, all CPUs) from `after` on, for
+/// `during`: how much room the machine had left while a measurement ran. None where there
+/// is no `/proc/stat`.
+pub async fn machine_idle(after: Duration, during: Duration) -> Option<f64> {
+    let read = || idle_and_total(&std::fs::read_to_string("/proc/stat").ok()?);
+    tokio::time::sleep(after).await;
+    let (idle0, total0) = read()?;
+    tokio::time::sleep(during).await;
+    let (idle1, total1) = read()?;
+    let total = total1.checked_sub(total0).filter(|t| *t > 0)?;
+    Some(100.0 * idle1.saturating_sub(idle0) as f64 / total as f64)
+}
+
+/// Idle and total CPU time from `/proc/stat`'s first line (`cpu user nice system idle
+/// iowait irq softirq steal guest guest_nice`). Guest time is part of user time already, so
+/// the total stops at steal, which counts as busy: the machine was not ours then.
+fn idle_and_total(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let times: Vec<u64> = line
+        .split_whitespace()
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let idle = times.get(3)? + times.get(4).copied().unwrap_or(0);
+    Some((idle, times.iter().sum()))
+}
+
 /// A histogram of latencies measured elsewhere (for scenarios that time themselves).
 #[derive(Clone)]
 pub struct Recorder(Arc<Mutex<Histogram<u64>>>);
@@ -234,5 +266,18 @@ impl Recorder {
             .map(|h| h.clone())
             .unwrap_or_else(|_| histogram());
         Measurement::from_histogram(&h, 0, elapsed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::idle_and_total;
+
+    #[test]
+    fn idle_time_is_idle_and_io_wait_out_of_all_but_guest_time() {
+        let stat = "cpu  100 5 50 800 20 3 7 15 40 0\ncpu0 50 2 25 400 10 1 3 8 20 0\n";
+        assert_eq!(idle_and_total(stat), Some((820, 1000)));
+        assert_eq!(idle_and_total("intr 1 2 3\n"), None);
+        assert_eq!(idle_and_total("cpu  1 2 x 4\n"), None);
     }
 }

@@ -54,13 +54,14 @@ pub async fn run(config: Config, options: BenchOptions) -> anyhow::Result<()> {
     let width = results.iter().map(|r| r.scenario.len()).max().unwrap_or(0);
     println!();
     println!(
-        "{:<width$} {:>12} {:>12} {:>10} {:>10} {:>10}  {:<36} {:>8}  {:<14} met",
+        "{:<width$} {:>12} {:>12} {:>10} {:>10} {:>10} {:>9}  {:<36} {:>8}  {:<14} met",
         "scenario",
         "subject",
         "baseline",
         "p50 ms",
         "p99 ms",
         "max ms",
+        "idle %",
         "baseline",
         "ratio",
         "target"
@@ -76,14 +77,23 @@ pub async fn run(config: Config, options: BenchOptions) -> anyhow::Result<()> {
                 format!("{:.0}/s", r.baseline.throughput),
             ),
         };
+        // The machine's idle share while the subject and while the baseline ran.
+        let idle = match (
+            r.subject.machine_idle_percent,
+            r.baseline.machine_idle_percent,
+        ) {
+            (Some(s), Some(b)) => format!("{s:.0} / {b:.0}"),
+            _ => "-".to_owned(),
+        };
         println!(
-            "{:<width$} {:>12} {:>12} {:>10.2} {:>10.2} {:>10.2}  {:<36} {:>8.2}  {:<14} {}",
+            "{:<width$} {:>12} {:>12} {:>10.2} {:>10.2} {:>10.2} {:>9}  {:<36} {:>8.2}  {:<14} {}",
             r.scenario,
             s,
             b,
             r.subject.p50_ms,
             r.subject.p99_ms,
             r.subject.max_ms,
+            idle,
             r.baseline_name,
             r.ratio,
             r.target,
