@@ -158,15 +158,17 @@ async fn closed_loop_histogram(
     (h, errors.load(Ordering::Relaxed))
 }
 
-/// Starts `op` at a fixed `rate` per second for `warmup` then `duration`; each latency
-/// runs from the planned start time.
 /// The time between two planned operations of `open_loop` at `rate`: operation n is
 /// planned at n intervals after the start.
 pub fn interval(rate: f64) -> Duration {
     Duration::from_secs_f64(1.0 / rate.max(1.0))
 }
 
+/// Starts `op` at a fixed `rate` per second for `warmup` then `duration`; each latency
+/// runs from the planned start time. The measurement also says how much of the machine's
+/// CPU was idle over the measured seconds.
 pub async fn open_loop(op: Op, rate: f64, warmup: Duration, duration: Duration) -> Measurement {
+    let idle = tokio::spawn(machine_idle(warmup, duration));
     let interval = interval(rate);
     let errors = Arc::new(AtomicU64::new(0));
     let merged = Arc::new(Mutex::new(histogram()));
@@ -211,13 +213,15 @@ pub async fn open_loop(op: Op, rate: f64, warmup: Duration, duration: Duration) 
         .lock()
         .map(|h| h.clone())
         .unwrap_or_else(|_| histogram());
-    Measurement::from_histogram(&h, errors.load(Ordering::Relaxed), duration)
+    let mut measured = Measurement::from_histogram(&h, errors.load(Ordering::Relaxed), duration);
+    measured.machine_idle_percent = idle.await.ok().flatten();
+    measured
 }
 
 /// The machine's idle share of CPU time (idle and I/O wait, all CPUs) from `after` on, for
 /// `during`: how much room the machine had left while a measurement ran. None where there
 /// is no `/proc/stat`.
-pub async fn machine_idle(after: Duration, during: Duration) -> Option<f64> {
+async fn machine_idle(after: Duration, during: Duration) -> Option<f64> {
     let read = || idle_and_total(&std::fs::read_to_string("/proc/stat").ok()?);
     tokio::time::sleep(after).await;
     let (idle0, total0) = read()?;

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::client::HttpClient;
-use super::load::{closed_loop, interleaved, machine_idle, open_loop, Measurement, Op, Recorder};
+use super::load::{closed_loop, interleaved, open_loop, Measurement, Op, Recorder};
 use super::{BenchOptions, ScenarioResult};
 use crate::app::{build, pg_pool, App};
 use crate::config::{Config, RateLimits};
@@ -681,12 +681,11 @@ impl Bench {
             .boxed()
         });
         let o = self.options.clone();
-        let idle = tokio::spawn(machine_idle(o.warmup, o.duration));
         let paced = open_loop(op, rate, o.warmup, o.duration).await;
         watcher.abort();
         let mut subject = recorder.measurement(o.duration);
         subject.errors = paced.errors;
-        subject.machine_idle_percent = idle.await.ok().flatten();
+        subject.machine_idle_percent = paced.machine_idle_percent;
         let baseline = self.kafka_round_trip(rate).await?;
         let limit = 3.0 * baseline.p99_ms + 2.0;
         Ok(ScenarioResult {
@@ -772,11 +771,10 @@ impl Bench {
             }
             .boxed()
         });
-        let idle = tokio::spawn(machine_idle(o.warmup, o.duration));
-        let _ = open_loop(op, rate, o.warmup, o.duration).await;
+        let paced = open_loop(op, rate, o.warmup, o.duration).await;
         let _ = consuming.await;
         let mut measured = recorder.measurement(o.duration);
-        measured.machine_idle_percent = idle.await.ok().flatten();
+        measured.machine_idle_percent = paced.machine_idle_percent;
         Ok(measured)
     }
 
