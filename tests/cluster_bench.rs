@@ -81,7 +81,7 @@ async fn a_small_run_measures_every_scenario_and_leaves_nothing_behind() {
         "--duration",
         "1",
         "--rounds",
-        "1",
+        "2",
         "--concurrency",
         "4",
         "--users",
@@ -120,7 +120,16 @@ async fn a_small_run_measures_every_scenario_and_leaves_nothing_behind() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{:?}", names[6]));
     assert!(rebuilt > 2000, "{rebuilt}");
-    assert_eq!(results[6]["subject"]["ops"].as_u64(), Some(rebuilt));
+    // Rebuilt in each of the two rounds, as its baseline consumed or wrote them.
+    for side in ["subject", "baseline"] {
+        assert_eq!(
+            results[6][side]["ops"].as_u64(),
+            Some(2 * rebuilt),
+            "{side}: {}",
+            results[6]
+        );
+    }
+    assert!(stderr.contains("bench: round 2: rebuild "), "{stderr}");
     for r in &results {
         let name = &r["scenario"];
         for side in ["subject", "baseline"] {
