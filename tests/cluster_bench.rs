@@ -57,20 +57,31 @@ fn created(stderr: &str) -> (String, String) {
     (database, topic)
 }
 
-fn topics_named_after(brokers: &str, topic: &str) -> Vec<String> {
+/// The topics named after `topic` and the consumer groups named with `group_prefix` that
+/// the broker still has.
+fn kafka_leftovers(brokers: &str, topic: &str, group_prefix: &str) -> Vec<String> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
         .expect("Kafka admin client");
-    admin
-        .inner()
+    let client = admin.inner();
+    let metadata = client
         .fetch_metadata(None, Duration::from_secs(10))
-        .expect("Kafka metadata")
+        .expect("Kafka metadata");
+    let groups = client
+        .fetch_group_list(None, Duration::from_secs(10))
+        .expect("Kafka group list");
+    let topics = metadata
         .topics()
         .iter()
         .map(|t| t.name().to_owned())
-        .filter(|name| name.starts_with(topic))
-        .collect()
+        .filter(|name| name.starts_with(topic));
+    let groups = groups
+        .groups()
+        .iter()
+        .map(|g| format!("group {}", g.name()))
+        .filter(|name| name["group ".len()..].starts_with(group_prefix));
+    topics.chain(groups).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,22 +183,27 @@ async fn a_small_run_measures_every_scenario_and_leaves_nothing_behind() {
         .await
         .expect("pg_database");
     assert_eq!(left, 0, "database {database} is still there");
-    // A deleted topic leaves the broker's metadata within moments.
+    // A deleted topic or group leaves the broker's metadata within moments. The groups are
+    // the projectors', the Kafka baseline's and one per round of the rebuild's consume.
     let brokers = shared_brokers();
-    wait_until(Duration::from_secs(30), "the run's topics deleted", || {
-        let (b, t) = (brokers.clone(), topic.clone());
-        async move {
-            let topics = tokio::task::spawn_blocking(move || topics_named_after(&b, &t))
-                .await
-                .map_err(|e| e.to_string())?;
-            match topics.is_empty() {
-                true => Ok(()),
-                false => Err(format!("topics left: {topics:?}")),
+    let run_id = database.trim_start_matches("pcf_bench_").to_owned();
+    wait_until(
+        Duration::from_secs(30),
+        "the run's topics and groups deleted",
+        || {
+            let (b, t, g) = (brokers.clone(), topic.clone(), format!("bench{run_id}"));
+            async move {
+                let left = tokio::task::spawn_blocking(move || kafka_leftovers(&b, &t, &g))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match left.is_empty() {
+                    true => Ok(()),
+                    false => Err(format!("left: {left:?}")),
+                }
             }
-        }
-    })
+        },
+    )
     .await;
-    let run_id = database.trim_start_matches("pcf_bench_");
     let mut redis = redis_conn(&shared_redis_url()).await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("pcf:bench:{run_id}*"))
