@@ -9,6 +9,9 @@ pub enum ErrorCode {
     EmailTaken,
     NotFound,
     Conflict,
+    /// A `commandId` that was used before by another caller, or for another command,
+    /// target or input.
+    IdempotencyKeyReused,
     AccountDeleted,
     Unauthenticated,
     Forbidden,
@@ -27,6 +30,7 @@ impl ErrorCode {
             Self::EmailTaken => "EMAIL_TAKEN",
             Self::NotFound => "NOT_FOUND",
             Self::Conflict => "CONFLICT",
+            Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             Self::AccountDeleted => "ACCOUNT_DELETED",
             Self::Unauthenticated => "UNAUTHENTICATED",
             Self::Forbidden => "FORBIDDEN",
