@@ -3,6 +3,7 @@
 //! Events that cannot be applied go to the dead-letter topic; a dependency that is down is
 //! waited for, never dead-lettered.
 
+use pcf_adapters::kafka::QuietContext;
 use pcf_domain::ports::EventLog;
 use pcf_domain::EventEnvelope;
 use rdkafka::config::ClientConfig;
@@ -81,7 +82,7 @@ pub struct KafkaProjector {
     view: Arc<dyn Generational>,
     log: Arc<dyn EventLog>,
     stats: Arc<ProjectorStats>,
-    dead_letters: FutureProducer,
+    dead_letters: FutureProducer<QuietContext>,
 }
 
 impl KafkaProjector {
@@ -95,7 +96,7 @@ impl KafkaProjector {
             .set("bootstrap.servers", &config.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .create()?;
+            .create_with_context(QuietContext::default())?;
         Ok(Self {
             config,
             view,
@@ -110,7 +111,7 @@ impl KafkaProjector {
         format!("{}{}", self.config.group_prefix, self.view.name())
     }
 
-    fn consumer(&self) -> Result<StreamConsumer, rdkafka::error::KafkaError> {
+    fn consumer(&self) -> Result<StreamConsumer<QuietContext>, rdkafka::error::KafkaError> {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.config.brokers)
@@ -132,7 +133,8 @@ impl KafkaProjector {
                 )
                 .set("fetch.min.bytes", "1048576");
         }
-        let consumer: StreamConsumer = config.create()?;
+        let consumer: StreamConsumer<QuietContext> =
+            config.create_with_context(QuietContext::default())?;
         consumer.subscribe(&[&self.config.topic])?;
         Ok(consumer)
     }
@@ -375,7 +377,7 @@ impl Uncommitted {
         self.committed_at + COMMIT_EVERY
     }
 
-    fn commit(&mut self, consumer: &StreamConsumer, topic: &str, mode: CommitMode) {
+    fn commit(&mut self, consumer: &StreamConsumer<QuietContext>, topic: &str, mode: CommitMode) {
         let Some(tpl) = self.take(topic) else {
             return;
         };
@@ -388,7 +390,7 @@ impl Uncommitted {
     /// On shutdown: commits what waits and waits for the broker's answer, at most
     /// `LAST_COMMIT_WAIT` (a broker that is down must not hold the shutdown up; the
     /// offsets not committed then only mean messages come again).
-    async fn commit_last(&mut self, consumer: &Arc<StreamConsumer>, topic: &str) {
+    async fn commit_last(&mut self, consumer: &Arc<StreamConsumer<QuietContext>>, topic: &str) {
         let Some(tpl) = self.take(topic) else {
             return;
         };

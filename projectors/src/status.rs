@@ -1,5 +1,6 @@
 //! Where a Kafka projection stands: committed offset, end of the partition, and the lag.
 
+use pcf_adapters::kafka::QuietContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -26,11 +27,11 @@ pub async fn consumer_lag(
     let topic = topic.to_owned();
     let group = group.to_owned();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
+        let consumer: BaseConsumer<QuietContext> = ClientConfig::new()
             .set("bootstrap.servers", &brokers)
             .set("group.id", &group)
             .set("enable.auto.commit", "false")
-            .create()?;
+            .create_with_context(QuietContext::default())?;
         let timeout = Duration::from_secs(5);
         let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
         let partitions: Vec<i32> = metadata
