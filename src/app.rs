@@ -436,16 +436,26 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
     ));
     let schemas = schemas(config, commands, models, live, monitor, limiter.clone());
     let schema = schemas.full.clone();
+    let authenticator = Arc::new(auth.authenticator);
+    let websocket = Arc::new(crate::websocket::Shared {
+        schema: schema.clone(),
+        authenticator: authenticator.clone(),
+        limiter: limiter.clone(),
+        limits: crate::websocket::WsLimits::from_config(config),
+        open: Default::default(),
+    });
     let router = crate::http::router(crate::http::HttpState {
         schemas: Arc::new(schemas),
         dependencies: Arc::new(dependencies),
         metrics: metrics.clone(),
-        authenticator: Arc::new(auth.authenticator),
+        authenticator,
         limiter,
         trusted_proxies: Arc::new(config.trusted_proxies.clone()),
         graphiql: config.environment == Environment::Development,
         body_limit: config.body_limit,
+        body_timeout: config.body_timeout,
         request_timeout: config.request_timeout,
+        websocket,
     });
     Ok(App {
         router,

@@ -29,9 +29,45 @@ pub struct Claims {
 }
 
 /// Why credentials were refused; the detail is logged, the client sees `UNAUTHENTICATED`.
+/// Whatever of the client's text it quotes is an [`excerpt`]: a log line never carries more
+/// than a bounded, escaped piece of client input.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct AuthError(pub String);
+
+/// The most characters of client text quoted in a message or log line.
+const EXCERPT_CHARS: usize = 32;
+
+/// A bounded, escaped excerpt of client text: its first characters with control and
+/// non-ASCII characters escaped, and how long the whole was when it was cut.
+pub fn excerpt(text: &str) -> String {
+    excerpt_of(text, EXCERPT_CHARS)
+}
+
+/// As [`excerpt`], of at most `chars` characters.
+pub fn excerpt_of(text: &str, chars: usize) -> String {
+    let mut out = String::new();
+    for c in text.chars().take(chars) {
+        out.extend(c.escape_default());
+    }
+    if text.chars().nth(chars).is_some() {
+        out.push_str(&format!("… ({} bytes)", text.len()));
+    }
+    out
+}
+
+/// Verified credentials: who, and until when (API keys do not expire).
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub principal: Principal,
+    /// The Unix time from which the credentials are refused: a token's `exp` plus the
+    /// leeway every check of it allows.
+    pub expires: Option<u64>,
+}
+
+/// The shortest HS256 secret production accepts: 256 bits, as RFC 7518 requires of a key
+/// for HMAC with SHA-256.
+pub const MIN_SECRET_BYTES: usize = 32;
 
 /// One API key of the keys file.
 #[derive(Debug, Deserialize)]
@@ -60,6 +96,8 @@ pub struct Authenticator {
     /// SHA-256 of each key → its principal.
     api_keys: HashMap<[u8; 32], Principal>,
     verified: VerifiedTokens,
+    /// The longest lifetime left (`exp` from now) a token may claim.
+    max_ttl: u64,
 }
 
 /// Tokens whose signature and claims have verified, by their whole text: the signature is
@@ -183,49 +221,58 @@ impl AuthSetup {
             Some(path) => load_api_keys(path)?,
             None => HashMap::new(),
         };
-        let (decoding, mut validation, dev_token) =
-            match (&config.jwt_secret, &config.jwt_public_key) {
-                (Some(_), Some(_)) => {
-                    anyhow::bail!("set PCF_JWT_SECRET or PCF_JWT_PUBLIC_KEY, not both")
+        let (decoding, mut validation, dev_token) = match (
+            &config.jwt_secret,
+            &config.jwt_public_key,
+        ) {
+            (Some(_), Some(_)) => {
+                anyhow::bail!("set PCF_JWT_SECRET or PCF_JWT_PUBLIC_KEY, not both")
+            }
+            (Some(secret), None) => {
+                if config.environment == Environment::Production && secret.len() < MIN_SECRET_BYTES
+                {
+                    anyhow::bail!(
+                            "PCF_JWT_SECRET is {} bytes; production needs at least {MIN_SECRET_BYTES} (256 bits), for example from `openssl rand -hex 32`",
+                            secret.len()
+                        );
                 }
-                (Some(secret), None) => (
+                (
                     DecodingKey::from_secret(secret.as_bytes()),
                     Validation::new(Algorithm::HS256),
                     None,
-                ),
-                (None, Some(key)) => {
-                    let pem = read_pem(key)?;
-                    if let Ok(k) = DecodingKey::from_rsa_pem(pem.as_bytes()) {
-                        (k, Validation::new(Algorithm::RS256), None)
-                    } else if let Ok(k) = DecodingKey::from_ec_pem(pem.as_bytes()) {
-                        (k, Validation::new(Algorithm::ES256), None)
-                    } else {
-                        anyhow::bail!(
-                            "PCF_JWT_PUBLIC_KEY is neither an RSA nor an EC public key in PEM"
-                        );
-                    }
+                )
+            }
+            (None, Some(key)) => {
+                let pem = read_pem(key)?;
+                if let Ok(k) = DecodingKey::from_rsa_pem(pem.as_bytes()) {
+                    (k, Validation::new(Algorithm::RS256), None)
+                } else if let Ok(k) = DecodingKey::from_ec_pem(pem.as_bytes()) {
+                    (k, Validation::new(Algorithm::ES256), None)
+                } else {
+                    anyhow::bail!(
+                        "PCF_JWT_PUBLIC_KEY is neither an RSA nor an EC public key in PEM"
+                    );
                 }
-                (None, None) => {
-                    if config.environment == Environment::Production {
-                        anyhow::bail!(
-                            "PCF_ENV=production needs PCF_JWT_SECRET or PCF_JWT_PUBLIC_KEY"
-                        );
-                    }
-                    let secret = random_secret()?;
-                    let token = mint(
-                        &secret,
-                        "dev-admin",
-                        &[AccessRole::Admin],
-                        None,
-                        Duration::from_secs(12 * 3600),
-                    )?;
-                    (
-                        DecodingKey::from_secret(secret.as_bytes()),
-                        Validation::new(Algorithm::HS256),
-                        Some(token),
-                    )
+            }
+            (None, None) => {
+                if config.environment == Environment::Production {
+                    anyhow::bail!("PCF_ENV=production needs PCF_JWT_SECRET or PCF_JWT_PUBLIC_KEY");
                 }
-            };
+                let secret = random_secret()?;
+                let token = mint(
+                    &secret,
+                    "dev-admin",
+                    &[AccessRole::Admin],
+                    None,
+                    Duration::from_secs(12 * 3600),
+                )?;
+                (
+                    DecodingKey::from_secret(secret.as_bytes()),
+                    Validation::new(Algorithm::HS256),
+                    Some(token),
+                )
+            }
+        };
         // One algorithm only: the key decides it, the token's header cannot.
         validation.validate_nbf = true;
         validation.leeway = 5;
@@ -236,6 +283,7 @@ impl AuthSetup {
                 validation,
                 api_keys,
                 verified: VerifiedTokens::default(),
+                max_ttl: config.jwt_max_ttl.as_secs(),
             },
             dev_token,
         })
@@ -257,11 +305,19 @@ fn load_api_keys(path: &Path) -> anyhow::Result<HashMap<[u8; 32], Principal>> {
     let file: ApiKeysFile =
         toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
     let mut keys = HashMap::new();
+    let mut names: HashMap<[u8; 32], String> = HashMap::new();
     for entry in file.keys {
         let whose = format!("API key {:?}", entry.name);
         let mut hash = [0u8; 32];
-        hex::decode_to_slice(entry.sha256.trim(), &mut hash)
+        hex::decode_to_slice(entry.sha256.trim().to_ascii_lowercase(), &mut hash)
             .with_context(|| format!("{whose}: sha256 must be 64 hex digits"))?;
+        // One key standing for two entries would take the roles of whichever came last.
+        if let Some(first) = names.insert(hash, entry.name.clone()) {
+            anyhow::bail!(
+                "{}: {whose} has the same sha256 as API key {first:?}; each key must be listed once",
+                path.display()
+            );
+        }
         let principal = Principal {
             subject: Some(entry.name.clone()),
             roles: parse_roles(&entry.roles, &whose)?,
@@ -293,20 +349,33 @@ impl Authenticator {
 
     /// Verifies an `Authorization` value: `Bearer <jwt>` or `ApiKey <key>`.
     pub fn credentials(&self, value: &str) -> Result<Principal, AuthError> {
+        self.verify(value).map(|v| v.principal)
+    }
+
+    /// As [`Self::credentials`], with when the credentials expire.
+    pub fn verify(&self, value: &str) -> Result<Verified, AuthError> {
         let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value, ""));
         if scheme.eq_ignore_ascii_case("bearer") {
-            self.token(rest.trim())
+            self.verify_token(rest.trim())
         } else if scheme.eq_ignore_ascii_case("apikey") {
-            self.api_key(rest.trim())
+            self.api_key(rest.trim()).map(|principal| Verified {
+                principal,
+                expires: None,
+            })
         } else {
             Err(AuthError(format!(
-                "unsupported authorization scheme {scheme:?}"
+                "unsupported authorization scheme \"{}\"",
+                excerpt(scheme)
             )))
         }
     }
 
     /// Verifies a JWT: signature with the one configured algorithm, `exp`, `nbf`.
     pub fn token(&self, token: &str) -> Result<Principal, AuthError> {
+        self.verify_token(token).map(|v| v.principal)
+    }
+
+    fn verify_token(&self, token: &str) -> Result<Verified, AuthError> {
         if let Some(known) = self.verified.get(token) {
             // The same checks of the times as the first verification, with its leeway.
             let now = jsonwebtoken::get_current_timestamp();
@@ -320,11 +389,34 @@ impl Authenticator {
             {
                 return Err(AuthError("token refused: ImmatureSignature".into()));
             }
-            return Ok(known.principal);
+            return Ok(Verified {
+                principal: known.principal,
+                expires: Some(known.exp.saturating_add(leeway).saturating_add(1)),
+            });
         }
+        // The error's text may quote the token's header; only an excerpt is kept.
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| AuthError(format!("token refused: {e}")))?;
+            .map_err(|e| {
+                AuthError(format!(
+                    "token refused: {}",
+                    excerpt_of(&e.to_string(), 120)
+                ))
+            })?;
         let claims = data.claims;
+        if claims.sub.trim().is_empty() {
+            return Err(AuthError("token refused: empty subject".into()));
+        }
+        let now = jsonwebtoken::get_current_timestamp();
+        let longest = now
+            .saturating_add(self.max_ttl)
+            .saturating_add(self.validation.leeway);
+        if claims.exp > longest {
+            return Err(AuthError(format!(
+                "token refused: it claims to be valid for {} s, more than the {} s accepted",
+                claims.exp - now,
+                self.max_ttl
+            )));
+        }
         let principal = Principal {
             subject: Some(claims.sub),
             // Roles this version does not know grant nothing.
@@ -343,7 +435,15 @@ impl Authenticator {
                 nbf: claims.nbf,
             },
         );
-        Ok(principal)
+        Ok(Verified {
+            principal,
+            expires: Some(
+                claims
+                    .exp
+                    .saturating_add(self.validation.leeway)
+                    .saturating_add(1),
+            ),
+        })
     }
 
     fn api_key(&self, key: &str) -> Result<Principal, AuthError> {

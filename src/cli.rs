@@ -234,14 +234,15 @@ async fn serve(config: Config, roles: &[Role]) -> anyhow::Result<()> {
         println!("Development admin token (12h): {token}");
     }
     let router = app.router.clone();
-    axum::serve(
-        crate::http::listener(listener),
-        router.into_make_service_with_connect_info::<SocketAddr>(),
+    crate::server::serve(
+        listener,
+        router,
+        crate::server::ConnectionLimits::from_config(&config),
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        },
     )
-    .with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down");
-    })
     .await?;
     app.shutdown().await;
     Ok(())

@@ -52,6 +52,25 @@ pub struct Config {
     pub body_limit: usize,
     pub max_depth: usize,
     pub max_complexity: usize,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// The longest a client may take to send a request head (from the accept, or from the
+    /// first byte of the next request on a kept-alive connection).
+    pub header_timeout: Duration,
+    /// The longest a client may take to send a request body.
+    pub body_timeout: Duration,
+    /// The longest a kept-alive connection may sit idle between requests.
+    pub idle_timeout: Duration,
+    /// The largest websocket message (and frame) accepted; the HTTP body limit by default.
+    pub ws_message_limit: Option<usize>,
+    /// Subscriptions open at once on one websocket.
+    pub ws_subscriptions_per_connection: usize,
+    /// Subscriptions open at once by one subject, over all its websockets on this instance.
+    pub ws_subscriptions_per_subject: usize,
+    /// How long a websocket may take to send `connection_init`.
+    pub ws_init_timeout: Duration,
+    /// The longest token lifetime accepted (`exp` this far from now at most).
+    pub jwt_max_ttl: Duration,
 }
 
 /// Requests per minute.
@@ -60,6 +79,8 @@ pub struct RateLimits {
     pub anonymous: u32,
     pub authenticated: u32,
     pub premium: u32,
+    /// Refused credentials per client address, on top of their count as anonymous requests.
+    pub failed_auth: u32,
 }
 
 impl Default for RateLimits {
@@ -68,6 +89,7 @@ impl Default for RateLimits {
             anonymous: 1000,
             authenticated: 5000,
             premium: 10000,
+            failed_auth: 60,
         }
     }
 }
@@ -99,6 +121,15 @@ impl Default for Config {
             body_limit: 64 * 1024,
             max_depth: 15,
             max_complexity: 1000,
+            max_connections: 4096,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            ws_message_limit: None,
+            ws_subscriptions_per_connection: 100,
+            ws_subscriptions_per_subject: 500,
+            ws_init_timeout: Duration::from_secs(10),
+            jwt_max_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -133,6 +164,16 @@ struct FileConfig {
     body_limit: Option<usize>,
     max_depth: Option<usize>,
     max_complexity: Option<usize>,
+    rate_limit_failed_auth: Option<u32>,
+    max_connections: Option<usize>,
+    header_timeout_ms: Option<u64>,
+    body_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    ws_message_limit: Option<usize>,
+    ws_subscriptions_per_connection: Option<usize>,
+    ws_subscriptions_per_subject: Option<usize>,
+    ws_init_timeout_ms: Option<u64>,
+    jwt_max_ttl_s: Option<u64>,
 }
 
 impl FileConfig {
@@ -282,12 +323,57 @@ impl Config {
         if let Some(complexity) = f.max_complexity {
             c.max_complexity = complexity;
         }
+        if let Some(n) = f.rate_limit_failed_auth {
+            c.rate_limits.failed_auth = n;
+        }
+        if let Some(n) = f.max_connections {
+            anyhow::ensure!(n > 0, "max_connections must be positive");
+            c.max_connections = n;
+        }
+        let millis = |v: Option<u64>, key: &str, into: &mut Duration| -> anyhow::Result<()> {
+            if let Some(ms) = v {
+                anyhow::ensure!(ms > 0, "{key} must be positive");
+                *into = Duration::from_millis(ms);
+            }
+            Ok(())
+        };
+        millis(
+            f.header_timeout_ms,
+            "header_timeout_ms",
+            &mut c.header_timeout,
+        )?;
+        millis(f.body_timeout_ms, "body_timeout_ms", &mut c.body_timeout)?;
+        millis(f.idle_timeout_ms, "idle_timeout_ms", &mut c.idle_timeout)?;
+        millis(
+            f.ws_init_timeout_ms,
+            "ws_init_timeout_ms",
+            &mut c.ws_init_timeout,
+        )?;
+        if let Some(n) = f.ws_message_limit {
+            anyhow::ensure!(n >= 1024, "ws_message_limit must be at least 1024 bytes");
+            c.ws_message_limit = Some(n);
+        }
+        if let Some(n) = f.ws_subscriptions_per_connection {
+            c.ws_subscriptions_per_connection = n;
+        }
+        if let Some(n) = f.ws_subscriptions_per_subject {
+            c.ws_subscriptions_per_subject = n;
+        }
+        if let Some(s) = f.jwt_max_ttl_s {
+            anyhow::ensure!(s > 0, "jwt_max_ttl_s must be positive");
+            c.jwt_max_ttl = Duration::from_secs(s);
+        }
         Ok(c)
     }
 
     /// The event stream goes through Kafka (cluster mode).
     pub fn uses_kafka(&self) -> bool {
         self.kafka_brokers.is_some()
+    }
+
+    /// The largest websocket message accepted.
+    pub fn ws_message_limit(&self) -> usize {
+        self.ws_message_limit.unwrap_or(self.body_limit)
     }
 
     /// Embedded mode: no event store URL configured.

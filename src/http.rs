@@ -2,9 +2,7 @@
 //! health and metrics. Every GraphQL request is authenticated and rate limited first; a
 //! refused request runs no resolver.
 
-use async_graphql::http::{GraphiQLSource, ALL_WEBSOCKET_PROTOCOLS};
-use async_graphql::Data;
-use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
+use async_graphql::http::{GraphiQLSource, WebSocketProtocols, ALL_WEBSOCKET_PROTOCOLS};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, FromRequestParts, Request, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -23,7 +21,7 @@ use crate::app::Schemas;
 use crate::auth::Authenticator;
 use crate::health::Dependencies;
 use crate::metrics::Metrics;
-use crate::ratelimit::{Decision, RateLimiter, WebSocketClient};
+use crate::ratelimit::{Decision, RateLimiter};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -36,7 +34,11 @@ pub struct HttpState {
     pub trusted_proxies: Arc<Vec<IpAddr>>,
     pub graphiql: bool,
     pub body_limit: usize,
+    /// The longest a client may take to send the request body.
+    pub body_timeout: Duration,
     pub request_timeout: Duration,
+    /// What websocket sessions share (`crate::websocket`).
+    pub websocket: Arc<crate::websocket::Shared>,
 }
 
 /// The router, testable without a socket.
@@ -75,7 +77,7 @@ fn send_at_once(stream: &mut tokio::net::TcpStream) {
 /// A correlation id for a request that brought none: a random UUID of this process with a
 /// counter in its last 48 bits, so unique without asking the kernel for randomness each
 /// time.
-fn new_correlation_id() -> String {
+pub(crate) fn new_correlation_id() -> String {
     static BASE: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     const NODE: u128 = (1 << 48) - 1;
@@ -145,6 +147,12 @@ async fn admit(
     let principal = match state.authenticator.authenticate(headers) {
         Ok(p) => p,
         Err(e) => {
+            // Counted, so that a flood of bad credentials is answered 429 like any other.
+            if let Decision::Limited { retry_after } =
+                state.limiter.refused_credentials(client).await
+            {
+                return Err((rate_limited(retry_after), "rate_limited"));
+            }
             tracing::info!(reason = %e, "credentials refused");
             let mut response = request_error(
                 StatusCode::UNAUTHORIZED,
@@ -163,13 +171,39 @@ async fn admit(
     Ok(principal)
 }
 
+/// Whether a request's `Content-Type` is one a GraphQL request over HTTP may have. Only
+/// JSON runs: a browser sends a cross-site form or `text/plain` without asking the server
+/// first (a "simple request"), so accepting those would let any page sign people up.
+fn json_content_type(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || essence.eq_ignore_ascii_case("application/graphql-response+json")
+}
+
 async fn graphql(State(state): State<HttpState>, req: Request) -> Response {
     let started = Instant::now();
     let client = client_address(&req, &state.trusted_proxies);
     let (parts, body) = req.into_parts();
-    let (response, outcome) = match admit(&state, &parts.headers, &client).await {
-        Ok(principal) => execute(&state, principal, parts.headers, body).await,
-        Err(refused) => refused,
+    let (response, outcome) = if !json_content_type(&parts.headers) {
+        (
+            request_error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ErrorCode::BadRequest,
+                "send the request as JSON (content-type: application/json)",
+            ),
+            "unsupported_media_type",
+        )
+    } else {
+        match admit(&state, &parts.headers, &client).await {
+            Ok(principal) => execute(&state, principal, parts.headers, body).await,
+            Err(refused) => refused,
+        }
     };
     state
         .metrics
@@ -183,9 +217,20 @@ async fn execute(
     headers: HeaderMap,
     body: Body,
 ) -> (Response, &'static str) {
-    let body = match axum::body::to_bytes(body, state.body_limit).await {
-        Ok(b) => b,
+    let read = axum::body::to_bytes(body, state.body_limit);
+    let body = match tokio::time::timeout(state.body_timeout, read).await {
+        Ok(Ok(b)) => b,
         Err(_) => {
+            return (
+                request_error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    ErrorCode::BadRequest,
+                    "the request body took too long to arrive",
+                ),
+                "body_timeout",
+            )
+        }
+        Ok(Err(_)) => {
             return (
                 request_error(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -311,9 +356,9 @@ async fn execute(
     (http, outcome)
 }
 
-/// graphql-transport-ws: the upgrade is rate limited like a request; the connection is
-/// authenticated by `connection_init` (`{"authorization": "Bearer …"}`), and refused
-/// without valid credentials.
+/// graphql-transport-ws: the upgrade is rate limited like a request; the session
+/// (`crate::websocket`) is authenticated by `connection_init`
+/// (`{"authorization": "Bearer …"}`) and refused without valid credentials.
 async fn websocket(State(state): State<HttpState>, req: Request) -> Response {
     let client = client_address(&req, &state.trusted_proxies);
     if let Decision::Limited { retry_after } =
@@ -322,13 +367,18 @@ async fn websocket(State(state): State<HttpState>, req: Request) -> Response {
         return rate_limited(retry_after);
     }
     let (mut parts, _body) = req.into_parts();
-    let protocol = match <GraphQLProtocol as FromRequestParts<HttpState>>::from_request_parts(
-        &mut parts, &state,
-    )
-    .await
-    {
-        Ok(p) => p,
-        Err(e) => return e.into_response(),
+    // The first subprotocol offered that async-graphql speaks.
+    let protocol = parts
+        .headers
+        .get(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|offered| {
+            offered
+                .split(',')
+                .find_map(|p| p.trim().parse::<WebSocketProtocols>().ok())
+        });
+    let Some(protocol) = protocol else {
+        return StatusCode::BAD_REQUEST.into_response();
     };
     let upgrade = match <WebSocketUpgrade as FromRequestParts<HttpState>>::from_request_parts(
         &mut parts, &state,
@@ -338,50 +388,15 @@ async fn websocket(State(state): State<HttpState>, req: Request) -> Response {
         Ok(u) => u,
         Err(e) => return e.into_response(),
     };
-    let schema = state.schemas.full.clone();
-    let authenticator = state.authenticator.clone();
-    let address = client.clone();
+    let shared = state.websocket.clone();
+    let limit = shared.limits.message_limit;
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
-        .on_upgrade(move |socket| async move {
-            GraphQLWebSocket::new(socket, schema, protocol)
-                .on_connection_init(move |payload| async move {
-                    let principal = connection_principal(&authenticator, &payload)?;
-                    let mut data = Data::default();
-                    data.insert(WebSocketClient {
-                        principal: principal.clone(),
-                        address,
-                    });
-                    data.insert(principal);
-                    data.insert(CommandContext {
-                        correlation_id: Some(new_correlation_id()),
-                        actor: None,
-                    });
-                    Ok(data)
-                })
-                .serve()
-                .await
-        })
-}
-
-/// The principal of a websocket's `connection_init` payload.
-fn connection_principal(
-    authenticator: &Authenticator,
-    payload: &serde_json::Value,
-) -> async_graphql::Result<Principal> {
-    let value = payload
-        .get("authorization")
-        .or_else(|| payload.get("Authorization"))
-        .and_then(|v| v.as_str());
-    let Some(value) = value else {
-        return Err(async_graphql::Error::new(
-            "connection_init must carry {\"authorization\": \"Bearer <token>\"}",
-        ));
-    };
-    authenticator.credentials(value).map_err(|e| {
-        tracing::info!(reason = %e, "websocket credentials refused");
-        async_graphql::Error::new("the credentials are not valid")
-    })
+        // A frame over the limit is refused as its header arrives, before its payload is
+        // read; a message of many frames, as it grows past the limit.
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| crate::websocket::serve(socket, protocol, shared, client))
 }
 
 async fn graphiql() -> Html<String> {

@@ -15,6 +15,8 @@ pub mod metrics;
 pub mod monitor;
 pub mod operate;
 pub mod ratelimit;
+pub mod server;
+pub mod websocket;
 
 pub use app::{build, App};
 pub use config::Config;

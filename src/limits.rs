@@ -9,9 +9,9 @@ use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextPrepareRequest,
 };
 use async_graphql::parser::types::{
-    BaseType, DocumentOperations, ExecutableDocument, Selection, SelectionSet,
+    BaseType, Directive, DocumentOperations, ExecutableDocument, Selection, SelectionSet,
 };
-use async_graphql::{Name, Request, ServerError, ServerResult, Value, Variables};
+use async_graphql::{Name, Pos, Positioned, Request, ServerError, ServerResult, Value, Variables};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -345,6 +345,54 @@ pub fn count_aliases(doc: &ExecutableDocument) -> usize {
     operations + fragments
 }
 
+/// The first directive written twice at one location, with where; `None` when there is
+/// none. Every directive PCF's schema has for executable documents (`@include`, `@skip`)
+/// is non-repeatable, and async-graphql does not check this rule of the specification
+/// ("Directives Are Unique Per Location"): `@include(if: true) @include(if: false)` would
+/// otherwise run with one of the two silently ignored.
+pub fn repeated_directive(doc: &ExecutableDocument) -> Option<(Name, Pos)> {
+    fn repeated(directives: &[Positioned<Directive>]) -> Option<(Name, Pos)> {
+        directives.iter().enumerate().find_map(|(i, d)| {
+            directives[..i]
+                .iter()
+                .any(|e| e.node.name.node == d.node.name.node)
+                .then(|| (d.node.name.node.clone(), d.pos))
+        })
+    }
+    fn in_set(set: &SelectionSet) -> Option<(Name, Pos)> {
+        set.items.iter().find_map(|item| match &item.node {
+            Selection::Field(f) => {
+                repeated(&f.node.directives).or_else(|| in_set(&f.node.selection_set.node))
+            }
+            Selection::InlineFragment(f) => {
+                repeated(&f.node.directives).or_else(|| in_set(&f.node.selection_set.node))
+            }
+            Selection::FragmentSpread(f) => repeated(&f.node.directives),
+        })
+    }
+    let operations: Vec<_> = match &doc.operations {
+        DocumentOperations::Single(op) => vec![op],
+        DocumentOperations::Multiple(ops) => ops.values().collect(),
+    };
+    operations
+        .into_iter()
+        .find_map(|op| {
+            repeated(&op.node.directives)
+                .or_else(|| {
+                    op.node
+                        .variable_definitions
+                        .iter()
+                        .find_map(|v| repeated(&v.node.directives))
+                })
+                .or_else(|| in_set(&op.node.selection_set.node))
+        })
+        .or_else(|| {
+            doc.fragments.values().find_map(|f| {
+                repeated(&f.node.directives).or_else(|| in_set(&f.node.selection_set.node))
+            })
+        })
+}
+
 impl AliasLimitExtension {
     fn admit(&self, mut request: Request) -> Result<(Request, Option<Arc<Known>>), ServerError> {
         if let Some((doc, known)) = self.cache.get(&request.query) {
@@ -364,6 +412,12 @@ impl AliasLimitExtension {
 
     /// The error for a document over the limits, if it is.
     fn refuse(&self, doc: &ExecutableDocument) -> Option<ServerError> {
+        if let Some((name, pos)) = repeated_directive(doc) {
+            return Some(ServerError::new(
+                format!("The directive \"@{name}\" can only be used once at this location."),
+                Some(pos),
+            ));
+        }
         let n = count_aliases(doc);
         if n > self.aliases {
             return Some(ServerError::new(
@@ -401,6 +455,44 @@ impl Extension for AliasLimitExtension {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directive_repeated_at_one_location_is_found_wherever_it_is() {
+        let found = |q: &str| {
+            let doc = async_graphql::parser::parse_query(q).unwrap();
+            repeated_directive(&doc).map(|(name, _)| name.to_string())
+        };
+        assert_eq!(
+            found("{ __typename @include(if: true) @include(if: false) }").as_deref(),
+            Some("include")
+        );
+        assert_eq!(
+            found("{ user(id: 1) { ... on User @skip(if: false) @skip(if: true) { id } } }")
+                .as_deref(),
+            Some("skip")
+        );
+        assert_eq!(
+            found(
+                "{ ...F @include(if: true) @include(if: true) } fragment F on Query { __typename }"
+            )
+            .as_deref(),
+            Some("include")
+        );
+        assert_eq!(
+            found("query { ...F } fragment F on Query { a: __typename @skip(if: true) @skip(if: true) }")
+                .as_deref(),
+            Some("skip")
+        );
+        // Different directives, or the same one at different locations, are fine.
+        assert_eq!(
+            found("{ __typename @include(if: true) @skip(if: false) }"),
+            None
+        );
+        assert_eq!(
+            found("{ user(id: 1) @include(if: true) { id @include(if: true) } }"),
+            None
+        );
+    }
 
     #[test]
     fn aliases_in_fields_fragments_and_nesting_are_counted() {

@@ -126,14 +126,34 @@ impl RateLimiter {
     /// Counts one request of `principal` from address `client`.
     pub async fn check(&self, principal: &Principal, client: &str) -> Decision {
         let (limit, key) = self.bucket(principal, client);
+        self.count(limit, &key).await
+    }
+
+    /// Counts a request whose credentials were refused: as an anonymous request of its
+    /// address, and against the stricter limit of refused credentials per address, so
+    /// that guessing credentials is slow and flooding with bad ones is answered 429.
+    pub async fn refused_credentials(&self, client: &str) -> Decision {
+        let anonymous = self.check(&Principal::anonymous(), client).await;
+        let failed = self
+            .count(self.limits.failed_auth, &format!("authfail:{client}"))
+            .await;
+        match (anonymous, failed) {
+            (Decision::Allowed, Decision::Allowed) => Decision::Allowed,
+            (Decision::Limited { retry_after }, _) | (_, Decision::Limited { retry_after }) => {
+                Decision::Limited { retry_after }
+            }
+        }
+    }
+
+    async fn count(&self, limit: u32, key: &str) -> Decision {
         let limit = u64::from(limit);
         let now = unix_now();
         let window = now / 60;
-        let allowed = match self.spend_token(&key, window) {
+        let allowed = match self.spend_token(key, window) {
             Some(allowed) => allowed,
-            None => match self.take_shared(&key, window, limit).await {
+            None => match self.take_shared(key, window, limit).await {
                 Some(allowed) => allowed,
-                None => self.count_local(&key, window) <= limit,
+                None => self.count_local(key, window) <= limit,
             },
         };
         if allowed {
@@ -310,6 +330,7 @@ mod tests {
             anonymous: 3,
             authenticated: 5,
             premium: 10,
+            failed_auth: 60,
         };
         let limiter = RateLimiter::new(limits, None);
         let anon = Principal::anonymous();
@@ -325,11 +346,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn refused_credentials_count_as_anonymous_and_against_their_own_limit() {
+        let limits = RateLimits {
+            anonymous: 100,
+            authenticated: 100,
+            premium: 100,
+            failed_auth: 3,
+        };
+        let limiter = RateLimiter::new(limits, None);
+        for _ in 0..3 {
+            assert_eq!(
+                limiter.refused_credentials("10.0.0.1").await,
+                Decision::Allowed
+            );
+        }
+        assert!(matches!(
+            limiter.refused_credentials("10.0.0.1").await,
+            Decision::Limited { .. }
+        ));
+        // Each refusal also spent one of the address's anonymous requests.
+        let anon = Principal::anonymous();
+        for _ in 0..96 {
+            assert_eq!(limiter.check(&anon, "10.0.0.1").await, Decision::Allowed);
+        }
+        assert!(matches!(
+            limiter.check(&anon, "10.0.0.1").await,
+            Decision::Limited { .. }
+        ));
+    }
+
+    #[tokio::test]
     async fn premium_subjects_get_the_higher_limit() {
         let limits = RateLimits {
             anonymous: 1,
             authenticated: 2,
             premium: 4,
+            failed_auth: 60,
         };
         let limiter = RateLimiter::new(limits, None);
         let premium = Principal {

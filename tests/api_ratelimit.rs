@@ -17,6 +17,7 @@ fn limits(anonymous: u32, authenticated: u32, premium: u32) -> RateLimits {
         anonymous,
         authenticated,
         premium,
+        failed_auth: 60,
     }
 }
 

@@ -461,6 +461,7 @@ async fn operations_over_a_websocket_are_rate_limited() {
             anonymous: 100,
             authenticated: 3,
             premium: 6,
+            failed_auth: 60,
         }
     })
     .await;
@@ -522,6 +523,220 @@ async fn an_operation_over_the_limits_is_refused_over_a_websocket_too() {
             assert!(m["payload"]["data"].is_null(), "{m}");
         }
         other => panic!("16 aliases: {other:?}"),
+    }
+    drop(server);
+    api.stop().await;
+}
+
+/// This process's resident memory, in bytes.
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("reading /proc/self/statm");
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("resident pages in /proc/self/statm");
+    pages * 4096
+}
+
+/// Expects a close with `code` as the next thing the connection delivers.
+#[track_caller]
+fn expect_close(answer: WsIn, code: u16, what: &str) {
+    match answer {
+        WsIn::Closed(c, _) if c == code => {}
+        other => panic!("{what}: expected a close with {code}, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_message_over_the_limit_closes_with_1009_and_memory_stays_bounded() {
+    let api = Api::start().await;
+    let limit = api.config.body_limit;
+    let server = Server::start(api.router()).await;
+
+    // Just over the limit, before any login: refused with the protocol's code.
+    let mut ws = WsClient::connect(&server).await;
+    let over = "A".repeat(limit + 1024);
+    ws.send(json!({ "type": "connection_init", "payload": { "authorization": over } }))
+        .await;
+    expect_close(ws.next(WAIT).await, 1009, "connection_init over the limit");
+
+    // And after it: a subscribe whose query is over the limit.
+    let mut ws = WsClient::authenticated(&server, &auditor()).await;
+    let query = format!(
+        "subscription {{ events {{ eventId }} }} # {}",
+        "x".repeat(limit)
+    );
+    ws.subscribe("1", &query, json!({})).await;
+    expect_close(ws.next(WAIT).await, 1009, "subscribe over the limit");
+
+    // 15 MB messages on four connections at once are refused as their header arrives: the
+    // server does not take their size in memory (it took 941 MB before the limit).
+    let before = resident_bytes();
+    let mut sends = Vec::new();
+    for _ in 0..4 {
+        let server_addr = server.ws_url();
+        sends.push(tokio::spawn(async move {
+            let mut request =
+                tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                    server_addr,
+                )
+                .unwrap();
+            request.headers_mut().insert(
+                "Sec-WebSocket-Protocol",
+                "graphql-transport-ws".parse().unwrap(),
+            );
+            let (mut stream, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+            let huge =
+                json!({ "type": "connection_init", "payload": { "x": "A".repeat(15 << 20) } });
+            let sent = futures::SinkExt::send(
+                &mut stream,
+                tokio_tungstenite::tungstenite::Message::text(huge.to_string()),
+            );
+            // The server ends the connection long before 15 MB are through.
+            let _ = tokio::time::timeout(WAIT, sent).await;
+        }));
+    }
+    for send in sends {
+        send.await.unwrap();
+    }
+    let grown = resident_bytes().saturating_sub(before);
+    // The test's own four 15 MB messages (and their JSON) account for most of what grows.
+    assert!(
+        grown < 200 << 20,
+        "resident memory grew by {} MiB",
+        grown >> 20
+    );
+    // The server still serves.
+    WsClient::authenticated(&server, &auditor())
+        .await
+        .close()
+        .await;
+    drop(server);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_session_ends_with_4401_when_its_token_expires() {
+    let api = Api::start().await;
+    api.create_user("expiring@example.com", "Expiring").await;
+    let server = Server::start(api.router()).await;
+    let now = unix_now();
+    let short = token_with_claims(
+        &json!({ "sub": "short-lived", "roles": ["auditor"], "iat": now, "exp": now + 3 }),
+    );
+    let mut ws = WsClient::authenticated(&server, &short).await;
+    // While the token is valid, the session serves.
+    ws.subscribe("1", EVENTS_SUB, json!({ "after": START }))
+        .await;
+    take(&mut ws, "1", 1, "events").await;
+    // Then the token expires (with the leeway HTTP allows too): the session is closed,
+    // telling the client to authenticate again, and HTTP refuses the token as well.
+    let answer = ws.next(Duration::from_secs(12)).await;
+    expect_close(answer, 4401, "after the token expired");
+    let r = api.send(Gql::new("{ __typename }").bearer(&short)).await;
+    r.expect_refused(axum::http::StatusCode::UNAUTHORIZED, "UNAUTHENTICATED");
+    drop(server);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_without_connection_init_in_time_closes_with_4408() {
+    let api = Api::with(|c| c.ws_init_timeout = Duration::from_millis(500)).await;
+    let server = Server::start(api.router()).await;
+    let mut ws = WsClient::connect(&server).await;
+    expect_close(
+        ws.next(Duration::from_secs(5)).await,
+        4408,
+        "no connection_init",
+    );
+    // A subscribe before connection_init is acknowledged is unauthorised.
+    let mut ws = WsClient::connect(&server).await;
+    ws.subscribe("1", EVENTS_SUB, json!({ "after": START }))
+        .await;
+    expect_close(
+        ws.next(WAIT).await,
+        4401,
+        "subscribe before connection_init",
+    );
+    drop(server);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_are_capped_per_connection_and_per_subject_and_ids_are_unique() {
+    let api = Api::with(|c| {
+        c.ws_subscriptions_per_connection = 3;
+        c.ws_subscriptions_per_subject = 5;
+    })
+    .await;
+    api.create_user("capped@example.com", "Capped").await;
+    let server = Server::start(api.router()).await;
+    let mut ws = WsClient::authenticated(&server, &auditor()).await;
+    for id in ["1", "2", "3"] {
+        ws.subscribe(id, EVENTS_SUB, json!({ "after": START }))
+            .await;
+        take(&mut ws, id, 1, "events").await;
+    }
+    // The fourth on this connection is refused and not run.
+    ws.subscribe("4", EVENTS_SUB, json!({ "after": START }))
+        .await;
+    expect_stream_error(&mut ws, "4", "RATE_LIMITED").await;
+    // Completing one makes room.
+    ws.send(json!({ "id": "1", "type": "complete" })).await;
+    ws.subscribe("5", EVENTS_SUB, json!({ "after": START }))
+        .await;
+    loop {
+        match ws.next(WAIT).await {
+            // The server may confirm the completion of "1" first.
+            WsIn::Msg(m) if m["type"] == "complete" && m["id"] == "1" => continue,
+            WsIn::Msg(m) if m["type"] == "next" && m["id"] == "5" => break,
+            other => panic!("expected the fifth subscription to run, got {other:?}"),
+        }
+    }
+
+    // The same subject on another connection: 3 open here, 2 more allowed in all.
+    let mut other = WsClient::authenticated(&server, &auditor()).await;
+    for id in ["a", "b"] {
+        other
+            .subscribe(id, EVENTS_SUB, json!({ "after": START }))
+            .await;
+        take(&mut other, id, 1, "events").await;
+    }
+    other
+        .subscribe("c", EVENTS_SUB, json!({ "after": START }))
+        .await;
+    expect_stream_error(&mut other, "c", "RATE_LIMITED").await;
+    // Another subject has its own count.
+    let mut admin_ws = WsClient::authenticated(&server, &admin()).await;
+    admin_ws
+        .subscribe("x", EVENTS_SUB, json!({ "after": START }))
+        .await;
+    take(&mut admin_ws, "x", 1, "events").await;
+
+    // An id still running, subscribed again: 4409, as graphql-transport-ws says.
+    ws.subscribe("2", EVENTS_SUB, json!({ "after": START }))
+        .await;
+    expect_close(ws.next(WAIT).await, 4409, "a duplicate subscription id");
+
+    // The closed connection's subscriptions no longer count for the subject.
+    other
+        .subscribe("d", EVENTS_SUB, json!({ "after": START }))
+        .await;
+    let mut deadline = 20;
+    loop {
+        match other.next(WAIT).await {
+            WsIn::Msg(m) if m["type"] == "next" && m["id"] == "d" => break,
+            WsIn::Msg(m) if m["type"] == "error" && m["id"] == "d" && deadline > 0 => {
+                // The first connection's end may not have been seen yet.
+                deadline -= 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                other
+                    .subscribe("d", EVENTS_SUB, json!({ "after": START }))
+                    .await;
+            }
+            other => panic!("expected room once the first connection closed, got {other:?}"),
+        }
     }
     drop(server);
     api.stop().await;

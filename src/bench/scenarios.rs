@@ -125,6 +125,7 @@ async fn setup(base: Config, options: &BenchOptions) -> anyhow::Result<Bench> {
             anonymous: u32::MAX,
             authenticated: u32::MAX,
             premium: u32::MAX,
+            failed_auth: u32::MAX,
         };
         config.consistency_timeout = Duration::from_secs(10);
         // The replica may take a moment to see the new database.

@@ -710,17 +710,20 @@ pub struct Server {
 }
 
 impl Server {
+    /// Serves with the default connection limits.
     pub async fn start(router: axum::Router) -> Self {
+        let limits = pcf::server::ConnectionLimits::from_config(&pcf::Config::default());
+        Self::start_with(router, limits).await
+    }
+
+    /// Serves with `limits`, as `pcf serve` does.
+    pub async fn start_with(router: axum::Router, limits: pcf::server::ConnectionLimits) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding a loopback port");
         let addr = listener.local_addr().expect("the bound address");
         let task = tokio::spawn(async move {
-            let _ = axum::serve(
-                pcf::http::listener(listener),
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .await;
+            let _ = pcf::server::serve(listener, router, limits, std::future::pending()).await;
         });
         Self { addr, task }
     }

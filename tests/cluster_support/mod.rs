@@ -249,6 +249,7 @@ impl Cluster {
                 anonymous: 10_000_000,
                 authenticated: 10_000_000,
                 premium: 10_000_000,
+                failed_auth: 10_000_000,
             },
             ..Default::default()
         }
