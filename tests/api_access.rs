@@ -593,3 +593,358 @@ async fn an_unknown_api_key_is_unauthenticated() {
     assert_eq!(api.event_count().await, 0);
     api.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Command ids belong to one caller and one command
+// ---------------------------------------------------------------------------------------------
+
+/// `updateProfile` with an `expectedVersion`, which is part of the command's input.
+const UPDATE_PROFILE_AT: &str =
+    "mutation($id: ID!, $input: UpdateProfileInput!, $expectedVersion: Int, $commandId: ID) {
+  updateProfile(id: $id, input: $input, expectedVersion: $expectedVersion, commandId: $commandId) {
+    version position user { id email displayName bio avatarUrl createdAt updatedAt version }
+  }
+}";
+
+/// Runs `scenario` on SQLite and on PostgreSQL, stopping the app even when it fails.
+macro_rules! on_both_backends {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let api = Api::start().await;
+                let outcome = caught(super::$scenario(&api)).await;
+                api.stop().await;
+                rethrow(outcome);
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let api = Api::postgres().await;
+                let outcome = caught(super::$scenario(&api)).await;
+                api.stop().await;
+                rethrow(outcome);
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    a_sign_up_command_id_sent_with_other_input_is_refused_and_reveals_nothing,
+    a_sign_up_repeated_with_the_identical_input_returns_the_first_result,
+    another_callers_command_with_a_used_command_id_is_refused_and_does_not_run,
+    one_callers_command_id_answers_only_the_identical_command,
+    a_repeat_after_the_account_was_deleted_answers_account_deleted,
+);
+
+/// `createUser` with `input` and `command_id`, as `token` (anonymously when `None`).
+async fn sign_up(api: &Api, token: Option<&str>, input: Value, command_id: &str) -> Resp {
+    api.gql(
+        token,
+        CREATE_USER,
+        json!({ "input": input, "commandId": command_id }),
+    )
+    .await
+}
+
+/// Asserts `r` is the refusal of a reused command id, and that it names none of `secrets`.
+#[track_caller]
+fn assert_key_reused(r: &Resp, secrets: &[&str]) {
+    r.expect_error("IDEMPOTENCY_KEY_REUSED");
+    assert!(r.data().is_null(), "{}", r.text);
+    for secret in secrets {
+        assert!(!r.text.contains(secret), "{secret} leaked: {}", r.text);
+    }
+}
+
+/// Alice's sign-up, with every personal field, under the command id `signup-42`.
+fn alices_sign_up() -> Value {
+    json!({
+        "email": "alice@example.com",
+        "displayName": "Alice Liddell",
+        "bio": "alice's private bio",
+        "avatarUrl": "https://img.example.com/alice.png",
+    })
+}
+
+async fn a_sign_up_command_id_sent_with_other_input_is_refused_and_reveals_nothing(api: &Api) {
+    let r = sign_up(api, None, alices_sign_up(), "signup-42").await;
+    let a = r.ok()["createUser"]["user"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let before = api.all_events().await;
+    let secrets = [
+        a.as_str(),
+        "alice@example.com",
+        "Alice Liddell",
+        "alice's private bio",
+        "img.example.com",
+    ];
+
+    // Anyone, without a token, with their own input and Alice's command id.
+    let attack = json!({ "email": "attacker@example.com", "displayName": "a" });
+    let r = sign_up(api, None, attack.clone(), "signup-42").await;
+    assert_key_reused(&r, &secrets);
+    // One field off is other input too.
+    let mut almost = alices_sign_up();
+    almost["bio"] = json!("another bio");
+    let r = sign_up(api, None, almost, "signup-42").await;
+    assert_key_reused(&r, &secrets);
+    // Alice's exact input, but from a signed-in caller: not the anonymous sign-up.
+    for t in [token("mallory", &[]), admin()] {
+        let r = sign_up(api, Some(&t), alices_sign_up(), "signup-42").await;
+        assert_key_reused(&r, &secrets);
+    }
+    assert_eq!(api.all_events().await, before, "a refused command appended");
+    // The attacker's email was not claimed either.
+    let r = sign_up(api, None, attack, "signup-43").await;
+    assert_eq!(
+        r.ok()["createUser"]["user"]["email"],
+        "attacker@example.com"
+    );
+}
+
+async fn a_sign_up_repeated_with_the_identical_input_returns_the_first_result(api: &Api) {
+    let first = sign_up(api, None, alices_sign_up(), "signup-42").await;
+    let first = first.ok()["createUser"].clone();
+    let before = api.all_events().await;
+    assert_eq!(before.len(), 1);
+    // A client retrying after a lost answer.
+    for _ in 0..2 {
+        let again = sign_up(api, None, alices_sign_up(), "signup-42").await;
+        assert_eq!(again.ok()["createUser"], first, "{}", again.text);
+    }
+    assert_eq!(api.all_events().await, before, "the repeat appended");
+}
+
+async fn another_callers_command_with_a_used_command_id_is_refused_and_does_not_run(api: &Api) {
+    let (a, _) = api.create_user("alice@example.com", "Alice").await;
+    let (b, _) = api.create_user("bob@example.com", "Bob").await;
+    let alice = owner(a);
+    let bob = owner(b);
+    let r = api
+        .gql(
+            Some(&alice),
+            UPDATE_PROFILE,
+            json!({ "id": a, "input": { "displayName": "Alice A.", "bio": "alice's bio" },
+                    "commandId": "shared-1" }),
+        )
+        .await;
+    let version = r.ok()["updateProfile"]["version"].as_i64().unwrap();
+    api.settle(a, version).await;
+    let b_before = api.gql(Some(&bob), USER, json!({ "id": b })).await;
+    let b_before = b_before.ok()["user"].clone();
+    let before = api.all_events().await;
+    let secrets = [a.to_string(), "Alice A.".into(), "alice's bio".into()];
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+
+    let attempts = [
+        // What B would change (appended on the first, optimistic attempt).
+        (
+            "updateProfile",
+            UPDATE_PROFILE,
+            json!({ "id": b, "input": { "displayName": "Bobby" }, "commandId": "shared-1" }),
+        ),
+        // Nothing to change (decided without an append).
+        (
+            "a no-op updateProfile",
+            UPDATE_PROFILE,
+            json!({ "id": b, "input": { "displayName": "Bob" }, "commandId": "shared-1" }),
+        ),
+        // Refused by the aggregate (the email is Alice's).
+        (
+            "changeEmail",
+            CHANGE_EMAIL,
+            json!({ "id": b, "email": "alice@example.com", "commandId": "shared-1" }),
+        ),
+        (
+            "deleteAccount",
+            DELETE_ACCOUNT,
+            json!({ "id": b, "commandId": "shared-1" }),
+        ),
+    ];
+    for (what, query, vars) in &attempts {
+        let r = api.gql(Some(&bob), query, vars.clone()).await;
+        assert_eq!(
+            r.codes(),
+            vec!["IDEMPOTENCY_KEY_REUSED"],
+            "{what}: {}",
+            r.text
+        );
+        assert_key_reused(&r, &secrets);
+    }
+    // An admin acting on Alice's account with her exact command is another caller too.
+    let r = api
+        .gql(
+            Some(&admin()),
+            UPDATE_PROFILE,
+            json!({ "id": a, "input": { "displayName": "Alice A.", "bio": "alice's bio" },
+                    "commandId": "shared-1" }),
+        )
+        .await;
+    assert_key_reused(&r, &[]);
+
+    assert_eq!(api.all_events().await, before, "a refused command appended");
+    // B's commands did not run: B is as before, alive, and can still use its account.
+    let r = api.gql(Some(&bob), USER, json!({ "id": b })).await;
+    assert_eq!(r.ok()["user"], b_before);
+    let r = api
+        .gql(
+            Some(&bob),
+            UPDATE_PROFILE,
+            json!({ "id": b, "input": { "displayName": "Bobby" }, "commandId": "shared-2" }),
+        )
+        .await;
+    assert_eq!(r.ok()["updateProfile"]["user"]["displayName"], "Bobby");
+    assert_eq!(r.ok()["updateProfile"]["version"], 2);
+}
+
+async fn one_callers_command_id_answers_only_the_identical_command(api: &Api) {
+    let (a, _) = api.create_user("alice@example.com", "Alice").await;
+    let (b, _) = api.create_user("bob@example.com", "Bob").await;
+    let alice = owner(a);
+    let first = api
+        .gql(
+            Some(&alice),
+            UPDATE_PROFILE_AT,
+            json!({ "id": a, "input": { "displayName": "Alice A." }, "expectedVersion": 1,
+                    "commandId": "mine-1" }),
+        )
+        .await;
+    let first = first.ok()["updateProfile"].clone();
+    assert_eq!(first["version"], 2);
+
+    let others = [
+        (
+            "another display name",
+            UPDATE_PROFILE_AT,
+            json!({ "id": a, "input": { "displayName": "Alice B." }, "expectedVersion": 1,
+                    "commandId": "mine-1" }),
+        ),
+        (
+            "another field",
+            UPDATE_PROFILE_AT,
+            json!({ "id": a, "input": { "displayName": "Alice A.", "bio": null },
+                    "expectedVersion": 1, "commandId": "mine-1" }),
+        ),
+        (
+            "another expected version",
+            UPDATE_PROFILE_AT,
+            json!({ "id": a, "input": { "displayName": "Alice A." }, "expectedVersion": 2,
+                    "commandId": "mine-1" }),
+        ),
+        (
+            "no expected version",
+            UPDATE_PROFILE_AT,
+            json!({ "id": a, "input": { "displayName": "Alice A." }, "commandId": "mine-1" }),
+        ),
+        (
+            "another command",
+            CHANGE_EMAIL,
+            json!({ "id": a, "email": "alice.a@example.com", "commandId": "mine-1" }),
+        ),
+        (
+            "another command",
+            DELETE_ACCOUNT,
+            json!({ "id": a, "commandId": "mine-1" }),
+        ),
+    ];
+    for (what, query, vars) in &others {
+        let r = api.gql(Some(&alice), query, vars.clone()).await;
+        assert_eq!(
+            r.codes(),
+            vec!["IDEMPOTENCY_KEY_REUSED"],
+            "{what}: {}",
+            r.text
+        );
+        assert!(r.data().is_null(), "{what}: {}", r.text);
+    }
+    // The same caller (an admin) with the same input on another target.
+    let admin = admin();
+    let r = api
+        .gql(
+            Some(&admin),
+            UPDATE_PROFILE,
+            json!({ "id": a, "input": { "bio": "set by an admin" }, "commandId": "ops-1" }),
+        )
+        .await;
+    r.ok();
+    let before = api.all_events().await;
+    let r = api
+        .gql(
+            Some(&admin),
+            UPDATE_PROFILE,
+            json!({ "id": b, "input": { "bio": "set by an admin" }, "commandId": "ops-1" }),
+        )
+        .await;
+    assert_key_reused(&r, &["Alice"]);
+    assert_eq!(api.all_events().await, before, "a refused command appended");
+
+    // The identical command answers with the first result (not the user as it is now).
+    let again = api
+        .gql(
+            Some(&alice),
+            UPDATE_PROFILE_AT,
+            json!({ "id": a, "input": { "displayName": "Alice A." }, "expectedVersion": 1,
+                    "commandId": "mine-1" }),
+        )
+        .await;
+    assert_eq!(again.ok()["updateProfile"], first, "{}", again.text);
+    assert_eq!(api.all_events().await, before, "the repeat appended");
+}
+
+async fn a_repeat_after_the_account_was_deleted_answers_account_deleted(api: &Api) {
+    let r = sign_up(api, None, alices_sign_up(), "signup-42").await;
+    let a: Uuid = r.ok()["createUser"]["user"]["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let alice = owner(a);
+    let update = json!({ "id": a, "input": { "displayName": "Alice A." }, "commandId": "upd-1" });
+    api.gql(Some(&alice), UPDATE_PROFILE, update.clone())
+        .await
+        .ok();
+    let delete = json!({ "id": a, "commandId": "del-1" });
+    let deleted = api.gql(Some(&alice), DELETE_ACCOUNT, delete.clone()).await;
+    let deleted = deleted.ok()["deleteAccount"].clone();
+    let before = api.all_events().await;
+    assert_eq!(before.len(), 3);
+    let secrets = [
+        "alice@example.com",
+        "Alice Liddell",
+        "Alice A.",
+        "alice's private bio",
+        "img.example.com",
+    ];
+
+    // The sign-up, repeated exactly: the account it made is gone, and so is its data.
+    let r = sign_up(api, None, alices_sign_up(), "signup-42").await;
+    r.expect_error("ACCOUNT_DELETED");
+    assert!(r.data().is_null(), "{}", r.text);
+    for secret in secrets.iter().chain([&a.to_string().as_str()]) {
+        assert!(!r.text.contains(secret), "{secret} leaked: {}", r.text);
+    }
+    // So is the profile change, repeated by the owner.
+    let r = api.gql(Some(&alice), UPDATE_PROFILE, update).await;
+    r.expect_error("ACCOUNT_DELETED");
+    for secret in secrets {
+        assert!(!r.text.contains(secret), "{secret} leaked: {}", r.text);
+    }
+    // The deletion itself, repeated, answers as it did (it carries no personal data).
+    let r = api.gql(Some(&alice), DELETE_ACCOUNT, delete).await;
+    assert_eq!(r.ok()["deleteAccount"], deleted);
+    // Other input under the sign-up's id is still refused as such.
+    let r = sign_up(
+        api,
+        None,
+        json!({ "email": "attacker@example.com", "displayName": "a" }),
+        "signup-42",
+    )
+    .await;
+    assert_key_reused(&r, &secrets);
+    assert_eq!(api.all_events().await, before, "a repeat appended");
+}

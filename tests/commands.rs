@@ -1,6 +1,6 @@
 //! Commands end to end, on SQLite and PostgreSQL: unique emails under concurrency, optimistic
-//! concurrency with and without `expectedVersion`, idempotent command ids, and rejected
-//! commands that write nothing.
+//! concurrency with and without `expectedVersion`, idempotent command ids (and their
+//! expiry), and rejected commands that write nothing.
 
 mod common;
 
@@ -19,6 +19,8 @@ on_both_backends!(
     a_repeated_create_command_id_returns_the_first_result_and_appends_once,
     concurrent_creates_with_one_command_id_return_one_result_and_append_once,
     a_repeated_update_command_id_returns_the_first_result_and_appends_once,
+    a_command_id_answers_for_24_hours_then_runs_its_command_again,
+    pruning_removes_only_expired_command_ids,
     rejected_commands_append_nothing_and_name_the_invalid_field,
 );
 
@@ -488,6 +490,125 @@ async fn a_repeated_update_command_id_returns_the_first_result_and_appends_once(
     let again = update_with_command_id(app, id, "Uma C", Some(&command_id)).await;
     assert_eq!(again["version"], 4);
     assert_eq!(app.user_events(id).await.len(), 5);
+}
+
+/// Makes the record of `command_id` `hours` older, as if it had been used that long ago.
+async fn backdate_command(app: &TestApp, command_id: &str, hours: i64) {
+    let updated = match app.db() {
+        Some(db) => sqlx::query(
+            "UPDATE processed_commands SET recorded_at = now() - make_interval(hours => $2) \
+             WHERE command_id = $1",
+        )
+        .bind(command_id)
+        .bind(hours as i32)
+        .execute(&db.pool)
+        .await
+        .expect("backdating a command id")
+        .rows_affected(),
+        None => {
+            use sqlx::Connection;
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(app.config.data_dir.join("events.db"))
+                .busy_timeout(Duration::from_secs(10));
+            let mut conn = sqlx::SqliteConnection::connect_with(&options)
+                .await
+                .expect("opening the event store");
+            let done = sqlx::query(
+                "UPDATE processed_commands \
+                 SET recorded_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', $2) \
+                 WHERE command_id = $1",
+            )
+            .bind(command_id)
+            .bind(format!("-{hours} hours"))
+            .execute(&mut conn)
+            .await
+            .expect("backdating a command id");
+            let _ = conn.close().await;
+            done.rows_affected()
+        }
+    };
+    assert_eq!(updated, 1, "no record of {command_id}");
+}
+
+async fn a_command_id_answers_for_24_hours_then_runs_its_command_again(app: &TestApp) {
+    assert_eq!(
+        pcf_command::COMMAND_ID_RETENTION,
+        Duration::from_secs(24 * 3600),
+        "the retention docs/events.md states"
+    );
+    let id = id_of(&app.create_user("uma@example.com", "Uma").await);
+    let command_id = Uuid::new_v4().to_string();
+    let first = update_with_command_id(app, id, "Uma A", Some(&command_id)).await;
+    assert_eq!(version_of(&first), 2);
+    update_with_command_id(app, id, "Uma B", None).await;
+
+    // Within the retention, a repeat answers with the first result.
+    backdate_command(app, &command_id, 23).await;
+    let again = update_with_command_id(app, id, "Uma A", Some(&command_id)).await;
+    assert_eq!(again, first);
+    assert_eq!(app.user_events(id).await.len(), 3);
+
+    // Past it, the id is as if never used: the command runs again, as a new one.
+    backdate_command(app, &command_id, 25).await;
+    let rerun = update_with_command_id(app, id, "Uma A", Some(&command_id)).await;
+    assert_eq!(version_of(&rerun), 4, "{rerun}");
+    assert_eq!(rerun["user"]["displayName"], "Uma A");
+    let events = app.user_events(id).await;
+    assert_eq!(events.len(), 4);
+    assert_eq!(events[3].payload["displayName"], "Uma A");
+    assert_eq!(events[3].metadata.command_id.as_deref(), Some(&*command_id));
+    // And is recorded afresh: the next repeat answers with the new result.
+    let again = update_with_command_id(app, id, "Uma A", Some(&command_id)).await;
+    assert_eq!(again, rerun);
+    assert_eq!(app.user_events(id).await.len(), 4);
+
+    // An expired sign-up runs again too (here into the email its first run took), and the
+    // id is then free for other input.
+    let signup = Uuid::new_v4().to_string();
+    create_with_command_id(app, "exp@example.com", &signup).await;
+    backdate_command(app, &signup, 25).await;
+    let (status, body) = app
+        .gql(
+            CREATE_USER,
+            json!({ "input": { "email": "exp@example.com", "displayName": "Idem" },
+                    "commandId": signup }),
+        )
+        .await;
+    expect_error(status, &body, "EMAIL_TAKEN");
+    let other = create_with_command_id(app, "exp2@example.com", &signup).await;
+    assert_eq!(other["user"]["email"], "exp2@example.com");
+    assert_eq!(app.count_events(Some("UserCreated")).await, 3);
+}
+
+async fn pruning_removes_only_expired_command_ids(app: &TestApp) {
+    let store = &app.app().store;
+    let id = id_of(&app.create_user("pru@example.com", "Pru").await);
+    let old = Uuid::new_v4().to_string();
+    let fresh = Uuid::new_v4().to_string();
+    update_with_command_id(app, id, "Pru A", Some(&old)).await;
+    let kept = update_with_command_id(app, id, "Pru B", Some(&fresh)).await;
+    backdate_command(app, &old, 25).await;
+
+    let found = store.find_command(&old).await.expect("a lookup");
+    assert!(found.is_some_and(|c| c.expired));
+    assert_eq!(store.prune_expired_commands().await.expect("pruning"), 1);
+    assert_eq!(store.prune_expired_commands().await.expect("pruning"), 0);
+    assert!(store.find_command(&old).await.expect("a lookup").is_none());
+    let found = store
+        .find_command(&fresh)
+        .await
+        .expect("a lookup")
+        .expect("the fresh command id is kept");
+    assert!(!found.expired);
+    assert_eq!(found.fingerprint.as_ref().map(String::len), Some(64));
+
+    let again = update_with_command_id(app, id, "Pru B", Some(&fresh)).await;
+    assert_eq!(again, kept);
+    assert_eq!(app.user_events(id).await.len(), 3);
+    // The pruned one runs again.
+    let rerun = update_with_command_id(app, id, "Pru A", Some(&old)).await;
+    assert_eq!(version_of(&rerun), 4);
+    assert_eq!(app.user_events(id).await.len(), 4);
 }
 
 /// Sends `mutation` and expects `code` (and `field`), with the log unchanged.

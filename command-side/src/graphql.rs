@@ -13,7 +13,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use uuid::Uuid;
 
-use crate::service::{CommandError, CommandResult, CommandService};
+use crate::service::{Caller, CommandError, CommandResult, CommandService};
 use crate::store::StoreError;
 
 /// Who is calling and why, put into the request's data by the HTTP layer.
@@ -277,6 +277,9 @@ async fn run(
             ));
         }
     }
+    // The command id is the authenticated subject's (or the anonymous sign-up's), never
+    // the actor named by the context.
+    let owner = Caller::from_subject(principal.subject.as_deref());
     let metadata = EventMetadata {
         correlation_id: caller.correlation_id.clone(),
         causation_id: command_id.as_ref().map(|id| id.to_string()),
@@ -284,7 +287,7 @@ async fn run(
         actor: principal.subject.or(caller.actor),
     };
     service
-        .execute(user_id, command, metadata)
+        .execute_as(&owner, user_id, command, metadata)
         .await
         .map_err(to_graphql)
 }
@@ -321,6 +324,10 @@ fn to_graphql(e: CommandError) -> async_graphql::Error {
         }
         CommandError::Rejected(rule) => error(rule.code(), &rule.to_string(), None),
         CommandError::Contended => error(ErrorCode::Conflict, &e.to_string(), None),
+        // Says nothing of the command that used the id first, nor whose it was.
+        CommandError::IdempotencyKeyReused => {
+            error(ErrorCode::IdempotencyKeyReused, &e.to_string(), None)
+        }
         CommandError::Store(StoreError::Unavailable(detail)) => {
             tracing::error!(%detail, "event store unavailable");
             error(

@@ -1,5 +1,7 @@
 //! Command execution: load the user, let the aggregate decide, append in one transaction,
-//! retry on a concurrent append, and answer a repeated command id with its first result.
+//! retry on a concurrent append, and answer a repeated command id with its first result (when
+//! the repeat is the same caller's same command, and the result is still the caller's to
+//! read).
 
 use async_trait::async_trait;
 use cqrs_es::event_sink::EventSink;
@@ -13,6 +15,8 @@ use tokio::sync::Mutex;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::idempotency::fingerprint;
+pub use crate::idempotency::Caller;
 pub use crate::store::CommandResult;
 use crate::store::{AppendError, AppendRequest, EventStore, StoreError};
 
@@ -33,6 +37,10 @@ pub enum CommandError {
     /// Retries ran out while other writers kept changing the user.
     #[error("the user is changing too fast; try again")]
     Contended,
+    /// The command id was used before by another caller, or for another command, target or
+    /// input; nothing ran.
+    #[error("this commandId was used for another command; send a new one")]
+    IdempotencyKeyReused,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -43,6 +51,7 @@ impl CommandError {
         match self {
             Self::Rejected(e) => e.code().as_str(),
             Self::Contended => "CONFLICT",
+            Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             Self::Store(StoreError::Unavailable(_)) => "UNAVAILABLE",
             Self::Store(StoreError::Internal(_)) => "INTERNAL",
         }
@@ -122,9 +131,25 @@ impl CommandService {
         &self.store
     }
 
-    /// Executes `command` on user `user_id`.
+    /// Executes `command` on user `user_id`, for the caller that `metadata.actor` names
+    /// (anonymous when none): for callers inside the process, such as tools and tests. The
+    /// API says who the caller is with `execute_as`.
     pub async fn execute(
         &self,
+        user_id: Uuid,
+        command: UserCommand,
+        metadata: EventMetadata,
+    ) -> Result<CommandResult, CommandError> {
+        let caller = Caller::from_subject(metadata.actor.as_deref());
+        self.execute_as(&caller, user_id, command, metadata).await
+    }
+
+    /// Executes `command` on user `user_id` for `caller`, whose command ids it is: a command
+    /// id already used answers with its first result only for the same caller's same
+    /// command, target and input, and is refused for anything else.
+    pub async fn execute_as(
+        &self,
+        caller: &Caller,
         user_id: Uuid,
         command: UserCommand,
         metadata: EventMetadata,
@@ -133,8 +158,13 @@ impl CommandService {
         let span = tracing::info_span!("command", command = name, user = %user_id,
             command_id = metadata.command_id.as_deref().unwrap_or(""));
         let started = Instant::now();
+        let key = metadata.command_id.as_ref().map(|command_id| CommandKey {
+            command_id: command_id.clone(),
+            fingerprint: fingerprint(caller, user_id, &command),
+            deletes_account: matches!(command, UserCommand::DeleteAccount { .. }),
+        });
         let result = self
-            .execute_inner(user_id, command, &metadata)
+            .execute_inner(user_id, command, &metadata, key.as_ref())
             .instrument(span)
             .await;
         let outcome = match &result {
@@ -151,6 +181,7 @@ impl CommandService {
         user_id: Uuid,
         command: UserCommand,
         metadata: &EventMetadata,
+        key: Option<&CommandKey>,
     ) -> Result<CommandResult, CommandError> {
         let stripe = (user_id.as_u128() % LOCK_STRIPES as u128) as usize;
         let mut stripe = self.stripes[stripe].lock().await;
@@ -163,10 +194,8 @@ impl CommandService {
         let mut careful = false;
         for attempt in 0..MAX_ATTEMPTS {
             if careful {
-                if let Some(command_id) = &metadata.command_id {
-                    if let Some(previous) = self.store.find_command(command_id).await? {
-                        return Ok(previous);
-                    }
+                if let Some(previous) = self.previous_result(key).await? {
+                    return Ok(previous);
                 }
             }
             let remembered = if careful {
@@ -201,15 +230,13 @@ impl CommandService {
                 // The same command may have committed before (its email claim is what we
                 // now see as taken, or the change it made is why it is refused): answer
                 // with its result.
-                return self.first_result_or(metadata, rejection).await;
+                return self.first_result_or(key, rejection).await;
             }
             if events.is_empty() {
                 // Nothing changes: answer with the first result of a repeated command, or
-                // the current state.
-                if let Some(command_id) = &metadata.command_id {
-                    if let Some(previous) = self.store.find_command(command_id).await? {
-                        return Ok(previous);
-                    }
+                // the current state (unless the command id is another command's).
+                if let Some(previous) = self.previous_result(key).await? {
+                    return Ok(previous);
                 }
                 let position = self.store.position_of(user_id, sequence).await?;
                 return Ok(CommandResult {
@@ -224,6 +251,7 @@ impl CommandService {
                 expected_sequence: sequence,
                 events: &events,
                 metadata,
+                fingerprint: key.map(|k| k.fingerprint.as_str()),
                 user_after: user.view(),
             };
             match self.store.append(request).await {
@@ -246,7 +274,7 @@ impl CommandService {
                 // command's first result, if it ran before).
                 Err(AppendError::EmailTaken) if !careful => careful = true,
                 Err(AppendError::EmailTaken) => {
-                    return self.first_result_or(metadata, UserError::EmailTaken).await;
+                    return self.first_result_or(key, UserError::EmailTaken).await;
                 }
                 Err(AppendError::Store(e)) => {
                     // The append may have committed before the error reached us.
@@ -261,16 +289,62 @@ impl CommandService {
     /// The stored result of this command if it already ran, else `rejection`.
     async fn first_result_or(
         &self,
-        metadata: &EventMetadata,
+        key: Option<&CommandKey>,
         rejection: UserError,
     ) -> Result<CommandResult, CommandError> {
-        if let Some(command_id) = &metadata.command_id {
-            if let Some(previous) = self.store.find_command(command_id).await? {
-                return Ok(previous);
+        match self.previous_result(key).await? {
+            Some(previous) => Ok(previous),
+            None => Err(rejection.into()),
+        }
+    }
+
+    /// The first result of the command id in `key`, if it was used before; every answer
+    /// from a stored result goes through here. The result is given only to the same
+    /// caller's same command (else `IdempotencyKeyReused`), and only while its user still
+    /// has an account: the stored result holds the user's personal data as it was then,
+    /// which no one may read once the account is deleted. Only the deletion itself, whose
+    /// answer holds none, is still answered. A result past `COMMAND_ID_RETENTION` is
+    /// forgotten, and the command runs as new.
+    async fn previous_result(
+        &self,
+        key: Option<&CommandKey>,
+    ) -> Result<Option<CommandResult>, CommandError> {
+        let Some(key) = key else {
+            return Ok(None);
+        };
+        let Some(stored) = self.store.find_command(&key.command_id).await? else {
+            return Ok(None);
+        };
+        if stored.expired {
+            // Its row would refuse this command's own record of the id: remove it (only if
+            // still expired, so a concurrent repeat's fresh record stays).
+            self.store.forget_expired_command(&key.command_id).await?;
+            return Ok(None);
+        }
+        // A record from before fingerprints were kept matches nothing.
+        if stored.fingerprint.as_deref() != Some(key.fingerprint.as_str()) {
+            return Err(CommandError::IdempotencyKeyReused);
+        }
+        if !key.deletes_account {
+            let (user, _) = self.store.load(stored.result.user_id).await?;
+            match user.view() {
+                Some(view) if !view.deleted => {}
+                Some(_) => return Err(UserError::AccountDeleted.into()),
+                None => return Err(UserError::NotFound.into()),
             }
         }
-        Err(rejection.into())
+        Ok(Some(stored.result))
     }
+}
+
+/// A command's id and what it must match to be answered with a stored result.
+struct CommandKey {
+    command_id: String,
+    /// See `idempotency::fingerprint`.
+    fingerprint: String,
+    /// Whether the command is `deleteAccount`, whose first result stays the answer after
+    /// the account is gone.
+    deletes_account: bool,
 }
 
 /// A short, growing, jittered pause so that racing writers spread out.

@@ -75,12 +75,28 @@ pub struct CommandResult {
     pub position: Position,
 }
 
+/// A command id's stored record, as `find_command` reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredCommand {
+    /// What the command returned.
+    pub result: CommandResult,
+    /// The fingerprint of the caller, command, target and input that used the id
+    /// (`idempotency::fingerprint`); none for records written before fingerprints were kept.
+    pub fingerprint: Option<String>,
+    /// Recorded longer than `COMMAND_ID_RETENTION` ago (by the database's clock): the id
+    /// answers nothing any more.
+    pub expired: bool,
+}
+
 /// Events to append to one user, after `expected_sequence`.
 pub struct AppendRequest<'a> {
     pub user_id: Uuid,
     pub expected_sequence: u64,
     pub events: &'a [UserEvent],
+    /// Recorded with each event; its command id, if any, is recorded once with the result.
     pub metadata: &'a EventMetadata,
+    /// Stored beside the command id, which a repeat must match to get the result.
+    pub fingerprint: Option<&'a str>,
     /// The user's state after the events, for the stored command result.
     pub user_after: Option<&'a UserView>,
 }
@@ -91,12 +107,23 @@ pub trait EventStore: EventLog + EmailDirectory + Send + Sync {
     /// The user's current state and the sequence of its last event (0 if none).
     async fn load(&self, user_id: Uuid) -> Result<(User, u64), StoreError>;
 
-    /// Appends the events, claims and releases emails, and records the command id, all in
-    /// one transaction. Returns the position of the last event appended.
+    /// Appends the events, claims and releases emails, and records the command id (with its
+    /// fingerprint and result), all in one transaction. Returns the position of the last
+    /// event appended. A command id recorded before, even expired, refuses the append
+    /// (`DuplicateCommand`) until `forget_expired_command` removes it.
     async fn append(&self, request: AppendRequest<'_>) -> Result<CommandResult, AppendError>;
 
-    /// The stored result of an already executed command.
-    async fn find_command(&self, command_id: &str) -> Result<Option<CommandResult>, StoreError>;
+    /// The record of an already executed command, expired or not.
+    async fn find_command(&self, command_id: &str) -> Result<Option<StoredCommand>, StoreError>;
+
+    /// Removes the record of `command_id` if it has expired (and only then: a record made
+    /// meanwhile by a repeat stays), so that the id can be used again.
+    async fn forget_expired_command(&self, command_id: &str) -> Result<(), StoreError>;
+
+    /// Removes every command id record older than `COMMAND_ID_RETENTION`, in batches;
+    /// returns how many. Expired records answer nothing either way; this keeps the table
+    /// small. Meant to run periodically (any instance, any number at once).
+    async fn prune_expired_commands(&self) -> Result<u64, StoreError>;
 
     /// The position of the user's event with this sequence.
     async fn position_of(&self, user_id: Uuid, sequence: u64) -> Result<Position, StoreError>;
@@ -200,6 +227,34 @@ pub(crate) fn email_changes(events: &[UserEvent]) -> Vec<EmailChange<'_>> {
         }
     }
     changes
+}
+
+/// How many expired command records one statement of `prune_expired_commands` removes:
+/// bounded, so that pruning a large backlog never holds many row locks (or, on SQLite, the
+/// single writer) for long.
+pub(crate) const PRUNE_BATCH: i64 = 10_000;
+
+/// `COMMAND_ID_RETENTION` in seconds, as the SQL of the adapters takes it.
+pub(crate) fn retention_seconds() -> i64 {
+    crate::idempotency::COMMAND_ID_RETENTION.as_secs() as i64
+}
+
+/// Decodes a command record's stored result; a record without one (none are written that
+/// way) is treated as absent.
+pub(crate) fn stored_command(
+    result: Option<serde_json::Value>,
+    fingerprint: Option<String>,
+    expired: bool,
+) -> Result<Option<StoredCommand>, StoreError> {
+    let Some(result) = result else {
+        return Ok(None);
+    };
+    let result = serde_json::from_value(result).map_err(|e| StoreError::Internal(e.to_string()))?;
+    Ok(Some(StoredCommand {
+        result,
+        fingerprint,
+        expired,
+    }))
 }
 
 /// Metadata as stored by cqrs-es: a flat map of strings.

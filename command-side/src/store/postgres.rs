@@ -17,8 +17,9 @@ use super::CommitSignal;
 use uuid::Uuid;
 
 use super::{
-    email_changes, metadata_value, stored_payload, AppendError, AppendRequest, CommandResult,
-    EmailChange, EventStore, Lease, StoreError, StoredEvent,
+    email_changes, metadata_value, retention_seconds, stored_command, stored_payload, AppendError,
+    AppendRequest, CommandResult, EmailChange, EventStore, Lease, StoreError, StoredCommand,
+    StoredEvent, PRUNE_BATCH,
 };
 
 const NOTIFY_CHANNEL: &str = "pcf_events";
@@ -235,9 +236,9 @@ fn row_to_envelope(row: &PgRow) -> Result<EventEnvelope, StoreError> {
 }
 
 /// An append in one statement, so one round trip and no explicit transaction: the events,
-/// the email index and the command id change together or not at all. Each unique
-/// violation names its constraint (see `classify`). The stored command result gets the
-/// position of the last event appended, formatted as `Position` prints it.
+/// the email index and the command id (with its fingerprint) change together or not at
+/// all. Each unique violation names its constraint (see `classify`). The stored command
+/// result gets the position of the last event appended, formatted as `Position` prints it.
 const APPEND: &str = "\
 WITH appended AS ( \
     INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
@@ -254,10 +255,10 @@ WITH appended AS ( \
     SELECT transaction_id, max(global_position) AS global_position \
     FROM appended GROUP BY transaction_id \
 ), command AS ( \
-    INSERT INTO processed_commands (command_id, aggregate_id, result) \
+    INSERT INTO processed_commands (command_id, aggregate_id, result, fingerprint) \
     SELECT $12, $2, jsonb_set($13::jsonb, '{position}', to_jsonb( \
         lpad(to_hex(transaction_id::text::bigint), 16, '0') || \
-        lpad(to_hex(global_position), 16, '0'))) \
+        lpad(to_hex(global_position), 16, '0'))), $14 \
     FROM last WHERE $12::text IS NOT NULL \
 ) \
 SELECT transaction_id::text AS txid, global_position FROM last";
@@ -343,6 +344,7 @@ impl EventStore for PostgresStore {
             .bind(&claims)
             .bind(&req.metadata.command_id)
             .bind(stored)
+            .bind(req.fingerprint)
             .fetch_one(&self.appends)
             .await
             .map_err(classify)?;
@@ -351,17 +353,53 @@ impl EventStore for PostgresStore {
         Ok(result)
     }
 
-    async fn find_command(&self, command_id: &str) -> Result<Option<CommandResult>, StoreError> {
-        let row: Option<(Option<serde_json::Value>,)> =
-            sqlx::query_as("SELECT result FROM processed_commands WHERE command_id = $1")
-                .bind(command_id)
-                .fetch_optional(&self.pool)
-                .await?;
+    async fn find_command(&self, command_id: &str) -> Result<Option<StoredCommand>, StoreError> {
+        let row: Option<(Option<serde_json::Value>, Option<String>, bool)> = sqlx::query_as(
+            "SELECT result, fingerprint, \
+                    recorded_at < now() - make_interval(secs => $2::bigint) AS expired \
+             FROM processed_commands WHERE command_id = $1",
+        )
+        .bind(command_id)
+        .bind(retention_seconds())
+        .fetch_optional(&self.pool)
+        .await?;
         match row {
-            Some((Some(value),)) => serde_json::from_value(value)
-                .map(Some)
-                .map_err(|e| StoreError::Internal(e.to_string())),
-            _ => Ok(None),
+            Some((result, fingerprint, expired)) => stored_command(result, fingerprint, expired),
+            None => Ok(None),
+        }
+    }
+
+    async fn forget_expired_command(&self, command_id: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "DELETE FROM processed_commands \
+             WHERE command_id = $1 AND recorded_at < now() - make_interval(secs => $2::bigint)",
+        )
+        .bind(command_id)
+        .bind(retention_seconds())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn prune_expired_commands(&self) -> Result<u64, StoreError> {
+        let mut pruned = 0;
+        loop {
+            // By the index on `recorded_at`; rows another pruner locked are left to it.
+            let done = sqlx::query(
+                "DELETE FROM processed_commands WHERE command_id IN ( \
+                     SELECT command_id FROM processed_commands \
+                     WHERE recorded_at < now() - make_interval(secs => $1::bigint) \
+                     LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(retention_seconds())
+            .bind(PRUNE_BATCH)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            pruned += done;
+            if done < PRUNE_BATCH as u64 {
+                return Ok(pruned);
+            }
         }
     }
 

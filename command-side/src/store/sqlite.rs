@@ -23,12 +23,23 @@ use super::CommitSignal;
 use uuid::Uuid;
 
 use super::{
-    email_changes, is_unique_violation, metadata_value, stored_payload, AppendError, AppendRequest,
-    CommandResult, EmailChange, EventStore, Lease, SoleLease, StoreError, StoredEvent,
+    email_changes, is_unique_violation, metadata_value, retention_seconds, stored_command,
+    stored_payload, AppendError, AppendRequest, CommandResult, EmailChange, EventStore, Lease,
+    SoleLease, StoreError, StoredCommand, StoredEvent, PRUNE_BATCH,
 };
 
 const EVENT_COLUMNS: &str = "event_id, aggregate_id, sequence, event_type, event_version, \
      payload, metadata, global_position, recorded_at";
+
+/// The time `COMMAND_ID_RETENTION` ago, in the format of `processed_commands.recorded_at`
+/// (which compares as text in time order), with the retention as its argument
+/// (`retention_modifier`).
+const RETENTION_CUTOFF: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', $2)";
+
+/// The retention as an SQLite date modifier.
+fn retention_modifier() -> String {
+    format!("-{} seconds", retention_seconds())
+}
 
 /// The event store in one SQLite file.
 pub struct SqliteStore {
@@ -131,10 +142,12 @@ impl EventStore for SqliteStore {
         let mut tx = self.writer.begin().await.map_err(StoreError::from)?;
         if let Some(command_id) = &req.metadata.command_id {
             sqlx::query(
-                "INSERT INTO processed_commands (command_id, aggregate_id) VALUES ($1, $2)",
+                "INSERT INTO processed_commands (command_id, aggregate_id, fingerprint) \
+                 VALUES ($1, $2, $3)",
             )
             .bind(command_id)
             .bind(&aggregate_id)
+            .bind(req.fingerprint)
             .execute(&mut *tx)
             .await
             .map_err(|e| classify(e, AppendError::DuplicateCommand))?;
@@ -208,17 +221,54 @@ impl EventStore for SqliteStore {
         Ok(result)
     }
 
-    async fn find_command(&self, command_id: &str) -> Result<Option<CommandResult>, StoreError> {
-        let row: Option<(Option<serde_json::Value>,)> =
-            sqlx::query_as("SELECT result FROM processed_commands WHERE command_id = $1")
-                .bind(command_id)
-                .fetch_optional(&self.reader)
-                .await?;
+    async fn find_command(&self, command_id: &str) -> Result<Option<StoredCommand>, StoreError> {
+        let sql = format!(
+            "SELECT result, fingerprint, recorded_at < {RETENTION_CUTOFF} AS expired \
+             FROM processed_commands WHERE command_id = $1"
+        );
+        let row: Option<(Option<serde_json::Value>, Option<String>, bool)> = sqlx::query_as(&sql)
+            .bind(command_id)
+            .bind(retention_modifier())
+            .fetch_optional(&self.reader)
+            .await?;
         match row {
-            Some((Some(value),)) => serde_json::from_value(value)
-                .map(Some)
-                .map_err(|e| StoreError::Internal(e.to_string())),
-            _ => Ok(None),
+            Some((result, fingerprint, expired)) => stored_command(result, fingerprint, expired),
+            None => Ok(None),
+        }
+    }
+
+    async fn forget_expired_command(&self, command_id: &str) -> Result<(), StoreError> {
+        let sql = format!(
+            "DELETE FROM processed_commands \
+             WHERE command_id = $1 AND recorded_at < {RETENTION_CUTOFF}"
+        );
+        sqlx::query(&sql)
+            .bind(command_id)
+            .bind(retention_modifier())
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn prune_expired_commands(&self) -> Result<u64, StoreError> {
+        // In batches, each a short write: appends wait for the single writer meanwhile.
+        let sql = format!(
+            "DELETE FROM processed_commands WHERE rowid IN ( \
+                 SELECT rowid FROM processed_commands \
+                 WHERE recorded_at < {RETENTION_CUTOFF} LIMIT $1)"
+        );
+        let mut pruned = 0;
+        loop {
+            let done = sqlx::query(&sql)
+                .bind(PRUNE_BATCH)
+                .bind(retention_modifier())
+                .execute(&self.writer)
+                .await?
+                .rows_affected();
+            pruned += done;
+            if done < PRUNE_BATCH as u64 {
+                return Ok(pruned);
+            }
         }
     }
 
