@@ -31,6 +31,20 @@ pub struct MetadataObject {
 /// One event of the log, as in the event envelope.
 pub struct EventObject(pub EventEnvelope);
 
+impl EventObject {
+    /// The event as a reader with `access` sees it. Without personal data (`analytics`):
+    /// no personal payload fields, and no command id, which would let its holder ask for
+    /// the command's result (nor the causation id, which is the command id today).
+    pub fn for_reader(mut event: EventEnvelope, access: LogAccess) -> Self {
+        if access == LogAccess::WithoutPersonalData {
+            event.payload = redact_payload(&event.payload);
+            event.metadata.command_id = None;
+            event.metadata.causation_id = None;
+        }
+        Self(event)
+    }
+}
+
 #[Object(name = "Event")]
 impl EventObject {
     async fn event_id(&self) -> ID {
@@ -162,12 +176,11 @@ impl EventQueries {
         let has_next = events.len() > first as usize;
         events.truncate(first as usize);
         let mut connection = Connection::new(after.is_some(), has_next);
-        connection.edges.extend(events.into_iter().map(|mut e| {
-            if access == LogAccess::WithoutPersonalData {
-                e.payload = redact_payload(&e.payload);
-            }
-            Edge::new(e.position.to_string(), EventObject(e))
-        }));
+        connection.edges.extend(
+            events
+                .into_iter()
+                .map(|e| Edge::new(e.position.to_string(), EventObject::for_reader(e, access))),
+        );
         Ok(connection)
     }
 }

@@ -3,7 +3,7 @@
 
 use async_graphql::{Context, Subscription, ID};
 use futures::stream::{BoxStream, StreamExt};
-use pcf_domain::auth::{redact_payload, LogAccess, Principal};
+use pcf_domain::auth::{LogAccess, Principal};
 use pcf_domain::{ErrorCode, Position};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,12 +62,7 @@ impl SubscriptionRoot {
         };
         Ok(live
             .stream(after, filter)
-            .map(move |mut e| {
-                if access == LogAccess::WithoutPersonalData {
-                    e.payload = redact_payload(&e.payload);
-                }
-                EventObject(e)
-            })
+            .map(move |e| EventObject::for_reader(e, access))
             .boxed())
     }
 
