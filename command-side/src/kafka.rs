@@ -2,10 +2,10 @@
 //! events stay ordered in one partition; idempotent producer with `acks=all`.
 
 use async_trait::async_trait;
+use pcf_adapters::kafka::QuietContext;
 use pcf_domain::ports::{Acknowledgements, EventPublisher, PortError};
 use pcf_domain::EventEnvelope;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -54,13 +54,13 @@ pub fn traceparent(event: &EventEnvelope) -> String {
 
 /// Publishes envelopes to Kafka.
 pub struct KafkaPublisher {
-    producer: FutureProducer,
+    producer: FutureProducer<QuietContext>,
     config: KafkaConfig,
 }
 
 impl KafkaPublisher {
     pub fn new(config: KafkaConfig) -> Result<Self, KafkaError> {
-        let producer: FutureProducer = ClientConfig::new()
+        let producer: FutureProducer<QuietContext> = ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -70,7 +70,7 @@ impl KafkaPublisher {
                 "message.timeout.ms",
                 config.delivery_timeout.as_millis().to_string(),
             )
-            .create()?;
+            .create_with_context(QuietContext::default())?;
         Ok(Self { producer, config })
     }
 
@@ -96,9 +96,9 @@ impl KafkaPublisher {
 
 /// Creates the configured topics, leaving existing ones alone.
 pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+    let admin: AdminClient<QuietContext> = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
-        .create()?;
+        .create_with_context(QuietContext::default())?;
     let dlq = config.dead_letter_topic();
     // Replication -1 takes the broker's default, so the same code fits one broker and many.
     let topics = [
