@@ -528,6 +528,58 @@ mod tests {
     }
 
     #[test]
+    fn production_refuses_a_secret_under_256_bits() {
+        let config = |secret: &str| Config {
+            environment: Environment::Production,
+            jwt_secret: Some(secret.to_owned()),
+            ..Config::default()
+        };
+        for short in ["a", &"x".repeat(MIN_SECRET_BYTES - 1)] {
+            let err = AuthSetup::from_config(&config(short))
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("at least 32"), "{err}");
+        }
+        assert!(AuthSetup::from_config(&config(&"x".repeat(MIN_SECRET_BYTES))).is_ok());
+        // Development takes what it is given.
+        let dev = Config {
+            jwt_secret: Some("a".to_owned()),
+            ..Config::default()
+        };
+        assert!(AuthSetup::from_config(&dev).is_ok());
+    }
+
+    #[test]
+    fn a_keys_file_listing_one_hash_twice_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let hash = hex::encode(Sha256::digest(b"the-key"));
+        std::fs::write(
+            &path,
+            format!(
+                "[[keys]]\nname = \"reader\"\nsha256 = \"{hash}\"\nroles = [\"analytics\"]\n\n\
+                 [[keys]]\nname = \"admin\"\nsha256 = \"{}\"\nroles = [\"admin\"]\n",
+                hash.to_uppercase()
+            ),
+        )
+        .unwrap();
+        let err = load_api_keys(&path).err().unwrap().to_string();
+        assert!(err.contains("same sha256"), "{err}");
+        assert!(err.contains("reader") && err.contains("admin"), "{err}");
+    }
+
+    #[test]
+    fn an_excerpt_is_bounded_and_escaped() {
+        let attack = format!("{}\n\u{202e}", "A".repeat(60_000));
+        let e = excerpt(&attack);
+        assert!(e.len() < 64, "{e}");
+        assert!(e.contains("60004 bytes"), "{e}");
+        assert_eq!(excerpt("Bearer\n"), "Bearer\\n");
+        assert_eq!(excerpt("\u{202e}x"), "\\u{202e}x");
+    }
+
+    #[test]
     fn development_without_a_secret_gets_a_working_admin_token() {
         let setup = AuthSetup::from_config(&Config::default()).unwrap();
         let token = setup.dev_token.unwrap();

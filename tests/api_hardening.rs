@@ -500,3 +500,336 @@ async fn limits_are_configurable() {
     let _: Value = api.send(Gql::new("{ __typename }")).await.ok().clone();
     api.stop().await;
 }
+
+/// `POST /graphql` with `content_type` (none when `None`) and a `createUser` body.
+fn sign_up_as(content_type: Option<&str>, email: &str) -> axum::http::Request<axum::body::Body> {
+    let mut builder = axum::http::Request::post("/graphql");
+    if let Some(ct) = content_type {
+        builder = builder.header(axum::http::header::CONTENT_TYPE, ct);
+    }
+    let body = json!({ "query": CREATE_USER,
+        "variables": { "input": { "email": email, "displayName": "Simple" } } });
+    let mut request = builder
+        .body(axum::body::Body::from(body.to_string()))
+        .unwrap();
+    request.extensions_mut().insert(axum::extract::ConnectInfo(
+        DEFAULT_PEER.parse::<std::net::SocketAddr>().unwrap(),
+    ));
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_json_content_types_run_so_a_cross_site_simple_request_cannot_sign_up() {
+    let api = Api::start().await;
+    let refused = [
+        Some("text/plain"),
+        Some("text/plain;charset=UTF-8"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        Some("application/jsonp"),
+        None,
+    ];
+    for (i, ct) in refused.iter().enumerate() {
+        let r = api
+            .send_request(sign_up_as(*ct, &format!("simple{i}@example.com")))
+            .await;
+        r.expect_refused(StatusCode::UNSUPPORTED_MEDIA_TYPE, "BAD_REQUEST");
+    }
+    assert_eq!(
+        api.event_count().await,
+        0,
+        "a refused request signed someone up"
+    );
+    for (i, ct) in [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON",
+        "application/graphql-response+json",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let r = api
+            .send_request(sign_up_as(Some(ct), &format!("json{i}@example.com")))
+            .await;
+        assert!(!r.has_errors(), "{ct}: {}", r.text);
+    }
+    assert_eq!(api.event_count().await, 4);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_repeatable_directive_written_twice_is_a_validation_error() {
+    let api = Api::start().await;
+    for q in [
+        "{ __typename @include(if: true) @include(if: false) }",
+        "{ __typename @skip(if: false) @skip(if: false) }",
+        "{ ...F } fragment F on Query { __typename @include(if: true) @include(if: true) }",
+    ] {
+        let r = api.send(Gql::new(q).bearer(&admin())).await;
+        r.expect_refused(StatusCode::BAD_REQUEST, "BAD_REQUEST");
+        assert!(r.text.contains("only be used once"), "{q}: {}", r.text);
+        assert!(r.data().is_null(), "{q}: {}", r.text);
+    }
+    // Each once is fine.
+    let r = api
+        .send(Gql::new("{ __typename @include(if: true) @skip(if: false) }").bearer(&admin()))
+        .await;
+    assert_eq!(r.ok()["__typename"], "Query");
+    api.stop().await;
+}
+
+/// A log writer into a shared buffer.
+#[derive(Clone, Default)]
+struct CapturedLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// One thread, so that the test's log subscriber sees the server's events.
+#[tokio::test]
+async fn refused_credentials_are_rate_limited_and_logged_only_as_a_bounded_excerpt() {
+    let log = CapturedLog::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let api = Api::with(|c| c.rate_limits.failed_auth = 5).await;
+    let attack = format!("{} x", "A".repeat(60_000));
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        let r = api
+            .send(Gql::new("{ __typename }").auth(Auth::Raw(attack.clone())))
+            .await;
+        if r.status == StatusCode::TOO_MANY_REQUESTS {
+            assert!(r.headers.contains_key("retry-after"), "{:?}", r.headers);
+        }
+        statuses.push(r.status.as_u16());
+    }
+    assert_eq!(statuses[..5], [401; 5], "{statuses:?}");
+    assert!(statuses[5..].iter().all(|s| *s == 429), "{statuses:?}");
+    // A valid token from another address still gets through.
+    let r = api
+        .send(
+            Gql::new("{ __typename }")
+                .bearer(&admin())
+                .peer("198.51.100.7:1"),
+        )
+        .await;
+    assert_eq!(r.ok()["__typename"], "Query");
+    api.stop().await;
+
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("credentials refused"), "{text}");
+    let longest = text.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 1000, "a log line of {longest} bytes");
+    assert!(
+        !text.contains(&"A".repeat(100)),
+        "the log quotes the attacker's text"
+    );
+    assert!(
+        text.len() < 64 * 1024,
+        "{} bytes of log for 40 requests",
+        text.len()
+    );
+}
+
+mod slow_clients {
+    //! Clients that are slow to send, or send nothing, on a real socket.
+
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    fn limits(max_connections: usize) -> pcf::server::ConnectionLimits {
+        pcf::server::ConnectionLimits {
+            max_connections,
+            header_timeout: Duration::from_millis(500),
+            idle_timeout: Duration::from_millis(800),
+        }
+    }
+
+    /// Reads until the server closes the connection; what it sent, or `None` if it did not
+    /// close within `wait`.
+    async fn until_closed(stream: &mut TcpStream, wait: Duration) -> Option<String> {
+        let mut out = Vec::new();
+        let read = async {
+            let mut buf = [0u8; 4096];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                }
+            }
+        };
+        tokio::time::timeout(wait, read).await.ok()?;
+        Some(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    const REQUEST: &str = "POST /graphql HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 26\r\n\r\n{\"query\":\"{ __typename }\"}";
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn silent_and_trickling_clients_are_cut_off_at_the_head_deadline() {
+        let api = Api::start().await;
+        let server = Server::start_with(api.router(), limits(16)).await;
+
+        // Nothing at all.
+        let mut silent = TcpStream::connect(server.addr).await.unwrap();
+        let started = Instant::now();
+        assert!(
+            until_closed(&mut silent, Duration::from_secs(5))
+                .await
+                .is_some(),
+            "a silent connection stayed open"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(400));
+
+        // A header line every 200 ms, for up to 5 s: still cut at the head deadline.
+        let mut trickle = TcpStream::connect(server.addr).await.unwrap();
+        trickle
+            .write_all(b"POST /graphql HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let mut closed = false;
+        for i in 0..25 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if trickle
+                .write_all(format!("x-slow-{i}: 1\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                closed = true;
+                break;
+            }
+            let mut probe = [0u8; 1];
+            if let Ok(Ok(0)) =
+                tokio::time::timeout(Duration::from_millis(1), trickle.read(&mut probe)).await
+            {
+                closed = true;
+                break;
+            }
+        }
+        assert!(closed, "a trickling head kept its connection for 5 s");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        drop(server);
+        api.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_body_that_does_not_arrive_gets_408_and_idle_connections_are_closed() {
+        let api = Api::with(|c| c.body_timeout = Duration::from_millis(500)).await;
+        let server = Server::start_with(api.router(), limits(16)).await;
+
+        // Content-Length 100, 8 bytes sent.
+        let mut slow = TcpStream::connect(server.addr).await.unwrap();
+        slow.write_all(b"POST /graphql HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"query\"").await.unwrap();
+        let answer = until_closed(&mut slow, Duration::from_secs(5))
+            .await
+            .expect("the slow body's connection stayed open");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+        // A kept-alive connection that goes quiet after its request.
+        let mut idle = TcpStream::connect(server.addr).await.unwrap();
+        idle.write_all(REQUEST.as_bytes()).await.unwrap();
+        let answer = until_closed(&mut idle, Duration::from_secs(5))
+            .await
+            .expect("an idle kept-alive connection stayed open");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("\"__typename\":\"Query\""), "{answer}");
+        drop(server);
+        api.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_over_the_cap_wait_until_one_ends() {
+        let api = Api::start().await;
+        let mut patient = limits(2);
+        patient.header_timeout = Duration::from_secs(30);
+        patient.idle_timeout = Duration::from_secs(30);
+        let server = Server::start_with(api.router(), patient).await;
+        let first = TcpStream::connect(server.addr).await.unwrap();
+        let _second = TcpStream::connect(server.addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The third is not served while two are open...
+        let mut third = TcpStream::connect(server.addr).await.unwrap();
+        third.write_all(REQUEST.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 64];
+        let early = tokio::time::timeout(Duration::from_millis(700), third.read(&mut buf)).await;
+        assert!(early.is_err(), "a connection over the cap was served");
+        // ...and is once one of them ends.
+        drop(first);
+        let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+            .await
+            .expect("the waiting connection was not served")
+            .unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        drop(server);
+        api.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_kafka_is_logged_once_then_at_a_bounded_rate() {
+    // librdkafka calls back from its own threads: only a global subscriber sees them, set
+    // up as `pcf` sets its own (with the bridge from the `log` crate). Other tests of this
+    // binary log into it too; only Kafka's lines are counted.
+    use tracing_subscriber::util::SubscriberInitExt;
+    let log = CapturedLog::default();
+    let writer = log.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish()
+        .try_init()
+        .expect("the only global subscriber");
+    // A loopback port with nothing listening.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let brokers = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let db = PgDb::create().await;
+    let files = tempfile::tempdir().unwrap();
+    let config = pcf::Config {
+        database_url: Some(db.url.clone()),
+        read_database_urls: vec![db.url.clone()],
+        kafka_brokers: Some(brokers.clone()),
+        kafka_topic: format!("pcf.down.{}", uuid::Uuid::new_v4().simple()),
+        ..base_config(files.path())
+    };
+    let app = pcf::build(&config).await.expect("starting with Kafka down");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    // Stopping waits on Kafka's clients, which wait on the brokers; not what is tested.
+    let _ = tokio::time::timeout(Duration::from_secs(2), app.shutdown()).await;
+    db.drop_db().await;
+
+    let kafka: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("librdkafka") || l.contains(&brokers))
+        .collect();
+    // It is logged...
+    assert!(
+        !kafka.is_empty(),
+        "nothing said about Kafka being down:\n{text}"
+    );
+    // ...once per kind of failure (the producer, the admin client and the consumers each
+    // report theirs), not at every reconnect: about 50 lines in 4 s before.
+    eprintln!("{}", kafka.join("\n"));
+    assert!(
+        kafka.len() <= 12,
+        "{} lines about Kafka in 4 s:\n{}",
+        kafka.len(),
+        kafka.join("\n")
+    );
+}

@@ -8,6 +8,7 @@ mod api_support;
 
 use api_support::*;
 use axum::http::StatusCode;
+use pcf_domain::values::is_format_char;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -145,9 +146,11 @@ async fn injection_scenario(api: &Api, with_nul: bool) {
             )
             .await;
         sane(&r, &format!("bio {nasty:?}"));
+        // Control characters, and invisible format characters (bidi overrides, zero-width
+        // characters: docs/text-policy.md), are refused in every text field.
         let control = nasty
             .chars()
-            .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'));
+            .any(|c| (c.is_control() && !matches!(c, '\n' | '\r' | '\t')) || is_format_char(c));
         if control {
             invalid(&r, "bio", &format!("bio {nasty:?}"));
         } else {
@@ -162,7 +165,7 @@ async fn injection_scenario(api: &Api, with_nul: bool) {
             )
             .await;
         sane(&r, &format!("displayName {nasty:?}"));
-        if nasty.chars().any(char::is_control) {
+        if nasty.chars().any(|c| c.is_control() || is_format_char(c)) {
             invalid(&r, "displayName", &format!("displayName {nasty:?}"));
         } else {
             assert_eq!(r.ok()["updateProfile"]["user"]["displayName"], nasty.trim());
@@ -185,7 +188,10 @@ async fn injection_scenario(api: &Api, with_nul: bool) {
             )
             .await;
         sane(&r, &format!("avatarUrl {nasty:?}"));
-        if nasty.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        if nasty
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || is_format_char(c))
+        {
             invalid(&r, "avatarUrl", &format!("avatarUrl {nasty:?}"));
         } else {
             assert_eq!(

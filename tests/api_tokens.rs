@@ -9,6 +9,7 @@ use api_support::*;
 use axum::http::StatusCode;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
+use std::time::Duration;
 
 // Test keys only, generated with `openssl genpkey` for these tests; they protect nothing.
 
@@ -362,5 +363,36 @@ async fn es256_tokens_verify_against_the_configured_public_key() {
     early["nbf"] = json!(unix_now() + 3600);
     expect_refused_everywhere(&api, &es256(EC_PRIVATE, &early), "ES256 not yet valid").await;
     assert_eq!(api.event_count().await, 0);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_with_an_empty_subject_or_an_exp_centuries_away_are_unauthenticated() {
+    let api = Api::start().await;
+    let now = unix_now();
+    for sub in ["", "   "] {
+        let mut claims = admin_claims();
+        claims["sub"] = json!(sub);
+        expect_refused_everywhere(&api, &hs256(SECRET, &claims), "empty subject").await;
+    }
+    let mut claims = admin_claims();
+    claims["exp"] = json!(now + 300 * 365 * 86400);
+    expect_refused_everywhere(&api, &hs256(SECRET, &claims), "exp in 300 years").await;
+    // Just over the accepted lifetime (24 h by default, and the 5 s leeway).
+    claims["exp"] = json!(now + 24 * 3600 + 60);
+    expect_refused_everywhere(&api, &hs256(SECRET, &claims), "exp in 24 h 1 min").await;
+    assert_eq!(api.event_count().await, 0);
+    // Within it, accepted.
+    claims["exp"] = json!(now + 23 * 3600);
+    let r = api
+        .send(Gql::new("{ __typename }").bearer(&hs256(SECRET, &claims)))
+        .await;
+    assert_eq!(r.ok()["__typename"], "Query");
+    api.stop().await;
+
+    // The accepted lifetime is configurable.
+    let api = Api::with(|c| c.jwt_max_ttl = Duration::from_secs(600)).await;
+    claims["exp"] = json!(now + 3600);
+    expect_refused_everywhere(&api, &hs256(SECRET, &claims), "an hour over a 10 min cap").await;
     api.stop().await;
 }

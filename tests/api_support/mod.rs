@@ -22,7 +22,7 @@ use tower::ServiceExt;
 use uuid::Uuid;
 
 /// The HS256 secret every test app verifies tokens with.
-pub const SECRET: &str = "pcf-api-safety-tests-secret";
+pub const SECRET: &str = "pcf-api-safety-tests-secret-of-256-bits";
 
 /// The client address requests come from unless a test says otherwise.
 pub const DEFAULT_PEER: &str = "192.0.2.10:40000";
