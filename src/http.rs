@@ -55,25 +55,6 @@ pub fn router(state: HttpState) -> Router {
     router.with_state(state)
 }
 
-/// What PCF serves on: a TCP listener whose accepted connections send without Nagle's
-/// algorithm (`TCP_NODELAY`).
-pub type Listener = axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)>;
-
-/// `tcp`, each accepted connection set to send at once. A subscription writes small frames
-/// one after another, and with Nagle's algorithm every frame written while the one before
-/// was unacknowledged waited for the client's delayed acknowledgement: live events reached
-/// a subscriber on loopback at p99 23–26 ms (max 39–42 ms), and at p99 2–4 ms without it.
-pub fn listener(tcp: tokio::net::TcpListener) -> Listener {
-    use axum::serve::ListenerExt;
-    tcp.tap_io(send_at_once as fn(&mut tokio::net::TcpStream))
-}
-
-fn send_at_once(stream: &mut tokio::net::TcpStream) {
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
-    }
-}
-
 /// A correlation id for a request that brought none: a random UUID of this process with a
 /// counter in its last 48 bits, so unique without asking the kernel for randomness each
 /// time.
@@ -441,29 +422,6 @@ async fn metrics(State(state): State<HttpState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn served_connections_send_without_nagles_algorithm() {
-        use axum::serve::Listener as _;
-        // The control: a connection accepted by a plain listener keeps the algorithm.
-        let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _client = tokio::net::TcpStream::connect(plain.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (accepted, _) = plain.accept().await.unwrap();
-        assert!(!accepted.nodelay().unwrap());
-
-        let mut served = listener(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
-        let client = tokio::net::TcpStream::connect(served.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (accepted, peer) = served.accept().await;
-        assert_eq!(peer, client.local_addr().unwrap());
-        assert!(
-            accepted.nodelay().unwrap(),
-            "a served connection waits to fill packets"
-        );
-    }
 
     #[test]
     fn correlation_ids_are_version_4_uuids_and_differ() {

@@ -16,7 +16,6 @@ use redis::AsyncCommands;
 use serde_json::json;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgPool};
-use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -156,12 +155,9 @@ async fn setup(base: Config, options: &BenchOptions) -> anyhow::Result<Bench> {
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let limits = crate::server::ConnectionLimits::from_config(&config);
         let server = tokio::spawn(async move {
-            let _ = axum::serve(
-                crate::http::listener(listener),
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .await;
+            let _ = crate::server::serve(listener, router, limits, std::future::pending()).await;
         });
         let token = crate::auth::mint(
             &secret,
