@@ -293,6 +293,12 @@ fn escape_like(s: &str) -> String {
 /// Point reads from the primary reader, falling back to the other when it is unavailable
 /// (and, for a few seconds after a failure, going to the fallback directly instead of
 /// waiting on the primary per request); lists from the fallback (the SQL view).
+///
+/// Each call decides on its own outcome: a call that asked the primary and got
+/// `Unavailable` asks the fallback, whatever other calls have meanwhile recorded about the
+/// primary (reading that shared state again after the call would send a call that failed on
+/// the primary back to its caller as unavailable, when another call's failure had just
+/// marked the primary down).
 pub struct FallbackReader {
     primary: Arc<dyn UserReader>,
     fallback: Arc<dyn UserReader>,
@@ -308,16 +314,13 @@ impl FallbackReader {
         }
     }
 
-    /// The reader to use now.
-    fn reader(&self) -> &Arc<dyn UserReader> {
+    /// Whether a recent failure of the primary sends point reads to the fallback directly.
+    fn primary_resting(&self) -> bool {
         let down = self
             .primary_down_until
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        match *down {
-            Some(until) if std::time::Instant::now() < until => &self.fallback,
-            _ => &self.primary,
-        }
+        matches!(*down, Some(until) if std::time::Instant::now() < until)
     }
 
     fn primary_failed(&self, detail: &str) {
@@ -333,8 +336,11 @@ impl FallbackReader {
 #[async_trait]
 impl UserReader for FallbackReader {
     async fn user(&self, id: Uuid) -> Result<Option<UserView>, PortError> {
-        match self.reader().user(id).await {
-            Err(PortError::Unavailable(detail)) if !Arc::ptr_eq(self.reader(), &self.fallback) => {
+        if self.primary_resting() {
+            return self.fallback.user(id).await;
+        }
+        match self.primary.user(id).await {
+            Err(PortError::Unavailable(detail)) => {
                 self.primary_failed(&detail);
                 self.fallback.user(id).await
             }
@@ -343,8 +349,11 @@ impl UserReader for FallbackReader {
     }
 
     async fn users(&self, ids: &[Uuid]) -> Result<Vec<UserView>, PortError> {
-        match self.reader().users(ids).await {
-            Err(PortError::Unavailable(detail)) if !Arc::ptr_eq(self.reader(), &self.fallback) => {
+        if self.primary_resting() {
+            return self.fallback.users(ids).await;
+        }
+        match self.primary.users(ids).await {
+            Err(PortError::Unavailable(detail)) => {
                 self.primary_failed(&detail);
                 self.fallback.users(ids).await
             }
@@ -353,8 +362,11 @@ impl UserReader for FallbackReader {
     }
 
     async fn user_by_email(&self, email: &Email) -> Result<Option<UserView>, PortError> {
-        match self.reader().user_by_email(email).await {
-            Err(PortError::Unavailable(detail)) if !Arc::ptr_eq(self.reader(), &self.fallback) => {
+        if self.primary_resting() {
+            return self.fallback.user_by_email(email).await;
+        }
+        match self.primary.user_by_email(email).await {
+            Err(PortError::Unavailable(detail)) => {
                 self.primary_failed(&detail);
                 self.fallback.user_by_email(email).await
             }
@@ -379,5 +391,181 @@ mod tests {
     #[test]
     fn like_wildcards_in_a_filter_match_themselves() {
         assert_eq!(escape_like("50%_a\\b"), "50\\%\\_a\\\\b");
+    }
+
+    fn view(id: Uuid, email: &str) -> UserView {
+        let now = chrono::Utc::now();
+        UserView {
+            id,
+            email: email.to_owned(),
+            display_name: "Fallback".to_owned(),
+            bio: None,
+            avatar_url: None,
+            created_at: now,
+            updated_at: now,
+            version: 1,
+            deleted: false,
+        }
+    }
+
+    /// A primary reader that is down: every read fails as unavailable. Email reads can be
+    /// held on their way back, to fail only when the test says.
+    #[derive(Default)]
+    struct Down {
+        calls: AtomicUsize,
+        hold_email_reads: bool,
+        email_read_started: tokio::sync::Notify,
+        release_email_read: tokio::sync::Notify,
+    }
+
+    impl Down {
+        fn failed(&self) -> PortError {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            PortError::Unavailable("redis: connection refused".into())
+        }
+    }
+
+    #[async_trait]
+    impl UserReader for Down {
+        async fn user(&self, _id: Uuid) -> Result<Option<UserView>, PortError> {
+            Err(self.failed())
+        }
+
+        async fn users(&self, _ids: &[Uuid]) -> Result<Vec<UserView>, PortError> {
+            Err(self.failed())
+        }
+
+        async fn user_by_email(&self, _email: &Email) -> Result<Option<UserView>, PortError> {
+            if self.hold_email_reads {
+                self.email_read_started.notify_one();
+                self.release_email_read.notified().await;
+            }
+            Err(self.failed())
+        }
+
+        async fn list(
+            &self,
+            _after: Option<Uuid>,
+            _limit: usize,
+            _filter: &UserFilter,
+        ) -> Result<Vec<UserView>, PortError> {
+            Err(self.failed())
+        }
+    }
+
+    /// A fallback reader that has every user asked for.
+    #[derive(Default)]
+    struct Up {
+        calls: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl UserReader for Up {
+        async fn user(&self, id: Uuid) -> Result<Option<UserView>, PortError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Ok(Some(view(id, "someone@example.com")))
+        }
+
+        async fn users(&self, ids: &[Uuid]) -> Result<Vec<UserView>, PortError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Ok(ids
+                .iter()
+                .map(|id| view(*id, "someone@example.com"))
+                .collect())
+        }
+
+        async fn user_by_email(&self, email: &Email) -> Result<Option<UserView>, PortError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Ok(Some(view(Uuid::new_v4(), email.as_str())))
+        }
+
+        async fn list(
+            &self,
+            _after: Option<Uuid>,
+            _limit: usize,
+            _filter: &UserFilter,
+        ) -> Result<Vec<UserView>, PortError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Ok(Vec::new())
+        }
+    }
+
+    fn email() -> Email {
+        Email::parse("someone@example.com").expect("an email")
+    }
+
+    #[tokio::test]
+    async fn the_first_failure_of_the_primary_is_answered_by_the_fallback() {
+        let id = Uuid::new_v4();
+
+        let (primary, fallback) = (Arc::new(Down::default()), Arc::new(Up::default()));
+        let reader = FallbackReader::new(primary.clone(), fallback.clone());
+        let found = reader.user_by_email(&email()).await.expect("userByEmail");
+        assert_eq!(found.map(|v| v.email), Some(email().as_str().to_owned()));
+        assert_eq!(primary.calls.load(Ordering::SeqCst), 1, "asked the primary");
+        assert_eq!(
+            fallback.calls.load(Ordering::SeqCst),
+            1,
+            "then the fallback"
+        );
+
+        let (primary, fallback) = (Arc::new(Down::default()), Arc::new(Up::default()));
+        let reader = FallbackReader::new(primary.clone(), fallback.clone());
+        let found = reader.user(id).await.expect("user");
+        assert_eq!(found.map(|v| v.id), Some(id));
+        assert_eq!(primary.calls.load(Ordering::SeqCst), 1, "asked the primary");
+        assert_eq!(
+            fallback.calls.load(Ordering::SeqCst),
+            1,
+            "then the fallback"
+        );
+
+        let (primary, fallback) = (Arc::new(Down::default()), Arc::new(Up::default()));
+        let reader = FallbackReader::new(primary.clone(), fallback.clone());
+        let found = reader.users(&[id]).await.expect("users");
+        assert_eq!(found.iter().map(|v| v.id).collect::<Vec<_>>(), vec![id]);
+
+        // Right after a failure the fallback answers without the primary being asked.
+        let asked = primary.calls.load(Ordering::SeqCst);
+        reader.user(id).await.expect("user");
+        reader.user_by_email(&email()).await.expect("userByEmail");
+        assert_eq!(primary.calls.load(Ordering::SeqCst), asked);
+    }
+
+    /// Two reads on the primary when it goes down: the second to fail falls back as well,
+    /// although the first one's failure has marked the primary down meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_that_failed_on_the_primary_falls_back_whatever_other_reads_found() {
+        let primary = Arc::new(Down {
+            hold_email_reads: true,
+            ..Down::default()
+        });
+        let reader = Arc::new(FallbackReader::new(
+            primary.clone(),
+            Arc::new(Up::default()),
+        ));
+        let by_email = tokio::spawn({
+            let reader = reader.clone();
+            async move { reader.user_by_email(&email()).await }
+        });
+        // The email read is on the primary; a point read by id fails there and falls back.
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            primary.email_read_started.notified(),
+        )
+        .await
+        .expect("the email read reaches the primary");
+        let id = Uuid::new_v4();
+        let by_id = reader.user(id).await.expect("user(id) falls back");
+        assert_eq!(by_id.map(|v| v.id), Some(id));
+        // Now the email read fails on the primary too.
+        primary.release_email_read.notify_one();
+        let by_email = tokio::time::timeout(std::time::Duration::from_secs(10), by_email)
+            .await
+            .expect("the email read ends")
+            .expect("the email read's task");
+        let by_email = by_email.expect("userByEmail falls back, not UNAVAILABLE");
+        assert_eq!(by_email.map(|v| v.email), Some(email().as_str().to_owned()));
+        assert_eq!(primary.calls.load(Ordering::SeqCst), 2);
     }
 }
