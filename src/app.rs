@@ -313,11 +313,12 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
                 metrics.watch_relay(relay_config(config), store.clone());
                 tasks.push(tokio::spawn(relay.run(wait_for(shutdown_rx.clone()))));
             }
+            // Redis is connected to on first use, not here: a process starts while Redis is
+            // down (the Redis projector waits for it; reads fall back to the replicas).
             let redis_views = match &config.redis_url {
                 Some(url) => Some(
-                    RedisUserViews::connect(url, config.redis_prefix.clone())
-                        .await
-                        .context("connecting to Redis (PCF_REDIS_URL)")?,
+                    RedisUserViews::connect_lazily(url, config.redis_prefix.clone())
+                        .context("PCF_REDIS_URL")?,
                 ),
                 None => None,
             };
@@ -330,8 +331,11 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
                 pg_pool(database_url, pool_size, "the SQL view (PCF_DATABASE_URL)").await?;
             let mut views: Vec<Arc<dyn pcf_projectors::Generational>> =
                 vec![Arc::new(SqlUserViews::new(primary))];
+            // Per view, the Redis server its projector waits for before it consumes.
+            let mut waits_for_redis = vec![None];
             if let Some(redis) = &redis_views {
                 views.push(Arc::new(redis.clone()));
+                waits_for_redis.push(Some(redis.clone()));
             }
             let monitor: Arc<dyn ProjectionMonitor> = Arc::new(crate::monitor::KafkaMonitor {
                 views: views.clone(),
@@ -340,7 +344,7 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
                 group_prefix: config.kafka_group_prefix.clone(),
             });
             if roles.contains(&Role::Projector) {
-                for view in views {
+                for (view, redis) in views.into_iter().zip(waits_for_redis) {
                     let mut consumer =
                         ConsumerConfig::new(kafka.brokers.clone(), kafka.topic.clone());
                     consumer.group_prefix = config.kafka_group_prefix.clone();
@@ -367,6 +371,12 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
                             _ = &mut stop => return,
                             ok = ready.wait_for(|r| *r) => if ok.is_err() { return },
                         }
+                        if let Some(redis) = redis {
+                            tokio::select! {
+                                _ = &mut stop => return,
+                                () = wait_for_redis(&redis) => {}
+                            }
+                        }
                         if let Err(e) = projector.run(stop).await {
                             tracing::error!(error = %e, "projector stopped");
                         }
@@ -381,10 +391,10 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
             dependencies.add(Dependency::ReadReplica(sql.clone()));
             match &config.redis_url {
                 Some(url) => {
+                    // Until Redis answers, readiness names it and point reads fall back.
                     let redis = Arc::new(
-                        RedisUserReader::connect(url, config.redis_prefix.clone())
-                            .await
-                            .context("connecting to Redis (PCF_REDIS_URL)")?,
+                        RedisUserReader::connect_lazily(url, config.redis_prefix.clone())
+                            .context("PCF_REDIS_URL")?,
                     );
                     dependencies.add(Dependency::Redis(redis.clone()));
                     (
@@ -423,9 +433,10 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
                 .set_connection_timeout(Some(std::time::Duration::from_millis(300)))
                 .set_response_timeout(Some(std::time::Duration::from_millis(300)))
                 .set_number_of_retries(1);
-            let conn = redis::aio::ConnectionManager::new_with_config(client, settings)
-                .await
-                .context("connecting to Redis (PCF_REDIS_URL)")?;
+            // Connected on first use: while Redis is down (at start too) the limiter counts
+            // locally, and a later request's failure has the manager connect again.
+            let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, settings)
+                .context("PCF_REDIS_URL")?;
             Some((conn, config.redis_prefix.clone()))
         }
         None => None,
@@ -472,6 +483,35 @@ fn relay_config(config: &Config) -> RelayConfig {
     RelayConfig {
         name: relay_name(config),
         ..RelayConfig::default()
+    }
+}
+
+/// Completes once Redis answers, asking again after growing pauses (at most 5 s apart).
+/// The Redis projector waits here before it joins its consumer group, rather than take
+/// partitions it cannot write (its offsets are committed only after a write anyway).
+async fn wait_for_redis(redis: &RedisUserViews) {
+    let mut pause = std::time::Duration::from_millis(200);
+    let mut failures = 0u32;
+    loop {
+        match redis.ping().await {
+            Ok(()) => {
+                if failures > 0 {
+                    tracing::info!(failures, "Redis answers; the Redis projector starts");
+                }
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                // Once, then quietly: the readiness check names Redis meanwhile.
+                if failures == 1 {
+                    tracing::warn!(error = %e, "Redis does not answer; the Redis projector waits for it");
+                } else {
+                    tracing::debug!(error = %e, failures, "Redis still does not answer");
+                }
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_secs(5));
     }
 }
 

@@ -1,5 +1,6 @@
 //! Dependencies going down and coming back, on private servers of each test (the shared
-//! services are never stopped): Kafka during writes, Redis during reads and writes.
+//! services are never stopped): Kafka during writes, Redis during reads and writes, and
+//! Kafka or Redis down when a process starts.
 
 mod cluster_support;
 
@@ -28,6 +29,11 @@ async fn reads_fall_back_to_the_replica_while_redis_is_down_and_redis_converges_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_process_started_while_kafka_is_down_publishes_and_projects_once_kafka_is_up() {
     cluster_scenario!(kafka_down_at_start);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_process_started_while_redis_is_down_serves_from_the_replica_then_uses_redis_once_up() {
+    cluster_scenario!(redis_down_at_start);
 }
 
 async fn kafka_outage(c: &mut Cluster) {
@@ -301,4 +307,105 @@ async fn prompt_without_redis(c: &mut Cluster) {
         slow.is_empty(),
         "requests stalled while Redis was down: {slow:?}"
     );
+}
+
+async fn redis_down_at_start(c: &mut Cluster) {
+    // Nothing listens on the private Redis's port when PCF starts.
+    let mut private = PrivateRedis::reserve();
+    let mut config = c.config();
+    config.redis_url = Some(private.url());
+    let started = Instant::now();
+    let app = c.start(&config, &ALL_ROLES).await;
+    eprintln!(
+        "PCF started in {:?} while Redis was down",
+        started.elapsed()
+    );
+    let tag = c.tag().to_owned();
+
+    // Readiness names Redis, and only Redis.
+    let (status, body) = ready(&app.router).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["down"], json!(["redis"]), "{body}");
+
+    // Commands work (the rate limiter counts locally); point reads answer from the replica.
+    let email = format!("a@{tag}.example.com");
+    let a = create_user(&app.router, &email, "Alice").await;
+    let a_view = user(&app.router, a, Some(1)).await;
+    assert_eq!(a_view["id"], json!(a.to_string()), "{a_view}");
+    let (status, body) = gql_with(&app.router, USER, json!({ "id": a }), &[]).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.get("errors").is_none(),
+        "user(id) failed while Redis was down: {body}"
+    );
+    assert_same_user(&body["data"]["user"], &a_view);
+    let by_email = gql(&app.router, USER_BY_EMAIL, json!({ "email": email })).await;
+    assert_eq!(by_email["userByEmail"]["id"], json!(a.to_string()));
+
+    private.launch().await;
+    let back_at = Instant::now();
+
+    // The Redis projector, which waited for Redis, catches up with what it missed.
+    let redis = c.redis_view(&private.url()).await;
+    c.wait_views_match_log(CONVERGE, app.log(), Some(&redis))
+        .await;
+    eprintln!(
+        "the Redis view converged {:?} after Redis came up",
+        back_at.elapsed()
+    );
+    wait_until(CONVERGE, "readiness after Redis came up", || async {
+        match ready(&app.router).await {
+            (200, _) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // Point reads come from Redis again: a document that only this Redis has (no such user
+    // is in the log or on the replica) is served.
+    let docs = redis_docs(&redis).await.expect("the Redis view");
+    let mut only_in_redis = docs.users.get(&a).expect("A in the Redis view").clone();
+    only_in_redis.id = Uuid::new_v4();
+    only_in_redis.email = format!("only-in-redis@{tag}.example.com");
+    only_in_redis.display_name = "Only in Redis".to_owned();
+    let mut conn = redis_conn(&private.url()).await;
+    let _: () = redis::cmd("SET")
+        .arg(pcf_domain::read_model::redis_user_key(
+            &c.redis_prefix,
+            docs.generation,
+            only_in_redis.id,
+        ))
+        .arg(serde_json::to_string(&only_in_redis).expect("a document"))
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+    wait_until(CONVERGE, "user(id) served from Redis", || async {
+        let got = user(&app.router, only_in_redis.id, None).await;
+        if got["displayName"] == "Only in Redis" {
+            Ok(())
+        } else {
+            Err(format!("got {got}"))
+        }
+    })
+    .await;
+
+    // The rate limiter counts in Redis again.
+    let pattern = format!("{}:ratelimit:*", c.redis_prefix);
+    wait_until(CONVERGE, "rate limit counts in Redis", || {
+        let (router, pattern, mut conn) = (app.router.clone(), pattern.clone(), conn.clone());
+        async move {
+            user(&router, a, None).await;
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(&pattern)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            if keys.is_empty() {
+                Err("no rate limit count in Redis yet".to_owned())
+            } else {
+                Ok(())
+            }
+        }
+    })
+    .await;
 }

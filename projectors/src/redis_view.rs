@@ -384,15 +384,34 @@ pub struct RedisUserViews {
 }
 
 impl RedisUserViews {
+    fn with_connection(conn: ConnectionManager, prefix: String) -> Self {
+        Self {
+            conn,
+            prefix,
+            known: Default::default(),
+            remembered: Default::default(),
+        }
+    }
+
+    /// Connects to Redis at `url`; fails if Redis does not answer.
     pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, PortError> {
         let client = redis::Client::open(url).map_err(unavailable)?;
         let conn = ConnectionManager::new(client).await.map_err(unavailable)?;
-        Ok(Self {
-            conn,
-            prefix: prefix.into(),
-            known: Default::default(),
-            remembered: Default::default(),
-        })
+        Ok(Self::with_connection(conn, prefix.into()))
+    }
+
+    /// The view of Redis at `url`, connecting on its first use instead of now, so that a
+    /// projector process starts while Redis is down: until Redis answers, every call fails
+    /// as unavailable (and each failure has the connection manager try again). Fails only
+    /// for a malformed URL.
+    pub fn connect_lazily(url: &str, prefix: impl Into<String>) -> Result<Self, PortError> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let conn = ConnectionManager::new_lazy_with_config(
+            client,
+            redis::aio::ConnectionManagerConfig::new(),
+        )
+        .map_err(unavailable)?;
+        Ok(Self::with_connection(conn, prefix.into()))
     }
 
     /// A writer of one generation.
@@ -407,6 +426,7 @@ impl RedisUserViews {
         }
     }
 
+    /// Succeeds when Redis answers.
     pub async fn ping(&self) -> Result<(), PortError> {
         let _: String = redis::cmd("PING")
             .query_async(&mut self.conn.clone())

@@ -61,25 +61,44 @@ pub struct RedisUserReader {
 }
 
 impl RedisUserReader {
-    pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, PortError> {
-        let client = redis::Client::open(url).map_err(redis_down)?;
-        // Fail fast while Redis is down, so the replica answers instead.
-        let config = redis::aio::ConnectionManagerConfig::new()
+    /// Fail fast while Redis is down, so the replica answers instead.
+    fn manager_config() -> redis::aio::ConnectionManagerConfig {
+        redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(std::time::Duration::from_millis(500)))
             .set_response_timeout(Some(std::time::Duration::from_millis(500)))
-            .set_number_of_retries(1);
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(redis_down)?;
-        let prefix = prefix.into();
-        Ok(Self {
+            .set_number_of_retries(1)
+    }
+
+    fn with_connection(conn: ConnectionManager, prefix: String) -> Self {
+        Self {
             conn,
             active_key: redis_active_key(&prefix),
             prefix,
             generation: Arc::new(AtomicU64::new(1)),
-        })
+        }
     }
 
+    /// Connects to Redis at `url`; fails if Redis does not answer.
+    pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, PortError> {
+        let client = redis::Client::open(url).map_err(redis_down)?;
+        let conn = ConnectionManager::new_with_config(client, Self::manager_config())
+            .await
+            .map_err(redis_down)?;
+        Ok(Self::with_connection(conn, prefix.into()))
+    }
+
+    /// A reader of Redis at `url` that connects on its first read instead of now, so that a
+    /// server starts while Redis is down: until Redis answers, every read fails as
+    /// unavailable (and a `FallbackReader` answers from the replica), and each failure has
+    /// the connection manager try again. Fails only for a malformed URL.
+    pub fn connect_lazily(url: &str, prefix: impl Into<String>) -> Result<Self, PortError> {
+        let client = redis::Client::open(url).map_err(redis_down)?;
+        let conn = ConnectionManager::new_lazy_with_config(client, Self::manager_config())
+            .map_err(redis_down)?;
+        Ok(Self::with_connection(conn, prefix.into()))
+    }
+
+    /// Succeeds when Redis answers.
     pub async fn ping(&self) -> Result<(), PortError> {
         let _: String = redis::cmd("PING")
             .query_async(&mut self.conn.clone())

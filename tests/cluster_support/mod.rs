@@ -1131,6 +1131,24 @@ impl PrivateRedis {
         redis
     }
 
+    /// A server of the test's own that is not running yet: its port is chosen and stays
+    /// closed until [`PrivateRedis::launch`], for a process that starts while Redis is down.
+    pub fn reserve() -> Self {
+        let redis = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("a temporary directory"),
+            child: None,
+        };
+        assert!(!port_open(redis.port), "the reserved port already answers");
+        redis
+    }
+
+    /// Starts a reserved server for the first time.
+    pub async fn launch(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        self.spawn().await;
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
