@@ -415,6 +415,12 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
         }
     }
     let commands = Arc::new(CommandService::new(store.clone(), metrics.clone()));
+    if roles.contains(&Role::Api) {
+        tasks.push(tokio::spawn(prune_command_ids(
+            store.clone(),
+            shutdown_rx.clone(),
+        )));
+    }
     let live = LiveLog::spawn(
         log.clone(),
         store.commits(),
@@ -477,6 +483,30 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
         shutdown,
         tasks,
     })
+}
+
+/// How often the command ids past their retention are removed.
+const COMMAND_ID_PRUNING: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Removes the command ids past their retention (`pcf_command::COMMAND_ID_RETENTION`) now and
+/// then, so that their table stays small; any number of instances may do it at once.
+async fn prune_command_ids(store: Arc<dyn EventStore>, mut shutdown: watch::Receiver<bool>) {
+    let mut failures = pcf_adapters::Repeats::new(pcf_adapters::repeats::DEFAULT_EVERY);
+    loop {
+        match store.prune_expired_commands().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "expired command ids removed"),
+            Err(e) => {
+                if let Some(repeats) = failures.admit() {
+                    tracing::warn!(error = %e, repeats, "could not remove expired command ids");
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(COMMAND_ID_PRUNING) => {}
+        }
+    }
 }
 
 fn relay_config(config: &Config) -> RelayConfig {
