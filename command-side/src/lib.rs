@@ -16,4 +16,7 @@ pub use graphql::{CommandContext, MutationRoot};
 pub use idempotency::{Caller, COMMAND_ID_RETENTION};
 pub use relay::{Relay, RelayConfig};
 pub use service::{CommandError, CommandResult, CommandService};
-pub use store::{postgres::PostgresStore, sqlite::SqliteStore, EventStore, StoreError};
+pub use store::{
+    postgres::PostgresStore, sqlite::SqliteStore, CommandStore, CommitFeed, EventStore, RelayStore,
+    StoreError, StoreHealth,
+};

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::store::{EventStore, StoreError};
+use crate::store::{RelayStore, StoreError};
 
 /// The first pause before looking again at rows that are committed but not readable yet.
 const PENDING_PAUSE_MIN: Duration = Duration::from_millis(2);
@@ -62,9 +62,9 @@ pub enum RelayError {
     Publish(pcf_domain::ports::PortError),
 }
 
-/// Moves events from the store to a publisher.
+/// Moves events from the store (its relay role: `RelayStore`) to a publisher.
 pub struct Relay {
-    store: Arc<dyn EventStore>,
+    store: Arc<dyn RelayStore>,
     publisher: Arc<dyn EventPublisher>,
     config: RelayConfig,
     /// The checkpoint of a local relay.
@@ -73,7 +73,7 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(
-        store: Arc<dyn EventStore>,
+        store: Arc<dyn RelayStore>,
         publisher: Arc<dyn EventPublisher>,
         config: RelayConfig,
     ) -> Self {

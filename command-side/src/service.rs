@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::idempotency::fingerprint;
 pub use crate::idempotency::Caller;
 pub use crate::store::CommandResult;
-use crate::store::{AppendError, AppendRequest, EventStore, StoreError};
+use crate::store::{AppendError, AppendRequest, CommandStore, StoreError};
 
 /// How often a command without `expectedVersion` is retried after losing a race.
 const MAX_ATTEMPTS: u32 = 50;
@@ -72,9 +72,9 @@ impl EmailDirectory for UncheckedEmails {
     }
 }
 
-/// Executes commands against the event store.
+/// Executes commands against the event store (its command role: `CommandStore`).
 pub struct CommandService {
-    store: Arc<dyn EventStore>,
+    store: Arc<dyn CommandStore>,
     services: UserServices,
     /// The services of a first attempt (see `UncheckedEmails`).
     optimistic: UserServices,
@@ -110,7 +110,7 @@ impl Stripe {
 }
 
 impl CommandService {
-    pub fn new(store: Arc<dyn EventStore>, observer: Arc<dyn CommandObserver>) -> Self {
+    pub fn new(store: Arc<dyn CommandStore>, observer: Arc<dyn CommandObserver>) -> Self {
         let services = UserServices {
             emails: store.clone(),
         };
@@ -127,7 +127,7 @@ impl CommandService {
         }
     }
 
-    pub fn store(&self) -> &Arc<dyn EventStore> {
+    pub fn store(&self) -> &Arc<dyn CommandStore> {
         &self.store
     }
 

@@ -1,4 +1,9 @@
-//! The event store behind one trait, with a PostgreSQL and an SQLite adapter.
+//! The event store, with a PostgreSQL and an SQLite adapter, behind one trait per role:
+//! `CommandStore` for command handling, `RelayStore` for the relay, `CommitFeed` for live
+//! subscriptions, `StoreHealth` for health checks. `EventStore` is all of them at once, for
+//! the wiring, which opens one store and hands each part the role it needs. Both adapters
+//! also implement the domain's `EventLog` (reads of the log, for the relay, rebuilds and
+//! tools) and `EmailDirectory`.
 //!
 //! Loading an aggregate goes through postgres-es / sqlite-es (`PersistedEventStore`), so
 //! their upcasting and snapshot support apply. Appending does not: an append must also claim
@@ -101,9 +106,10 @@ pub struct AppendRequest<'a> {
     pub user_after: Option<&'a UserView>,
 }
 
-/// The event store as the command side and the relay use it.
+/// What command handling (`CommandService`) needs: the user's state, the append, the
+/// records of executed command ids, and (through `EmailDirectory`) who holds an email.
 #[async_trait]
-pub trait EventStore: EventLog + EmailDirectory + Send + Sync {
+pub trait CommandStore: EmailDirectory + Send + Sync {
     /// The user's current state and the sequence of its last event (0 if none).
     async fn load(&self, user_id: Uuid) -> Result<(User, u64), StoreError>;
 
@@ -127,31 +133,59 @@ pub trait EventStore: EventLog + EmailDirectory + Send + Sync {
 
     /// The position of the user's event with this sequence.
     async fn position_of(&self, user_id: Uuid, sequence: u64) -> Result<Position, StoreError>;
+}
 
+/// What the relay (`Relay`) needs: the log's safe prefix after its checkpoint (through
+/// `EventLog::read`), the checkpoint itself, the backlog, leadership among relays, and a
+/// wake-up on commits. The commit feed is part of it because the relay starts the
+/// forwarding of other processes' commits (`CommitFeed::watch_commits`).
+#[async_trait]
+pub trait RelayStore: EventLog + CommitFeed + Send + Sync {
+    /// The relay checkpoint `name` (the start of the log if none is saved).
     async fn load_checkpoint(&self, name: &str) -> Result<Position, StoreError>;
 
     /// How many events lie after `position` (committed or not yet safe to publish).
     async fn count_after(&self, position: Position) -> Result<u64, StoreError>;
-    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError>;
 
-    /// Succeeds when the store answers.
-    async fn ping(&self) -> Result<(), StoreError>;
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError>;
 
     /// Signalled after events are committed (by this process, or by another one where the
     /// backend can tell); waiters fall back to polling for anything missed.
     fn committed(&self) -> Arc<Notify>;
 
-    /// A counter that moves on every commit signal, for any number of watchers (the relay
-    /// uses `committed`; live subscriptions use this).
-    fn commits(&self) -> tokio::sync::watch::Receiver<u64>;
-
     /// Tries to become the one active relay named `name`. `None`: another process leads.
     async fn try_lead(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError>;
+}
 
-    /// Starts whatever forwards other processes' commits to `committed` (PostgreSQL's
-    /// LISTEN). A no-op where the store has a single writer process.
+/// The commit feed: what live subscriptions (which follow the log in commit order) wait on
+/// to look again, and what wakes the relay.
+#[async_trait]
+pub trait CommitFeed: Send + Sync {
+    /// A counter that moves on every commit signal, for any number of watchers (the relay
+    /// uses `RelayStore::committed`; live subscriptions use this).
+    fn commits(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Starts whatever forwards other processes' commits to `commits` and
+    /// `RelayStore::committed` (PostgreSQL's LISTEN). A no-op where the store has a single
+    /// writer process.
     async fn watch_commits(&self) -> Result<(), StoreError>;
 }
+
+/// Health checks (readiness) of the store.
+#[async_trait]
+pub trait StoreHealth: Send + Sync {
+    /// Succeeds when the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// The whole event store, every role at once: what the wiring opens and hands out, each
+/// part taking the role it needs (an `Arc<dyn EventStore>` converts to an
+/// `Arc<dyn CommandStore>`, `Arc<dyn RelayStore>`, ... where one is expected). Every type
+/// with all the roles is one. The methods of every role are callable on a `dyn EventStore`
+/// with only `EventStore` imported; on a concrete store, the role's trait must be in scope.
+pub trait EventStore: CommandStore + RelayStore + CommitFeed + StoreHealth {}
+
+impl<T: CommandStore + RelayStore + CommitFeed + StoreHealth + ?Sized> EventStore for T {}
 
 /// Leadership held while the lease lives; lost when its process or connection dies.
 #[async_trait]

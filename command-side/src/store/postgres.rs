@@ -18,8 +18,8 @@ use uuid::Uuid;
 
 use super::{
     email_changes, metadata_value, retention_seconds, stored_command, stored_payload, AppendError,
-    AppendRequest, CommandResult, EmailChange, EventStore, Lease, StoreError, StoredCommand,
-    StoredEvent, PRUNE_BATCH,
+    AppendRequest, CommandResult, CommandStore, CommitFeed, EmailChange, Lease, RelayStore,
+    StoreError, StoreHealth, StoredCommand, StoredEvent, PRUNE_BATCH,
 };
 
 const NOTIFY_CHANNEL: &str = "pcf_events";
@@ -283,7 +283,7 @@ fn classify(e: sqlx::Error) -> AppendError {
 }
 
 #[async_trait]
-impl EventStore for PostgresStore {
+impl CommandStore for PostgresStore {
     async fn load(&self, user_id: Uuid) -> Result<(User, u64), StoreError> {
         let context = self
             .loader
@@ -418,7 +418,10 @@ impl EventStore for PostgresStore {
             None => Ok(Position::START),
         }
     }
+}
 
+#[async_trait]
+impl RelayStore for PostgresStore {
     async fn load_checkpoint(&self, name: &str) -> Result<Position, StoreError> {
         let row = sqlx::query(
             "SELECT transaction_id::text AS txid, global_position FROM relay_checkpoints WHERE name = $1",
@@ -459,17 +462,8 @@ impl EventStore for PostgresStore {
         Ok(())
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
-    }
-
     fn committed(&self) -> Arc<Notify> {
         self.committed.relay()
-    }
-
-    fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.committed.watch()
     }
 
     async fn try_lead(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {
@@ -482,6 +476,13 @@ impl EventStore for PostgresStore {
                 .fetch_one(&mut conn)
                 .await?;
         Ok(locked.then(|| Box::new(AdvisoryLease { conn }) as Box<dyn Lease>))
+    }
+}
+
+#[async_trait]
+impl CommitFeed for PostgresStore {
+    fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.committed.watch()
     }
 
     async fn watch_commits(&self) -> Result<(), StoreError> {
@@ -513,6 +514,14 @@ impl EventStore for PostgresStore {
         if let Some(previous) = previous {
             previous.abort();
         }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl StoreHealth for PostgresStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
 }

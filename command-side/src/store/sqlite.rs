@@ -24,8 +24,9 @@ use uuid::Uuid;
 
 use super::{
     email_changes, is_unique_violation, metadata_value, retention_seconds, stored_command,
-    stored_payload, AppendError, AppendRequest, CommandResult, EmailChange, EventStore, Lease,
-    SoleLease, StoreError, StoredCommand, StoredEvent, PRUNE_BATCH,
+    stored_payload, AppendError, AppendRequest, CommandResult, CommandStore, CommitFeed,
+    EmailChange, Lease, RelayStore, SoleLease, StoreError, StoreHealth, StoredCommand, StoredEvent,
+    PRUNE_BATCH,
 };
 
 const EVENT_COLUMNS: &str = "event_id, aggregate_id, sequence, event_type, event_version, \
@@ -127,7 +128,7 @@ fn classify(e: sqlx::Error, on_unique: AppendError) -> AppendError {
 }
 
 #[async_trait]
-impl EventStore for SqliteStore {
+impl CommandStore for SqliteStore {
     async fn load(&self, user_id: Uuid) -> Result<(User, u64), StoreError> {
         let context = self
             .loader
@@ -286,7 +287,10 @@ impl EventStore for SqliteStore {
             .map(|(g,)| Position::new(g as u64, g as u64))
             .unwrap_or(Position::START))
     }
+}
 
+#[async_trait]
+impl RelayStore for SqliteStore {
     async fn load_checkpoint(&self, name: &str) -> Result<Position, StoreError> {
         let row: Option<(i64, i64)> = sqlx::query_as(
             "SELECT transaction_id, global_position FROM relay_checkpoints WHERE name = $1",
@@ -322,25 +326,31 @@ impl EventStore for SqliteStore {
         Ok(())
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.reader).await?;
-        Ok(())
-    }
-
     fn committed(&self) -> Arc<Notify> {
         self.committed.relay()
-    }
-
-    fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.committed.watch()
     }
 
     async fn try_lead(&self, _name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {
         Ok(Some(Box::new(SoleLease)))
     }
+}
+
+#[async_trait]
+impl CommitFeed for SqliteStore {
+    fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.committed.watch()
+    }
 
     async fn watch_commits(&self) -> Result<(), StoreError> {
         // Only this process writes the file: `append` signals directly.
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl StoreHealth for SqliteStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
     }
 }
