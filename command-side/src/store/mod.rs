@@ -394,4 +394,64 @@ mod tests {
         };
         assert_eq!(metadata_from_value(metadata_value(&m)), m);
     }
+
+    /// Each adapter is the whole store, and the whole store is each role (as the wiring
+    /// hands it out); every role is a trait object that can cross threads.
+    #[test]
+    fn the_whole_store_is_every_role() {
+        fn whole<T: EventStore>() {}
+        whole::<postgres::PostgresStore>();
+        whole::<sqlite::SqliteStore>();
+
+        fn shared<T: Send + Sync + ?Sized>() {}
+        shared::<dyn CommandStore>();
+        shared::<dyn RelayStore>();
+        shared::<dyn CommitFeed>();
+        shared::<dyn StoreHealth>();
+        shared::<dyn EventStore>();
+
+        // What the wiring does with the store it opened: no conversion written out.
+        fn wire(store: Arc<dyn EventStore>, publisher: Arc<dyn pcf_domain::ports::EventPublisher>) {
+            let observer = Arc::new(pcf_domain::ports::NoopObserver);
+            let _ = crate::CommandService::new(store.clone(), observer);
+            let _ = crate::Relay::new(store.clone(), publisher, crate::RelayConfig::default());
+            let _: Arc<dyn CommitFeed> = store.clone();
+            let _: Arc<dyn StoreHealth> = store.clone();
+            let _: Arc<dyn EventLog> = store.clone();
+            let _: Arc<dyn EmailDirectory> = store;
+        }
+        let _ = wire;
+    }
+
+    /// Each role, taken from the whole store, reaches the adapter's own methods.
+    #[tokio::test]
+    async fn each_role_of_the_whole_store_reaches_the_adapter() {
+        let path = std::env::temp_dir().join(format!("pcf-roles-{}.db", Uuid::new_v4()));
+        let store: Arc<dyn EventStore> =
+            Arc::new(sqlite::SqliteStore::open(&path).await.expect("opening"));
+
+        let health: Arc<dyn StoreHealth> = store.clone();
+        health.ping().await.expect("ping");
+        let feed: Arc<dyn CommitFeed> = store.clone();
+        feed.watch_commits().await.expect("watching commits");
+        let commits = feed.commits();
+        let relay: Arc<dyn RelayStore> = store.clone();
+        let mut lease = relay.try_lead("roles").await.expect("leading");
+        assert!(lease.as_mut().expect("the sole writer leads").alive().await);
+        let commands: Arc<dyn CommandStore> = store.clone();
+        assert!(
+            commands.find_command("none").await.is_err(),
+            "no schema here"
+        );
+        // The methods of every role are callable on the whole store, as the wiring calls them.
+        store.ping().await.expect("ping");
+        assert!(!commits.has_changed().expect("the feed is open"));
+
+        drop((health, feed, relay, commands, store));
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.clone().into_os_string();
+            file.push(suffix);
+            let _ = std::fs::remove_file(file);
+        }
+    }
 }
