@@ -1,7 +1,9 @@
 //! Port traits: what the domain and the read side need from the outside world. The embedded
-//! and cluster modes are two sets of adapters behind these.
+//! and cluster modes are two sets of adapters behind these. Also `LogPages`, the one way to
+//! page through the log (catch-up, rebuilds, live tails), written against `EventLog` alone.
 
 use async_trait::async_trait;
+use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -65,6 +67,76 @@ pub trait EventLog: Send + Sync {
     /// How many events the log holds (for progress reports); `None` if unknown.
     async fn event_count(&self) -> Result<Option<u64>, PortError> {
         Ok(None)
+    }
+}
+
+/// The log read page after page in commit order, from a position on: each `next_page` reads
+/// the next events after the last one read, at most `page_size` of them (only those of one
+/// user or of some types, if asked). An empty page means the log holds nothing further for
+/// now; calling again later reads on from the same place, so the same pager serves a
+/// catch-up (read until a page is empty), a rebuild and a tail that follows the log.
+/// A failed read moves nothing: calling again retries the same page.
+pub struct LogPages {
+    log: Arc<dyn EventLog>,
+    query: LogQuery,
+}
+
+impl LogPages {
+    /// Pages of at most `page_size` events (at least one) after `after`
+    /// (`Position::START`: the whole log).
+    pub fn new(log: Arc<dyn EventLog>, after: Position, page_size: usize) -> Self {
+        Self {
+            log,
+            query: LogQuery {
+                after: Some(after),
+                limit: page_size.max(1),
+                ..LogQuery::default()
+            },
+        }
+    }
+
+    /// Only this user's events.
+    pub fn of_user(mut self, id: Uuid) -> Self {
+        self.query.aggregate_id = Some(id);
+        self
+    }
+
+    /// Only events of these types (all when empty).
+    pub fn of_types(mut self, types: Vec<String>) -> Self {
+        self.query.types = types;
+        self
+    }
+
+    /// The position the next page starts after: that of the last event read, or the start
+    /// given to `new` while nothing was read.
+    pub fn position(&self) -> Position {
+        self.query.after.unwrap_or(Position::START)
+    }
+
+    /// The most events a page holds. A page shorter than this was the end of the log when it
+    /// was read.
+    pub fn page_size(&self) -> usize {
+        self.query.limit
+    }
+
+    /// The next page of whole envelopes (`EventLog::read`).
+    pub async fn next_page(&mut self) -> Result<Vec<EventEnvelope>, PortError> {
+        let page = self.log.read(&self.query).await?;
+        self.advance(page.last().map(|e| e.position));
+        Ok(page)
+    }
+
+    /// The next page as a fold needs it (`EventLog::read_changes`: a store may read less).
+    pub async fn next_changes(&mut self) -> Result<Vec<Change>, PortError> {
+        let page = self.log.read_changes(&self.query).await?;
+        self.advance(page.last().map(|e| e.position));
+        Ok(page)
+    }
+
+    fn advance(&mut self, last: Option<Position>) {
+        if let Some(last) = last {
+            self.query.after = Some(last);
+        }
     }
 }
 
@@ -178,4 +250,135 @@ pub struct ProjectionState {
 #[async_trait]
 pub trait ProjectionMonitor: Send + Sync {
     async fn projections(&self) -> Result<Vec<ProjectionState>, PortError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::EventMetadata;
+    use std::sync::Mutex;
+
+    /// A log in memory: `read` answers in position order; the next read fails when asked.
+    #[derive(Default)]
+    struct MemoryLog {
+        events: Mutex<Vec<EventEnvelope>>,
+        fail_next: Mutex<bool>,
+        reads: Mutex<Vec<LogQuery>>,
+    }
+
+    impl MemoryLog {
+        fn append(&self, user: Uuid, event_type: &str) -> Position {
+            let mut events = self.events.lock().unwrap();
+            let n = events.len() as u64 + 1;
+            // Commit order is not global order: positions compare by commit first.
+            let position = Position::new(n, 1000 - n);
+            events.push(EventEnvelope {
+                event_id: Uuid::now_v7(),
+                aggregate_type: crate::AGGREGATE_TYPE.to_owned(),
+                aggregate_id: user,
+                sequence: n,
+                position,
+                event_type: event_type.to_owned(),
+                event_version: "1".to_owned(),
+                recorded_at: chrono::Utc::now(),
+                metadata: EventMetadata::default(),
+                payload: serde_json::json!({}),
+            });
+            position
+        }
+    }
+
+    #[async_trait]
+    impl EventLog for MemoryLog {
+        async fn read(&self, q: &LogQuery) -> Result<Vec<EventEnvelope>, PortError> {
+            self.reads.lock().unwrap().push(q.clone());
+            if std::mem::take(&mut *self.fail_next.lock().unwrap()) {
+                return Err(PortError::Unavailable("down".into()));
+            }
+            let after = q.after.unwrap_or(Position::START);
+            Ok(self
+                .events
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| e.position > after)
+                .filter(|e| q.aggregate_id.is_none_or(|id| id == e.aggregate_id))
+                .filter(|e| q.types.is_empty() || q.types.contains(&e.event_type))
+                .take(q.limit)
+                .cloned()
+                .collect())
+        }
+
+        async fn user_events(&self, _: Uuid, _: u64) -> Result<Vec<EventEnvelope>, PortError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn positions(page: &[EventEnvelope]) -> Vec<Position> {
+        page.iter().map(|e| e.position).collect()
+    }
+
+    #[tokio::test]
+    async fn pages_cover_the_log_once_in_order_across_page_boundaries() {
+        let log = Arc::new(MemoryLog::default());
+        let user = Uuid::now_v7();
+        let all: Vec<Position> = (0..7).map(|_| log.append(user, "A")).collect();
+        let mut pages = LogPages::new(log.clone(), Position::START, 3);
+        assert_eq!(pages.page_size(), 3);
+        assert_eq!(positions(&pages.next_page().await.unwrap()), all[0..3]);
+        assert_eq!(pages.position(), all[2]);
+        assert_eq!(positions(&pages.next_page().await.unwrap()), all[3..6]);
+        // A short page: the end of the log as it was read.
+        assert_eq!(positions(&pages.next_page().await.unwrap()), all[6..7]);
+        assert!(pages.next_page().await.unwrap().is_empty());
+        assert_eq!(pages.position(), all[6]);
+        // The log grows: the same pager reads on from where it stopped.
+        let later = log.append(user, "A");
+        assert_eq!(positions(&pages.next_page().await.unwrap()), [later]);
+        // Every read asked for one page after the last event read.
+        let reads = log.reads.lock().unwrap();
+        assert!(reads.iter().all(|q| q.limit == 3));
+        assert_eq!(reads[1].after, Some(all[2]));
+    }
+
+    #[tokio::test]
+    async fn pages_start_after_a_position_and_a_failed_read_moves_nothing() {
+        let log = Arc::new(MemoryLog::default());
+        let user = Uuid::now_v7();
+        let all: Vec<Position> = (0..5).map(|_| log.append(user, "A")).collect();
+        let mut pages = LogPages::new(log.clone(), all[1], 2);
+        assert_eq!(pages.position(), all[1]);
+        *log.fail_next.lock().unwrap() = true;
+        assert!(pages.next_changes().await.is_err());
+        assert_eq!(pages.position(), all[1]);
+        let changes = pages.next_changes().await.unwrap();
+        let got: Vec<Position> = changes.iter().map(|c| c.position).collect();
+        assert_eq!(got, all[2..4]);
+        assert_eq!(positions(&pages.next_page().await.unwrap()), all[4..5]);
+    }
+
+    #[tokio::test]
+    async fn pages_of_one_user_or_some_types_hold_only_those() {
+        let log = Arc::new(MemoryLog::default());
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut of_a = Vec::new();
+        let mut of_x = Vec::new();
+        for i in 0..9 {
+            let (user, kind) = if i % 3 == 0 { (a, "X") } else { (b, "Y") };
+            let p = log.append(user, kind);
+            if user == a {
+                of_a.push(p);
+            }
+            if kind == "X" {
+                of_x.push(p);
+            }
+        }
+        let mut pages = LogPages::new(log.clone(), Position::START, 2).of_user(a);
+        let mut got = positions(&pages.next_page().await.unwrap());
+        got.extend(positions(&pages.next_page().await.unwrap()));
+        assert!(pages.next_page().await.unwrap().is_empty());
+        assert_eq!(got, of_a);
+        let mut pages = LogPages::new(log, Position::START, 10).of_types(vec!["X".into()]);
+        assert_eq!(positions(&pages.next_page().await.unwrap()), of_x);
+    }
 }
