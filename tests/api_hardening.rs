@@ -651,8 +651,8 @@ mod slow_clients {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
-    fn limits(max_connections: usize) -> pcf::server::ConnectionLimits {
-        pcf::server::ConnectionLimits {
+    fn limits(max_connections: usize) -> pcf::http::server::ConnectionLimits {
+        pcf::http::server::ConnectionLimits {
             max_connections,
             header_timeout: Duration::from_millis(500),
             idle_timeout: Duration::from_millis(800),

@@ -194,7 +194,7 @@ const JWT_SECRET: &str = "event-schemas-test-secret-0123456789abcdef";
 
 /// A token of user `id`, who may change only their own account.
 fn token_of(id: Uuid) -> String {
-    pcf::auth::mint(
+    pcf::http::auth::mint(
         JWT_SECRET,
         &id.to_string(),
         &[],

@@ -11,7 +11,9 @@ mod common;
 use async_trait::async_trait;
 use chrono::Utc;
 use common::{eventually, TestDb};
-use pcf_command::{CommandService, EventStore, PostgresStore, Relay, RelayConfig};
+use pcf_command::{
+    CommandService, CommandStore, CommitFeed, PostgresStore, Relay, RelayConfig, RelayStore,
+};
 use pcf_domain::ports::{EventLog, EventPublisher, LogQuery, NoopObserver, PortError};
 use pcf_domain::{EventEnvelope, EventMetadata, Position, ProfilePatch, UserCommand, UserEvent};
 use serde_json::json;

@@ -101,7 +101,7 @@ pub fn token(sub: &str, roles: &[&str]) -> String {
 }
 
 pub fn token_with_tier(sub: &str, roles: &[&str], tier: Option<&str>) -> String {
-    pcf::auth::mint(
+    pcf::http::auth::mint(
         SECRET,
         sub,
         &roles_of(roles),
@@ -712,18 +712,22 @@ pub struct Server {
 impl Server {
     /// Serves with the default connection limits.
     pub async fn start(router: axum::Router) -> Self {
-        let limits = pcf::server::ConnectionLimits::from_config(&pcf::Config::default());
+        let limits = pcf::http::server::ConnectionLimits::from_config(&pcf::Config::default());
         Self::start_with(router, limits).await
     }
 
     /// Serves with `limits`, as `pcf serve` does.
-    pub async fn start_with(router: axum::Router, limits: pcf::server::ConnectionLimits) -> Self {
+    pub async fn start_with(
+        router: axum::Router,
+        limits: pcf::http::server::ConnectionLimits,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding a loopback port");
         let addr = listener.local_addr().expect("the bound address");
         let task = tokio::spawn(async move {
-            let _ = pcf::server::serve(listener, router, limits, std::future::pending()).await;
+            let _ =
+                pcf::http::server::serve(listener, router, limits, std::future::pending()).await;
         });
         Self { addr, task }
     }

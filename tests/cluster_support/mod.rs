@@ -59,7 +59,7 @@ pub const JWT_SECRET: &str = "pcf-cluster-tests-0123456789abcdef0123456789abcdef
 /// unless the request names other credentials (admins may read and change every user).
 pub fn admin_token() -> &'static str {
     static TOKEN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        pcf::auth::mint(
+        pcf::http::auth::mint(
             JWT_SECRET,
             "cluster-tests",
             &[pcf_domain::auth::AccessRole::Admin],

@@ -28,7 +28,7 @@ pub const JWT_SECRET: &str = "pcf-integration-tests-secret";
 
 /// A token with the `admin` role, which may run every command and query.
 pub fn admin_token() -> String {
-    pcf::auth::mint(
+    pcf::http::auth::mint(
         JWT_SECRET,
         "test-admin",
         &[pcf_domain::auth::AccessRole::Admin],

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 pub use load::Measurement;
 
-use crate::config::Config;
+use pcf::config::Config;
 
 /// How `pcf bench` runs.
 #[derive(Debug, Clone)]

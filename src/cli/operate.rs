@@ -8,8 +8,8 @@ use pcf_projectors::{
 use std::io::Write;
 use std::sync::Arc;
 
+use super::args::ProjectionsCommand;
 use crate::app::{open_store, pg_pool, relay_name, PROJECTIONS};
-use crate::cli::ProjectionsCommand;
 use crate::config::Config;
 
 /// The projections of a cluster configuration, by name.

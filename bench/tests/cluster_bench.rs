@@ -1,10 +1,7 @@
-//! `pcf bench` end to end against the cluster services, at a tiny size: every scenario runs
+//! `pcf-bench` end to end against the cluster services, at a tiny size: every scenario runs
 //! beside its baseline, both measure what they did without errors, and the run removes the
 //! database, topics, consumer groups and Redis keys it made. Nothing here is timed.
 
-mod cluster_support;
-
-use cluster_support::*;
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -12,13 +9,42 @@ use serde_json::Value;
 use std::process::Command;
 use std::time::Duration;
 
-/// Runs `pcf bench` with `args` on the shared services; returns its results and what it
+fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+/// The shared services `scripts/test.sh` starts (`PCF_TEST_*` names others).
+fn primary_admin_url() -> String {
+    env_or(
+        "PCF_TEST_DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5432/postgres",
+    )
+}
+
+fn replica_admin_url() -> String {
+    env_or(
+        "PCF_TEST_READ_DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5433/postgres",
+    )
+}
+
+fn shared_redis_url() -> String {
+    env_or("PCF_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+}
+
+fn shared_brokers() -> String {
+    env_or("PCF_TEST_KAFKA_BROKERS", "127.0.0.1:9092")
+}
+
+/// Runs `pcf-bench` with `args` on the shared services; returns its results and what it
 /// wrote on standard error.
 fn bench(args: &[&str]) -> (Vec<Value>, String) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let out = dir.path().join("results.json");
-    let run = Command::new(env!("CARGO_BIN_EXE_pcf"))
-        .arg("bench")
+    let run = Command::new(env!("CARGO_BIN_EXE_pcf-bench"))
         .args(args)
         .arg("--out")
         .arg(&out)
@@ -29,11 +55,11 @@ fn bench(args: &[&str]) -> (Vec<Value>, String) {
         .env("PCF_LOG", "warn")
         .env_remove("PCF_CONFIG")
         .output()
-        .expect("running pcf bench");
+        .expect("running pcf-bench");
     let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
     assert!(
         run.status.success(),
-        "pcf bench failed ({}):\n{stderr}",
+        "pcf-bench failed ({}):\n{stderr}",
         run.status
     );
     let results = std::fs::read(&out).expect("the results file");
@@ -187,24 +213,26 @@ async fn a_small_run_measures_every_scenario_and_leaves_nothing_behind() {
     // the projectors', the Kafka baseline's and one per round of the rebuild's consume.
     let brokers = shared_brokers();
     let run_id = database.trim_start_matches("pcf_bench_").to_owned();
-    wait_until(
-        Duration::from_secs(30),
-        "the run's topics and groups deleted",
-        || {
-            let (b, t, g) = (brokers.clone(), topic.clone(), format!("bench{run_id}"));
-            async move {
-                let left = tokio::task::spawn_blocking(move || kafka_leftovers(&b, &t, &g))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                match left.is_empty() {
-                    true => Ok(()),
-                    false => Err(format!("left: {left:?}")),
-                }
-            }
-        },
-    )
-    .await;
-    let mut redis = redis_conn(&shared_redis_url()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (b, t, g) = (brokers.clone(), topic.clone(), format!("bench{run_id}"));
+        let left = tokio::task::spawn_blocking(move || kafka_leftovers(&b, &t, &g))
+            .await
+            .expect("listing topics and groups");
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run's topics and groups are still there after 30 s: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut redis = redis::Client::open(shared_redis_url())
+        .expect("a Redis URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connecting to Redis");
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("pcf:bench:{run_id}*"))
         .query_async(&mut redis)

@@ -25,8 +25,8 @@ use uuid::Uuid;
 use super::client::HttpClient;
 use super::load::{closed_loop, interleaved, open_loop, Measurement, Op, Recorder};
 use super::{BenchOptions, ScenarioResult};
-use crate::app::{build, pg_pool, App};
-use crate::config::{Config, RateLimits};
+use pcf::app::{build, pg_pool, App};
+use pcf::config::{Config, RateLimits};
 
 /// The database URL with another database name.
 fn with_database(url: &str, name: &str) -> String {
@@ -132,7 +132,7 @@ async fn setup(base: Config, options: &BenchOptions) -> anyhow::Result<Bench> {
         let app = build(&config).await?;
         // The seeding statements write 100,000 rows each: sqlx would log every one of them
         // as a slow statement.
-        let primary = crate::app::pg_pool_with(
+        let primary = pcf::app::store::pg_pool_with(
             PgConnectOptions::from_str(config.database_url.as_deref().unwrap_or_default())?
                 .disable_statement_logging(),
             options.concurrency as u32 + 2,
@@ -155,11 +155,12 @@ async fn setup(base: Config, options: &BenchOptions) -> anyhow::Result<Bench> {
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let limits = crate::server::ConnectionLimits::from_config(&config);
+        let limits = pcf::http::server::ConnectionLimits::from_config(&config);
         let server = tokio::spawn(async move {
-            let _ = crate::server::serve(listener, router, limits, std::future::pending()).await;
+            let _ =
+                pcf::http::server::serve(listener, router, limits, std::future::pending()).await;
         });
-        let token = crate::auth::mint(
+        let token = pcf::http::auth::mint(
             &secret,
             "bench",
             &[pcf_domain::auth::AccessRole::Admin],
@@ -535,13 +536,13 @@ impl Bench {
     /// Waits until the relay and both projectors have nothing left to do.
     async fn wait_caught_up(&self) -> anyhow::Result<()> {
         eprintln!("bench: waiting for the relay and projectors to catch up");
-        let relay = crate::app::relay_name(&self.config);
+        let relay = pcf::app::relay_name(&self.config);
         let brokers = self.config.kafka_brokers.clone().unwrap_or_default();
         loop {
             let cp = self.app.store.load_checkpoint(&relay).await?;
             let backlog = self.app.store.count_after(cp).await?;
             let mut lag = 0i64;
-            for p in crate::app::PROJECTIONS {
+            for p in pcf::app::PROJECTIONS {
                 let group = format!("{}{p}", self.config.kafka_group_prefix);
                 lag += pcf_projectors::consumer_lag(&brokers, &self.config.kafka_topic, &group)
                     .await

@@ -28,10 +28,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::app::PcfSchema;
-use crate::auth::Authenticator;
 use crate::config::Config;
-use crate::ratelimit::{RateLimiter, WebSocketClient};
+use crate::http::auth::Authenticator;
+use crate::http::ratelimit::{RateLimiter, WebSocketClient};
+use crate::http::schema::PcfSchema;
 
 /// Close codes of graphql-transport-ws (and RFC 6455's 1009).
 pub mod close {
@@ -170,19 +170,58 @@ pub async fn serve(
     address: String,
 ) {
     let (mut sink, stream) = socket.split();
-    let (init_tx, mut init_rx) = watch::channel(Init::Pending);
-    let (control_tx, mut control_rx) = mpsc::unbounded_channel::<Control>();
+    let (init_tx, init_rx) = watch::channel(Init::Pending);
+    let (control_tx, control_rx) = mpsc::unbounded_channel::<Control>();
     let (input_tx, input_rx) = mpsc::channel::<Vec<u8>>(8);
     let operations = Arc::new(Mutex::new(Operations {
         open: shared.open.clone(),
         subject: None,
         ids: HashSet::new(),
     }));
+    let session = ProtocolSession::new(
+        shared.schema.clone(),
+        tokio_stream::wrappers::ReceiverStream::new(input_rx),
+        protocol,
+    )
+    .on_connection_init(on_init(shared.clone(), init_tx.clone(), address));
+    let reader = tokio::spawn(read(
+        stream,
+        shared.clone(),
+        init_tx.subscribe(),
+        operations.clone(),
+        control_tx,
+        input_tx,
+    ));
+    drop(init_tx);
+    let ends = Ends {
+        init: init_rx,
+        control: control_rx,
+        operations,
+        init_timeout: shared.limits.init_timeout,
+    };
+    let close = write(&mut sink, session, ends).await;
+    reader.abort();
+    if let Some((code, reason)) = close {
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = sink.send(Message::Close(Some(frame))).await;
+    }
+    let _ = sink.close().await;
+}
 
-    let on_init = {
-        let shared = shared.clone();
-        let init_tx = init_tx.clone();
-        move |payload: serde_json::Value| async move {
+/// What `connection_init` does: verifies the credentials, tells the session's other halves
+/// the outcome, and gives the operations their caller.
+fn on_init(
+    shared: Arc<Shared>,
+    init_tx: watch::Sender<Init>,
+    address: String,
+) -> impl FnOnce(serde_json::Value) -> futures::future::BoxFuture<'static, async_graphql::Result<Data>>
+       + Send
+       + 'static {
+    move |payload: serde_json::Value| {
+        Box::pin(async move {
             match connection_principal(&shared, &payload, &address).await {
                 Ok((principal, expires)) => {
                     let _ = init_tx.send(Init::Accepted {
@@ -196,7 +235,7 @@ pub async fn serve(
                     });
                     data.insert(principal);
                     data.insert(CommandContext {
-                        correlation_id: Some(crate::http::new_correlation_id()),
+                        correlation_id: Some(crate::http::respond::new_correlation_id()),
                         actor: None,
                     });
                     Ok(data)
@@ -206,35 +245,42 @@ pub async fn serve(
                     Err(e)
                 }
             }
-        }
-    };
-    let session = ProtocolSession::new(
-        shared.schema.clone(),
-        tokio_stream::wrappers::ReceiverStream::new(input_rx),
-        protocol,
-    )
-    .on_connection_init(on_init);
+        })
+    }
+}
 
-    let reader = tokio::spawn(read(
-        stream,
-        shared.clone(),
-        init_tx.subscribe(),
-        operations.clone(),
-        control_tx.clone(),
-        input_tx,
-    ));
-    drop(init_tx);
-    drop(control_tx);
+/// What the writer watches besides async-graphql's messages.
+struct Ends {
+    init: watch::Receiver<Init>,
+    control: mpsc::UnboundedReceiver<Control>,
+    operations: Arc<Mutex<Operations>>,
+    init_timeout: Duration,
+}
 
-    // The writer: async-graphql's messages, the reader's, and the deadlines.
+/// Writes async-graphql's messages and the reader's until the session ends; the close to
+/// send, if any.
+async fn write<S>(
+    sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+    session: S,
+    ends: Ends,
+) -> Option<(u16, String)>
+where
+    S: futures::Stream<Item = WsMessage>,
+{
+    let Ends {
+        init: mut init_rx,
+        control: mut control_rx,
+        operations,
+        init_timeout,
+    } = ends;
     tokio::pin!(session);
-    let init_deadline = Instant::now() + shared.limits.init_timeout;
+    let init_deadline = Instant::now() + init_timeout;
     let mut expiry: Option<Instant> = None;
     let mut initialised = false;
     let mut refused = false;
     let mut init_open = true;
     let mut reader_done = false;
-    let close = loop {
+    loop {
         let deadline = if initialised {
             expiry
         } else {
@@ -301,16 +347,7 @@ pub async fn serve(
                 });
             }
         }
-    };
-    reader.abort();
-    if let Some((code, reason)) = close {
-        let frame = CloseFrame {
-            code,
-            reason: reason.into(),
-        };
-        let _ = sink.send(Message::Close(Some(frame))).await;
     }
-    let _ = sink.close().await;
 }
 
 fn lock(operations: &Mutex<Operations>) -> std::sync::MutexGuard<'_, Operations> {
@@ -491,7 +528,7 @@ fn too_big(e: &axum::Error) -> bool {
 
 /// A short, escaped excerpt of client text, for messages and logs.
 pub fn excerpt(text: &str) -> String {
-    crate::auth::excerpt(text)
+    crate::http::auth::excerpt(text)
 }
 
 /// The principal of a `connection_init` payload and when its credentials expire. Refused

@@ -7,7 +7,7 @@
 //! request head (from the accept, or from the first byte after an idle spell), serving a
 //! request, and idle between requests. A head not complete within `header_timeout`, or an
 //! idle spell longer than `idle_timeout`, ends the connection. A connection upgraded to a
-//! websocket leaves the watch: the websocket has limits of its own (`crate::websocket`).
+//! websocket leaves the watch: the websocket has limits of its own (`crate::http::websocket`).
 
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;

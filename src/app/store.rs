@@ -1,0 +1,67 @@
+//! The event store and PostgreSQL pools a process opens, with the migrations applied.
+
+use anyhow::Context;
+use pcf_command::{EventStore, PostgresStore, SqliteStore};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use crate::config::Config;
+
+/// Connects a PostgreSQL pool.
+pub async fn pg_pool(url: &str, max: u32, what: &str) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(url).with_context(|| format!("reading {what}"))?;
+    pg_pool_with(options, max, what).await
+}
+
+/// Connects a PostgreSQL pool with these options.
+pub async fn pg_pool_with(
+    options: PgConnectOptions,
+    max: u32,
+    what: &str,
+) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .with_context(|| format!("connecting to {what}"))
+}
+
+/// Connections for appends only, which keep one generic plan per prepared statement (see
+/// `PostgresStore::with_append_pool`).
+async fn append_pool(url: &str, max: u32) -> anyhow::Result<PgPool> {
+    let what = "the event store (PCF_DATABASE_URL)";
+    let options = PgConnectOptions::from_str(url)
+        .with_context(|| format!("reading {what}"))?
+        .options([("plan_cache_mode", "force_generic_plan")]);
+    pg_pool_with(options, max, what).await
+}
+
+/// Opens the event store the configuration names and applies the migrations.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn EventStore>> {
+    match &config.database_url {
+        Some(url) => {
+            let pool = pg_pool(url, 32, "the event store (PCF_DATABASE_URL)").await?;
+            let appends = append_pool(url, 32).await?;
+            pcf_migrations::run_postgres(&pool)
+                .await
+                .context("applying PostgreSQL migrations")?;
+            Ok(Arc::new(PostgresStore::new(pool).with_append_pool(appends)))
+        }
+        None => {
+            std::fs::create_dir_all(&config.data_dir).with_context(|| {
+                format!("creating the data directory {}", config.data_dir.display())
+            })?;
+            let path = config.data_dir.join("events.db");
+            let store = SqliteStore::open(&path)
+                .await
+                .with_context(|| format!("opening {}", path.display()))?;
+            pcf_migrations::run_sqlite(store.writer())
+                .await
+                .context("applying SQLite migrations")?;
+            Ok(Arc::new(store))
+        }
+    }
+}

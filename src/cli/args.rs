@@ -1,0 +1,87 @@
+//! The `pcf` command line's arguments.
+
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+
+use crate::app::Role;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pcf",
+    version,
+    about = "PCF: an event-sourced CQRS backend for user accounts"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Runs the server (all roles by default).
+    Serve {
+        /// Comma-separated roles: api, relay, projector.
+        #[arg(long, value_delimiter = ',', default_value = "api,relay,projector")]
+        role: Vec<Role>,
+        /// HTTP address (overrides PCF_LISTEN).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Applies the SQL migrations.
+    Migrate,
+    /// Prints the GraphQL SDL.
+    Schema,
+    /// Reads the event log.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+    /// Inspects and rebuilds the projections.
+    Projections {
+        #[command(subcommand)]
+        command: ProjectionsCommand,
+    },
+    /// Mints a JWT with the configured secret (PCF_JWT_SECRET), for development and tests.
+    Token {
+        #[arg(long)]
+        sub: String,
+        /// admin, auditor or analytics; repeat for several. None for a plain user.
+        #[arg(long)]
+        role: Vec<String>,
+        #[arg(long)]
+        tier: Option<String>,
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+    /// Inspects the relay.
+    Relay {
+        #[command(subcommand)]
+        command: RelayCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProjectionsCommand {
+    /// Generation, checkpoint and lag of every projection.
+    Status,
+    /// Rebuilds a projection (or `all`) from the event store into a new generation and
+    /// switches readers to it when it has caught up, while live traffic goes on.
+    Rebuild { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RelayCommand {
+    /// The relay's checkpoint and backlog.
+    Status,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EventsCommand {
+    /// Prints one user's events as JSON envelopes, one per line.
+    Show { user_id: uuid::Uuid },
+    /// Prints the log from a position on (the start by default) and follows it.
+    Tail {
+        #[arg(long)]
+        from: Option<String>,
+    },
+}

@@ -1,0 +1,70 @@
+//! The `pcf` command line: its arguments (`args`), serving (`serve`), reading the log
+//! (`events`), and inspecting and rebuilding the projections and the relay (`operate`).
+
+pub mod args;
+pub mod events;
+pub mod operate;
+pub mod serve;
+
+pub use args::{Cli, Command, EventsCommand, ProjectionsCommand, RelayCommand};
+
+use crate::app::ALL_ROLES;
+use crate::config::Config;
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let command = cli.command.unwrap_or(Command::Serve {
+        role: ALL_ROLES.to_vec(),
+        listen: None,
+    });
+    match command {
+        Command::Serve { role, listen } => serve::serve(Config::load(listen)?, &role).await,
+        Command::Migrate => {
+            let config = Config::load(None)?;
+            crate::app::open_store(&config).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Token {
+            sub,
+            role,
+            tier,
+            ttl,
+        } => {
+            let config = Config::load(None)?;
+            let Some(secret) = &config.jwt_secret else {
+                anyhow::bail!(
+                    "pcf token signs with PCF_JWT_SECRET; set it (the server must use the same)"
+                );
+            };
+            let roles = role
+                .iter()
+                .map(|r| {
+                    pcf_domain::auth::AccessRole::parse(r).ok_or_else(|| {
+                        anyhow::anyhow!("--role {r:?}: one of admin, auditor, analytics")
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            if let Some(t) = tier.as_deref().filter(|t| *t != "premium") {
+                anyhow::bail!("--tier {t:?}: the only tier is premium");
+            }
+            let ttl = crate::http::auth::parse_ttl(&ttl)?;
+            println!(
+                "{}",
+                crate::http::auth::mint(secret, &sub, &roles, tier.as_deref(), ttl)?
+            );
+            Ok(())
+        }
+        Command::Schema => {
+            print!("{}", crate::http::schema::sdl());
+            Ok(())
+        }
+        Command::Events { command } => events::events(Config::load(None)?, command).await,
+        Command::Projections { command } => {
+            operate::projections(Config::load(None)?, command).await
+        }
+        Command::Relay {
+            command: RelayCommand::Status,
+        } => operate::relay_status(Config::load(None)?).await,
+    }
+}

@@ -1,0 +1,49 @@
+//! GraphiQL (development only), liveness, readiness and the Prometheus metrics.
+
+use async_graphql::http::GraphiQLSource;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::state::HttpState;
+
+pub async fn graphiql() -> Html<String> {
+    Html(
+        GraphiQLSource::build()
+            .endpoint("/graphql")
+            .subscription_endpoint("/graphql/ws")
+            .title("PCF")
+            .finish(),
+    )
+}
+
+pub async fn live() -> &'static str {
+    "ok"
+}
+
+/// Ready when every dependency answers; otherwise 503 naming the ones that do not.
+pub async fn ready(State(state): State<HttpState>) -> Response {
+    let down = state.dependencies.down().await;
+    if down.is_empty() {
+        (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "unavailable", "down": down })),
+        )
+            .into_response()
+    }
+}
+
+pub async fn metrics(State(state): State<HttpState>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        state.metrics.render().await,
+    )
+        .into_response()
+}
