@@ -1,4 +1,5 @@
-//! The Kafka client context of every PCF client (producer, consumers, admin): librdkafka's
+//! Kafka names every PCF client agrees on (the event topic's dead-letter topic, the headers
+//! of an event message and of a dead letter), and the Kafka client context of every PCF client (producer, consumers, admin): librdkafka's
 //! log lines and global errors go to `tracing` like rdkafka's default context sends them
 //! to `log`, except that a failure repeated while a broker is unreachable (every reconnect
 //! of every client, many times a second) is logged once and then every
@@ -10,6 +11,34 @@ use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::KafkaError;
 
 use crate::repeats::RepeatsByKey;
+
+/// The event topic when none is configured.
+pub const DEFAULT_TOPIC: &str = "pcf.users.v1";
+
+/// The dead-letter topic of an event topic: where projectors put what they can never apply.
+pub fn dead_letter_topic(topic: &str) -> String {
+    format!("{topic}.dlq")
+}
+
+/// Header names of an event message (the relay writes them, consumers read them) and of a
+/// dead letter (the projector writes them).
+pub mod headers {
+    /// The event's type (`UserCreated`, …).
+    pub const EVENT_TYPE: &str = "eventType";
+    /// The event's version.
+    pub const EVENT_VERSION: &str = "eventVersion";
+    /// W3C trace context.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// The command's correlation id.
+    pub const CORRELATION_ID: &str = "correlationId";
+    /// Why a dead letter could not be applied.
+    pub const ERROR: &str = "error";
+    /// Where a dead letter came from: topic, partition, offset, and the consumer group.
+    pub const SOURCE_TOPIC: &str = "sourceTopic";
+    pub const SOURCE_PARTITION: &str = "sourcePartition";
+    pub const SOURCE_OFFSET: &str = "sourceOffset";
+    pub const CONSUMER_GROUP: &str = "consumerGroup";
+}
 
 /// A client context whose logging of repeated failures is bounded.
 #[derive(Debug, Default)]

@@ -1,9 +1,17 @@
-//! What PCF's crates share about the storage clients, apart from the domain: how a
-//! dependency's failures are logged (once, then at a bounded rate with the count of
-//! repeats) and the Kafka client context that does so for librdkafka.
+//! What PCF's crates must agree on at their edges, written once:
+//!
+//! * `errors`: the public error vocabulary (`pcf_domain::ErrorCode`) as GraphQL errors with
+//!   their `extensions.code`, the one place a code becomes an extension;
+//! * `sql` and `redis`: what a storage client's error means (the dependency is unavailable,
+//!   or something is wrong), and the `read_users` row codec its writer and readers share;
+//! * `kafka`: the topic, dead-letter and header names, and the client context that logs a
+//!   repeated failure once, then with its count (`repeats`).
 #![forbid(unsafe_code)]
 
+pub mod errors;
 pub mod kafka;
+pub mod redis;
 pub mod repeats;
+pub mod sql;
 
 pub use repeats::{Repeats, RepeatsByKey};

@@ -3,18 +3,17 @@
 //! The mutation payload's `user` field uses the query side's `User` type, which this crate
 //! cannot name (the two sides share only the domain); the binary supplies it as `U`.
 
-use async_graphql::{
-    Context, ErrorExtensions, InputObject, MaybeUndefined, Object, OutputType, ID,
-};
+use async_graphql::{Context, InputObject, MaybeUndefined, Object, OutputType, ID};
 use chrono::Utc;
+use pcf_adapters::errors;
 use pcf_domain::auth::Principal;
+use pcf_domain::ports::PortError;
 use pcf_domain::{ErrorCode, EventMetadata, ProfilePatch, UserCommand, UserError, UserView};
 use std::marker::PhantomData;
 use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::service::{Caller, CommandError, CommandResult, CommandService};
-use crate::store::StoreError;
 
 /// Who is calling and why, put into the request's data by the HTTP layer.
 #[derive(Debug, Clone, Default)]
@@ -58,7 +57,7 @@ where
             .user
             .clone()
             .map(U::from)
-            .ok_or_else(|| error(ErrorCode::Internal, "the command left no user", None))
+            .ok_or_else(|| error(ErrorCode::Internal, "the command left no user"))
     }
 
     /// The user's version after the command; pass it as `minVersion` to read your write.
@@ -226,7 +225,7 @@ fn version_arg(v: Option<i64>) -> async_graphql::Result<Option<u64>> {
 
 fn user_id(id: &ID) -> async_graphql::Result<Uuid> {
     // An id that cannot exist names no user.
-    Uuid::parse_str(id.as_str()).map_err(|_| error(ErrorCode::NotFound, "no such user", None))
+    Uuid::parse_str(id.as_str()).map_err(|_| error(ErrorCode::NotFound, "no such user"))
 }
 
 /// Who may run a command.
@@ -255,14 +254,12 @@ async fn run(
             return Err(error(
                 ErrorCode::Unauthenticated,
                 "sign in to change an account",
-                None,
             ));
         }
         if !principal.may_access_user(user_id) {
             return Err(error(
                 ErrorCode::Forbidden,
                 "you may change only your own account",
-                None,
             ));
         }
     }
@@ -293,52 +290,27 @@ async fn run(
 }
 
 fn validation(field: &str, message: &str) -> async_graphql::Error {
-    error(
-        ErrorCode::ValidationFailed,
-        &format!("invalid {field}: {message}"),
-        Some(field),
-    )
+    errors::invalid(field, message)
 }
 
-fn error(code: ErrorCode, message: &str, field: Option<&str>) -> async_graphql::Error {
-    async_graphql::Error::new(message).extend_with(|_, e| {
-        e.set("code", code.as_str());
-        if let Some(field) = field {
-            e.set("field", field);
-        }
-    })
+fn error(code: ErrorCode, message: &str) -> async_graphql::Error {
+    errors::error(code, message)
 }
 
 /// Maps a command failure to the public error: rule violations say what is wrong; store
-/// failures are logged here and answered without details.
+/// failures are logged and answered without details.
 fn to_graphql(e: CommandError) -> async_graphql::Error {
     match e {
         CommandError::Rejected(UserError::Validation(v)) => validation(v.field, &v.reason),
         CommandError::Rejected(UserError::Directory(detail)) => {
-            tracing::error!(%detail, "email directory unavailable");
-            error(
-                ErrorCode::Unavailable,
-                "a dependency is unavailable; try again",
-                None,
-            )
+            errors::dependency(PortError::Unavailable(detail), "the email directory")
         }
-        CommandError::Rejected(rule) => error(rule.code(), &rule.to_string(), None),
-        CommandError::Contended => error(ErrorCode::Conflict, &e.to_string(), None),
+        CommandError::Rejected(rule) => error(rule.code(), &rule.to_string()),
+        CommandError::Contended => error(ErrorCode::Conflict, &e.to_string()),
         // Says nothing of the command that used the id first, nor whose it was.
         CommandError::IdempotencyKeyReused => {
-            error(ErrorCode::IdempotencyKeyReused, &e.to_string(), None)
+            error(ErrorCode::IdempotencyKeyReused, &e.to_string())
         }
-        CommandError::Store(StoreError::Unavailable(detail)) => {
-            tracing::error!(%detail, "event store unavailable");
-            error(
-                ErrorCode::Unavailable,
-                "the event store is unavailable; try again",
-                None,
-            )
-        }
-        CommandError::Store(StoreError::Internal(detail)) => {
-            tracing::error!(%detail, "event store error");
-            error(ErrorCode::Internal, "internal error", None)
-        }
+        CommandError::Store(e) => errors::dependency(e.into(), "the event store"),
     }
 }

@@ -2,7 +2,7 @@
 //! events stay ordered in one partition; idempotent producer with `acks=all`.
 
 use async_trait::async_trait;
-use pcf_adapters::kafka::QuietContext;
+use pcf_adapters::kafka::{headers, QuietContext};
 use pcf_domain::ports::{Acknowledgements, EventPublisher, PortError};
 use pcf_domain::EventEnvelope;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -35,7 +35,7 @@ impl KafkaConfig {
 
     /// The dead-letter topic beside the event topic.
     pub fn dead_letter_topic(&self) -> String {
-        format!("{}.dlq", self.topic)
+        pcf_adapters::kafka::dead_letter_topic(&self.topic)
     }
 }
 
@@ -138,20 +138,20 @@ impl EventPublisher for KafkaPublisher {
             let trace = traceparent(event);
             let mut headers = OwnedHeaders::new()
                 .insert(Header {
-                    key: "eventType",
+                    key: headers::EVENT_TYPE,
                     value: Some(event.event_type.as_bytes()),
                 })
                 .insert(Header {
-                    key: "eventVersion",
+                    key: headers::EVENT_VERSION,
                     value: Some(event.event_version.as_bytes()),
                 })
                 .insert(Header {
-                    key: "traceparent",
+                    key: headers::TRACEPARENT,
                     value: Some(trace.as_bytes()),
                 });
             if let Some(correlation) = &event.metadata.correlation_id {
                 headers = headers.insert(Header {
-                    key: "correlationId",
+                    key: headers::CORRELATION_ID,
                     value: Some(correlation.as_bytes()),
                 });
             }

@@ -2,13 +2,13 @@
 //! replicas for lists and as the fallback when Redis is down.
 
 use async_trait::async_trait;
+use pcf_adapters::sql::read_user;
 use pcf_domain::ports::{PortError, UserFilter, UserReader};
 use pcf_domain::read_model::{redis_active_key, redis_user_key, SQL_VIEW};
 use pcf_domain::{Email, UserView};
 use redis::aio::ConnectionManager;
 use redis::Script;
-use sqlx::postgres::PgRow;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use uuid::Uuid;
@@ -37,10 +37,6 @@ return redis.call('GET', base .. ':user:' .. id)
 "#,
     )
 });
-
-fn redis_down(e: redis::RedisError) -> PortError {
-    PortError::Unavailable(format!("redis: {e}"))
-}
 
 fn parse_doc(doc: Option<String>) -> Result<Option<UserView>, PortError> {
     doc.map(|d| serde_json::from_str(&d))
@@ -80,10 +76,10 @@ impl RedisUserReader {
 
     /// Connects to Redis at `url`; fails if Redis does not answer.
     pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, PortError> {
-        let client = redis::Client::open(url).map_err(redis_down)?;
+        let client = redis::Client::open(url).map_err(pcf_adapters::redis::port_error)?;
         let conn = ConnectionManager::new_with_config(client, Self::manager_config())
             .await
-            .map_err(redis_down)?;
+            .map_err(pcf_adapters::redis::port_error)?;
         Ok(Self::with_connection(conn, prefix.into()))
     }
 
@@ -92,9 +88,9 @@ impl RedisUserReader {
     /// unavailable (and a `FallbackReader` answers from the replica), and each failure has
     /// the connection manager try again. Fails only for a malformed URL.
     pub fn connect_lazily(url: &str, prefix: impl Into<String>) -> Result<Self, PortError> {
-        let client = redis::Client::open(url).map_err(redis_down)?;
+        let client = redis::Client::open(url).map_err(pcf_adapters::redis::port_error)?;
         let conn = ConnectionManager::new_lazy_with_config(client, Self::manager_config())
-            .map_err(redis_down)?;
+            .map_err(pcf_adapters::redis::port_error)?;
         Ok(Self::with_connection(conn, prefix.into()))
     }
 
@@ -103,7 +99,7 @@ impl RedisUserReader {
         let _: String = redis::cmd("PING")
             .query_async(&mut self.conn.clone())
             .await
-            .map_err(redis_down)?;
+            .map_err(pcf_adapters::redis::port_error)?;
         Ok(())
     }
 }
@@ -118,7 +114,7 @@ impl UserReader for RedisUserReader {
             .get(redis_user_key(&self.prefix, assumed, id))
             .query_async(&mut conn)
             .await
-            .map_err(redis_down)?;
+            .map_err(pcf_adapters::redis::port_error)?;
         let active = active.unwrap_or(1);
         if active == assumed {
             return parse_doc(doc);
@@ -128,7 +124,7 @@ impl UserReader for RedisUserReader {
             .arg(redis_user_key(&self.prefix, active, id))
             .query_async(&mut conn)
             .await
-            .map_err(redis_down)?;
+            .map_err(pcf_adapters::redis::port_error)?;
         parse_doc(doc)
     }
 
@@ -144,7 +140,7 @@ impl UserReader for RedisUserReader {
         let docs: Vec<Option<String>> = invocation
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(redis_down)?;
+            .map_err(pcf_adapters::redis::port_error)?;
         let mut found = Vec::with_capacity(docs.len());
         for doc in docs {
             if let Some(view) = parse_doc(doc)? {
@@ -161,7 +157,7 @@ impl UserReader for RedisUserReader {
             .arg(email.as_str())
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(redis_down)?;
+            .map_err(pcf_adapters::redis::port_error)?;
         parse_doc(doc)
     }
 
@@ -178,26 +174,7 @@ impl UserReader for RedisUserReader {
 }
 
 fn sql_error(e: sqlx::Error) -> PortError {
-    match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
-            PortError::Unavailable(format!("read replica: {e}"))
-        }
-        other => PortError::Internal(format!("read replica: {other}")),
-    }
-}
-
-fn row_to_view(row: &PgRow) -> Result<UserView, sqlx::Error> {
-    Ok(UserView {
-        id: row.try_get("id")?,
-        email: row.try_get("email")?,
-        display_name: row.try_get("display_name")?,
-        bio: row.try_get("bio")?,
-        avatar_url: row.try_get("avatar_url")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        version: row.try_get::<i64, _>("version")? as u64,
-        deleted: row.try_get("deleted")?,
-    })
+    pcf_adapters::sql::port_error("read replica", e)
 }
 
 /// The SQL user view on the read replicas, taken in turn.
@@ -242,7 +219,7 @@ impl UserReader for SqlUserReader {
             .fetch_optional(self.pool())
             .await
             .map_err(sql_error)?;
-        row.map(|r| row_to_view(&r)).transpose().map_err(sql_error)
+        row.map(|r| read_user(&r)).transpose().map_err(sql_error)
     }
 
     async fn users(&self, ids: &[Uuid]) -> Result<Vec<UserView>, PortError> {
@@ -253,7 +230,7 @@ impl UserReader for SqlUserReader {
             .await
             .map_err(sql_error)?;
         rows.iter()
-            .map(row_to_view)
+            .map(read_user)
             .collect::<Result<_, _>>()
             .map_err(sql_error)
     }
@@ -265,7 +242,7 @@ impl UserReader for SqlUserReader {
             .fetch_optional(self.pool())
             .await
             .map_err(sql_error)?;
-        row.map(|r| row_to_view(&r)).transpose().map_err(sql_error)
+        row.map(|r| read_user(&r)).transpose().map_err(sql_error)
     }
 
     async fn list(
@@ -296,7 +273,7 @@ impl UserReader for SqlUserReader {
             .await
             .map_err(sql_error)?;
         rows.iter()
-            .map(row_to_view)
+            .map(read_user)
             .collect::<Result<_, _>>()
             .map_err(sql_error)
     }
