@@ -6,13 +6,12 @@ use futures::stream::{BoxStream, StreamExt};
 use pcf_domain::auth::{LogAccess, Principal};
 use pcf_domain::{ErrorCode, Position};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use crate::errors::{error, invalid};
 use crate::events::{log_filter, EventObject};
 use crate::live::{LiveFilter, LiveLog};
-use crate::users::{ReadModels, UserObject};
+use crate::users::{ReadModels, UserObject, Waited};
 
 /// Live events and user changes.
 #[derive(Default)]
@@ -107,12 +106,7 @@ impl SubscriptionRoot {
 
 /// The user's view once it has reached `version` (bounded wait; the newest one otherwise).
 async fn wait_for_view(models: &ReadModels, id: Uuid, version: u64) -> Option<UserObject> {
-    let deadline = Instant::now() + models.consistency_timeout;
-    loop {
-        let view = models.users.user(id).await.ok().flatten();
-        if view.as_ref().is_some_and(|v| v.version >= version) || Instant::now() >= deadline {
-            return view.map(UserObject);
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    match models.user_at_least(id, version).await.ok()? {
+        Waited::Reached(view) | Waited::Stale(view) => view.map(UserObject),
     }
 }

@@ -5,7 +5,7 @@ use async_graphql::{Context, InputObject, MergedObject, Object, ID};
 use chrono::{DateTime, Utc};
 use pcf_domain::auth::Principal;
 use pcf_domain::ports::UserFilter;
-use pcf_domain::ports::{EventLog, UserReader};
+use pcf_domain::ports::{EventLog, PortError, UserReader};
 use pcf_domain::{Email, ErrorCode, UserView};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +22,36 @@ pub struct ReadModels {
     pub log: Arc<dyn EventLog>,
     /// How long `minVersion` waits for the view before answering `STALE_READ`.
     pub consistency_timeout: Duration,
+}
+
+/// What a bounded wait for a user's version found.
+pub enum Waited {
+    /// The view has the version (or a later one).
+    Reached(Option<UserView>),
+    /// The wait ran out first; the newest view read.
+    Stale(Option<UserView>),
+}
+
+impl ReadModels {
+    /// The user's view once it has reached `version`, waiting at most `consistency_timeout`
+    /// (read your writes: `minVersion`, and `userChanged` after each event). Reads again
+    /// after a pause that doubles from 1 ms to at most 20 ms.
+    pub async fn user_at_least(&self, id: Uuid, version: u64) -> Result<Waited, PortError> {
+        let deadline = Instant::now() + self.consistency_timeout;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let view = self.users.user(id).await?;
+            if view.as_ref().is_some_and(|v| v.version >= version) {
+                return Ok(Waited::Reached(view));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Waited::Stale(view));
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
 }
 
 /// A user account as readers see it.
@@ -131,22 +161,16 @@ impl UserQueries {
             let view = models.users.user(id).await.map_err(unavailable)?;
             return Ok(live(view));
         };
-        let deadline = Instant::now() + models.consistency_timeout;
-        let mut pause = Duration::from_millis(1);
-        loop {
-            let view = models.users.user(id).await.map_err(unavailable)?;
-            if view.as_ref().is_some_and(|v| v.version >= min as u64) {
-                return Ok(live(view));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(error(
-                    ErrorCode::StaleRead,
-                    "the view has not caught up with minVersion yet; try again",
-                ));
-            }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(20));
+        match models
+            .user_at_least(id, min as u64)
+            .await
+            .map_err(unavailable)?
+        {
+            Waited::Reached(view) => Ok(live(view)),
+            Waited::Stale(_) => Err(error(
+                ErrorCode::StaleRead,
+                "the view has not caught up with minVersion yet; try again",
+            )),
         }
     }
 
