@@ -232,18 +232,27 @@ impl Config {
     }
 
     fn resolve(file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
-        let f = file.overlay_env(env);
+        let mut f = file.overlay_env(env);
         let mut c = Config::default();
-        if let Some(listen) = f.listen {
+        c.services(&mut f)?;
+        c.access(&mut f)?;
+        c.limits(&mut f)?;
+        Ok(c)
+    }
+
+    /// Where PCF listens, keeps its data, and finds its services.
+    fn services(&mut self, f: &mut FileConfig) -> anyhow::Result<()> {
+        let c = self;
+        if let Some(listen) = f.listen.take() {
             c.listen = listen.parse().with_context(|| {
                 format!("PCF_LISTEN: {listen:?} is not an address like 127.0.0.1:8080")
             })?;
         }
-        if let Some(dir) = f.data_dir {
+        if let Some(dir) = f.data_dir.take() {
             c.data_dir = dir;
         }
-        c.database_url = f.database_url;
-        c.read_database_urls = match f.read_database_url {
+        c.database_url = f.database_url.take();
+        c.read_database_urls = match f.read_database_url.take() {
             Some(list) => list
                 .split(',')
                 .map(str::trim)
@@ -252,21 +261,27 @@ impl Config {
                 .collect(),
             None => c.database_url.iter().cloned().collect(),
         };
-        c.kafka_brokers = f.kafka_brokers;
-        if let Some(topic) = f.kafka_topic {
+        c.kafka_brokers = f.kafka_brokers.take();
+        if let Some(topic) = f.kafka_topic.take() {
             c.kafka_topic = topic;
         }
-        c.redis_url = f.redis_url;
-        if let Some(prefix) = f.redis_prefix {
+        c.redis_url = f.redis_url.take();
+        if let Some(prefix) = f.redis_prefix.take() {
             c.redis_prefix = prefix;
         }
-        if let Some(prefix) = f.kafka_group_prefix {
+        if let Some(prefix) = f.kafka_group_prefix.take() {
             c.kafka_group_prefix = prefix;
         }
-        if let Some(partitions) = f.kafka_partitions {
+        if let Some(partitions) = f.kafka_partitions.take() {
             anyhow::ensure!(partitions > 0, "kafka_partitions must be positive");
             c.kafka_partitions = partitions;
         }
+        Ok(())
+    }
+
+    /// The environment, credentials, proxies and logging.
+    fn access(&mut self, f: &mut FileConfig) -> anyhow::Result<()> {
+        let c = self;
         c.environment = match f.env.as_deref() {
             None | Some("development") => Environment::Development,
             Some("production") => Environment::Production,
@@ -274,10 +289,10 @@ impl Config {
                 anyhow::bail!("PCF_ENV: {other:?} is neither development nor production")
             }
         };
-        c.jwt_secret = f.jwt_secret;
-        c.jwt_public_key = f.jwt_public_key;
-        c.api_keys_file = f.api_keys_file.map(PathBuf::from);
-        if let Some(list) = f.trusted_proxies {
+        c.jwt_secret = f.jwt_secret.take();
+        c.jwt_public_key = f.jwt_public_key.take();
+        c.api_keys_file = f.api_keys_file.take().map(PathBuf::from);
+        if let Some(list) = f.trusted_proxies.take() {
             c.trusted_proxies = list
                 .split(',')
                 .map(str::trim)
@@ -288,22 +303,28 @@ impl Config {
                 })
                 .collect::<anyhow::Result<_>>()?;
         }
-        if let Some(n) = f.rate_limit_anonymous {
+        Ok(())
+    }
+
+    /// Rate limits, query limits, and the limits of connections, websockets and tokens.
+    fn limits(&mut self, f: &mut FileConfig) -> anyhow::Result<()> {
+        let c = self;
+        if let Some(n) = f.rate_limit_anonymous.take() {
             c.rate_limits.anonymous = n;
         }
-        if let Some(n) = f.rate_limit_authenticated {
+        if let Some(n) = f.rate_limit_authenticated.take() {
             c.rate_limits.authenticated = n;
         }
-        if let Some(n) = f.rate_limit_premium {
+        if let Some(n) = f.rate_limit_premium.take() {
             c.rate_limits.premium = n;
         }
-        if let Some(n) = f.max_aliases {
+        if let Some(n) = f.max_aliases.take() {
             c.max_aliases = n;
         }
-        if let Some(ms) = f.request_timeout_ms {
+        if let Some(ms) = f.request_timeout_ms.take() {
             c.request_timeout = Duration::from_millis(ms);
         }
-        if let Some(log) = f.log {
+        if let Some(log) = f.log.take() {
             c.log = log;
         }
         c.log_json = match f.log_format.as_deref() {
@@ -311,22 +332,22 @@ impl Config {
             Some("json") => true,
             Some(other) => anyhow::bail!("PCF_LOG_FORMAT: {other:?} is neither text nor json"),
         };
-        if let Some(ms) = f.consistency_timeout_ms {
+        if let Some(ms) = f.consistency_timeout_ms.take() {
             c.consistency_timeout = Duration::from_millis(ms);
         }
-        if let Some(limit) = f.body_limit {
+        if let Some(limit) = f.body_limit.take() {
             c.body_limit = limit;
         }
-        if let Some(depth) = f.max_depth {
+        if let Some(depth) = f.max_depth.take() {
             c.max_depth = depth;
         }
-        if let Some(complexity) = f.max_complexity {
+        if let Some(complexity) = f.max_complexity.take() {
             c.max_complexity = complexity;
         }
-        if let Some(n) = f.rate_limit_failed_auth {
+        if let Some(n) = f.rate_limit_failed_auth.take() {
             c.rate_limits.failed_auth = n;
         }
-        if let Some(n) = f.max_connections {
+        if let Some(n) = f.max_connections.take() {
             anyhow::ensure!(n > 0, "max_connections must be positive");
             c.max_connections = n;
         }
@@ -349,21 +370,21 @@ impl Config {
             "ws_init_timeout_ms",
             &mut c.ws_init_timeout,
         )?;
-        if let Some(n) = f.ws_message_limit {
+        if let Some(n) = f.ws_message_limit.take() {
             anyhow::ensure!(n >= 1024, "ws_message_limit must be at least 1024 bytes");
             c.ws_message_limit = Some(n);
         }
-        if let Some(n) = f.ws_subscriptions_per_connection {
+        if let Some(n) = f.ws_subscriptions_per_connection.take() {
             c.ws_subscriptions_per_connection = n;
         }
-        if let Some(n) = f.ws_subscriptions_per_subject {
+        if let Some(n) = f.ws_subscriptions_per_subject.take() {
             c.ws_subscriptions_per_subject = n;
         }
-        if let Some(s) = f.jwt_max_ttl_s {
+        if let Some(s) = f.jwt_max_ttl_s.take() {
             anyhow::ensure!(s > 0, "jwt_max_ttl_s must be positive");
             c.jwt_max_ttl = Duration::from_secs(s);
         }
-        Ok(c)
+        Ok(())
     }
 
     /// The event stream goes through Kafka (cluster mode).
@@ -420,6 +441,35 @@ mod tests {
         };
         let c = Config::from_sources(None, &env).unwrap();
         assert_eq!(c.read_database_urls, vec!["postgres://a", "postgres://b"]);
+    }
+
+    #[test]
+    fn connection_websocket_and_token_limits_are_read_from_the_file() {
+        let toml = "max_connections = 10\nheader_timeout_ms = 500\nbody_timeout_ms = 600\n\
+                    idle_timeout_ms = 700\nws_message_limit = 4096\n\
+                    ws_subscriptions_per_connection = 3\nws_subscriptions_per_subject = 4\n\
+                    ws_init_timeout_ms = 800\njwt_max_ttl_s = 60\nrate_limit_failed_auth = 9\n";
+        let c = Config::from_sources(Some(toml), &|_| None).unwrap();
+        assert_eq!(c.max_connections, 10);
+        assert_eq!(c.header_timeout, Duration::from_millis(500));
+        assert_eq!(c.body_timeout, Duration::from_millis(600));
+        assert_eq!(c.idle_timeout, Duration::from_millis(700));
+        assert_eq!(c.ws_message_limit(), 4096);
+        assert_eq!(c.ws_subscriptions_per_connection, 3);
+        assert_eq!(c.ws_subscriptions_per_subject, 4);
+        assert_eq!(c.ws_init_timeout, Duration::from_millis(800));
+        assert_eq!(c.jwt_max_ttl, Duration::from_secs(60));
+        assert_eq!(c.rate_limits.failed_auth, 9);
+        // Without a websocket limit of its own, a message may be as large as a body.
+        let c = Config::from_sources(Some("body_limit = 2048"), &|_| None).unwrap();
+        assert_eq!(c.ws_message_limit(), 2048);
+        for bad in [
+            "max_connections = 0",
+            "header_timeout_ms = 0",
+            "ws_message_limit = 10",
+        ] {
+            assert!(Config::from_sources(Some(bad), &|_| None).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use pcf_adapters::errors;
 use pcf_command::CommandContext;
 use pcf_domain::auth::Principal;
 use pcf_domain::ErrorCode;
@@ -235,11 +236,7 @@ async fn run(
 /// fit their types, and async-graphql's depth and complexity limits. They are the client's:
 /// they get a code, and when nothing else came back, the request is answered 400.
 fn give_codes(response: &mut async_graphql::Response, known: Option<&Known>) -> bool {
-    let from_graphql = |e: &async_graphql::ServerError| {
-        e.extensions
-            .as_ref()
-            .is_none_or(|ext| ext.get("code").is_none())
-    };
+    let from_graphql = |e: &async_graphql::ServerError| !errors::has_code(e);
     let rejected = !response.errors.is_empty()
         && response.data == async_graphql::Value::Null
         && response.errors.iter().all(from_graphql);
@@ -261,9 +258,7 @@ fn give_codes(response: &mut async_graphql::Response, known: Option<&Known>) -> 
             } else {
                 ErrorCode::BadRequest
             };
-        e.extensions
-            .get_or_insert_with(Default::default)
-            .set("code", code.as_str());
+        errors::set_code(e, code);
     }
     rejected
 }

@@ -394,16 +394,6 @@ pub fn repeated_directive(doc: &ExecutableDocument) -> Option<(Name, Pos)> {
         })
 }
 
-/// An error with its `extensions.code`.
-fn coded(message: String, pos: Option<Pos>, code: ErrorCode) -> ServerError {
-    let mut error = ServerError::new(message, pos);
-    error
-        .extensions
-        .get_or_insert_with(Default::default)
-        .set("code", code.as_str());
-    error
-}
-
 impl AliasLimitExtension {
     fn admit(&self, mut request: Request) -> Result<(Request, Option<Arc<Known>>), ServerError> {
         if let Some((doc, known)) = self.cache.get(&request.query) {
@@ -424,29 +414,29 @@ impl AliasLimitExtension {
     /// The error for a document over the limits, if it is, with its `extensions.code`.
     fn refuse(&self, doc: &ExecutableDocument) -> Option<ServerError> {
         if let Some((name, pos)) = repeated_directive(doc) {
-            return Some(coded(
+            return Some(pcf_adapters::errors::server_error(
+                ErrorCode::BadRequest,
                 format!("The directive \"@{name}\" can only be used once at this location."),
                 Some(pos),
-                ErrorCode::BadRequest,
             ));
         }
         let n = count_aliases(doc);
         if n > self.aliases {
-            return Some(coded(
+            return Some(pcf_adapters::errors::server_error(
+                ErrorCode::QueryTooComplex,
                 format!("Query has too many aliases ({n}; at most {})", self.aliases),
                 None,
-                ErrorCode::QueryTooComplex,
             ));
         }
         // A cycle (`None`) is the validator's to report; it does not expand one.
         let fields = expanded_fields(doc).filter(|f| *f > self.fields as u64)?;
-        Some(coded(
+        Some(pcf_adapters::errors::server_error(
+            ErrorCode::QueryTooComplex,
             format!(
                 "Query is too complex: {fields} fields once fragments are spread (at most {})",
                 self.fields
             ),
             None,
-            ErrorCode::QueryTooComplex,
         ))
     }
 }

@@ -14,7 +14,7 @@
 use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextPrepareRequest,
 };
-use async_graphql::{ErrorExtensionValues, ServerError, ServerResult};
+use async_graphql::ServerResult;
 use pcf_domain::auth::{Principal, Tier};
 use redis::aio::ConnectionManager;
 use redis::Script;
@@ -298,12 +298,14 @@ impl Extension for WebSocketLimitExtension {
             if let Decision::Limited { retry_after } =
                 self.0.check(&client.principal, &client.address).await
             {
-                let mut error =
-                    ServerError::new(format!("too many requests; retry in {retry_after} s"), None);
-                let mut ext = ErrorExtensionValues::default();
-                ext.set("code", pcf_domain::ErrorCode::RateLimited.as_str());
-                ext.set("retryAfter", retry_after);
-                error.extensions = Some(ext);
+                let mut error = pcf_adapters::errors::server_error(
+                    pcf_domain::ErrorCode::RateLimited,
+                    format!("too many requests; retry in {retry_after} s"),
+                    None,
+                );
+                if let Some(ext) = error.extensions.as_mut() {
+                    ext.set("retryAfter", retry_after);
+                }
                 return Err(error);
             }
         }

@@ -6,7 +6,6 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use pcf_domain::ErrorCode;
-use serde_json::json;
 use std::net::{IpAddr, SocketAddr};
 
 /// A correlation id for a request that brought none: a random UUID of this process with a
@@ -23,8 +22,7 @@ pub fn new_correlation_id() -> String {
 
 /// A response carrying one GraphQL-shaped error.
 pub fn request_error(status: StatusCode, code: ErrorCode, message: &str) -> Response {
-    let body =
-        json!({ "errors": [{ "message": message, "extensions": { "code": code.as_str() } }] });
+    let body = pcf_adapters::errors::refusal_body(code, message);
     (status, Json(body)).into_response()
 }
 

@@ -506,12 +506,8 @@ fn admit_operation(
 
 /// graphql-transport-ws's `error` message for an operation that was not run.
 fn operation_refused(id: &str, message: &str) -> String {
-    serde_json::json!({
-        "id": id,
-        "type": "error",
-        "payload": [{ "message": message, "extensions": { "code": ErrorCode::RateLimited.as_str() } }],
-    })
-    .to_string()
+    let errors = pcf_adapters::errors::refusal_body(ErrorCode::RateLimited, message);
+    serde_json::json!({ "id": id, "type": "error", "payload": errors["errors"] }).to_string()
 }
 
 /// Whether a read failed on the size limit.
