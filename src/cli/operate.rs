@@ -5,7 +5,6 @@ use pcf_domain::ports::EventLog;
 use pcf_projectors::{
     consumer_lag, rebuild_all, Generational, Progress, RebuildOptions, RedisUserViews, SqlUserViews,
 };
-use std::io::Write;
 use std::sync::Arc;
 
 use super::args::ProjectionsCommand;
@@ -90,11 +89,17 @@ pub async fn projections(config: Config, command: ProjectionsCommand) -> anyhow:
                 .map(|v| v.name().to_owned())
                 .collect::<Vec<_>>()
                 .join("+");
-            let report = move |p: Progress| print_progress(&label, &p);
+            let bar = progress_bar(&label);
+            let report = |p: Progress| {
+                if let Some(total) = p.total {
+                    bar.set_length(total);
+                }
+                bar.set_position(p.applied);
+            };
             let generations = rebuild_all(&chosen, log, &RebuildOptions::default(), &report)
                 .await
                 .with_context(|| format!("rebuilding {name}"))?;
-            eprintln!();
+            bar.finish();
             for (view, generation) in chosen.iter().zip(generations) {
                 println!(
                     "{}: readers switched to generation {generation}",
@@ -106,32 +111,17 @@ pub async fn projections(config: Config, command: ProjectionsCommand) -> anyhow:
     }
 }
 
-/// One line of progress, redrawn in place: a bar, counts, events/s and ETA.
-fn print_progress(name: &str, p: &Progress) {
-    const WIDTH: usize = 30;
-    let (bar, percent) = match p.total {
-        Some(total) if total > 0 => {
-            let ratio = (p.applied as f64 / total as f64).min(1.0);
-            let filled = (ratio * WIDTH as f64) as usize;
-            (
-                format!("{}{}", "#".repeat(filled), ".".repeat(WIDTH - filled)),
-                format!("{:>3.0}%", ratio * 100.0),
-            )
-        }
-        _ => (".".repeat(WIDTH), "  ?%".to_owned()),
-    };
-    let eta = p
-        .eta()
-        .map_or_else(|| "?".to_owned(), |d| format!("{}s", d.as_secs()));
-    let total = p.total.map_or_else(|| "?".to_owned(), |t| t.to_string());
-    let mut err = std::io::stderr().lock();
-    let _ = write!(
-        err,
-        "\r{name} [{bar}] {percent} {}/{total} events  {:.0} events/s  ETA {eta}   ",
-        p.applied,
-        p.rate()
-    );
-    let _ = err.flush();
+/// The rebuild's progress on standard error: a bar, counts, events/s and ETA.
+fn progress_bar(name: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {percent:>3}% {human_pos}/{human_len} events  {per_sec}  ETA {eta}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("#>.");
+    bar.set_style(style);
+    bar.set_prefix(name.to_owned());
+    bar
 }
 
 /// `pcf relay status`.
