@@ -89,6 +89,8 @@ async fn redis_user(State(b): State<Baselines>, Path(id): Path<Uuid>) -> Json<se
     Json(json!({ "data": { "user": view } }))
 }
 
+// The run's setup in order (database, topics, app, baselines' server, client), each step a
+// few lines; one function so that the order is read at once.
 async fn setup(base: Config, options: &BenchOptions) -> anyhow::Result<Bench> {
     let (Some(url), Some(_), Some(redis_url)) =
         (&base.database_url, &base.kafka_brokers, &base.redis_url)
@@ -603,6 +605,8 @@ impl Bench {
     /// Commit (the mutation's answer) → the new version readable in Redis, at `load` (the
     /// target's 0.5) of the maximum command rate; against Kafka produce → consume with the
     /// same client settings at the same rate.
+    // The subject and its baseline side by side, at the same load and with the same client:
+    // kept together so that they stay alike.
     async fn commit_to_visible(&mut self, load: f64) -> anyhow::Result<ScenarioResult> {
         let max = match self.max_command_rate {
             Some(r) => r,

@@ -176,6 +176,9 @@ impl CommandService {
         result
     }
 
+    // One loop of about a hundred lines on purpose: each attempt's state (careful or not,
+    // the remembered user, the stripe's lock) carries into the next, and the loop reads as
+    // the decision it makes; split, those would be passed back and forth.
     async fn execute_inner(
         &self,
         user_id: Uuid,

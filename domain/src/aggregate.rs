@@ -91,6 +91,7 @@ impl Aggregate for User {
     type Error = UserError;
     type Services = UserServices;
 
+    // One arm per command, each a few rules: the aggregate's rules in one place.
     async fn handle(
         &mut self,
         command: Self::Command,
