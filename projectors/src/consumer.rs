@@ -1,10 +1,9 @@
-//! The Kafka side of a projector: consume a batch, write it to every live generation of the
-//! view, then commit the offsets (at-least-once; the views skip what they already have).
-//! Events that cannot be applied go to the dead-letter topic; a dependency that is down is
-//! waited for, never dead-lettered.
+//! The Kafka side of a projector: consume a batch, have the projection write it to every
+//! live generation of the view, then commit the offsets (at-least-once; the views skip what
+//! they already have). Events the projection sets aside as never appliable go to the
+//! dead-letter topic; a dependency that is down is waited for, never dead-lettered.
 
 use pcf_adapters::kafka::QuietContext;
-use pcf_domain::ports::EventLog;
 use pcf_domain::EventEnvelope;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -17,26 +16,29 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::generations::Generational;
-use crate::projector::ProjectionError;
+use crate::projection::{LiveBatch, Projection};
 
 /// How a projector consumes.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
+    /// Kafka's bootstrap servers.
     pub brokers: String,
+    /// The topic of the events.
     pub topic: String,
     /// Put before the projection's name to make the consumer group's id.
     pub group_prefix: String,
+    /// The most messages in one batch.
     pub batch_size: usize,
     /// How long to wait for more messages once a batch has begun. Zero (the default): a
     /// batch is what the consumer holds already when its first message is taken, the rest
     /// of that fetch; waiting longer only delays every batch, as a fetch rarely follows
     /// within a millisecond. A view that gathers larger batches on purpose says so
-    /// (`Generational::batch_wait`: the SQL view's 20 ms).
+    /// (`ViewStore::batch_wait`: the SQL view's 20 ms).
     pub batch_wait: Duration,
 }
 
 impl ConsumerConfig {
+    /// Batches of up to 500 messages of `topic`, taken as they come.
     pub fn new(brokers: impl Into<String>, topic: impl Into<String>) -> Self {
         Self {
             brokers: brokers.into(),
@@ -47,6 +49,7 @@ impl ConsumerConfig {
         }
     }
 
+    /// Where events that can never be applied go.
     pub fn dead_letter_topic(&self) -> String {
         format!("{}.dlq", self.topic)
     }
@@ -55,7 +58,9 @@ impl ConsumerConfig {
 /// Counters a projector keeps for metrics and status.
 #[derive(Debug, Default)]
 pub struct ProjectorStats {
+    /// Events written to the view.
     pub applied: AtomicU64,
+    /// Messages published to the dead-letter topic.
     pub dead_lettered: AtomicU64,
 }
 
@@ -76,20 +81,19 @@ fn received(m: &BorrowedMessage<'_>) -> Received {
     }
 }
 
-/// Consumes the topic into `view` until `shutdown` completes.
+/// Consumes the topic into a projection until `shutdown` completes.
 pub struct KafkaProjector {
     config: ConsumerConfig,
-    view: Arc<dyn Generational>,
-    log: Arc<dyn EventLog>,
+    projection: Arc<Projection>,
     stats: Arc<ProjectorStats>,
     dead_letters: FutureProducer<QuietContext>,
 }
 
 impl KafkaProjector {
-    pub fn new(
+    /// A projector of the topic into `projection` (its consumer group is named after it).
+    pub fn with_projection(
         config: ConsumerConfig,
-        view: Arc<dyn Generational>,
-        log: Arc<dyn EventLog>,
+        projection: Arc<Projection>,
         stats: Arc<ProjectorStats>,
     ) -> Result<Self, rdkafka::error::KafkaError> {
         let dead_letters = ClientConfig::new()
@@ -99,8 +103,7 @@ impl KafkaProjector {
             .create_with_context(QuietContext::default())?;
         Ok(Self {
             config,
-            view,
-            log,
+            projection,
             stats,
             dead_letters,
         })
@@ -108,7 +111,7 @@ impl KafkaProjector {
 
     /// The consumer group's id.
     pub fn group(&self) -> String {
-        format!("{}{}", self.config.group_prefix, self.view.name())
+        format!("{}{}", self.config.group_prefix, self.projection.name())
     }
 
     fn consumer(&self) -> Result<StreamConsumer<QuietContext>, rdkafka::error::KafkaError> {
@@ -146,7 +149,7 @@ impl KafkaProjector {
     ) -> Result<(), rdkafka::error::KafkaError> {
         tokio::pin!(shutdown);
         let consumer = Arc::new(self.consumer()?);
-        tracing::info!(projection = self.view.name(), topic = %self.config.topic, "projector consuming");
+        tracing::info!(projection = self.projection.name(), topic = %self.config.topic, "projector consuming");
         let mut offsets = Uncommitted::default();
         loop {
             let first = tokio::select! {
@@ -202,18 +205,14 @@ impl KafkaProjector {
     ) -> bool {
         let span = tracing::debug_span!(
             "projection_batch",
-            projection = self.view.name(),
+            projection = self.projection.name(),
             size = batch.len()
         );
         let _enter = span.enter();
-        let mut events: Vec<EventEnvelope> = Vec::with_capacity(batch.len());
-        let mut sources: Vec<&Received> = Vec::with_capacity(batch.len());
+        let mut events: LiveBatch<&Received> = LiveBatch::new();
         for message in batch {
             match serde_json::from_slice::<EventEnvelope>(&message.payload) {
-                Ok(e) => {
-                    events.push(e);
-                    sources.push(message);
-                }
+                Ok(e) => events.push(e, message),
                 Err(e) => {
                     self.dead_letter(message, &format!("not an event envelope: {e}"))
                         .await
@@ -222,29 +221,19 @@ impl KafkaProjector {
         }
         let mut failures = 0u32;
         loop {
-            match self.write(&events, offsets).await {
+            // What can never be applied is set aside and the rest written without it; what
+            // was already written is skipped by version.
+            let written = self.projection.apply_live_batch(&mut events, offsets).await;
+            for aside in events.take_set_aside() {
+                tracing::error!(event_id = %aside.event_id, reason = %aside.reason, "dead-lettering event");
+                self.dead_letter(aside.source, &aside.reason).await;
+            }
+            match written {
                 Ok(()) => {
                     self.stats
                         .applied
                         .fetch_add(events.len() as u64, Ordering::Relaxed);
                     return true;
-                }
-                Err(ProjectionError::Poison { event_id, reason }) => {
-                    // Set the one event aside and write the rest again; what was already
-                    // written is skipped by version.
-                    let Some(i) = events.iter().position(|e| e.event_id == event_id) else {
-                        // Not one of ours: nothing to set aside, and retrying cannot help.
-                        // Keep every remaining event, in the dead-letter topic.
-                        tracing::error!(%event_id, %reason, "unappliable event outside the batch");
-                        for source in sources.drain(..) {
-                            self.dead_letter(source, &reason).await;
-                        }
-                        return true;
-                    };
-                    events.remove(i);
-                    let source = sources.remove(i);
-                    tracing::error!(%event_id, %reason, "dead-lettering event");
-                    self.dead_letter(source, &reason).await;
                 }
                 Err(e) => {
                     failures += 1;
@@ -257,16 +246,6 @@ impl KafkaProjector {
                 }
             }
         }
-    }
-
-    async fn write(
-        &self,
-        events: &[EventEnvelope],
-        offsets: &[(i32, i64)],
-    ) -> Result<(), ProjectionError> {
-        self.view
-            .apply_live(events, offsets, self.log.clone())
-            .await
     }
 
     /// Publishes the message, as received, to the dead-letter topic with the reason;

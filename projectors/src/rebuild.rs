@@ -1,28 +1,34 @@
 //! Blue-green rebuilds: replay the event store into a new generation beside the live one,
-//! while live projectors keep both up to date, then switch readers over atomically.
+//! while live projectors keep both up to date, then switch readers over atomically. The
+//! log is read with `LogPages` a page ahead and folded with the projection's own fold; the
+//! embedded mode builds its in-memory views at start the same way.
 
-use pcf_domain::ports::{Change, EventLog, LogQuery, PortError};
-use pcf_domain::{EventEnvelope, Position, UserView};
-use std::collections::{HashMap, HashSet};
+use async_trait::async_trait;
+use pcf_domain::ports::{Change, EventLog, LogPages, PortError};
+use pcf_domain::{Position, UserView};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-use crate::generations::Generational;
-use crate::projector::ProjectionError;
+use crate::projection::{fold_run, Projection, ProjectionError};
+use crate::store::{GenerationState, ViewStore};
 
 /// How far a rebuild has come.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
+    /// Events read from the log and applied so far.
     pub applied: u64,
     /// Events in the log when the rebuild started, if known.
     pub total: Option<u64>,
+    /// Time since the log's reading began.
     pub elapsed: Duration,
     /// Readers use the new generations (the old ones are dropped after the linger).
     pub switched: bool,
 }
 
 impl Progress {
+    /// Events applied per second so far.
     pub fn rate(&self) -> f64 {
         let secs = self.elapsed.as_secs_f64();
         if secs > 0.0 {
@@ -41,43 +47,51 @@ impl Progress {
     }
 }
 
-/// The user after `change`, as `projector::fold` gives it for an envelope.
-fn fold_change(current: Option<UserView>, change: &Change) -> Result<UserView, ProjectionError> {
-    let poison = |reason: String| ProjectionError::Poison {
-        event_id: change.event_id,
-        reason,
-    };
-    let event = change.event.as_ref().map_err(|e| poison(e.clone()))?;
-    UserView::fold(current, change.aggregate_id, change.sequence, event).ok_or_else(|| {
-        poison(format!(
-            "an event at sequence {} for a user that has no view",
-            change.sequence
-        ))
-    })
-}
-
 /// How often a rebuild tries a read or a page's write before it gives up.
 const ATTEMPTS: u32 = 6;
 
-/// Runs `attempt` until it succeeds, up to `ATTEMPTS` times with growing pauses (0.1 s to
-/// 1.6 s): a database that restarts or a deadlock with a live projector costs a rebuild a
-/// pause, not its progress. An event that cannot be applied is not tried again.
+/// Pauses between the attempts of one step of a rebuild: up to `ATTEMPTS` tries with growing
+/// pauses (0.1 s to 1.6 s), so that a database that restarts or a deadlock with a live
+/// projector costs a rebuild a pause, not its progress. An event that cannot be applied is
+/// not tried again.
+struct Retry {
+    tries: u32,
+    pause: Duration,
+}
+
+impl Retry {
+    fn new() -> Self {
+        Self {
+            tries: 1,
+            pause: Duration::from_millis(100),
+        }
+    }
+
+    /// After a failed attempt: waits and returns `Ok` when another attempt is due, else the
+    /// error.
+    async fn after(&mut self, what: &str, e: ProjectionError) -> Result<(), ProjectionError> {
+        if self.tries >= ATTEMPTS || !e.is_transient() {
+            return Err(e);
+        }
+        tracing::warn!(error = %e, what, tries = self.tries, "rebuild step failed; trying again");
+        tokio::time::sleep(self.pause).await;
+        self.pause *= 2;
+        self.tries += 1;
+        Ok(())
+    }
+}
+
+/// Runs `attempt` until it succeeds, as `Retry` allows.
 async fn patiently<T, F, Fut>(what: &str, mut attempt: F) -> Result<T, ProjectionError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ProjectionError>>,
 {
-    let mut pause = Duration::from_millis(100);
-    let mut tries = 1;
+    let mut retry = Retry::new();
     loop {
         match attempt().await {
-            Err(e) if tries < ATTEMPTS && e.is_transient() => {
-                tracing::warn!(error = %e, what, tries, "rebuild step failed; trying again");
-                tokio::time::sleep(pause).await;
-                pause *= 2;
-                tries += 1;
-            }
-            other => return other,
+            Err(e) => retry.after(what, e).await?,
+            ok => return ok,
         }
     }
 }
@@ -103,66 +117,154 @@ impl Default for RebuildOptions {
     }
 }
 
-/// Rebuilds `view` from `log`; returns the new active generation.
-pub async fn rebuild(
-    view: Arc<dyn Generational>,
-    log: Arc<dyn EventLog>,
-    options: &RebuildOptions,
-    progress: &(dyn Fn(Progress) + Send + Sync),
-) -> Result<u64, ProjectionError> {
-    let generations = rebuild_all(&[view], log, options, progress).await?;
-    Ok(generations[0])
+/// What a rebuild did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebuilt {
+    /// The new active generation of each view, in the order given.
+    pub generations: Vec<u64>,
+    /// The position of the last event read: the views hold the log up to here (and live
+    /// projectors carry them on from there).
+    pub position: Position,
+    /// Events read from the log.
+    pub applied: u64,
 }
 
-/// Rebuilds every view of `views` from one reading of `log`, each into a new generation
-/// beside its live one, then switches readers over; returns the new generations, in order.
-///
-/// Live projectors write both generations from the moment a build begins: `begin` and
-/// their writes are a handshake (`Generational::apply_live`), so an event is either in the
-/// log when this reads it, or written to the new generation by a live projector (or both:
-/// every write is guarded by version). No pause is needed for them to notice.
-pub async fn rebuild_all(
-    views: &[Arc<dyn Generational>],
+/// Rebuilds every store of `stores` from one reading of `log`, each into a new generation
+/// beside its live one, then switches readers over.
+pub async fn rebuild_views(
+    stores: &[Arc<dyn ViewStore>],
     log: Arc<dyn EventLog>,
     options: &RebuildOptions,
     progress: &(dyn Fn(Progress) + Send + Sync),
-) -> Result<Vec<u64>, ProjectionError> {
-    let mut builds = Vec::with_capacity(views.len());
-    for view in views {
-        let state = view.state().await.map_err(ProjectionError::View)?;
+) -> Result<Rebuilt, ProjectionError> {
+    let projections: Vec<Projection> = stores
+        .iter()
+        .map(|store| Projection::new(store.clone(), log.clone()))
+        .collect();
+    let targets: Vec<&dyn Target> = projections.iter().map(|p| p as &dyn Target).collect();
+    rebuild_targets(&targets, log, options, progress).await
+}
+
+impl Projection {
+    /// Rebuilds this projection's store from its log into a new generation, then switches
+    /// readers over (see `rebuild_views`).
+    pub async fn rebuild(
+        &self,
+        options: &RebuildOptions,
+        progress: &(dyn Fn(Progress) + Send + Sync),
+    ) -> Result<Rebuilt, ProjectionError> {
+        rebuild_targets(
+            &[self as &dyn Target],
+            self.log().clone(),
+            options,
+            progress,
+        )
+        .await
+    }
+}
+
+/// What a rebuild writes: a projection (`Projection`), or a view of the older interface
+/// (`crate::legacy`).
+#[async_trait]
+pub(crate) trait Target: Send + Sync {
+    fn name(&self) -> &str;
+    async fn state(&self) -> Result<GenerationState, PortError>;
+    async fn begin(&self, generation: u64) -> Result<(), PortError>;
+    async fn switch(&self, generation: u64) -> Result<(), PortError>;
+    async fn drop_generation(&self, generation: u64) -> Result<(), PortError>;
+    /// Writes folded states where the generation is behind them.
+    async fn write_states(
+        &self,
+        generation: u64,
+        states: &[UserView],
+    ) -> Result<(), ProjectionError>;
+    /// Applies events the rebuild could not fold itself (their users' states were
+    /// forgotten): reads the users back, fills gaps from the log.
+    async fn apply_changes(
+        &self,
+        generation: u64,
+        changes: &[&Change],
+    ) -> Result<(), ProjectionError>;
+}
+
+#[async_trait]
+impl Target for Projection {
+    fn name(&self) -> &str {
+        self.store().name()
+    }
+    async fn state(&self) -> Result<GenerationState, PortError> {
+        self.store().state().await
+    }
+    async fn begin(&self, generation: u64) -> Result<(), PortError> {
+        self.store().begin(generation).await
+    }
+    async fn switch(&self, generation: u64) -> Result<(), PortError> {
+        self.store().switch(generation).await
+    }
+    async fn drop_generation(&self, generation: u64) -> Result<(), PortError> {
+        self.store().drop_generation(generation).await
+    }
+    async fn write_states(
+        &self,
+        generation: u64,
+        states: &[UserView],
+    ) -> Result<(), ProjectionError> {
+        Projection::write_states(self, generation, states).await
+    }
+    async fn apply_changes(
+        &self,
+        generation: u64,
+        changes: &[&Change],
+    ) -> Result<(), ProjectionError> {
+        self.apply_to(generation, changes, &[]).await
+    }
+}
+
+/// The rebuild of `targets` from one reading of `log`.
+///
+/// Live projectors write both generations from the moment a build begins: `begin` and
+/// their writes are a handshake (`Scope::Live`), so an event is either in the log when this
+/// reads it, or written to the new generation by a live projector (or both: every write is
+/// guarded by version). No pause is needed for them to notice.
+pub(crate) async fn rebuild_targets(
+    targets: &[&dyn Target],
+    log: Arc<dyn EventLog>,
+    options: &RebuildOptions,
+    progress: &(dyn Fn(Progress) + Send + Sync),
+) -> Result<Rebuilt, ProjectionError> {
+    let mut builds = Vec::with_capacity(targets.len());
+    for target in targets {
+        let state = target.state().await.map_err(ProjectionError::View)?;
         let generation = state.active.max(state.building.unwrap_or(0)) + 1;
-        view.begin(generation)
+        target
+            .begin(generation)
             .await
             .map_err(ProjectionError::View)?;
-        tracing::info!(projection = view.name(), generation, "rebuild began");
-        builds.push((view.clone(), state.active, generation));
+        tracing::info!(projection = target.name(), generation, "rebuild began");
+        builds.push((*target, state.active, generation));
     }
     let started = Instant::now();
     let total = log.event_count().await.map_err(ProjectionError::Log)?;
     // One task reads the log page after page, a page ahead of the views, as changes (what
-    // a fold needs); each page comes with the query that read it.
-    let (pages, mut next_page) = tokio::sync::mpsc::channel::<(LogQuery, Vec<Change>)>(2);
+    // a fold needs); it ends with the position it reached.
+    let (pages, mut next_page) = tokio::sync::mpsc::channel::<Vec<Change>>(2);
     let reader = {
-        let log = log.clone();
-        let batch_size = options.batch_size.max(1);
+        let mut log_pages = LogPages::new(log.clone(), Position::START, options.batch_size);
         tokio::spawn(async move {
-            let mut after = Position::START;
             loop {
-                let query = LogQuery {
-                    after: Some(after),
-                    limit: batch_size,
-                    ..LogQuery::default()
+                let mut retry = Retry::new();
+                let changes = loop {
+                    match log_pages.next_changes().await {
+                        Ok(changes) => break changes,
+                        Err(e) => {
+                            retry
+                                .after("reading the log", ProjectionError::Log(e))
+                                .await?
+                        }
+                    }
                 };
-                let changes = patiently("reading the log", || async {
-                    log.read_changes(&query).await.map_err(ProjectionError::Log)
-                })
-                .await?;
-                let Some(last) = changes.last().map(|e| e.position) else {
-                    return Ok(());
-                };
-                after = last;
-                if pages.send((query, changes)).await.is_err() {
-                    return Ok(());
+                if changes.is_empty() || pages.send(changes).await.is_err() {
+                    return Ok(log_pages.position());
                 }
             }
         })
@@ -170,56 +272,28 @@ pub async fn rebuild_all(
     let mut applied = 0u64;
     // Users folded from the log so far, from their first event: each page is folded once
     // here and the users it changed are written to every view. Bounded: when full it is
-    // forgotten, and a user met again after that goes through the views' own event path
-    // (which reads the user back, or fills from the log).
+    // forgotten, and a user met again after that goes through the projection's own event
+    // path (which reads the user back, or fills from the log).
     let mut folded: HashMap<Uuid, UserView> = HashMap::new();
-    while let Some((query, page)) = next_page.recv().await {
-        let mut changed: Vec<Uuid> = Vec::new();
-        let mut touched: HashSet<Uuid> = HashSet::new();
-        let mut irregular: HashSet<Uuid> = HashSet::new();
-        for change in &page {
-            let id = change.aggregate_id;
-            let last = folded.get(&id).map_or(0, |v| v.version);
-            if change.sequence <= last {
-                continue;
-            }
-            if change.sequence != last + 1 {
-                irregular.insert(change.event_id);
-                continue;
-            }
-            // Folded in place: the state is taken out of the map, not copied.
-            let current = folded.remove(&id);
-            let next = fold_change(current, change)?;
-            folded.insert(id, next);
-            if touched.insert(id) {
-                changed.push(id);
-            }
-        }
-        let states: Vec<UserView> = changed
+    while let Some(page) = next_page.recv().await {
+        let run = fold_run(&mut folded, &page)?;
+        let states: Vec<UserView> = run
+            .changed
             .iter()
             .filter_map(|id| folded.get(id).cloned())
             .collect();
         // Each view's writes are guarded by version, so writing a page again is harmless.
-        let writes = builds.iter().map(|(view, _, generation)| {
-            patiently(view.name(), || view.write_states(*generation, &states))
+        let writes = builds.iter().map(|(target, _, generation)| {
+            patiently(target.name(), || target.write_states(*generation, &states))
         });
         for result in futures::future::join_all(writes).await {
             result?;
         }
-        if !irregular.is_empty() {
-            // Rare (a user met after the folded users were forgotten): these go through
-            // the views' own event path, which takes whole envelopes; the page is read
-            // again for them.
-            let irregular: Vec<EventEnvelope> = patiently("reading the log", || async {
-                log.read(&query).await.map_err(ProjectionError::Log)
-            })
-            .await?
-            .into_iter()
-            .filter(|e| irregular.contains(&e.event_id))
-            .collect();
-            let writes = builds.iter().map(|(view, _, generation)| {
-                patiently(view.name(), || {
-                    view.apply(*generation, &irregular, None, log.clone())
+        if !run.rest.is_empty() {
+            // Rare: users met after the folded users were forgotten.
+            let writes = builds.iter().map(|(target, _, generation)| {
+                patiently(target.name(), || {
+                    target.apply_changes(*generation, &run.rest)
                 })
             });
             for result in futures::future::join_all(writes).await {
@@ -237,19 +311,20 @@ pub async fn rebuild_all(
             switched: false,
         });
     }
-    match reader.await {
-        Ok(Ok(())) => {}
+    let position = match reader.await {
+        Ok(Ok(position)) => position,
         Ok(Err(e)) => return Err(e),
         Err(e) => {
             return Err(ProjectionError::Log(PortError::Internal(format!(
                 "the log reader failed: {e}"
             ))))
         }
-    }
-    for (view, _, generation) in &builds {
+    };
+    for (target, _, generation) in &builds {
         // A switch may first build indexes (the SQL view's), long enough to meet a restart.
-        patiently(view.name(), || async {
-            view.switch(*generation)
+        patiently(target.name(), || async {
+            target
+                .switch(*generation)
                 .await
                 .map_err(ProjectionError::View)
         })
@@ -263,10 +338,159 @@ pub async fn rebuild_all(
     });
     tracing::info!(applied, "rebuild switched readers to the new generations");
     tokio::time::sleep(options.linger).await;
-    for (view, old, _) in &builds {
-        if let Err(e) = view.drop_generation(*old).await {
-            tracing::warn!(error = %e, projection = view.name(), old, "dropping the old generation failed");
+    for (target, old, _) in &builds {
+        if let Err(e) = target.drop_generation(*old).await {
+            tracing::warn!(error = %e, projection = target.name(), old, "dropping the old generation failed");
         }
     }
-    Ok(builds.iter().map(|(_, _, g)| *g).collect())
+    Ok(Rebuilt {
+        generations: builds.iter().map(|(_, _, g)| *g).collect(),
+        position,
+        applied,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryUserViews;
+    use crate::store::Scope;
+    use crate::testing::{history, poisoned, MemoryLog};
+    use pcf_domain::ports::UserReader;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+
+    /// Users' histories interleaved in the log: a1 b1 c1 a2 b2 c2 ...
+    fn interleaved(users: &[Uuid], n: u64) -> Vec<pcf_domain::EventEnvelope> {
+        let histories: Vec<_> = users.iter().map(|u| history(*u, n)).collect();
+        (0..n as usize)
+            .flat_map(|i| histories.iter().map(move |h| h[i].clone()))
+            .collect()
+    }
+
+    fn options(batch_size: usize) -> RebuildOptions {
+        RebuildOptions {
+            batch_size,
+            linger: Duration::ZERO,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rebuild_folds_the_log_page_by_page_into_a_new_generation_and_switches() {
+        let users = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
+        let log = Arc::new(MemoryLog::of(interleaved(&users, 5)));
+        let views = Arc::new(MemoryUserViews::new());
+        let projection = Projection::new(views.clone(), log.clone());
+        let seen = Mutex::new(Vec::new());
+        // Pages of 4 events: users' histories cross page boundaries.
+        let rebuilt = projection
+            .rebuild(&options(4), &|p| seen.lock().unwrap().push(p))
+            .await
+            .unwrap();
+        assert_eq!(
+            rebuilt,
+            Rebuilt {
+                generations: vec![2],
+                position: log.events().last().unwrap().position,
+                applied: 15,
+            }
+        );
+        let state = ViewStore::state(&*views).await.unwrap();
+        assert_eq!((state.active, state.building), (2, None));
+        for user in users {
+            let view = views.user(user).await.unwrap().unwrap();
+            assert_eq!((view.version, view.display_name.as_str()), (5, "v5"));
+        }
+        let seen = seen.into_inner().unwrap();
+        let applied: Vec<u64> = seen.iter().map(|p| p.applied).collect();
+        assert_eq!(applied, [4, 8, 12, 15, 15]);
+        assert!(seen.last().unwrap().switched);
+        // The old generation is gone; the next rebuild takes the next number.
+        let mut old = views.open(Scope::Generation(1)).await.unwrap();
+        assert!(old.load(1, &users).await.unwrap().is_empty());
+        drop(old);
+        let again = projection.rebuild(&options(100), &|_| {}).await.unwrap();
+        assert_eq!(again.generations, [3]);
+        assert_eq!(views.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn several_views_are_rebuilt_from_one_reading_and_an_empty_log_switches_too() {
+        let log: Arc<dyn EventLog> = Arc::new(MemoryLog::default());
+        let (one, two) = (
+            Arc::new(MemoryUserViews::new()),
+            Arc::new(MemoryUserViews::new()),
+        );
+        two.begin(4).await.unwrap();
+        let stores: Vec<Arc<dyn ViewStore>> = vec![one.clone(), two.clone()];
+        let rebuilt = rebuild_views(&stores, log, &options(10), &|_| {})
+            .await
+            .unwrap();
+        assert_eq!(rebuilt.generations, [2, 5]);
+        assert_eq!((rebuilt.position, rebuilt.applied), (Position::START, 0));
+    }
+
+    #[tokio::test]
+    async fn an_event_in_the_log_that_cannot_be_applied_stops_the_rebuild_before_the_switch() {
+        let a = Uuid::now_v7();
+        let mut events = history(a, 3);
+        events[1] = poisoned(events[1].clone());
+        let views = Arc::new(MemoryUserViews::new());
+        let projection = Projection::new(views.clone(), Arc::new(MemoryLog::of(events)));
+        let result = projection.rebuild(&options(10), &|_| {}).await;
+        assert!(matches!(result, Err(ProjectionError::Poison { .. })));
+        assert_eq!(ViewStore::state(&*views).await.unwrap().active, 1);
+    }
+
+    /// The memory views whose first `failures` batches of one generation fail to open, as
+    /// when a database restarts.
+    struct Flaky {
+        inner: MemoryUserViews,
+        failures: AtomicU64,
+    }
+
+    #[async_trait]
+    impl ViewStore for Flaky {
+        fn name(&self) -> &str {
+            "flaky"
+        }
+        async fn state(&self) -> Result<GenerationState, PortError> {
+            self.inner.state().await
+        }
+        async fn begin(&self, generation: u64) -> Result<(), PortError> {
+            self.inner.begin(generation).await
+        }
+        async fn switch(&self, generation: u64) -> Result<(), PortError> {
+            self.inner.switch(generation).await
+        }
+        async fn drop_generation(&self, generation: u64) -> Result<(), PortError> {
+            self.inner.drop_generation(generation).await
+        }
+        async fn open(
+            &self,
+            scope: Scope,
+        ) -> Result<Box<dyn crate::store::ViewBatch + '_>, PortError> {
+            let left = self.failures.load(Ordering::SeqCst);
+            if left > 0 {
+                self.failures.store(left - 1, Ordering::SeqCst);
+                return Err(PortError::Unavailable("restarting".into()));
+            }
+            self.inner.open(scope).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rebuild_rides_out_failed_page_writes() {
+        let a = Uuid::now_v7();
+        let store = Arc::new(Flaky {
+            inner: MemoryUserViews::new(),
+            failures: AtomicU64::new(2),
+        });
+        let projection = Projection::new(store.clone(), Arc::new(MemoryLog::of(history(a, 3))));
+        let rebuilt = projection.rebuild(&options(2), &|_| {}).await.unwrap();
+        assert_eq!(rebuilt.generations, [2]);
+        assert_eq!(store.failures.load(Ordering::SeqCst), 0);
+        let view = store.inner.user(a).await.unwrap().unwrap();
+        assert_eq!(view.version, 3);
+    }
 }

@@ -2,19 +2,18 @@
 //! prefix; every change of a user is one atomic script guarded by the user's version.
 
 use async_trait::async_trait;
-use pcf_domain::ports::{EventLog, PortError};
+use pcf_domain::ports::PortError;
 use pcf_domain::read_model::{
     redis_active_key, redis_building_key, redis_email_key, redis_generation_prefix, redis_user_key,
 };
-use pcf_domain::{EventEnvelope, UserView};
+use pcf_domain::UserView;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 use uuid::Uuid;
 
-use crate::generations::{GenerationState, Generational, Offsets};
-use crate::projector::{ProjectionError, UserProjector, UserViewWriter};
+use crate::store::{GenerationState, Offsets, Scope, ViewBatch, ViewStore, Written};
 
 /// Replaces users' documents where each is still at the version it was folded from, and
 /// moves their email entries: one call for many users. Per user, at KEYS[3+3i] (document),
@@ -122,9 +121,6 @@ fn document(user: &UserView) -> Result<String, PortError> {
     serde_json::to_string(user).map_err(|e| PortError::Internal(e.to_string()))
 }
 
-/// How often a live batch is written again after the generation state moved under it.
-const MAX_STATE_MOVES: usize = 8;
-
 /// Deletes every key matching `pattern`, a page of `SCAN` at a time (`UNLINK`: Redis frees
 /// the values in the background).
 pub async fn delete_matching(
@@ -178,68 +174,53 @@ impl Remembered {
     }
 }
 
-/// One generation of the Redis view, as a projector writes it.
-pub struct RedisGenerationWriter {
-    conn: ConnectionManager,
-    prefix: String,
-    generation: u64,
-    /// `Some(state)`: write only while the generation state is still this one.
+/// A batch of writes to the Redis view: each call of a script is atomic and guarded by
+/// version, so there is nothing to commit; Kafka keeps this projection's offsets.
+struct RedisBatch<'a> {
+    views: &'a RedisUserViews,
+    generations: Vec<u64>,
+    /// For live batches: the generation state the writes are checked against in the
+    /// script, and the documents live writes wrote last are read instead of Redis.
     expected: Option<GenerationState>,
-    /// Set when a write was refused because the generation state moved.
-    moved: std::sync::atomic::AtomicBool,
-    /// For live writes: the documents written last, read instead of Redis.
-    remembered: Option<Arc<std::sync::Mutex<Remembered>>>,
 }
 
-impl RedisGenerationWriter {
+impl RedisBatch<'_> {
     /// The email entry a user's document owns ('' for a tombstone, which owns none).
-    fn email_key(&self, user: &UserView) -> String {
+    fn email_key(&self, generation: u64, user: &UserView) -> String {
         if user.deleted {
             String::new()
         } else {
-            redis_email_key(&self.prefix, self.generation, &user.email)
+            redis_email_key(&self.views.prefix, generation, &user.email)
         }
     }
 
-    fn state_moved(&self) -> bool {
-        self.moved.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     fn remembered(&self) -> Option<std::sync::MutexGuard<'_, Remembered>> {
-        self.remembered
-            .as_ref()
-            .map(|r| r.lock().unwrap_or_else(|e| e.into_inner()))
+        self.expected.is_some().then(|| {
+            self.views
+                .remembered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+        })
     }
 }
 
 #[async_trait]
-impl UserViewWriter for RedisGenerationWriter {
-    async fn current(&self, id: Uuid) -> Result<Option<UserView>, PortError> {
-        let key = redis_user_key(&self.prefix, self.generation, id);
-        let doc: Option<String> = self.conn.clone().get(key).await.map_err(unavailable)?;
-        doc.map(|d| serde_json::from_str(&d))
-            .transpose()
-            .map_err(|e| PortError::Internal(format!("user document: {e}")))
+impl ViewBatch for RedisBatch<'_> {
+    fn generations(&self) -> &[u64] {
+        &self.generations
     }
 
-    async fn replace(
-        &self,
-        previous: Option<&UserView>,
-        next: &UserView,
-    ) -> Result<bool, PortError> {
-        let written = self
-            .replace_many(&[(previous.cloned(), next.clone())])
-            .await?;
-        Ok(written.first().copied().unwrap_or(false))
-    }
-
-    async fn current_many(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, UserView>, PortError> {
+    async fn load(
+        &mut self,
+        generation: u64,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, UserView>, PortError> {
         let mut found = HashMap::with_capacity(ids.len());
         let mut unknown = Vec::with_capacity(ids.len());
         match self.remembered() {
             Some(remembered) => {
                 for id in ids {
-                    match remembered.views.get(&(self.generation, *id)) {
+                    match remembered.views.get(&(generation, *id)) {
                         Some(view) => {
                             found.insert(*id, view.clone());
                         }
@@ -254,27 +235,29 @@ impl UserViewWriter for RedisGenerationWriter {
         }
         let keys: Vec<String> = unknown
             .iter()
-            .map(|id| redis_user_key(&self.prefix, self.generation, *id))
+            .map(|id| redis_user_key(&self.views.prefix, generation, *id))
             .collect();
         let docs: Vec<Option<String>> = redis::cmd("MGET")
             .arg(keys)
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut self.views.conn.clone())
             .await
             .map_err(unavailable)?;
         for (id, doc) in unknown.iter().zip(docs) {
             if let Some(doc) = doc {
-                let view: UserView = serde_json::from_str(&doc)
-                    .map_err(|e| PortError::Internal(format!("user document: {e}")))?;
-                found.insert(*id, view);
+                found.insert(*id, parse_document(&doc)?);
             }
         }
         Ok(found)
     }
 
     /// Users without a document get theirs in one pipeline (`FILL`): a rebuild writes
-    /// mostly those. Only for writers that check no generation state (a rebuild's): the
-    /// others' writes go through the guarded script.
-    async fn write_newer(&self, states: &[UserView]) -> Result<Vec<bool>, PortError> {
+    /// mostly those. Only for batches of one generation (a rebuild's): live writes go
+    /// through the guarded script, which checks the generation state.
+    async fn write_newer(
+        &mut self,
+        generation: u64,
+        states: &[UserView],
+    ) -> Result<Vec<bool>, PortError> {
         if self.expected.is_some() || states.is_empty() {
             return Ok(vec![false; states.len()]);
         }
@@ -285,14 +268,14 @@ impl UserViewWriter for RedisGenerationWriter {
                 .arg(FILL.get_hash())
                 .arg(2 * chunk.len());
             for state in chunk {
-                call.arg(redis_user_key(&self.prefix, self.generation, state.id))
-                    .arg(self.email_key(state));
+                call.arg(redis_user_key(&self.views.prefix, generation, state.id))
+                    .arg(self.email_key(generation, state));
             }
             for state in chunk {
                 call.arg(document(state)?).arg(state.id.to_string());
             }
         }
-        let outcomes = query_scripts(&self.conn, &FILL, &pipe).await?;
+        let outcomes = query_scripts(&self.views.conn, &FILL, &pipe).await?;
         Ok(one_per_user(outcomes, states.len())?
             .into_iter()
             .map(|o| o == 1)
@@ -300,17 +283,19 @@ impl UserViewWriter for RedisGenerationWriter {
     }
 
     /// One pipeline of the guarded script, a call per `USERS_PER_CALL` users.
-    async fn replace_many(
-        &self,
+    async fn replace(
+        &mut self,
+        generation: u64,
         changes: &[(Option<UserView>, UserView)],
-    ) -> Result<Vec<bool>, PortError> {
+    ) -> Result<Written, PortError> {
         if changes.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Written::Users(Vec::new()));
         }
+        let prefix = &self.views.prefix;
         let (building_key, active_key, expected_building, expected_active) = match self.expected {
             Some(state) => (
-                redis_building_key(&self.prefix),
-                redis_active_key(&self.prefix),
+                redis_building_key(prefix),
+                redis_active_key(prefix),
                 state.building.map(|b| b.to_string()).unwrap_or_default(),
                 state.active.to_string(),
             ),
@@ -327,12 +312,12 @@ impl UserViewWriter for RedisGenerationWriter {
             for (previous, next) in chunk {
                 let old_email = match previous {
                     Some(p) if !p.deleted && (p.email != next.email || next.deleted) => {
-                        redis_email_key(&self.prefix, self.generation, &p.email)
+                        redis_email_key(prefix, generation, &p.email)
                     }
                     _ => String::new(),
                 };
-                call.arg(redis_user_key(&self.prefix, self.generation, next.id))
-                    .arg(self.email_key(next))
+                call.arg(redis_user_key(prefix, generation, next.id))
+                    .arg(self.email_key(generation, next))
                     .arg(old_email);
             }
             call.arg(&expected_building).arg(&expected_active);
@@ -347,27 +332,36 @@ impl UserViewWriter for RedisGenerationWriter {
         // date after it; only a document written is remembered again.
         if let Some(mut remembered) = self.remembered() {
             for (_, next) in changes {
-                remembered.views.remove(&(self.generation, next.id));
+                remembered.views.remove(&(generation, next.id));
             }
         }
-        let outcomes = query_scripts(&self.conn, &REPLACE, &pipe).await?;
-        // The state moved: a call answers only that.
+        let outcomes = query_scripts(&self.views.conn, &REPLACE, &pipe).await?;
+        // The state moved: a call answers only that. The next live batch reads it again.
         if outcomes.contains(&-2) {
-            self.moved.store(true, std::sync::atomic::Ordering::Relaxed);
-            return Err(PortError::Unavailable(
-                "the view's generations changed during the write".into(),
-            ));
+            *self.views.known.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            return Ok(Written::GenerationsMoved);
         }
         let outcomes = one_per_user(outcomes, changes.len())?;
         if let Some(mut remembered) = self.remembered() {
             for ((_, next), outcome) in changes.iter().zip(&outcomes) {
                 if *outcome == 1 {
-                    remembered.remember(self.generation, next.clone());
+                    remembered.remember(generation, next.clone());
                 }
             }
         }
-        Ok(outcomes.into_iter().map(|o| o >= 0).collect())
+        Ok(Written::Users(
+            outcomes.into_iter().map(|o| o >= 0).collect(),
+        ))
     }
+
+    async fn commit(self: Box<Self>, _offsets: &Offsets) -> Result<(), PortError> {
+        Ok(())
+    }
+}
+
+/// A stored user document.
+fn parse_document(doc: &str) -> Result<UserView, PortError> {
+    serde_json::from_str(doc).map_err(|e| PortError::Internal(format!("user document: {e}")))
 }
 
 /// The Redis user view with its generations.
@@ -414,16 +408,11 @@ impl RedisUserViews {
         Ok(Self::with_connection(conn, prefix.into()))
     }
 
-    /// A writer of one generation.
-    pub fn writer(&self, generation: u64) -> RedisGenerationWriter {
-        RedisGenerationWriter {
-            conn: self.conn.clone(),
-            prefix: self.prefix.clone(),
-            generation,
-            expected: None,
-            moved: Default::default(),
-            remembered: None,
-        }
+    /// A user's document in one generation, as stored (tombstones included).
+    pub async fn document(&self, generation: u64, id: Uuid) -> Result<Option<UserView>, PortError> {
+        let key = redis_user_key(&self.prefix, generation, id);
+        let doc: Option<String> = self.conn.clone().get(key).await.map_err(unavailable)?;
+        doc.as_deref().map(parse_document).transpose()
     }
 
     /// Succeeds when Redis answers.
@@ -437,7 +426,7 @@ impl RedisUserViews {
 }
 
 #[async_trait]
-impl Generational for RedisUserViews {
+impl ViewStore for RedisUserViews {
     fn name(&self) -> &str {
         "users-redis"
     }
@@ -487,69 +476,30 @@ impl Generational for RedisUserViews {
             .map_err(unavailable)
     }
 
-    async fn apply(
-        &self,
-        generation: u64,
-        events: &[EventEnvelope],
-        _offsets: Option<&Offsets>,
-        log: Arc<dyn EventLog>,
-    ) -> Result<(), ProjectionError> {
-        // Kafka keeps this projection's offsets; each script is atomic and idempotent.
-        UserProjector::new(Arc::new(self.writer(generation)), log)
-            .apply_batch(events)
-            .await
-    }
-
-    async fn write_states(
-        &self,
-        generation: u64,
-        states: &[UserView],
-    ) -> Result<(), ProjectionError> {
-        UserProjector::without_log(Arc::new(self.writer(generation)))
-            .apply_states(states)
-            .await
-    }
-
-    /// Every write carries the generation state it was made for, and the script refuses
-    /// it once `begin` or `switch` changed that state: the batch is then written again for
-    /// the new state (each write is idempotent). Users are folded on the documents these
-    /// writes wrote last where they are remembered (see `Remembered`).
-    async fn apply_live(
-        &self,
-        events: &[EventEnvelope],
-        _offsets: &Offsets,
-        log: Arc<dyn EventLog>,
-    ) -> Result<(), ProjectionError> {
-        let known = *self.known.lock().unwrap_or_else(|e| e.into_inner());
-        let mut cached = known;
-        'attempts: for _ in 0..MAX_STATE_MOVES {
-            let state = match cached.take() {
-                Some(state) => state,
-                None => {
-                    let state = self.state().await.map_err(ProjectionError::View)?;
-                    *self.known.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
-                    state
-                }
-            };
-            for generation in state.targets() {
-                let writer = Arc::new(RedisGenerationWriter {
-                    expected: Some(state),
-                    remembered: Some(self.remembered.clone()),
-                    ..self.writer(generation)
-                });
-                match UserProjector::new(writer.clone(), log.clone())
-                    .apply_batch(events)
-                    .await
-                {
-                    Ok(()) => {}
-                    Err(_) if writer.state_moved() => continue 'attempts,
-                    Err(e) => return Err(e),
-                }
+    /// A live batch carries the generation state it was opened with (as live writes last
+    /// found it: no round trip when known) into every script, which refuses it once `begin`
+    /// or `switch` changed that state; users are folded on the documents live writes wrote
+    /// last where they are remembered (see `Remembered`).
+    async fn open(&self, scope: Scope) -> Result<Box<dyn ViewBatch + '_>, PortError> {
+        let (generations, expected) = match scope {
+            Scope::Live => {
+                let known = *self.known.lock().unwrap_or_else(|e| e.into_inner());
+                let state = match known {
+                    Some(state) => state,
+                    None => {
+                        let state = self.state().await?;
+                        *self.known.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
+                        state
+                    }
+                };
+                (state.targets(), Some(state))
             }
-            return Ok(());
-        }
-        Err(ProjectionError::View(PortError::Unavailable(
-            "the view's generations kept changing".into(),
-        )))
+            Scope::Generation(g) => (vec![g], None),
+        };
+        Ok(Box::new(RedisBatch {
+            views: self,
+            generations,
+            expected,
+        }))
     }
 }

@@ -2,18 +2,15 @@
 //! `read_users`; a batch's rows and the projection's checkpoint change in one transaction.
 
 use async_trait::async_trait;
-use pcf_domain::ports::{EventLog, PortError};
+use pcf_domain::ports::PortError;
 use pcf_domain::read_model::{sql_table, SQL_VIEW};
-use pcf_domain::{EventEnvelope, UserView};
+use pcf_domain::UserView;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::HashMap;
-use std::sync::Arc;
-use tokio::sync::Mutex;
 use uuid::Uuid;
 
-use crate::generations::{GenerationState, Generational, Offsets};
-use crate::projector::{ProjectionError, UserProjector, UserViewWriter};
+use crate::store::{GenerationState, Offsets, Scope, ViewBatch, ViewStore, Written};
 
 const NAME: &str = "users-sql";
 
@@ -47,32 +44,28 @@ fn row_to_view(row: &PgRow) -> Result<UserView, sqlx::Error> {
     })
 }
 
-/// Writes one generation inside a transaction (shared with the other generations' writers
-/// of the same batch).
-struct TxWriter {
-    tx: Arc<Mutex<Transaction<'static, Postgres>>>,
-    table: String,
+/// A batch of writes in one transaction on the primary: its rows and its checkpoints
+/// commit together.
+struct SqlBatch {
+    tx: Transaction<'static, Postgres>,
+    generations: Vec<u64>,
 }
 
 #[async_trait]
-impl UserViewWriter for TxWriter {
-    async fn current(&self, id: Uuid) -> Result<Option<UserView>, PortError> {
-        let mut tx = self.tx.lock().await;
-        let sql = format!("SELECT * FROM {} WHERE id = $1", self.table);
-        let row = sqlx::query(&sql)
-            .bind(id)
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(db)?;
-        row.map(|r| row_to_view(&r)).transpose().map_err(db)
+impl ViewBatch for SqlBatch {
+    fn generations(&self) -> &[u64] {
+        &self.generations
     }
 
-    async fn current_many(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, UserView>, PortError> {
-        let mut tx = self.tx.lock().await;
-        let sql = format!("SELECT * FROM {} WHERE id = ANY($1)", self.table);
+    async fn load(
+        &mut self,
+        generation: u64,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, UserView>, PortError> {
+        let sql = format!("SELECT * FROM {} WHERE id = ANY($1)", sql_table(generation));
         let rows = sqlx::query(&sql)
             .bind(ids)
-            .fetch_all(&mut **tx)
+            .fetch_all(&mut *self.tx)
             .await
             .map_err(db)?;
         rows.iter()
@@ -81,20 +74,13 @@ impl UserViewWriter for TxWriter {
             .map_err(db)
     }
 
-    async fn replace(
-        &self,
-        previous: Option<&UserView>,
-        next: &UserView,
-    ) -> Result<bool, PortError> {
-        let written = self
-            .replace_many(&[(previous.cloned(), next.clone())])
-            .await?;
-        Ok(written.first().copied().unwrap_or(false))
-    }
-
     /// One statement: each state is inserted, or replaces a row at an older version (the
-    /// columns are bound as for `replace_many`; the versions folded from go unread).
-    async fn write_newer(&self, states: &[UserView]) -> Result<Vec<bool>, PortError> {
+    /// columns are bound as for `replace`; the versions folded from go unread).
+    async fn write_newer(
+        &mut self,
+        generation: u64,
+        states: &[UserView],
+    ) -> Result<Vec<bool>, PortError> {
         if states.is_empty() {
             return Ok(Vec::new());
         }
@@ -115,25 +101,26 @@ impl UserViewWriter for TxWriter {
                 updated_at = EXCLUDED.updated_at, version = EXCLUDED.version, \
                 deleted = EXCLUDED.deleted \
              WHERE u.version < EXCLUDED.version",
-            t = self.table
+            t = sql_table(generation)
         );
-        let mut tx = self.tx.lock().await;
         columns
             .bind(sqlx::query(&sql))
-            .execute(&mut **tx)
+            .execute(&mut *self.tx)
             .await
             .map_err(db)?;
         Ok(vec![true; states.len()])
     }
 
     /// One statement for the whole batch: rows whose stored version is still the one they
-    /// were folded from are updated, new ones inserted where still absent.
-    async fn replace_many(
-        &self,
+    /// were folded from are updated, new ones inserted where still absent. A live batch
+    /// holds the generations lock, so its state cannot move.
+    async fn replace(
+        &mut self,
+        generation: u64,
         changes: &[(Option<UserView>, UserView)],
-    ) -> Result<Vec<bool>, PortError> {
+    ) -> Result<Written, PortError> {
         if changes.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Written::Users(Vec::new()));
         }
         let columns = Columns::of(
             changes
@@ -162,22 +149,49 @@ impl UserViewWriter for TxWriter {
                 RETURNING id \
              ) \
              SELECT id FROM updated UNION ALL SELECT id FROM inserted",
-            t = self.table
+            t = sql_table(generation)
         );
-        let mut tx = self.tx.lock().await;
         let written: std::collections::HashSet<Uuid> = columns
             .bind(sqlx::query(&sql))
-            .fetch_all(&mut **tx)
+            .fetch_all(&mut *self.tx)
             .await
             .map_err(db)?
             .iter()
             .map(|row| row.try_get::<Uuid, _>(0))
             .collect::<Result<_, _>>()
             .map_err(db)?;
-        Ok(changes
-            .iter()
-            .map(|(_, next)| written.contains(&next.id))
-            .collect())
+        Ok(Written::Users(
+            changes
+                .iter()
+                .map(|(_, next)| written.contains(&next.id))
+                .collect(),
+        ))
+    }
+
+    /// Records `offsets` for every generation of the batch, then commits.
+    async fn commit(mut self: Box<Self>, offsets: &Offsets) -> Result<(), PortError> {
+        if !offsets.is_empty() {
+            let partitions: Vec<i32> = offsets.iter().map(|(p, _)| *p).collect();
+            let next: Vec<i64> = offsets.iter().map(|(_, o)| *o).collect();
+            for generation in &self.generations {
+                sqlx::query(
+                    "INSERT INTO projection_checkpoints \
+                        (projection, generation, partition, next_offset) \
+                     SELECT $1, $2, p, o FROM UNNEST($3::integer[], $4::bigint[]) AS c (p, o) \
+                     ON CONFLICT (projection, generation, partition) \
+                     DO UPDATE SET next_offset = GREATEST(projection_checkpoints.next_offset, \
+                     EXCLUDED.next_offset), updated_at = now()",
+                )
+                .bind(NAME)
+                .bind(*generation as i64)
+                .bind(&partitions)
+                .bind(&next)
+                .execute(&mut *self.tx)
+                .await
+                .map_err(db)?;
+            }
+        }
+        self.tx.commit().await.map_err(db)
     }
 }
 
@@ -286,7 +300,7 @@ impl SqlUserViews {
 }
 
 #[async_trait]
-impl Generational for SqlUserViews {
+impl ViewStore for SqlUserViews {
     fn name(&self) -> &str {
         NAME
     }
@@ -375,56 +389,23 @@ impl Generational for SqlUserViews {
         Ok(())
     }
 
-    async fn apply(
-        &self,
-        generation: u64,
-        events: &[EventEnvelope],
-        offsets: Option<&Offsets>,
-        log: Arc<dyn EventLog>,
-    ) -> Result<(), ProjectionError> {
-        let tx = Arc::new(Mutex::new(self.pool.begin().await.map_err(view_error)?));
-        self.apply_in(&tx, generation, events, offsets, &log)
-            .await?;
-        commit(tx).await
-    }
-
-    async fn write_states(
-        &self,
-        generation: u64,
-        states: &[UserView],
-    ) -> Result<(), ProjectionError> {
-        let tx = Arc::new(Mutex::new(self.pool.begin().await.map_err(view_error)?));
-        let writer = Arc::new(TxWriter {
-            tx: tx.clone(),
-            table: sql_table(generation),
-        });
-        UserProjector::without_log(writer)
-            .apply_states(states)
-            .await?;
-        commit(tx).await
-    }
-
-    async fn apply_live(
-        &self,
-        events: &[EventEnvelope],
-        offsets: &Offsets,
-        log: Arc<dyn EventLog>,
-    ) -> Result<(), ProjectionError> {
-        let mut tx = self.pool.begin().await.map_err(view_error)?;
-        // The lock first, then the state, in statements of their own: the state is read
-        // with a snapshot taken after any `begin` or `switch` it waited for.
-        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
-            .bind(GENERATIONS_LOCK)
-            .execute(&mut *tx)
-            .await
-            .map_err(view_error)?;
-        let state = read_state(&mut *tx).await.map_err(ProjectionError::View)?;
-        let tx = Arc::new(Mutex::new(tx));
-        for generation in state.targets() {
-            self.apply_in(&tx, generation, events, Some(offsets), &log)
-                .await?;
-        }
-        commit(tx).await
+    /// A live batch takes the generations lock (shared) and then reads the state, in
+    /// statements of their own: the state is read with a snapshot taken after any `begin`
+    /// or `switch` it waited for, and none can happen until the batch ends.
+    async fn open(&self, scope: Scope) -> Result<Box<dyn ViewBatch + '_>, PortError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let generations = match scope {
+            Scope::Live => {
+                sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+                    .bind(GENERATIONS_LOCK)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                read_state(&mut *tx).await?.targets()
+            }
+            Scope::Generation(g) => vec![g],
+        };
+        Ok(Box::new(SqlBatch { tx, generations }))
     }
 }
 
@@ -494,10 +475,6 @@ async fn build_secondary_indexes(pool: &PgPool, table: &str) -> Result<(), PortE
     Ok(())
 }
 
-fn view_error(e: sqlx::Error) -> ProjectionError {
-    ProjectionError::View(db(e))
-}
-
 async fn read_state(executor: impl sqlx::PgExecutor<'_>) -> Result<GenerationState, PortError> {
     let (active, building): (i64, Option<i64>) =
         sqlx::query_as("SELECT active, building FROM projection_generations WHERE projection = $1")
@@ -509,55 +486,4 @@ async fn read_state(executor: impl sqlx::PgExecutor<'_>) -> Result<GenerationSta
         active: active as u64,
         building: building.map(|b| b as u64),
     })
-}
-
-async fn commit(tx: Arc<Mutex<Transaction<'static, Postgres>>>) -> Result<(), ProjectionError> {
-    let Ok(tx) = Arc::try_unwrap(tx) else {
-        return Err(ProjectionError::View(PortError::Internal(
-            "transaction still shared after the batch".into(),
-        )));
-    };
-    tx.into_inner().commit().await.map_err(view_error)
-}
-
-impl SqlUserViews {
-    /// Applies a batch to one generation inside `tx`, with the batch's checkpoint.
-    async fn apply_in(
-        &self,
-        tx: &Arc<Mutex<Transaction<'static, Postgres>>>,
-        generation: u64,
-        events: &[EventEnvelope],
-        offsets: Option<&Offsets>,
-        log: &Arc<dyn EventLog>,
-    ) -> Result<(), ProjectionError> {
-        let writer = Arc::new(TxWriter {
-            tx: tx.clone(),
-            table: sql_table(generation),
-        });
-        UserProjector::new(writer, log.clone())
-            .apply_batch(events)
-            .await?;
-        let offsets = offsets.unwrap_or_default();
-        if offsets.is_empty() {
-            return Ok(());
-        }
-        let partitions: Vec<i32> = offsets.iter().map(|(p, _)| *p).collect();
-        let next: Vec<i64> = offsets.iter().map(|(_, o)| *o).collect();
-        let mut tx = tx.lock().await;
-        sqlx::query(
-            "INSERT INTO projection_checkpoints (projection, generation, partition, next_offset) \
-             SELECT $1, $2, p, o FROM UNNEST($3::integer[], $4::bigint[]) AS c (p, o) \
-             ON CONFLICT (projection, generation, partition) \
-             DO UPDATE SET next_offset = GREATEST(projection_checkpoints.next_offset, \
-             EXCLUDED.next_offset), updated_at = now()",
-        )
-        .bind(NAME)
-        .bind(generation as i64)
-        .bind(&partitions)
-        .bind(&next)
-        .execute(&mut **tx)
-        .await
-        .map_err(view_error)?;
-        Ok(())
-    }
 }

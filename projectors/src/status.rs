@@ -9,11 +9,13 @@ use std::time::Duration;
 /// One partition of a projection's consumer group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionLag {
+    /// The partition's number.
     pub partition: i32,
     /// The next offset the group will read (`None`: nothing committed yet).
     pub committed: Option<i64>,
     /// The partition's end.
     pub high: i64,
+    /// Messages not yet committed by the group.
     pub lag: i64,
 }
 
