@@ -6,9 +6,10 @@
 //! subscriber and starts again, from the end of the log, with the next; a first (empty)
 //! batch at such a start sends every subscriber back to the store once (they all joined
 //! while it was stopped, and may have replayed only up to a point before its start).
+//! Both the tail and a subscriber's replay read the log with `LogPages`.
 
 use futures::stream::{self, BoxStream, StreamExt};
-use pcf_domain::ports::{EventLog, LogQuery};
+use pcf_domain::ports::{EventLog, LogPages};
 use pcf_domain::{EventEnvelope, Position};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +35,9 @@ pub struct LiveLog {
 /// Which events a subscriber wants.
 #[derive(Debug, Clone, Default)]
 pub struct LiveFilter {
+    /// Only this user's events.
     pub aggregate_id: Option<Uuid>,
+    /// Only events of these types (all when empty).
     pub types: Vec<String>,
 }
 
@@ -64,24 +67,24 @@ impl LiveLog {
         });
         let alive = Arc::downgrade(&live);
         tokio::spawn(async move {
-            // Where the next read starts; `None` while idle: the tail starts again from the
+            // The tail's reading of the log; `None` while idle: the tail starts again from the
             // end of the log (subscribers replay whatever lies between).
-            let mut after: Option<Position> = None;
+            let mut tail: Option<LogPages> = None;
             loop {
                 if alive.strong_count() == 0 {
                     // Nobody can subscribe any more.
                     return;
                 }
                 if batches.receiver_count() == 0 {
-                    after = None;
+                    tail = None;
                     tokio::select! {
                         _ = joined.notified() => {}
                         _ = tokio::time::sleep(poll) => {}
                     }
                     continue;
                 }
-                let from = match after {
-                    Some(p) => p,
+                let pages = match &mut tail {
+                    Some(pages) => pages,
                     None => match log.last_position().await {
                         Ok(p) => {
                             // Whoever joined while the tail was stopped may have replayed
@@ -90,7 +93,11 @@ impl LiveLog {
                                 first: true,
                                 events: Vec::new(),
                             }));
-                            p.unwrap_or(Position::START)
+                            tail.insert(LogPages::new(
+                                log.clone(),
+                                p.unwrap_or(Position::START),
+                                BATCH,
+                            ))
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "live tail could not find the end of the log");
@@ -99,16 +106,9 @@ impl LiveLog {
                         }
                     },
                 };
-                after = Some(from);
-                let query = LogQuery {
-                    after: Some(from),
-                    limit: BATCH,
-                    ..LogQuery::default()
-                };
-                match log.read(&query).await {
+                match pages.next_page().await {
                     Ok(events) if !events.is_empty() => {
-                        after = events.last().map(|e| e.position);
-                        let full = events.len() == BATCH;
+                        let full = events.len() == pages.page_size();
                         // A send fails only when the last subscriber left meanwhile.
                         let _ = batches.send(Arc::new(Batch {
                             first: false,
@@ -149,6 +149,7 @@ impl LiveLog {
             live: self.clone(),
             rx,
             last: after,
+            replay: None,
             replaying: true,
             filter,
         };
@@ -167,6 +168,8 @@ struct Subscriber {
     /// The last position delivered (or skipped as not matching); `None` until a stream
     /// "from now on" has found the end of the log.
     last: Option<Position>,
+    /// The replay's reading of the store, from `last` on, while replaying.
+    replay: Option<LogPages>,
     replaying: bool,
     filter: LiveFilter,
 }
@@ -186,21 +189,22 @@ impl Subscriber {
             },
         };
         if self.replaying {
-            let query = LogQuery {
-                after: Some(last),
-                aggregate_id: self.filter.aggregate_id,
-                types: self.filter.types.clone(),
-                limit: BATCH,
-            };
-            match self.live.log.read(&query).await {
+            let replay = self.replay.get_or_insert_with(|| {
+                let mut pages = LogPages::new(self.live.log.clone(), last, BATCH)
+                    .of_types(self.filter.types.clone());
+                if let Some(id) = self.filter.aggregate_id {
+                    pages = pages.of_user(id);
+                }
+                pages
+            });
+            match replay.next_page().await {
                 Ok(events) => {
-                    if events.len() < BATCH {
+                    self.last = Some(last.max(replay.position()));
+                    if events.len() < replay.page_size() {
                         // Caught up: what commits from here on arrives through the
                         // broadcast, which this subscriber joined before reading the store.
                         self.replaying = false;
-                    }
-                    if let Some(e) = events.last() {
-                        self.last = Some(last.max(e.position));
+                        self.replay = None;
                     }
                     return Some(events);
                 }
@@ -244,7 +248,7 @@ impl Subscriber {
 mod tests {
     use super::*;
     use async_trait::async_trait;
-    use pcf_domain::ports::PortError;
+    use pcf_domain::ports::{LogQuery, PortError};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
@@ -501,5 +505,35 @@ mod tests {
         expected.push(s.commit(user).position);
         got.extend(take(&mut stream, 3).await);
         assert_eq!(got, expected);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replay_from_a_position_pages_through_the_store_in_order() {
+        let s = setup();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        // More than two pages of a's events, between b's.
+        let events: Vec<EventEnvelope> = (0..1800)
+            .map(|i| s.log.append(if i % 3 == 0 { b } else { a }))
+            .collect();
+        let from = events[100].position;
+        let expected: Vec<Position> = events[101..]
+            .iter()
+            .filter(|e| e.aggregate_id == a)
+            .map(|e| e.position)
+            .collect();
+        assert!(expected.len() > 2 * BATCH);
+        let mut stream = s.live.stream(
+            Some(from),
+            LiveFilter {
+                aggregate_id: Some(a),
+                types: Vec::new(),
+            },
+        );
+        let got = take(&mut stream, expected.len()).await;
+        assert_eq!(got, expected);
+        // Then live, after the replay.
+        s.commit(b);
+        let next_a = s.commit(a);
+        assert_eq!(take(&mut stream, 1).await, [next_a.position]);
     }
 }
