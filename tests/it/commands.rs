@@ -2,10 +2,8 @@
 //! concurrency with and without `expectedVersion`, idempotent command ids (and their
 //! expiry), and rejected commands that write nothing.
 
-mod common;
-
+use crate::support::*;
 use axum::http::StatusCode;
-use common::*;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -62,17 +60,17 @@ async fn concurrent_creates_of_one_email_in_different_cases_let_exactly_one_succ
         .enumerate()
         .map(|(i, email)| {
             let router = app.router();
-            spawn(async move {
+            tokio::spawn(async move {
                 let vars =
                     json!({ "input": { "email": email, "displayName": format!("Casey {i}") } });
-                gql_on(&router, CREATE_USER, vars).await
+                admin_gql(&router, CREATE_USER, vars).await
             })
         })
         .collect();
     let mut winners = Vec::new();
     let mut taken = 0;
     for task in tasks {
-        let (status, body) = task.await.expect("request task");
+        let Resp { status, body, .. } = task.await.expect("request task");
         assert_eq!(status, StatusCode::OK, "{body}");
         if body.get("errors").is_none() {
             winners.push(body["data"]["createUser"].clone());
@@ -95,13 +93,13 @@ async fn concurrent_creates_of_one_email_in_different_cases_let_exactly_one_succ
     assert_eq!(events[0].payload["email"], "casey.jones@example.com");
 }
 
-async fn change_email(app: &TestApp, id: Uuid, email: &str) -> (StatusCode, Value) {
-    app.gql(CHANGE_EMAIL, json!({ "id": id, "email": email }))
+async fn change_email(app: &TestApp, id: Uuid, email: &str) -> Resp {
+    app.admin_gql(CHANGE_EMAIL, json!({ "id": id, "email": email }))
         .await
 }
 
-async fn try_create(app: &TestApp, email: &str) -> (StatusCode, Value) {
-    app.gql(
+async fn try_create(app: &TestApp, email: &str) -> Resp {
+    app.admin_gql(
         CREATE_USER,
         json!({ "input": { "email": email, "displayName": "Someone" } }),
     )
@@ -109,22 +107,22 @@ async fn try_create(app: &TestApp, email: &str) -> (StatusCode, Value) {
 }
 
 async fn an_email_is_taken_until_its_account_is_deleted_or_changes_email(app: &TestApp) {
-    let ada = id_of(&app.create_user("ada@example.com", "Ada").await);
-    let bob = id_of(&app.create_user("bob@example.com", "Bob").await);
+    let ada = app.create_user_unsettled("ada@example.com", "Ada").await.0;
+    let bob = app.create_user_unsettled("bob@example.com", "Bob").await.0;
 
     // Taken, in any letter case.
-    let (status, body) = change_email(app, bob, "ADA@Example.com").await;
+    let Resp { status, body, .. } = change_email(app, bob, "ADA@Example.com").await;
     expect_error(status, &body, "EMAIL_TAKEN");
     assert_eq!(app.user_events(bob).await.len(), 1, "nothing written");
-    let (status, body) = try_create(app, "Ada@EXAMPLE.com").await;
+    let Resp { status, body, .. } = try_create(app, "Ada@EXAMPLE.com").await;
     expect_error(status, &body, "EMAIL_TAKEN");
     assert_eq!(app.count_events(None).await, 2, "nothing written");
 
     // Deleting Ada frees her email.
-    let (status, body) = app.gql(DELETE_ACCOUNT, json!({ "id": ada })).await;
+    let Resp { status, body, .. } = app.admin_gql(DELETE_ACCOUNT, json!({ "id": ada })).await;
     assert!(body.get("errors").is_none(), "{status} {body}");
     assert_eq!(body["data"]["deleteAccount"]["version"], 2);
-    let (status, body) = try_create(app, "ADA@example.com").await;
+    let Resp { status, body, .. } = try_create(app, "ADA@example.com").await;
     assert!(body.get("errors").is_none(), "{status} {body}");
     let new_ada = id_of(&body["data"]["createUser"]);
     assert_ne!(new_ada, ada);
@@ -134,18 +132,18 @@ async fn an_email_is_taken_until_its_account_is_deleted_or_changes_email(app: &T
     );
 
     // Bob changes email: his old one becomes free, the new one is taken.
-    let (status, body) = change_email(app, bob, "Robert@Example.com").await;
+    let Resp { status, body, .. } = change_email(app, bob, "Robert@Example.com").await;
     assert!(body.get("errors").is_none(), "{status} {body}");
     assert_eq!(body["data"]["changeEmail"]["version"], 2);
     assert_eq!(
         body["data"]["changeEmail"]["user"]["email"],
         "robert@example.com"
     );
-    let (status, body) = try_create(app, "robert@example.com").await;
+    let Resp { status, body, .. } = try_create(app, "robert@example.com").await;
     expect_error(status, &body, "EMAIL_TAKEN");
-    let (status, body) = change_email(app, new_ada, "ROBERT@example.com").await;
+    let Resp { status, body, .. } = change_email(app, new_ada, "ROBERT@example.com").await;
     expect_error(status, &body, "EMAIL_TAKEN");
-    let (status, body) = try_create(app, "bob@example.com").await;
+    let Resp { status, body, .. } = try_create(app, "bob@example.com").await;
     assert!(body.get("errors").is_none(), "{status} {body}");
 
     // Created Ada, Bob, Ada again, Bob's successor; deleted one; changed one email.
@@ -154,10 +152,10 @@ async fn an_email_is_taken_until_its_account_is_deleted_or_changes_email(app: &T
 }
 
 async fn a_stale_expected_version_is_a_conflict_and_writes_nothing(app: &TestApp) {
-    let created = app.create_user("vera@example.com", "Vera").await;
+    let (_, created) = app.create_user_unsettled("vera@example.com", "Vera").await;
     let id = id_of(&created);
-    let (_, body) = app
-        .gql(
+    let Resp { body, .. } = app
+        .admin_gql(
             UPDATE_PROFILE,
             json!({ "id": id, "input": { "displayName": "Vera V" }, "expectedVersion": 1 }),
         )
@@ -181,7 +179,7 @@ async fn a_stale_expected_version_is_a_conflict_and_writes_nothing(app: &TestApp
         (DELETE_ACCOUNT, json!({ "id": id, "expectedVersion": 0 })),
     ];
     for (mutation, vars) in stale {
-        let (status, body) = app.gql(mutation, vars.clone()).await;
+        let Resp { status, body, .. } = app.admin_gql(mutation, vars.clone()).await;
         expect_error(status, &body, "CONFLICT");
         assert!(body["data"].is_null(), "{vars}: {body}");
     }
@@ -189,33 +187,37 @@ async fn a_stale_expected_version_is_a_conflict_and_writes_nothing(app: &TestApp
     let events = app.user_events(id).await;
     assert_eq!(events.len(), 2, "nothing written by the conflicts");
     assert_eq!(app.count_events(None).await, 2);
-    let (_, body) = app.gql(USER, json!({ "id": id, "minVersion": 2 })).await;
+    let Resp { body, .. } = app
+        .admin_gql(USER, json!({ "id": id, "minVersion": 2 }))
+        .await;
     assert_eq!(body["data"]["user"]["version"], 2, "{body}");
     assert_eq!(body["data"]["user"]["displayName"], "Vera V");
     assert_eq!(body["data"]["user"]["bio"], Value::Null);
     assert_eq!(body["data"]["user"]["email"], "vera@example.com");
     // The email was not claimed by the refused change.
-    let (_, body) = try_create(app, "vera2@example.com").await;
+    let Resp { body, .. } = try_create(app, "vera2@example.com").await;
     assert!(body.get("errors").is_none(), "{body}");
 }
 
 /// Sends 20 `updateProfile`s with distinct display names at once, spread over `routers`
 /// in turn, and checks that all succeed and the user's log is exactly 1..=21.
 async fn twenty_concurrent_updates(app: &TestApp, routers: Vec<axum::Router>) {
-    let created = app.create_user("paula@example.com", "Paula").await;
+    let (_, created) = app
+        .create_user_unsettled("paula@example.com", "Paula")
+        .await;
     let id = id_of(&created);
     let tasks: Vec<_> = (0..20)
         .map(|i| {
             let router = routers[i % routers.len()].clone();
-            spawn(async move {
+            tokio::spawn(async move {
                 let vars = json!({ "id": id, "input": { "displayName": format!("Paula {i}") } });
-                gql_on(&router, UPDATE_PROFILE, vars).await
+                admin_gql(&router, UPDATE_PROFILE, vars).await
             })
         })
         .collect();
     let mut versions = BTreeSet::new();
     for task in tasks {
-        let (status, body) = task.await.expect("request task");
+        let Resp { status, body, .. } = task.await.expect("request task");
         assert_eq!(status, StatusCode::OK, "{body}");
         assert!(
             body.get("errors").is_none(),
@@ -255,7 +257,9 @@ async fn twenty_concurrent_updates(app: &TestApp, routers: Vec<axum::Router>) {
         return;
     }
     let last_name = events[20].payload["displayName"].clone();
-    let (_, body) = app.gql(USER, json!({ "id": id, "minVersion": 21 })).await;
+    let Resp { body, .. } = app
+        .admin_gql(USER, json!({ "id": id, "minVersion": 21 }))
+        .await;
     assert_eq!(body["data"]["user"]["version"], 21, "{body}");
     assert_eq!(body["data"]["user"]["displayName"], last_name);
 }
@@ -277,11 +281,11 @@ async fn concurrent_updates_through_two_instances_retry_into_gap_free_sequences(
 async fn two_instances_on_one_database_each_read_their_writes(app: &TestApp) {
     let second = app.another_instance().await;
     let routers = [app.router(), second.router.clone()];
-    let created = app.create_user("iris@example.com", "Iris").await;
+    let (_, created) = app.create_user_unsettled("iris@example.com", "Iris").await;
     let id = id_of(&created);
     for i in 0..6 {
         let router = &routers[i % 2];
-        let (_, body) = gql_on(
+        let Resp { body, .. } = admin_gql(
             router,
             UPDATE_PROFILE,
             json!({ "id": id, "input": { "displayName": format!("Iris {i}") } }),
@@ -292,7 +296,8 @@ async fn two_instances_on_one_database_each_read_their_writes(app: &TestApp) {
         assert_eq!(version, i as i64 + 2);
         // Read your write on the instance that took it, and on the other one.
         for reader in &routers {
-            let (_, body) = gql_on(reader, USER, json!({ "id": id, "minVersion": version })).await;
+            let Resp { body, .. } =
+                admin_gql(reader, USER, json!({ "id": id, "minVersion": version })).await;
             assert_eq!(
                 body["data"]["user"]["version"],
                 version,
@@ -318,12 +323,12 @@ async fn a_state_remembered_by_one_instance_and_changed_by_another_changes_no_an
 ) {
     let second = app.another_instance().await;
     let (first, second_router) = (app.router(), second.router.clone());
-    let created = app.create_user("remy@example.com", "Remy").await;
+    let (_, created) = app.create_user_unsettled("remy@example.com", "Remy").await;
     let id = id_of(&created);
     let update = |router: axum::Router, name: &'static str, expected: Option<i64>| async move {
         let vars =
             json!({ "id": id, "input": { "displayName": name }, "expectedVersion": expected });
-        gql_on(&router, UPDATE_PROFILE, vars).await.1
+        admin_gql(&router, UPDATE_PROFILE, vars).await.body
     };
 
     let body = update(second_router.clone(), "Second", None).await;
@@ -339,7 +344,7 @@ async fn a_state_remembered_by_one_instance_and_changed_by_another_changes_no_an
     // And a stale expected version is still a conflict, decided on the stored user.
     let body = update(first.clone(), "Again", Some(3)).await;
     assert_eq!(error_code(&body), Some("CONFLICT"), "{body}");
-    let (_, body) = gql_on(
+    let Resp { body, .. } = admin_gql(
         &first,
         DELETE_ACCOUNT,
         json!({ "id": id, "expectedVersion": 4 }),
@@ -363,8 +368,8 @@ async fn a_state_remembered_by_one_instance_and_changed_by_another_changes_no_an
 }
 
 async fn create_with_command_id(app: &TestApp, email: &str, command_id: &str) -> Value {
-    let (status, body) = app
-        .gql(
+    let Resp { status, body, .. } = app
+        .admin_gql(
             CREATE_USER,
             json!({ "input": { "email": email, "displayName": "Idem" }, "commandId": command_id }),
         )
@@ -395,18 +400,18 @@ async fn concurrent_creates_with_one_command_id_return_one_result_and_append_onc
         .map(|_| {
             let router = app.router();
             let command_id = command_id.clone();
-            spawn(async move {
+            tokio::spawn(async move {
                 let vars = json!({
                     "input": { "email": "Idem.Two@example.com", "displayName": "Idem" },
                     "commandId": command_id,
                 });
-                gql_on(&router, CREATE_USER, vars).await
+                admin_gql(&router, CREATE_USER, vars).await
             })
         })
         .collect();
     let mut payloads = Vec::new();
     for task in tasks {
-        let (status, body) = task.await.expect("request task");
+        let Resp { status, body, .. } = task.await.expect("request task");
         assert_eq!(status, StatusCode::OK, "{body}");
         assert!(
             body.get("errors").is_none(),
@@ -430,8 +435,8 @@ async fn update_with_command_id(
     name: &str,
     command_id: Option<&str>,
 ) -> Value {
-    let (status, body) = app
-        .gql(
+    let Resp { status, body, .. } = app
+        .admin_gql(
             UPDATE_PROFILE,
             json!({ "id": id, "input": { "displayName": name }, "commandId": command_id }),
         )
@@ -442,7 +447,7 @@ async fn update_with_command_id(
 }
 
 async fn a_repeated_update_command_id_returns_the_first_result_and_appends_once(app: &TestApp) {
-    let id = id_of(&app.create_user("uma@example.com", "Uma").await);
+    let id = app.create_user_unsettled("uma@example.com", "Uma").await.0;
     let command_id = Uuid::new_v4().to_string();
     let first = update_with_command_id(app, id, "Uma A", Some(&command_id)).await;
     assert_eq!(version_of(&first), 2);
@@ -464,17 +469,17 @@ async fn a_repeated_update_command_id_returns_the_first_result_and_appends_once(
         .map(|_| {
             let router = app.router();
             let command_id = command_id.clone();
-            spawn(async move {
+            tokio::spawn(async move {
                 let vars = json!({
                     "id": id, "input": { "displayName": "Uma C" }, "commandId": command_id,
                 });
-                gql_on(&router, UPDATE_PROFILE, vars).await
+                admin_gql(&router, UPDATE_PROFILE, vars).await
             })
         })
         .collect();
     let mut payloads = Vec::new();
     for task in tasks {
-        let (_, body) = task.await.expect("request task");
+        let Resp { body, .. } = task.await.expect("request task");
         assert!(body.get("errors").is_none(), "{body}");
         payloads.push(body["data"]["updateProfile"].clone());
     }
@@ -536,7 +541,7 @@ async fn a_command_id_answers_for_24_hours_then_runs_its_command_again(app: &Tes
         Duration::from_secs(24 * 3600),
         "the retention docs/events.md states"
     );
-    let id = id_of(&app.create_user("uma@example.com", "Uma").await);
+    let id = app.create_user_unsettled("uma@example.com", "Uma").await.0;
     let command_id = Uuid::new_v4().to_string();
     let first = update_with_command_id(app, id, "Uma A", Some(&command_id)).await;
     assert_eq!(version_of(&first), 2);
@@ -567,8 +572,8 @@ async fn a_command_id_answers_for_24_hours_then_runs_its_command_again(app: &Tes
     let signup = Uuid::new_v4().to_string();
     create_with_command_id(app, "exp@example.com", &signup).await;
     backdate_command(app, &signup, 25).await;
-    let (status, body) = app
-        .gql(
+    let Resp { status, body, .. } = app
+        .admin_gql(
             CREATE_USER,
             json!({ "input": { "email": "exp@example.com", "displayName": "Idem" },
                     "commandId": signup }),
@@ -582,7 +587,7 @@ async fn a_command_id_answers_for_24_hours_then_runs_its_command_again(app: &Tes
 
 async fn pruning_removes_only_expired_command_ids(app: &TestApp) {
     let store = &app.app().store;
-    let id = id_of(&app.create_user("pru@example.com", "Pru").await);
+    let id = app.create_user_unsettled("pru@example.com", "Pru").await.0;
     let old = Uuid::new_v4().to_string();
     let fresh = Uuid::new_v4().to_string();
     update_with_command_id(app, id, "Pru A", Some(&old)).await;
@@ -620,7 +625,7 @@ async fn expect_rejected(
     field: Option<&str>,
 ) {
     let before = app.count_events(None).await;
-    let (status, body) = app.gql(mutation, vars.clone()).await;
+    let Resp { status, body, .. } = app.admin_gql(mutation, vars.clone()).await;
     expect_error(status, &body, code);
     assert_eq!(error_field(&body), field, "{vars}: {body}");
     assert!(body["data"].is_null(), "{vars}: {body}");
@@ -684,11 +689,16 @@ async fn rejected_commands_append_nothing_and_name_the_invalid_field(app: &TestA
     assert_eq!(app.count_events(None).await, 0);
     // None of the refused emails was claimed.
     for email in ["long@example.com", "http@example.com", "bio@example.com"] {
-        let (_, body) = app.gql(USER_BY_EMAIL, json!({ "email": email })).await;
+        let Resp { body, .. } = app
+            .admin_gql(USER_BY_EMAIL, json!({ "email": email }))
+            .await;
         assert_eq!(body["data"]["userByEmail"], Value::Null, "{body}");
     }
 
-    let id = id_of(&app.create_user("rita@example.com", "Rita").await);
+    let id = app
+        .create_user_unsettled("rita@example.com", "Rita")
+        .await
+        .0;
     expect_rejected(
         app,
         UPDATE_PROFILE,
@@ -741,7 +751,7 @@ async fn rejected_commands_append_nothing_and_name_the_invalid_field(app: &TestA
     assert!(app.user_events(unknown).await.is_empty());
     assert_eq!(app.user_events(id).await.len(), 1);
 
-    let (_, body) = app.gql(DELETE_ACCOUNT, json!({ "id": id })).await;
+    let Resp { body, .. } = app.admin_gql(DELETE_ACCOUNT, json!({ "id": id })).await;
     assert!(body.get("errors").is_none(), "{body}");
     expect_rejected(
         app,

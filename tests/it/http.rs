@@ -1,10 +1,8 @@
 //! The HTTP surface, on SQLite and PostgreSQL: bad requests are 400 with a code, the body
 //! limit is 413, health, metrics and GraphiQL answer.
 
-mod common;
-
+use crate::support::*;
 use axum::http::{header, StatusCode};
-use common::*;
 use serde_json::{json, Value};
 
 on_both_backends!(
@@ -21,16 +19,16 @@ on_both_backends!(
     responses_carry_a_correlation_id,
 );
 
-fn parse(body: &[u8]) -> Value {
-    serde_json::from_slice(body)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
-}
-
 /// Asserts a 400 whose only error has `extensions.code` BAD_REQUEST.
 fn expect_bad_request(status: StatusCode, body: &Value) {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(error_code(body), Some("BAD_REQUEST"), "{body}");
     assert!(body["errors"][0]["message"].is_string(), "{body}");
+}
+
+/// `POST /graphql` as an admin, with a body taken as is.
+async fn post_raw(app: &TestApp, body: impl Into<Vec<u8>>) -> Resp {
+    app.send(Gql::raw(body).by_admin()).await
 }
 
 async fn malformed_json_is_a_bad_request(app: &TestApp) {
@@ -40,10 +38,9 @@ async fn malformed_json_is_a_bad_request(app: &TestApp) {
         "",
         "{\"query\": \"{ __typename }\"",
     ] {
-        let (status, body) = app.post_graphql_raw(raw).await;
-        let body = parse(&body);
-        expect_bad_request(status, &body);
-        assert_eq!(body["errors"].as_array().map(Vec::len), Some(1), "{raw}");
+        let r = post_raw(app, raw).await;
+        expect_bad_request(r.status, r.json());
+        assert_eq!(r.body["errors"].as_array().map(Vec::len), Some(1), "{raw}");
     }
     assert_eq!(app.count_events(None).await, 0);
 }
@@ -53,27 +50,27 @@ async fn a_batch_is_refused_with_bad_request(app: &TestApp) {
         { "query": "{ __typename }" },
         { "query": "mutation { createUser(input: {email: \"batch@example.com\", displayName: \"B\"}) { version } }" },
     ]);
-    let (status, body) = app.post_graphql_raw(batch.to_string()).await;
-    expect_bad_request(status, &parse(&body));
+    let r = post_raw(app, batch.to_string()).await;
+    expect_bad_request(r.status, r.json());
     // Nothing in the batch ran.
     assert_eq!(app.count_events(None).await, 0);
-    let (status, body) = app.post_graphql_raw("[]").await;
-    expect_bad_request(status, &parse(&body));
+    let r = post_raw(app, "[]").await;
+    expect_bad_request(r.status, r.json());
 }
 
 async fn a_graphql_syntax_error_is_a_bad_request(app: &TestApp) {
     for query in ["{ user(", "mutation {", "query { user(id: \"1\") { id }"] {
-        let (status, body) = app.gql(query, json!({})).await;
+        let Resp { status, body, .. } = app.admin_gql(query, json!({})).await;
         expect_bad_request(status, &body);
         assert!(body.get("data").is_none_or(Value::is_null), "{body}");
     }
 }
 
 async fn an_unknown_field_is_a_bad_request(app: &TestApp) {
-    let (status, body) = app.gql("{ noSuchField }", json!({})).await;
+    let Resp { status, body, .. } = app.admin_gql("{ noSuchField }", json!({})).await;
     expect_bad_request(status, &body);
-    let (status, body) = app
-        .gql(
+    let Resp { status, body, .. } = app
+        .admin_gql(
             "mutation { createUser(input: {email: \"u@example.com\", displayName: \"U\", nope: 1}) { version } }",
             json!({}),
         )
@@ -83,17 +80,19 @@ async fn an_unknown_field_is_a_bad_request(app: &TestApp) {
 }
 
 async fn a_missing_required_variable_is_a_bad_request(app: &TestApp) {
-    let (status, body) = app.gql(USER, json!({})).await;
+    let Resp { status, body, .. } = app.admin_gql(USER, json!({})).await;
     expect_bad_request(status, &body);
-    let (status, body) = app.gql(CREATE_USER, json!({ "commandId": "x" })).await;
+    let Resp { status, body, .. } = app
+        .admin_gql(CREATE_USER, json!({ "commandId": "x" }))
+        .await;
     expect_bad_request(status, &body);
     assert_eq!(app.count_events(None).await, 0);
 }
 
 async fn a_body_that_is_not_a_graphql_request_is_a_bad_request(app: &TestApp) {
     for raw in ["{\"foo\": 1}", "42", "\"{ __typename }\"", "{\"query\": 7}"] {
-        let (status, body) = app.post_graphql_raw(raw).await;
-        expect_bad_request(status, &parse(&body));
+        let r = post_raw(app, raw).await;
+        expect_bad_request(r.status, r.json());
     }
 }
 
@@ -108,40 +107,46 @@ async fn a_body_over_64_kib_is_payload_too_large(app: &TestApp) {
     };
     let big = padded(64 * 1024 + 1);
     assert_eq!(big.len(), 64 * 1024 + 1);
-    let (status, _) = app.post_graphql_raw(big).await;
-    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
-    let (status, _) = app.post_graphql_raw(padded(1024 * 1024)).await;
-    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let r = post_raw(app, big).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let r = post_raw(app, padded(1024 * 1024)).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
 
     // Just under the limit is served.
     let fits = padded(64 * 1024);
-    let (status, body) = app.post_graphql_raw(fits).await;
-    let body = parse(&body);
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let r = post_raw(app, fits).await;
+    let body = r.json();
+    assert_eq!(r.status, StatusCode::OK, "{body}");
     assert_eq!(body["data"]["__typename"], "Query");
 }
 
 async fn liveness_and_readiness_answer_ok(app: &TestApp) {
-    let (status, _, _) = app.get("/health/live").await;
-    assert_eq!(status, StatusCode::OK);
-    let (status, _, body) = app.get("/health/ready").await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    let body: Value = serde_json::from_str(&body).expect("readiness is JSON");
+    let r = app.get("/health/live").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = app.get("/health/ready").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let body = r.json();
     assert_eq!(body["status"], "ready", "{body}");
-    let (status, _, _) = app.get("/health/nope").await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    let r = app.get("/health/nope").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
 
 async fn metrics_count_commands_and_http_requests(app: &TestApp) {
-    app.create_user("metered@example.com", "Metered").await;
-    let (status, body) = app
-        .gql(
+    app.create_user_unsettled("metered@example.com", "Metered")
+        .await;
+    let Resp { status, body, .. } = app
+        .admin_gql(
             CREATE_USER,
             json!({ "input": { "email": "METERED@example.com", "displayName": "Again" } }),
         )
         .await;
     expect_error(status, &body, "EMAIL_TAKEN");
-    let (status, headers, text) = app.get("/metrics").await;
+    let Resp {
+        status,
+        headers,
+        text,
+        ..
+    } = app.get("/metrics").await;
     assert_eq!(status, StatusCode::OK);
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -175,7 +180,12 @@ async fn metrics_count_commands_and_http_requests(app: &TestApp) {
 }
 
 async fn graphiql_serves_html_in_development(app: &TestApp) {
-    let (status, headers, body) = app.get("/graphiql").await;
+    let Resp {
+        status,
+        headers,
+        text: body,
+        ..
+    } = app.get("/graphiql").await;
     assert_eq!(status, StatusCode::OK);
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -187,40 +197,30 @@ async fn graphiql_serves_html_in_development(app: &TestApp) {
 }
 
 async fn responses_carry_a_correlation_id(app: &TestApp) {
-    let request = axum::http::Request::post("/graphql")
-        .header(header::CONTENT_TYPE, "application/json")
-        .header("x-correlation-id", "test-correlation-1")
-        .header(header::AUTHORIZATION, format!("Bearer {}", admin_token()))
-        .body(axum::body::Body::from(
-            json!({ "query": CREATE_USER, "variables": {
-                "input": { "email": "corr@example.com", "displayName": "Corr" } } })
-            .to_string(),
-        ))
-        .expect("a request");
-    let (status, headers, body) = app.send(request).await;
-    assert_eq!(status, StatusCode::OK);
+    let request = Gql::vars(
+        CREATE_USER,
+        json!({ "input": { "email": "corr@example.com", "displayName": "Corr" } }),
+    )
+    .by_admin()
+    .header("x-correlation-id", "test-correlation-1");
+    let r = app.send(request).await;
+    assert_eq!(r.status, StatusCode::OK);
     assert_eq!(
-        headers
+        r.headers
             .get("x-correlation-id")
             .and_then(|v| v.to_str().ok()),
         Some("test-correlation-1")
     );
-    let body = parse(&body);
-    let id = id_of(&body["data"]["createUser"]);
+    let id = id_of(&r.json()["data"]["createUser"]);
     let events = app.user_events(id).await;
     assert_eq!(
         events[0].metadata.correlation_id.as_deref(),
         Some("test-correlation-1")
     );
     // Without one, the server makes one up.
-    let request = axum::http::Request::post("/graphql")
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(axum::body::Body::from(
-            json!({ "query": "{ __typename }" }).to_string(),
-        ))
-        .expect("a request");
-    let (_, headers, _) = app.send(request).await;
-    let generated = headers
+    let r = app.send(Gql::new("{ __typename }")).await;
+    let generated = r
+        .headers
         .get("x-correlation-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");

@@ -12,17 +12,14 @@
 //! postgres://postgres@127.0.0.1:5432/postgres), as started by `scripts/services.sh up`. It fails,
 //! rather than skipping, when Kafka cannot be reached.
 
-use axum::body::Body;
-use axum::http::{header, Request, StatusCode};
+use crate::support::*;
 use boon::{Compiler, Draft, Format, SchemaIndex, Schemas};
-use http_body_util::BodyExt;
 use pcf_domain::ports::LogQuery;
 use pcf_domain::EventEnvelope;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use tower::ServiceExt;
 use uuid::Uuid;
 
 /// Where the schemas say they live (`$id`); their relative `$ref`s resolve against it.
@@ -189,23 +186,8 @@ fn the_custom_idn_email_check_accepts_what_rfc_6531_allows_and_refuses_the_rest(
 // ---------------------------------------------------------------------------------------------
 // Driving the app
 
-/// The HS256 secret the test apps verify tokens with.
-const JWT_SECRET: &str = "event-schemas-test-secret-0123456789abcdef";
-
-/// A token of user `id`, who may change only their own account.
-fn token_of(id: Uuid) -> String {
-    pcf::http::auth::mint(
-        JWT_SECRET,
-        &id.to_string(),
-        &[],
-        None,
-        Duration::from_secs(600),
-    )
-    .expect("minting a token")
-}
-
-/// `POST /graphql` through the router, as the bearer of `token` if any; panics unless the
-/// mutation succeeded.
+/// `POST /graphql` through the router, as the bearer of `token` if any, with its own
+/// correlation id; panics unless the mutation succeeded.
 async fn graphql(
     router: &axum::Router,
     token: Option<&str>,
@@ -213,52 +195,14 @@ async fn graphql(
     query: &str,
     variables: Value,
 ) -> Value {
-    let body = json!({ "query": query, "variables": variables }).to_string();
-    let mut request = Request::post("/graphql")
-        .header(header::CONTENT_TYPE, "application/json")
-        .header("x-correlation-id", correlation_id);
-    if let Some(token) = token {
-        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
-    }
-    let request = request.body(Body::from(body)).expect("a request");
-    let response = router
+    Gql::vars(query, variables)
+        .bearer_opt(token)
+        .header("x-correlation-id", correlation_id)
+        .send(router)
+        .await
+        .ok()
         .clone()
-        .oneshot(request)
-        .await
-        .expect("the router answers");
-    let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("the response body")
-        .to_bytes();
-    let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-        panic!(
-            "the response is not JSON ({e}): {}",
-            String::from_utf8_lossy(&bytes)
-        )
-    });
-    assert_eq!(status, StatusCode::OK, "{value}");
-    assert!(
-        value.get("errors").is_none(),
-        "the mutation failed: {value}"
-    );
-    value["data"].clone()
 }
-
-const CREATE_USER: &str = "mutation($input: CreateUserInput!, $commandId: ID) {
-  createUser(input: $input, commandId: $commandId) { version position user { id } }
-}";
-const UPDATE_PROFILE: &str = "mutation($id: ID!, $input: UpdateProfileInput!, $commandId: ID) {
-  updateProfile(id: $id, input: $input, commandId: $commandId) { version position user { id } }
-}";
-const CHANGE_EMAIL: &str = "mutation($id: ID!, $email: String!, $commandId: ID) {
-  changeEmail(id: $id, email: $email, commandId: $commandId) { version position user { id } }
-}";
-const DELETE_ACCOUNT: &str = "mutation($id: ID!, $commandId: ID) {
-  deleteAccount(id: $id, commandId: $commandId) { id version position }
-}";
 
 /// What the scenario did, to check the envelopes against.
 struct Scenario {
@@ -312,7 +256,7 @@ async fn run_scenario(router: &axum::Router) -> Scenario {
     .await;
     let zoe = user_id(&data, "createUser");
     assert_eq!(data["createUser"]["version"], 1);
-    let token = token_of(zoe);
+    let token = owner(zoe);
     correlation.insert((zoe, 1), c);
     command.insert((zoe, 1), k);
 
@@ -464,12 +408,9 @@ fn check_scenario(scenario: &Scenario, events: &[EventEnvelope]) {
 /// publishes them.
 async fn embedded_envelopes() -> Vec<Value> {
     let dir = tempfile::tempdir().expect("a temporary data directory");
-    let config = pcf::Config {
-        data_dir: dir.path().to_path_buf(),
-        jwt_secret: Some(JWT_SECRET.to_owned()),
-        ..Default::default()
-    };
-    let app = pcf::build(&config).await.expect("building the app");
+    let app = pcf::build(&base_config(dir.path()))
+        .await
+        .expect("building the app");
     let scenario = run_scenario(&app.router).await;
     let events = read_log(&app, 5).await;
     check_scenario(&scenario, &events);
@@ -735,63 +676,6 @@ fn the_examples_in_the_consumer_guide_match_the_schemas() {
 // ---------------------------------------------------------------------------------------------
 // Cluster mode: the real Kafka topic
 
-fn kafka_brokers() -> String {
-    std::env::var("PCF_TEST_KAFKA_BROKERS")
-        .ok()
-        .filter(|b| !b.trim().is_empty())
-        .unwrap_or_else(|| "127.0.0.1:9092".to_owned())
-}
-
-fn admin_database_url() -> String {
-    std::env::var("PCF_TEST_DATABASE_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// `url` with its database name replaced.
-fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let start = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[start..].find('/') {
-        Some(i) => &base[..start + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{database}?{q}"),
-        None => format!("{base}/{database}"),
-    }
-}
-
-/// Fails the test, naming the fix, unless a broker accepts a TCP connection.
-fn require_kafka(brokers: &str) {
-    use std::net::{TcpStream, ToSocketAddrs};
-    let mut errors = Vec::new();
-    for broker in brokers.split(',').map(str::trim) {
-        let addrs = match broker.to_socket_addrs() {
-            Ok(a) => a,
-            Err(e) => {
-                errors.push(format!("{broker}: {e}"));
-                continue;
-            }
-        };
-        for addr in addrs {
-            match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
-                Ok(_) => return,
-                Err(e) => errors.push(format!("{addr}: {e}")),
-            }
-        }
-    }
-    panic!(
-        "Kafka is unreachable at {brokers} ({}); this test needs it: start it with \
-         `scripts/services.sh up` or point PCF_TEST_KAFKA_BROKERS at a broker",
-        errors.join("; ")
-    );
-}
-
 /// A message as read from the topic.
 struct Received {
     partition: i32,
@@ -870,73 +754,39 @@ async fn consume(
 
 #[tokio::test]
 async fn kafka_messages_match_the_schemas_with_user_keys_and_headers() {
-    use sqlx::Connection;
-
-    let brokers = kafka_brokers();
-    require_kafka(&brokers);
     let schemas = EventSchemas::load();
-
-    let run = Uuid::new_v4().simple().to_string();
-    let database = format!("pcf_test_{run}");
-    let topic = format!("pcf.test.{run}");
-    let group_prefix = format!("pcf-test-{run}-");
-    let admin_url = admin_database_url();
-    let mut admin = sqlx::PgConnection::connect(&admin_url)
-        .await
-        .unwrap_or_else(|e| panic!("connecting to PostgreSQL at {admin_url}: {e}"));
-    sqlx::query(&format!("CREATE DATABASE \"{database}\""))
-        .execute(&mut admin)
-        .await
-        .unwrap_or_else(|e| panic!("creating database {database}: {e}"));
-    let url = with_database(&admin_url, &database);
-    let dir = tempfile::tempdir().expect("a temporary data directory");
-    let config = pcf::Config {
-        data_dir: dir.path().to_path_buf(),
-        database_url: Some(url.clone()),
-        read_database_urls: vec![url],
-        kafka_brokers: Some(brokers.clone()),
-        kafka_topic: topic.clone(),
-        kafka_partitions: 2,
-        kafka_group_prefix: group_prefix.clone(),
-        jwt_secret: Some(JWT_SECRET.to_owned()),
-        ..Default::default()
-    };
-    let consumer_group = format!("{group_prefix}schema-check");
-
-    // Run the scenario in a task so that a failure still reaches the cleanup below.
-    let outcome = tokio::spawn({
-        let brokers = brokers.clone();
-        let topic = topic.clone();
-        let consumer_group = consumer_group.clone();
-        async move {
-            let app = pcf::build(&config)
-                .await
-                .expect("building the cluster-mode app");
-            let scenario = run_scenario(&app.router).await;
-            let events = read_log(&app, 5).await;
-            check_scenario(&scenario, &events);
-            let ids: BTreeSet<String> = events.iter().map(|e| e.event_id.to_string()).collect();
-            let received = consume(&brokers, &topic, &consumer_group, &ids).await;
-            let stopped = tokio::time::timeout(Duration::from_secs(15), app.shutdown()).await;
-            if stopped.is_err() {
-                eprintln!("the app did not shut down within 15 s");
-            }
-            check_messages(&schemas, &scenario, &events, &received);
+    let id = Uuid::new_v4().simple().to_string();
+    let mut kafka = KafkaTopic::new(&id);
+    require_kafka(&kafka.brokers);
+    let consumer_group = format!("{}schema-check", kafka.group_prefix);
+    kafka.extra_groups.push(consumer_group.clone());
+    let fixture = (TestDb::create_named(&id).await, kafka);
+    run(fixture, async |(db, kafka)| {
+        let dir = tempfile::tempdir().expect("a temporary data directory");
+        let config = pcf::Config {
+            database_url: Some(db.url.clone()),
+            read_database_urls: vec![db.url.clone()],
+            kafka_brokers: Some(kafka.brokers.clone()),
+            kafka_topic: kafka.topic.clone(),
+            kafka_partitions: 2,
+            kafka_group_prefix: kafka.group_prefix.clone(),
+            ..base_config(dir.path())
+        };
+        let app = pcf::build(&config)
+            .await
+            .expect("building the cluster-mode app");
+        let scenario = run_scenario(&app.router).await;
+        let events = read_log(&app, 5).await;
+        check_scenario(&scenario, &events);
+        let ids: BTreeSet<String> = events.iter().map(|e| e.event_id.to_string()).collect();
+        let received = consume(&kafka.brokers, &kafka.topic, &consumer_group, &ids).await;
+        let stopped = tokio::time::timeout(Duration::from_secs(15), app.shutdown()).await;
+        if stopped.is_err() {
+            eprintln!("the app did not shut down within 15 s");
         }
+        check_messages(&schemas, &scenario, &events, &received);
     })
     .await;
-
-    // Clean up: the database, the topics and the consumer groups.
-    let sql = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
-    if let Err(e) = sqlx::query(&sql).execute(&mut admin).await {
-        eprintln!("could not drop test database {database}: {e}");
-    }
-    let _ = admin.close().await;
-    delete_topics_and_groups(&brokers, &topic, &group_prefix, &consumer_group).await;
-
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
 }
 
 /// Every message value is a valid envelope equal to the logged event; the key is the user id;
@@ -1039,39 +889,4 @@ fn check_messages(
         "in sequence order"
     );
     assert_eq!(first_pass(scenario.max), vec![1]);
-}
-
-async fn delete_topics_and_groups(
-    brokers: &str,
-    topic: &str,
-    group_prefix: &str,
-    consumer_group: &str,
-) {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
-    use rdkafka::config::ClientConfig;
-
-    let admin: AdminClient<DefaultClientContext> = match ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-    {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("could not clean up Kafka: {e}");
-            return;
-        }
-    };
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let dlq = format!("{topic}.dlq");
-    if let Err(e) = admin.delete_topics(&[topic, dlq.as_str()], &options).await {
-        eprintln!("could not delete topics {topic}, {dlq}: {e}");
-    }
-    let mut groups: Vec<String> = pcf::app::PROJECTIONS
-        .iter()
-        .map(|p| format!("{group_prefix}{p}"))
-        .collect();
-    groups.push(consumer_group.to_owned());
-    let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
-    // Groups that never formed are not found; that is fine.
-    let _ = admin.delete_groups(&groups, &options).await;
 }

@@ -6,11 +6,9 @@
 //! the tests of this file take [`SERIAL`] so they do not stall each other, and they poll
 //! (bounded) wherever other clients of the server could delay visibility.
 
-mod common;
-
+use crate::support::{eventually, run, TestDb};
 use async_trait::async_trait;
 use chrono::Utc;
-use common::{eventually, TestDb};
 use pcf_command::{
     CommandService, CommandStore, CommitFeed, PostgresStore, Relay, RelayConfig, RelayStore,
 };
@@ -28,16 +26,8 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Runs `$scenario(&db)` on a fresh database and drops it afterwards, even on panic.
 macro_rules! on_fresh_database {
     ($scenario:path) => {{
-        use futures::FutureExt as _;
         let _serial = SERIAL.lock().await;
-        let db = TestDb::create().await;
-        let outcome = std::panic::AssertUnwindSafe($scenario(&db))
-            .catch_unwind()
-            .await;
-        db.drop_db().await;
-        if let Err(panic) = outcome {
-            std::panic::resume_unwind(panic);
-        }
+        run(TestDb::create().await, async |db| $scenario(db).await).await;
     }};
 }
 

@@ -3,9 +3,7 @@
 //! does not exist; `admin` may do everything; `auditor` reads `events` with personal data,
 //! `analytics` without it; API keys from the keys file carry their roles.
 
-mod api_support;
-
-use api_support::*;
+use crate::support::*;
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -22,7 +20,7 @@ const PERSONAL: [&str; 6] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_callers_may_sign_up_and_nothing_else() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let r = api
         .gql(
             None,
@@ -75,7 +73,7 @@ async fn anonymous_callers_may_sign_up_and_nothing_else() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_reads_and_changes_their_own_account() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let (a, created) = api.create_user("alice@example.com", "Alice").await;
     let alice = owner(a);
 
@@ -131,7 +129,7 @@ async fn a_user_reads_and_changes_their_own_account() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_users_account_reads_exactly_like_one_that_does_not_exist() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let (a, _) = api.create_user("alice@example.com", "Alice").await;
     let (b, _) = api.create_user("bob@example.com", "Bob").await;
     let alice = owner(a);
@@ -205,7 +203,7 @@ async fn another_users_account_reads_exactly_like_one_that_does_not_exist() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changing_another_users_account_is_forbidden_and_appends_nothing() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let (a, _) = api.create_user("alice@example.com", "Alice").await;
     let (b, b_created) = api.create_user("bob@example.com", "Bob").await;
     let before = api.all_events().await;
@@ -257,7 +255,7 @@ async fn changing_another_users_account_is_forbidden_and_appends_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_may_do_everything() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let (a, _) = api.create_user("alice@example.com", "Alice").await;
     let (b, _) = api.create_user("bob@example.com", "Bob").await;
     let admin = admin();
@@ -319,7 +317,7 @@ async fn admin_may_do_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listing_users_and_projections_needs_admin() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let (a, _) = api.create_user("alice@example.com", "Alice").await;
     for (who, t) in [
         ("user", owner(a)),
@@ -337,7 +335,7 @@ async fn listing_users_and_projections_needs_admin() {
 }
 
 /// Creates a user, changes every personal field and the email, and returns the id.
-async fn a_user_with_history(api: &Api) -> Uuid {
+async fn a_user_with_history(api: &TestApp) -> Uuid {
     let (a, _) = api.create_user("carol@example.com", "Carol").await;
     let carol = owner(a);
     api.gql(
@@ -365,7 +363,7 @@ async fn a_user_with_history(api: &Api) -> Uuid {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auditors_read_events_with_personal_data() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let carol = a_user_with_history(&api).await;
     let events = api.events_via_api(&auditor()).await;
     let types: Vec<&str> = events
@@ -409,7 +407,7 @@ async fn auditors_read_events_with_personal_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn analytics_reads_events_without_personal_data() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let carol = a_user_with_history(&api).await;
     let full = api.events_via_api(&auditor()).await;
     let redacted = api.events_via_api(&analytics()).await;
@@ -481,7 +479,7 @@ pub fn assert_personal_data_left_out(full: &[Value], redacted: &[Value]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_users_may_not_read_events() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let (a, _) = api.create_user("alice@example.com", "Alice").await;
     for vars in [json!({}), json!({ "aggregateId": a })] {
         let r = api.gql(Some(&owner(a)), EVENTS, vars).await;
@@ -505,8 +503,8 @@ const AUDIT_KEY: &str = "pcf-test-audit-key-3f9c2a";
 const ANALYTICS_KEY: &str = "pcf-test-analytics-key-77b1";
 const NO_ROLE_KEY: &str = "pcf-test-plain-key-0d4e";
 
-async fn api_with_keys() -> Api {
-    Api::with_files(|config, files| {
+async fn api_with_keys() -> TestApp {
+    TestApp::with_files(|config, files| {
         let path = files.join("api-keys.toml");
         let text = format!(
             "[[keys]]\nname = \"audit-service\"\nsha256 = \"{}\"\nroles = [\"auditor\"]\n\n\
@@ -611,31 +609,6 @@ const UPDATE_PROFILE_AT: &str =
   }
 }";
 
-/// Runs `scenario` on SQLite and on PostgreSQL, stopping the app even when it fails.
-macro_rules! on_both_backends {
-    ($($scenario:ident),* $(,)?) => {$(
-        mod $scenario {
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                let api = Api::start().await;
-                let outcome = caught(super::$scenario(&api)).await;
-                api.stop().await;
-                rethrow(outcome);
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                let api = Api::postgres().await;
-                let outcome = caught(super::$scenario(&api)).await;
-                api.stop().await;
-                rethrow(outcome);
-            }
-        }
-    )*};
-}
-
 on_both_backends!(
     a_sign_up_command_id_sent_with_other_input_is_refused_and_reveals_nothing,
     a_sign_up_repeated_with_the_identical_input_returns_the_first_result,
@@ -645,7 +618,7 @@ on_both_backends!(
 );
 
 /// `createUser` with `input` and `command_id`, as `token` (anonymously when `None`).
-async fn sign_up(api: &Api, token: Option<&str>, input: Value, command_id: &str) -> Resp {
+async fn sign_up(api: &TestApp, token: Option<&str>, input: Value, command_id: &str) -> Resp {
     api.gql(
         token,
         CREATE_USER,
@@ -674,7 +647,7 @@ fn alices_sign_up() -> Value {
     })
 }
 
-async fn a_sign_up_command_id_sent_with_other_input_is_refused_and_reveals_nothing(api: &Api) {
+async fn a_sign_up_command_id_sent_with_other_input_is_refused_and_reveals_nothing(api: &TestApp) {
     let r = sign_up(api, None, alices_sign_up(), "signup-42").await;
     let a = r.ok()["createUser"]["user"]["id"]
         .as_str()
@@ -712,7 +685,7 @@ async fn a_sign_up_command_id_sent_with_other_input_is_refused_and_reveals_nothi
     );
 }
 
-async fn a_sign_up_repeated_with_the_identical_input_returns_the_first_result(api: &Api) {
+async fn a_sign_up_repeated_with_the_identical_input_returns_the_first_result(api: &TestApp) {
     let first = sign_up(api, None, alices_sign_up(), "signup-42").await;
     let first = first.ok()["createUser"].clone();
     let before = api.all_events().await;
@@ -725,7 +698,7 @@ async fn a_sign_up_repeated_with_the_identical_input_returns_the_first_result(ap
     assert_eq!(api.all_events().await, before, "the repeat appended");
 }
 
-async fn another_callers_command_with_a_used_command_id_is_refused_and_does_not_run(api: &Api) {
+async fn another_callers_command_with_a_used_command_id_is_refused_and_does_not_run(api: &TestApp) {
     let (a, _) = api.create_user("alice@example.com", "Alice").await;
     let (b, _) = api.create_user("bob@example.com", "Bob").await;
     let alice = owner(a);
@@ -807,7 +780,7 @@ async fn another_callers_command_with_a_used_command_id_is_refused_and_does_not_
     assert_eq!(r.ok()["updateProfile"]["version"], 2);
 }
 
-async fn one_callers_command_id_answers_only_the_identical_command(api: &Api) {
+async fn one_callers_command_id_answers_only_the_identical_command(api: &TestApp) {
     let (a, _) = api.create_user("alice@example.com", "Alice").await;
     let (b, _) = api.create_user("bob@example.com", "Bob").await;
     let alice = owner(a);
@@ -901,7 +874,7 @@ async fn one_callers_command_id_answers_only_the_identical_command(api: &Api) {
     assert_eq!(api.all_events().await, before, "the repeat appended");
 }
 
-async fn a_repeat_after_the_account_was_deleted_answers_account_deleted(api: &Api) {
+async fn a_repeat_after_the_account_was_deleted_answers_account_deleted(api: &TestApp) {
     let r = sign_up(api, None, alices_sign_up(), "signup-42").await;
     let a: Uuid = r.ok()["createUser"]["user"]["id"]
         .as_str()
@@ -959,7 +932,7 @@ async fn a_repeat_after_the_account_was_deleted_answers_account_deleted(api: &Ap
 /// them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn analytics_does_not_see_command_ids_in_events() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let r = sign_up(&api, None, alices_sign_up(), "signup-42").await;
     let a: Uuid = r.ok()["createUser"]["user"]["id"]
         .as_str()

@@ -4,9 +4,7 @@
 //! `UNAVAILABLE` or an HTTP 500 — and the store keeps working. Run on the embedded SQLite
 //! store and on the PostgreSQL event store.
 
-mod api_support;
-
-use api_support::*;
+use crate::support::*;
 use axum::http::StatusCode;
 use pcf_domain::values::is_format_char;
 use serde_json::{json, Value};
@@ -71,14 +69,14 @@ fn invalid(r: &Resp, field: &str, what: &str) {
     );
 }
 
-async fn user_by_id(api: &Api, id: Uuid) -> Value {
+async fn user_by_id(api: &TestApp, id: Uuid) -> Value {
     let r = api.gql(Some(&admin()), USER, json!({ "id": id })).await;
     r.ok()["user"].clone()
 }
 
 /// Every string argument with every [`NASTY`] value; `with_nul` includes the strings with a
 /// NUL character among the command ids and event types (see the PostgreSQL test below).
-async fn injection_scenario(api: &Api, with_nul: bool) {
+async fn injection_scenario(api: &TestApp, with_nul: bool) {
     let admin = admin();
     let wanted = |s: &str| with_nul || !s.contains('\u{0}');
 
@@ -415,25 +413,24 @@ async fn injection_scenario(api: &Api, with_nul: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_and_control_characters_on_sqlite() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     injection_scenario(&api, true).await;
     api.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_and_control_characters_on_postgres() {
-    let api = Api::postgres().await;
-    let outcome = caught(injection_scenario(&api, false)).await;
-    api.stop().await;
-    rethrow(outcome);
+    run(TestApp::postgres().await, async |api| {
+        injection_scenario(api, false).await
+    })
+    .await;
 }
 
 /// A NUL character (valid in a GraphQL string and in JSON) in a command id or an event type
 /// reaches PostgreSQL, which cannot store or compare it in `text`/`jsonb`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nul_characters_on_postgres_are_not_internal_errors() {
-    let api = Api::postgres().await;
-    let outcome = caught(async {
+    run(TestApp::postgres().await, async |api| {
         let r = api
             .gql(
                 None,
@@ -461,6 +458,4 @@ async fn nul_characters_on_postgres_are_not_internal_errors() {
         api.create_user("after-nul@example.com", "After").await;
     })
     .await;
-    api.stop().await;
-    rethrow(outcome);
 }

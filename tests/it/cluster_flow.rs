@@ -2,9 +2,7 @@
 //! store, the relay, Kafka and the projectors into the Redis view and the SQL view on the
 //! replica; late commits are not skipped; Kafka messages carry their key and headers.
 
-mod cluster_support;
-
-use cluster_support::*;
+use crate::support::*;
 use pcf::app::{Role, ALL_ROLES};
 use pcf_domain::EventEnvelope;
 use serde_json::{json, Value};
@@ -13,17 +11,17 @@ use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mutation_is_visible_from_redis_and_from_the_replica_with_keyset_pages() {
-    cluster_scenario!(end_to_end);
+    run(Cluster::create().await, end_to_end).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_event_committed_after_a_later_position_still_reaches_kafka_and_the_views() {
-    cluster_scenario!(late_commit);
+    run(Cluster::create().await, late_commit).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kafka_messages_carry_the_user_id_as_key_and_the_contract_headers() {
-    cluster_scenario!(message_key_and_headers);
+    run(Cluster::create().await, message_key_and_headers).await;
 }
 
 /// `users(first, after, filter)` pages through the SQL view until the last page.
@@ -313,23 +311,25 @@ async fn message_key_and_headers(c: &mut Cluster) {
     let tag = c.tag().to_owned();
 
     let correlation = Uuid::new_v4();
-    let (status, body) = gql_with(
-        &app.router,
+    let Resp { status, body, .. } = Gql::vars(
         CREATE_USER,
         json!({ "input": { "email": format!("headers@{tag}.example.com"), "displayName": "Headers" } }),
-        &[("x-correlation-id", &correlation.to_string())],
     )
+    .by_admin()
+    .header("x-correlation-id", &correlation.to_string())
+    .send(&app.router)
     .await;
     assert_eq!(status, 200, "{body}");
     assert!(body.get("errors").is_none(), "{body}");
     let id = uuid_of(&body["data"]["createUser"]["user"]["id"]);
     let request_id = format!("req-{tag}");
-    let (status, body) = gql_with(
-        &app.router,
+    let Resp { status, body, .. } = Gql::vars(
         UPDATE_PROFILE,
         json!({ "id": id, "input": { "displayName": "Headers 2" } }),
-        &[("x-correlation-id", &request_id)],
     )
+    .by_admin()
+    .header("x-correlation-id", &request_id)
+    .send(&app.router)
     .await;
     assert_eq!(status, 200, "{body}");
     assert!(body.get("errors").is_none(), "{body}");

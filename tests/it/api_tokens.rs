@@ -3,9 +3,7 @@
 //! tokens verify against `PCF_JWT_PUBLIC_KEY`, and with a public key configured an HS256
 //! token is refused (no algorithm confusion).
 
-mod api_support;
-
-use api_support::*;
+use crate::support::*;
 use axum::http::StatusCode;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
@@ -140,7 +138,7 @@ fn alg_none(claims: &Value) -> String {
 }
 
 /// An admin-only query: succeeds only for a verified admin.
-async fn admin_query(api: &Api, auth: Auth) -> Resp {
+async fn admin_query(api: &TestApp, auth: Auth) -> Resp {
     api.send(Gql::new("{ projections { name } }").auth(auth))
         .await
 }
@@ -166,7 +164,7 @@ fn refused(r: &Resp, what: &str) {
     );
 }
 
-async fn expect_refused_everywhere(api: &Api, tok: &str, what: &str) {
+async fn expect_refused_everywhere(api: &TestApp, tok: &str, what: &str) {
     refused(&admin_query(api, Auth::Bearer(tok.to_owned())).await, what);
     // Bad credentials are not silently anonymous: even sign-up is refused.
     let r = api
@@ -184,8 +182,8 @@ async fn expect_refused_everywhere(api: &Api, tok: &str, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hand_made_hs256_token_is_accepted() {
     // The control for the refusals below: the same construction, valid, verifies.
-    let api = Api::start().await;
-    let r = admin_query(&api, Auth::Bearer(hs256(SECRET, &admin_claims()))).await;
+    let api = TestApp::start().await;
+    let r = admin_query(&api, Auth::Bearer(hs256(JWT_SECRET, &admin_claims()))).await;
     accepted(&r, "valid HS256");
     let r = admin_query(&api, Auth::Bearer(admin())).await;
     accepted(&r, "minted HS256");
@@ -194,42 +192,42 @@ async fn a_hand_made_hs256_token_is_accepted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_tokens_are_unauthenticated() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let now = unix_now();
     let mut claims = admin_claims();
     claims["iat"] = json!(now - 7200);
     claims["nbf"] = json!(now - 7200);
     claims["exp"] = json!(now - 120);
-    expect_refused_everywhere(&api, &hs256(SECRET, &claims), "expired").await;
+    expect_refused_everywhere(&api, &hs256(JWT_SECRET, &claims), "expired").await;
     // Expired just beyond the 5 s leeway.
     let mut claims = admin_claims();
     claims["exp"] = json!(now - 6);
-    expect_refused_everywhere(&api, &hs256(SECRET, &claims), "expired 6 s ago").await;
+    expect_refused_everywhere(&api, &hs256(JWT_SECRET, &claims), "expired 6 s ago").await;
     // Without exp at all.
     let mut claims = admin_claims();
     claims.as_object_mut().unwrap().remove("exp");
-    expect_refused_everywhere(&api, &hs256(SECRET, &claims), "no exp").await;
+    expect_refused_everywhere(&api, &hs256(JWT_SECRET, &claims), "no exp").await;
     assert_eq!(api.event_count().await, 0);
     api.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_yet_valid_tokens_are_unauthenticated() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let now = unix_now();
     let mut claims = admin_claims();
     claims["nbf"] = json!(now + 3600);
     claims["exp"] = json!(now + 7200);
-    expect_refused_everywhere(&api, &hs256(SECRET, &claims), "nbf in an hour").await;
+    expect_refused_everywhere(&api, &hs256(JWT_SECRET, &claims), "nbf in an hour").await;
     claims["nbf"] = json!(now + 60);
-    expect_refused_everywhere(&api, &hs256(SECRET, &claims), "nbf in a minute").await;
+    expect_refused_everywhere(&api, &hs256(JWT_SECRET, &claims), "nbf in a minute").await;
     assert_eq!(api.event_count().await, 0);
     api.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrongly_signed_tokens_are_unauthenticated() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let claims = admin_claims();
     expect_refused_everywhere(&api, &hs256("another-secret", &claims), "other secret").await;
     expect_refused_everywhere(&api, &hs256("", &claims), "empty secret").await;
@@ -256,7 +254,7 @@ async fn wrongly_signed_tokens_are_unauthenticated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alg_none_tokens_are_unauthenticated() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let claims = admin_claims();
     expect_refused_everywhere(&api, &alg_none(&claims), "alg none").await;
     for alg in ["None", "NONE", "nOnE"] {
@@ -270,7 +268,7 @@ async fn alg_none_tokens_are_unauthenticated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_credentials_are_unauthenticated() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     for value in [
         "Bearer",
         "Bearer ",
@@ -288,7 +286,7 @@ async fn malformed_credentials_are_unauthenticated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rs256_tokens_verify_against_the_configured_public_key() {
-    let api = Api::with(|c| {
+    let api = TestApp::with(|c| {
         c.jwt_secret = None;
         c.jwt_public_key = Some(RSA_PUBLIC.to_owned());
     })
@@ -312,7 +310,7 @@ async fn rs256_tokens_verify_against_the_configured_public_key() {
     assert_eq!(r.ok()["user"]["email"], "rsa@example.com");
 
     expect_refused_everywhere(&api, &rs256(OTHER_RSA_PRIVATE, &claims), "other RSA key").await;
-    expect_refused_everywhere(&api, &hs256(SECRET, &claims), "HS256 with a secret").await;
+    expect_refused_everywhere(&api, &hs256(JWT_SECRET, &claims), "HS256 with a secret").await;
     // Algorithm confusion: HS256 keyed with the public key itself.
     expect_refused_everywhere(&api, &hs256(RSA_PUBLIC, &claims), "HS256 keyed by the PEM").await;
     expect_refused_everywhere(&api, &es256(EC_PRIVATE, &claims), "ES256").await;
@@ -326,7 +324,7 @@ async fn rs256_tokens_verify_against_the_configured_public_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_public_key_may_be_a_file() {
-    let api = Api::with_files(|c, files| {
+    let api = TestApp::with_files(|c, files| {
         let path = files.join("jwt.pub.pem");
         std::fs::write(&path, RSA_PUBLIC).expect("writing the PEM");
         c.jwt_secret = None;
@@ -344,7 +342,7 @@ async fn the_public_key_may_be_a_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn es256_tokens_verify_against_the_configured_public_key() {
-    let api = Api::with(|c| {
+    let api = TestApp::with(|c| {
         c.jwt_secret = None;
         c.jwt_public_key = Some(EC_PUBLIC.to_owned());
     })
@@ -355,7 +353,7 @@ async fn es256_tokens_verify_against_the_configured_public_key() {
         "ES256",
     );
     expect_refused_everywhere(&api, &es256(OTHER_EC_PRIVATE, &claims), "other EC key").await;
-    expect_refused_everywhere(&api, &hs256(SECRET, &claims), "HS256 with a secret").await;
+    expect_refused_everywhere(&api, &hs256(JWT_SECRET, &claims), "HS256 with a secret").await;
     expect_refused_everywhere(&api, &hs256(EC_PUBLIC, &claims), "HS256 keyed by the PEM").await;
     expect_refused_everywhere(&api, &rs256(RSA_PRIVATE, &claims), "RS256").await;
     expect_refused_everywhere(&api, &alg_none(&claims), "alg none").await;
@@ -368,31 +366,36 @@ async fn es256_tokens_verify_against_the_configured_public_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_with_an_empty_subject_or_an_exp_centuries_away_are_unauthenticated() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let now = unix_now();
     for sub in ["", "   "] {
         let mut claims = admin_claims();
         claims["sub"] = json!(sub);
-        expect_refused_everywhere(&api, &hs256(SECRET, &claims), "empty subject").await;
+        expect_refused_everywhere(&api, &hs256(JWT_SECRET, &claims), "empty subject").await;
     }
     let mut claims = admin_claims();
     claims["exp"] = json!(now + 300 * 365 * 86400);
-    expect_refused_everywhere(&api, &hs256(SECRET, &claims), "exp in 300 years").await;
+    expect_refused_everywhere(&api, &hs256(JWT_SECRET, &claims), "exp in 300 years").await;
     // Just over the accepted lifetime (24 h by default, and the 5 s leeway).
     claims["exp"] = json!(now + 24 * 3600 + 60);
-    expect_refused_everywhere(&api, &hs256(SECRET, &claims), "exp in 24 h 1 min").await;
+    expect_refused_everywhere(&api, &hs256(JWT_SECRET, &claims), "exp in 24 h 1 min").await;
     assert_eq!(api.event_count().await, 0);
     // Within it, accepted.
     claims["exp"] = json!(now + 23 * 3600);
     let r = api
-        .send(Gql::new("{ __typename }").bearer(&hs256(SECRET, &claims)))
+        .send(Gql::new("{ __typename }").bearer(&hs256(JWT_SECRET, &claims)))
         .await;
     assert_eq!(r.ok()["__typename"], "Query");
     api.stop().await;
 
     // The accepted lifetime is configurable.
-    let api = Api::with(|c| c.jwt_max_ttl = Duration::from_secs(600)).await;
+    let api = TestApp::with(|c| c.jwt_max_ttl = Duration::from_secs(600)).await;
     claims["exp"] = json!(now + 3600);
-    expect_refused_everywhere(&api, &hs256(SECRET, &claims), "an hour over a 10 min cap").await;
+    expect_refused_everywhere(
+        &api,
+        &hs256(JWT_SECRET, &claims),
+        "an hour over a 10 min cap",
+    )
+    .await;
     api.stop().await;
 }

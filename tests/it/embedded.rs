@@ -2,14 +2,12 @@
 //! on the same storage serves exactly what the old one did. Embedded mode (SQLite under the
 //! data directory) is the case users meet first; the same holds on PostgreSQL.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 use uuid::Uuid;
 
-on_both_backends_mut!(
+on_both_backends!(
     a_new_process_on_the_same_data_serves_the_same_users,
     a_new_process_continues_versions_and_keeps_emails_claimed,
 );
@@ -18,13 +16,10 @@ on_both_backends_mut!(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn embedded_data_dir_survives_a_restart() {
     let dir = tempfile::tempdir().expect("a temporary data directory");
-    let config = pcf::Config {
-        data_dir: dir.path().join("nested").join("pcf-data"),
-        ..base_config()
-    };
+    let config = base_config(&dir.path().join("nested").join("pcf-data"));
     assert!(config.embedded());
     let first = pcf::build(&config).await.expect("first start");
-    let (_, body) = gql_on(
+    let Resp { body, .. } = admin_gql(
         &first.router,
         CREATE_USER,
         json!({ "input": { "email": "Disk@Example.com", "displayName": "Disk" } }),
@@ -39,21 +34,23 @@ async fn embedded_data_dir_survives_a_restart() {
     );
 
     let second = pcf::build(&config).await.expect("second start");
-    let (_, body) = gql_on(&second.router, USER, json!({ "id": id })).await;
+    let Resp { body, .. } = admin_gql(&second.router, USER, json!({ "id": id })).await;
     assert_eq!(body["data"]["user"], created["user"], "{body}");
     second.shutdown().await;
 }
 
 async fn user(app: &TestApp, id: Uuid, min_version: Option<i64>) -> Value {
-    let (_, body) = app
-        .gql(USER, json!({ "id": id, "minVersion": min_version }))
+    let Resp { body, .. } = app
+        .admin_gql(USER, json!({ "id": id, "minVersion": min_version }))
         .await;
     assert!(body.get("errors").is_none(), "{body}");
     body["data"]["user"].clone()
 }
 
 async fn by_email(app: &TestApp, email: &str) -> Value {
-    let (_, body) = app.gql(USER_BY_EMAIL, json!({ "email": email })).await;
+    let Resp { body, .. } = app
+        .admin_gql(USER_BY_EMAIL, json!({ "email": email }))
+        .await;
     assert!(body.get("errors").is_none(), "{body}");
     body["data"]["userByEmail"].clone()
 }
@@ -65,10 +62,10 @@ async fn a_new_process_on_the_same_data_serves_the_same_users(app: &mut TestApp)
         ("Two@Example.com", "Two"),
         ("three@example.com", "Three"),
     ] {
-        ids.push(id_of(&app.create_user(email, name).await));
+        ids.push(app.create_user_unsettled(email, name).await.0);
     }
-    let (_, body) = app
-        .gql(
+    let Resp { body, .. } = app
+        .admin_gql(
             UPDATE_PROFILE,
             json!({ "id": ids[1], "input": {
                 "displayName": "Two, updated", "bio": "Second\nline",
@@ -106,13 +103,19 @@ async fn a_new_process_on_the_same_data_serves_the_same_users(app: &mut TestApp)
 }
 
 async fn a_new_process_continues_versions_and_keeps_emails_claimed(app: &mut TestApp) {
-    let kept = id_of(&app.create_user("kept@example.com", "Kept").await);
-    let left = id_of(&app.create_user("left@example.com", "Left").await);
-    let (_, body) = app.gql(DELETE_ACCOUNT, json!({ "id": left })).await;
+    let kept = app
+        .create_user_unsettled("kept@example.com", "Kept")
+        .await
+        .0;
+    let left = app
+        .create_user_unsettled("left@example.com", "Left")
+        .await
+        .0;
+    let Resp { body, .. } = app.admin_gql(DELETE_ACCOUNT, json!({ "id": left })).await;
     assert!(body.get("errors").is_none(), "{body}");
     let command_id = Uuid::new_v4().to_string();
-    let (_, body) = app
-        .gql(
+    let Resp { body, .. } = app
+        .admin_gql(
             UPDATE_PROFILE,
             json!({ "id": kept, "input": { "bio": "Before" }, "commandId": command_id }),
         )
@@ -123,24 +126,26 @@ async fn a_new_process_continues_versions_and_keeps_emails_claimed(app: &mut Tes
     app.restart().await;
 
     // The email index and the command ids are durable.
-    let (status, body) = app
-        .gql(
+    let Resp { status, body, .. } = app
+        .admin_gql(
             CREATE_USER,
             json!({ "input": { "email": "KEPT@example.com", "displayName": "Copy" } }),
         )
         .await;
     expect_error(status, &body, "EMAIL_TAKEN");
-    let reborn = app.create_user("left@example.com", "Left again").await;
-    assert_ne!(id_of(&reborn), left);
-    let (_, body) = app
-        .gql(
+    let (reborn, _) = app
+        .create_user_unsettled("left@example.com", "Left again")
+        .await;
+    assert_ne!(reborn, left);
+    let Resp { body, .. } = app
+        .admin_gql(
             UPDATE_PROFILE,
             json!({ "id": kept, "input": { "bio": "Before" }, "commandId": command_id }),
         )
         .await;
     assert_eq!(body["data"]["updateProfile"], first, "{body}");
-    let (status, body) = app
-        .gql(
+    let Resp { status, body, .. } = app
+        .admin_gql(
             UPDATE_PROFILE,
             json!({ "id": left, "input": { "displayName": "Ghost" } }),
         )
@@ -148,8 +153,8 @@ async fn a_new_process_continues_versions_and_keeps_emails_claimed(app: &mut Tes
     expect_error(status, &body, "ACCOUNT_DELETED");
 
     // Versions continue from the log, and the new process's relay feeds its views.
-    let (_, body) = app
-        .gql(
+    let Resp { body, .. } = app
+        .admin_gql(
             UPDATE_PROFILE,
             json!({ "id": kept, "input": { "bio": "After" } }),
         )

@@ -1,10 +1,8 @@
 //! Reads end to end, on SQLite and PostgreSQL: read your writes with `minVersion`, a bounded
 //! wait that ends in `STALE_READ`, and look-ups by email in any letter case.
 
-mod common;
-
+use crate::support::*;
 use axum::http::StatusCode;
-use common::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -18,8 +16,8 @@ on_both_backends!(
 );
 
 async fn read_user(app: &TestApp, id: Uuid, min_version: Option<i64>) -> Value {
-    let (status, body) = app
-        .gql(USER, json!({ "id": id, "minVersion": min_version }))
+    let Resp { status, body, .. } = app
+        .admin_gql(USER, json!({ "id": id, "minVersion": min_version }))
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.get("errors").is_none(), "{body}");
@@ -27,7 +25,9 @@ async fn read_user(app: &TestApp, id: Uuid, min_version: Option<i64>) -> Value {
 }
 
 async fn a_read_with_min_version_sees_the_version_the_mutation_returned(app: &TestApp) {
-    let created = app.create_user("Reader@Example.com", "Reader").await;
+    let (_, created) = app
+        .create_user_unsettled("Reader@Example.com", "Reader")
+        .await;
     let id = id_of(&created);
     assert_eq!(version_of(&created), 1);
     let user = read_user(app, id, Some(1)).await;
@@ -37,8 +37,8 @@ async fn a_read_with_min_version_sees_the_version_the_mutation_returned(app: &Te
     );
     assert_eq!(user["email"], "reader@example.com");
 
-    let (_, body) = app
-        .gql(
+    let Resp { body, .. } = app
+        .admin_gql(
             UPDATE_PROFILE,
             json!({ "id": id, "input": {
                 "displayName": "  Reader Two ", "bio": "Reads.",
@@ -56,8 +56,8 @@ async fn a_read_with_min_version_sees_the_version_the_mutation_returned(app: &Te
     assert_eq!(user["createdAt"], created["user"]["createdAt"]);
     assert_eq!(user, updated["user"]);
 
-    let (_, body) = app
-        .gql(
+    let Resp { body, .. } = app
+        .admin_gql(
             CHANGE_EMAIL,
             json!({ "id": id, "email": "reader2@example.com" }),
         )
@@ -68,8 +68,8 @@ async fn a_read_with_min_version_sees_the_version_the_mutation_returned(app: &Te
     assert_eq!(user["version"], 3);
     assert_eq!(user["email"], "reader2@example.com");
     // Clearing with null.
-    let (_, body) = app
-        .gql(
+    let Resp { body, .. } = app
+        .admin_gql(
             UPDATE_PROFILE,
             json!({ "id": id, "input": { "bio": null } }),
         )
@@ -81,14 +81,16 @@ async fn a_read_with_min_version_sees_the_version_the_mutation_returned(app: &Te
 }
 
 async fn a_min_version_the_view_never_reaches_answers_stale_read_after_the_timeout(app: &TestApp) {
-    let created = app.create_user("stale@example.com", "Stale").await;
+    let (_, created) = app
+        .create_user_unsettled("stale@example.com", "Stale")
+        .await;
     let id = id_of(&created);
     let v = version_of(&created);
     read_user(app, id, Some(v)).await;
 
     let started = Instant::now();
-    let (status, body) = app
-        .gql(USER, json!({ "id": id, "minVersion": v + 5 }))
+    let Resp { status, body, .. } = app
+        .admin_gql(USER, json!({ "id": id, "minVersion": v + 5 }))
         .await;
     let waited = started.elapsed();
     expect_error(status, &body, "STALE_READ");
@@ -102,15 +104,17 @@ async fn a_min_version_the_view_never_reaches_answers_stale_read_after_the_timeo
     );
     // A user that does not exist is also stale for a positive minVersion, but simply
     // absent without one.
-    let (status, body) = app
-        .gql(USER, json!({ "id": Uuid::new_v4(), "minVersion": null }))
+    let Resp { status, body, .. } = app
+        .admin_gql(USER, json!({ "id": Uuid::new_v4(), "minVersion": null }))
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["data"]["user"], Value::Null, "{body}");
 }
 
 async fn user_by_email_finds_the_user_in_any_letter_case(app: &TestApp) {
-    let created = app.create_user("mixed.Case@Example.org", "Mixed").await;
+    let (_, created) = app
+        .create_user_unsettled("mixed.Case@Example.org", "Mixed")
+        .await;
     let id = id_of(&created);
     read_user(app, id, Some(1)).await;
     for email in [
@@ -119,7 +123,9 @@ async fn user_by_email_finds_the_user_in_any_letter_case(app: &TestApp) {
         "Mixed.Case@example.Org",
         "  mixed.case@example.org ",
     ] {
-        let (status, body) = app.gql(USER_BY_EMAIL, json!({ "email": email })).await;
+        let Resp { status, body, .. } = app
+            .admin_gql(USER_BY_EMAIL, json!({ "email": email }))
+            .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(
             body["data"]["userByEmail"], created["user"],
@@ -127,34 +133,39 @@ async fn user_by_email_finds_the_user_in_any_letter_case(app: &TestApp) {
         );
     }
     for email in ["other@example.org", "not an email"] {
-        let (_, body) = app.gql(USER_BY_EMAIL, json!({ "email": email })).await;
+        let Resp { body, .. } = app
+            .admin_gql(USER_BY_EMAIL, json!({ "email": email }))
+            .await;
         assert_eq!(body["data"]["userByEmail"], Value::Null, "{email}: {body}");
         assert!(body.get("errors").is_none(), "{body}");
     }
 
     // After an email change, the old address finds nobody and the new one finds the user.
-    let (_, body) = app
-        .gql(
+    let Resp { body, .. } = app
+        .admin_gql(
             CHANGE_EMAIL,
             json!({ "id": id, "email": "New.Case@example.org" }),
         )
         .await;
     let v = version_of(&body["data"]["changeEmail"]);
     read_user(app, id, Some(v)).await;
-    let (_, body) = app
-        .gql(USER_BY_EMAIL, json!({ "email": "MIXED.case@example.org" }))
+    let Resp { body, .. } = app
+        .admin_gql(USER_BY_EMAIL, json!({ "email": "MIXED.case@example.org" }))
         .await;
     assert_eq!(body["data"]["userByEmail"], Value::Null, "{body}");
-    let (_, body) = app
-        .gql(USER_BY_EMAIL, json!({ "email": "NEW.CASE@EXAMPLE.ORG" }))
+    let Resp { body, .. } = app
+        .admin_gql(USER_BY_EMAIL, json!({ "email": "NEW.CASE@EXAMPLE.ORG" }))
         .await;
     assert_eq!(body["data"]["userByEmail"]["id"], id.to_string(), "{body}");
     assert_eq!(body["data"]["userByEmail"]["version"], 2);
 }
 
 async fn a_deleted_account_is_gone_from_both_look_ups(app: &TestApp) {
-    let id = id_of(&app.create_user("gone@example.com", "Gone").await);
-    let (_, body) = app.gql(DELETE_ACCOUNT, json!({ "id": id })).await;
+    let id = app
+        .create_user_unsettled("gone@example.com", "Gone")
+        .await
+        .0;
+    let Resp { body, .. } = app.admin_gql(DELETE_ACCOUNT, json!({ "id": id })).await;
     let deleted = &body["data"]["deleteAccount"];
     assert_eq!(deleted["id"], id.to_string(), "{body}");
     assert_eq!(deleted["version"], 2);
@@ -163,18 +174,20 @@ async fn a_deleted_account_is_gone_from_both_look_ups(app: &TestApp) {
         Duration::from_secs(5),
         "the deletion to reach the view",
         || async move {
-            let (_, body) = app.gql(USER, json!({ "id": id })).await;
+            let Resp { body, .. } = app.admin_gql(USER, json!({ "id": id })).await;
             body["data"]["user"].is_null().then_some(())
         },
     )
     .await;
-    let (_, body) = app
-        .gql(USER_BY_EMAIL, json!({ "email": "gone@example.com" }))
+    let Resp { body, .. } = app
+        .admin_gql(USER_BY_EMAIL, json!({ "email": "gone@example.com" }))
         .await;
     assert_eq!(body["data"]["userByEmail"], Value::Null, "{body}");
     // The tombstone's version is reached: no STALE_READ wait, just no user.
     let started = Instant::now();
-    let (_, body) = app.gql(USER, json!({ "id": id, "minVersion": 2 })).await;
+    let Resp { body, .. } = app
+        .admin_gql(USER, json!({ "id": id, "minVersion": 2 }))
+        .await;
     assert!(body.get("errors").is_none(), "{body}");
     assert_eq!(body["data"]["user"], Value::Null);
     assert!(started.elapsed() < CONSISTENCY_TIMEOUT);
@@ -188,17 +201,21 @@ const EVENTS: &str = "query($id: ID!) {
 }";
 
 async fn the_events_query_lists_a_users_events_in_order(app: &TestApp) {
-    let id = id_of(&app.create_user("audit@example.com", "Audit").await);
+    let id = app
+        .create_user_unsettled("audit@example.com", "Audit")
+        .await
+        .0;
     let command_id = Uuid::new_v4().to_string();
-    let (_, body) = app
-        .gql(
+    let Resp { body, .. } = app
+        .admin_gql(
             UPDATE_PROFILE,
             json!({ "id": id, "input": { "bio": "Audited" }, "commandId": command_id }),
         )
         .await;
     let position = body["data"]["updateProfile"]["position"].clone();
-    app.create_user("someone.else@example.com", "Else").await;
-    let (_, body) = app.gql(DELETE_ACCOUNT, json!({ "id": id })).await;
+    app.create_user_unsettled("someone.else@example.com", "Else")
+        .await;
+    let Resp { body, .. } = app.admin_gql(DELETE_ACCOUNT, json!({ "id": id })).await;
     assert!(body.get("errors").is_none(), "{body}");
 
     // The log may hold back events behind still-running transactions: wait for all three.
@@ -206,7 +223,7 @@ async fn the_events_query_lists_a_users_events_in_order(app: &TestApp) {
         Duration::from_secs(5),
         "three events of the user",
         || async move {
-            let (_, body) = app.gql(EVENTS, json!({ "id": id })).await;
+            let Resp { body, .. } = app.admin_gql(EVENTS, json!({ "id": id })).await;
             assert!(body.get("errors").is_none(), "{body}");
             let edges = body["data"]["events"]["edges"].as_array().cloned()?;
             (edges.len() >= 3).then_some(edges)

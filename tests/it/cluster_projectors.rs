@@ -2,9 +2,7 @@
 //! and its offset commit, duplicated and poison messages, and a blue-green rebuild while writes
 //! and reads continue. Each ends by comparing both views with a fresh fold of the event log.
 
-mod cluster_support;
-
-use cluster_support::*;
+use crate::support::*;
 use pcf::app::{Role, ALL_ROLES};
 use pcf_domain::ports::{EventLog, LogQuery, PortError};
 use pcf_domain::EventEnvelope;
@@ -24,22 +22,22 @@ use uuid::Uuid;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_projector_killed_after_its_view_write_and_before_its_offset_commit_applies_nothing_twice(
 ) {
-    cluster_scenario!(killed_mid_batch);
+    run(Cluster::create().await, killed_mid_batch).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn duplicates_change_nothing_and_poison_messages_go_to_the_dead_letter_topic() {
-    cluster_scenario!(duplicates_and_poison);
+    run(Cluster::create().await, duplicates_and_poison).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rebuild_while_writes_and_reads_continue_switches_readers_without_a_partial_view() {
-    cluster_scenario!(rebuild_under_load);
+    run(Cluster::create().await, rebuild_under_load).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_event_in_the_log_that_cannot_be_applied_dead_letters_only_its_own_user() {
-    cluster_scenario!(poison_in_the_log);
+    run(Cluster::create().await, poison_in_the_log).await;
 }
 
 /// `(partition, next offset)` of a batch, as the projector records them.
@@ -377,8 +375,7 @@ async fn duplicates_and_poison(c: &mut Cluster) {
         })
         .collect();
     assert_eq!(seen, expected);
-    let (_, metrics) = get(&app.router, "/metrics").await;
-    let metrics = metrics.as_str().expect("metrics text").to_owned();
+    let metrics = get(&app.router, "/metrics").await.text;
     for p in pcf::app::PROJECTIONS {
         let line = format!("pcf_projector_dead_letters_total{{projection=\"{p}\"}} 2");
         assert!(metrics.contains(&line), "{line} not in metrics:\n{metrics}");
@@ -697,7 +694,7 @@ async fn poison_in_the_log(c: &mut Cluster) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_live_batch_after_a_rebuild_began_reaches_the_new_generation_too() {
-    cluster_scenario!(live_batch_after_begin);
+    run(Cluster::create().await, live_batch_after_begin).await;
 }
 
 /// Live batches and `begin` are a handshake: a batch written after a build began reaches
@@ -760,7 +757,7 @@ async fn live_batch_after_begin(c: &mut Cluster) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn live_redis_writes_fold_on_what_they_wrote_and_recover_when_it_moved() {
-    cluster_scenario!(remembered_documents);
+    run(Cluster::create().await, remembered_documents).await;
 }
 
 /// The Redis projector folds a batch on the documents it wrote last instead of reading
@@ -858,7 +855,7 @@ async fn remembered_documents(c: &mut Cluster) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn folded_states_fill_new_users_and_replace_only_older_views() {
-    cluster_scenario!(states_over_existing_views);
+    run(Cluster::create().await, states_over_existing_views).await;
 }
 
 /// A rebuild's writes of folded states: users without a view get theirs at once, an
@@ -921,7 +918,7 @@ async fn states_over_existing_views(c: &mut Cluster) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_migration_drops_the_email_index_that_earlier_rebuilds_kept_twice() {
-    cluster_scenario!(duplicate_email_index);
+    run(Cluster::create().await, duplicate_email_index).await;
 }
 
 /// A generation as rebuilds made it before: the email index copied from the first
@@ -959,7 +956,7 @@ async fn duplicate_email_index(c: &mut Cluster) {
         ]
     );
     sqlx::raw_sql(include_str!(
-        "../migrations/postgres/0004_one_email_index_per_generation.sql"
+        "../../migrations/postgres/0004_one_email_index_per_generation.sql"
     ))
     .execute(&c.pool)
     .await
@@ -976,7 +973,7 @@ async fn duplicate_email_index(c: &mut Cluster) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rebuild_rides_out_failed_writes_and_ends_equal_to_the_log() {
-    cluster_scenario!(rebuild_through_failures);
+    run(Cluster::create().await, rebuild_through_failures).await;
 }
 
 /// A view whose first `failures` page writes fail, as when its database restarts or a

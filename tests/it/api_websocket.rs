@@ -4,9 +4,7 @@
 //! users: refused); a client that disconnects and resumes from the last position it saw gets
 //! every event exactly once, in order; `userChanged` pushes the owner's new state.
 
-mod api_support;
-
-use api_support::*;
+use crate::support::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -53,7 +51,7 @@ async fn assert_refused(server: &Server, payload: Value, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_without_valid_credentials_is_refused() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     api.create_user("ws@example.com", "Ws").await;
     let server = Server::start(api.router()).await;
 
@@ -169,7 +167,7 @@ async fn expect_stream_error(ws: &mut WsClient, id: &str, code: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_auditor_subscription_receives_events_replayed_then_live() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let (a, _) = api.create_user("first@example.com", "First").await;
     let server = Server::start(api.router()).await;
     let mut ws = WsClient::authenticated(&server, &auditor()).await;
@@ -211,7 +209,7 @@ async fn an_auditor_subscription_receives_events_replayed_then_live() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn analytics_subscriptions_leave_personal_data_out_and_users_are_refused() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let (a, _) = api
         .create_user("private@example.com", "Private Person")
         .await;
@@ -310,7 +308,7 @@ async fn writer(router: axum::Router, n: usize, updates: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_subscription_gets_every_event_exactly_once_in_order() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     for i in 0..3 {
         api.create_user(&format!("seed{i}@example.com"), &format!("Seed {i}"))
             .await;
@@ -380,7 +378,7 @@ async fn a_resumed_subscription_gets_every_event_exactly_once_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_changed_pushes_the_owners_new_state() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let (a, _) = api.create_user("changing@example.com", "Before").await;
     let alice = owner(a);
     let server = Server::start(api.router()).await;
@@ -456,7 +454,7 @@ async fn user_changed_pushes_the_owners_new_state() {
 /// requests (CONTRACT.md: 5000 per authenticated subject per minute).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operations_over_a_websocket_are_rate_limited() {
-    let api = Api::with(|c| {
+    let api = TestApp::with(|c| {
         c.rate_limits = pcf::config::RateLimits {
             anonymous: 100,
             authenticated: 3,
@@ -499,7 +497,7 @@ async fn operations_over_a_websocket_are_rate_limited() {
 /// The document limits apply to operations over a websocket as to HTTP requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operation_over_the_limits_is_refused_over_a_websocket_too() {
-    let api = Api::with(|_| {}).await;
+    let api = TestApp::with(|_| {}).await;
     let server = Server::start(api.router()).await;
     let t = token("ws-limits", &[]);
     let mut ws = WsClient::authenticated(&server, &t).await;
@@ -528,97 +526,9 @@ async fn an_operation_over_the_limits_is_refused_over_a_websocket_too() {
     api.stop().await;
 }
 
-/// This process's resident memory, in bytes.
-fn resident_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").expect("reading /proc/self/statm");
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .expect("resident pages in /proc/self/statm");
-    pages * 4096
-}
-
-/// Expects a close with `code` as the next thing the connection delivers.
-#[track_caller]
-fn expect_close(answer: WsIn, code: u16, what: &str) {
-    match answer {
-        WsIn::Closed(c, _) if c == code => {}
-        other => panic!("{what}: expected a close with {code}, got {other:?}"),
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_websocket_message_over_the_limit_closes_with_1009_and_memory_stays_bounded() {
-    let api = Api::start().await;
-    let limit = api.config.body_limit;
-    let server = Server::start(api.router()).await;
-
-    // Just over the limit, before any login: refused with the protocol's code.
-    let mut ws = WsClient::connect(&server).await;
-    let over = "A".repeat(limit + 1024);
-    ws.send(json!({ "type": "connection_init", "payload": { "authorization": over } }))
-        .await;
-    expect_close(ws.next(WAIT).await, 1009, "connection_init over the limit");
-
-    // And after it: a subscribe whose query is over the limit.
-    let mut ws = WsClient::authenticated(&server, &auditor()).await;
-    let query = format!(
-        "subscription {{ events {{ eventId }} }} # {}",
-        "x".repeat(limit)
-    );
-    ws.subscribe("1", &query, json!({})).await;
-    expect_close(ws.next(WAIT).await, 1009, "subscribe over the limit");
-
-    // 15 MB messages on four connections at once are refused as their header arrives: the
-    // server does not take their size in memory (it took 941 MB before the limit).
-    let before = resident_bytes();
-    let mut sends = Vec::new();
-    for _ in 0..4 {
-        let server_addr = server.ws_url();
-        sends.push(tokio::spawn(async move {
-            let mut request =
-                tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-                    server_addr,
-                )
-                .unwrap();
-            request.headers_mut().insert(
-                "Sec-WebSocket-Protocol",
-                "graphql-transport-ws".parse().unwrap(),
-            );
-            let (mut stream, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-            let huge =
-                json!({ "type": "connection_init", "payload": { "x": "A".repeat(15 << 20) } });
-            let sent = futures::SinkExt::send(
-                &mut stream,
-                tokio_tungstenite::tungstenite::Message::text(huge.to_string()),
-            );
-            // The server ends the connection long before 15 MB are through.
-            let _ = tokio::time::timeout(WAIT, sent).await;
-        }));
-    }
-    for send in sends {
-        send.await.unwrap();
-    }
-    let grown = resident_bytes().saturating_sub(before);
-    // The test's own four 15 MB messages (and their JSON) account for most of what grows.
-    assert!(
-        grown < 200 << 20,
-        "resident memory grew by {} MiB",
-        grown >> 20
-    );
-    // The server still serves.
-    WsClient::authenticated(&server, &auditor())
-        .await
-        .close()
-        .await;
-    drop(server);
-    api.stop().await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_session_ends_with_4401_when_its_token_expires() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     api.create_user("expiring@example.com", "Expiring").await;
     let server = Server::start(api.router()).await;
     let now = unix_now();
@@ -642,7 +552,7 @@ async fn a_websocket_session_ends_with_4401_when_its_token_expires() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_without_connection_init_in_time_closes_with_4408() {
-    let api = Api::with(|c| c.ws_init_timeout = Duration::from_millis(500)).await;
+    let api = TestApp::with(|c| c.ws_init_timeout = Duration::from_millis(500)).await;
     let server = Server::start(api.router()).await;
     let mut ws = WsClient::connect(&server).await;
     expect_close(
@@ -665,7 +575,7 @@ async fn a_websocket_without_connection_init_in_time_closes_with_4408() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_are_capped_per_connection_and_per_subject_and_ids_are_unique() {
-    let api = Api::with(|c| {
+    let api = TestApp::with(|c| {
         c.ws_subscriptions_per_connection = 3;
         c.ws_subscriptions_per_subject = 5;
     })

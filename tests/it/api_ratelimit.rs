@@ -3,9 +3,7 @@
 //! `Retry-After` and `RATE_LIMITED`. `X-Forwarded-For` counts only from a trusted proxy. The
 //! windows are fixed minutes, so each burst first makes sure enough of the minute is left.
 
-mod api_support;
-
-use api_support::*;
+use crate::support::*;
 use axum::http::StatusCode;
 use pcf::config::RateLimits;
 use serde_json::json;
@@ -47,7 +45,7 @@ fn limited(r: &Resp, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_1001st_anonymous_request_in_a_minute_is_refused() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     assert_eq!(api.config.rate_limits.anonymous, 1000);
     fresh_window(10).await;
     for i in 1..=1000 {
@@ -64,7 +62,7 @@ async fn the_1001st_anonymous_request_in_a_minute_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_requests_are_counted_per_address() {
-    let api = Api::with(|c| c.rate_limits = limits(5, 100, 100)).await;
+    let api = TestApp::with(|c| c.rate_limits = limits(5, 100, 100)).await;
     fresh_window(5).await;
     for i in 1..=5 {
         allowed(
@@ -116,7 +114,7 @@ async fn anonymous_requests_are_counted_per_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limited_request_runs_nothing() {
-    let api = Api::with(|c| c.rate_limits = limits(2, 100, 100)).await;
+    let api = TestApp::with(|c| c.rate_limits = limits(2, 100, 100)).await;
     fresh_window(5).await;
     for i in 0..2 {
         allowed(&api.send(Gql::new(PING)).await, &format!("{i}"));
@@ -136,7 +134,7 @@ async fn a_limited_request_runs_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_from_an_untrusted_peer_does_not_dodge_the_limit() {
     // 10.0.0.9 is a trusted proxy; the client below is not it.
-    let api = Api::with(|c| {
+    let api = TestApp::with(|c| {
         c.rate_limits = limits(5, 100, 100);
         c.trusted_proxies = vec!["10.0.0.9".parse().unwrap()];
     })
@@ -175,7 +173,7 @@ async fn forwarded_for_from_an_untrusted_peer_does_not_dodge_the_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_from_a_trusted_proxy_counts_each_client() {
-    let api = Api::with(|c| {
+    let api = TestApp::with(|c| {
         c.rate_limits = limits(5, 100, 100);
         c.trusted_proxies = vec!["10.0.0.9".parse().unwrap(), "10.0.0.10".parse().unwrap()];
     })
@@ -230,7 +228,7 @@ async fn forwarded_for_from_a_trusted_proxy_counts_each_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn premium_subjects_get_a_higher_limit_than_standard_ones() {
-    let api = Api::with(|c| c.rate_limits = limits(2, 3, 6)).await;
+    let api = TestApp::with(|c| c.rate_limits = limits(2, 3, 6)).await;
     fresh_window(5).await;
     let standard = token("standard-subject", &[]);
     let premium = token_with_tier("premium-subject", &[], Some("premium"));
@@ -268,7 +266,7 @@ async fn premium_subjects_get_a_higher_limit_than_standard_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authenticated_requests_are_counted_per_subject_not_per_address() {
-    let api = Api::with(|c| c.rate_limits = limits(100, 3, 6)).await;
+    let api = TestApp::with(|c| c.rate_limits = limits(100, 3, 6)).await;
     fresh_window(5).await;
     let t = token("roaming-subject", &[]);
     for (i, peer) in ["192.0.2.1:1", "192.0.2.2:1", "192.0.2.3:1"]
@@ -308,7 +306,7 @@ async fn authenticated_requests_are_counted_per_subject_not_per_address() {
 async fn api_keys_are_limited_per_key_with_their_tier() {
     const KEY: &str = "pcf-ratelimit-test-key";
     const PREMIUM_KEY: &str = "pcf-ratelimit-test-premium-key";
-    let api = Api::with_files(|c, files| {
+    let api = TestApp::with_files(|c, files| {
         let path = files.join("keys.toml");
         std::fs::write(
             &path,
@@ -350,7 +348,7 @@ async fn api_keys_are_limited_per_key_with_their_tier() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_websocket_upgrade_is_rate_limited_by_address() {
-    let api = Api::with(|c| c.rate_limits = limits(2, 100, 100)).await;
+    let api = TestApp::with(|c| c.rate_limits = limits(2, 100, 100)).await;
     fresh_window(5).await;
     let ws_upgrade = || {
         let mut request = axum::http::Request::get("/graphql/ws")
@@ -380,18 +378,14 @@ async fn the_websocket_upgrade_is_rate_limited_by_address() {
 /// Shared through Redis: two instances with the same Redis count together.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_sharing_redis_share_the_count() {
-    let redis = std::env::var("PCF_TEST_REDIS_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
-    let prefix = format!("pcf-api-test-{}", uuid::Uuid::new_v4().simple());
+    let redis = RedisPrefix::fresh();
     let tune = |c: &mut pcf::Config| {
         c.rate_limits = limits(5, 100, 100);
-        c.redis_url = Some(redis.clone());
-        c.redis_prefix = prefix.clone();
+        c.redis_url = Some(redis.url.clone());
+        c.redis_prefix = redis.prefix.clone();
     };
-    let one = Api::with(tune).await;
-    let two = Api::with(tune).await;
+    let one = TestApp::with(tune).await;
+    let two = TestApp::with(tune).await;
     fresh_window(5).await;
     for i in 1..=3 {
         allowed(&one.send(Gql::new(PING)).await, &format!("one {i}"));
@@ -403,4 +397,5 @@ async fn instances_sharing_redis_share_the_count() {
     limited(&one.send(Gql::new(PING)).await, "one 7");
     one.stop().await;
     two.stop().await;
+    redis.delete_keys().await;
 }

@@ -4,9 +4,7 @@
 //! and after their document ran once, and production mode hides the schema (no
 //! introspection, no field suggestions, no GraphiQL).
 
-mod api_support;
-
-use api_support::*;
+use crate::support::*;
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -47,7 +45,7 @@ fn too_complex(r: &Resp, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_16_deep_is_too_complex_and_15_deep_is_not() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     assert_eq!(api.config.max_depth, 15);
     let r = api.send(Gql::new(&deep_query(16)).bearer(&admin())).await;
     too_complex(&r, "16 deep");
@@ -64,7 +62,7 @@ async fn a_query_16_deep_is_too_complex_and_15_deep_is_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_aliases_are_too_complex_and_fifteen_are_not() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     assert_eq!(api.config.max_aliases, 15);
     let r = api.send(Gql::new(&aliased_query(15))).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
@@ -101,7 +99,7 @@ fn fragment_bomb(levels: usize, width: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_complexity_bomb_is_too_complex() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     assert_eq!(api.config.max_complexity, 1000);
     // Many fields: 1200 selections in a user page.
     let fields =
@@ -139,7 +137,7 @@ fn an_exponential_fragment_bomb_is_refused_quickly() {
         .build()
         .unwrap();
     let outcome = runtime.block_on(async {
-        let api = Api::start().await;
+        let api = TestApp::start().await;
         let doc = fragment_bomb(8, 10);
         assert!(doc.len() < 2000, "{}", doc.len());
         let router = api.router();
@@ -167,7 +165,7 @@ fn an_exponential_fragment_bomb_is_refused_quickly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_query_runs_no_resolver() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let create =
         "createUser(input: {email: \"bomb@example.com\", displayName: \"Bomb\"}) { version }";
     let aliases: Vec<String> = (0..16).map(|i| format!("a{i}: __typename")).collect();
@@ -220,7 +218,7 @@ async fn a_refused_query_runs_no_resolver() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_are_refused() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     for body in [
         json!([{ "query": "{ __typename }" }, { "query": "{ __typename }" }]).to_string(),
         json!([{ "query": "{ __typename }" }]).to_string(),
@@ -234,7 +232,7 @@ async fn batches_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_mebibyte_body_is_payload_too_large() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     assert_eq!(api.config.body_limit, 64 * 1024);
     let padding = "x".repeat(1024 * 1024);
     let body = json!({ "query": "{ __typename }", "variables": { "pad": padding } }).to_string();
@@ -268,7 +266,7 @@ async fn a_one_mebibyte_body_is_payload_too_large() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_json_is_a_bad_request() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     for body in [
         "{\"query\": ",
         "{\"query\": \"{ __typename }\"",
@@ -297,7 +295,7 @@ async fn malformed_json_is_a_bad_request() {
 /// that do not fit it must still be refused as they were before it ran.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn variables_that_do_not_fit_are_refused_alike_before_and_after_their_document_ran() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let (id, _) = api.create_user("known@example.com", "Known").await;
     // `first` is `Int! = 20`: a nullable variable may stand there, but not a null.
     let users = "query($first: Int) { users(first: $first) { edges { node { id } } } }";
@@ -354,13 +352,13 @@ async fn variables_that_do_not_fit_are_refused_alike_before_and_after_their_docu
     api.stop().await;
 }
 
-async fn production() -> Api {
-    Api::with(|c| c.environment = pcf::config::Environment::Production).await
+async fn production() -> TestApp {
+    TestApp::with(|c| c.environment = pcf::config::Environment::Production).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn production_has_no_introspection() {
-    let dev = Api::start().await;
+    let dev = TestApp::start().await;
     let prod = production().await;
     for q in [
         "{ __schema { types { name } } }",
@@ -391,7 +389,7 @@ async fn production_has_no_introspection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn production_makes_no_field_suggestions() {
-    let dev = Api::start().await;
+    let dev = TestApp::start().await;
     let prod = production().await;
     let queries = [
         "{ userz(id: \"x\") { id } }",
@@ -431,7 +429,7 @@ async fn production_makes_no_field_suggestions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn production_serves_no_graphiql() {
-    let dev = Api::start().await;
+    let dev = TestApp::start().await;
     let prod = production().await;
     let get = |path: &str| {
         axum::http::Request::get(path)
@@ -471,7 +469,7 @@ async fn production_does_not_start_without_a_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_are_configurable() {
-    let api = Api::with(|c| {
+    let api = TestApp::with(|c| {
         c.max_depth = 5;
         c.max_aliases = 2;
         c.max_complexity = 20;
@@ -520,7 +518,7 @@ fn sign_up_as(content_type: Option<&str>, email: &str) -> axum::http::Request<ax
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_json_content_types_run_so_a_cross_site_simple_request_cannot_sign_up() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     let refused = [
         Some("text/plain"),
         Some("text/plain;charset=UTF-8"),
@@ -560,7 +558,7 @@ async fn only_json_content_types_run_so_a_cross_site_simple_request_cannot_sign_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_repeatable_directive_written_twice_is_a_validation_error() {
-    let api = Api::start().await;
+    let api = TestApp::start().await;
     for q in [
         "{ __typename @include(if: true) @include(if: false) }",
         "{ __typename @skip(if: false) @skip(if: false) }",
@@ -579,20 +577,6 @@ async fn a_non_repeatable_directive_written_twice_is_a_validation_error() {
     api.stop().await;
 }
 
-/// A log writer into a shared buffer.
-#[derive(Clone, Default)]
-struct CapturedLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for CapturedLog {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 // One thread, so that the test's log subscriber sees the server's events.
 #[tokio::test]
 async fn refused_credentials_are_rate_limited_and_logged_only_as_a_bounded_excerpt() {
@@ -604,7 +588,7 @@ async fn refused_credentials_are_rate_limited_and_logged_only_as_a_bounded_excer
         .with_writer(move || writer.clone())
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
-    let api = Api::with(|c| c.rate_limits.failed_auth = 5).await;
+    let api = TestApp::with(|c| c.rate_limits.failed_auth = 5).await;
     let attack = format!("{} x", "A".repeat(60_000));
     let mut statuses = Vec::new();
     for _ in 0..40 {
@@ -629,7 +613,7 @@ async fn refused_credentials_are_rate_limited_and_logged_only_as_a_bounded_excer
     assert_eq!(r.ok()["__typename"], "Query");
     api.stop().await;
 
-    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let text = log.text();
     assert!(text.contains("credentials refused"), "{text}");
     let longest = text.lines().map(str::len).max().unwrap_or(0);
     assert!(longest < 1000, "a log line of {longest} bytes");
@@ -680,7 +664,7 @@ mod slow_clients {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn silent_and_trickling_clients_are_cut_off_at_the_head_deadline() {
-        let api = Api::start().await;
+        let api = TestApp::start().await;
         let server = Server::start_with(api.router(), limits(16)).await;
 
         // Nothing at all.
@@ -728,7 +712,7 @@ mod slow_clients {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_body_that_does_not_arrive_gets_408_and_idle_connections_are_closed() {
-        let api = Api::with(|c| c.body_timeout = Duration::from_millis(500)).await;
+        let api = TestApp::with(|c| c.body_timeout = Duration::from_millis(500)).await;
         let server = Server::start_with(api.router(), limits(16)).await;
 
         // Content-Length 100, 8 bytes sent.
@@ -753,7 +737,7 @@ mod slow_clients {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connections_over_the_cap_wait_until_one_ends() {
-        let api = Api::start().await;
+        let api = TestApp::start().await;
         let mut patient = limits(2);
         patient.header_timeout = Duration::from_secs(30);
         patient.idle_timeout = Duration::from_secs(30);
@@ -777,59 +761,4 @@ mod slow_clients {
         drop(server);
         api.stop().await;
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreachable_kafka_is_logged_once_then_at_a_bounded_rate() {
-    // librdkafka calls back from its own threads: only a global subscriber sees them, set
-    // up as `pcf` sets its own (with the bridge from the `log` crate). Other tests of this
-    // binary log into it too; only Kafka's lines are counted.
-    use tracing_subscriber::util::SubscriberInitExt;
-    let log = CapturedLog::default();
-    let writer = log.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish()
-        .try_init()
-        .expect("the only global subscriber");
-    // A loopback port with nothing listening.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let brokers = closed.local_addr().unwrap().to_string();
-    drop(closed);
-    let db = PgDb::create().await;
-    let files = tempfile::tempdir().unwrap();
-    let config = pcf::Config {
-        database_url: Some(db.url.clone()),
-        read_database_urls: vec![db.url.clone()],
-        kafka_brokers: Some(brokers.clone()),
-        kafka_topic: format!("pcf.down.{}", uuid::Uuid::new_v4().simple()),
-        ..base_config(files.path())
-    };
-    let app = pcf::build(&config).await.expect("starting with Kafka down");
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
-    // Stopping waits on Kafka's clients, which wait on the brokers; not what is tested.
-    let _ = tokio::time::timeout(Duration::from_secs(2), app.shutdown()).await;
-    db.drop_db().await;
-
-    let kafka: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("librdkafka") || l.contains(&brokers))
-        .collect();
-    // It is logged...
-    assert!(
-        !kafka.is_empty(),
-        "nothing said about Kafka being down:\n{text}"
-    );
-    // ...once per kind of failure (the producer, the admin client and the consumers each
-    // report theirs), not at every reconnect: about 50 lines in 4 s before.
-    eprintln!("{}", kafka.join("\n"));
-    assert!(
-        kafka.len() <= 12,
-        "{} lines about Kafka in 4 s:\n{}",
-        kafka.len(),
-        kafka.join("\n")
-    );
 }

@@ -2,9 +2,7 @@
 //! the relay role on one database and topic publish every event, in order per user, with no
 //! duplicates while both run; when the active one stops, the other takes over.
 
-mod cluster_support;
-
-use cluster_support::*;
+use crate::support::*;
 use pcf::app::Role;
 use pcf_domain::EventEnvelope;
 use serde_json::json;
@@ -13,7 +11,7 @@ use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_relay_publishes_at_a_time_and_another_takes_over_when_it_stops() {
-    cluster_scenario!(single_active_relay);
+    run(Cluster::create().await, single_active_relay).await;
 }
 
 /// Creates `n` users with two profile updates each; returns their ids.

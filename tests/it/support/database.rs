@@ -1,0 +1,94 @@
+//! A PostgreSQL database of one test: created fresh on the primary, dropped (with whoever is
+//! still connected) by [`TestDb::drop_db`], which the panic-safe runner calls.
+
+use super::cleanup::Teardown;
+use super::services::{primary_admin_url, replica_admin_url};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
+
+/// `url` with its database name replaced by `database`.
+pub fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[authority_start..].find('/') {
+        Some(i) => &base[..authority_start + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{database}?{q}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+/// A PostgreSQL database of its own, created for one test.
+pub struct TestDb {
+    pub name: String,
+    /// The database on the primary.
+    pub url: String,
+    /// The same database on the streaming replica.
+    pub replica_url: String,
+    /// A small pool of the test's own, for looking at the tables directly.
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    /// A fresh database named `pcf_test_<id>`.
+    pub async fn create() -> Self {
+        Self::create_named(&Uuid::new_v4().simple().to_string()).await
+    }
+
+    /// A fresh database named `pcf_test_<id>`, for a test that names its other resources
+    /// after `id` too.
+    pub async fn create_named(id: &str) -> Self {
+        let name = format!("pcf_test_{id}");
+        let admin = primary_admin_url();
+        let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
+            panic!("connecting to {admin} (start scripts/services.sh up): {e}")
+        });
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("creating database {name}: {e}"));
+        let _ = conn.close().await;
+        let url = with_database(&admin, &name);
+        let replica_url = with_database(&replica_admin_url(), &name);
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+        Self {
+            name,
+            url,
+            replica_url,
+            pool,
+        }
+    }
+
+    /// Drops the database, disconnecting whoever is still connected (the apps' pools and
+    /// listeners).
+    pub async fn drop_db(self) {
+        self.pool.close().await;
+        let admin = primary_admin_url();
+        match PgConnection::connect(&admin).await {
+            Ok(mut conn) => {
+                let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+                if let Err(e) = sqlx::query(&sql).execute(&mut conn).await {
+                    eprintln!("could not drop test database {}: {e}", self.name);
+                }
+                let _ = conn.close().await;
+            }
+            Err(e) => eprintln!("could not drop test database {}: {e}", self.name),
+        }
+    }
+}
+
+impl Teardown for TestDb {
+    async fn teardown(self) {
+        self.drop_db().await;
+    }
+}

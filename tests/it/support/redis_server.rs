@@ -1,0 +1,192 @@
+//! Redis for the tests: connections, the keys under a test's prefix (listed and deleted),
+//! and redis-server processes of a test's own for the tests that take Redis down.
+
+use super::cleanup::Teardown;
+use super::services::{free_port, kill_child, port_open, shared_redis_url};
+use super::wait::wait_until;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tempfile::TempDir;
+use uuid::Uuid;
+
+/// A connection of the test's own to a Redis server.
+pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("a Redis URL")
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("connecting to Redis at {url}: {e}"))
+}
+
+/// Every key matching `pattern`.
+pub async fn scan_keys(
+    conn: &mut redis::aio::MultiplexedConnection,
+    pattern: &str,
+) -> Result<Vec<String>, redis::RedisError> {
+    let mut cursor: u64 = 0;
+    let mut keys = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        keys.extend(batch);
+        if next == 0 {
+            return Ok(keys);
+        }
+        cursor = next;
+    }
+}
+
+/// A key prefix of one test on the shared Redis; its keys are deleted at teardown.
+pub struct RedisPrefix {
+    pub url: String,
+    pub prefix: String,
+}
+
+impl RedisPrefix {
+    /// `pcf:test:<id>` on the shared server.
+    pub fn new(id: &str) -> Self {
+        Self {
+            url: shared_redis_url(),
+            prefix: format!("pcf:test:{id}"),
+        }
+    }
+
+    /// A prefix of its own for a test that names nothing else.
+    pub fn fresh() -> Self {
+        Self::new(&Uuid::new_v4().simple().to_string())
+    }
+
+    /// Deletes every key under the prefix (best effort).
+    pub async fn delete_keys(&self) {
+        let Ok(client) = redis::Client::open(self.url.as_str()) else {
+            return;
+        };
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+            return;
+        };
+        for key in scan_keys(&mut conn, &format!("{}:*", self.prefix))
+            .await
+            .unwrap_or_default()
+        {
+            let _: Result<(), _> = redis::cmd("DEL").arg(&key).query_async(&mut conn).await;
+        }
+    }
+}
+
+impl Teardown for RedisPrefix {
+    async fn teardown(self) {
+        self.delete_keys().await;
+    }
+}
+
+/// A redis-server of the test's own, on a free port, without persistence except an
+/// explicit `SAVE`.
+pub struct PrivateRedis {
+    pub port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> Self {
+        let mut redis = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("a temporary directory"),
+            child: None,
+        };
+        redis.spawn().await;
+        redis
+    }
+
+    /// A server of the test's own that is not running yet: its port is chosen and stays
+    /// closed until [`PrivateRedis::launch`], for a process that starts while Redis is down.
+    pub fn reserve() -> Self {
+        let redis = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("a temporary directory"),
+            child: None,
+        };
+        assert!(!port_open(redis.port), "the reserved port already answers");
+        redis
+    }
+
+    /// Starts a reserved server for the first time.
+    pub async fn launch(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        self.spawn().await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("redis.log"))
+            .expect("a log file");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--dbfilename", "dump.rdb"])
+            .stdout(Stdio::from(log.try_clone().expect("a log file")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("starting redis-server");
+        self.child = Some(child);
+        let url = self.url();
+        wait_until(Duration::from_secs(20), "the private Redis", || {
+            let url = url.clone();
+            async move {
+                let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+                let mut conn = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _: String = redis::cmd("PING")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(())
+            }
+        })
+        .await;
+    }
+
+    /// Writes the data set to disk (so a restart finds it), then kills the server.
+    pub async fn save_and_kill(&mut self) {
+        let mut conn = redis_conn(&self.url()).await;
+        let _: () = redis::cmd("SAVE")
+            .query_async(&mut conn)
+            .await
+            .expect("SAVE");
+        drop(conn);
+        self.kill();
+    }
+
+    pub fn kill(&mut self) {
+        kill_child(&mut self.child);
+        assert!(!port_open(self.port), "Redis still answers after the kill");
+    }
+
+    /// Starts the server again on the same port and directory.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "kill it first");
+        self.spawn().await;
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+    }
+}

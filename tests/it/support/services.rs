@@ -1,0 +1,75 @@
+//! Where the shared services of the tests are (PostgreSQL primary and replica, Redis, Kafka on
+//! loopback, overridable with `PCF_TEST_*`), and the plumbing of the private ones a test
+//! starts for itself: free ports, probes, killing a child process.
+
+use std::process::Child;
+use std::time::Duration;
+
+/// `key` from the environment, or `default` when it is unset or empty.
+pub fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| default.to_owned())
+}
+
+/// The PostgreSQL primary (any database on it; tests create their own).
+pub fn primary_admin_url() -> String {
+    env_or(
+        "PCF_TEST_DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5432/postgres",
+    )
+}
+
+/// The streaming replica of the primary.
+pub fn replica_admin_url() -> String {
+    env_or(
+        "PCF_TEST_READ_DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5433/postgres",
+    )
+}
+
+/// The Redis server tests share (each under a key prefix of its own).
+pub fn shared_redis_url() -> String {
+    env_or("PCF_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+}
+
+/// The Kafka broker tests share (each with topics and groups of its own).
+pub fn shared_brokers() -> String {
+    env_or("PCF_TEST_KAFKA_BROKERS", "127.0.0.1:9092")
+}
+
+/// Logs of the product while a test runs, when `PCF_TEST_LOG` is set (e.g. `pcf=debug`).
+pub fn init_tracing() {
+    if let Ok(filter) = std::env::var("PCF_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// A free TCP port on loopback (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Whether something accepts connections on the loopback `port`.
+pub fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    )
+    .is_ok()
+}
+
+/// Kills and reaps a private server, if it runs.
+pub fn kill_child(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}

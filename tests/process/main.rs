@@ -1,0 +1,21 @@
+//! Tests that measure or configure the whole process, in a binary of their own (see
+//! `tests/it/main.rs` for all the others):
+//!
+//! * `kafka_logging` installs the process's global tracing subscriber: librdkafka logs from its
+//!   own threads, which only a global subscriber sees, and only one can exist per process.
+//! * `websocket_memory` measures the process's resident memory, which other tests running in
+//!   the same process would disturb.
+//!
+//! Each test holds [`WHOLE_PROCESS`] while it runs, so neither disturbs the other.
+
+#[macro_use]
+#[allow(dead_code, unused_imports, unused_macros)]
+#[path = "../it/support/mod.rs"]
+mod support;
+
+mod kafka_logging;
+mod websocket_memory;
+
+/// Held by each test of this binary for as long as it runs: the tests here must have the
+/// process to themselves.
+static WHOLE_PROCESS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
