@@ -26,5 +26,6 @@ mod embedded;
 mod event_schemas;
 mod http;
 mod queries;
+mod readme;
 mod relay;
 mod schema;
