@@ -16,7 +16,7 @@ async fn a_mutation_is_visible_from_redis_and_from_the_replica_with_keyset_pages
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_event_committed_after_a_later_position_still_reaches_kafka_and_the_views() {
-    run(Cluster::create().await, late_commit).await;
+    run(Cluster::create_alone().await, late_commit).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

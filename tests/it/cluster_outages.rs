@@ -5,7 +5,6 @@
 use crate::support::*;
 use pcf::app::ALL_ROLES;
 use serde_json::{json, Value};
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -91,14 +90,7 @@ async fn kafka_outage(c: &mut Cluster) {
     tail.wait_for(
         Duration::from_secs(120),
         "every stored event in Kafka",
-        |records| {
-            let ids: BTreeSet<Uuid> = records
-                .iter()
-                .filter_map(Record::envelope)
-                .map(|e| e.event_id)
-                .collect();
-            stored.is_subset(&ids)
-        },
+        |records| stored.is_subset(&event_ids(records)),
     )
     .await;
     let published_after = back_at.elapsed();

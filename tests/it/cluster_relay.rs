@@ -75,22 +75,13 @@ fn assert_complete_and_ordered(records: &[Record], stored: &BTreeSet<Uuid>) {
             }
         }
     }
-    let published: BTreeSet<Uuid> = records
-        .iter()
-        .filter_map(Record::envelope)
-        .map(|e| e.event_id)
-        .collect();
+    let published = event_ids(records);
     let missing: Vec<&Uuid> = stored.difference(&published).collect();
     assert!(missing.is_empty(), "events never published: {missing:?}");
 }
 
 fn all_published(records: &[Record], stored: &BTreeSet<Uuid>) -> bool {
-    let ids: BTreeSet<Uuid> = records
-        .iter()
-        .filter_map(Record::envelope)
-        .map(|e| e.event_id)
-        .collect();
-    stored.is_subset(&ids)
+    stored.is_subset(&event_ids(records))
 }
 
 fn duplicates(records: &[Record]) -> Vec<Uuid> {

@@ -760,7 +760,7 @@ async fn kafka_messages_match_the_schemas_with_user_keys_and_headers() {
     require_kafka(&kafka.brokers);
     let consumer_group = format!("{}schema-check", kafka.group_prefix);
     kafka.extra_groups.push(consumer_group.clone());
-    let fixture = (TestDb::create_named(&id).await, kafka);
+    let fixture = (TestDb::create_named(&id, ServerUse::Shared).await, kafka);
     run(fixture, async |(db, kafka)| {
         let dir = tempfile::tempdir().expect("a temporary data directory");
         let config = pcf::Config {

@@ -1,10 +1,11 @@
 //! The relay on PostgreSQL: commit order across transactions that commit late, a durable
 //! checkpoint to resume from, and prompt wake-up on commits made by another process.
 //!
-//! These tests hold transactions open on purpose. PostgreSQL's transaction ids are
-//! cluster-wide, so an open transaction holds back the relay's horizon in every database:
-//! the tests of this file take [`SERIAL`] so they do not stall each other, and they poll
-//! (bounded) wherever other clients of the server could delay visibility.
+//! These tests hold transactions open on purpose, and assert what the log shows. PostgreSQL's
+//! transaction ids are cluster-wide, so an open transaction holds back the relay's horizon in
+//! every database: each test has the server to itself (`TestDb::create_alone`), so that they
+//! neither stall other tests nor are stalled by them, and they poll (bounded) wherever other
+//! clients of the server could delay visibility.
 
 use crate::support::{eventually, run, TestDb};
 use async_trait::async_trait;
@@ -21,13 +22,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use uuid::Uuid;
 
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Runs `$scenario(&db)` on a fresh database and drops it afterwards, even on panic.
+/// Runs `$scenario(&db)` on a fresh database, alone on the server, and drops it afterwards,
+/// even on panic.
 macro_rules! on_fresh_database {
     ($scenario:path) => {{
-        let _serial = SERIAL.lock().await;
-        run(TestDb::create().await, async |db| $scenario(db).await).await;
+        run(TestDb::create_alone().await, async |db| $scenario(db).await).await;
     }};
 }
 

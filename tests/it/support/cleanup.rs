@@ -28,31 +28,29 @@ pub async fn run<F: Teardown>(mut fixture: F, test: impl AsyncFnOnce(&mut F)) {
     }
 }
 
+/// One test `$test` that runs `super::$scenario` on `TestApp::$backend()` and cleans up.
+macro_rules! scenario_test {
+    ($test:ident, $backend:ident, $scenario:ident $(, #[$attr:meta])*) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        $(#[$attr])*
+        async fn $test() {
+            $crate::support::run(
+                $crate::support::TestApp::$backend().await,
+                async |app| super::$scenario(app).await,
+            )
+            .await;
+        }
+    };
+}
+
 /// Instantiates each scenario `async fn name(app: &TestApp)` (or `&mut TestApp`, to restart
 /// it) as two tests, `name::sqlite` and `name::postgres`, each on a fresh backend that is
 /// cleaned up afterwards. Attributes written before a name go on both tests.
 macro_rules! on_both_backends {
     ($($(#[$attr:meta])* $scenario:ident),* $(,)?) => {$(
         mod $scenario {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            $(#[$attr])*
-            async fn sqlite() {
-                $crate::support::run(
-                    $crate::support::TestApp::start().await,
-                    async |app| super::$scenario(app).await,
-                )
-                .await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            $(#[$attr])*
-            async fn postgres() {
-                $crate::support::run(
-                    $crate::support::TestApp::postgres().await,
-                    async |app| super::$scenario(app).await,
-                )
-                .await;
-            }
+            scenario_test!(sqlite, start, $scenario $(, #[$attr])*);
+            scenario_test!(postgres, postgres, $scenario $(, #[$attr])*);
         }
     )*};
 }
@@ -61,15 +59,7 @@ macro_rules! on_both_backends {
 macro_rules! on_postgres {
     ($($(#[$attr:meta])* $scenario:ident),* $(,)?) => {$(
         mod $scenario {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            $(#[$attr])*
-            async fn postgres() {
-                $crate::support::run(
-                    $crate::support::TestApp::postgres().await,
-                    async |app| super::$scenario(app).await,
-                )
-                .await;
-            }
+            scenario_test!(postgres, postgres, $scenario $(, #[$attr])*);
         }
     )*};
 }

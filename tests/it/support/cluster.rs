@@ -12,7 +12,7 @@
 
 use super::auth::JWT_SECRET;
 use super::cleanup::Teardown;
-use super::database::TestDb;
+use super::database::{ServerUse, TestDb};
 use super::kafka::KafkaTopic;
 use super::redis_server::{scan_keys, RedisPrefix};
 use super::services::init_tracing;
@@ -82,27 +82,23 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Fresh resources, on the PostgreSQL server shared with other tests.
     pub async fn create() -> Self {
+        Self::create_on(ServerUse::Shared).await
+    }
+
+    /// Fresh resources, for a test that holds a transaction open: alone on the server.
+    pub async fn create_alone() -> Self {
+        Self::create_on(ServerUse::Alone).await
+    }
+
+    async fn create_on(server: ServerUse) -> Self {
         init_tracing();
         let id = Uuid::new_v4().simple().to_string();
-        let db = TestDb::create_named(&id).await;
+        let db = TestDb::create_named(&id, server).await;
         // The replica follows the whole cluster; apps connect to it as soon as they start.
         let replica_url = db.replica_url.clone();
-        wait_until(
-            Duration::from_secs(30),
-            "the replica to have the database",
-            || {
-                let url = replica_url.clone();
-                async move {
-                    let conn = PgConnection::connect(&url)
-                        .await
-                        .map_err(|e| format!("connecting to the replica: {e}"))?;
-                    let _ = conn.close().await;
-                    Ok(())
-                }
-            },
-        )
-        .await;
+        wait_for(&replica_url, Replica::HasDatabase).await;
         let kafka = KafkaTopic::new(&id);
         let redis = RedisPrefix::new(&id);
         Self {
@@ -190,31 +186,7 @@ impl Cluster {
 
     /// Waits until the replica has the test database with the read model's tables.
     pub async fn wait_for_replica(&self) {
-        let url = self.replica_url.clone();
-        wait_until(
-            Duration::from_secs(30),
-            "the replica to have the schema",
-            || {
-                let url = url.clone();
-                async move {
-                    let mut conn = PgConnection::connect(&url)
-                        .await
-                        .map_err(|e| format!("connecting to the replica: {e}"))?;
-                    let (recovering,): (bool,) = sqlx::query_as("SELECT pg_is_in_recovery()")
-                        .fetch_one(&mut conn)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    assert!(recovering, "{url} is not a replica (not in recovery)");
-                    sqlx::query("SELECT 1 FROM read_users LIMIT 1")
-                        .execute(&mut conn)
-                        .await
-                        .map_err(|e| format!("read_users on the replica: {e}"))?;
-                    let _ = conn.close().await;
-                    Ok(())
-                }
-            },
-        )
-        .await;
+        wait_for(&self.replica_url, Replica::HasSchema).await;
     }
 
     /// A pool on the test database's replica.
@@ -347,6 +319,42 @@ impl Cluster {
             prefix: self.redis_prefix.clone(),
         }
     }
+}
+
+/// What a test waits for the replica to have.
+#[derive(Clone, Copy, PartialEq)]
+enum Replica {
+    /// The test database (created on the primary).
+    HasDatabase,
+    /// The read model's tables (migrated on the primary), and it is a replica.
+    HasSchema,
+}
+
+/// Waits until the replica at `url` has `what`.
+async fn wait_for(url: &str, what: Replica) {
+    let waiting_for = match what {
+        Replica::HasDatabase => "the replica to have the database",
+        Replica::HasSchema => "the replica to have the schema",
+    };
+    wait_until(Duration::from_secs(30), waiting_for, || async move {
+        let mut conn = PgConnection::connect(url)
+            .await
+            .map_err(|e| format!("connecting to the replica: {e}"))?;
+        if what == Replica::HasSchema {
+            let (recovering,): (bool,) = sqlx::query_as("SELECT pg_is_in_recovery()")
+                .fetch_one(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            assert!(recovering, "{url} is not a replica (not in recovery)");
+            sqlx::query("SELECT 1 FROM read_users LIMIT 1")
+                .execute(&mut conn)
+                .await
+                .map_err(|e| format!("read_users on the replica: {e}"))?;
+        }
+        let _ = conn.close().await;
+        Ok(())
+    })
+    .await;
 }
 
 impl Teardown for Cluster {

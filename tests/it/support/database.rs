@@ -1,11 +1,45 @@
 //! A PostgreSQL database of one test: created fresh on the primary, dropped (with whoever is
 //! still connected) by [`TestDb::drop_db`], which the panic-safe runner calls.
+//!
+//! What the relay may read is bounded by the oldest transaction still running anywhere on the
+//! server, in every database. So a test that holds a transaction open, or asserts exactly what
+//! the log shows, has the server to itself ([`ServerUse::Alone`]); the others share it.
 
 use super::cleanup::Teardown;
 use super::services::{primary_admin_url, replica_admin_url};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
+use std::sync::{Arc, LazyLock};
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 use uuid::Uuid;
+
+/// How a test uses the PostgreSQL server.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ServerUse {
+    /// Beside other tests, whose transactions may hold back what its relay publishes.
+    Shared,
+    /// With no other PostgreSQL test running: it holds transactions open, or asserts exactly
+    /// what the log shows.
+    Alone,
+}
+
+/// Held shared by each test on the server, and exclusively by a test that must be alone.
+static SERVER: LazyLock<Arc<RwLock<()>>> = LazyLock::new(|| Arc::new(RwLock::new(())));
+
+/// A test's hold on the server, for as long as its database exists.
+enum ServerHold {
+    Shared(#[allow(dead_code)] OwnedRwLockReadGuard<()>),
+    Alone(#[allow(dead_code)] OwnedRwLockWriteGuard<()>),
+}
+
+impl ServerHold {
+    async fn take(server: ServerUse) -> Self {
+        match server {
+            ServerUse::Shared => Self::Shared(SERVER.clone().read_owned().await),
+            ServerUse::Alone => Self::Alone(SERVER.clone().write_owned().await),
+        }
+    }
+}
 
 /// `url` with its database name replaced by `database`.
 pub fn with_database(url: &str, database: &str) -> String {
@@ -33,17 +67,24 @@ pub struct TestDb {
     pub replica_url: String,
     /// A small pool of the test's own, for looking at the tables directly.
     pub pool: PgPool,
+    _server: ServerHold,
 }
 
 impl TestDb {
-    /// A fresh database named `pcf_test_<id>`.
+    /// A fresh database named `pcf_test_<id>`, on the shared server.
     pub async fn create() -> Self {
-        Self::create_named(&Uuid::new_v4().simple().to_string()).await
+        Self::create_named(&Uuid::new_v4().simple().to_string(), ServerUse::Shared).await
+    }
+
+    /// A fresh database, once no other test uses the server, which then waits for this one.
+    pub async fn create_alone() -> Self {
+        Self::create_named(&Uuid::new_v4().simple().to_string(), ServerUse::Alone).await
     }
 
     /// A fresh database named `pcf_test_<id>`, for a test that names its other resources
     /// after `id` too.
-    pub async fn create_named(id: &str) -> Self {
+    pub async fn create_named(id: &str, server: ServerUse) -> Self {
+        let hold = ServerHold::take(server).await;
         let name = format!("pcf_test_{id}");
         let admin = primary_admin_url();
         let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
@@ -66,6 +107,7 @@ impl TestDb {
             url,
             replica_url,
             pool,
+            _server: hold,
         }
     }
 

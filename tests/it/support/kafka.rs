@@ -4,7 +4,7 @@
 
 use super::auth::b64url;
 use super::cleanup::Teardown;
-use super::services::{env_or, free_port, kill_child, port_open, shared_brokers};
+use super::services::{env_or, free_port, port_open, shared_brokers, ChildServer};
 use super::wait::wait_until;
 use pcf_domain::EventEnvelope;
 use rdkafka::admin::{AdminClient, AdminOptions};
@@ -14,11 +14,10 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tempfile::TempDir;
 use uuid::Uuid;
 
 /// The topic and consumer groups of one test on a broker, deleted at teardown.
@@ -140,6 +139,15 @@ impl Record {
     pub fn envelope(&self) -> Option<EventEnvelope> {
         serde_json::from_slice(&self.payload).ok()
     }
+}
+
+/// The ids of the events among `records`.
+pub fn event_ids(records: &[Record]) -> BTreeSet<Uuid> {
+    records
+        .iter()
+        .filter_map(Record::envelope)
+        .map(|e| e.event_id)
+        .collect()
 }
 
 /// Reads a whole topic from the beginning, every partition, without a consumer group.
@@ -264,10 +272,8 @@ pub fn group_consumer(brokers: &str, group: &str, topic: &str) -> StreamConsumer
 /// A single-node KRaft Kafka broker of the test's own, on free ports with a temporary data
 /// directory, run like `scripts/services.sh` runs the shared one.
 pub struct PrivateKafka {
-    pub port: u16,
+    pub server: ChildServer,
     pub controller_port: u16,
-    dir: TempDir,
-    child: Option<Child>,
 }
 
 fn kafka_libs() -> PathBuf {
@@ -321,12 +327,10 @@ impl PrivateKafka {
             libs.display()
         );
         let kafka = Self {
-            port: free_port(),
+            server: ChildServer::new(),
             controller_port: free_port(),
-            dir: tempfile::tempdir().expect("a temporary directory"),
-            child: None,
         };
-        let data = kafka.dir.path().join("data");
+        let data = kafka.server.dir.path().join("data");
         let config = format!(
             "process.roles=broker,controller\n\
              node.id=1\n\
@@ -348,7 +352,7 @@ impl PrivateKafka {
              share.coordinator.state.topic.replication.factor=1\n\
              share.coordinator.state.topic.min.isr=1\n\
              group.initial.rebalance.delay.ms=0\n",
-            p = kafka.port,
+            p = kafka.server.port,
             c = kafka.controller_port,
             d = data.display()
         );
@@ -383,20 +387,19 @@ impl PrivateKafka {
 
     /// Starts a formatted broker for the first time.
     pub async fn launch(&mut self) {
-        assert!(self.child.is_none(), "already running");
         self.spawn().await;
     }
 
     fn config_path(&self) -> PathBuf {
-        self.dir.path().join("server.properties")
+        self.server.dir.path().join("server.properties")
     }
 
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.server.port)
     }
 
     async fn spawn(&mut self) {
-        let logs = self.dir.path().join("logs");
+        let logs = self.server.dir.path().join("logs");
         std::fs::create_dir_all(&logs).expect("a log directory");
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -425,20 +428,16 @@ impl PrivateKafka {
             .stderr(Stdio::from(out))
             .spawn()
             .expect("starting the private Kafka broker");
-        self.child = Some(child);
+        self.server.started(child);
         let brokers = self.brokers();
-        let port = self.port;
+        let port = self.server.port;
         let started = Instant::now();
         let probe: rdkafka::consumer::BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &brokers)
             .create()
             .expect("a probe client");
         wait_until(Duration::from_secs(90), "the private Kafka broker", || {
-            let alive = self
-                .child
-                .as_mut()
-                .map(|c| matches!(c.try_wait(), Ok(None)))
-                .unwrap_or(false);
+            let alive = self.server.alive();
             let probe = &probe;
             async move {
                 assert!(alive, "the private Kafka broker exited during start");
@@ -465,19 +464,12 @@ impl PrivateKafka {
 
     /// Kills the broker (SIGKILL), like a crash.
     pub fn kill(&mut self) {
-        kill_child(&mut self.child);
-        assert!(!port_open(self.port), "Kafka still answers after the kill");
+        self.server.kill();
     }
 
     /// Starts the broker again on the same ports and data directory.
     pub async fn restart(&mut self) {
-        assert!(self.child.is_none(), "kill it first");
+        assert!(!self.server.is_running(), "kill it first");
         self.spawn().await;
-    }
-}
-
-impl Drop for PrivateKafka {
-    fn drop(&mut self) {
-        kill_child(&mut self.child);
     }
 }

@@ -2,11 +2,10 @@
 //! and redis-server processes of a test's own for the tests that take Redis down.
 
 use super::cleanup::Teardown;
-use super::services::{free_port, kill_child, port_open, shared_redis_url};
+use super::services::{port_open, shared_redis_url, ChildServer};
 use super::wait::wait_until;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
-use tempfile::TempDir;
 use uuid::Uuid;
 
 /// A connection of the test's own to a Redis server.
@@ -88,17 +87,13 @@ impl Teardown for RedisPrefix {
 /// A redis-server of the test's own, on a free port, without persistence except an
 /// explicit `SAVE`.
 pub struct PrivateRedis {
-    pub port: u16,
-    dir: TempDir,
-    child: Option<Child>,
+    pub server: ChildServer,
 }
 
 impl PrivateRedis {
     pub async fn start() -> Self {
         let mut redis = Self {
-            port: free_port(),
-            dir: tempfile::tempdir().expect("a temporary directory"),
-            child: None,
+            server: ChildServer::new(),
         };
         redis.spawn().await;
         redis
@@ -108,41 +103,41 @@ impl PrivateRedis {
     /// closed until [`PrivateRedis::launch`], for a process that starts while Redis is down.
     pub fn reserve() -> Self {
         let redis = Self {
-            port: free_port(),
-            dir: tempfile::tempdir().expect("a temporary directory"),
-            child: None,
+            server: ChildServer::new(),
         };
-        assert!(!port_open(redis.port), "the reserved port already answers");
+        assert!(
+            !port_open(redis.server.port),
+            "the reserved port already answers"
+        );
         redis
     }
 
     /// Starts a reserved server for the first time.
     pub async fn launch(&mut self) {
-        assert!(self.child.is_none(), "already running");
         self.spawn().await;
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("redis://127.0.0.1:{}", self.server.port)
     }
 
     async fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.path().join("redis.log"))
+            .open(self.server.dir.path().join("redis.log"))
             .expect("a log file");
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+            .args(["--port", &self.server.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
-            .arg(self.dir.path())
+            .arg(self.server.dir.path())
             .args(["--dbfilename", "dump.rdb"])
             .stdout(Stdio::from(log.try_clone().expect("a log file")))
             .stderr(Stdio::from(log))
             .spawn()
             .expect("starting redis-server");
-        self.child = Some(child);
+        self.server.started(child);
         let url = self.url();
         wait_until(Duration::from_secs(20), "the private Redis", || {
             let url = url.clone();
@@ -174,19 +169,12 @@ impl PrivateRedis {
     }
 
     pub fn kill(&mut self) {
-        kill_child(&mut self.child);
-        assert!(!port_open(self.port), "Redis still answers after the kill");
+        self.server.kill();
     }
 
     /// Starts the server again on the same port and directory.
     pub async fn restart(&mut self) {
-        assert!(self.child.is_none(), "kill it first");
+        assert!(!self.server.is_running(), "kill it first");
         self.spawn().await;
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        kill_child(&mut self.child);
     }
 }

@@ -4,6 +4,7 @@
 
 use std::process::Child;
 use std::time::Duration;
+use tempfile::TempDir;
 
 /// `key` from the environment, or `default` when it is unset or empty.
 pub fn env_or(key: &str, default: &str) -> String {
@@ -66,10 +67,60 @@ pub fn port_open(port: u16) -> bool {
     .is_ok()
 }
 
-/// Kills and reaps a private server, if it runs.
-pub fn kill_child(child: &mut Option<Child>) {
-    if let Some(mut c) = child.take() {
-        let _ = c.kill();
-        let _ = c.wait();
+/// A server process of a test's own on a loopback port, with a directory for its data and
+/// logs; killed when dropped.
+pub struct ChildServer {
+    pub port: u16,
+    pub dir: TempDir,
+    child: Option<Child>,
+}
+
+impl ChildServer {
+    /// A free port and an empty directory; nothing runs yet.
+    pub fn new() -> Self {
+        Self {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("a temporary directory"),
+            child: None,
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Takes the started process in charge.
+    pub fn started(&mut self, child: Child) {
+        assert!(!self.is_running(), "already running");
+        self.child = Some(child);
+    }
+
+    /// Whether the process has not exited.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Kills the process (SIGKILL), like a crash; its port is closed afterwards.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        assert!(
+            !port_open(self.port),
+            "port {} still answers after the kill",
+            self.port
+        );
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
