@@ -931,7 +931,7 @@ impl Bench {
     /// generations (dropping the old ones, after the linger, is cleanup).
     async fn rebuild_once(&self, in_log: u64) -> anyhow::Result<Duration> {
         let log: Arc<dyn pcf_domain::ports::EventLog> = self.app.store.clone();
-        let views: Vec<Arc<dyn pcf_projectors::Generational>> = vec![
+        let views: Vec<Arc<dyn pcf_projectors::ViewStore>> = vec![
             Arc::new(pcf_projectors::SqlUserViews::new(self.primary.clone())),
             Arc::new(
                 pcf_projectors::RedisUserViews::connect(
@@ -944,7 +944,7 @@ impl Bench {
         eprintln!("bench: rebuilding both views from {in_log} events");
         let started = Instant::now();
         let switched_after = Mutex::new(None);
-        pcf_projectors::rebuild_all(
+        pcf_projectors::rebuild_views(
             &views,
             log,
             &pcf_projectors::RebuildOptions::default(),

@@ -7,7 +7,8 @@ use pcf_command::kafka::{ensure_topics, KafkaConfig, KafkaPublisher};
 use pcf_command::Relay;
 use pcf_domain::ports::{EventPublisher, ProjectionMonitor, UserReader};
 use pcf_projectors::{
-    ConsumerConfig, Generational, KafkaProjector, ProjectorStats, RedisUserViews, SqlUserViews,
+    ConsumerConfig, KafkaProjector, Projection, ProjectorStats, RedisUserViews, SqlUserViews,
+    ViewStore,
 };
 use pcf_query::{FallbackReader, RedisUserReader, SqlUserReader};
 use std::sync::Arc;
@@ -49,7 +50,7 @@ pub async fn read_side(p: &mut Process<'_>, kafka: KafkaConfig) -> anyhow::Resul
     };
     let pool_size = if p.has(Role::Projector) { 16 } else { 2 };
     let primary = pg_pool(&database_url, pool_size, "the SQL view (PCF_DATABASE_URL)").await?;
-    let mut views: Vec<(Arc<dyn Generational>, Option<RedisUserViews>)> =
+    let mut views: Vec<(Arc<dyn ViewStore>, Option<RedisUserViews>)> =
         vec![(Arc::new(SqlUserViews::new(primary)), None)];
     if let Some(redis) = redis_views {
         // The Redis projector waits for its server before it consumes.
@@ -110,7 +111,7 @@ fn create_topics(p: &mut Process<'_>, kafka: &KafkaConfig) -> watch::Receiver<bo
 fn start_projector(
     p: &mut Process<'_>,
     kafka: &KafkaConfig,
-    view: Arc<dyn Generational>,
+    view: Arc<dyn ViewStore>,
     redis: Option<RedisUserViews>,
     mut topics_ready: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -129,7 +130,8 @@ fn start_projector(
             format!("{}{}", p.config.kafka_group_prefix, view.name()),
         )),
     );
-    let projector = KafkaProjector::new(consumer, view, p.log.clone(), stats)
+    let projection = Arc::new(Projection::new(view, p.log.clone()));
+    let projector = KafkaProjector::with_projection(consumer, projection, stats)
         .context("creating a Kafka consumer")?;
     let stop = p.stopped();
     p.spawn(async move {

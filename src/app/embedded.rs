@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use pcf_command::Relay;
-use pcf_projectors::{MemoryUserViews, UserProjector};
+use pcf_projectors::{MemoryUserViews, Projection, RebuildOptions};
 use std::sync::Arc;
 
 use super::background::{relay_config, relay_name};
@@ -21,16 +21,21 @@ pub async fn read_side(p: &mut Process<'_>) -> anyhow::Result<ReadSide> {
     }
     let bus = Arc::new(InProcessBus::new());
     let views = Arc::new(MemoryUserViews::new());
-    let projector = UserProjector::new(views.clone(), p.log.clone());
+    let projection = Projection::new(views.clone(), p.log.clone());
     // Subscribe first, then rebuild from the log, so nothing falls between the two (anything
-    // seen twice is skipped by sequence).
+    // seen twice is skipped by sequence). The views are built as any rebuild builds them.
     let batches = bus.subscribe();
-    let caught_up = projector
-        .catch_up(1000)
+    let options = RebuildOptions {
+        batch_size: 1000,
+        linger: std::time::Duration::ZERO,
+    };
+    let caught_up = projection
+        .rebuild(&options, &|_| {})
         .await
-        .context("rebuilding the views from the log")?;
+        .context("rebuilding the views from the log")?
+        .position;
     tracing::info!(users = views.len(), "views rebuilt from the log");
-    p.spawn(projector.run(batches));
+    p.spawn(projection.run(batches));
     let mut relay_settings = relay_config(p.config);
     if p.config.database_url.is_some() {
         // Several processes may share this event store, each with in-memory views: each

@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use pcf_command::EventStore;
 use pcf_domain::ports::{PortError, ProjectionMonitor, ProjectionState};
-use pcf_projectors::{consumer_lag, Generational};
+use pcf_projectors::{consumer_lag, ViewStore};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ impl ProjectionMonitor for MemoryMonitor {
 
 /// Cluster: the Kafka projections, their generations and consumer lag.
 pub struct KafkaMonitor {
-    pub views: Vec<Arc<dyn Generational>>,
+    pub views: Vec<Arc<dyn ViewStore>>,
     pub brokers: String,
     pub topic: String,
     pub group_prefix: String,

@@ -1,8 +1,9 @@
 //! `pcf events show` and `pcf events tail`: the log as JSON envelopes, one per line.
 
-use pcf_domain::ports::LogQuery;
+use pcf_domain::ports::{EventLog, LogPages};
 use pcf_domain::Position;
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::args::EventsCommand;
@@ -19,26 +20,22 @@ pub async fn events(config: Config, command: EventsCommand) -> anyhow::Result<()
             }
         }
         EventsCommand::Tail { from } => {
-            let mut after = match from {
+            let after = match from {
                 Some(p) => p.parse::<Position>().map_err(|_| {
                     anyhow::anyhow!("--from: {p:?} is not a position printed by PCF")
                 })?,
                 None => Position::START,
             };
+            let log: Arc<dyn EventLog> = store;
+            let mut pages = LogPages::new(log, after, 1000);
             loop {
-                let query = LogQuery {
-                    after: Some(after),
-                    limit: 1000,
-                    ..LogQuery::default()
-                };
-                let batch = store.read(&query).await?;
-                for e in &batch {
+                let page = pages.next_page().await?;
+                for e in &page {
                     writeln!(out, "{}", serde_json::to_string(e)?)?;
                 }
                 out.flush()?;
-                match batch.last() {
-                    Some(last) => after = last.position,
-                    None => tokio::time::sleep(Duration::from_millis(500)).await,
+                if page.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
         }

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use pcf_domain::ports::EventLog;
 use pcf_projectors::{
-    consumer_lag, rebuild_all, Generational, Progress, RebuildOptions, RedisUserViews, SqlUserViews,
+    consumer_lag, rebuild_views, Progress, RebuildOptions, RedisUserViews, SqlUserViews, ViewStore,
 };
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use crate::app::{open_store, pg_pool, relay_name, PROJECTIONS};
 use crate::config::Config;
 
 /// The projections of a cluster configuration, by name.
-async fn projections_of(config: &Config) -> anyhow::Result<Vec<Arc<dyn Generational>>> {
+async fn projections_of(config: &Config) -> anyhow::Result<Vec<Arc<dyn ViewStore>>> {
     let Some(url) = &config.database_url else {
         anyhow::bail!("embedded mode keeps its views in memory and rebuilds them at every start");
     };
@@ -20,7 +20,7 @@ async fn projections_of(config: &Config) -> anyhow::Result<Vec<Arc<dyn Generatio
         anyhow::bail!("without Kafka the views are in memory and rebuilt at every start");
     }
     let primary = pg_pool(url, 8, "the SQL view (PCF_DATABASE_URL)").await?;
-    let mut views: Vec<Arc<dyn Generational>> = vec![Arc::new(SqlUserViews::new(primary))];
+    let mut views: Vec<Arc<dyn ViewStore>> = vec![Arc::new(SqlUserViews::new(primary))];
     if let Some(redis) = &config.redis_url {
         views.push(Arc::new(
             RedisUserViews::connect(redis, config.redis_prefix.clone())
@@ -69,7 +69,7 @@ pub async fn projections(config: Config, command: ProjectionsCommand) -> anyhow:
             Ok(())
         }
         ProjectionsCommand::Rebuild { name } => {
-            let chosen: Vec<Arc<dyn Generational>> = if name == "all" {
+            let chosen: Vec<Arc<dyn ViewStore>> = if name == "all" {
                 views
             } else {
                 let found: Vec<_> = views.into_iter().filter(|v| v.name() == name).collect();
@@ -96,11 +96,11 @@ pub async fn projections(config: Config, command: ProjectionsCommand) -> anyhow:
                 }
                 bar.set_position(p.applied);
             };
-            let generations = rebuild_all(&chosen, log, &RebuildOptions::default(), &report)
+            let rebuilt = rebuild_views(&chosen, log, &RebuildOptions::default(), &report)
                 .await
                 .with_context(|| format!("rebuilding {name}"))?;
             bar.finish();
-            for (view, generation) in chosen.iter().zip(generations) {
+            for (view, generation) in chosen.iter().zip(rebuilt.generations) {
                 println!(
                     "{}: readers switched to generation {generation}",
                     view.name()
