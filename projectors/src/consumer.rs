@@ -91,7 +91,7 @@ pub struct KafkaProjector {
 
 impl KafkaProjector {
     /// A projector of the topic into `projection` (its consumer group is named after it).
-    pub fn with_projection(
+    pub fn new(
         config: ConsumerConfig,
         projection: Arc<Projection>,
         stats: Arc<ProjectorStats>,

@@ -9,7 +9,6 @@
 #![warn(missing_docs)]
 
 pub mod consumer;
-pub mod legacy;
 pub mod memory;
 pub mod projection;
 pub mod rebuild;
@@ -21,7 +20,6 @@ pub mod store;
 mod testing;
 
 pub use consumer::{ConsumerConfig, KafkaProjector, ProjectorStats};
-pub use legacy::{rebuild, rebuild_all, Generational, UserProjector, UserViewWriter};
 pub use memory::MemoryUserViews;
 pub use projection::{Foldable, LiveBatch, Projection, ProjectionError, SetAside};
 pub use rebuild::{rebuild_views, Progress, RebuildOptions, Rebuilt};

@@ -312,13 +312,6 @@ impl Projection {
         &self.log
     }
 
-    fn engine(&self) -> Engine<'_> {
-        Engine {
-            store: &*self.store,
-            log: &*self.log,
-        }
-    }
-
     /// Applies a batch of the live stream to every generation that must have it, recording
     /// `offsets` with it. Safe to repeat: what a view has is skipped.
     pub async fn apply_live<E: Foldable>(
@@ -326,7 +319,7 @@ impl Projection {
         events: &[E],
         offsets: &Offsets,
     ) -> Result<(), ProjectionError> {
-        self.engine().apply(Scope::Live, events, offsets).await
+        self.apply_scoped(Scope::Live, events, offsets).await
     }
 
     /// `apply_live`, setting aside each event that can never be applied (taken out of
@@ -356,8 +349,7 @@ impl Projection {
         events: &[E],
         offsets: &Offsets,
     ) -> Result<(), ProjectionError> {
-        self.engine()
-            .apply(Scope::Generation(generation), events, offsets)
+        self.apply_scoped(Scope::Generation(generation), events, offsets)
             .await
     }
 
@@ -383,16 +375,10 @@ impl Projection {
     }
 }
 
-/// The projection's work, on borrowed parts (see `crate::legacy`, which has no `Arc`s).
-pub(crate) struct Engine<'a> {
-    pub(crate) store: &'a dyn ViewStore,
-    pub(crate) log: &'a dyn EventLog,
-}
-
-impl Engine<'_> {
+impl Projection {
     /// Applies `events` to every generation of `scope` in one batch of the store, with
     /// `offsets`; opens it again while the generation state moves under it.
-    pub(crate) async fn apply<E: Foldable>(
+    async fn apply_scoped<E: Foldable>(
         &self,
         scope: Scope,
         events: &[E],
@@ -597,7 +583,7 @@ async fn replace(
 /// Writes whole states to one generation of `store` where it is behind them: what the store
 /// cannot settle at once (`write_newer`) is written guarded by the version read just
 /// before, and read again when another writer got there first.
-pub(crate) async fn write_states(
+async fn write_states(
     store: &dyn ViewStore,
     generation: u64,
     states: &[UserView],

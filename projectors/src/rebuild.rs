@@ -3,7 +3,6 @@
 //! log is read with `LogPages` a page ahead and folded with the projection's own fold; the
 //! embedded mode builds its in-memory views at start the same way.
 
-use async_trait::async_trait;
 use pcf_domain::ports::{Change, EventLog, LogPages, PortError};
 use pcf_domain::{Position, UserView};
 use std::collections::HashMap;
@@ -12,7 +11,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use crate::projection::{fold_run, Projection, ProjectionError};
-use crate::store::{GenerationState, ViewStore};
+use crate::store::ViewStore;
 
 /// How far a rebuild has come.
 #[derive(Debug, Clone, Copy)]
@@ -141,8 +140,7 @@ pub async fn rebuild_views(
         .iter()
         .map(|store| Projection::new(store.clone(), log.clone()))
         .collect();
-    let targets: Vec<&dyn Target> = projections.iter().map(|p| p as &dyn Target).collect();
-    rebuild_targets(&targets, log, options, progress).await
+    rebuild_projections(&projections, log, options, progress).await
 }
 
 impl Projection {
@@ -153,8 +151,8 @@ impl Projection {
         options: &RebuildOptions,
         progress: &(dyn Fn(Progress) + Send + Sync),
     ) -> Result<Rebuilt, ProjectionError> {
-        rebuild_targets(
-            &[self as &dyn Target],
+        rebuild_projections(
+            std::slice::from_ref(self),
             self.log().clone(),
             options,
             progress,
@@ -163,85 +161,29 @@ impl Projection {
     }
 }
 
-/// What a rebuild writes: a projection (`Projection`), or a view of the older interface
-/// (`crate::legacy`).
-#[async_trait]
-pub(crate) trait Target: Send + Sync {
-    fn name(&self) -> &str;
-    async fn state(&self) -> Result<GenerationState, PortError>;
-    async fn begin(&self, generation: u64) -> Result<(), PortError>;
-    async fn switch(&self, generation: u64) -> Result<(), PortError>;
-    async fn drop_generation(&self, generation: u64) -> Result<(), PortError>;
-    /// Writes folded states where the generation is behind them.
-    async fn write_states(
-        &self,
-        generation: u64,
-        states: &[UserView],
-    ) -> Result<(), ProjectionError>;
-    /// Applies events the rebuild could not fold itself (their users' states were
-    /// forgotten): reads the users back, fills gaps from the log.
-    async fn apply_changes(
-        &self,
-        generation: u64,
-        changes: &[&Change],
-    ) -> Result<(), ProjectionError>;
-}
-
-#[async_trait]
-impl Target for Projection {
-    fn name(&self) -> &str {
-        self.store().name()
-    }
-    async fn state(&self) -> Result<GenerationState, PortError> {
-        self.store().state().await
-    }
-    async fn begin(&self, generation: u64) -> Result<(), PortError> {
-        self.store().begin(generation).await
-    }
-    async fn switch(&self, generation: u64) -> Result<(), PortError> {
-        self.store().switch(generation).await
-    }
-    async fn drop_generation(&self, generation: u64) -> Result<(), PortError> {
-        self.store().drop_generation(generation).await
-    }
-    async fn write_states(
-        &self,
-        generation: u64,
-        states: &[UserView],
-    ) -> Result<(), ProjectionError> {
-        Projection::write_states(self, generation, states).await
-    }
-    async fn apply_changes(
-        &self,
-        generation: u64,
-        changes: &[&Change],
-    ) -> Result<(), ProjectionError> {
-        self.apply_to(generation, changes, &[]).await
-    }
-}
-
-/// The rebuild of `targets` from one reading of `log`.
+/// The rebuild of `projections` from one reading of `log`.
 ///
 /// Live projectors write both generations from the moment a build begins: `begin` and
 /// their writes are a handshake (`Scope::Live`), so an event is either in the log when this
 /// reads it, or written to the new generation by a live projector (or both: every write is
 /// guarded by version). No pause is needed for them to notice.
-pub(crate) async fn rebuild_targets(
-    targets: &[&dyn Target],
+async fn rebuild_projections(
+    projections: &[Projection],
     log: Arc<dyn EventLog>,
     options: &RebuildOptions,
     progress: &(dyn Fn(Progress) + Send + Sync),
 ) -> Result<Rebuilt, ProjectionError> {
-    let mut builds = Vec::with_capacity(targets.len());
-    for target in targets {
-        let state = target.state().await.map_err(ProjectionError::View)?;
+    let mut builds = Vec::with_capacity(projections.len());
+    for projection in projections {
+        let store = projection.store();
+        let state = store.state().await.map_err(ProjectionError::View)?;
         let generation = state.active.max(state.building.unwrap_or(0)) + 1;
-        target
+        store
             .begin(generation)
             .await
             .map_err(ProjectionError::View)?;
-        tracing::info!(projection = target.name(), generation, "rebuild began");
-        builds.push((*target, state.active, generation));
+        tracing::info!(projection = projection.name(), generation, "rebuild began");
+        builds.push((projection, state.active, generation));
     }
     let started = Instant::now();
     let total = log.event_count().await.map_err(ProjectionError::Log)?;
@@ -283,17 +225,20 @@ pub(crate) async fn rebuild_targets(
             .filter_map(|id| folded.get(id).cloned())
             .collect();
         // Each view's writes are guarded by version, so writing a page again is harmless.
-        let writes = builds.iter().map(|(target, _, generation)| {
-            patiently(target.name(), || target.write_states(*generation, &states))
+        let writes = builds.iter().map(|(projection, _, generation)| {
+            patiently(projection.name(), || {
+                projection.write_states(*generation, &states)
+            })
         });
         for result in futures::future::join_all(writes).await {
             result?;
         }
         if !run.rest.is_empty() {
             // Rare: users met after the folded users were forgotten.
-            let writes = builds.iter().map(|(target, _, generation)| {
-                patiently(target.name(), || {
-                    target.apply_changes(*generation, &run.rest)
+            // Their users are read back, and gaps filled from the log.
+            let writes = builds.iter().map(|(projection, _, generation)| {
+                patiently(projection.name(), || {
+                    projection.apply_to(*generation, &run.rest, &[])
                 })
             });
             for result in futures::future::join_all(writes).await {
@@ -320,10 +265,11 @@ pub(crate) async fn rebuild_targets(
             ))))
         }
     };
-    for (target, _, generation) in &builds {
+    for (projection, _, generation) in &builds {
         // A switch may first build indexes (the SQL view's), long enough to meet a restart.
-        patiently(target.name(), || async {
-            target
+        patiently(projection.name(), || async {
+            projection
+                .store()
                 .switch(*generation)
                 .await
                 .map_err(ProjectionError::View)
@@ -338,9 +284,9 @@ pub(crate) async fn rebuild_targets(
     });
     tracing::info!(applied, "rebuild switched readers to the new generations");
     tokio::time::sleep(options.linger).await;
-    for (target, old, _) in &builds {
-        if let Err(e) = target.drop_generation(*old).await {
-            tracing::warn!(error = %e, projection = target.name(), old, "dropping the old generation failed");
+    for (projection, old, _) in &builds {
+        if let Err(e) = projection.store().drop_generation(*old).await {
+            tracing::warn!(error = %e, projection = projection.name(), old, "dropping the old generation failed");
         }
     }
     Ok(Rebuilt {
@@ -354,8 +300,9 @@ pub(crate) async fn rebuild_targets(
 mod tests {
     use super::*;
     use crate::memory::MemoryUserViews;
-    use crate::store::Scope;
+    use crate::store::{GenerationState, Scope};
     use crate::testing::{history, poisoned, MemoryLog};
+    use async_trait::async_trait;
     use pcf_domain::ports::UserReader;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Mutex;

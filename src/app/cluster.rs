@@ -131,8 +131,8 @@ fn start_projector(
         )),
     );
     let projection = Arc::new(Projection::new(view, p.log.clone()));
-    let projector = KafkaProjector::with_projection(consumer, projection, stats)
-        .context("creating a Kafka consumer")?;
+    let projector =
+        KafkaProjector::new(consumer, projection, stats).context("creating a Kafka consumer")?;
     let stop = p.stopped();
     p.spawn(async move {
         tokio::pin!(stop);

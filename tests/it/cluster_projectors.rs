@@ -7,7 +7,8 @@ use pcf::app::{Role, ALL_ROLES};
 use pcf_domain::ports::{EventLog, LogQuery, PortError};
 use pcf_domain::EventEnvelope;
 use pcf_projectors::{
-    consumer_lag, rebuild, Generational, Progress, RebuildOptions, SqlUserViews, UserViewWriter,
+    consumer_lag, GenerationState, Progress, Projection, RebuildOptions, Scope, SqlUserViews,
+    ViewBatch, ViewStore,
 };
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
@@ -148,7 +149,7 @@ async fn killed_mid_batch(c: &mut Cluster) {
     let log = writer.log();
     let sql_views = SqlUserViews::new(c.pool.clone());
     let redis = c.redis_view(&shared_redis_url()).await;
-    let views: [(&str, Arc<dyn Generational>); 2] = [
+    let views: [(&str, Arc<dyn ViewStore>); 2] = [
         ("users-sql", Arc::new(sql_views.clone())),
         ("users-redis", Arc::new(redis.views.clone())),
     ];
@@ -182,7 +183,8 @@ async fn killed_mid_batch(c: &mut Cluster) {
             .map(|r| r.envelope().expect("an envelope"))
             .collect();
         let active = view.state().await.expect("the view's state").active;
-        view.apply(active, &events, Some(&next_offsets(&batch)), log.clone())
+        Projection::new(view.clone(), log.clone())
+            .apply_to(active, &events, &next_offsets(&batch))
             .await
             .unwrap_or_else(|e| panic!("applying the batch to {projection}: {e}"));
         drop(consumer);
@@ -503,9 +505,11 @@ async fn rebuild_under_load(c: &mut Cluster) {
         batch_size: 7,
         linger: Duration::from_secs(1),
     };
-    let sql_views: Arc<dyn Generational> = Arc::new(SqlUserViews::new(c.pool.clone()));
+    let sql_views: Arc<dyn ViewStore> = Arc::new(SqlUserViews::new(c.pool.clone()));
     let redis = c.redis_view(&shared_redis_url()).await;
-    let redis_views: Arc<dyn Generational> = Arc::new(redis.views.clone());
+    let redis_views: Arc<dyn ViewStore> = Arc::new(redis.views.clone());
+    let sql_projection = Projection::new(sql_views.clone(), log.clone());
+    let redis_projection = Projection::new(redis_views.clone(), log.clone());
     let writes_before = writes.load(Ordering::Relaxed);
     let reads_before: Vec<u64> = readers
         .iter()
@@ -514,12 +518,12 @@ async fn rebuild_under_load(c: &mut Cluster) {
     let progress = |_: Progress| {};
     let started = Instant::now();
     let (g_sql, g_redis) = tokio::join!(
-        rebuild(sql_views.clone(), log.clone(), &options, &progress),
-        rebuild(redis_views.clone(), log.clone(), &options, &progress),
+        sql_projection.rebuild(&options, &progress),
+        redis_projection.rebuild(&options, &progress),
     );
     let took = started.elapsed();
-    let g_sql = g_sql.expect("the SQL rebuild");
-    let g_redis = g_redis.expect("the Redis rebuild");
+    let g_sql = g_sql.expect("the SQL rebuild").generations[0];
+    let g_redis = g_redis.expect("the Redis rebuild").generations[0];
     assert_eq!((g_sql, g_redis), (2, 2));
     let writes_during = writes.load(Ordering::Relaxed) - writes_before;
     // Writes go on a little after the switch too.
@@ -714,24 +718,26 @@ async fn live_batch_after_begin(c: &mut Cluster) {
     let (before, after) = events.split_at(2);
     let redis = c.redis_view(&shared_redis_url()).await.views;
     let sql = SqlUserViews::new(c.pool.clone());
-    let views: [Arc<dyn Generational>; 2] = [Arc::new(redis.clone()), Arc::new(sql)];
+    let views: [Arc<dyn ViewStore>; 2] = [Arc::new(redis.clone()), Arc::new(sql)];
     for view in &views {
-        view.apply_live(before, &[(0, 2)], log.clone())
+        let projection = Projection::new(view.clone(), log.clone());
+        projection
+            .apply_live(before, &[(0, 2)])
             .await
             .unwrap_or_else(|e| panic!("{}: the first batch: {e}", view.name()));
         view.begin(2)
             .await
             .unwrap_or_else(|e| panic!("{}: begin: {e}", view.name()));
-        view.apply_live(after, &[(0, 4)], log.clone())
+        projection
+            .apply_live(after, &[(0, 4)])
             .await
             .unwrap_or_else(|e| panic!("{}: the batch after begin: {e}", view.name()));
     }
     let expected = [(a, "A2"), (b, "B2")];
     for generation in [1, 2] {
-        let writer = redis.writer(generation);
         for (id, name) in expected {
-            let doc = writer
-                .current(id)
+            let doc = redis
+                .document(generation, id)
                 .await
                 .expect("reading Redis")
                 .unwrap_or_else(|| panic!("Redis generation {generation} lacks user {id}"));
@@ -779,16 +785,17 @@ async fn remembered_documents(c: &mut Cluster) {
     let redis_view = c.redis_view(&shared_redis_url()).await;
     let redis = redis_view.views.clone();
     let offsets = [(0, 5)];
+    // The projector under test, and another consumer's (another process) below.
+    let projection = Projection::new(Arc::new(redis.clone()), log.clone());
     let stored = |redis: pcf_projectors::RedisUserViews| async move {
         redis
-            .writer(1)
-            .current(a)
+            .document(1, a)
             .await
             .expect("reading Redis")
             .expect("a document")
     };
-    redis
-        .apply_live(&events[..1], &offsets, log.clone())
+    projection
+        .apply_live(&events[..1], &offsets)
         .await
         .expect("v1");
     // Changed behind the projector's back at the same version (no writer does that): the
@@ -804,8 +811,8 @@ async fn remembered_documents(c: &mut Cluster) {
         .query_async(&mut conn)
         .await
         .unwrap();
-    redis
-        .apply_live(&events[1..2], &offsets, log.clone())
+    projection
+        .apply_live(&events[1..2], &offsets)
         .await
         .expect("v2");
     let doc = stored(redis.clone()).await;
@@ -817,12 +824,12 @@ async fn remembered_documents(c: &mut Cluster) {
     // Another consumer (another process) moves the user on to v3; this projector then gets
     // v3 again with v4: its remembered v2 is refused, and it reads what is stored.
     let other = c.redis_view(&shared_redis_url()).await.views;
-    other
-        .apply_live(&events[2..3], &offsets, log.clone())
+    Projection::new(Arc::new(other.clone()), log.clone())
+        .apply_live(&events[2..3], &offsets)
         .await
         .expect("v3 elsewhere");
-    redis
-        .apply_live(&events[2..4], &offsets, log.clone())
+    projection
+        .apply_live(&events[2..4], &offsets)
         .await
         .expect("v3, v4");
     let doc = stored(redis.clone()).await;
@@ -833,8 +840,8 @@ async fn remembered_documents(c: &mut Cluster) {
         .drop_generation(1)
         .await
         .expect("dropping generation 1");
-    redis
-        .apply_live(&events[4..5], &offsets, log.clone())
+    projection
+        .apply_live(&events[4..5], &offsets)
         .await
         .expect("v5");
     let docs = redis_docs(&redis_view)
@@ -864,7 +871,7 @@ async fn folded_states_fill_new_users_and_replace_only_older_views() {
 async fn states_over_existing_views(c: &mut Cluster) {
     // A node without projectors: it migrates the database, and only this test writes.
     let config = c.config();
-    let _node = c.start(&config, &[Role::Api]).await;
+    let node = c.start(&config, &[Role::Api]).await;
     let tag = c.tag().to_owned();
     let now = micros(chrono::Utc::now());
     let state = |id: Uuid, email: &str, version: u64, deleted: bool| pcf_domain::UserView {
@@ -894,13 +901,17 @@ async fn states_over_existing_views(c: &mut Cluster) {
             .into_iter()
             .map(|v| (v.id, v))
             .collect();
-    let sql = SqlUserViews::new(c.pool.clone());
+    let sql: Arc<dyn ViewStore> = Arc::new(SqlUserViews::new(c.pool.clone()));
     let redis = c.redis_view(&shared_redis_url()).await;
-    for view in [&sql as &dyn Generational, &redis.views] {
-        view.write_states(1, &first)
+    let redis_views: Arc<dyn ViewStore> = Arc::new(redis.views.clone());
+    for view in [sql, redis_views] {
+        let projection = Projection::new(view, node.log());
+        projection
+            .write_states(1, &first)
             .await
             .expect("the first states");
-        view.write_states(1, &second)
+        projection
+            .write_states(1, &second)
             .await
             .expect("the second states");
     }
@@ -976,19 +987,23 @@ async fn a_rebuild_rides_out_failed_writes_and_ends_equal_to_the_log() {
     run(Cluster::create().await, rebuild_through_failures).await;
 }
 
-/// A view whose first `failures` page writes fail, as when its database restarts or a
-/// live projector's transaction deadlocks with the rebuild's.
+/// The SQL view whose first `failures` batches of one generation fail to open (a rebuild
+/// opens one per page), as when its database restarts or a live projector's transaction
+/// deadlocks with the rebuild's.
 struct Flaky {
     inner: SqlUserViews,
     failures: AtomicU64,
 }
 
 #[async_trait::async_trait]
-impl Generational for Flaky {
+impl ViewStore for Flaky {
     fn name(&self) -> &str {
         self.inner.name()
     }
-    async fn state(&self) -> Result<pcf_projectors::GenerationState, PortError> {
+    fn batch_wait(&self) -> Option<Duration> {
+        self.inner.batch_wait()
+    }
+    async fn state(&self) -> Result<GenerationState, PortError> {
         self.inner.state().await
     }
     async fn begin(&self, generation: u64) -> Result<(), PortError> {
@@ -1000,28 +1015,17 @@ impl Generational for Flaky {
     async fn drop_generation(&self, generation: u64) -> Result<(), PortError> {
         self.inner.drop_generation(generation).await
     }
-    async fn apply(
-        &self,
-        generation: u64,
-        events: &[EventEnvelope],
-        offsets: Option<&[(i32, i64)]>,
-        log: Arc<dyn pcf_domain::ports::EventLog>,
-    ) -> Result<(), pcf_projectors::ProjectionError> {
-        self.inner.apply(generation, events, offsets, log).await
-    }
-    async fn write_states(
-        &self,
-        generation: u64,
-        states: &[pcf_domain::UserView],
-    ) -> Result<(), pcf_projectors::ProjectionError> {
-        let left = self.failures.load(Ordering::SeqCst);
-        if left > 0 {
-            self.failures.store(left - 1, Ordering::SeqCst);
-            return Err(pcf_projectors::ProjectionError::View(
-                PortError::Unavailable("the view's database restarts".into()),
-            ));
+    async fn open(&self, scope: Scope) -> Result<Box<dyn ViewBatch + '_>, PortError> {
+        if let Scope::Generation(_) = scope {
+            let left = self.failures.load(Ordering::SeqCst);
+            if left > 0 {
+                self.failures.store(left - 1, Ordering::SeqCst);
+                return Err(PortError::Unavailable(
+                    "the view's database restarts".into(),
+                ));
+            }
         }
-        self.inner.write_states(generation, states).await
+        self.inner.open(scope).await
     }
 }
 
@@ -1047,9 +1051,11 @@ async fn rebuild_through_failures(c: &mut Cluster) {
         batch_size: 4,
         linger: Duration::from_millis(10),
     };
-    let generation = rebuild(flaky.clone(), log.clone(), &options, &|_| {})
+    let generation = Projection::new(flaky.clone(), log.clone())
+        .rebuild(&options, &|_| {})
         .await
-        .expect("the rebuild rides out two failed writes");
+        .expect("the rebuild rides out two failed writes")
+        .generations[0];
     assert_eq!(
         flaky.failures.load(Ordering::SeqCst),
         0,

@@ -20,12 +20,10 @@ use super::wait::wait_until;
 use chrono::{DateTime, Utc};
 use pcf::app::Role;
 use pcf_command::EventStore;
-use pcf_domain::ports::EventLog;
+use pcf_domain::ports::{EventLog, UserReader};
 use pcf_domain::read_model::{redis_email_key, redis_generation_prefix, redis_user_key};
 use pcf_domain::UserView;
-use pcf_projectors::{
-    Generational, MemoryUserViews, RedisUserViews, UserProjector, UserViewWriter,
-};
+use pcf_projectors::{MemoryUserViews, Projection, RebuildOptions, RedisUserViews, ViewStore};
 use serde_json::Value;
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, PgPool, Row};
@@ -224,13 +222,17 @@ impl Cluster {
     ) -> Result<BTreeMap<Uuid, UserView>, String> {
         let counts = self.event_counts().await;
         let memory = Arc::new(MemoryUserViews::new());
-        UserProjector::new(memory.clone(), log)
-            .catch_up(100)
+        let options = RebuildOptions {
+            batch_size: 100,
+            linger: Duration::ZERO,
+        };
+        Projection::new(memory.clone(), log)
+            .rebuild(&options, &|_| {})
             .await
             .map_err(|e| format!("folding the log: {e}"))?;
         let mut views = BTreeMap::new();
         for (id, count) in counts {
-            let view = memory.current(id).await.map_err(|e| e.to_string())?;
+            let view = memory.user(id).await.map_err(|e| e.to_string())?;
             match view {
                 Some(v) if v.version == count => {
                     views.insert(id, v);
@@ -392,7 +394,6 @@ pub async fn redis_docs(redis: &RedisView) -> Result<RedisDocs, String> {
     let (views, prefix) = (&redis.views, redis.prefix.as_str());
     let generation = views.state().await.map_err(|e| e.to_string())?.active;
     let base = redis_generation_prefix(prefix, generation);
-    let writer = views.writer(generation);
     let client = redis::Client::open(redis.url.as_str()).map_err(|e| e.to_string())?;
     let mut conn = client
         .get_multiplexed_async_connection()
@@ -407,8 +408,8 @@ pub async fn redis_docs(redis: &RedisView) -> Result<RedisDocs, String> {
         let rest = &key[base.len()..];
         if let Some(id) = rest.strip_prefix("user:") {
             let id = Uuid::parse_str(id).map_err(|e| format!("key {key}: {e}"))?;
-            let doc = writer
-                .current(id)
+            let doc = views
+                .document(generation, id)
                 .await
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| format!("{key} vanished"))?;
