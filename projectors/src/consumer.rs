@@ -51,7 +51,7 @@ impl ConsumerConfig {
 
     /// Where events that can never be applied go.
     pub fn dead_letter_topic(&self) -> String {
-        format!("{}.dlq", self.topic)
+        pcf_adapters::kafka::dead_letter_topic(&self.topic)
     }
 }
 
@@ -259,23 +259,23 @@ impl KafkaProjector {
         loop {
             let headers = OwnedHeaders::new()
                 .insert(Header {
-                    key: "error",
+                    key: pcf_adapters::kafka::headers::ERROR,
                     value: Some(reason.as_bytes()),
                 })
                 .insert(Header {
-                    key: "sourceTopic",
+                    key: pcf_adapters::kafka::headers::SOURCE_TOPIC,
                     value: Some(self.config.topic.as_bytes()),
                 })
                 .insert(Header {
-                    key: "sourcePartition",
+                    key: pcf_adapters::kafka::headers::SOURCE_PARTITION,
                     value: Some(partition.as_bytes()),
                 })
                 .insert(Header {
-                    key: "sourceOffset",
+                    key: pcf_adapters::kafka::headers::SOURCE_OFFSET,
                     value: Some(offset.as_bytes()),
                 })
                 .insert(Header {
-                    key: "consumerGroup",
+                    key: pcf_adapters::kafka::headers::CONSUMER_GROUP,
                     value: Some(group.as_bytes()),
                 });
             let mut record = FutureRecord::to(&topic)

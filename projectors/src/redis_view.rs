@@ -97,10 +97,12 @@ async fn query_scripts(
                 .prepare_invoke()
                 .load_async(&mut conn)
                 .await
-                .map_err(unavailable)?;
-            pipe.query_async(&mut conn).await.map_err(unavailable)?
+                .map_err(pcf_adapters::redis::port_error)?;
+            pipe.query_async(&mut conn)
+                .await
+                .map_err(pcf_adapters::redis::port_error)?
         }
-        Err(e) => return Err(unavailable(e)),
+        Err(e) => return Err(pcf_adapters::redis::port_error(e)),
     };
     Ok(outcomes.into_iter().flatten().collect())
 }
@@ -145,10 +147,6 @@ pub async fn delete_matching(
         }
         cursor = next;
     }
-}
-
-fn unavailable(e: redis::RedisError) -> PortError {
-    PortError::Unavailable(format!("redis: {e}"))
 }
 
 /// How many users' documents live writes remember; when full, they start over.
@@ -241,7 +239,7 @@ impl ViewBatch for RedisBatch<'_> {
             .arg(keys)
             .query_async(&mut self.views.conn.clone())
             .await
-            .map_err(unavailable)?;
+            .map_err(pcf_adapters::redis::port_error)?;
         for (id, doc) in unknown.iter().zip(docs) {
             if let Some(doc) = doc {
                 found.insert(*id, parse_document(&doc)?);
@@ -389,8 +387,10 @@ impl RedisUserViews {
 
     /// Connects to Redis at `url`; fails if Redis does not answer.
     pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, PortError> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
-        let conn = ConnectionManager::new(client).await.map_err(unavailable)?;
+        let client = redis::Client::open(url).map_err(pcf_adapters::redis::port_error)?;
+        let conn = ConnectionManager::new(client)
+            .await
+            .map_err(pcf_adapters::redis::port_error)?;
         Ok(Self::with_connection(conn, prefix.into()))
     }
 
@@ -399,19 +399,24 @@ impl RedisUserViews {
     /// as unavailable (and each failure has the connection manager try again). Fails only
     /// for a malformed URL.
     pub fn connect_lazily(url: &str, prefix: impl Into<String>) -> Result<Self, PortError> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
+        let client = redis::Client::open(url).map_err(pcf_adapters::redis::port_error)?;
         let conn = ConnectionManager::new_lazy_with_config(
             client,
             redis::aio::ConnectionManagerConfig::new(),
         )
-        .map_err(unavailable)?;
+        .map_err(pcf_adapters::redis::port_error)?;
         Ok(Self::with_connection(conn, prefix.into()))
     }
 
     /// A user's document in one generation, as stored (tombstones included).
     pub async fn document(&self, generation: u64, id: Uuid) -> Result<Option<UserView>, PortError> {
         let key = redis_user_key(&self.prefix, generation, id);
-        let doc: Option<String> = self.conn.clone().get(key).await.map_err(unavailable)?;
+        let doc: Option<String> = self
+            .conn
+            .clone()
+            .get(key)
+            .await
+            .map_err(pcf_adapters::redis::port_error)?;
         doc.as_deref().map(parse_document).transpose()
     }
 
@@ -420,7 +425,7 @@ impl RedisUserViews {
         let _: String = redis::cmd("PING")
             .query_async(&mut self.conn.clone())
             .await
-            .map_err(unavailable)?;
+            .map_err(pcf_adapters::redis::port_error)?;
         Ok(())
     }
 }
@@ -437,7 +442,7 @@ impl ViewStore for RedisUserViews {
             .get(redis_building_key(&self.prefix))
             .query_async(&mut self.conn.clone())
             .await
-            .map_err(unavailable)?;
+            .map_err(pcf_adapters::redis::port_error)?;
         Ok(GenerationState {
             active: active.unwrap_or(1),
             building,
@@ -455,7 +460,7 @@ impl ViewStore for RedisUserViews {
             .set(redis_building_key(&self.prefix), generation)
             .query_async::<()>(&mut conn)
             .await
-            .map_err(unavailable)
+            .map_err(pcf_adapters::redis::port_error)
     }
 
     async fn switch(&self, generation: u64) -> Result<(), PortError> {
@@ -465,7 +470,7 @@ impl ViewStore for RedisUserViews {
             .del(redis_building_key(&self.prefix))
             .query_async::<()>(&mut self.conn.clone())
             .await
-            .map_err(unavailable)
+            .map_err(pcf_adapters::redis::port_error)
     }
 
     async fn drop_generation(&self, generation: u64) -> Result<(), PortError> {
@@ -473,7 +478,7 @@ impl ViewStore for RedisUserViews {
         let mut conn = self.conn.clone();
         delete_matching(&mut conn, &pattern)
             .await
-            .map_err(unavailable)
+            .map_err(pcf_adapters::redis::port_error)
     }
 
     /// A live batch carries the generation state it was opened with (as live writes last

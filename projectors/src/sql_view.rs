@@ -5,7 +5,6 @@ use async_trait::async_trait;
 use pcf_domain::ports::PortError;
 use pcf_domain::read_model::{sql_table, SQL_VIEW};
 use pcf_domain::UserView;
-use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::HashMap;
 use uuid::Uuid;
@@ -21,27 +20,7 @@ const NAME: &str = "users-sql";
 const GENERATIONS_LOCK: i64 = 0x7063_665f_6765_6e73; // "pcf_gens"
 
 fn db(e: sqlx::Error) -> PortError {
-    match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
-            PortError::Unavailable(format!("postgres: {e}"))
-        }
-        other => PortError::Internal(format!("postgres: {other}")),
-    }
-}
-
-/// Reads a `read_users` row (shared with nothing else: the query side has its own reader).
-fn row_to_view(row: &PgRow) -> Result<UserView, sqlx::Error> {
-    Ok(UserView {
-        id: row.try_get("id")?,
-        email: row.try_get("email")?,
-        display_name: row.try_get("display_name")?,
-        bio: row.try_get("bio")?,
-        avatar_url: row.try_get("avatar_url")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        version: row.try_get::<i64, _>("version")? as u64,
-        deleted: row.try_get("deleted")?,
-    })
+    pcf_adapters::sql::port_error("postgres", e)
 }
 
 /// A batch of writes in one transaction on the primary: its rows and its checkpoints
@@ -69,7 +48,7 @@ impl ViewBatch for SqlBatch {
             .await
             .map_err(db)?;
         rows.iter()
-            .map(|r| row_to_view(r).map(|v| (v.id, v)))
+            .map(|r| pcf_adapters::sql::read_user(r).map(|v| (v.id, v)))
             .collect::<Result<_, _>>()
             .map_err(db)
     }

@@ -25,8 +25,8 @@ use pcf_domain::read_model::{redis_email_key, redis_generation_prefix, redis_use
 use pcf_domain::UserView;
 use pcf_projectors::{MemoryUserViews, Projection, RebuildOptions, RedisUserViews, ViewStore};
 use serde_json::Value;
-use sqlx::postgres::{PgPoolOptions, PgRow};
-use sqlx::{Connection, PgConnection, PgPool, Row};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -446,24 +446,10 @@ pub async fn sql_rows(pool: &PgPool, relation: &str) -> BTreeMap<Uuid, UserView>
         .unwrap_or_else(|e| panic!("reading {relation}: {e}"));
     rows.iter()
         .map(|r| {
-            let v = row_to_view(r).expect("a read_users row");
+            let v = pcf_adapters::sql::read_user(r).expect("a read_users row");
             (v.id, v)
         })
         .collect()
-}
-
-fn row_to_view(row: &PgRow) -> Result<UserView, sqlx::Error> {
-    Ok(UserView {
-        id: row.try_get("id")?,
-        email: row.try_get("email")?,
-        display_name: row.try_get("display_name")?,
-        bio: row.try_get("bio")?,
-        avatar_url: row.try_get("avatar_url")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        version: row.try_get::<i64, _>("version")? as u64,
-        deleted: row.try_get("deleted")?,
-    })
 }
 
 /// `t` at PostgreSQL's precision (microseconds).
