@@ -167,6 +167,10 @@ impl Projection {
 /// their writes are a handshake (`Scope::Live`), so an event is either in the log when this
 /// reads it, or written to the new generation by a live projector (or both: every write is
 /// guarded by version). No pause is needed for them to notice.
+// About 130 lines on purpose: begin, the read-ahead of pages, one fold per page for every
+// view, the writes, the switch and the linger are the rebuild's steps in order, sharing the
+// pages in flight; split, the read-ahead's channel and the views' state would be passed
+// through every part.
 async fn rebuild_projections(
     projections: &[Projection],
     log: Arc<dyn EventLog>,
