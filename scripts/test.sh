@@ -39,5 +39,10 @@ cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
+# Most tests wait on the services rather than on a core: eight at a time keep both cores
+# busy (one binary holds nearly all of them; tests needing the PostgreSQL server to
+# themselves take a lock of their own). Set RUST_TEST_THREADS to change it.
+export RUST_TEST_THREADS="${RUST_TEST_THREADS:-8}"
+
 step "cargo test --workspace --all-targets"
 cargo test --workspace --all-targets
