@@ -329,45 +329,39 @@ impl FallbackReader {
     }
 }
 
+impl FallbackReader {
+    /// `read` on the primary, or on the fallback while the primary rests or when this very
+    /// call found it unavailable.
+    async fn read<'a, T, F, Fut>(&'a self, read: F) -> Result<T, PortError>
+    where
+        F: Fn(&'a Arc<dyn UserReader>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, PortError>>,
+    {
+        if self.primary_resting() {
+            return read(&self.fallback).await;
+        }
+        match read(&self.primary).await {
+            Err(PortError::Unavailable(detail)) => {
+                self.primary_failed(&detail);
+                read(&self.fallback).await
+            }
+            other => other,
+        }
+    }
+}
+
 #[async_trait]
 impl UserReader for FallbackReader {
     async fn user(&self, id: Uuid) -> Result<Option<UserView>, PortError> {
-        if self.primary_resting() {
-            return self.fallback.user(id).await;
-        }
-        match self.primary.user(id).await {
-            Err(PortError::Unavailable(detail)) => {
-                self.primary_failed(&detail);
-                self.fallback.user(id).await
-            }
-            other => other,
-        }
+        self.read(|r| r.user(id)).await
     }
 
     async fn users(&self, ids: &[Uuid]) -> Result<Vec<UserView>, PortError> {
-        if self.primary_resting() {
-            return self.fallback.users(ids).await;
-        }
-        match self.primary.users(ids).await {
-            Err(PortError::Unavailable(detail)) => {
-                self.primary_failed(&detail);
-                self.fallback.users(ids).await
-            }
-            other => other,
-        }
+        self.read(|r| r.users(ids)).await
     }
 
     async fn user_by_email(&self, email: &Email) -> Result<Option<UserView>, PortError> {
-        if self.primary_resting() {
-            return self.fallback.user_by_email(email).await;
-        }
-        match self.primary.user_by_email(email).await {
-            Err(PortError::Unavailable(detail)) => {
-                self.primary_failed(&detail);
-                self.fallback.user_by_email(email).await
-            }
-            other => other,
-        }
+        self.read(|r| r.user_by_email(email)).await
     }
 
     async fn list(
