@@ -140,15 +140,7 @@ where
             expected_version: version_arg(expected_version)?,
             at: Utc::now(),
         };
-        run(
-            ctx,
-            user_id(&id)?,
-            command,
-            command_id,
-            Access::OwnerOrAdmin,
-        )
-        .await
-        .map(payload)
+        change(ctx, &id, command, command_id).await.map(payload)
     }
 
     /// Changes a user's email address.
@@ -165,15 +157,7 @@ where
             expected_version: version_arg(expected_version)?,
             at: Utc::now(),
         };
-        run(
-            ctx,
-            user_id(&id)?,
-            command,
-            command_id,
-            Access::OwnerOrAdmin,
-        )
-        .await
-        .map(payload)
+        change(ctx, &id, command, command_id).await.map(payload)
     }
 
     /// Deletes an account; its email becomes free and its personal data leaves the views.
@@ -188,16 +172,20 @@ where
             expected_version: version_arg(expected_version)?,
             at: Utc::now(),
         };
-        run(
-            ctx,
-            user_id(&id)?,
-            command,
-            command_id,
-            Access::OwnerOrAdmin,
-        )
-        .await
-        .map(DeleteAccountPayload)
+        change(ctx, &id, command, command_id)
+            .await
+            .map(DeleteAccountPayload)
     }
+}
+
+/// Runs a command on an existing account, for its owner or an admin.
+async fn change(
+    ctx: &Context<'_>,
+    id: &ID,
+    command: UserCommand,
+    command_id: Option<ID>,
+) -> async_graphql::Result<CommandResult> {
+    run(ctx, user_id(id)?, command, command_id, Access::OwnerOrAdmin).await
 }
 
 fn payload<U>(result: CommandResult) -> UserPayload<U> {
