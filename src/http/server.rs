@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
 
@@ -189,6 +189,7 @@ pub async fn serve(
 ) -> io::Result<()> {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     let mut refused = pcf_adapters::Repeats::new(Duration::from_secs(10));
     loop {
@@ -217,16 +218,14 @@ pub async fn serve(
         };
         let router = router.clone();
         let stop = stop_rx.clone();
-        tokio::spawn(async move {
-            connection(stream, peer, router, limits, stop).await;
-            drop(permit);
-        });
+        let slot = Arc::new(ConnectionSlot(permit));
+        // Finished connections are reaped as new ones come, so the set stays small.
+        while connections.try_join_next().is_some() {}
+        connections.spawn(connection(stream, peer, router, limits, stop, slot));
     }
     let _ = stop_tx.send(true);
-    // Every connection holds a permit until it ends.
-    let _ = permits
-        .acquire_many(limits.max_connections.max(1) as u32)
-        .await;
+    // The HTTP connections finish their requests; upgraded websockets end on their own.
+    while connections.join_next().await.is_some() {}
     Ok(())
 }
 
@@ -243,6 +242,11 @@ async fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
     Ok((stream, peer))
 }
 
+/// A connection's place under `max_connections`, held until the connection ends. Each of
+/// its requests carries it (as a request extension), so that a connection upgraded to a
+/// websocket keeps its place for as long as the websocket lives (`super::subscribe`).
+pub struct ConnectionSlot(#[allow(dead_code)] OwnedSemaphorePermit);
+
 /// Serves one connection under its deadlines.
 async fn connection(
     stream: TcpStream,
@@ -250,6 +254,7 @@ async fn connection(
     router: axum::Router,
     limits: ConnectionLimits,
     mut stop: watch::Receiver<bool>,
+    slot: Arc<ConnectionSlot>,
 ) {
     let activity = Activity::new();
     let io = TokioIo::new(Watched {
@@ -259,6 +264,7 @@ async fn connection(
     let service_activity = activity.clone();
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(slot.clone());
         service_activity.request_started();
         let in_flight = InFlight(service_activity.clone());
         let mut router = router.clone();

@@ -43,6 +43,10 @@ pub async fn websocket(State(state): State<HttpState>, req: Request) -> Response
         Ok(u) => u,
         Err(e) => return e.into_response(),
     };
+    let slot = parts
+        .extensions
+        .get::<std::sync::Arc<super::server::ConnectionSlot>>()
+        .cloned();
     let shared = state.websocket.clone();
     let limit = shared.limits.message_limit;
     upgrade
@@ -51,5 +55,9 @@ pub async fn websocket(State(state): State<HttpState>, req: Request) -> Response
         // read; a message of many frames, as it grows past the limit.
         .max_message_size(limit)
         .max_frame_size(limit)
-        .on_upgrade(move |socket| super::websocket::serve(socket, protocol, shared, client))
+        .on_upgrade(move |socket| async move {
+            // The connection's place under the connection cap, kept while the socket lives.
+            let _slot = slot;
+            super::websocket::serve(socket, protocol, shared, client).await
+        })
 }

@@ -432,7 +432,9 @@ async fn read(
                 }
                 continue;
             }
-            "subscribe" => {
+            // `start` and `stop` are the older subscriptions-transport-ws protocol's names,
+            // which async-graphql also serves: the same limits hold for them.
+            "subscribe" | "start" => {
                 let subject = lock(&operations).subject.clone();
                 let Some(subject) = subject else {
                     let _ =
@@ -458,7 +460,7 @@ async fn read(
                     }
                 }
             }
-            "complete" => {
+            "complete" | "stop" => {
                 if let Some(id) = &peek.id {
                     lock(&operations).end(id);
                 }

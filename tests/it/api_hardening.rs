@@ -761,4 +761,32 @@ mod slow_clients {
         drop(server);
         api.stop().await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_websocket_keeps_its_place_under_the_connection_cap() {
+        let api = TestApp::start().await;
+        let mut patient = limits(1);
+        patient.header_timeout = Duration::from_secs(30);
+        patient.idle_timeout = Duration::from_secs(30);
+        let server = Server::start_with(api.router(), patient).await;
+        let ws = WsClient::authenticated(&server, &auditor()).await;
+        // While the websocket is open, the one place is taken...
+        let mut next = TcpStream::connect(server.addr).await.unwrap();
+        next.write_all(REQUEST.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 64];
+        let early = tokio::time::timeout(Duration::from_millis(700), next.read(&mut buf)).await;
+        assert!(
+            early.is_err(),
+            "a connection beside an open websocket was served"
+        );
+        // ...and free once it closes.
+        ws.close().await;
+        let n = tokio::time::timeout(Duration::from_secs(5), next.read(&mut buf))
+            .await
+            .expect("the waiting connection was not served")
+            .unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        drop(server);
+        api.stop().await;
+    }
 }

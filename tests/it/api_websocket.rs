@@ -651,3 +651,39 @@ async fn subscriptions_are_capped_per_connection_and_per_subject_and_ids_are_uni
     drop(server);
     api.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_older_subscriptions_protocol_is_held_to_the_same_caps() {
+    let api = TestApp::with(|c| c.ws_subscriptions_per_connection = 2).await;
+    api.create_user("legacy@example.com", "Legacy").await;
+    let server = Server::start(api.router()).await;
+    let mut ws = WsClient::connect_speaking(&server, "graphql-ws").await;
+    match ws
+        .init(json!({ "authorization": format!("Bearer {}", auditor()) }))
+        .await
+    {
+        WsIn::Msg(m) if m["type"] == "connection_ack" => {}
+        other => panic!("expected connection_ack, got {other:?}"),
+    }
+    let start = |id: &str| {
+        json!({ "id": id, "type": "start",
+                "payload": { "query": EVENTS_SUB, "variables": { "after": START } } })
+    };
+    for id in ["1", "2"] {
+        ws.send(start(id)).await;
+        match ws.next(WAIT).await {
+            WsIn::Msg(m) if m["type"] == "data" && m["id"] == id => {}
+            other => panic!("expected data for {id}, got {other:?}"),
+        }
+    }
+    // A third `start` is refused and not run, as a third `subscribe` would be.
+    ws.send(start("3")).await;
+    match ws.next(WAIT).await {
+        WsIn::Msg(m) if m["type"] == "error" && m["id"] == "3" => {
+            assert_eq!(m["payload"][0]["extensions"]["code"], "RATE_LIMITED", "{m}");
+        }
+        other => panic!("expected the third start refused, got {other:?}"),
+    }
+    drop(server);
+    api.stop().await;
+}

@@ -72,13 +72,19 @@ pub struct WsClient {
 impl WsClient {
     /// Opens `GET /graphql/ws` with the `graphql-transport-ws` subprotocol.
     pub async fn connect(server: &Server) -> Self {
+        Self::connect_speaking(server, "graphql-transport-ws").await
+    }
+
+    /// Opens `GET /graphql/ws` with `protocol` (`graphql-ws` is the older
+    /// subscriptions-transport-ws).
+    pub async fn connect_speaking(server: &Server, protocol: &str) -> Self {
         let mut request = server
             .ws_url()
             .into_client_request()
             .expect("a websocket request");
         request.headers_mut().insert(
             "Sec-WebSocket-Protocol",
-            "graphql-transport-ws".parse().expect("a header value"),
+            protocol.parse().expect("a header value"),
         );
         let (stream, response) = tokio::time::timeout(
             Duration::from_secs(10),
@@ -92,7 +98,7 @@ impl WsClient {
                 .headers()
                 .get("sec-websocket-protocol")
                 .and_then(|v| v.to_str().ok()),
-            Some("graphql-transport-ws")
+            Some(protocol)
         );
         Self { stream }
     }
