@@ -248,9 +248,7 @@ impl Config {
                 format!("PCF_LISTEN: {listen:?} is not an address like 127.0.0.1:8080")
             })?;
         }
-        if let Some(dir) = f.data_dir.take() {
-            c.data_dir = dir;
-        }
+        set(&mut c.data_dir, f.data_dir.take());
         c.database_url = f.database_url.take();
         c.read_database_urls = match f.read_database_url.take() {
             Some(list) => list
@@ -262,16 +260,10 @@ impl Config {
             None => c.database_url.iter().cloned().collect(),
         };
         c.kafka_brokers = f.kafka_brokers.take();
-        if let Some(topic) = f.kafka_topic.take() {
-            c.kafka_topic = topic;
-        }
+        set(&mut c.kafka_topic, f.kafka_topic.take());
         c.redis_url = f.redis_url.take();
-        if let Some(prefix) = f.redis_prefix.take() {
-            c.redis_prefix = prefix;
-        }
-        if let Some(prefix) = f.kafka_group_prefix.take() {
-            c.kafka_group_prefix = prefix;
-        }
+        set(&mut c.redis_prefix, f.redis_prefix.take());
+        set(&mut c.kafka_group_prefix, f.kafka_group_prefix.take());
         if let Some(partitions) = f.kafka_partitions.take() {
             anyhow::ensure!(partitions > 0, "kafka_partitions must be positive");
             c.kafka_partitions = partitions;
@@ -309,24 +301,17 @@ impl Config {
     /// Rate limits, query limits, and the limits of connections, websockets and tokens.
     fn limits(&mut self, f: &mut FileConfig) -> anyhow::Result<()> {
         let c = self;
-        if let Some(n) = f.rate_limit_anonymous.take() {
-            c.rate_limits.anonymous = n;
-        }
-        if let Some(n) = f.rate_limit_authenticated.take() {
-            c.rate_limits.authenticated = n;
-        }
-        if let Some(n) = f.rate_limit_premium.take() {
-            c.rate_limits.premium = n;
-        }
-        if let Some(n) = f.max_aliases.take() {
-            c.max_aliases = n;
-        }
+        set(&mut c.rate_limits.anonymous, f.rate_limit_anonymous.take());
+        set(
+            &mut c.rate_limits.authenticated,
+            f.rate_limit_authenticated.take(),
+        );
+        set(&mut c.rate_limits.premium, f.rate_limit_premium.take());
+        set(&mut c.max_aliases, f.max_aliases.take());
         if let Some(ms) = f.request_timeout_ms.take() {
             c.request_timeout = Duration::from_millis(ms);
         }
-        if let Some(log) = f.log.take() {
-            c.log = log;
-        }
+        set(&mut c.log, f.log.take());
         c.log_json = match f.log_format.as_deref() {
             None | Some("text") => false,
             Some("json") => true,
@@ -335,18 +320,13 @@ impl Config {
         if let Some(ms) = f.consistency_timeout_ms.take() {
             c.consistency_timeout = Duration::from_millis(ms);
         }
-        if let Some(limit) = f.body_limit.take() {
-            c.body_limit = limit;
-        }
-        if let Some(depth) = f.max_depth.take() {
-            c.max_depth = depth;
-        }
-        if let Some(complexity) = f.max_complexity.take() {
-            c.max_complexity = complexity;
-        }
-        if let Some(n) = f.rate_limit_failed_auth.take() {
-            c.rate_limits.failed_auth = n;
-        }
+        set(&mut c.body_limit, f.body_limit.take());
+        set(&mut c.max_depth, f.max_depth.take());
+        set(&mut c.max_complexity, f.max_complexity.take());
+        set(
+            &mut c.rate_limits.failed_auth,
+            f.rate_limit_failed_auth.take(),
+        );
         if let Some(n) = f.max_connections.take() {
             anyhow::ensure!(n > 0, "max_connections must be positive");
             c.max_connections = n;
@@ -374,12 +354,14 @@ impl Config {
             anyhow::ensure!(n >= 1024, "ws_message_limit must be at least 1024 bytes");
             c.ws_message_limit = Some(n);
         }
-        if let Some(n) = f.ws_subscriptions_per_connection.take() {
-            c.ws_subscriptions_per_connection = n;
-        }
-        if let Some(n) = f.ws_subscriptions_per_subject.take() {
-            c.ws_subscriptions_per_subject = n;
-        }
+        set(
+            &mut c.ws_subscriptions_per_connection,
+            f.ws_subscriptions_per_connection.take(),
+        );
+        set(
+            &mut c.ws_subscriptions_per_subject,
+            f.ws_subscriptions_per_subject.take(),
+        );
         if let Some(s) = f.jwt_max_ttl_s.take() {
             anyhow::ensure!(s > 0, "jwt_max_ttl_s must be positive");
             c.jwt_max_ttl = Duration::from_secs(s);
@@ -400,6 +382,13 @@ impl Config {
     /// Embedded mode: no event store URL configured.
     pub fn embedded(&self) -> bool {
         self.database_url.is_none()
+    }
+}
+
+/// Overrides a default with the value the file or the environment set, if any.
+fn set<T>(into: &mut T, value: Option<T>) {
+    if let Some(value) = value {
+        *into = value;
     }
 }
 

@@ -54,6 +54,37 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
+/// Settles one operation's result: a failure counts as an error when it falls in the measured
+/// window (the run's first failure is logged); true when it succeeded there and its latency is
+/// to be recorded.
+fn settle(result: &anyhow::Result<()>, errors: &AtomicU64, measured: bool) -> bool {
+    match result {
+        Ok(()) => measured,
+        Err(e) => {
+            if errors.load(Ordering::Relaxed) == 0 {
+                tracing::warn!(error = %e, "first failed operation");
+            }
+            if measured {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+            false
+        }
+    }
+}
+
+/// Microseconds since `since`, at least 1 (the histogram's lowest value).
+fn micros_since(since: Instant) -> u64 {
+    since.elapsed().as_micros().max(1) as u64
+}
+
+/// What the workers recorded, together.
+fn merged_histogram(merged: &Mutex<Histogram<u64>>) -> Histogram<u64> {
+    merged
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| histogram())
+}
+
 /// Runs `op` from `concurrency` workers for `warmup` (not recorded) then `duration`.
 pub async fn closed_loop(
     op: Op,
@@ -131,18 +162,8 @@ async fn closed_loop_histogram(
                 }
                 let n = counter.fetch_add(1, Ordering::Relaxed);
                 let result = op(n).await;
-                if let Err(e) = &result {
-                    if errors.load(Ordering::Relaxed) == 0 {
-                        tracing::warn!(error = %e, "first failed operation");
-                    }
-                }
-                let ok = result.is_ok();
-                if began >= record_from {
-                    if ok {
-                        let _ = h.record(began.elapsed().as_micros().max(1) as u64);
-                    } else {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
+                if settle(&result, &errors, began >= record_from) {
+                    let _ = h.record(micros_since(began));
                 }
             }
             let _ = merged.lock().map(|mut m| m.add(&h));
@@ -151,10 +172,7 @@ async fn closed_loop_histogram(
     for w in workers {
         let _ = w.await;
     }
-    let h = merged
-        .lock()
-        .map(|h| h.clone())
-        .unwrap_or_else(|_| histogram());
+    let h = merged_histogram(&merged);
     (h, errors.load(Ordering::Relaxed))
 }
 
@@ -189,19 +207,9 @@ pub async fn open_loop(op: Op, rate: f64, warmup: Duration, duration: Duration) 
         let i = n;
         tasks.push(tokio::spawn(async move {
             let result = op(i).await;
-            if let Err(e) = &result {
-                if errors.load(Ordering::Relaxed) == 0 {
-                    tracing::warn!(error = %e, "first failed operation");
-                }
-            }
-            let ok = result.is_ok();
-            if planned >= record_from {
-                if ok {
-                    let us = planned.elapsed().as_micros().max(1) as u64;
-                    let _ = merged.lock().map(|mut h| h.record(us));
-                } else {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                }
+            if settle(&result, &errors, planned >= record_from) {
+                let us = micros_since(planned);
+                let _ = merged.lock().map(|mut h| h.record(us));
             }
         }));
         n += 1;
@@ -209,10 +217,7 @@ pub async fn open_loop(op: Op, rate: f64, warmup: Duration, duration: Duration) 
     for t in tasks {
         let _ = t.await;
     }
-    let h = merged
-        .lock()
-        .map(|h| h.clone())
-        .unwrap_or_else(|_| histogram());
+    let h = merged_histogram(&merged);
     let mut measured = Measurement::from_histogram(&h, errors.load(Ordering::Relaxed), duration);
     measured.machine_idle_percent = idle.await.ok().flatten();
     measured

@@ -41,9 +41,8 @@ pub async fn prune_command_ids(store: Arc<dyn EventStore>, mut shutdown: watch::
                 }
             }
         }
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = tokio::time::sleep(COMMAND_ID_PRUNING) => {}
+        if stopped_during(&mut shutdown, COMMAND_ID_PRUNING).await {
+            return;
         }
     }
 }
@@ -62,5 +61,16 @@ pub async fn wait_for(mut rx: watch::Receiver<bool>) {
         if rx.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// Waits `pause`, or less if shutdown is signalled meanwhile; true when it was.
+pub async fn stopped_during(
+    shutdown: &mut watch::Receiver<bool>,
+    pause: std::time::Duration,
+) -> bool {
+    tokio::select! {
+        _ = shutdown.changed() => true,
+        _ = tokio::time::sleep(pause) => false,
     }
 }

@@ -96,9 +96,8 @@ fn create_topics(p: &mut Process<'_>, kafka: &KafkaConfig) -> watch::Receiver<bo
                     }
                 }
             }
-            tokio::select! {
-                _ = stop.changed() => return,
-                _ = tokio::time::sleep(pause) => {}
+            if super::background::stopped_during(&mut stop, pause).await {
+                return;
             }
             pause = (pause * 2).min(Duration::from_secs(5));
         }

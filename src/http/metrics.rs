@@ -6,7 +6,7 @@ use pcf_domain::ports::CommandObserver;
 use pcf_projectors::ProjectorStats;
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -141,21 +141,17 @@ impl Metrics {
         if projectors.is_empty() {
             return;
         }
-        let _ = writeln!(out, "# TYPE pcf_projector_applied_events_total counter");
-        for (name, stats, _) in &projectors {
-            let n = stats.applied.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "pcf_projector_applied_events_total{{projection=\"{name}\"}} {n}"
-            );
-        }
-        let _ = writeln!(out, "# TYPE pcf_projector_dead_letters_total counter");
-        for (name, stats, _) in &projectors {
-            let n = stats.dead_lettered.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "pcf_projector_dead_letters_total{{projection=\"{name}\"}} {n}"
-            );
+        type Counter = fn(&ProjectorStats) -> &AtomicU64;
+        let counters: [(&str, Counter); 2] = [
+            ("pcf_projector_applied_events_total", |s| &s.applied),
+            ("pcf_projector_dead_letters_total", |s| &s.dead_lettered),
+        ];
+        for (metric, counter) in counters {
+            let _ = writeln!(out, "# TYPE {metric} counter");
+            for (name, stats, _) in &projectors {
+                let n = counter(stats).load(Ordering::Relaxed);
+                let _ = writeln!(out, "{metric}{{projection=\"{name}\"}} {n}");
+            }
         }
         let _ = writeln!(out, "# TYPE pcf_projector_lag_messages gauge");
         for (name, _, source) in &projectors {

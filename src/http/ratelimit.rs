@@ -317,6 +317,17 @@ impl Extension for WebSocketLimitExtension {
 mod tests {
     use super::*;
 
+    /// A limiter with these per-minute limits: anonymous, authenticated, premium, failed auth.
+    fn limiter(anonymous: u32, authenticated: u32, premium: u32, failed_auth: u32) -> RateLimiter {
+        let limits = RateLimits {
+            anonymous,
+            authenticated,
+            premium,
+            failed_auth,
+        };
+        RateLimiter::new(limits, None)
+    }
+
     #[test]
     fn a_share_is_a_sixteenth_of_what_was_left_and_one_before_the_first_look() {
         assert_eq!(share(None), 1);
@@ -328,13 +339,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_request_over_the_limit_is_refused_with_a_retry_time() {
-        let limits = RateLimits {
-            anonymous: 3,
-            authenticated: 5,
-            premium: 10,
-            failed_auth: 60,
-        };
-        let limiter = RateLimiter::new(limits, None);
+        let limiter = limiter(3, 5, 10, 60);
         let anon = Principal::anonymous();
         for _ in 0..3 {
             assert_eq!(limiter.check(&anon, "10.0.0.1").await, Decision::Allowed);
@@ -349,13 +354,7 @@ mod tests {
 
     #[tokio::test]
     async fn refused_credentials_count_as_anonymous_and_against_their_own_limit() {
-        let limits = RateLimits {
-            anonymous: 100,
-            authenticated: 100,
-            premium: 100,
-            failed_auth: 3,
-        };
-        let limiter = RateLimiter::new(limits, None);
+        let limiter = limiter(100, 100, 100, 3);
         for _ in 0..3 {
             assert_eq!(
                 limiter.refused_credentials("10.0.0.1").await,
@@ -379,13 +378,7 @@ mod tests {
 
     #[tokio::test]
     async fn premium_subjects_get_the_higher_limit() {
-        let limits = RateLimits {
-            anonymous: 1,
-            authenticated: 2,
-            premium: 4,
-            failed_auth: 60,
-        };
-        let limiter = RateLimiter::new(limits, None);
+        let limiter = limiter(1, 2, 4, 60);
         let premium = Principal {
             subject: Some("p".into()),
             tier: Tier::Premium,
