@@ -10,8 +10,8 @@ use uuid::Uuid;
 /// Something that happened to a user. Serialised externally tagged by event type, which is
 /// also how postgres-es and sqlite-es store it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all_fields = "camelCase")]
 pub enum UserEvent {
-    #[serde(rename_all = "camelCase")]
     UserCreated {
         user_id: Uuid,
         email: String,
@@ -22,7 +22,6 @@ pub enum UserEvent {
         occurred_at: DateTime<Utc>,
     },
     /// Carries the whole new profile, so a reader never needs the previous state.
-    #[serde(rename_all = "camelCase")]
     ProfileUpdated {
         display_name: String,
         bio: Option<String>,
@@ -30,14 +29,12 @@ pub enum UserEvent {
         #[serde(deserialize_with = "crate::time::deserialize")]
         occurred_at: DateTime<Utc>,
     },
-    #[serde(rename_all = "camelCase")]
     EmailChanged {
         old_email: String,
         new_email: String,
         #[serde(deserialize_with = "crate::time::deserialize")]
         occurred_at: DateTime<Utc>,
     },
-    #[serde(rename_all = "camelCase")]
     AccountDeleted {
         #[serde(deserialize_with = "crate::time::deserialize")]
         occurred_at: DateTime<Utc>,

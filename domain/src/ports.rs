@@ -40,6 +40,22 @@ pub struct LogQuery {
     pub limit: usize,
 }
 
+impl LogQuery {
+    /// What `EventLog::read` answers this query with from `log`, the whole log in position
+    /// order (as a log kept in memory holds it): the events after `after`, of the user and
+    /// the types asked for, at most `limit` of them.
+    pub fn select(&self, log: &[EventEnvelope]) -> Vec<EventEnvelope> {
+        let after = self.after.unwrap_or(Position::START);
+        log.iter()
+            .filter(|e| e.position > after)
+            .filter(|e| self.aggregate_id.is_none_or(|id| id == e.aggregate_id))
+            .filter(|e| self.types.is_empty() || self.types.contains(&e.event_type))
+            .take(self.limit)
+            .cloned()
+            .collect()
+    }
+}
+
 /// Reads committed events. `read` returns only the prefix of the log that can no longer
 /// change (no earlier transaction is still running), in commit order.
 #[async_trait]
@@ -295,18 +311,7 @@ mod tests {
             if std::mem::take(&mut *self.fail_next.lock().unwrap()) {
                 return Err(PortError::Unavailable("down".into()));
             }
-            let after = q.after.unwrap_or(Position::START);
-            Ok(self
-                .events
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|e| e.position > after)
-                .filter(|e| q.aggregate_id.is_none_or(|id| id == e.aggregate_id))
-                .filter(|e| q.types.is_empty() || q.types.contains(&e.event_type))
-                .take(q.limit)
-                .cloned()
-                .collect())
+            Ok(q.select(&self.events.lock().unwrap()))
         }
 
         async fn user_events(&self, _: Uuid, _: u64) -> Result<Vec<EventEnvelope>, PortError> {

@@ -1,6 +1,6 @@
 //! The `events` query: the audit trail, in commit order, paginated by position.
 
-use async_graphql::connection::{Connection, Edge};
+use async_graphql::connection::Connection;
 use async_graphql::dataloader::{DataLoader, Loader};
 use async_graphql::{Context, Json, Object, SimpleObject, ID};
 use chrono::{DateTime, Utc};
@@ -13,6 +13,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::errors::{invalid, unavailable};
+use crate::paging::Page;
 use crate::subscriptions::require_log_access;
 use crate::users::{ReadModels, UserObject};
 
@@ -158,29 +159,19 @@ impl EventQueries {
         let models = ctx.data::<ReadModels>()?;
         let caller = ctx.data_opt::<Principal>().cloned().unwrap_or_default();
         let access = require_log_access(&caller)?;
-        if !(0..=MAX_PAGE).contains(&first) {
-            return Err(invalid("first", "must be between 0 and 500"));
-        }
-        let after = after
-            .map(|a| a.parse::<Position>())
-            .transpose()
-            .map_err(|_| invalid("after", "not a cursor returned by this API"))?;
+        let page = Page::<Position>::new(first, after, MAX_PAGE)?;
         let (aggregate_id, types) = log_filter(aggregate_id, types)?;
         let query = LogQuery {
-            after,
+            after: page.after,
             aggregate_id,
             types,
-            limit: first as usize + 1,
+            limit: page.limit(),
         };
-        let mut events = models.log.read(&query).await.map_err(unavailable)?;
-        let has_next = events.len() > first as usize;
-        events.truncate(first as usize);
-        let mut connection = Connection::new(after.is_some(), has_next);
-        connection.edges.extend(
-            events
-                .into_iter()
-                .map(|e| Edge::new(e.position.to_string(), EventObject::for_reader(e, access))),
-        );
-        Ok(connection)
+        let events = models.log.read(&query).await.map_err(unavailable)?;
+        Ok(page.connection(
+            events,
+            |e| e.position,
+            |e| EventObject::for_reader(e, access),
+        ))
     }
 }

@@ -5,6 +5,7 @@
 pub mod errors;
 pub mod events;
 pub mod live;
+mod paging;
 pub mod projections;
 pub mod readers;
 pub mod subscriptions;

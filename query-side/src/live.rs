@@ -297,18 +297,7 @@ mod tests {
     impl EventLog for MemoryLog {
         async fn read(&self, q: &LogQuery) -> Result<Vec<EventEnvelope>, PortError> {
             self.reads.fetch_add(1, Ordering::SeqCst);
-            let after = q.after.unwrap_or(Position::START);
-            let events: Vec<EventEnvelope> = self
-                .events
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|e| e.position > after)
-                .filter(|e| q.aggregate_id.is_none_or(|id| id == e.aggregate_id))
-                .filter(|e| q.types.is_empty() || q.types.contains(&e.event_type))
-                .take(q.limit)
-                .cloned()
-                .collect();
+            let events = q.select(&self.events.lock().unwrap());
             self.rows.fetch_add(events.len(), Ordering::SeqCst);
             Ok(events)
         }

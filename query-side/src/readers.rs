@@ -173,6 +173,9 @@ impl UserReader for RedisUserReader {
     }
 }
 
+/// A query of the SQL view, with its arguments bound.
+type SqlQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
 fn sql_error(e: sqlx::Error) -> PortError {
     pcf_adapters::sql::port_error("read replica", e)
 }
@@ -198,6 +201,21 @@ impl SqlUserReader {
         &self.replicas[i]
     }
 
+    /// The users `query` selects, read on the next replica.
+    async fn fetch_users(&self, query: SqlQuery<'_>) -> Result<Vec<UserView>, PortError> {
+        let rows = query.fetch_all(self.pool()).await.map_err(sql_error)?;
+        rows.iter()
+            .map(read_user)
+            .collect::<Result<_, _>>()
+            .map_err(sql_error)
+    }
+
+    /// The user `query` selects (at most one row), read on the next replica.
+    async fn fetch_user(&self, query: SqlQuery<'_>) -> Result<Option<UserView>, PortError> {
+        let row = query.fetch_optional(self.pool()).await.map_err(sql_error)?;
+        row.map(|r| read_user(&r)).transpose().map_err(sql_error)
+    }
+
     /// Succeeds when every replica answers.
     pub async fn ping(&self) -> Result<(), PortError> {
         for pool in &self.replicas {
@@ -214,35 +232,18 @@ impl SqlUserReader {
 impl UserReader for SqlUserReader {
     async fn user(&self, id: Uuid) -> Result<Option<UserView>, PortError> {
         let sql = format!("SELECT * FROM {SQL_VIEW} WHERE id = $1");
-        let row = sqlx::query(&sql)
-            .bind(id)
-            .fetch_optional(self.pool())
-            .await
-            .map_err(sql_error)?;
-        row.map(|r| read_user(&r)).transpose().map_err(sql_error)
+        self.fetch_user(sqlx::query(&sql).bind(id)).await
     }
 
     async fn users(&self, ids: &[Uuid]) -> Result<Vec<UserView>, PortError> {
         let sql = format!("SELECT * FROM {SQL_VIEW} WHERE id = ANY($1)");
-        let rows = sqlx::query(&sql)
-            .bind(ids)
-            .fetch_all(self.pool())
-            .await
-            .map_err(sql_error)?;
-        rows.iter()
-            .map(read_user)
-            .collect::<Result<_, _>>()
-            .map_err(sql_error)
+        self.fetch_users(sqlx::query(&sql).bind(ids)).await
     }
 
     async fn user_by_email(&self, email: &Email) -> Result<Option<UserView>, PortError> {
         let sql = format!("SELECT * FROM {SQL_VIEW} WHERE email = $1 AND NOT deleted LIMIT 1");
-        let row = sqlx::query(&sql)
-            .bind(email.as_str())
-            .fetch_optional(self.pool())
+        self.fetch_user(sqlx::query(&sql).bind(email.as_str()))
             .await
-            .map_err(sql_error)?;
-        row.map(|r| read_user(&r)).transpose().map_err(sql_error)
     }
 
     async fn list(
@@ -262,20 +263,14 @@ impl UserReader for SqlUserReader {
              ORDER BY id LIMIT $6"
         );
         let needle = filter.display_name_contains.as_deref().map(escape_like);
-        let rows = sqlx::query(&sql)
+        let query = sqlx::query(&sql)
             .bind(after)
             .bind(&filter.email)
             .bind(needle)
             .bind(filter.created_after)
             .bind(filter.created_before)
-            .bind(limit as i64)
-            .fetch_all(self.pool())
-            .await
-            .map_err(sql_error)?;
-        rows.iter()
-            .map(read_user)
-            .collect::<Result<_, _>>()
-            .map_err(sql_error)
+            .bind(limit as i64);
+        self.fetch_users(query).await
     }
 }
 
@@ -398,39 +393,57 @@ mod tests {
         }
     }
 
-    /// A primary reader that is down: every read fails as unavailable. Email reads can be
-    /// held on their way back, to fail only when the test says.
+    /// A reader for the tests, counting its reads: one that is down fails every read as
+    /// unavailable; one that is up has every user asked for. Email reads can be held on
+    /// their way back, to answer only when the test says.
     #[derive(Default)]
-    struct Down {
+    struct Fake {
+        down: bool,
         calls: AtomicUsize,
         hold_email_reads: bool,
         email_read_started: tokio::sync::Notify,
         release_email_read: tokio::sync::Notify,
     }
 
-    impl Down {
-        fn failed(&self) -> PortError {
+    impl Fake {
+        fn down() -> Self {
+            Self {
+                down: true,
+                ..Self::default()
+            }
+        }
+
+        /// Counts a read: `found` when up, else unavailable.
+        fn answer<T>(&self, found: T) -> Result<T, PortError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
-            PortError::Unavailable("redis: connection refused".into())
+            if self.down {
+                Err(PortError::Unavailable("redis: connection refused".into()))
+            } else {
+                Ok(found)
+            }
         }
     }
 
     #[async_trait]
-    impl UserReader for Down {
-        async fn user(&self, _id: Uuid) -> Result<Option<UserView>, PortError> {
-            Err(self.failed())
+    impl UserReader for Fake {
+        async fn user(&self, id: Uuid) -> Result<Option<UserView>, PortError> {
+            self.answer(Some(view(id, "someone@example.com")))
         }
 
-        async fn users(&self, _ids: &[Uuid]) -> Result<Vec<UserView>, PortError> {
-            Err(self.failed())
+        async fn users(&self, ids: &[Uuid]) -> Result<Vec<UserView>, PortError> {
+            self.answer(
+                ids.iter()
+                    .map(|id| view(*id, "someone@example.com"))
+                    .collect(),
+            )
         }
 
-        async fn user_by_email(&self, _email: &Email) -> Result<Option<UserView>, PortError> {
+        async fn user_by_email(&self, email: &Email) -> Result<Option<UserView>, PortError> {
             if self.hold_email_reads {
                 self.email_read_started.notify_one();
                 self.release_email_read.notified().await;
             }
-            Err(self.failed())
+            self.answer(Some(view(Uuid::new_v4(), email.as_str())))
         }
 
         async fn list(
@@ -439,44 +452,7 @@ mod tests {
             _limit: usize,
             _filter: &UserFilter,
         ) -> Result<Vec<UserView>, PortError> {
-            Err(self.failed())
-        }
-    }
-
-    /// A fallback reader that has every user asked for.
-    #[derive(Default)]
-    struct Up {
-        calls: AtomicUsize,
-    }
-
-    #[async_trait]
-    impl UserReader for Up {
-        async fn user(&self, id: Uuid) -> Result<Option<UserView>, PortError> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            Ok(Some(view(id, "someone@example.com")))
-        }
-
-        async fn users(&self, ids: &[Uuid]) -> Result<Vec<UserView>, PortError> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            Ok(ids
-                .iter()
-                .map(|id| view(*id, "someone@example.com"))
-                .collect())
-        }
-
-        async fn user_by_email(&self, email: &Email) -> Result<Option<UserView>, PortError> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            Ok(Some(view(Uuid::new_v4(), email.as_str())))
-        }
-
-        async fn list(
-            &self,
-            _after: Option<Uuid>,
-            _limit: usize,
-            _filter: &UserFilter,
-        ) -> Result<Vec<UserView>, PortError> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            Ok(Vec::new())
+            self.answer(Vec::new())
         }
     }
 
@@ -484,35 +460,34 @@ mod tests {
         Email::parse("someone@example.com").expect("an email")
     }
 
+    /// A first read, `read`, through a reader whose primary is down: it asks the primary,
+    /// then the fallback, once each. What it found, the reader and its primary.
+    async fn first_read<T, Fut>(
+        read: impl FnOnce(Arc<FallbackReader>) -> Fut,
+    ) -> (T, Arc<FallbackReader>, Arc<Fake>)
+    where
+        Fut: std::future::Future<Output = Result<T, PortError>>,
+    {
+        let (primary, fallback) = (Arc::new(Fake::down()), Arc::new(Fake::default()));
+        let reader = Arc::new(FallbackReader::new(primary.clone(), fallback.clone()));
+        let found = read(reader.clone()).await.expect("the fallback answers");
+        assert_eq!(primary.calls.load(Ordering::SeqCst), 1, "asked the primary");
+        assert_eq!(
+            fallback.calls.load(Ordering::SeqCst),
+            1,
+            "then the fallback"
+        );
+        (found, reader, primary)
+    }
+
     #[tokio::test]
     async fn the_first_failure_of_the_primary_is_answered_by_the_fallback() {
         let id = Uuid::new_v4();
-
-        let (primary, fallback) = (Arc::new(Down::default()), Arc::new(Up::default()));
-        let reader = FallbackReader::new(primary.clone(), fallback.clone());
-        let found = reader.user_by_email(&email()).await.expect("userByEmail");
+        let (found, _, _) = first_read(|r| async move { r.user_by_email(&email()).await }).await;
         assert_eq!(found.map(|v| v.email), Some(email().as_str().to_owned()));
-        assert_eq!(primary.calls.load(Ordering::SeqCst), 1, "asked the primary");
-        assert_eq!(
-            fallback.calls.load(Ordering::SeqCst),
-            1,
-            "then the fallback"
-        );
-
-        let (primary, fallback) = (Arc::new(Down::default()), Arc::new(Up::default()));
-        let reader = FallbackReader::new(primary.clone(), fallback.clone());
-        let found = reader.user(id).await.expect("user");
+        let (found, _, _) = first_read(|r| async move { r.user(id).await }).await;
         assert_eq!(found.map(|v| v.id), Some(id));
-        assert_eq!(primary.calls.load(Ordering::SeqCst), 1, "asked the primary");
-        assert_eq!(
-            fallback.calls.load(Ordering::SeqCst),
-            1,
-            "then the fallback"
-        );
-
-        let (primary, fallback) = (Arc::new(Down::default()), Arc::new(Up::default()));
-        let reader = FallbackReader::new(primary.clone(), fallback.clone());
-        let found = reader.users(&[id]).await.expect("users");
+        let (found, reader, primary) = first_read(|r| async move { r.users(&[id]).await }).await;
         assert_eq!(found.iter().map(|v| v.id).collect::<Vec<_>>(), vec![id]);
 
         // Right after a failure the fallback answers without the primary being asked.
@@ -526,13 +501,13 @@ mod tests {
     /// although the first one's failure has marked the primary down meanwhile.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_read_that_failed_on_the_primary_falls_back_whatever_other_reads_found() {
-        let primary = Arc::new(Down {
+        let primary = Arc::new(Fake {
             hold_email_reads: true,
-            ..Down::default()
+            ..Fake::down()
         });
         let reader = Arc::new(FallbackReader::new(
             primary.clone(),
-            Arc::new(Up::default()),
+            Arc::new(Fake::default()),
         ));
         let by_email = tokio::spawn({
             let reader = reader.clone();

@@ -8,9 +8,10 @@ use pcf_domain::{ErrorCode, Position};
 use std::sync::Arc;
 use uuid::Uuid;
 
-use crate::errors::{error, invalid};
+use crate::errors::error;
 use crate::events::{log_filter, EventObject};
 use crate::live::{LiveFilter, LiveLog};
+use crate::paging::cursor;
 use crate::users::{ReadModels, UserObject, Waited};
 
 /// Live events and user changes.
@@ -50,10 +51,7 @@ impl SubscriptionRoot {
     ) -> async_graphql::Result<BoxStream<'static, EventObject>> {
         let access = require_log_access(&principal(ctx))?;
         let live = ctx.data::<Arc<LiveLog>>()?;
-        let after = after
-            .map(|a| a.parse::<Position>())
-            .transpose()
-            .map_err(|_| invalid("after", "not a position returned by this API"))?;
+        let after = cursor::<Position>(after, "not a position returned by this API")?;
         let (aggregate_id, types) = log_filter(aggregate_id, types)?;
         let filter = LiveFilter {
             aggregate_id,

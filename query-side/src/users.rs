@@ -1,6 +1,6 @@
 //! The `user` and `userByEmail` queries and the GraphQL `User` type.
 
-use async_graphql::connection::{Connection, Edge};
+use async_graphql::connection::Connection;
 use async_graphql::{Context, InputObject, MergedObject, Object, ID};
 use chrono::{DateTime, Utc};
 use pcf_domain::auth::Principal;
@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::errors::{error, invalid, unavailable};
 use crate::events::EventQueries;
+use crate::paging::Page;
 use crate::projections::ProjectionQueries;
 
 /// What the resolvers read from, put into the schema's data by the binary.
@@ -191,31 +192,17 @@ impl UserQueries {
                 "listing users needs the admin role",
             ));
         }
-        if !(0..=MAX_USERS_PAGE).contains(&first) {
-            return Err(invalid("first", "must be between 0 and 100"));
-        }
-        let after = after
-            .map(|a| Uuid::parse_str(&a))
-            .transpose()
-            .map_err(|_| invalid("after", "not a cursor returned by this API"))?;
+        let page = Page::<Uuid>::new(first, after, MAX_USERS_PAGE)?;
         let filter = filter
             .map(UserFilterInput::into_filter)
             .transpose()?
             .unwrap_or_default();
-        let mut users = models
+        let users = models
             .users
-            .list(after, first as usize + 1, &filter)
+            .list(page.after, page.limit(), &filter)
             .await
             .map_err(unavailable)?;
-        let has_next = users.len() > first as usize;
-        users.truncate(first as usize);
-        let mut connection = Connection::new(after.is_some(), has_next);
-        connection.edges.extend(
-            users
-                .into_iter()
-                .map(|u| Edge::new(u.id.to_string(), UserObject(u))),
-        );
-        Ok(connection)
+        Ok(page.connection(users, |u| u.id, UserObject))
     }
 
     /// A user by email address (compared case-insensitively).
