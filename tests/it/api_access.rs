@@ -456,16 +456,7 @@ pub fn assert_personal_data_left_out(full: &[Value], redacted: &[Value]) {
         let mut expected = f["payload"].as_object().unwrap().clone();
         expected.retain(|k, _| !PERSONAL.contains(&k.as_str()));
         assert_eq!(payload, &expected);
-        for key in [
-            "eventId",
-            "aggregateType",
-            "aggregateId",
-            "sequence",
-            "position",
-            "eventType",
-            "eventVersion",
-            "recordedAt",
-        ] {
+        for key in ENVELOPE_FIELDS {
             assert_eq!(r[key], f[key], "{key}");
         }
         // The metadata too, but for the command id (and the causation id, which is the

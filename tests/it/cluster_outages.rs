@@ -8,36 +8,21 @@ use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn requests_stay_prompt_while_redis_is_down() {
-    run(Cluster::create().await, prompt_without_redis).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn writes_succeed_while_kafka_is_down_and_reach_the_views_when_it_returns() {
-    run(Cluster::create().await, kafka_outage).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn reads_fall_back_to_the_replica_while_redis_is_down_and_redis_converges_after() {
-    run(Cluster::create().await, redis_outage).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_process_started_while_kafka_is_down_publishes_and_projects_once_kafka_is_up() {
-    run(Cluster::create().await, kafka_down_at_start).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_process_started_while_redis_is_down_serves_from_the_replica_then_uses_redis_once_up() {
-    run(Cluster::create().await, redis_down_at_start).await;
+on_cluster! {
+    requests_stay_prompt_while_redis_is_down: create => prompt_without_redis,
+    writes_succeed_while_kafka_is_down_and_reach_the_views_when_it_returns: create => kafka_outage,
+    reads_fall_back_to_the_replica_while_redis_is_down_and_redis_converges_after:
+        create => redis_outage,
+    a_process_started_while_kafka_is_down_publishes_and_projects_once_kafka_is_up:
+        create => kafka_down_at_start,
+    a_process_started_while_redis_is_down_serves_from_the_replica_then_uses_redis_once_up:
+        create => redis_down_at_start,
 }
 
 async fn kafka_outage(c: &mut Cluster) {
     let mut kafka = PrivateKafka::start().await;
     c.use_private_kafka(kafka.brokers());
-    let config = c.config();
-    let app = c.start(&config, &ALL_ROLES).await;
+    let app = c.start_default(&ALL_ROLES).await;
     let tag = c.tag().to_owned();
 
     let before = create_user(&app.router, &format!("before@{tag}.example.com"), "Before").await;
@@ -93,15 +78,12 @@ async fn kafka_outage(c: &mut Cluster) {
         |records| stored.is_subset(&event_ids(records)),
     )
     .await;
-    let published_after = back_at.elapsed();
-    // ... and the views.
-    let redis = c.redis_view(&shared_redis_url()).await;
-    c.wait_views_match_log(Duration::from_secs(120), app.log(), Some(&redis))
-        .await;
     eprintln!(
-        "after Kafka returned: all events in the topic after {published_after:?}, views converged after {:?}",
+        "all events in the topic {:?} after Kafka returned",
         back_at.elapsed()
     );
+    // ... and the views.
+    wait_views_converged(c, &app, Duration::from_secs(120), back_at).await;
     for id in &created {
         assert_eq!(
             user(&app.router, *id, Some(1)).await["id"],
@@ -118,9 +100,8 @@ async fn kafka_down_at_start(c: &mut Cluster) {
     // The broker is formatted but not running when PCF starts.
     let mut kafka = PrivateKafka::format();
     c.use_private_kafka(kafka.brokers());
-    let config = c.config();
     let started = Instant::now();
-    let app = c.start(&config, &ALL_ROLES).await;
+    let app = c.start_default(&ALL_ROLES).await;
     eprintln!(
         "PCF started in {:?} while Kafka was down",
         started.elapsed()
@@ -130,13 +111,7 @@ async fn kafka_down_at_start(c: &mut Cluster) {
 
     kafka.launch().await;
     let back_at = Instant::now();
-    let redis = c.redis_view(&shared_redis_url()).await;
-    c.wait_views_match_log(Duration::from_secs(90), app.log(), Some(&redis))
-        .await;
-    eprintln!(
-        "views converged {:?} after Kafka came up",
-        back_at.elapsed()
-    );
+    wait_views_converged(c, &app, Duration::from_secs(90), back_at).await;
     assert_eq!(
         user(&app.router, id, Some(1)).await["id"],
         json!(id.to_string())
@@ -162,15 +137,77 @@ async fn ready(router: &axum::Router) -> (u16, Value) {
     (r.status.as_u16(), body)
 }
 
+/// Waits, up to `timeout`, until both views (Redis: the shared server) equal the fold of
+/// `node`'s log, and reports how long after Kafka's return (`back_at`) that was.
+async fn wait_views_converged(c: &Cluster, node: &Node, timeout: Duration, back_at: Instant) {
+    let redis = c.redis_view(&shared_redis_url()).await;
+    c.wait_views_match_log(timeout, node.log(), Some(&redis))
+        .await;
+    eprintln!(
+        "views converged {:?} after Kafka returned",
+        back_at.elapsed()
+    );
+}
+
+/// The test's configuration with the private Redis `redis` instead of the shared one.
+fn on_private_redis(c: &Cluster, redis: &PrivateRedis) -> pcf::Config {
+    pcf::Config {
+        redis_url: Some(redis.url()),
+        ..c.config()
+    }
+}
+
+/// Waits until the SQL view on the replica has the user `id`.
+async fn wait_for_replica_row(c: &Cluster, id: Uuid) {
+    let replica = c.replica_pool().await;
+    wait_until(CONVERGE, "the user on the replica", || async {
+        let rows = sql_rows(&replica, "read_users").await;
+        rows.get(&id)
+            .map(|_| ())
+            .ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+}
+
+/// Asserts readiness fails naming Redis, and only Redis.
+async fn assert_only_redis_down(router: &axum::Router) {
+    let (status, body) = ready(router).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["down"], json!(["redis"]), "{body}");
+}
+
+/// Waits until readiness answers 200.
+async fn wait_until_ready(router: &axum::Router, what: &str) {
+    wait_until(CONVERGE, what, || async {
+        match ready(router).await {
+            (200, _) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
+
+/// Asserts, while Redis is down, that `user(id)` answers the user as `view` shows it and
+/// that `userByEmail(email)` finds the user.
+async fn assert_point_reads_answer(router: &axum::Router, id: Uuid, view: &Value, email: &str) {
+    let Resp { status, body, .. } = admin_gql(router, USER, json!({ "id": id })).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.get("errors").is_none(),
+        "user(id) failed while Redis was down: {body}"
+    );
+    assert_same_user(&body["data"]["user"], view);
+    let by_email = gql(router, USER_BY_EMAIL, json!({ "email": email })).await;
+    assert_eq!(by_email["userByEmail"]["id"], json!(id.to_string()));
+}
+
 async fn redis_user(redis: &RedisView, id: Uuid) -> Result<Option<pcf_domain::UserView>, String> {
     Ok(redis_docs(redis).await?.users.get(&id).cloned())
 }
 
 async fn redis_outage(c: &mut Cluster) {
     let mut private = PrivateRedis::start().await;
-    let mut config = c.config();
-    config.redis_url = Some(private.url());
-    let app = c.start(&config, &ALL_ROLES).await;
+    let app = c.start(&on_private_redis(c, &private), &ALL_ROLES).await;
     let tag = c.tag().to_owned();
     let redis = c.redis_view(&private.url()).await;
 
@@ -181,35 +218,14 @@ async fn redis_outage(c: &mut Cluster) {
         Some(1)
     );
     // The replica has A too, before Redis goes away.
-    let replica = c.replica_pool().await;
-    wait_until(CONVERGE, "A on the replica", || async {
-        let rows = sql_rows(&replica, "read_users").await;
-        rows.get(&a).map(|_| ()).ok_or_else(|| "not yet".to_owned())
-    })
-    .await;
+    wait_for_replica_row(c, a).await;
     assert_eq!(ready(&app.router).await.0, 200);
 
     private.save_and_kill().await;
 
     // Point reads answer from the replica.
-    let Resp { status, body, .. } = admin_gql(&app.router, USER, json!({ "id": a })).await;
-    assert_eq!(status, 200);
-    assert!(
-        body.get("errors").is_none(),
-        "user(id) failed while Redis was down: {body}"
-    );
-    assert_same_user(&body["data"]["user"], &a_view);
-    let by_email = gql(
-        &app.router,
-        USER_BY_EMAIL,
-        json!({ "email": format!("a@{tag}.example.com") }),
-    )
-    .await;
-    assert_eq!(by_email["userByEmail"]["id"], json!(a.to_string()));
-    // Readiness names Redis, and only Redis.
-    let (status, body) = ready(&app.router).await;
-    assert_eq!(status, 503, "{body}");
-    assert_eq!(body["down"], json!(["redis"]), "{body}");
+    assert_point_reads_answer(&app.router, a, &a_view, &format!("a@{tag}.example.com")).await;
+    assert_only_redis_down(&app.router).await;
 
     // Writes go on; the SQL view keeps up and serves them through the fallback.
     let b = create_user(&app.router, &format!("b@{tag}.example.com"), "Bob").await;
@@ -243,29 +259,16 @@ async fn redis_outage(c: &mut Cluster) {
         user(&app.router, a, Some(2)).await["displayName"],
         "Alice 2"
     );
-    wait_until(CONVERGE, "readiness after Redis returned", || async {
-        match ready(&app.router).await {
-            (200, _) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    wait_until_ready(&app.router, "readiness after Redis returned").await;
 }
 
 async fn prompt_without_redis(c: &mut Cluster) {
     let mut private = PrivateRedis::start().await;
-    let mut config = c.config();
-    config.redis_url = Some(private.url());
-    let app = c.start(&config, &ALL_ROLES).await;
+    let app = c.start(&on_private_redis(c, &private), &ALL_ROLES).await;
     let tag = c.tag().to_owned();
     let a = create_user(&app.router, &format!("a@{tag}.example.com"), "Alice").await;
     user(&app.router, a, Some(1)).await;
-    let replica = c.replica_pool().await;
-    wait_until(CONVERGE, "A on the replica", || async {
-        let rows = sql_rows(&replica, "read_users").await;
-        rows.get(&a).map(|_| ()).ok_or_else(|| "not yet".to_owned())
-    })
-    .await;
+    wait_for_replica_row(c, a).await;
 
     private.kill();
     // Each request answers within a bound a client would wait; none hangs on Redis.
@@ -305,8 +308,7 @@ async fn prompt_without_redis(c: &mut Cluster) {
 async fn redis_down_at_start(c: &mut Cluster) {
     // Nothing listens on the private Redis's port when PCF starts.
     let mut private = PrivateRedis::reserve();
-    let mut config = c.config();
-    config.redis_url = Some(private.url());
+    let config = on_private_redis(c, &private);
     let started = Instant::now();
     let app = c.start(&config, &ALL_ROLES).await;
     eprintln!(
@@ -315,25 +317,14 @@ async fn redis_down_at_start(c: &mut Cluster) {
     );
     let tag = c.tag().to_owned();
 
-    // Readiness names Redis, and only Redis.
-    let (status, body) = ready(&app.router).await;
-    assert_eq!(status, 503, "{body}");
-    assert_eq!(body["down"], json!(["redis"]), "{body}");
+    assert_only_redis_down(&app.router).await;
 
     // Commands work (the rate limiter counts locally); point reads answer from the replica.
     let email = format!("a@{tag}.example.com");
     let a = create_user(&app.router, &email, "Alice").await;
     let a_view = user(&app.router, a, Some(1)).await;
     assert_eq!(a_view["id"], json!(a.to_string()), "{a_view}");
-    let Resp { status, body, .. } = admin_gql(&app.router, USER, json!({ "id": a })).await;
-    assert_eq!(status, 200);
-    assert!(
-        body.get("errors").is_none(),
-        "user(id) failed while Redis was down: {body}"
-    );
-    assert_same_user(&body["data"]["user"], &a_view);
-    let by_email = gql(&app.router, USER_BY_EMAIL, json!({ "email": email })).await;
-    assert_eq!(by_email["userByEmail"]["id"], json!(a.to_string()));
+    assert_point_reads_answer(&app.router, a, &a_view, &email).await;
 
     private.launch().await;
     let back_at = Instant::now();
@@ -346,13 +337,7 @@ async fn redis_down_at_start(c: &mut Cluster) {
         "the Redis view converged {:?} after Redis came up",
         back_at.elapsed()
     );
-    wait_until(CONVERGE, "readiness after Redis came up", || async {
-        match ready(&app.router).await {
-            (200, _) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    wait_until_ready(&app.router, "readiness after Redis came up").await;
 
     // Point reads come from Redis again: a document that only this Redis has (no such user
     // is in the log or on the replica) is served.

@@ -15,33 +15,31 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::Message;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_projector_killed_after_its_view_write_and_before_its_offset_commit_applies_nothing_twice(
-) {
-    run(Cluster::create().await, killed_mid_batch).await;
+on_cluster! {
+    a_projector_killed_after_its_view_write_and_before_its_offset_commit_applies_nothing_twice:
+        create => killed_mid_batch,
+    duplicates_change_nothing_and_poison_messages_go_to_the_dead_letter_topic:
+        create => duplicates_and_poison,
+    a_rebuild_while_writes_and_reads_continue_switches_readers_without_a_partial_view:
+        create => rebuild_under_load,
+    an_event_in_the_log_that_cannot_be_applied_dead_letters_only_its_own_user:
+        create => poison_in_the_log,
+    a_live_batch_after_a_rebuild_began_reaches_the_new_generation_too:
+        create => live_batch_after_begin,
+    live_redis_writes_fold_on_what_they_wrote_and_recover_when_it_moved:
+        create => remembered_documents,
+    folded_states_fill_new_users_and_replace_only_older_views: create => states_over_existing_views,
+    the_migration_drops_the_email_index_that_earlier_rebuilds_kept_twice:
+        create => duplicate_email_index,
+    a_rebuild_rides_out_failed_writes_and_ends_equal_to_the_log: create => rebuild_through_failures,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn duplicates_change_nothing_and_poison_messages_go_to_the_dead_letter_topic() {
-    run(Cluster::create().await, duplicates_and_poison).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_rebuild_while_writes_and_reads_continue_switches_readers_without_a_partial_view() {
-    run(Cluster::create().await, rebuild_under_load).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_event_in_the_log_that_cannot_be_applied_dead_letters_only_its_own_user() {
-    run(Cluster::create().await, poison_in_the_log).await;
-}
-
-/// `(partition, next offset)` of a batch, as the projector records them.
 /// Waits until the log reads exactly `n` events (the first 100); returns them.
 async fn readable_events(log: &Arc<dyn EventLog>, n: usize) -> Vec<EventEnvelope> {
     wait_until(CONVERGE, &format!("{n} readable events"), || {
@@ -62,6 +60,7 @@ async fn readable_events(log: &Arc<dyn EventLog>, n: usize) -> Vec<EventEnvelope
     .await
 }
 
+/// `(partition, next offset)` of a batch, as the projector records them.
 fn next_offsets(records: &[Record]) -> Vec<(i32, i64)> {
     let mut next: BTreeMap<i32, i64> = BTreeMap::new();
     for r in records {
@@ -103,20 +102,13 @@ async fn wait_committed_to_end(c: &Cluster, projection: &str) {
 }
 
 async fn killed_mid_batch(c: &mut Cluster) {
-    let config = c.config();
     // Commands and the relay only: no projector consumes yet.
-    let writer = c.start(&config, &[Role::Api, Role::Relay]).await;
+    let writer = c.start_default(&[Role::Api, Role::Relay]).await;
     let tag = c.tag().to_owned();
-    let mut users = Vec::new();
-    for i in 0..6 {
-        let id = create_user(
-            &writer.router,
-            &format!("crash{i}@{tag}.example.com"),
-            &format!("Crash {i}"),
-        )
-        .await;
-        users.push(id);
-    }
+    let users = create_users(&writer.router, 6, |i| {
+        (format!("crash{i}@{tag}.example.com"), format!("Crash {i}"))
+    })
+    .await;
     for (i, id) in users.iter().enumerate() {
         update_profile(
             &writer.router,
@@ -219,7 +211,7 @@ async fn killed_mid_batch(c: &mut Cluster) {
 
     // The projector restarts: it reads the batch again from the last commit (none) and must
     // skip what the crashed member applied.
-    let projector = c.start(&config, &[Role::Api, Role::Projector]).await;
+    let projector = c.start_default(&[Role::Api, Role::Projector]).await;
     c.wait_views_match_log(CONVERGE, projector.log(), Some(&redis))
         .await;
     let counts = c.event_counts().await;
@@ -241,8 +233,7 @@ async fn killed_mid_batch(c: &mut Cluster) {
 }
 
 async fn duplicates_and_poison(c: &mut Cluster) {
-    let config = c.config();
-    let app = c.start(&config, &ALL_ROLES).await;
+    let app = c.start_default(&ALL_ROLES).await;
     let tag = c.tag().to_owned();
     let u = create_user(&app.router, &format!("dup@{tag}.example.com"), "Dup").await;
     update_profile(
@@ -392,22 +383,17 @@ struct Reads {
 }
 
 async fn rebuild_under_load(c: &mut Cluster) {
-    let config = c.config();
-    let app = c.start(&config, &ALL_ROLES).await;
-    let mut replica_only = config.clone();
-    replica_only.redis_url = None;
-    let sql = c.start(&replica_only, &[Role::Api]).await;
+    let app = c.start_default(&ALL_ROLES).await;
+    let sql = c.start_sql_reader().await;
     let tag = c.tag().to_owned();
 
     // Users that exist before the rebuild, at known versions.
+    let ids = create_users(&app.router, 24, |i| {
+        (format!("seed{i}@{tag}.example.com"), format!("Seed {i}"))
+    })
+    .await;
     let mut seeded: Vec<(Uuid, i64)> = Vec::new();
-    for i in 0..24 {
-        let id = create_user(
-            &app.router,
-            &format!("seed{i}@{tag}.example.com"),
-            &format!("Seed {i}"),
-        )
-        .await;
+    for (i, id) in ids.into_iter().enumerate() {
         let mut version = 1;
         if i % 2 == 0 {
             version = update_profile(&app.router, id, json!({ "bio": format!("seed {i}") })).await;
@@ -696,17 +682,11 @@ async fn poison_in_the_log(c: &mut Cluster) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_live_batch_after_a_rebuild_began_reaches_the_new_generation_too() {
-    run(Cluster::create().await, live_batch_after_begin).await;
-}
-
 /// Live batches and `begin` are a handshake: a batch written after a build began reaches
 /// the new generation as well, even from a projector that last saw the state before it
 /// (the Redis writer keeps the state it last found; the script refuses the stale one).
 async fn live_batch_after_begin(c: &mut Cluster) {
-    let config = c.config();
-    let node = c.start(&config, &[Role::Api]).await;
+    let node = c.start_default(&[Role::Api]).await;
     let tag = c.tag().to_owned();
     let a = create_user(&node.router, &format!("a-{tag}@example.com"), "A").await;
     let b = create_user(&node.router, &format!("b-{tag}@example.com"), "B").await;
@@ -761,17 +741,11 @@ async fn live_batch_after_begin(c: &mut Cluster) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn live_redis_writes_fold_on_what_they_wrote_and_recover_when_it_moved() {
-    run(Cluster::create().await, remembered_documents).await;
-}
-
 /// The Redis projector folds a batch on the documents it wrote last instead of reading
 /// them back; a document another writer moved meanwhile (another consumer, a generation
 /// dropped behind it) is refused by the version guard and read again.
 async fn remembered_documents(c: &mut Cluster) {
-    let config = c.config();
-    let node = c.start(&config, &[Role::Api]).await;
+    let node = c.start_default(&[Role::Api]).await;
     let tag = c.tag().to_owned();
     let email = format!("m-{tag}@example.com");
     let moved_to = format!("m2-{tag}@example.com");
@@ -794,10 +768,14 @@ async fn remembered_documents(c: &mut Cluster) {
             .expect("reading Redis")
             .expect("a document")
     };
-    projection
-        .apply_live(&events[..1], &offsets)
-        .await
-        .expect("v1");
+    // Applies `events[range]` as one live batch of the projector under test.
+    let apply = async |range: Range<usize>, what: &str| {
+        projection
+            .apply_live(&events[range], &offsets)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+    };
+    apply(0..1, "v1").await;
     // Changed behind the projector's back at the same version (no writer does that): the
     // next batch folds on what the projector wrote, so the change stays unseen. This is
     // how the test sees that the document was not read back.
@@ -811,10 +789,7 @@ async fn remembered_documents(c: &mut Cluster) {
         .query_async(&mut conn)
         .await
         .unwrap();
-    projection
-        .apply_live(&events[1..2], &offsets)
-        .await
-        .expect("v2");
+    apply(1..2, "v2").await;
     let doc = stored(redis.clone()).await;
     assert_eq!(
         (doc.version, doc.email.as_str(), doc.bio.as_deref()),
@@ -828,10 +803,7 @@ async fn remembered_documents(c: &mut Cluster) {
         .apply_live(&events[2..3], &offsets)
         .await
         .expect("v3 elsewhere");
-    projection
-        .apply_live(&events[2..4], &offsets)
-        .await
-        .expect("v3, v4");
+    apply(2..4, "v3, v4").await;
     let doc = stored(redis.clone()).await;
     assert_eq!((doc.version, doc.display_name.as_str()), (4, "M4"));
     // The generation is dropped behind its back: the remembered v4 is refused again, and
@@ -840,10 +812,7 @@ async fn remembered_documents(c: &mut Cluster) {
         .drop_generation(1)
         .await
         .expect("dropping generation 1");
-    projection
-        .apply_live(&events[4..5], &offsets)
-        .await
-        .expect("v5");
+    apply(4..5, "v5").await;
     let docs = redis_docs(&redis_view)
         .await
         .expect("reading the Redis view");
@@ -860,18 +829,12 @@ async fn remembered_documents(c: &mut Cluster) {
     assert_eq!(docs.emails, BTreeMap::from([(moved_to, a)]));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn folded_states_fill_new_users_and_replace_only_older_views() {
-    run(Cluster::create().await, states_over_existing_views).await;
-}
-
 /// A rebuild's writes of folded states: users without a view get theirs at once, an
 /// existing view is replaced only by a newer state (its email entry moved, a tombstone's
 /// removed), and an older state changes nothing.
 async fn states_over_existing_views(c: &mut Cluster) {
     // A node without projectors: it migrates the database, and only this test writes.
-    let config = c.config();
-    let node = c.start(&config, &[Role::Api]).await;
+    let node = c.start_default(&[Role::Api]).await;
     let tag = c.tag().to_owned();
     let now = micros(chrono::Utc::now());
     let state = |id: Uuid, email: &str, version: u64, deleted: bool| pcf_domain::UserView {
@@ -927,17 +890,11 @@ async fn states_over_existing_views(c: &mut Cluster) {
     assert_eq!(docs.emails, emails);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_migration_drops_the_email_index_that_earlier_rebuilds_kept_twice() {
-    run(Cluster::create().await, duplicate_email_index).await;
-}
-
 /// A generation as rebuilds made it before: the email index copied from the first
 /// generation and made again by name. Migration 0004 leaves one, and leaves a table that
 /// has only the copy as it is.
 async fn duplicate_email_index(c: &mut Cluster) {
-    let config = c.config();
-    let _node = c.start(&config, &[Role::Api]).await;
+    let _node = c.start_default(&[Role::Api]).await;
     for sql in [
         "CREATE TABLE read_users_g7 (LIKE read_users_g1 INCLUDING ALL)",
         "CREATE INDEX read_users_g7_email ON read_users_g7 (email) WHERE NOT deleted",
@@ -980,11 +937,6 @@ async fn duplicate_email_index(c: &mut Cluster) {
         indexes("read_users_g8").await,
         ["read_users_g8_email_idx", "read_users_g8_pkey"]
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_rebuild_rides_out_failed_writes_and_ends_equal_to_the_log() {
-    run(Cluster::create().await, rebuild_through_failures).await;
 }
 
 /// The SQL view whose first `failures` batches of one generation fail to open (a rebuild
@@ -1032,8 +984,7 @@ impl ViewStore for Flaky {
 /// A rebuild whose page writes fail twice finishes, and its generation holds every user
 /// as a fold of the log gives it.
 async fn rebuild_through_failures(c: &mut Cluster) {
-    let config = c.config();
-    let node = c.start(&config, &[Role::Api]).await;
+    let node = c.start_default(&[Role::Api]).await;
     let tag = c.tag().to_owned();
     let mut ids = Vec::new();
     for i in 0..6 {

@@ -9,9 +9,8 @@ use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn one_relay_publishes_at_a_time_and_another_takes_over_when_it_stops() {
-    run(Cluster::create().await, single_active_relay).await;
+on_cluster! {
+    one_relay_publishes_at_a_time_and_another_takes_over_when_it_stops: create => single_active_relay,
 }
 
 /// Creates `n` users with two profile updates each; returns their ids.

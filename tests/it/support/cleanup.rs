@@ -63,3 +63,15 @@ macro_rules! on_postgres {
         }
     )*};
 }
+
+/// Instantiates each `test: create => scenario` as a test `test` that runs
+/// `scenario(&mut Cluster)` on `Cluster::create()` (or another constructor, such as
+/// `create_alone`) and cleans the cluster's resources up afterwards.
+macro_rules! on_cluster {
+    ($($test:ident: $create:ident => $scenario:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $test() {
+            $crate::support::run($crate::support::Cluster::$create().await, $scenario).await;
+        }
+    )*};
+}

@@ -153,6 +153,21 @@ impl Cluster {
             ..Default::default()
         }
     }
+    /// Starts a PCF process with `roles` on the test's own configuration ([`Cluster::config`]).
+    pub async fn start_default(&mut self, roles: &[Role]) -> Node {
+        let config = self.config();
+        self.start(&config, roles).await
+    }
+
+    /// Starts an API process without Redis: its point reads go to the SQL view on the replica.
+    pub async fn start_sql_reader(&mut self) -> Node {
+        let config = pcf::Config {
+            redis_url: None,
+            ..self.config()
+        };
+        self.start(&config, &[Role::Api]).await
+    }
+
     /// Starts a PCF process with `roles` on `config`.
     pub async fn start(&mut self, config: &pcf::Config, roles: &[Role]) -> Node {
         let app = pcf::app::build_roles(config, roles)

@@ -70,6 +70,18 @@ pub const EVENTS: &str =
 
 pub const PROJECTIONS: &str = "{ projections { name generation building lag } }";
 
+/// The fields of an event's envelope besides `metadata` and `payload` (CONTRACT.md).
+pub const ENVELOPE_FIELDS: [&str; 8] = [
+    "eventId",
+    "aggregateType",
+    "aggregateId",
+    "sequence",
+    "position",
+    "eventType",
+    "eventVersion",
+    "recordedAt",
+];
+
 /// The position before every event (a valid `after` for "from the start").
 pub const START: &str = "00000000000000000000000000000000";
 
@@ -350,6 +362,28 @@ pub fn uuid_of(v: &Value) -> Uuid {
         .unwrap_or_else(|e| panic!("{v} is not a UUID: {e}"))
 }
 
+/// Sends `n` operations as an admin all at once, the `i`th with `variables(i)` through
+/// `routers[i % routers.len()]`; returns the responses in that order.
+pub async fn admin_gql_at_once(
+    routers: &[axum::Router],
+    n: usize,
+    query: &'static str,
+    variables: impl Fn(usize) -> Value,
+) -> Vec<Resp> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let router = routers[i % routers.len()].clone();
+            let vars = variables(i);
+            tokio::spawn(async move { admin_gql(&router, query, vars).await })
+        })
+        .collect();
+    let mut responses = Vec::with_capacity(n);
+    for task in tasks {
+        responses.push(task.await.expect("request task"));
+    }
+    responses
+}
+
 /// Creates a user as an admin; returns its id.
 pub async fn create_user(router: &axum::Router, email: &str, display_name: &str) -> Uuid {
     let data = gql(
@@ -360,6 +394,21 @@ pub async fn create_user(router: &axum::Router, email: &str, display_name: &str)
     .await;
     assert_eq!(data["createUser"]["version"], 1, "{data}");
     id_of(&data["createUser"])
+}
+
+/// Creates `n` users as an admin, the `i`th with the email and display name `person(i)`;
+/// returns their ids in order.
+pub async fn create_users(
+    router: &axum::Router,
+    n: usize,
+    person: impl Fn(usize) -> (String, String),
+) -> Vec<Uuid> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let (email, display_name) = person(i);
+        ids.push(create_user(router, &email, &display_name).await);
+    }
+    ids
 }
 
 /// Updates a profile as an admin; returns the new version.
