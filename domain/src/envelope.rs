@@ -97,7 +97,16 @@ pub struct EventEnvelope {
     pub payload: serde_json::Value,
 }
 
+/// The payload field that marks an event's personal fields as erased: the user's data key
+/// was destroyed with the account, so they can no longer be read by anyone.
+pub const ERASED: &str = "erased";
+
 impl EventEnvelope {
+    /// Whether the payload's personal fields are erased (`ERASED`).
+    pub fn is_erased(&self) -> bool {
+        self.payload.get(ERASED).and_then(serde_json::Value::as_bool) == Some(true)
+    }
+
     /// The domain event inside, read from the type name and payload.
     pub fn event(&self) -> Result<UserEvent, serde_json::Error> {
         UserEvent::from_payload(&self.event_type, &self.payload)

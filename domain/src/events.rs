@@ -1,6 +1,11 @@
 //! Events of the `User` aggregate, in the past tense, each with a version. Payloads hold
 //! plain strings (already validated when written) so that old events always load even if a
 //! rule later tightens.
+//!
+//! The personal fields (email, names, bio, avatar) are stored sealed with the user's data key
+//! (`pcf_adapters::personal`); a reader gets them back in plain text, or, once the key is
+//! destroyed with the account, not at all: an erased event reads with those fields empty
+//! (hence their defaults) and its envelope says it is erased (`EventEnvelope::is_erased`).
 
 use chrono::{DateTime, Utc};
 use cqrs_es::DomainEvent;
@@ -14,7 +19,9 @@ use uuid::Uuid;
 pub enum UserEvent {
     UserCreated {
         user_id: Uuid,
+        #[serde(default)]
         email: String,
+        #[serde(default)]
         display_name: String,
         bio: Option<String>,
         avatar_url: Option<String>,
@@ -23,6 +30,7 @@ pub enum UserEvent {
     },
     /// Carries the whole new profile, so a reader never needs the previous state.
     ProfileUpdated {
+        #[serde(default)]
         display_name: String,
         bio: Option<String>,
         avatar_url: Option<String>,
@@ -30,7 +38,9 @@ pub enum UserEvent {
         occurred_at: DateTime<Utc>,
     },
     EmailChanged {
+        #[serde(default)]
         old_email: String,
+        #[serde(default)]
         new_email: String,
         #[serde(deserialize_with = "crate::time::deserialize")]
         occurred_at: DateTime<Utc>,
@@ -41,7 +51,9 @@ pub enum UserEvent {
     },
 }
 
-/// The version every event type is written with today.
+/// The version every event type is written with today: "2", personal fields sealed (and
+/// `AccountDeleted` saying when the key was destroyed). Version "1" events hold them in plain
+/// text; they are read alike.
 pub const CURRENT_EVENT_VERSION: &str = "1";
 
 impl UserEvent {

@@ -25,6 +25,29 @@ pub struct UserView {
 }
 
 impl UserView {
+    /// Applies event number `sequence` of user `id` whose personal fields are erased: a
+    /// user's key is destroyed only with the account, so the user is deleted and the view is
+    /// its tombstone (at this sequence), whatever the event was.
+    pub fn fold_erased(
+        current: Option<UserView>,
+        id: Uuid,
+        sequence: u64,
+        occurred_at: DateTime<Utc>,
+    ) -> UserView {
+        let created_at = current.as_ref().map_or(occurred_at, |v| v.created_at);
+        UserView {
+            id,
+            email: String::new(),
+            display_name: String::new(),
+            bio: None,
+            avatar_url: None,
+            created_at,
+            updated_at: occurred_at,
+            version: sequence,
+            deleted: true,
+        }
+    }
+
     /// Applies event number `sequence` of user `id` to the current view (if any) and returns
     /// the new one. Events that need a view and find none leave it as it is.
     pub fn fold(

@@ -1,0 +1,524 @@
+//! The key table (`user_keys`, `kek_checks`) in PostgreSQL or SQLite: the one place its SQL is
+//! written. The command side inserts and deletes keys inside its append transaction
+//! (`insert_pg`, `delete_pg`, ...); every reader of events opens their personal fields through
+//! `Keys`, which unwraps data keys with the configured `Keyring` and keeps the unwrapped ones
+//! in a bounded cache.
+
+use crate::personal::{self, DataKey, KeyError, Keyring, Tampered, WrappedKey};
+use pcf_domain::ports::PortError;
+use pcf_domain::EventEnvelope;
+use sqlx::{PgConnection, PgPool, Row, SqliteConnection, SqlitePool};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
+
+/// The database holding the key table.
+#[derive(Clone, Debug)]
+pub enum KeyDb {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// Unwrapped keys kept at most, about 100 bytes each; when full, the cache starts afresh.
+pub const DEFAULT_CACHE_CAPACITY: usize = 100_000;
+
+/// An event whose personal fields could not be opened: altered, moved, or its live user's key
+/// is missing. Its payload stays sealed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unopened {
+    /// Its index in the slice given to `Keys::open`.
+    pub index: usize,
+    pub event_id: Uuid,
+    pub reason: String,
+}
+
+/// Counters for /metrics.
+#[derive(Debug, Default)]
+pub struct KeyStats {
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    /// Events whose sealed fields did not open (integrity errors).
+    pub integrity_errors: AtomicU64,
+}
+
+/// What opens the personal fields of events for readers allowed to see them: `Keys`, or
+/// `PlainOnly` where no sealed event can occur.
+#[async_trait::async_trait]
+pub trait Opener: Send + Sync {
+    /// Opens the sealed personal fields of `events` in place (plain events pass through): with
+    /// the user's key they read as plain fields; for a deleted user, as erased. The events
+    /// that do not open come back, their payloads still sealed.
+    async fn open(&self, events: &mut [EventEnvelope]) -> Result<Vec<Unopened>, PortError>;
+}
+
+/// An opener without keys, for logs of plain events only (tests, tools): every sealed event
+/// comes back unopened.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PlainOnly;
+
+#[async_trait::async_trait]
+impl Opener for PlainOnly {
+    async fn open(&self, events: &mut [EventEnvelope]) -> Result<Vec<Unopened>, PortError> {
+        Ok(events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| personal::is_sealed(&e.payload))
+            .map(|(index, e)| Unopened {
+                index,
+                event_id: e.event_id,
+                reason: "no keys to open sealed personal data".into(),
+            })
+            .collect())
+    }
+}
+
+#[async_trait::async_trait]
+impl Opener for Keys {
+    async fn open(&self, events: &mut [EventEnvelope]) -> Result<Vec<Unopened>, PortError> {
+        Keys::open(self, events).await
+    }
+}
+
+/// Opens personal data for readers allowed to see it, and checks the configured KEKs.
+pub struct Keys {
+    db: KeyDb,
+    keyring: Arc<Keyring>,
+    cache: Mutex<HashMap<Uuid, (WrappedKey, DataKey)>>,
+    capacity: usize,
+    stats: Arc<KeyStats>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys")
+            .field("keyring", &self.keyring)
+            .finish()
+    }
+}
+
+fn db_error(e: sqlx::Error) -> PortError {
+    crate::sql::port_error("key table", e)
+}
+
+impl Keys {
+    pub fn new(db: KeyDb, keyring: Arc<Keyring>) -> Self {
+        Self {
+            db,
+            keyring,
+            cache: Mutex::new(HashMap::new()),
+            capacity: DEFAULT_CACHE_CAPACITY,
+            stats: Arc::new(KeyStats::default()),
+        }
+    }
+
+    pub fn keyring(&self) -> &Arc<Keyring> {
+        &self.keyring
+    }
+
+    pub fn stats(&self) -> Arc<KeyStats> {
+        self.stats.clone()
+    }
+
+    /// The data keys of those of `users` that have one (live users), unwrapped.
+    pub async fn fetch(&self, users: &[Uuid]) -> Result<HashMap<Uuid, DataKey>, PortError> {
+        if users.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let wrapped = self.fetch_wrapped(users).await?;
+        let mut keys = HashMap::with_capacity(wrapped.len());
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        for (user, wrapped) in wrapped {
+            if let Some((cached_wrap, key)) = cache.get(&user) {
+                if *cached_wrap == wrapped {
+                    self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    keys.insert(user, key.clone());
+                    continue;
+                }
+            }
+            self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+            let key = self
+                .keyring
+                .unwrap(&user.to_string(), &wrapped)
+                .map_err(|e| PortError::Internal(e.to_string()))?;
+            if cache.len() >= self.capacity {
+                cache.clear();
+            }
+            cache.insert(user, (wrapped, key.clone()));
+            keys.insert(user, key);
+        }
+        Ok(keys)
+    }
+
+    async fn fetch_wrapped(&self, users: &[Uuid]) -> Result<Vec<(Uuid, WrappedKey)>, PortError> {
+        let ids: Vec<String> = users.iter().map(Uuid::to_string).collect();
+        let rows = match &self.db {
+            KeyDb::Postgres(pool) => {
+                sqlx::query(
+                    "SELECT user_id, kek_id, wrapped FROM user_keys WHERE user_id = ANY($1)",
+                )
+                .bind(&ids)
+                .fetch_all(pool)
+                .await
+            }
+            KeyDb::Sqlite(pool) => {
+                let rows = sqlx::query(
+                    "SELECT user_id, kek_id, wrapped FROM user_keys \
+                     WHERE user_id IN (SELECT value FROM json_each(?))",
+                )
+                .bind(serde_json::to_string(&ids).unwrap_or_default())
+                .fetch_all(pool)
+                .await
+                .map_err(db_error)?;
+                return rows.iter().map(wrapped_key).collect();
+            }
+        }
+        .map_err(db_error)?;
+        rows.iter().map(wrapped_key).collect()
+    }
+
+    /// Those of `users` whose account is deleted (an `AccountDeleted` event in the log).
+    async fn deleted_among(&self, users: &[Uuid]) -> Result<HashSet<Uuid>, PortError> {
+        let ids: Vec<String> = users.iter().map(Uuid::to_string).collect();
+        let ids: Vec<String> = match &self.db {
+            KeyDb::Postgres(pool) => sqlx::query_scalar(
+                "SELECT aggregate_id FROM events WHERE aggregate_type = 'User' \
+                 AND event_type = 'AccountDeleted' AND aggregate_id = ANY($1)",
+            )
+            .bind(&ids)
+            .fetch_all(pool)
+            .await
+            .map_err(db_error)?,
+            KeyDb::Sqlite(pool) => sqlx::query_scalar(
+                "SELECT aggregate_id FROM events WHERE aggregate_type = 'User' \
+                 AND event_type = 'AccountDeleted' \
+                 AND aggregate_id IN (SELECT value FROM json_each(?))",
+            )
+            .bind(serde_json::to_string(&ids).unwrap_or_default())
+            .fetch_all(pool)
+            .await
+            .map_err(db_error)?,
+        };
+        Ok(ids.iter().filter_map(|s| s.parse().ok()).collect())
+    }
+
+    /// Opens the sealed personal fields of `events` in place (plain events pass through):
+    /// with the user's key they read as plain fields; for a deleted user, as erased. The
+    /// events that do not open come back (and are counted): a sealed value that was altered
+    /// or moved, or a live user whose key is missing.
+    pub async fn open(&self, events: &mut [EventEnvelope]) -> Result<Vec<Unopened>, PortError> {
+        let users: Vec<Uuid> = events
+            .iter()
+            .filter(|e| personal::is_sealed(&e.payload))
+            .map(|e| e.aggregate_id)
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = self.fetch(&users).await?;
+        let keyless: Vec<Uuid> = users
+            .iter()
+            .filter(|u| !keys.contains_key(u))
+            .copied()
+            .collect();
+        let deleted = if keyless.is_empty() {
+            HashSet::new()
+        } else {
+            self.deleted_among(&keyless).await?
+        };
+        let mut unopened = Vec::new();
+        for (index, event) in events.iter_mut().enumerate() {
+            if !personal::is_sealed(&event.payload) {
+                continue;
+            }
+            let user = event.aggregate_id;
+            let outcome = match keys.get(&user) {
+                Some(key) => {
+                    let aad =
+                        personal::event_aad(&user.to_string(), event.sequence, &event.event_type);
+                    personal::open_payload(&mut event.payload, Some(key), &aad)
+                        .map_err(|Tampered(why)| format!("sealed personal data: {why}"))
+                }
+                None if deleted.contains(&user) => {
+                    personal::erase_payload(&mut event.payload);
+                    Ok(())
+                }
+                None => Err(format!("no data key for the live user {user}")),
+            };
+            if let Err(reason) = outcome {
+                self.stats.integrity_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(event_id = %event.event_id, %reason, "an event's personal data does not open");
+                unopened.push(Unopened {
+                    index,
+                    event_id: event.event_id,
+                    reason,
+                });
+            }
+        }
+        Ok(unopened)
+    }
+
+    /// Checks the configured KEKs against the key table: every KEK that wrapped a stored key
+    /// must be configured, and be the same key (its check value opens). Records the check
+    /// value of the current KEK if it has none yet. Errors say which KEK is missing or wrong.
+    pub async fn check_keks(&self) -> Result<(), KeyCheckError> {
+        let current = self.keyring.current_id().to_owned();
+        let check = self
+            .keyring
+            .check_value(&current)
+            .map_err(KeyCheckError::Key)?;
+        let stored: Vec<(String, Vec<u8>)> = match &self.db {
+            KeyDb::Postgres(pool) => {
+                sqlx::query(
+                    "INSERT INTO kek_checks (kek_id, check_value) VALUES ($1, $2) \
+                     ON CONFLICT (kek_id) DO NOTHING",
+                )
+                .bind(&current)
+                .bind(&check)
+                .execute(pool)
+                .await
+                .map_err(|e| KeyCheckError::Port(db_error(e)))?;
+                sqlx::query_as(KEK_CHECKS).fetch_all(pool).await
+            }
+            KeyDb::Sqlite(pool) => {
+                sqlx::query(
+                    "INSERT INTO kek_checks (kek_id, check_value) VALUES (?, ?) \
+                     ON CONFLICT (kek_id) DO NOTHING",
+                )
+                .bind(&current)
+                .bind(&check)
+                .execute(pool)
+                .await
+                .map_err(|e| KeyCheckError::Port(db_error(e)))?;
+                sqlx::query_as(KEK_CHECKS).fetch_all(pool).await
+            }
+        }
+        .map_err(|e| KeyCheckError::Port(db_error(e)))?;
+        for (id, value) in &stored {
+            if self.keyring.ids().any(|k| k == id) {
+                self.keyring.verify(id, value).map_err(KeyCheckError::Key)?;
+            }
+        }
+        let used = self.kek_ids_in_use().await.map_err(KeyCheckError::Port)?;
+        for id in used {
+            if !self.keyring.ids().any(|k| k == id) {
+                return Err(KeyCheckError::Key(KeyError::UnknownKek(id)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The KEK ids that wrap at least one stored key.
+    pub async fn kek_ids_in_use(&self) -> Result<Vec<String>, PortError> {
+        const SQL: &str = "SELECT DISTINCT kek_id FROM user_keys";
+        match &self.db {
+            KeyDb::Postgres(pool) => sqlx::query_scalar(SQL).fetch_all(pool).await,
+            KeyDb::Sqlite(pool) => sqlx::query_scalar(SQL).fetch_all(pool).await,
+        }
+        .map_err(db_error)
+    }
+
+    /// How many keys are wrapped by another KEK than the current one.
+    pub async fn count_to_rotate(&self) -> Result<u64, PortError> {
+        let current = self.keyring.current_id();
+        let n: i64 = match &self.db {
+            KeyDb::Postgres(pool) => {
+                sqlx::query_scalar("SELECT count(*) FROM user_keys WHERE kek_id <> $1")
+                    .bind(current)
+                    .fetch_one(pool)
+                    .await
+            }
+            KeyDb::Sqlite(pool) => {
+                sqlx::query_scalar("SELECT count(*) FROM user_keys WHERE kek_id <> ?")
+                    .bind(current)
+                    .fetch_one(pool)
+                    .await
+            }
+        }
+        .map_err(db_error)?;
+        Ok(n as u64)
+    }
+
+    /// Re-wraps up to `limit` keys wrapped by an older KEK under the current one; returns
+    /// how many. Each key is replaced only if its row is unchanged (a key deleted meanwhile
+    /// stays deleted), so it is safe while traffic runs and from several processes.
+    pub async fn rotate_some(&self, limit: u32) -> Result<u64, PortError> {
+        let current = self.keyring.current_id().to_owned();
+        let rows =
+            match &self.db {
+                KeyDb::Postgres(pool) => sqlx::query(
+                    "SELECT user_id, kek_id, wrapped FROM user_keys WHERE kek_id <> $1 LIMIT $2",
+                )
+                .bind(&current)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await,
+                KeyDb::Sqlite(pool) => {
+                    let rows = sqlx::query(
+                        "SELECT user_id, kek_id, wrapped FROM user_keys WHERE kek_id <> ? LIMIT ?",
+                    )
+                    .bind(&current)
+                    .bind(i64::from(limit))
+                    .fetch_all(pool)
+                    .await
+                    .map_err(db_error)?;
+                    return self
+                        .rewrap(rows.iter().map(wrapped_key).collect::<Result<_, _>>()?)
+                        .await;
+                }
+            }
+            .map_err(db_error)?;
+        self.rewrap(rows.iter().map(wrapped_key).collect::<Result<_, _>>()?)
+            .await
+    }
+
+    async fn rewrap(&self, keys: Vec<(Uuid, WrappedKey)>) -> Result<u64, PortError> {
+        let mut done = 0;
+        for (user, old) in keys {
+            let key = self
+                .keyring
+                .unwrap(&user.to_string(), &old)
+                .map_err(|e| PortError::Internal(e.to_string()))?;
+            let new = self.keyring.wrap(&user.to_string(), &key);
+            let changed = match &self.db {
+                KeyDb::Postgres(pool) => sqlx::query(
+                    "UPDATE user_keys SET kek_id = $1, wrapped = $2 \
+                     WHERE user_id = $3 AND kek_id = $4 AND wrapped = $5",
+                )
+                .bind(&new.kek_id)
+                .bind(&new.bytes)
+                .bind(user.to_string())
+                .bind(&old.kek_id)
+                .bind(&old.bytes)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected()),
+                KeyDb::Sqlite(pool) => sqlx::query(
+                    "UPDATE user_keys SET kek_id = ?, wrapped = ? \
+                     WHERE user_id = ? AND kek_id = ? AND wrapped = ?",
+                )
+                .bind(&new.kek_id)
+                .bind(&new.bytes)
+                .bind(user.to_string())
+                .bind(&old.kek_id)
+                .bind(&old.bytes)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected()),
+            }
+            .map_err(db_error)?;
+            done += changed;
+        }
+        Ok(done)
+    }
+}
+
+const KEK_CHECKS: &str = "SELECT kek_id, check_value FROM kek_checks";
+
+/// Why the configured KEKs cannot serve the key table.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyCheckError {
+    #[error(transparent)]
+    Key(KeyError),
+    #[error("could not check the key-encryption keys: {0}")]
+    Port(PortError),
+}
+
+fn wrapped_key<R: Row>(row: &R) -> Result<(Uuid, WrappedKey), PortError>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    String: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Vec<u8>: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let user: String = row.try_get("user_id").map_err(db_error)?;
+    let user = user
+        .parse()
+        .map_err(|_| PortError::Internal(format!("key table: {user:?} is not a user id")))?;
+    Ok((
+        user,
+        WrappedKey {
+            kek_id: row.try_get("kek_id").map_err(db_error)?,
+            bytes: row.try_get("wrapped").map_err(db_error)?,
+        },
+    ))
+}
+
+/// A new user's key, wrapped, inserted in the append's transaction (PostgreSQL).
+pub async fn insert_pg(
+    conn: &mut PgConnection,
+    user: Uuid,
+    wrapped: &WrappedKey,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO user_keys (user_id, kek_id, wrapped) VALUES ($1, $2, $3)")
+        .bind(user.to_string())
+        .bind(&wrapped.kek_id)
+        .bind(&wrapped.bytes)
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+/// Destroys a user's key in the append's transaction (PostgreSQL); false if it was gone.
+pub async fn delete_pg(conn: &mut PgConnection, user: Uuid) -> Result<bool, sqlx::Error> {
+    sqlx::query("DELETE FROM user_keys WHERE user_id = $1")
+        .bind(user.to_string())
+        .execute(conn)
+        .await
+        .map(|r| r.rows_affected() == 1)
+}
+
+/// A user's wrapped key, read in the append's transaction (PostgreSQL).
+pub async fn find_pg(
+    conn: &mut PgConnection,
+    user: Uuid,
+) -> Result<Option<WrappedKey>, sqlx::Error> {
+    let row = sqlx::query("SELECT user_id, kek_id, wrapped FROM user_keys WHERE user_id = $1")
+        .bind(user.to_string())
+        .fetch_optional(conn)
+        .await?;
+    Ok(row.map(|r| WrappedKey {
+        kek_id: r.get("kek_id"),
+        bytes: r.get("wrapped"),
+    }))
+}
+
+/// `insert_pg` for SQLite.
+pub async fn insert_sqlite(
+    conn: &mut SqliteConnection,
+    user: Uuid,
+    wrapped: &WrappedKey,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO user_keys (user_id, kek_id, wrapped) VALUES (?, ?, ?)")
+        .bind(user.to_string())
+        .bind(&wrapped.kek_id)
+        .bind(&wrapped.bytes)
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+/// `delete_pg` for SQLite.
+pub async fn delete_sqlite(conn: &mut SqliteConnection, user: Uuid) -> Result<bool, sqlx::Error> {
+    sqlx::query("DELETE FROM user_keys WHERE user_id = ?")
+        .bind(user.to_string())
+        .execute(conn)
+        .await
+        .map(|r| r.rows_affected() == 1)
+}
+
+/// `find_pg` for SQLite.
+pub async fn find_sqlite(
+    conn: &mut SqliteConnection,
+    user: Uuid,
+) -> Result<Option<WrappedKey>, sqlx::Error> {
+    let row = sqlx::query("SELECT user_id, kek_id, wrapped FROM user_keys WHERE user_id = ?")
+        .bind(user.to_string())
+        .fetch_optional(conn)
+        .await?;
+    Ok(row.map(|r| WrappedKey {
+        kek_id: r.get("kek_id"),
+        bytes: r.get("wrapped"),
+    }))
+}
