@@ -13,7 +13,8 @@
 //!   `sealed`, base64 of nonce ‖ ciphertext ‖ tag, the personal fields as a JSON object;
 //! * **opened** (for readers allowed personal data): the fields as in version 1;
 //! * **erased** (the user's key is destroyed): the other fields and `"erased": true`;
-//! * **withheld** (readers not allowed personal data): the other fields only.
+//! * **redacted** (readers not allowed personal data, `pcf_domain::auth::redact_payload`):
+//!   the other fields only.
 
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
@@ -22,19 +23,8 @@ use base64::Engine;
 use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
-/// The personal fields of event payloads, in every event type that has them.
-pub const PERSONAL_FIELDS: [&str; 6] = [
-    "email",
-    "oldEmail",
-    "newEmail",
-    "displayName",
-    "bio",
-    "avatarUrl",
-];
-
-/// The payload field that holds the sealed personal fields.
-pub const SEALED: &str = "sealed";
-pub use pcf_domain::envelope::ERASED;
+pub use pcf_domain::auth::PERSONAL_FIELDS;
+pub use pcf_domain::envelope::{ERASED, SEALED};
 /// The event version whose personal fields are sealed.
 pub const SEALED_VERSION: &str = "2";
 
@@ -367,17 +357,6 @@ fn erase(fields: &mut Map<String, Value>) {
     fields.insert(ERASED.to_owned(), Value::Bool(true));
 }
 
-/// Leaves the personal fields (plain or sealed) out of a payload, for readers not allowed
-/// personal data. An erased payload keeps its marker.
-pub fn withhold_payload(payload: &mut Value) {
-    if let Some(fields) = payload.as_object_mut() {
-        fields.remove(SEALED);
-        for name in PERSONAL_FIELDS {
-            fields.remove(name);
-        }
-    }
-}
-
 /// Whether a payload's personal fields were erased with their key.
 pub fn is_erased(payload: &Value) -> bool {
     payload.get(ERASED).and_then(Value::as_bool) == Some(true)
@@ -522,9 +501,8 @@ mod tests {
     }
 
     #[test]
-    fn withholding_leaves_only_what_is_not_personal() {
-        let mut plain = created();
-        withhold_payload(&mut plain);
+    fn redaction_leaves_only_what_is_not_personal() {
+        let plain = pcf_domain::auth::redact_payload(&created());
         assert_eq!(
             plain,
             json!({"userId": "u1", "occurredAt": "2025-01-01T00:00:00Z"})
@@ -532,8 +510,7 @@ mod tests {
         let key = DataKey::generate();
         let mut sealed = created();
         seal_payload(&mut sealed, &key, b"x");
-        withhold_payload(&mut sealed);
-        assert_eq!(sealed, plain);
+        assert_eq!(pcf_domain::auth::redact_payload(&sealed), plain);
         let mut deleted = json!({"occurredAt": "2025-01-01T00:00:00Z"});
         seal_payload(&mut deleted, &key, b"x");
         assert!(!is_sealed(&deleted), "nothing personal, nothing sealed");

@@ -108,12 +108,14 @@ impl Principal {
     }
 }
 
-/// Removes personal fields from an event payload.
+/// Removes personal fields, plain or sealed (`envelope::SEALED`), from an event payload.
 pub fn redact_payload(payload: &serde_json::Value) -> serde_json::Value {
     match payload {
         serde_json::Value::Object(map) => serde_json::Value::Object(
             map.iter()
-                .filter(|(k, _)| !PERSONAL_FIELDS.contains(&k.as_str()))
+                .filter(|(k, _)| {
+                    !PERSONAL_FIELDS.contains(&k.as_str()) && k.as_str() != crate::envelope::SEALED
+                })
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         ),

@@ -97,6 +97,10 @@ pub struct EventEnvelope {
     pub payload: serde_json::Value,
 }
 
+/// The payload field that holds an event's personal fields sealed with the user's data key
+/// (event version "2"), for readers holding the keys to open.
+pub const SEALED: &str = "sealed";
+
 /// The payload field that marks an event's personal fields as erased: the user's data key
 /// was destroyed with the account, so they can no longer be read by anyone.
 pub const ERASED: &str = "erased";
@@ -104,7 +108,10 @@ pub const ERASED: &str = "erased";
 impl EventEnvelope {
     /// Whether the payload's personal fields are erased (`ERASED`).
     pub fn is_erased(&self) -> bool {
-        self.payload.get(ERASED).and_then(serde_json::Value::as_bool) == Some(true)
+        self.payload
+            .get(ERASED)
+            .and_then(serde_json::Value::as_bool)
+            == Some(true)
     }
 
     /// The domain event inside, read from the type name and payload.
