@@ -31,6 +31,11 @@ pub struct Config {
     /// Partitions of the event topic when PCF creates it.
     pub kafka_partitions: i32,
     pub environment: Environment,
+    /// The key-encryption key (base64 of 32 bytes) that wraps users' data keys, and its id.
+    pub kek: Option<String>,
+    pub kek_id: String,
+    /// A file of several KEKs (`<id> <base64>` a line; the first wraps, all unwrap).
+    pub kek_file: Option<PathBuf>,
     /// HS256 secret for bearer tokens.
     pub jwt_secret: Option<String>,
     /// RS256/ES256 public key (PEM text or a file path) for bearer tokens.
@@ -108,6 +113,9 @@ impl Default for Config {
             kafka_group_prefix: String::new(),
             kafka_partitions: 12,
             environment: Environment::Development,
+            kek: None,
+            kek_id: "default".to_owned(),
+            kek_file: None,
             jwt_secret: None,
             jwt_public_key: None,
             api_keys_file: None,
@@ -149,6 +157,9 @@ struct FileConfig {
     kafka_group_prefix: Option<String>,
     kafka_partitions: Option<i32>,
     env: Option<String>,
+    kek: Option<String>,
+    kek_id: Option<String>,
+    kek_file: Option<String>,
     jwt_secret: Option<String>,
     jwt_public_key: Option<String>,
     api_keys_file: Option<String>,
@@ -196,6 +207,9 @@ impl FileConfig {
         pick(&mut self.redis_prefix, "PCF_REDIS_PREFIX");
         pick(&mut self.kafka_group_prefix, "PCF_KAFKA_GROUP_PREFIX");
         pick(&mut self.env, "PCF_ENV");
+        pick(&mut self.kek, "PCF_KEK");
+        pick(&mut self.kek_id, "PCF_KEK_ID");
+        pick(&mut self.kek_file, "PCF_KEK_FILE");
         pick(&mut self.jwt_secret, "PCF_JWT_SECRET");
         pick(&mut self.jwt_public_key, "PCF_JWT_PUBLIC_KEY");
         pick(&mut self.api_keys_file, "PCF_API_KEYS_FILE");
@@ -281,6 +295,13 @@ impl Config {
                 anyhow::bail!("PCF_ENV: {other:?} is neither development nor production")
             }
         };
+        c.kek = f.kek.take();
+        set(&mut c.kek_id, f.kek_id.take());
+        c.kek_file = f.kek_file.take().map(PathBuf::from);
+        anyhow::ensure!(
+            c.kek.is_none() || c.kek_file.is_none(),
+            "set PCF_KEK or PCF_KEK_FILE, not both"
+        );
         c.jwt_secret = f.jwt_secret.take();
         c.jwt_public_key = f.jwt_public_key.take();
         c.api_keys_file = f.api_keys_file.take().map(PathBuf::from);

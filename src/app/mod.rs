@@ -8,6 +8,7 @@ pub mod background;
 pub mod bus;
 pub mod cluster;
 pub mod embedded;
+pub mod keys;
 pub mod monitor;
 pub mod process;
 pub mod roles;
