@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 use uuid::Uuid;
 
-use crate::store::{GenerationState, Offsets, Scope, ViewBatch, ViewStore, Written};
+use crate::store::{
+    BatchGenerations, GenerationState, Offsets, Scope, ViewBatch, ViewStore, Written,
+};
 
 /// One generation: users by id and the email index, changed together.
 #[derive(Default)]
@@ -128,17 +130,11 @@ impl ViewStore for MemoryUserViews {
     }
 
     async fn open(&self, scope: Scope) -> Result<Box<dyn ViewBatch + '_>, PortError> {
-        let (generations, expected) = match scope {
-            Scope::Live => {
-                let state = self.read().generation_state();
-                (state.targets(), Some(state))
-            }
-            Scope::Generation(g) => (vec![g], None),
-        };
+        let generations =
+            BatchGenerations::of(scope, async { Ok(self.read().generation_state()) }).await?;
         Ok(Box::new(MemoryBatch {
             views: self,
             generations,
-            expected,
         }))
     }
 }
@@ -146,15 +142,13 @@ impl ViewStore for MemoryUserViews {
 /// A batch of writes to the memory views: each write lands at once, under the lock.
 struct MemoryBatch<'a> {
     views: &'a MemoryUserViews,
-    generations: Vec<u64>,
-    /// For live batches: the generation state the batch was opened with.
-    expected: Option<GenerationState>,
+    generations: BatchGenerations,
 }
 
 #[async_trait]
 impl ViewBatch for MemoryBatch<'_> {
     fn generations(&self) -> &[u64] {
-        &self.generations
+        self.generations.targets()
     }
 
     async fn load(
@@ -179,8 +173,9 @@ impl ViewBatch for MemoryBatch<'_> {
     ) -> Result<Written, PortError> {
         let mut state = self.views.write();
         if self
-            .expected
-            .is_some_and(|expected| expected != state.generation_state())
+            .generations
+            .opened_with()
+            .is_some_and(|opened_with| opened_with != state.generation_state())
         {
             return Ok(Written::GenerationsMoved);
         }
@@ -209,7 +204,7 @@ impl ViewBatch for MemoryBatch<'_> {
         generation: u64,
         states: &[UserView],
     ) -> Result<Vec<bool>, PortError> {
-        if self.expected.is_some() {
+        if self.generations.opened_with().is_some() {
             return Ok(vec![false; states.len()]);
         }
         let mut state = self.views.write();

@@ -62,16 +62,23 @@ pub trait Foldable: Sync {
     fn event(&self) -> Result<Cow<'_, UserEvent>, String>;
 }
 
+/// `Foldable`'s accessors of the fields an envelope and a change both carry.
+macro_rules! foldable_fields {
+    () => {
+        fn event_id(&self) -> Uuid {
+            self.event_id
+        }
+        fn aggregate_id(&self) -> Uuid {
+            self.aggregate_id
+        }
+        fn sequence(&self) -> u64 {
+            self.sequence
+        }
+    };
+}
+
 impl Foldable for EventEnvelope {
-    fn event_id(&self) -> Uuid {
-        self.event_id
-    }
-    fn aggregate_id(&self) -> Uuid {
-        self.aggregate_id
-    }
-    fn sequence(&self) -> u64 {
-        self.sequence
-    }
+    foldable_fields!();
     fn kind(&self) -> &str {
         &self.event_type
     }
@@ -83,15 +90,7 @@ impl Foldable for EventEnvelope {
 }
 
 impl Foldable for Change {
-    fn event_id(&self) -> Uuid {
-        self.event_id
-    }
-    fn aggregate_id(&self) -> Uuid {
-        self.aggregate_id
-    }
-    fn sequence(&self) -> u64 {
-        self.sequence
-    }
+    foldable_fields!();
     fn kind(&self) -> &str {
         "an event"
     }
@@ -637,10 +636,9 @@ mod tests {
     use super::*;
     use crate::memory::MemoryUserViews;
     use crate::store::GenerationState;
-    use crate::testing::{history, poisoned, MemoryLog};
-    use async_trait::async_trait;
+    use crate::testing::{history, poisoned, InterferingViews, MemoryLog};
     use pcf_domain::ports::UserReader;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
 
     fn projection(log: Vec<EventEnvelope>) -> (Arc<MemoryUserViews>, Arc<MemoryLog>, Projection) {
         let views = Arc::new(MemoryUserViews::new());
@@ -652,6 +650,14 @@ mod tests {
     async fn user(views: &MemoryUserViews, id: Uuid) -> Option<(u64, String)> {
         let view = views.user(id).await.unwrap()?;
         Some((view.version, view.display_name))
+    }
+
+    /// The event `result` names as one that can never be applied; panics on any other.
+    fn poison_named(result: Result<(), ProjectionError>) -> Uuid {
+        match result {
+            Err(ProjectionError::Poison { event_id, .. }) => event_id,
+            other => panic!("expected poison, got {other:?}"),
+        }
     }
 
     #[tokio::test]
@@ -724,12 +730,8 @@ mod tests {
         let mut events = history(a, 2);
         events[1] = poisoned(events[1].clone());
         let (views, _, projection) = projection(events.clone());
-        match projection.apply_live(&events, &[]).await {
-            Err(ProjectionError::Poison { event_id, .. }) => {
-                assert_eq!(event_id, events[1].event_id)
-            }
-            other => panic!("expected poison, got {other:?}"),
-        }
+        let named = poison_named(projection.apply_live(&events, &[]).await);
+        assert_eq!(named, events[1].event_id);
         assert!(views.user(a).await.unwrap().is_none());
     }
 
@@ -795,12 +797,8 @@ mod tests {
         log_a[2] = poisoned(log_a[2].clone());
         let (views, _, projection) = projection(log_a.clone());
         projection.apply_live(&log_a[..1], &[]).await.unwrap();
-        match projection.apply_live(&log_a[3..], &[]).await {
-            Err(ProjectionError::Poison { event_id, .. }) => {
-                assert_eq!(event_id, log_a[3].event_id)
-            }
-            other => panic!("expected poison, got {other:?}"),
-        }
+        let named = poison_named(projection.apply_live(&log_a[3..], &[]).await);
+        assert_eq!(named, log_a[3].event_id);
         assert_eq!(user(&views, a).await, Some((2, "v2".into())));
     }
 
@@ -824,49 +822,15 @@ mod tests {
         assert_eq!(views.user(b).await.unwrap(), Some(b3));
     }
 
-    /// The memory views, beginning generation 2 right after the first live batch opens.
-    struct BeginsDuringABatch {
-        inner: MemoryUserViews,
-        began: AtomicBool,
-    }
-
-    #[async_trait]
-    impl ViewStore for BeginsDuringABatch {
-        fn name(&self) -> &str {
-            "begins"
-        }
-        async fn state(&self) -> Result<GenerationState, PortError> {
-            self.inner.state().await
-        }
-        async fn begin(&self, generation: u64) -> Result<(), PortError> {
-            self.inner.begin(generation).await
-        }
-        async fn switch(&self, generation: u64) -> Result<(), PortError> {
-            self.inner.switch(generation).await
-        }
-        async fn drop_generation(&self, generation: u64) -> Result<(), PortError> {
-            self.inner.drop_generation(generation).await
-        }
-        async fn open(&self, scope: Scope) -> Result<Box<dyn ViewBatch + '_>, PortError> {
-            let batch = self.inner.open(scope).await?;
-            if !self.began.swap(true, Ordering::SeqCst) {
-                self.inner.begin(2).await?;
-            }
-            Ok(batch)
-        }
-    }
-
     #[tokio::test]
     async fn a_live_batch_whose_generations_moved_is_written_again_for_the_new_state() {
         let a = Uuid::now_v7();
-        let store = Arc::new(BeginsDuringABatch {
-            inner: MemoryUserViews::new(),
-            began: AtomicBool::new(false),
-        });
+        // Generation 2 begins right after the first live batch opens.
+        let store = Arc::new(InterferingViews::beginning_after_open(2));
         let projection = Projection::new(store.clone(), Arc::new(MemoryLog::default()));
         projection.apply_live(&history(a, 2), &[]).await.unwrap();
         assert_eq!(
-            store.inner.state().await.unwrap(),
+            store.views.state().await.unwrap(),
             GenerationState {
                 active: 1,
                 building: Some(2)
@@ -874,7 +838,7 @@ mod tests {
         );
         for generation in [1, 2] {
             let mut batch = store
-                .inner
+                .views
                 .open(Scope::Generation(generation))
                 .await
                 .unwrap();

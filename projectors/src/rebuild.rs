@@ -304,11 +304,10 @@ async fn rebuild_projections(
 mod tests {
     use super::*;
     use crate::memory::MemoryUserViews;
-    use crate::store::{GenerationState, Scope};
-    use crate::testing::{history, poisoned, MemoryLog};
-    use async_trait::async_trait;
+    use crate::store::Scope;
+    use crate::testing::{history, poisoned, InterferingViews, MemoryLog};
     use pcf_domain::ports::UserReader;
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::Ordering;
     use std::sync::Mutex;
 
     /// Users' histories interleaved in the log: a1 b1 c1 a2 b2 c2 ...
@@ -393,55 +392,16 @@ mod tests {
         assert_eq!(ViewStore::state(&*views).await.unwrap().active, 1);
     }
 
-    /// The memory views whose first `failures` batches of one generation fail to open, as
-    /// when a database restarts.
-    struct Flaky {
-        inner: MemoryUserViews,
-        failures: AtomicU64,
-    }
-
-    #[async_trait]
-    impl ViewStore for Flaky {
-        fn name(&self) -> &str {
-            "flaky"
-        }
-        async fn state(&self) -> Result<GenerationState, PortError> {
-            self.inner.state().await
-        }
-        async fn begin(&self, generation: u64) -> Result<(), PortError> {
-            self.inner.begin(generation).await
-        }
-        async fn switch(&self, generation: u64) -> Result<(), PortError> {
-            self.inner.switch(generation).await
-        }
-        async fn drop_generation(&self, generation: u64) -> Result<(), PortError> {
-            self.inner.drop_generation(generation).await
-        }
-        async fn open(
-            &self,
-            scope: Scope,
-        ) -> Result<Box<dyn crate::store::ViewBatch + '_>, PortError> {
-            let left = self.failures.load(Ordering::SeqCst);
-            if left > 0 {
-                self.failures.store(left - 1, Ordering::SeqCst);
-                return Err(PortError::Unavailable("restarting".into()));
-            }
-            self.inner.open(scope).await
-        }
-    }
-
     #[tokio::test]
     async fn a_rebuild_rides_out_failed_page_writes() {
         let a = Uuid::now_v7();
-        let store = Arc::new(Flaky {
-            inner: MemoryUserViews::new(),
-            failures: AtomicU64::new(2),
-        });
+        // The first two batches fail to open, as when a database restarts.
+        let store = Arc::new(InterferingViews::failing_to_open(2));
         let projection = Projection::new(store.clone(), Arc::new(MemoryLog::of(history(a, 3))));
         let rebuilt = projection.rebuild(&options(2), &|_| {}).await.unwrap();
         assert_eq!(rebuilt.generations, [2]);
         assert_eq!(store.failures.load(Ordering::SeqCst), 0);
-        let view = store.inner.user(a).await.unwrap().unwrap();
+        let view = store.views.user(a).await.unwrap().unwrap();
         assert_eq!(view.version, 3);
     }
 }

@@ -13,7 +13,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 use uuid::Uuid;
 
-use crate::store::{GenerationState, Offsets, Scope, ViewBatch, ViewStore, Written};
+use crate::store::{
+    BatchGenerations, GenerationState, Offsets, Scope, ViewBatch, ViewStore, Written,
+};
 
 /// Replaces users' documents where each is still at the version it was folded from, and
 /// moves their email entries: one call for many users. Per user, at KEYS[3+3i] (document),
@@ -176,10 +178,9 @@ impl Remembered {
 /// version, so there is nothing to commit; Kafka keeps this projection's offsets.
 struct RedisBatch<'a> {
     views: &'a RedisUserViews,
-    generations: Vec<u64>,
-    /// For live batches: the generation state the writes are checked against in the
+    /// For live batches, the generation state they were opened with is checked in the
     /// script, and the documents live writes wrote last are read instead of Redis.
-    expected: Option<GenerationState>,
+    generations: BatchGenerations,
 }
 
 impl RedisBatch<'_> {
@@ -193,7 +194,7 @@ impl RedisBatch<'_> {
     }
 
     fn remembered(&self) -> Option<std::sync::MutexGuard<'_, Remembered>> {
-        self.expected.is_some().then(|| {
+        self.generations.opened_with().is_some().then(|| {
             self.views
                 .remembered
                 .lock()
@@ -205,7 +206,7 @@ impl RedisBatch<'_> {
 #[async_trait]
 impl ViewBatch for RedisBatch<'_> {
     fn generations(&self) -> &[u64] {
-        &self.generations
+        self.generations.targets()
     }
 
     async fn load(
@@ -256,7 +257,7 @@ impl ViewBatch for RedisBatch<'_> {
         generation: u64,
         states: &[UserView],
     ) -> Result<Vec<bool>, PortError> {
-        if self.expected.is_some() || states.is_empty() {
+        if self.generations.opened_with().is_some() || states.is_empty() {
             return Ok(vec![false; states.len()]);
         }
         let mut pipe = redis::pipe();
@@ -290,15 +291,16 @@ impl ViewBatch for RedisBatch<'_> {
             return Ok(Written::Users(Vec::new()));
         }
         let prefix = &self.views.prefix;
-        let (building_key, active_key, expected_building, expected_active) = match self.expected {
-            Some(state) => (
-                redis_building_key(prefix),
-                redis_active_key(prefix),
-                state.building.map(|b| b.to_string()).unwrap_or_default(),
-                state.active.to_string(),
-            ),
-            None => Default::default(),
-        };
+        let (building_key, active_key, expected_building, expected_active) =
+            match self.generations.opened_with() {
+                Some(state) => (
+                    redis_building_key(prefix),
+                    redis_active_key(prefix),
+                    state.building.map(|b| b.to_string()).unwrap_or_default(),
+                    state.active.to_string(),
+                ),
+                None => Default::default(),
+            };
         let mut pipe = redis::pipe();
         for chunk in changes.chunks(USERS_PER_CALL) {
             let call = pipe
@@ -420,6 +422,17 @@ impl RedisUserViews {
         doc.as_deref().map(parse_document).transpose()
     }
 
+    /// The generation state as live writes last found it, read from Redis when not known.
+    async fn known_state(&self) -> Result<GenerationState, PortError> {
+        let known = *self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(state) = known {
+            return Ok(state);
+        }
+        let state = self.state().await?;
+        *self.known.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
+        Ok(state)
+    }
+
     /// Succeeds when Redis answers.
     pub async fn ping(&self) -> Result<(), PortError> {
         let _: String = redis::cmd("PING")
@@ -486,25 +499,10 @@ impl ViewStore for RedisUserViews {
     /// or `switch` changed that state; users are folded on the documents live writes wrote
     /// last where they are remembered (see `Remembered`).
     async fn open(&self, scope: Scope) -> Result<Box<dyn ViewBatch + '_>, PortError> {
-        let (generations, expected) = match scope {
-            Scope::Live => {
-                let known = *self.known.lock().unwrap_or_else(|e| e.into_inner());
-                let state = match known {
-                    Some(state) => state,
-                    None => {
-                        let state = self.state().await?;
-                        *self.known.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
-                        state
-                    }
-                };
-                (state.targets(), Some(state))
-            }
-            Scope::Generation(g) => (vec![g], None),
-        };
+        let generations = BatchGenerations::of(scope, self.known_state()).await?;
         Ok(Box::new(RedisBatch {
             views: self,
             generations,
-            expected,
         }))
     }
 }

@@ -9,7 +9,9 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::HashMap;
 use uuid::Uuid;
 
-use crate::store::{GenerationState, Offsets, Scope, ViewBatch, ViewStore, Written};
+use crate::store::{
+    BatchGenerations, GenerationState, Offsets, Scope, ViewBatch, ViewStore, Written,
+};
 
 const NAME: &str = "users-sql";
 
@@ -23,17 +25,37 @@ fn db(e: sqlx::Error) -> PortError {
     pcf_adapters::sql::port_error("postgres", e)
 }
 
+/// Forgets the checkpoints of a generation ($1 the projection, $2 the generation).
+const FORGET_CHECKPOINTS: &str =
+    "DELETE FROM projection_checkpoints WHERE projection = $1 AND generation = $2";
+
+/// Runs `sql`, a statement about one generation of this projection: $1 is bound to the
+/// projection's name, $2 to the generation.
+async fn execute_for_generation(
+    executor: impl sqlx::PgExecutor<'_>,
+    sql: &str,
+    generation: u64,
+) -> Result<(), PortError> {
+    sqlx::query(sql)
+        .bind(NAME)
+        .bind(generation as i64)
+        .execute(executor)
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
 /// A batch of writes in one transaction on the primary: its rows and its checkpoints
 /// commit together.
 struct SqlBatch {
     tx: Transaction<'static, Postgres>,
-    generations: Vec<u64>,
+    generations: BatchGenerations,
 }
 
 #[async_trait]
 impl ViewBatch for SqlBatch {
     fn generations(&self) -> &[u64] {
-        &self.generations
+        self.generations.targets()
     }
 
     async fn load(
@@ -152,7 +174,7 @@ impl ViewBatch for SqlBatch {
         if !offsets.is_empty() {
             let partitions: Vec<i32> = offsets.iter().map(|(p, _)| *p).collect();
             let next: Vec<i64> = offsets.iter().map(|(_, o)| *o).collect();
-            for generation in &self.generations {
+            for generation in self.generations.targets() {
                 sqlx::query(
                     "INSERT INTO projection_checkpoints \
                         (projection, generation, partition, next_offset) \
@@ -251,6 +273,17 @@ async fn lock_generations(tx: &mut Transaction<'static, Postgres>) -> Result<(),
     Ok(())
 }
 
+/// Ends `tx`, a change of the generation state, with the change itself: `update` sets the
+/// state ($1 the projection, $2 the generation), and `tx` commits.
+async fn commit_state_change(
+    mut tx: Transaction<'static, Postgres>,
+    update: &str,
+    generation: u64,
+) -> Result<(), PortError> {
+    execute_for_generation(&mut *tx, update, generation).await?;
+    tx.commit().await.map_err(db)
+}
+
 /// The SQL user view with its generations.
 #[derive(Clone)]
 pub struct SqlUserViews {
@@ -311,19 +344,13 @@ impl ViewStore for SqlUserViews {
         ] {
             sqlx::query(&sql).execute(&mut *tx).await.map_err(db)?;
         }
-        sqlx::query("DELETE FROM projection_checkpoints WHERE projection = $1 AND generation = $2")
-            .bind(NAME)
-            .bind(generation as i64)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        sqlx::query("UPDATE projection_generations SET building = $2 WHERE projection = $1")
-            .bind(NAME)
-            .bind(generation as i64)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        tx.commit().await.map_err(db)
+        execute_for_generation(&mut *tx, FORGET_CHECKPOINTS, generation).await?;
+        commit_state_change(
+            tx,
+            "UPDATE projection_generations SET building = $2 WHERE projection = $1",
+            generation,
+        )
+        .await
     }
 
     async fn switch(&self, generation: u64) -> Result<(), PortError> {
@@ -335,37 +362,24 @@ impl ViewStore for SqlUserViews {
             sql_table(generation)
         );
         sqlx::query(&view).execute(&mut *tx).await.map_err(db)?;
-        sqlx::query(
+        commit_state_change(
+            tx,
             "UPDATE projection_generations SET active = $2, building = NULL WHERE projection = $1",
+            generation,
         )
-        .bind(NAME)
-        .bind(generation as i64)
-        .execute(&mut *tx)
         .await
-        .map_err(db)?;
-        tx.commit().await.map_err(db)
     }
 
     async fn drop_generation(&self, generation: u64) -> Result<(), PortError> {
-        if generation == 1 {
+        let table = sql_table(generation);
+        let sql = if generation == 1 {
             // The template of every other generation stays; empty it instead.
-            sqlx::query(&format!("TRUNCATE {}", sql_table(1)))
-                .execute(&self.pool)
-                .await
-                .map_err(db)?;
+            format!("TRUNCATE {table}")
         } else {
-            sqlx::query(&format!("DROP TABLE IF EXISTS {}", sql_table(generation)))
-                .execute(&self.pool)
-                .await
-                .map_err(db)?;
-        }
-        sqlx::query("DELETE FROM projection_checkpoints WHERE projection = $1 AND generation = $2")
-            .bind(NAME)
-            .bind(generation as i64)
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
-        Ok(())
+            format!("DROP TABLE IF EXISTS {table}")
+        };
+        sqlx::query(&sql).execute(&self.pool).await.map_err(db)?;
+        execute_for_generation(&self.pool, FORGET_CHECKPOINTS, generation).await
     }
 
     /// A live batch takes the generations lock (shared) and then reads the state, in
@@ -373,17 +387,15 @@ impl ViewStore for SqlUserViews {
     /// or `switch` it waited for, and none can happen until the batch ends.
     async fn open(&self, scope: Scope) -> Result<Box<dyn ViewBatch + '_>, PortError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let generations = match scope {
-            Scope::Live => {
-                sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
-                    .bind(GENERATIONS_LOCK)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                read_state(&mut *tx).await?.targets()
-            }
-            Scope::Generation(g) => vec![g],
+        let live_state = async {
+            sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+                .bind(GENERATIONS_LOCK)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            read_state(&mut *tx).await
         };
+        let generations = BatchGenerations::of(scope, live_state).await?;
         Ok(Box::new(SqlBatch { tx, generations }))
     }
 }

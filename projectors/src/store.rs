@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use pcf_domain::ports::PortError;
 use pcf_domain::UserView;
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -41,6 +42,49 @@ pub enum Scope {
     Live,
     /// This one generation, whatever the state (a rebuild's writes).
     Generation(u64),
+}
+
+/// The generations a batch writes, as its store opened it: for a live batch, the targets of
+/// the generation state it was opened with (kept, for the store to check its writes
+/// against); else the one generation of its scope.
+#[derive(Debug, Clone)]
+pub(crate) struct BatchGenerations {
+    targets: Vec<u64>,
+    opened_with: Option<GenerationState>,
+}
+
+impl BatchGenerations {
+    /// The generations of a batch of `scope`. `live_state` reads the generation state from
+    /// the store; it is awaited (and so run) only for a live batch.
+    pub(crate) async fn of(
+        scope: Scope,
+        live_state: impl Future<Output = Result<GenerationState, PortError>>,
+    ) -> Result<Self, PortError> {
+        Ok(match scope {
+            Scope::Live => {
+                let state = live_state.await?;
+                Self {
+                    targets: state.targets(),
+                    opened_with: Some(state),
+                }
+            }
+            Scope::Generation(generation) => Self {
+                targets: vec![generation],
+                opened_with: None,
+            },
+        })
+    }
+
+    /// Every generation the batch writes.
+    pub(crate) fn targets(&self) -> &[u64] {
+        &self.targets
+    }
+
+    /// For a live batch, the generation state it was opened with; `None` for a batch of one
+    /// generation.
+    pub(crate) fn opened_with(&self) -> Option<GenerationState> {
+        self.opened_with
+    }
 }
 
 /// What a guarded write of several users came to.
