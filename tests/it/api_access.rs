@@ -5,32 +5,15 @@
 
 use crate::support::*;
 use axum::http::StatusCode;
+use pcf_domain::auth::PERSONAL_FIELDS;
 use serde_json::{json, Value};
 use uuid::Uuid;
-
-/// The personal fields `analytics` must never see in a payload.
-const PERSONAL: [&str; 6] = [
-    "email",
-    "displayName",
-    "bio",
-    "avatarUrl",
-    "oldEmail",
-    "newEmail",
-];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_callers_may_sign_up_and_nothing_else() {
     let api = TestApp::start().await;
-    let r = api
-        .gql(
-            None,
-            CREATE_USER,
-            json!({ "input": { "email": "anon@example.com", "displayName": "Anon" } }),
-        )
-        .await;
-    let created = r.ok()["createUser"].clone();
+    let (id, created) = api.create_user_unsettled("anon@example.com", "Anon").await;
     assert_eq!(created["user"]["email"], "anon@example.com");
-    let id = created["user"]["id"].as_str().unwrap().to_owned();
     // The event records no actor for an anonymous sign-up.
     assert_eq!(api.event_count().await, 1);
 
@@ -51,21 +34,9 @@ async fn anonymous_callers_may_sign_up_and_nothing_else() {
         );
     }
 
-    let changes = [
-        (
-            UPDATE_PROFILE,
-            json!({ "id": id, "input": { "displayName": "Hijacked" } }),
-        ),
-        (
-            CHANGE_EMAIL,
-            json!({ "id": id, "email": "hijacked@example.com" }),
-        ),
-        (DELETE_ACCOUNT, json!({ "id": id })),
-    ];
-    for (query, vars) in changes {
-        api.gql(None, query, vars)
-            .await
-            .expect_error("UNAUTHENTICATED");
+    for (query, vars) in changes_of(id, "Hijacked", "hijacked@example.com") {
+        let r = api.gql(None, query, vars.clone()).await;
+        r.expect_error_in(&vars, "UNAUTHENTICATED");
     }
     assert_eq!(api.event_count().await, 1, "a refused command appended");
     api.stop().await;
@@ -77,35 +48,18 @@ async fn a_user_reads_and_changes_their_own_account() {
     let (a, created) = api.create_user("alice@example.com", "Alice").await;
     let alice = owner(a);
 
-    let r = api.gql(Some(&alice), USER, json!({ "id": a })).await;
+    let r = api.user_as(&alice, a).await;
     assert_eq!(r.ok()["user"], created["user"]);
-    let r = api
-        .gql(
-            Some(&alice),
-            USER_BY_EMAIL,
-            json!({ "email": "ALICE@example.com" }),
-        )
-        .await;
+    let r = api.user_by_email_as(&alice, "ALICE@example.com").await;
     assert_eq!(r.ok()["userByEmail"]["id"], a.to_string());
 
-    let r = api
-        .gql(
-            Some(&alice),
-            UPDATE_PROFILE,
-            json!({ "id": a, "input": { "displayName": "Alice B.", "bio": "hello" } }),
-        )
-        .await;
+    let input = json!({ "displayName": "Alice B.", "bio": "hello" });
+    let r = api.update_profile_as(&alice, a, input).await;
     let updated = &r.ok()["updateProfile"]["user"];
     assert_eq!(updated["displayName"], "Alice B.");
     assert_eq!(updated["bio"], "hello");
 
-    let r = api
-        .gql(
-            Some(&alice),
-            CHANGE_EMAIL,
-            json!({ "id": a, "email": "alice.b@example.com" }),
-        )
-        .await;
+    let r = api.change_email_as(&alice, a, "alice.b@example.com").await;
     assert_eq!(
         r.ok()["changeEmail"]["user"]["email"],
         "alice.b@example.com"
@@ -119,12 +73,21 @@ async fn a_user_reads_and_changes_their_own_account() {
         Some(a.to_string().as_str())
     );
 
-    let r = api
-        .gql(Some(&alice), DELETE_ACCOUNT, json!({ "id": a }))
-        .await;
+    let r = api.delete_account_as(&alice, a).await;
     assert_eq!(r.ok()["deleteAccount"]["id"], a.to_string());
     assert_eq!(api.event_count().await, 4);
     api.stop().await;
+}
+
+/// Asserts the read of someone else's account answers `{ field: null }` exactly as the read
+/// of an account that does not exist (`of_nobody`).
+#[track_caller]
+fn assert_reads_as_missing(of_other: &Resp, of_nobody: &Resp, field: &str) {
+    assert_eq!(of_other.status, StatusCode::OK, "{}", of_other.text);
+    let null = json!({ "data": { field: null } });
+    assert_eq!(of_other.body, null, "{}", of_other.text);
+    assert_eq!(of_other.status, of_nobody.status);
+    assert_eq!(of_other.body, of_nobody.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,69 +97,31 @@ async fn another_users_account_reads_exactly_like_one_that_does_not_exist() {
     let (b, _) = api.create_user("bob@example.com", "Bob").await;
     let alice = owner(a);
 
-    let of_b = api.gql(Some(&alice), USER, json!({ "id": b })).await;
-    let of_nobody = api
-        .gql(Some(&alice), USER, json!({ "id": Uuid::new_v4() }))
-        .await;
-    assert_eq!(of_b.status, StatusCode::OK);
-    assert_eq!(
-        of_b.body,
-        json!({ "data": { "user": null } }),
-        "{}",
-        of_b.text
-    );
-    assert_eq!(of_b.status, of_nobody.status);
-    assert_eq!(of_b.body, of_nobody.body);
+    let of_b = api.user_as(&alice, b).await;
+    let of_nobody = api.user_as(&alice, Uuid::new_v4()).await;
+    assert_reads_as_missing(&of_b, &of_nobody, "user");
 
     // Waiting for a version of someone else's account also answers at once, with null.
     let started = std::time::Instant::now();
-    let r = api
-        .gql(Some(&alice), USER, json!({ "id": b, "minVersion": 1 }))
-        .await;
-    assert_eq!(r.body, json!({ "data": { "user": null } }), "{}", r.text);
-    let r = api
-        .gql(Some(&alice), USER, json!({ "id": b, "minVersion": 99 }))
-        .await;
-    assert_eq!(r.body, json!({ "data": { "user": null } }), "{}", r.text);
-    let r = api
-        .gql(
-            Some(&alice),
-            USER,
-            json!({ "id": Uuid::new_v4(), "minVersion": 99 }),
-        )
-        .await;
-    assert_eq!(r.body, json!({ "data": { "user": null } }), "{}", r.text);
+    for (id, min_version) in [(b, 1), (b, 99), (Uuid::new_v4(), 99)] {
+        let vars = json!({ "id": id, "minVersion": min_version });
+        let r = api.gql(Some(&alice), USER, vars.clone()).await;
+        let null = json!({ "data": { "user": null } });
+        assert_eq!(r.body, null, "{vars}: {}", r.text);
+    }
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
 
-    let by_email_b = api
-        .gql(
-            Some(&alice),
-            USER_BY_EMAIL,
-            json!({ "email": "bob@example.com" }),
-        )
-        .await;
-    let by_email_nobody = api
-        .gql(
-            Some(&alice),
-            USER_BY_EMAIL,
-            json!({ "email": "nobody@example.com" }),
-        )
-        .await;
-    assert_eq!(
-        by_email_b.body,
-        json!({ "data": { "userByEmail": null } }),
-        "{}",
-        by_email_b.text
-    );
-    assert_eq!(by_email_b.body, by_email_nobody.body);
+    let by_email_b = api.user_by_email_as(&alice, "bob@example.com").await;
+    let by_email_nobody = api.user_by_email_as(&alice, "nobody@example.com").await;
+    assert_reads_as_missing(&by_email_b, &by_email_nobody, "userByEmail");
 
     // Roles that are not admin do not open other accounts either.
     for t in [auditor(), analytics()] {
-        let r = api.gql(Some(&t), USER, json!({ "id": b })).await;
+        let r = api.user_as(&t, b).await;
         assert_eq!(r.body, json!({ "data": { "user": null } }), "{}", r.text);
     }
     // The subject `b` itself does see it (the test can fail).
-    let r = api.gql(Some(&owner(b)), USER, json!({ "id": b })).await;
+    let r = api.user_as(&owner(b), b).await;
     assert_eq!(r.ok()["user"]["email"], "bob@example.com");
     api.stop().await;
 }
@@ -216,21 +141,10 @@ async fn changing_another_users_account_is_forbidden_and_appends_nothing() {
     ];
     for (who, t) in &callers {
         for target in [b, Uuid::new_v4()] {
-            let commands = [
-                (
-                    UPDATE_PROFILE,
-                    json!({ "id": target, "input": { "displayName": "Mallory" } }),
-                ),
-                (
-                    CHANGE_EMAIL,
-                    json!({ "id": target, "email": "mallory@example.com" }),
-                ),
-                (DELETE_ACCOUNT, json!({ "id": target })),
-            ];
-            for (query, vars) in commands {
-                let r = api.gql(Some(t), query, vars).await;
-                assert_eq!(r.codes(), vec!["FORBIDDEN"], "{who}: {}", r.text);
-                assert!(r.data().is_null(), "{who}: {}", r.text);
+            for (query, vars) in changes_of(target, "Mallory", "mallory@example.com") {
+                let r = api.gql(Some(t), query, vars.clone()).await;
+                assert_eq!(r.codes(), vec!["FORBIDDEN"], "{who}, {vars}: {}", r.text);
+                assert!(r.data().is_null(), "{who}, {vars}: {}", r.text);
             }
         }
     }
@@ -240,16 +154,9 @@ async fn changing_another_users_account_is_forbidden_and_appends_nothing() {
         "a forbidden command appended"
     );
     // B is unchanged and the email is still B's.
-    let r = api.gql(Some(&owner(b)), USER, json!({ "id": b })).await;
+    let r = api.user_as(&owner(b), b).await;
     assert_eq!(r.ok()["user"], b_created["user"]);
-    let r = api
-        .gql(
-            None,
-            CREATE_USER,
-            json!({ "input": { "email": "mallory@example.com", "displayName": "M" } }),
-        )
-        .await;
-    r.ok();
+    api.create_user_unsettled("mallory@example.com", "M").await;
     api.stop().await;
 }
 
@@ -260,25 +167,13 @@ async fn admin_may_do_everything() {
     let (b, _) = api.create_user("bob@example.com", "Bob").await;
     let admin = admin();
 
-    let r = api.gql(Some(&admin), USER, json!({ "id": b })).await;
+    let r = api.user_as(&admin, b).await;
     assert_eq!(r.ok()["user"]["email"], "bob@example.com");
-    let r = api
-        .gql(
-            Some(&admin),
-            USER_BY_EMAIL,
-            json!({ "email": "alice@example.com" }),
-        )
-        .await;
+    let r = api.user_by_email_as(&admin, "alice@example.com").await;
     assert_eq!(r.ok()["userByEmail"]["id"], a.to_string());
 
     let r = api.gql(Some(&admin), USERS, json!({ "first": 10 })).await;
-    let ids: Vec<&str> = r.ok()["users"]["edges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["node"]["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, vec![a.to_string(), b.to_string()]);
+    assert_eq!(listed_ids(r.ok()), vec![a, b]);
 
     let r = api.gql(Some(&admin), PROJECTIONS, json!({})).await;
     assert!(r.ok()["projections"].is_array(), "{}", r.text);
@@ -289,24 +184,12 @@ async fn admin_may_do_everything() {
     assert_eq!(edges[0]["node"]["payload"]["email"], "alice@example.com");
 
     let r = api
-        .gql(
-            Some(&admin),
-            UPDATE_PROFILE,
-            json!({ "id": b, "input": { "displayName": "Bobby" } }),
-        )
+        .update_profile_as(&admin, b, json!({ "displayName": "Bobby" }))
         .await;
     assert_eq!(r.ok()["updateProfile"]["user"]["displayName"], "Bobby");
-    let r = api
-        .gql(
-            Some(&admin),
-            CHANGE_EMAIL,
-            json!({ "id": b, "email": "bobby@example.com" }),
-        )
-        .await;
+    let r = api.change_email_as(&admin, b, "bobby@example.com").await;
     assert_eq!(r.ok()["changeEmail"]["user"]["email"], "bobby@example.com");
-    let r = api
-        .gql(Some(&admin), DELETE_ACCOUNT, json!({ "id": b }))
-        .await;
+    let r = api.delete_account_as(&admin, b).await;
     assert_eq!(r.ok()["deleteAccount"]["id"], b.to_string());
     let events = api.all_events().await;
     assert_eq!(events.len(), 5);
@@ -338,25 +221,14 @@ async fn listing_users_and_projections_needs_admin() {
 async fn a_user_with_history(api: &TestApp) -> Uuid {
     let (a, _) = api.create_user("carol@example.com", "Carol").await;
     let carol = owner(a);
-    api.gql(
-        Some(&carol),
-        UPDATE_PROFILE,
-        json!({ "id": a, "input": {
-            "displayName": "Carol C.", "bio": "about me", "avatarUrl": "https://img.example.com/c.png"
-        } }),
-    )
-    .await
-    .ok();
-    api.gql(
-        Some(&carol),
-        CHANGE_EMAIL,
-        json!({ "id": a, "email": "carol.c@example.com" }),
-    )
-    .await
-    .ok();
-    api.gql(Some(&carol), DELETE_ACCOUNT, json!({ "id": a }))
+    let input = json!({
+        "displayName": "Carol C.", "bio": "about me", "avatarUrl": "https://img.example.com/c.png"
+    });
+    api.update_profile_as(&carol, a, input).await.ok();
+    api.change_email_as(&carol, a, "carol.c@example.com")
         .await
         .ok();
+    api.delete_account_as(&carol, a).await.ok();
     let (_, _) = api.create_user("dave@example.com", "Dave").await;
     a
 }
@@ -393,13 +265,8 @@ async fn auditors_read_events_with_personal_data() {
     assert_eq!(events[2]["payload"]["newEmail"], "carol.c@example.com");
 
     // The `user` of an event is readable by an auditor (Dave is alive).
-    let r = api
-        .gql(
-            Some(&auditor()),
-            "{ events(types: [\"UserCreated\"]) { edges { node { user { email } } } } }",
-            json!({}),
-        )
-        .await;
+    let query = "{ events(types: [\"UserCreated\"]) { edges { node { user { email } } } } }";
+    let r = api.gql(Some(&auditor()), query, json!({})).await;
     let edges = r.ok()["events"]["edges"].as_array().unwrap();
     assert_eq!(edges[1]["node"]["user"]["email"], "dave@example.com");
     api.stop().await;
@@ -416,13 +283,8 @@ async fn analytics_reads_events_without_personal_data() {
     assert_eq!(redacted[0]["payload"]["userId"], carol.to_string());
 
     // The event's `user` (personal data too) is not readable by analytics.
-    let r = api
-        .gql(
-            Some(&analytics()),
-            "{ events { edges { node { eventType user { email displayName } } } } }",
-            json!({}),
-        )
-        .await;
+    let query = "{ events { edges { node { eventType user { email displayName } } } } }";
+    let r = api.gql(Some(&analytics()), query, json!({})).await;
     let text = r.text.clone();
     for e in r.ok()["events"]["edges"].as_array().unwrap() {
         assert!(e["node"]["user"].is_null(), "{text}");
@@ -445,7 +307,7 @@ pub fn assert_personal_data_left_out(full: &[Value], redacted: &[Value]) {
     assert_eq!(full.len(), redacted.len());
     for (f, r) in full.iter().zip(redacted) {
         let payload = r["payload"].as_object().expect("a payload object");
-        for field in PERSONAL {
+        for field in PERSONAL_FIELDS {
             assert!(
                 !payload.contains_key(field),
                 "{field} in an analytics payload: {r}"
@@ -454,7 +316,7 @@ pub fn assert_personal_data_left_out(full: &[Value], redacted: &[Value]) {
         // Other fields are there, with their values.
         assert!(payload.contains_key("occurredAt"), "{r}");
         let mut expected = f["payload"].as_object().unwrap().clone();
-        expected.retain(|k, _| !PERSONAL.contains(&k.as_str()));
+        expected.retain(|k, _| !PERSONAL_FIELDS.contains(&k.as_str()));
         assert_eq!(payload, &expected);
         for key in ENVELOPE_FIELDS {
             assert_eq!(r[key], f[key], "{key}");
@@ -511,37 +373,32 @@ async fn api_with_keys() -> TestApp {
     .await
 }
 
+/// The two ways to send an API key: the `x-api-key` header and `Authorization: ApiKey`.
+fn both_spellings(key: &str) -> [Auth; 2] {
+    [
+        Auth::ApiKeyHeader(key.into()),
+        Auth::Raw(format!("ApiKey {key}")),
+    ]
+}
+
+/// The nodes of the first page of `events`, read with `auth`, which must succeed.
+async fn event_nodes(api: &TestApp, auth: Auth) -> Vec<Value> {
+    let r = api.send(Gql::new(EVENTS).auth(auth)).await;
+    let edges = r.ok()["events"]["edges"].as_array().expect("edges");
+    edges.iter().map(|e| e["node"].clone()).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_from_the_keys_file_carry_their_roles() {
     let api = api_with_keys().await;
     let _ = a_user_with_history(&api).await;
     let full = api.events_via_api(&auditor()).await;
 
-    for auth in [
-        Auth::ApiKeyHeader(AUDIT_KEY.into()),
-        Auth::Raw(format!("ApiKey {AUDIT_KEY}")),
-    ] {
-        let r = api
-            .send(Gql::vars(EVENTS, json!({})).auth(auth.clone()))
-            .await;
-        let edges = r.ok()["events"]["edges"].as_array().unwrap().clone();
-        let nodes: Vec<Value> = edges.iter().map(|e| e["node"].clone()).collect();
-        assert_eq!(nodes, full, "{auth:?}");
+    for auth in both_spellings(AUDIT_KEY) {
+        assert_eq!(event_nodes(&api, auth.clone()).await, full, "{auth:?}");
     }
-    for auth in [
-        Auth::ApiKeyHeader(ANALYTICS_KEY.into()),
-        Auth::Raw(format!("ApiKey {ANALYTICS_KEY}")),
-    ] {
-        let r = api
-            .send(Gql::vars(EVENTS, json!({})).auth(auth.clone()))
-            .await;
-        let nodes: Vec<Value> = r.ok()["events"]["edges"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["node"].clone())
-            .collect();
-        assert_personal_data_left_out(&full, &nodes);
+    for auth in both_spellings(ANALYTICS_KEY) {
+        assert_personal_data_left_out(&full, &event_nodes(&api, auth).await);
     }
     // A key without roles is a signed-in service that may not read the log or list users.
     let r = api
@@ -592,14 +449,6 @@ async fn an_unknown_api_key_is_unauthenticated() {
 // Command ids belong to one caller and one command
 // ---------------------------------------------------------------------------------------------
 
-/// `updateProfile` with an `expectedVersion`, which is part of the command's input.
-const UPDATE_PROFILE_AT: &str =
-    "mutation($id: ID!, $input: UpdateProfileInput!, $expectedVersion: Int, $commandId: ID) {
-  updateProfile(id: $id, input: $input, expectedVersion: $expectedVersion, commandId: $commandId) {
-    version position user { id email displayName bio avatarUrl createdAt updatedAt version }
-  }
-}";
-
 on_both_backends!(
     a_sign_up_command_id_sent_with_other_input_is_refused_and_reveals_nothing,
     a_sign_up_repeated_with_the_identical_input_returns_the_first_result,
@@ -608,23 +457,18 @@ on_both_backends!(
     a_repeat_after_the_account_was_deleted_answers_account_deleted,
 );
 
-/// `createUser` with `input` and `command_id`, as `token` (anonymously when `None`).
-async fn sign_up(api: &TestApp, token: Option<&str>, input: Value, command_id: &str) -> Resp {
-    api.gql(
-        token,
-        CREATE_USER,
-        json!({ "input": input, "commandId": command_id }),
-    )
-    .await
-}
-
-/// Asserts `r` is the refusal of a reused command id, and that it names none of `secrets`.
+/// Asserts `r`, the answer to `case`, is the refusal of a reused command id, and that it names
+/// none of `secrets`.
 #[track_caller]
-fn assert_key_reused(r: &Resp, secrets: &[&str]) {
-    r.expect_error("IDEMPOTENCY_KEY_REUSED");
-    assert!(r.data().is_null(), "{}", r.text);
+fn assert_key_reused(r: &Resp, case: impl std::fmt::Display, secrets: &[&str]) {
+    r.expect_error_in(&case, "IDEMPOTENCY_KEY_REUSED");
+    assert!(r.data().is_null(), "{case}: {}", r.text);
     for secret in secrets {
-        assert!(!r.text.contains(secret), "{secret} leaked: {}", r.text);
+        assert!(
+            !r.text.contains(secret),
+            "{case}: {secret} leaked: {}",
+            r.text
+        );
     }
 }
 
@@ -639,11 +483,8 @@ fn alices_sign_up() -> Value {
 }
 
 async fn a_sign_up_command_id_sent_with_other_input_is_refused_and_reveals_nothing(api: &TestApp) {
-    let r = sign_up(api, None, alices_sign_up(), "signup-42").await;
-    let a = r.ok()["createUser"]["user"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let r = api.sign_up(None, alices_sign_up(), Some("signup-42")).await;
+    let a = id_of(&r.ok()["createUser"]).to_string();
     let before = api.all_events().await;
     let secrets = [
         a.as_str(),
@@ -655,21 +496,23 @@ async fn a_sign_up_command_id_sent_with_other_input_is_refused_and_reveals_nothi
 
     // Anyone, without a token, with their own input and Alice's command id.
     let attack = json!({ "email": "attacker@example.com", "displayName": "a" });
-    let r = sign_up(api, None, attack.clone(), "signup-42").await;
-    assert_key_reused(&r, &secrets);
+    let r = api.sign_up(None, attack.clone(), Some("signup-42")).await;
+    assert_key_reused(&r, "another input", &secrets);
     // One field off is other input too.
     let mut almost = alices_sign_up();
     almost["bio"] = json!("another bio");
-    let r = sign_up(api, None, almost, "signup-42").await;
-    assert_key_reused(&r, &secrets);
+    let r = api.sign_up(None, almost, Some("signup-42")).await;
+    assert_key_reused(&r, "another bio", &secrets);
     // Alice's exact input, but from a signed-in caller: not the anonymous sign-up.
     for t in [token("mallory", &[]), admin()] {
-        let r = sign_up(api, Some(&t), alices_sign_up(), "signup-42").await;
-        assert_key_reused(&r, &secrets);
+        let r = api
+            .sign_up(Some(&t), alices_sign_up(), Some("signup-42"))
+            .await;
+        assert_key_reused(&r, "a signed-in caller", &secrets);
     }
     assert_eq!(api.all_events().await, before, "a refused command appended");
     // The attacker's email was not claimed either.
-    let r = sign_up(api, None, attack, "signup-43").await;
+    let r = api.sign_up(None, attack, Some("signup-43")).await;
     assert_eq!(
         r.ok()["createUser"]["user"]["email"],
         "attacker@example.com"
@@ -677,16 +520,22 @@ async fn a_sign_up_command_id_sent_with_other_input_is_refused_and_reveals_nothi
 }
 
 async fn a_sign_up_repeated_with_the_identical_input_returns_the_first_result(api: &TestApp) {
-    let first = sign_up(api, None, alices_sign_up(), "signup-42").await;
+    let first = api.sign_up(None, alices_sign_up(), Some("signup-42")).await;
     let first = first.ok()["createUser"].clone();
     let before = api.all_events().await;
     assert_eq!(before.len(), 1);
     // A client retrying after a lost answer.
     for _ in 0..2 {
-        let again = sign_up(api, None, alices_sign_up(), "signup-42").await;
+        let again = api.sign_up(None, alices_sign_up(), Some("signup-42")).await;
         assert_eq!(again.ok()["createUser"], first, "{}", again.text);
     }
     assert_eq!(api.all_events().await, before, "the repeat appended");
+}
+
+/// `vars` with the command id `command_id`.
+fn with_command_id(mut vars: Value, command_id: &str) -> Value {
+    vars["commandId"] = json!(command_id);
+    vars
 }
 
 async fn another_callers_command_with_a_used_command_id_is_refused_and_does_not_run(api: &TestApp) {
@@ -694,79 +543,46 @@ async fn another_callers_command_with_a_used_command_id_is_refused_and_does_not_
     let (b, _) = api.create_user("bob@example.com", "Bob").await;
     let alice = owner(a);
     let bob = owner(b);
+    let alices_command = json!({
+        "id": a, "input": { "displayName": "Alice A.", "bio": "alice's bio" },
+        "commandId": "shared-1",
+    });
     let r = api
-        .gql(
-            Some(&alice),
-            UPDATE_PROFILE,
-            json!({ "id": a, "input": { "displayName": "Alice A.", "bio": "alice's bio" },
-                    "commandId": "shared-1" }),
-        )
+        .gql(Some(&alice), UPDATE_PROFILE, alices_command.clone())
         .await;
     let version = r.ok()["updateProfile"]["version"].as_i64().unwrap();
     api.settle(a, version).await;
-    let b_before = api.gql(Some(&bob), USER, json!({ "id": b })).await;
-    let b_before = b_before.ok()["user"].clone();
+    let b_before = api.user_as(&bob, b).await.ok()["user"].clone();
     let before = api.all_events().await;
     let secrets = [a.to_string(), "Alice A.".into(), "alice's bio".into()];
     let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
 
-    let attempts = [
-        // What B would change (appended on the first, optimistic attempt).
-        (
-            "updateProfile",
-            UPDATE_PROFILE,
-            json!({ "id": b, "input": { "displayName": "Bobby" }, "commandId": "shared-1" }),
-        ),
-        // Nothing to change (decided without an append).
-        (
-            "a no-op updateProfile",
-            UPDATE_PROFILE,
-            json!({ "id": b, "input": { "displayName": "Bob" }, "commandId": "shared-1" }),
-        ),
-        // Refused by the aggregate (the email is Alice's).
-        (
-            "changeEmail",
-            CHANGE_EMAIL,
-            json!({ "id": b, "email": "alice@example.com", "commandId": "shared-1" }),
-        ),
-        (
-            "deleteAccount",
-            DELETE_ACCOUNT,
-            json!({ "id": b, "commandId": "shared-1" }),
-        ),
-    ];
-    for (what, query, vars) in &attempts {
-        let r = api.gql(Some(&bob), query, vars.clone()).await;
-        assert_eq!(
-            r.codes(),
-            vec!["IDEMPOTENCY_KEY_REUSED"],
-            "{what}: {}",
-            r.text
-        );
-        assert_key_reused(&r, &secrets);
+    // What B would change under Alice's command id (the update is appended on the first,
+    // optimistic attempt; the email change is refused by the aggregate, the email being
+    // Alice's), and an update with nothing to change (decided without an append).
+    let mut attempts = changes_of(b, "Bobby", "alice@example.com").to_vec();
+    attempts.push((
+        UPDATE_PROFILE,
+        json!({ "id": b, "input": { "displayName": "Bob" } }),
+    ));
+    for (query, vars) in attempts {
+        let r = api
+            .gql(Some(&bob), query, with_command_id(vars.clone(), "shared-1"))
+            .await;
+        assert_key_reused(&r, &vars, &secrets);
     }
     // An admin acting on Alice's account with her exact command is another caller too.
     let r = api
-        .gql(
-            Some(&admin()),
-            UPDATE_PROFILE,
-            json!({ "id": a, "input": { "displayName": "Alice A.", "bio": "alice's bio" },
-                    "commandId": "shared-1" }),
-        )
+        .gql(Some(&admin()), UPDATE_PROFILE, alices_command)
         .await;
-    assert_key_reused(&r, &[]);
+    assert_key_reused(&r, "an admin", &[]);
 
     assert_eq!(api.all_events().await, before, "a refused command appended");
     // B's commands did not run: B is as before, alive, and can still use its account.
-    let r = api.gql(Some(&bob), USER, json!({ "id": b })).await;
-    assert_eq!(r.ok()["user"], b_before);
-    let r = api
-        .gql(
-            Some(&bob),
-            UPDATE_PROFILE,
-            json!({ "id": b, "input": { "displayName": "Bobby" }, "commandId": "shared-2" }),
-        )
-        .await;
+    assert_eq!(api.user_as(&bob, b).await.ok()["user"], b_before);
+    let bobs_command =
+        json!({ "id": b, "input": { "displayName": "Bobby" }, "commandId": "shared-2" });
+    let r = api.gql(Some(&bob), UPDATE_PROFILE, bobs_command).await;
     assert_eq!(r.ok()["updateProfile"]["user"]["displayName"], "Bobby");
     assert_eq!(r.ok()["updateProfile"]["version"], 2);
 }
@@ -775,103 +591,50 @@ async fn one_callers_command_id_answers_only_the_identical_command(api: &TestApp
     let (a, _) = api.create_user("alice@example.com", "Alice").await;
     let (b, _) = api.create_user("bob@example.com", "Bob").await;
     let alice = owner(a);
-    let first = api
-        .gql(
-            Some(&alice),
-            UPDATE_PROFILE_AT,
-            json!({ "id": a, "input": { "displayName": "Alice A." }, "expectedVersion": 1,
-                    "commandId": "mine-1" }),
-        )
-        .await;
+    let command = json!({
+        "id": a, "input": { "displayName": "Alice A." }, "expectedVersion": 1,
+        "commandId": "mine-1",
+    });
+    let first = api.gql(Some(&alice), UPDATE_PROFILE, command.clone()).await;
     let first = first.ok()["updateProfile"].clone();
     assert_eq!(first["version"], 2);
 
+    // Other commands of Alice's under the same command id: another display name, another
+    // field, another expected version; no expected version, and the other commands.
     let others = [
-        (
-            "another display name",
-            UPDATE_PROFILE_AT,
-            json!({ "id": a, "input": { "displayName": "Alice B." }, "expectedVersion": 1,
-                    "commandId": "mine-1" }),
-        ),
-        (
-            "another field",
-            UPDATE_PROFILE_AT,
-            json!({ "id": a, "input": { "displayName": "Alice A.", "bio": null },
-                    "expectedVersion": 1, "commandId": "mine-1" }),
-        ),
-        (
-            "another expected version",
-            UPDATE_PROFILE_AT,
-            json!({ "id": a, "input": { "displayName": "Alice A." }, "expectedVersion": 2,
-                    "commandId": "mine-1" }),
-        ),
-        (
-            "no expected version",
-            UPDATE_PROFILE_AT,
-            json!({ "id": a, "input": { "displayName": "Alice A." }, "commandId": "mine-1" }),
-        ),
-        (
-            "another command",
-            CHANGE_EMAIL,
-            json!({ "id": a, "email": "alice.a@example.com", "commandId": "mine-1" }),
-        ),
-        (
-            "another command",
-            DELETE_ACCOUNT,
-            json!({ "id": a, "commandId": "mine-1" }),
-        ),
-    ];
-    for (what, query, vars) in &others {
-        let r = api.gql(Some(&alice), query, vars.clone()).await;
-        assert_eq!(
-            r.codes(),
-            vec!["IDEMPOTENCY_KEY_REUSED"],
-            "{what}: {}",
-            r.text
-        );
-        assert!(r.data().is_null(), "{what}: {}", r.text);
+        json!({ "id": a, "input": { "displayName": "Alice B." }, "expectedVersion": 1 }),
+        json!({ "id": a, "input": { "displayName": "Alice A.", "bio": null },
+                "expectedVersion": 1 }),
+        json!({ "id": a, "input": { "displayName": "Alice A." }, "expectedVersion": 2 }),
+    ]
+    .map(|vars| (UPDATE_PROFILE, vars))
+    .into_iter()
+    .chain(changes_of(a, "Alice A.", "alice.a@example.com"));
+    for (query, vars) in others {
+        let r = api
+            .gql(Some(&alice), query, with_command_id(vars.clone(), "mine-1"))
+            .await;
+        assert_key_reused(&r, &vars, &[]);
     }
     // The same caller (an admin) with the same input on another target.
     let admin = admin();
-    let r = api
-        .gql(
-            Some(&admin),
-            UPDATE_PROFILE,
-            json!({ "id": a, "input": { "bio": "set by an admin" }, "commandId": "ops-1" }),
-        )
-        .await;
-    r.ok();
+    let on =
+        |id: Uuid| json!({ "id": id, "input": { "bio": "set by an admin" }, "commandId": "ops-1" });
+    api.gql(Some(&admin), UPDATE_PROFILE, on(a)).await.ok();
     let before = api.all_events().await;
-    let r = api
-        .gql(
-            Some(&admin),
-            UPDATE_PROFILE,
-            json!({ "id": b, "input": { "bio": "set by an admin" }, "commandId": "ops-1" }),
-        )
-        .await;
-    assert_key_reused(&r, &["Alice"]);
+    let r = api.gql(Some(&admin), UPDATE_PROFILE, on(b)).await;
+    assert_key_reused(&r, "another target", &["Alice"]);
     assert_eq!(api.all_events().await, before, "a refused command appended");
 
     // The identical command answers with the first result (not the user as it is now).
-    let again = api
-        .gql(
-            Some(&alice),
-            UPDATE_PROFILE_AT,
-            json!({ "id": a, "input": { "displayName": "Alice A." }, "expectedVersion": 1,
-                    "commandId": "mine-1" }),
-        )
-        .await;
+    let again = api.gql(Some(&alice), UPDATE_PROFILE, command).await;
     assert_eq!(again.ok()["updateProfile"], first, "{}", again.text);
     assert_eq!(api.all_events().await, before, "the repeat appended");
 }
 
 async fn a_repeat_after_the_account_was_deleted_answers_account_deleted(api: &TestApp) {
-    let r = sign_up(api, None, alices_sign_up(), "signup-42").await;
-    let a: Uuid = r.ok()["createUser"]["user"]["id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let r = api.sign_up(None, alices_sign_up(), Some("signup-42")).await;
+    let a = id_of(&r.ok()["createUser"]);
     let alice = owner(a);
     let update = json!({ "id": a, "input": { "displayName": "Alice A." }, "commandId": "upd-1" });
     api.gql(Some(&alice), UPDATE_PROFILE, update.clone())
@@ -891,7 +654,7 @@ async fn a_repeat_after_the_account_was_deleted_answers_account_deleted(api: &Te
     ];
 
     // The sign-up, repeated exactly: the account it made is gone, and so is its data.
-    let r = sign_up(api, None, alices_sign_up(), "signup-42").await;
+    let r = api.sign_up(None, alices_sign_up(), Some("signup-42")).await;
     r.expect_error("ACCOUNT_DELETED");
     assert!(r.data().is_null(), "{}", r.text);
     for secret in secrets.iter().chain([&a.to_string().as_str()]) {
@@ -907,14 +670,14 @@ async fn a_repeat_after_the_account_was_deleted_answers_account_deleted(api: &Te
     let r = api.gql(Some(&alice), DELETE_ACCOUNT, delete).await;
     assert_eq!(r.ok()["deleteAccount"], deleted);
     // Other input under the sign-up's id is still refused as such.
-    let r = sign_up(
-        api,
-        None,
-        json!({ "email": "attacker@example.com", "displayName": "a" }),
-        "signup-42",
-    )
-    .await;
-    assert_key_reused(&r, &secrets);
+    let r = api
+        .sign_up(
+            None,
+            json!({ "email": "attacker@example.com", "displayName": "a" }),
+            Some("signup-42"),
+        )
+        .await;
+    assert_key_reused(&r, "other input", &secrets);
     assert_eq!(api.all_events().await, before, "a repeat appended");
 }
 
@@ -924,12 +687,8 @@ async fn a_repeat_after_the_account_was_deleted_answers_account_deleted(api: &Te
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn analytics_does_not_see_command_ids_in_events() {
     let api = TestApp::start().await;
-    let r = sign_up(&api, None, alices_sign_up(), "signup-42").await;
-    let a: Uuid = r.ok()["createUser"]["user"]["id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let r = api.sign_up(None, alices_sign_up(), Some("signup-42")).await;
+    let a = id_of(&r.ok()["createUser"]);
     api.gql(
         Some(&owner(a)),
         UPDATE_PROFILE,

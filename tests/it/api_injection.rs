@@ -70,8 +70,13 @@ fn invalid(r: &Resp, field: &str, what: &str) {
 }
 
 async fn user_by_id(api: &TestApp, id: Uuid) -> Value {
-    let r = api.gql(Some(&admin()), USER, json!({ "id": id })).await;
-    r.ok()["user"].clone()
+    api.user_as(&admin(), id).await.ok()["user"].clone()
+}
+
+/// `users(filter: { displayNameContains: text })` as an admin.
+async fn users_named(api: &TestApp, text: &str) -> Resp {
+    let filter = json!({ "filter": { "displayNameContains": text } });
+    api.gql(Some(&admin()), USERS, filter).await
 }
 
 /// Every string argument with every [`NASTY`] value; `with_nul` includes the strings with a
@@ -81,33 +86,19 @@ async fn injection_scenario(api: &TestApp, with_nul: bool) {
     let wanted = |s: &str| with_nul || !s.contains('\u{0}');
 
     // 1. Stored verbatim.
-    let r = api
-        .gql(
-            None,
-            CREATE_USER,
-            json!({
-                "input": {
-                    "email": SQL_EMAIL,
-                    "displayName": SQL_NAME,
-                    "bio": SQL_BIO,
-                    "avatarUrl": SQL_AVATAR,
-                },
-                "commandId": SQL_COMMAND_ID,
-            }),
-        )
-        .await;
+    let input = json!({
+        "email": SQL_EMAIL, "displayName": SQL_NAME, "bio": SQL_BIO, "avatarUrl": SQL_AVATAR,
+    });
+    let r = api.sign_up(None, input, Some(SQL_COMMAND_ID)).await;
     sane(&r, "createUser with SQL");
-    let payload = r.ok()["createUser"].clone();
-    let robert = Uuid::parse_str(payload["user"]["id"].as_str().unwrap()).unwrap();
+    let robert = id_of(&r.ok()["createUser"]);
     api.settle(robert, 1).await;
     let user = user_by_id(api, robert).await;
     assert_eq!(user["email"], SQL_EMAIL);
     assert_eq!(user["displayName"], SQL_NAME);
     assert_eq!(user["bio"], SQL_BIO);
     assert_eq!(user["avatarUrl"], SQL_AVATAR);
-    let r = api
-        .gql(Some(&admin), USER_BY_EMAIL, json!({ "email": SQL_EMAIL }))
-        .await;
+    let r = api.user_by_email_as(&admin, SQL_EMAIL).await;
     assert_eq!(r.ok()["userByEmail"]["id"], robert.to_string());
     let events = api.all_events().await;
     assert_eq!(events.len(), 1);
@@ -120,28 +111,17 @@ async fn injection_scenario(api: &TestApp, with_nul: bool) {
     // A second one that keeps its name.
     let (bobby, _) = api.create_user("bobby@example.com", SQL_NAME).await;
     // The same command id again is the same command: no second user.
-    let r = api
-        .gql(
-            None,
-            CREATE_USER,
-            json!({
-                "input": { "email": "other@example.com", "displayName": "Other" },
-                "commandId": SQL_COMMAND_ID,
-            }),
-        )
-        .await;
+    let other = json!({ "email": "other@example.com", "displayName": "Other" });
+    let r = api.sign_up(None, other, Some(SQL_COMMAND_ID)).await;
     sane(&r, "createUser with the SQL command id again");
     assert_eq!(api.event_count().await, 2);
 
     // A profile update with every nasty string in the bio and the display name.
     let mut version = 1;
+    let roberts = owner(robert);
     for nasty in NASTY {
         let r = api
-            .gql(
-                Some(&owner(robert)),
-                UPDATE_PROFILE,
-                json!({ "id": robert, "input": { "bio": nasty } }),
-            )
+            .update_profile_as(&roberts, robert, json!({ "bio": nasty }))
             .await;
         sane(&r, &format!("bio {nasty:?}"));
         // Control characters, and invisible format characters (bidi overrides, zero-width
@@ -156,11 +136,7 @@ async fn injection_scenario(api: &TestApp, with_nul: bool) {
             version += 1;
         }
         let r = api
-            .gql(
-                Some(&owner(robert)),
-                UPDATE_PROFILE,
-                json!({ "id": robert, "input": { "displayName": nasty } }),
-            )
+            .update_profile_as(&roberts, robert, json!({ "displayName": nasty }))
             .await;
         sane(&r, &format!("displayName {nasty:?}"));
         if nasty.chars().any(|c| c.is_control() || is_format_char(c)) {
@@ -170,21 +146,11 @@ async fn injection_scenario(api: &TestApp, with_nul: bool) {
             version += 1;
         }
         // Emails and avatar URLs with these characters are not valid addresses.
-        let r = api
-            .gql(
-                Some(&owner(robert)),
-                CHANGE_EMAIL,
-                json!({ "id": robert, "email": format!("{nasty}@example.com") }),
-            )
-            .await;
+        let email = format!("{nasty}@example.com");
+        let r = api.change_email_as(&roberts, robert, &email).await;
         invalid(&r, "email", &format!("email {nasty:?}"));
-        let r = api
-            .gql(
-                Some(&owner(robert)),
-                UPDATE_PROFILE,
-                json!({ "id": robert, "input": { "avatarUrl": format!("https://example.com/{nasty}") } }),
-            )
-            .await;
+        let avatar = json!({ "avatarUrl": format!("https://example.com/{nasty}") });
+        let r = api.update_profile_as(&roberts, robert, avatar).await;
         sane(&r, &format!("avatarUrl {nasty:?}"));
         if nasty
             .chars()
@@ -207,13 +173,8 @@ async fn injection_scenario(api: &TestApp, with_nul: bool) {
         "Bob\nSmith",
         "Bo\u{85}b",
     ] {
-        let r = api
-            .gql(
-                None,
-                CREATE_USER,
-                json!({ "input": { "email": "ctl@example.com", "displayName": name } }),
-            )
-            .await;
+        let input = json!({ "email": "ctl@example.com", "displayName": name });
+        let r = api.sign_up(None, input, None).await;
         invalid(
             &r,
             "displayName",
@@ -226,22 +187,14 @@ async fn injection_scenario(api: &TestApp, with_nul: bool) {
         if !wanted(nasty) {
             continue;
         }
-        let r = api
-            .gql(
-                None,
-                CREATE_USER,
-                json!({
-                    "input": { "email": format!("cmd{i}@example.com"), "displayName": format!("Cmd {i}") },
-                    "commandId": nasty,
-                }),
-            )
-            .await;
+        let input =
+            json!({ "email": format!("cmd{i}@example.com"), "displayName": format!("Cmd {i}") });
+        let r = api.sign_up(None, input, Some(nasty)).await;
         sane(&r, &format!("commandId {nasty:?}"));
         if r.has_errors() {
             invalid(&r, "commandId", &format!("commandId {nasty:?}"));
         } else {
-            let id =
-                Uuid::parse_str(r.data()["createUser"]["user"]["id"].as_str().unwrap()).unwrap();
+            let id = id_of(&r.data()["createUser"]);
             let events = api.app().store.user_events(id, 0).await.unwrap();
             assert_eq!(events[0].metadata.command_id.as_deref(), Some(*nasty));
         }
@@ -252,35 +205,16 @@ async fn injection_scenario(api: &TestApp, with_nul: bool) {
         let r = api.gql(Some(&admin), USER, json!({ "id": nasty })).await;
         sane(&r, &format!("user(id: {nasty:?})"));
         assert_eq!(r.ok()["user"], Value::Null);
-        for (query, vars) in [
-            (
-                UPDATE_PROFILE,
-                json!({ "id": nasty, "input": { "displayName": "X" } }),
-            ),
-            (
-                CHANGE_EMAIL,
-                json!({ "id": nasty, "email": "x@example.com" }),
-            ),
-            (DELETE_ACCOUNT, json!({ "id": nasty })),
-        ] {
-            let r = api.gql(Some(&admin), query, vars).await;
+        for (query, vars) in changes_of(nasty, "X", "x@example.com") {
+            let r = api.gql(Some(&admin), query, vars.clone()).await;
             sane(&r, &format!("command on id {nasty:?}"));
-            assert_eq!(r.codes(), vec!["NOT_FOUND"], "{}", r.text);
+            assert_eq!(r.codes(), vec!["NOT_FOUND"], "{vars}: {}", r.text);
         }
-        let r = api
-            .gql(Some(&admin), USER_BY_EMAIL, json!({ "email": nasty }))
-            .await;
-        sane(&r, &format!("userByEmail {nasty:?}"));
-        assert_eq!(r.ok()["userByEmail"], Value::Null);
-        let r = api
-            .gql(
-                Some(&admin),
-                USER_BY_EMAIL,
-                json!({ "email": format!("{nasty}@example.com") }),
-            )
-            .await;
-        sane(&r, &format!("userByEmail {nasty:?}@example.com"));
-        assert_eq!(r.ok()["userByEmail"], Value::Null);
+        for email in [nasty.to_owned(), format!("{nasty}@example.com")] {
+            let r = api.user_by_email_as(&admin, &email).await;
+            sane(&r, &format!("userByEmail {email:?}"));
+            assert_eq!(r.ok()["userByEmail"], Value::Null, "{email:?}");
+        }
     }
 
     // 4. The log's arguments.
@@ -335,13 +269,7 @@ async fn injection_scenario(api: &TestApp, with_nul: bool) {
             "filter.email",
             &format!("users(filter.email: {nasty:?})"),
         );
-        let r = api
-            .gql(
-                Some(&admin),
-                USERS,
-                json!({ "filter": { "displayNameContains": nasty } }),
-            )
-            .await;
+        let r = users_named(api, nasty).await;
         sane(&r, &format!("users(displayNameContains: {nasty:?})"));
         if r.has_errors() {
             invalid(
@@ -365,13 +293,7 @@ async fn injection_scenario(api: &TestApp, with_nul: bool) {
         invalid(&r, "after", &format!("users(after: {nasty:?})"));
     }
     for wildcard in ["%", "_", "%%", "*"] {
-        let r = api
-            .gql(
-                Some(&admin),
-                USERS,
-                json!({ "filter": { "displayNameContains": wildcard } }),
-            )
-            .await;
+        let r = users_named(api, wildcard).await;
         sane(&r, wildcard);
         assert_eq!(
             r.ok()["users"]["edges"],
@@ -379,27 +301,13 @@ async fn injection_scenario(api: &TestApp, with_nul: bool) {
             "{wildcard:?} is not a wildcard"
         );
     }
-    let r = api
-        .gql(
-            Some(&admin),
-            USERS,
-            json!({ "filter": { "displayNameContains": "'); DROP" } }),
-        )
-        .await;
+    let r = users_named(api, "'); DROP").await;
     sane(&r, "contains '); DROP");
-    let found: Vec<&str> = r.ok()["users"]["edges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["node"]["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(found, vec![bobby.to_string()]);
+    assert_eq!(listed_ids(r.ok()), vec![bobby]);
 
     // 6. The store still works, and holds exactly what was accepted.
     let (after, _) = api.create_user("after@example.com", "After").await;
-    let r = api
-        .gql(Some(&owner(after)), USER, json!({ "id": after }))
-        .await;
+    let r = api.user_as(&owner(after), after).await;
     assert_eq!(r.ok()["user"]["email"], "after@example.com");
     let events = api.events_via_api(&auditor).await;
     let robert_events: Vec<&Value> = events
@@ -431,16 +339,8 @@ async fn sql_and_control_characters_on_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nul_characters_on_postgres_are_not_internal_errors() {
     run(TestApp::postgres().await, async |api| {
-        let r = api
-            .gql(
-                None,
-                CREATE_USER,
-                json!({
-                    "input": { "email": "nul@example.com", "displayName": "Nul" },
-                    "commandId": "x\u{0}y",
-                }),
-            )
-            .await;
+        let input = json!({ "email": "nul@example.com", "displayName": "Nul" });
+        let r = api.sign_up(None, input, Some("x\u{0}y")).await;
         sane(&r, "commandId with NUL");
         if r.has_errors() {
             invalid(&r, "commandId", "commandId with NUL");

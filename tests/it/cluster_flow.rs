@@ -10,9 +10,12 @@ use std::collections::BTreeSet;
 use uuid::Uuid;
 
 on_cluster! {
-    a_mutation_is_visible_from_redis_and_from_the_replica_with_keyset_pages: create => end_to_end,
-    an_event_committed_after_a_later_position_still_reaches_kafka_and_the_views: create_alone => late_commit,
-    kafka_messages_carry_the_user_id_as_key_and_the_contract_headers: create => message_key_and_headers,
+    a_mutation_is_visible_from_redis_and_from_the_replica_with_keyset_pages:
+        create => end_to_end,
+    an_event_committed_after_a_later_position_still_reaches_kafka_and_the_views:
+        create_alone => late_commit,
+    kafka_messages_carry_the_user_id_as_key_and_the_contract_headers:
+        create => message_key_and_headers,
 }
 
 /// `users(first, after, filter)` pages through the SQL view until the last page.

@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
 
 on_cluster! {
-    one_relay_publishes_at_a_time_and_another_takes_over_when_it_stops: create => single_active_relay,
+    one_relay_publishes_at_a_time_and_another_takes_over_when_it_stops:
+        create => single_active_relay,
 }
 
 /// Creates `n` users with two profile updates each; returns their ids.

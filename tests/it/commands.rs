@@ -687,16 +687,3 @@ async fn rejected_commands_append_nothing_and_name_the_invalid_field(app: &TestA
     assert_eq!(types, ["UserCreated", "AccountDeleted"]);
     assert_eq!(app.count_events(None).await, 2);
 }
-
-/// Each command on the account `id` with valid input: a new display name, a new email, the
-/// deletion.
-fn changes_of(id: Uuid, display_name: &str, email: &str) -> [(&'static str, Value); 3] {
-    [
-        (
-            UPDATE_PROFILE,
-            json!({ "id": id, "input": { "displayName": display_name } }),
-        ),
-        (CHANGE_EMAIL, json!({ "id": id, "email": email })),
-        (DELETE_ACCOUNT, json!({ "id": id })),
-    ]
-}

@@ -114,35 +114,22 @@ async fn a_new_process_continues_versions_and_keeps_emails_claimed(app: &mut Tes
     let Resp { body, .. } = app.admin_gql(DELETE_ACCOUNT, json!({ "id": left })).await;
     assert!(body.get("errors").is_none(), "{body}");
     let command_id = Uuid::new_v4().to_string();
-    let Resp { body, .. } = app
-        .admin_gql(
-            UPDATE_PROFILE,
-            json!({ "id": kept, "input": { "bio": "Before" }, "commandId": command_id }),
-        )
-        .await;
+    let command = json!({ "id": kept, "input": { "bio": "Before" }, "commandId": command_id });
+    let Resp { body, .. } = app.admin_gql(UPDATE_PROFILE, command.clone()).await;
     let first = body["data"]["updateProfile"].clone();
     assert_eq!(first["version"], 2, "{body}");
 
     app.restart().await;
 
     // The email index and the command ids are durable.
-    let Resp { status, body, .. } = app
-        .admin_gql(
-            CREATE_USER,
-            json!({ "input": { "email": "KEPT@example.com", "displayName": "Copy" } }),
-        )
-        .await;
-    expect_error(status, &body, "EMAIL_TAKEN");
+    let copy = json!({ "email": "KEPT@example.com", "displayName": "Copy" });
+    let r = app.sign_up(Some(&admin()), copy, None).await;
+    r.expect_error("EMAIL_TAKEN");
     let (reborn, _) = app
         .create_user_unsettled("left@example.com", "Left again")
         .await;
     assert_ne!(reborn, left);
-    let Resp { body, .. } = app
-        .admin_gql(
-            UPDATE_PROFILE,
-            json!({ "id": kept, "input": { "bio": "Before" }, "commandId": command_id }),
-        )
-        .await;
+    let Resp { body, .. } = app.admin_gql(UPDATE_PROFILE, command).await;
     assert_eq!(body["data"]["updateProfile"], first, "{body}");
     let Resp { status, body, .. } = app
         .admin_gql(

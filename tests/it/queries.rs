@@ -57,10 +57,7 @@ async fn a_read_with_min_version_sees_the_version_the_mutation_returned(app: &Te
     assert_eq!(user, updated["user"]);
 
     let Resp { body, .. } = app
-        .admin_gql(
-            CHANGE_EMAIL,
-            json!({ "id": id, "email": "reader2@example.com" }),
-        )
+        .change_email_as(&admin(), id, "reader2@example.com")
         .await;
     let changed = version_of(&body["data"]["changeEmail"]);
     assert_eq!(changed, 3, "{body}");
@@ -142,10 +139,7 @@ async fn user_by_email_finds_the_user_in_any_letter_case(app: &TestApp) {
 
     // After an email change, the old address finds nobody and the new one finds the user.
     let Resp { body, .. } = app
-        .admin_gql(
-            CHANGE_EMAIL,
-            json!({ "id": id, "email": "New.Case@example.org" }),
-        )
+        .change_email_as(&admin(), id, "New.Case@example.org")
         .await;
     let v = version_of(&body["data"]["changeEmail"]);
     read_user(app, id, Some(v)).await;
@@ -206,12 +200,8 @@ async fn the_events_query_lists_a_users_events_in_order(app: &TestApp) {
         .await
         .0;
     let command_id = Uuid::new_v4().to_string();
-    let Resp { body, .. } = app
-        .admin_gql(
-            UPDATE_PROFILE,
-            json!({ "id": id, "input": { "bio": "Audited" }, "commandId": command_id }),
-        )
-        .await;
+    let command = json!({ "id": id, "input": { "bio": "Audited" }, "commandId": command_id });
+    let Resp { body, .. } = app.admin_gql(UPDATE_PROFILE, command).await;
     let position = body["data"]["updateProfile"]["position"].clone();
     app.create_user_unsettled("someone.else@example.com", "Else")
         .await;

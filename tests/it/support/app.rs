@@ -5,7 +5,10 @@
 use super::auth::JWT_SECRET;
 use super::cleanup::Teardown;
 use super::database::TestDb;
-use super::graphql::{send, Gql, Resp, CREATE_USER, EVENTS, USER};
+use super::graphql::{
+    send, Gql, Resp, CHANGE_EMAIL, CREATE_USER, DELETE_ACCOUNT, EVENTS, UPDATE_PROFILE, USER,
+    USER_BY_EMAIL,
+};
 use super::wait::wait_until;
 use axum::body::Body;
 use axum::http::Request;
@@ -178,6 +181,46 @@ impl TestApp {
         self.send(Gql::vars(query, variables).by_admin()).await
     }
 
+    /// `createUser(input, commandId)` as the bearer of `token` (anonymously when `None`).
+    pub async fn sign_up(
+        &self,
+        token: Option<&str>,
+        input: Value,
+        command_id: Option<&str>,
+    ) -> Resp {
+        let variables = json!({ "input": input, "commandId": command_id });
+        self.gql(token, CREATE_USER, variables).await
+    }
+
+    /// `user(id)` as the bearer of `token`.
+    pub async fn user_as(&self, token: &str, id: Uuid) -> Resp {
+        self.gql(Some(token), USER, json!({ "id": id })).await
+    }
+
+    /// `userByEmail(email)` as the bearer of `token`.
+    pub async fn user_by_email_as(&self, token: &str, email: &str) -> Resp {
+        self.gql(Some(token), USER_BY_EMAIL, json!({ "email": email }))
+            .await
+    }
+
+    /// `updateProfile(id, input)` as the bearer of `token`.
+    pub async fn update_profile_as(&self, token: &str, id: Uuid, input: Value) -> Resp {
+        let variables = json!({ "id": id, "input": input });
+        self.gql(Some(token), UPDATE_PROFILE, variables).await
+    }
+
+    /// `changeEmail(id, email)` as the bearer of `token`.
+    pub async fn change_email_as(&self, token: &str, id: Uuid, email: &str) -> Resp {
+        let variables = json!({ "id": id, "email": email });
+        self.gql(Some(token), CHANGE_EMAIL, variables).await
+    }
+
+    /// `deleteAccount(id)` as the bearer of `token`.
+    pub async fn delete_account_as(&self, token: &str, id: Uuid) -> Resp {
+        self.gql(Some(token), DELETE_ACCOUNT, json!({ "id": id }))
+            .await
+    }
+
     /// Signs up (anonymously, as anyone may), waits until the views have the new user, and
     /// returns its id and the mutation's payload.
     pub async fn create_user(&self, email: &str, display_name: &str) -> (Uuid, Value) {
@@ -189,13 +232,8 @@ impl TestApp {
 
     /// Signs up without waiting for the views.
     pub async fn create_user_unsettled(&self, email: &str, display_name: &str) -> (Uuid, Value) {
-        let r = self
-            .gql(
-                None,
-                CREATE_USER,
-                json!({ "input": { "email": email, "displayName": display_name } }),
-            )
-            .await;
+        let input = json!({ "email": email, "displayName": display_name });
+        let r = self.sign_up(None, input, None).await;
         let payload = r.ok()["createUser"].clone();
         let id = payload["user"]["id"]
             .as_str()

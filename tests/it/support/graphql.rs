@@ -7,6 +7,7 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{header, HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt;
+use serde::Serialize;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use tower::ServiceExt;
@@ -81,6 +82,23 @@ pub const ENVELOPE_FIELDS: [&str; 8] = [
     "eventVersion",
     "recordedAt",
 ];
+
+/// Each command on the account `id`, with valid input: a new display name, a new email, the
+/// deletion.
+pub fn changes_of(
+    id: impl Serialize + Copy,
+    display_name: &str,
+    email: &str,
+) -> [(&'static str, Value); 3] {
+    [
+        (
+            UPDATE_PROFILE,
+            json!({ "id": id, "input": { "displayName": display_name } }),
+        ),
+        (CHANGE_EMAIL, json!({ "id": id, "email": email })),
+        (DELETE_ACCOUNT, json!({ "id": id })),
+    ]
+}
 
 /// The position before every event (a valid `after` for "from the start").
 pub const START: &str = "00000000000000000000000000000000";
@@ -256,6 +274,14 @@ impl Resp {
             .is_some_and(|e| !e.is_empty())
     }
 
+    /// The value of the header `name`, or `""` when it is absent or not text.
+    pub fn header(&self, name: impl header::AsHeaderName) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
     pub fn data(&self) -> &Value {
         &self.body["data"]
     }
@@ -281,6 +307,13 @@ impl Resp {
     #[track_caller]
     pub fn expect_error(&self, code: &str) {
         expect_error(self.status, &self.body, code);
+    }
+
+    /// Asserts HTTP 200 and exactly one error with `code`; a failure names `case`.
+    #[track_caller]
+    pub fn expect_error_in(&self, case: impl std::fmt::Display, code: &str) {
+        assert_eq!(self.status, StatusCode::OK, "{case}: {}", self.text);
+        assert_eq!(self.codes(), vec![code.to_owned()], "{case}: {}", self.text);
     }
 
     /// Asserts an HTTP error status with one error of `code`.
@@ -343,6 +376,14 @@ pub async fn try_gql(router: &axum::Router, query: &str, variables: Value) -> Re
     } else {
         Err(r.body)
     }
+}
+
+/// The user ids on a page of `users` (its `data`), in order.
+pub fn listed_ids(data: &Value) -> Vec<Uuid> {
+    let edges = data["users"]["edges"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no users page in {data}"));
+    edges.iter().map(|e| uuid_of(&e["node"]["id"])).collect()
 }
 
 /// The user id in a mutation's payload.
