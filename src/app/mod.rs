@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 
 pub use background::{kafka_config, relay_name, wait_for};
 pub use roles::{Role, ALL_ROLES, PROJECTIONS};
-pub use store::{open_store, pg_pool};
+pub use store::{open_store, pg_pool, Storage};
 
 use crate::config::Config;
 use crate::http::health::{Dependencies, Dependency};
@@ -60,7 +60,8 @@ pub async fn build(config: &Config) -> anyhow::Result<App> {
 /// Builds the parts of a process that `roles` need and starts their background tasks.
 pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App> {
     let auth = crate::http::auth::AuthSetup::from_config(config)?;
-    let store = open_store(config).await?;
+    let storage = open_store(config).await?;
+    let store = storage.store;
     let log: Arc<dyn EventLog> = store.clone();
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut dependencies = Dependencies::default();
@@ -70,6 +71,7 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
         roles,
         store: store.clone(),
         log,
+        keys: storage.keys,
         metrics: Arc::new(Metrics::new()),
         shutdown: shutdown_rx,
         tasks: Vec::new(),

@@ -20,6 +20,8 @@ pub struct Process<'a> {
     pub roles: &'a [Role],
     pub store: Arc<dyn EventStore>,
     pub log: Arc<dyn EventLog>,
+    /// Opens the personal data of events for the readers allowed to see it.
+    pub keys: Arc<pcf_adapters::keys::Keys>,
     pub metrics: Arc<Metrics>,
     pub shutdown: watch::Receiver<bool>,
     pub tasks: Vec<JoinHandle<()>>,

@@ -1,6 +1,8 @@
-//! The event store and PostgreSQL pools a process opens, with the migrations applied.
+//! The event store and PostgreSQL pools a process opens, with the migrations applied, and the
+//! key table that opens the personal data of its events.
 
 use anyhow::Context;
+use pcf_adapters::keys::{KeyDb, Keys};
 use pcf_command::{EventStore, PostgresStore, SqliteStore};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
@@ -39,16 +41,29 @@ async fn append_pool(url: &str, max: u32) -> anyhow::Result<PgPool> {
     pg_pool_with(options, max, what).await
 }
 
-/// Opens the event store the configuration names and applies the migrations.
-pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn EventStore>> {
-    match &config.database_url {
+/// The event store of a process and the keys to its personal data.
+pub struct Storage {
+    pub store: Arc<dyn EventStore>,
+    pub keys: Arc<Keys>,
+}
+
+/// Opens the event store the configuration names, applies the migrations, and checks the
+/// configured key-encryption keys against the key table (a wrong or missing KEK stops the
+/// process here, saying which).
+pub async fn open_store(config: &Config) -> anyhow::Result<Storage> {
+    let keyring = Arc::new(super::keys::keyring(config)?);
+    let (store, db): (Arc<dyn EventStore>, KeyDb) = match &config.database_url {
         Some(url) => {
             let pool = pg_pool(url, 32, "the event store (PCF_DATABASE_URL)").await?;
             let appends = append_pool(url, 32).await?;
             pcf_migrations::run_postgres(&pool)
                 .await
                 .context("applying PostgreSQL migrations")?;
-            Ok(Arc::new(PostgresStore::new(pool).with_append_pool(appends)))
+            let db = KeyDb::Postgres(pool.clone());
+            (
+                Arc::new(PostgresStore::new(pool).with_append_pool(appends)),
+                db,
+            )
         }
         None => {
             std::fs::create_dir_all(&config.data_dir).with_context(|| {
@@ -61,7 +76,13 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn EventStore>> 
             pcf_migrations::run_sqlite(store.writer())
                 .await
                 .context("applying SQLite migrations")?;
-            Ok(Arc::new(store))
+            let db = KeyDb::Sqlite(store.writer().clone());
+            (Arc::new(store), db)
         }
-    }
+    };
+    let keys = Arc::new(Keys::new(db, keyring));
+    keys.check_keks()
+        .await
+        .context("checking the key-encryption keys (PCF_KEK, PCF_KEK_FILE)")?;
+    Ok(Storage { store, keys })
 }

@@ -1,22 +1,28 @@
-//! `pcf events show` and `pcf events tail`: the log as JSON envelopes, one per line.
+//! `pcf events show` and `pcf events tail`: the log as JSON envelopes, one per line, with the
+//! personal data opened (this tool holds the key-encryption keys): erased where the user's key
+//! is destroyed. An event whose personal data does not open stops the command, naming it.
 
+use pcf_adapters::keys::Keys;
 use pcf_domain::ports::{EventLog, LogPages};
-use pcf_domain::Position;
+use pcf_domain::{EventEnvelope, Position};
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::args::EventsCommand;
+use crate::app::Storage;
 use crate::config::Config;
 
 /// Prints one user's events, or the log from a position on (following it).
 pub async fn events(config: Config, command: EventsCommand) -> anyhow::Result<()> {
-    let store = crate::app::open_store(&config).await?;
+    let Storage { store, keys } = crate::app::open_store(&config).await?;
     let mut out = std::io::stdout().lock();
     match command {
         EventsCommand::Show { user_id } => {
-            for e in store.user_events(user_id, 0).await? {
-                writeln!(out, "{}", serde_json::to_string(&e)?)?;
+            let mut events = store.user_events(user_id, 0).await?;
+            open(&keys, &mut events).await?;
+            for e in &events {
+                writeln!(out, "{}", serde_json::to_string(e)?)?;
             }
         }
         EventsCommand::Tail { from } => {
@@ -29,7 +35,8 @@ pub async fn events(config: Config, command: EventsCommand) -> anyhow::Result<()
             let log: Arc<dyn EventLog> = store;
             let mut pages = LogPages::new(log, after, 1000);
             loop {
-                let page = pages.next_page().await?;
+                let mut page = pages.next_page().await?;
+                open(&keys, &mut page).await?;
                 for e in &page {
                     writeln!(out, "{}", serde_json::to_string(e)?)?;
                 }
@@ -39,6 +46,18 @@ pub async fn events(config: Config, command: EventsCommand) -> anyhow::Result<()
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// Opens the personal data of `events`; one that does not open is an error naming it.
+async fn open(keys: &Keys, events: &mut [EventEnvelope]) -> anyhow::Result<()> {
+    if let Some(bad) = keys.open(events).await?.into_iter().next() {
+        anyhow::bail!(
+            "the personal data of event {} does not open: {}",
+            bad.event_id,
+            bad.reason
+        );
     }
     Ok(())
 }

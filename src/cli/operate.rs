@@ -81,7 +81,7 @@ pub async fn projections(config: Config, command: ProjectionsCommand) -> anyhow:
                 }
                 found
             };
-            let store = open_store(&config).await?;
+            let store = open_store(&config).await?.store;
             let log: Arc<dyn EventLog> = store;
             // All chosen views are built from one reading of the log.
             let label = chosen
@@ -126,7 +126,7 @@ fn progress_bar(name: &str) -> indicatif::ProgressBar {
 
 /// `pcf relay status`.
 pub async fn relay_status(config: Config) -> anyhow::Result<()> {
-    let store = open_store(&config).await?;
+    let store = open_store(&config).await?.store;
     let name = relay_name(&config);
     let checkpoint = store.load_checkpoint(&name).await?;
     let backlog = store.count_after(checkpoint).await?;
