@@ -53,6 +53,11 @@ pub enum Command {
         #[arg(long, default_value = "1h")]
         ttl: String,
     },
+    /// Manages the keys of personal data.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Inspects the relay.
     Relay {
         #[command(subcommand)]
@@ -67,6 +72,14 @@ pub enum ProjectionsCommand {
     /// Rebuilds a projection (or `all`) from the event store into a new generation and
     /// switches readers to it when it has caught up, while live traffic goes on.
     Rebuild { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Re-wraps every user's data key under the newest key-encryption key (the first of
+    /// PCF_KEK_FILE), while traffic goes on; resumable. Afterwards the older KEKs can be
+    /// retired.
+    Rotate,
 }
 
 #[derive(Subcommand, Debug)]

@@ -3,10 +3,11 @@
 
 pub mod args;
 pub mod events;
+pub mod keys;
 pub mod operate;
 pub mod serve;
 
-pub use args::{Cli, Command, EventsCommand, ProjectionsCommand, RelayCommand};
+pub use args::{Cli, Command, EventsCommand, KeysCommand, ProjectionsCommand, RelayCommand};
 
 use crate::app::ALL_ROLES;
 use crate::config::Config;
@@ -60,6 +61,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Events { command } => events::events(Config::load(None)?, command).await,
+        Command::Keys { command } => keys::keys(Config::load(None)?, command).await,
         Command::Projections { command } => {
             operate::projections(Config::load(None)?, command).await
         }
@@ -67,4 +69,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             command: RelayCommand::Status,
         } => operate::relay_status(Config::load(None)?).await,
     }
+}
+
+/// A long operation's progress on standard error: a bar, counts of `unit`, rate and ETA.
+fn progress_bar(name: &str, unit: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    let template = format!(
+        "{{prefix}} [{{bar:30}}] {{percent:>3}}% {{human_pos}}/{{human_len}} {unit}  {{per_sec}}  ETA {{eta}}"
+    );
+    let style = indicatif::ProgressStyle::with_template(&template)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("#>.");
+    bar.set_style(style);
+    bar.set_prefix(name.to_owned());
+    bar
 }

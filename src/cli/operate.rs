@@ -89,7 +89,7 @@ pub async fn projections(config: Config, command: ProjectionsCommand) -> anyhow:
                 .map(|v| v.name().to_owned())
                 .collect::<Vec<_>>()
                 .join("+");
-            let bar = progress_bar(&label);
+            let bar = super::progress_bar(&label, "events");
             let report = |p: Progress| {
                 if let Some(total) = p.total {
                     bar.set_length(total);
@@ -109,19 +109,6 @@ pub async fn projections(config: Config, command: ProjectionsCommand) -> anyhow:
             Ok(())
         }
     }
-}
-
-/// The rebuild's progress on standard error: a bar, counts, events/s and ETA.
-fn progress_bar(name: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(0);
-    let style = indicatif::ProgressStyle::with_template(
-        "{prefix} [{bar:30}] {percent:>3}% {human_pos}/{human_len} events  {per_sec}  ETA {eta}",
-    )
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-    .progress_chars("#>.");
-    bar.set_style(style);
-    bar.set_prefix(name.to_owned());
-    bar
 }
 
 /// `pcf relay status`.
