@@ -10,8 +10,13 @@
 //! or release emails and record the command id *in the same transaction* as the events, and
 //! the crates' `persist` opens a transaction of its own. So each adapter writes the crates'
 //! table layout itself, in one transaction, and maps unique violations to their meaning.
+//!
+//! Both adapters are one `SqlStore` (`sql`), over a backend that brings the statements and
+//! driver types of its database and its own appends, log reads, leadership and commit
+//! notifications.
 
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -101,6 +106,18 @@ pub struct AppendRequest<'a> {
     pub fingerprint: Option<&'a str>,
     /// The user's state after the events, for the stored command result.
     pub user_after: Option<&'a UserView>,
+}
+
+impl AppendRequest<'_> {
+    /// What the append returns, once its last event is at `position`.
+    pub(crate) fn result(&self, position: Position) -> CommandResult {
+        CommandResult {
+            user_id: self.user_id,
+            user: self.user_after.cloned(),
+            version: self.expected_sequence + self.events.len() as u64,
+            position,
+        }
+    }
 }
 
 /// What command handling (`CommandService`) needs: the user's state, the append, the

@@ -1,25 +1,23 @@
-//! The PostgreSQL event store: postgres-es for loading, one transaction of our own per append.
+//! The PostgreSQL event store: postgres-es for loading, one statement of our own per append,
+//! commits announced to the stores of other processes with NOTIFY.
 
 use async_trait::async_trait;
-use cqrs_es::persist::PersistedEventStore;
+use chrono::{DateTime, Utc};
 use cqrs_es::DomainEvent;
-use cqrs_es::EventStore as _;
 use futures::TryStreamExt;
-use pcf_domain::ports::{Change, EmailDirectory, EventLog, LogQuery, PortError};
-use pcf_domain::{Email, EventEnvelope, Position, User};
+use pcf_domain::ports::{Change, LogQuery};
+use pcf_domain::{EventEnvelope, Position};
 use postgres_es::PostgresEventRepository;
 use sqlx::postgres::{PgListener, PgRow, PgValueFormat};
-use sqlx::{PgPool, Row};
+use sqlx::{PgPool, Postgres, Row};
 use std::sync::Arc;
 use tokio::sync::Notify;
-
-use super::CommitSignal;
 use uuid::Uuid;
 
+use super::sql::{envelope, Arg, SqlBackend, SqlStore, Statements};
 use super::{
-    email_changes, metadata_value, retention_seconds, stored_command, stored_payload, AppendError,
-    AppendRequest, CommandResult, CommandStore, CommitFeed, EmailChange, Lease, RelayStore,
-    StoreError, StoreHealth, StoredCommand, StoredEvent, PRUNE_BATCH,
+    email_changes, metadata_value, stored_payload, AppendError, AppendRequest, CommandResult,
+    EmailChange, Lease, StoreError,
 };
 
 const NOTIFY_CHANNEL: &str = "pcf_events";
@@ -30,18 +28,50 @@ const NOTIFY_CHANNEL: &str = "pcf_events";
 /// store signals its own relay and subscribers directly).
 const ANNOUNCE_GAP: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// Columns every read of the log selects, in the order `row_to_event` takes them;
+/// Columns every read of the log selects, in the order `stored_event` takes them;
 /// `transaction_id` goes out as text because sqlx has no `xid8` type.
 const EVENT_COLUMNS: &str = "event_id, aggregate_id, sequence, event_type, event_version, \
-     payload, metadata, global_position, transaction_id::text AS txid, recorded_at";
+     payload, metadata, transaction_id::text AS txid, global_position, recorded_at";
+
+/// The statements of `SqlStore`, in PostgreSQL's SQL. A position is read as the commit
+/// (`transaction_id` as text) and the global position.
+const STATEMENTS: Statements = Statements {
+    event_columns: EVENT_COLUMNS,
+    find_command: "SELECT result, fingerprint, \
+            recorded_at < now() - make_interval(secs => $2::bigint) AS expired \
+        FROM processed_commands WHERE command_id = $1",
+    forget_expired_command: "DELETE FROM processed_commands \
+        WHERE command_id = $1 AND recorded_at < now() - make_interval(secs => $2::bigint)",
+    // By the index on `recorded_at`; rows another pruner locked are left to it.
+    prune_expired_commands: "DELETE FROM processed_commands WHERE command_id IN ( \
+            SELECT command_id FROM processed_commands \
+            WHERE recorded_at < now() - make_interval(secs => $2::bigint) \
+            LIMIT $1 FOR UPDATE SKIP LOCKED)",
+    position_of: "SELECT transaction_id::text AS txid, global_position FROM events \
+        WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
+    load_checkpoint: "SELECT transaction_id::text AS txid, global_position \
+        FROM relay_checkpoints WHERE name = $1",
+    count_after: "SELECT count(*) FROM events \
+        WHERE (transaction_id, global_position) > ($1::text::xid8, $2)",
+    save_checkpoint: "INSERT INTO relay_checkpoints \
+            (name, transaction_id, global_position, updated_at) \
+        VALUES ($1, $2::text::xid8, $3, now()) \
+        ON CONFLICT (name) DO UPDATE SET transaction_id = EXCLUDED.transaction_id, \
+            global_position = EXCLUDED.global_position, updated_at = now()",
+    last_position: "SELECT transaction_id::text AS txid, global_position FROM events \
+        WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+        ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+};
 
 /// The event store on a PostgreSQL primary.
-pub struct PostgresStore {
-    pool: PgPool,
-    /// Where appends run: `pool`, or connections of their own (see `with_append_pool`).
+pub type PostgresStore = SqlStore<PgBackend>;
+
+/// What the PostgreSQL store keeps of its own: the pool of its appends, and the tasks that
+/// listen for and announce commits.
+pub struct PgBackend {
+    /// Where appends run: the store's pool, or connections of their own (see
+    /// `with_append_pool`).
     appends: PgPool,
-    loader: PersistedEventStore<PostgresEventRepository, User>,
-    committed: CommitSignal,
     /// The task listening for commit notifications, ended with the store.
     listener: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Woken after each append; the task announcing commits to other stores (started at
@@ -53,7 +83,7 @@ pub struct PostgresStore {
     token: String,
 }
 
-impl Drop for PostgresStore {
+impl Drop for PgBackend {
     fn drop(&mut self) {
         let listener = self.listener.get_mut().unwrap_or_else(|e| e.into_inner());
         if let Some(task) = listener.take() {
@@ -67,35 +97,33 @@ impl Drop for PostgresStore {
 
 impl PostgresStore {
     pub fn new(pool: PgPool) -> Self {
-        let loader =
-            PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()));
-        Self {
+        let backend = PgBackend {
             appends: pool.clone(),
-            pool,
-            loader,
-            committed: CommitSignal::new(),
             listener: std::sync::Mutex::new(None),
             appended: Arc::new(Notify::new()),
             announcer: std::sync::OnceLock::new(),
             token: Uuid::new_v4().simple().to_string(),
-        }
+        };
+        let repository = PostgresEventRepository::new(pool.clone());
+        SqlStore::assemble(pool.clone(), pool, &STATEMENTS, repository, backend)
     }
 
     /// Signals this store's waiters, and has the commit announced to other stores.
     fn committed_here(&self) {
         self.committed.signal();
-        self.appended.notify_one();
-        self.announcer.get_or_init(|| {
+        let backend = &self.backend;
+        backend.appended.notify_one();
+        backend.announcer.get_or_init(|| {
             tokio::spawn(announce_commits(
-                self.pool.clone(),
-                self.appended.clone(),
-                self.token.clone(),
+                self.writer.clone(),
+                backend.appended.clone(),
+                backend.token.clone(),
             ))
         });
     }
 
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        &self.reader
     }
 
     /// Runs appends on `pool`, for connections set up for them: the append is one
@@ -105,36 +133,16 @@ impl PostgresStore {
     /// store's pool, where a generic plan would be wrong for some (a count after a
     /// position scans the whole table).
     pub fn with_append_pool(mut self, pool: PgPool) -> Self {
-        self.appends = pool;
+        self.backend.appends = pool;
         self
     }
 }
 
-fn row_to_event(row: &PgRow) -> Result<StoredEvent, StoreError> {
-    // By position, in the order of `EVENT_COLUMNS`: a log read decodes a million rows, and
-    // a lookup by name costs a hash per column.
-    Ok(StoredEvent {
-        event_id: row.try_get(0)?,
-        aggregate_id: row.try_get(1)?,
-        sequence: row.try_get(2)?,
-        event_type: row.try_get(3)?,
-        event_version: row.try_get(4)?,
-        payload: row.try_get(5)?,
-        metadata: row.try_get(6)?,
-        position: position_at(row, 7, 8)?,
-        recorded_at: row.try_get(9)?,
-    })
-}
-
-/// The position a row gives in its columns `global` (`global_position`) and `txid`
-/// (`transaction_id` as text).
-fn position_at<I: sqlx::ColumnIndex<PgRow>>(
-    row: &PgRow,
-    global: I,
-    txid: I,
-) -> Result<Position, StoreError> {
-    let global: i64 = row.try_get(global)?;
-    let txid: String = row.try_get(txid)?;
+/// The position a row gives in its columns `at` (`transaction_id` as text) and `at + 1`
+/// (`global_position`).
+fn position_at(row: &PgRow, at: usize) -> Result<Position, StoreError> {
+    let txid: String = row.try_get(at)?;
+    let global: i64 = row.try_get(at + 1)?;
     let commit = txid
         .parse::<u64>()
         .map_err(|e| StoreError::Internal(format!("transaction id {txid:?}: {e}")))?;
@@ -159,7 +167,7 @@ fn row_to_change(row: &PgRow) -> Result<Change, StoreError> {
         event_id: row.try_get(0)?,
         aggregate_id,
         sequence: sequence as u64,
-        position: position_at(row, 4, 5)?,
+        position: position_at(row, 4)?,
         event: serde_json::from_slice(json).map_err(|e| e.to_string()),
     })
 }
@@ -231,10 +239,6 @@ async fn decode_log<T>(
 /// The most rows a log read makes room for before it has seen them.
 const LOG_PAGE_CAPACITY: usize = 10_000;
 
-fn row_to_envelope(row: &PgRow) -> Result<EventEnvelope, StoreError> {
-    row_to_event(row).and_then(StoredEvent::into_envelope)
-}
-
 /// An append in one statement, so one round trip and no explicit transaction: the events,
 /// the email index and the command id (with its fingerprint) change together or not at
 /// all. Each unique violation names its constraint (see `classify`). The stored command
@@ -283,18 +287,31 @@ fn classify(e: sqlx::Error) -> AppendError {
 }
 
 #[async_trait]
-impl CommandStore for PostgresStore {
-    async fn load(&self, user_id: Uuid) -> Result<(User, u64), StoreError> {
-        let context = self
-            .loader
-            .load_aggregate(&user_id.to_string())
-            .await
-            .map_err(|e| StoreError::Internal(e.to_string()))?;
-        Ok((context.aggregate, context.current_sequence as u64))
+impl SqlBackend for PgBackend {
+    type Db = Postgres;
+    type Repo = PostgresEventRepository;
+
+    fn position(row: &PgRow, at: usize) -> Result<Position, StoreError> {
+        position_at(row, at)
     }
 
-    async fn append(&self, req: AppendRequest<'_>) -> Result<CommandResult, AppendError> {
-        let aggregate_id = req.user_id.to_string();
+    fn commit_arg(commit: u64) -> Arg<'static> {
+        // Cast to `xid8` by the statements: sqlx has no type for it.
+        Arg::Text(commit.to_string().into())
+    }
+
+    fn event_id(row: &PgRow, at: usize) -> Result<Uuid, StoreError> {
+        Ok(row.try_get(at)?)
+    }
+
+    fn recorded_at(row: &PgRow, at: usize) -> Result<DateTime<Utc>, StoreError> {
+        Ok(row.try_get(at)?)
+    }
+
+    async fn append(
+        store: &PostgresStore,
+        req: AppendRequest<'_>,
+    ) -> Result<CommandResult, AppendError> {
         let n = req.events.len();
         let mut types = Vec::with_capacity(n);
         let mut versions = Vec::with_capacity(n);
@@ -316,12 +333,7 @@ impl CommandStore for PostgresStore {
                 EmailChange::ReleaseAll => release_all = true,
             }
         }
-        let mut result = CommandResult {
-            user_id: req.user_id,
-            user: req.user_after.cloned(),
-            version: req.expected_sequence + n as u64,
-            position: Position::START,
-        };
+        let mut result = req.result(Position::START);
         // The stored result gets its position inside the statement, once it is known.
         let stored = req
             .metadata
@@ -332,7 +344,7 @@ impl CommandStore for PostgresStore {
             .map_err(|e| StoreError::Internal(e.to_string()))?;
         let row = sqlx::query(APPEND)
             .bind(pcf_domain::AGGREGATE_TYPE)
-            .bind(&aggregate_id)
+            .bind(req.user_id.to_string())
             .bind(req.expected_sequence as i64)
             .bind(&types)
             .bind(&versions)
@@ -345,131 +357,38 @@ impl CommandStore for PostgresStore {
             .bind(&req.metadata.command_id)
             .bind(stored)
             .bind(req.fingerprint)
-            .fetch_one(&self.appends)
+            .fetch_one(&store.backend.appends)
             .await
             .map_err(classify)?;
-        result.position = position_at(&row, "global_position", "txid")?;
-        self.committed_here();
+        result.position = position_at(&row, 0)?;
+        store.committed_here();
         Ok(result)
     }
 
-    async fn find_command(&self, command_id: &str) -> Result<Option<StoredCommand>, StoreError> {
-        let row: Option<(Option<serde_json::Value>, Option<String>, bool)> = sqlx::query_as(
-            "SELECT result, fingerprint, \
-                    recorded_at < now() - make_interval(secs => $2::bigint) AS expired \
-             FROM processed_commands WHERE command_id = $1",
-        )
-        .bind(command_id)
-        .bind(retention_seconds())
-        .fetch_optional(&self.pool)
-        .await?;
-        match row {
-            Some((result, fingerprint, expired)) => stored_command(result, fingerprint, expired),
-            None => Ok(None),
-        }
+    async fn read(store: &PostgresStore, q: &LogQuery) -> Result<Vec<EventEnvelope>, StoreError> {
+        let sql = log_sql(EVENT_COLUMNS, q);
+        decode_log(&sql, q, &store.reader, envelope::<Self>).await
     }
 
-    async fn forget_expired_command(&self, command_id: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "DELETE FROM processed_commands \
-             WHERE command_id = $1 AND recorded_at < now() - make_interval(secs => $2::bigint)",
-        )
-        .bind(command_id)
-        .bind(retention_seconds())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+    async fn read_changes(store: &PostgresStore, q: &LogQuery) -> Result<Vec<Change>, StoreError> {
+        // The payload is decoded straight from the bytes PostgreSQL sends (the stored,
+        // externally tagged form of `UserEvent`), without a JSON value in between; metadata,
+        // type, version and time are not read at all.
+        let sql = log_sql(
+            "event_id, aggregate_id, sequence, payload, transaction_id::text AS txid, \
+             global_position",
+            q,
+        );
+        decode_log(&sql, q, &store.reader, row_to_change).await
     }
 
-    async fn prune_expired_commands(&self) -> Result<u64, StoreError> {
-        let mut pruned = 0;
-        loop {
-            // By the index on `recorded_at`; rows another pruner locked are left to it.
-            let done = sqlx::query(
-                "DELETE FROM processed_commands WHERE command_id IN ( \
-                     SELECT command_id FROM processed_commands \
-                     WHERE recorded_at < now() - make_interval(secs => $1::bigint) \
-                     LIMIT $2 FOR UPDATE SKIP LOCKED)",
-            )
-            .bind(retention_seconds())
-            .bind(PRUNE_BATCH)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-            pruned += done;
-            if done < PRUNE_BATCH as u64 {
-                return Ok(pruned);
-            }
-        }
-    }
-
-    async fn position_of(&self, user_id: Uuid, sequence: u64) -> Result<Position, StoreError> {
-        let row = sqlx::query(
-            "SELECT global_position, transaction_id::text AS txid FROM events \
-             WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3",
-        )
-        .bind(pcf_domain::AGGREGATE_TYPE)
-        .bind(user_id.to_string())
-        .bind(sequence as i64)
-        .fetch_optional(&self.pool)
-        .await?;
-        match row {
-            Some(row) => position_at(&row, "global_position", "txid"),
-            None => Ok(Position::START),
-        }
-    }
-}
-
-#[async_trait]
-impl RelayStore for PostgresStore {
-    async fn load_checkpoint(&self, name: &str) -> Result<Position, StoreError> {
-        let row = sqlx::query(
-            "SELECT transaction_id::text AS txid, global_position FROM relay_checkpoints WHERE name = $1",
-        )
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await?;
-        match row {
-            Some(row) => position_at(&row, "global_position", "txid"),
-            None => Ok(Position::START),
-        }
-    }
-
-    async fn count_after(&self, position: Position) -> Result<u64, StoreError> {
-        let (n,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM events \
-             WHERE (transaction_id, global_position) > ($1::text::xid8, $2)",
-        )
-        .bind(position.commit.to_string())
-        .bind(position.global as i64)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(n as u64)
-    }
-
-    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO relay_checkpoints (name, transaction_id, global_position, updated_at) \
-             VALUES ($1, $2::text::xid8, $3, now()) \
-             ON CONFLICT (name) DO UPDATE SET transaction_id = EXCLUDED.transaction_id, \
-             global_position = EXCLUDED.global_position, updated_at = now()",
-        )
-        .bind(name)
-        .bind(position.commit.to_string())
-        .bind(position.global as i64)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    fn committed(&self) -> Arc<Notify> {
-        self.committed.relay()
-    }
-
-    async fn try_lead(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {
+    async fn try_lead(
+        store: &PostgresStore,
+        name: &str,
+    ) -> Result<Option<Box<dyn Lease>>, StoreError> {
         // A session-level advisory lock on a connection of its own: held until released or
         // until the connection (or the process) dies, when another relay takes over.
-        let mut conn = self.pool.acquire().await?.detach();
+        let mut conn = store.reader.acquire().await?.detach();
         let (locked,): (bool,) =
             sqlx::query_as("SELECT pg_try_advisory_lock(hashtext($1)::bigint)")
                 .bind(format!("pcf-relay:{name}"))
@@ -477,19 +396,12 @@ impl RelayStore for PostgresStore {
                 .await?;
         Ok(locked.then(|| Box::new(AdvisoryLease { conn }) as Box<dyn Lease>))
     }
-}
 
-#[async_trait]
-impl CommitFeed for PostgresStore {
-    fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.committed.watch()
-    }
-
-    async fn watch_commits(&self) -> Result<(), StoreError> {
-        let mut listener = PgListener::connect_with(&self.pool).await?;
+    async fn watch_commits(store: &PostgresStore) -> Result<(), StoreError> {
+        let mut listener = PgListener::connect_with(&store.reader).await?;
         listener.listen(NOTIFY_CHANNEL).await?;
-        let committed = self.committed.clone();
-        let token = self.token.clone();
+        let committed = store.committed.clone();
+        let token = store.backend.token.clone();
         let task = tokio::spawn(async move {
             loop {
                 // `recv` reconnects by itself after a lost connection; anything committed
@@ -506,7 +418,8 @@ impl CommitFeed for PostgresStore {
             }
         });
         // One listener per store: a second call replaces the first.
-        let previous = self
+        let previous = store
+            .backend
             .listener
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -514,14 +427,6 @@ impl CommitFeed for PostgresStore {
         if let Some(previous) = previous {
             previous.abort();
         }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl StoreHealth for PostgresStore {
-    async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
 }
@@ -557,79 +462,5 @@ impl Lease for AdvisoryLease {
             .execute(&mut self.conn)
             .await
             .is_ok()
-    }
-}
-
-#[async_trait]
-impl EventLog for PostgresStore {
-    async fn read(&self, q: &LogQuery) -> Result<Vec<EventEnvelope>, PortError> {
-        let sql = log_sql(EVENT_COLUMNS, q);
-        Ok(decode_log(&sql, q, &self.pool, row_to_envelope).await?)
-    }
-
-    async fn read_changes(&self, q: &LogQuery) -> Result<Vec<Change>, PortError> {
-        // The payload is decoded straight from the bytes PostgreSQL sends (the stored,
-        // externally tagged form of `UserEvent`), without a JSON value in between; metadata,
-        // type, version and time are not read at all.
-        let sql = log_sql(
-            "event_id, aggregate_id, sequence, payload, global_position, \
-             transaction_id::text AS txid",
-            q,
-        );
-        Ok(decode_log(&sql, q, &self.pool, row_to_change).await?)
-    }
-
-    async fn last_position(&self) -> Result<Option<Position>, PortError> {
-        let row = sqlx::query(
-            "SELECT global_position, transaction_id::text AS txid FROM events \
-             WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
-        )
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(StoreError::from)?;
-        Ok(row
-            .map(|row| position_at(&row, "global_position", "txid"))
-            .transpose()?)
-    }
-
-    async fn event_count(&self) -> Result<Option<u64>, PortError> {
-        Ok(Some(self.count_after(Position::START).await?))
-    }
-
-    async fn user_events(
-        &self,
-        user: Uuid,
-        after_sequence: u64,
-    ) -> Result<Vec<EventEnvelope>, PortError> {
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events \
-             WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3 \
-             ORDER BY sequence"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(pcf_domain::AGGREGATE_TYPE)
-            .bind(user.to_string())
-            .bind(after_sequence as i64)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(StoreError::from)?;
-        Ok(rows
-            .iter()
-            .map(row_to_envelope)
-            .collect::<Result<Vec<_>, _>>()?)
-    }
-}
-
-#[async_trait]
-impl EmailDirectory for PostgresStore {
-    async fn owner_of(&self, email: &Email) -> Result<Option<Uuid>, PortError> {
-        let row: Option<(String,)> =
-            sqlx::query_as("SELECT user_id FROM user_emails WHERE email = $1")
-                .bind(email.as_str())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(StoreError::from)?;
-        Ok(row.and_then(|(id,)| Uuid::parse_str(&id).ok()))
     }
 }
