@@ -79,6 +79,13 @@ async fn a_user_reads_and_changes_their_own_account() {
     api.stop().await;
 }
 
+/// Signs Alice and Bob up (`alice@example.com`, `bob@example.com`); their ids.
+async fn alice_and_bob(api: &TestApp) -> (Uuid, Uuid) {
+    let (a, _) = api.create_user("alice@example.com", "Alice").await;
+    let (b, _) = api.create_user("bob@example.com", "Bob").await;
+    (a, b)
+}
+
 /// Asserts the read of someone else's account answers `{ field: null }` exactly as the read
 /// of an account that does not exist (`of_nobody`).
 #[track_caller]
@@ -93,8 +100,7 @@ fn assert_reads_as_missing(of_other: &Resp, of_nobody: &Resp, field: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_users_account_reads_exactly_like_one_that_does_not_exist() {
     let api = TestApp::start().await;
-    let (a, _) = api.create_user("alice@example.com", "Alice").await;
-    let (b, _) = api.create_user("bob@example.com", "Bob").await;
+    let (a, b) = alice_and_bob(&api).await;
     let alice = owner(a);
 
     let of_b = api.user_as(&alice, b).await;
@@ -163,8 +169,7 @@ async fn changing_another_users_account_is_forbidden_and_appends_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_may_do_everything() {
     let api = TestApp::start().await;
-    let (a, _) = api.create_user("alice@example.com", "Alice").await;
-    let (b, _) = api.create_user("bob@example.com", "Bob").await;
+    let (a, b) = alice_and_bob(&api).await;
     let admin = admin();
 
     let r = api.user_as(&admin, b).await;
@@ -539,8 +544,7 @@ fn with_command_id(mut vars: Value, command_id: &str) -> Value {
 }
 
 async fn another_callers_command_with_a_used_command_id_is_refused_and_does_not_run(api: &TestApp) {
-    let (a, _) = api.create_user("alice@example.com", "Alice").await;
-    let (b, _) = api.create_user("bob@example.com", "Bob").await;
+    let (a, b) = alice_and_bob(api).await;
     let alice = owner(a);
     let bob = owner(b);
     let alices_command = json!({
@@ -588,8 +592,7 @@ async fn another_callers_command_with_a_used_command_id_is_refused_and_does_not_
 }
 
 async fn one_callers_command_id_answers_only_the_identical_command(api: &TestApp) {
-    let (a, _) = api.create_user("alice@example.com", "Alice").await;
-    let (b, _) = api.create_user("bob@example.com", "Bob").await;
+    let (a, b) = alice_and_bob(api).await;
     let alice = owner(a);
     let command = json!({
         "id": a, "input": { "displayName": "Alice A." }, "expectedVersion": 1,

@@ -216,17 +216,22 @@ async fn a_refused_query_runs_no_resolver() {
     api.stop().await;
 }
 
+/// Posts each of `bodies` as it is, and asserts each is refused with 400 `BAD_REQUEST`.
+async fn assert_bad_requests<B: Into<Vec<u8>>>(api: &TestApp, bodies: impl IntoIterator<Item = B>) {
+    for body in bodies {
+        let body = body.into();
+        let case = format!("{:?}", String::from_utf8_lossy(&body));
+        let r = api.send(Gql::raw(body)).await;
+        r.expect_refused_in(case, StatusCode::BAD_REQUEST, "BAD_REQUEST");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_are_refused() {
     let api = TestApp::start().await;
-    for body in [
-        json!([{ "query": "{ __typename }" }, { "query": "{ __typename }" }]).to_string(),
-        json!([{ "query": "{ __typename }" }]).to_string(),
-        "[]".to_owned(),
-    ] {
-        let r = api.send(Gql::raw(body.clone())).await;
-        r.expect_refused(StatusCode::BAD_REQUEST, "BAD_REQUEST");
-    }
+    let typename = json!({ "query": "{ __typename }" });
+    let batches = [json!([typename, typename]), json!([typename]), json!([])];
+    assert_bad_requests(&api, batches.map(|b| b.to_string())).await;
     api.stop().await;
 }
 
@@ -267,27 +272,22 @@ async fn a_one_mebibyte_body_is_payload_too_large() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_json_is_a_bad_request() {
     let api = TestApp::start().await;
-    for body in [
-        "{\"query\": ",
-        "{\"query\": \"{ __typename }\"",
-        "not json",
-        "",
-        "\u{0}\u{1}\u{2}",
-        "{\"query\": \"{ __typename }\"}}",
-    ] {
-        let r = api.send(Gql::raw(body)).await;
-        r.expect_refused(StatusCode::BAD_REQUEST, "BAD_REQUEST");
-    }
+    assert_bad_requests(
+        &api,
+        [
+            "{\"query\": ",
+            "{\"query\": \"{ __typename }\"",
+            "not json",
+            "",
+            "\u{0}\u{1}\u{2}",
+            "{\"query\": \"{ __typename }\"}}",
+        ],
+    )
+    .await;
     // Invalid UTF-8.
-    let r = api
-        .send(Gql::raw(vec![b'{', b'"', 0xff, 0xfe, b'"', b'}']))
-        .await;
-    r.expect_refused(StatusCode::BAD_REQUEST, "BAD_REQUEST");
+    assert_bad_requests(&api, [vec![b'{', b'"', 0xff, 0xfe, b'"', b'}']]).await;
     // JSON, but not a GraphQL request.
-    for body in ["42", "\"{ __typename }\"", "{\"query\": 5}", "null"] {
-        let r = api.send(Gql::raw(body)).await;
-        r.expect_refused(StatusCode::BAD_REQUEST, "BAD_REQUEST");
-    }
+    assert_bad_requests(&api, ["42", "\"{ __typename }\"", "{\"query\": 5}", "null"]).await;
     api.stop().await;
 }
 
@@ -356,101 +356,102 @@ async fn production() -> TestApp {
     TestApp::with(|c| c.environment = pcf::config::Environment::Production).await
 }
 
+/// Runs `test` on a development app and a production app, to compare, and stops both.
+async fn on_dev_and_prod(test: impl AsyncFnOnce(&TestApp, &TestApp)) {
+    let apps = (TestApp::start().await, production().await);
+    run(apps, async |(dev, prod): &mut (TestApp, TestApp)| {
+        test(dev, prod).await
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn production_has_no_introspection() {
-    let dev = TestApp::start().await;
-    let prod = production().await;
-    for q in [
-        "{ __schema { types { name } } }",
-        "{ __type(name: \"User\") { fields { name } } }",
-        "{ __schema { queryType { fields { name } } } }",
-    ] {
-        // The control: development answers.
-        let r = dev.send(Gql::new(q).bearer(&admin())).await;
-        r.ok();
-        let r = prod.send(Gql::new(q).bearer(&admin())).await;
-        // Either refused, or answered with nothing: no schema information at all.
-        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-        let data = r.data();
-        assert!(
-            data.is_null() || (data["__schema"].is_null() && data["__type"].is_null()),
-            "production introspected: {}",
-            r.text
-        );
-        for leak in ["UserConnection", "displayName", "CreateUserInput"] {
-            assert!(!r.text.contains(leak), "{leak} leaked: {}", r.text);
+    on_dev_and_prod(async |dev, prod| {
+        for q in [
+            "{ __schema { types { name } } }",
+            "{ __type(name: \"User\") { fields { name } } }",
+            "{ __schema { queryType { fields { name } } } }",
+        ] {
+            // The control: development answers.
+            let r = dev.send(Gql::new(q).bearer(&admin())).await;
+            r.ok();
+            let r = prod.send(Gql::new(q).bearer(&admin())).await;
+            // Either refused, or answered with nothing: no schema information at all.
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+            let data = r.data();
+            assert!(
+                data.is_null() || (data["__schema"].is_null() && data["__type"].is_null()),
+                "production introspected: {}",
+                r.text
+            );
+            for leak in ["UserConnection", "displayName", "CreateUserInput"] {
+                assert!(!r.text.contains(leak), "{leak} leaked: {}", r.text);
+            }
         }
-    }
-    // `__typename` is not introspection and still answers.
-    prod.send(Gql::new("{ __typename }")).await.ok();
-    dev.stop().await;
-    prod.stop().await;
+        // `__typename` is not introspection and still answers.
+        prod.send(Gql::new("{ __typename }")).await.ok();
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn production_makes_no_field_suggestions() {
-    let dev = TestApp::start().await;
-    let prod = production().await;
-    let queries = [
-        "{ userz(id: \"x\") { id } }",
-        "{ user(id: \"x\") { emails } }",
-        "{ events { edges { node { evenType } } } }",
-        "mutation { createUsr(input: {email: \"a@b.co\", displayName: \"A\"}) { version } }",
-    ];
-    for q in queries {
-        let r = dev.send(Gql::new(q).bearer(&admin())).await;
-        assert!(
-            r.text.contains("Did you mean"),
-            "the control: development suggests: {}",
-            r.text
-        );
-        let r = prod.send(Gql::new(q).bearer(&admin())).await;
-        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
-        assert!(r.has_errors(), "{}", r.text);
+    on_dev_and_prod(async |dev, prod| {
+        let queries = [
+            "{ userz(id: \"x\") { id } }",
+            "{ user(id: \"x\") { emails } }",
+            "{ events { edges { node { evenType } } } }",
+            "mutation { createUsr(input: {email: \"a@b.co\", displayName: \"A\"}) { version } }",
+        ];
+        for q in queries {
+            let r = dev.send(Gql::new(q).bearer(&admin())).await;
+            assert!(
+                r.text.contains("Did you mean"),
+                "the control: development suggests: {}",
+                r.text
+            );
+            let r = prod.send(Gql::new(q).bearer(&admin())).await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+            assert!(r.has_errors(), "{}", r.text);
+            assert!(
+                !r.text.to_lowercase().contains("did you mean"),
+                "production suggested: {}",
+                r.text
+            );
+        }
+        // Wrong argument names are not suggested either.
+        let r = prod
+            .send(Gql::new("{ user(idd: \"x\") { id } }").bearer(&admin()))
+            .await;
+        assert!(r.has_errors());
         assert!(
             !r.text.to_lowercase().contains("did you mean"),
-            "production suggested: {}",
+            "{}",
             r.text
         );
-    }
-    // Wrong argument names are not suggested either.
-    let r = prod
-        .send(Gql::new("{ user(idd: \"x\") { id } }").bearer(&admin()))
-        .await;
-    assert!(r.has_errors());
-    assert!(
-        !r.text.to_lowercase().contains("did you mean"),
-        "{}",
-        r.text
-    );
-    dev.stop().await;
-    prod.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn production_serves_no_graphiql() {
-    let dev = TestApp::start().await;
-    let prod = production().await;
-    let get = |path: &str| {
-        axum::http::Request::get(path)
-            .body(axum::body::Body::empty())
-            .unwrap()
-    };
-    let r = dev.send_request(get("/graphiql")).await;
-    assert_eq!(
-        r.status,
-        StatusCode::OK,
-        "the control: development serves GraphiQL"
-    );
-    assert!(r.text.to_lowercase().contains("graphiql"));
-    let r = prod.send_request(get("/graphiql")).await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
-    assert!(!r.text.to_lowercase().contains("graphiql"), "{}", r.text);
-    // GET /graphql is no playground either.
-    let r = prod.send_request(get("/graphql")).await;
-    assert_ne!(r.status, StatusCode::OK, "{}", r.text);
-    dev.stop().await;
-    prod.stop().await;
+    on_dev_and_prod(async |dev, prod| {
+        let r = dev.get("/graphiql").await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "the control: development serves GraphiQL"
+        );
+        assert!(r.text.to_lowercase().contains("graphiql"));
+        let r = prod.get("/graphiql").await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
+        assert!(!r.text.to_lowercase().contains("graphiql"), "{}", r.text);
+        // GET /graphql is no playground either.
+        let r = prod.get("/graphql").await;
+        assert_ne!(r.status, StatusCode::OK, "{}", r.text);
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -735,29 +736,48 @@ mod slow_clients {
         api.stop().await;
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn connections_over_the_cap_wait_until_one_ends() {
-        let api = TestApp::start().await;
-        let mut patient = limits(2);
-        patient.header_timeout = Duration::from_secs(30);
-        patient.idle_timeout = Duration::from_secs(30);
-        let server = Server::start_with(api.router(), patient).await;
-        let first = TcpStream::connect(server.addr).await.unwrap();
-        let _second = TcpStream::connect(server.addr).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        // The third is not served while two are open...
-        let mut third = TcpStream::connect(server.addr).await.unwrap();
-        third.write_all(REQUEST.as_bytes()).await.unwrap();
+    /// At most `max_connections` at once, with deadlines far longer than a test waits.
+    fn patient_limits(max_connections: usize) -> pcf::http::server::ConnectionLimits {
+        pcf::http::server::ConnectionLimits {
+            header_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+            ..limits(max_connections)
+        }
+    }
+
+    /// Connects and sends [`REQUEST`]; asserts no answer comes within 700 ms (`what` says
+    /// which connection was served too early). Returns the connection, still waiting.
+    async fn request_left_waiting(server: &Server, what: &str) -> TcpStream {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        stream.write_all(REQUEST.as_bytes()).await.unwrap();
         let mut buf = [0u8; 64];
-        let early = tokio::time::timeout(Duration::from_millis(700), third.read(&mut buf)).await;
-        assert!(early.is_err(), "a connection over the cap was served");
-        // ...and is once one of them ends.
-        drop(first);
-        let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+        let early = tokio::time::timeout(Duration::from_millis(700), stream.read(&mut buf)).await;
+        assert!(early.is_err(), "{what} was served");
+        stream
+    }
+
+    /// Asserts the waiting connection `stream` is answered 200 within 5 s.
+    async fn assert_served(stream: &mut TcpStream) {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
             .await
             .expect("the waiting connection was not served")
             .unwrap();
         assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_over_the_cap_wait_until_one_ends() {
+        let api = TestApp::start().await;
+        let server = Server::start_with(api.router(), patient_limits(2)).await;
+        let first = TcpStream::connect(server.addr).await.unwrap();
+        let _second = TcpStream::connect(server.addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The third is not served while two are open...
+        let mut third = request_left_waiting(&server, "a connection over the cap").await;
+        // ...and is once one of them ends.
+        drop(first);
+        assert_served(&mut third).await;
         drop(server);
         api.stop().await;
     }
@@ -765,27 +785,13 @@ mod slow_clients {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_websocket_keeps_its_place_under_the_connection_cap() {
         let api = TestApp::start().await;
-        let mut patient = limits(1);
-        patient.header_timeout = Duration::from_secs(30);
-        patient.idle_timeout = Duration::from_secs(30);
-        let server = Server::start_with(api.router(), patient).await;
+        let server = Server::start_with(api.router(), patient_limits(1)).await;
         let ws = WsClient::authenticated(&server, &auditor()).await;
         // While the websocket is open, the one place is taken...
-        let mut next = TcpStream::connect(server.addr).await.unwrap();
-        next.write_all(REQUEST.as_bytes()).await.unwrap();
-        let mut buf = [0u8; 64];
-        let early = tokio::time::timeout(Duration::from_millis(700), next.read(&mut buf)).await;
-        assert!(
-            early.is_err(),
-            "a connection beside an open websocket was served"
-        );
+        let mut next = request_left_waiting(&server, "a connection beside an open websocket").await;
         // ...and free once it closes.
         ws.close().await;
-        let n = tokio::time::timeout(Duration::from_secs(5), next.read(&mut buf))
-            .await
-            .expect("the waiting connection was not served")
-            .unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        assert_served(&mut next).await;
         drop(server);
         api.stop().await;
     }

@@ -19,6 +19,14 @@ fn limits(anonymous: u32, authenticated: u32, premium: u32) -> RateLimits {
     }
 }
 
+/// An embedded app with the limits `anonymous`, `authenticated` and `premium` per minute, in a
+/// rate-limit window with at least 5 s left.
+async fn app_limited_to(anonymous: u32, authenticated: u32, premium: u32) -> TestApp {
+    let app = TestApp::with(|c| c.rate_limits = limits(anonymous, authenticated, premium)).await;
+    fresh_window(5).await;
+    app
+}
+
 #[track_caller]
 fn allowed(r: &Resp, what: &str) {
     assert_eq!(r.status, StatusCode::OK, "{what}: {}", r.text);
@@ -43,15 +51,31 @@ fn limited(r: &Resp, what: &str) {
     assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
 }
 
+/// Sends `n` requests, the `i`th (from 1) made by `request(i)`, and asserts each is allowed;
+/// a failure names `who` and the request's number.
+async fn assert_allowed(api: &TestApp, who: &str, n: usize, request: impl Fn(usize) -> Gql) {
+    for i in 1..=n {
+        allowed(&api.send(request(i)).await, &format!("{who} {i}"));
+    }
+}
+
+/// Uses up a limit of `limit` requests: the first `limit` made by `request` are allowed, the
+/// next one is limited.
+async fn use_up(api: &TestApp, who: &str, limit: usize, request: impl Fn(usize) -> Gql) {
+    assert_allowed(api, who, limit, &request).await;
+    let next = limit + 1;
+    limited(&api.send(request(next)).await, &format!("{who} {next}"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_1001st_anonymous_request_in_a_minute_is_refused() {
     let api = TestApp::start().await;
     assert_eq!(api.config.rate_limits.anonymous, 1000);
     fresh_window(10).await;
-    for i in 1..=1000 {
-        let r = api.send(Gql::new(PING).peer("198.51.100.7:5000")).await;
-        allowed(&r, &format!("request {i}"));
-    }
+    assert_allowed(&api, "request", 1000, |_| {
+        Gql::new(PING).peer("198.51.100.7:5000")
+    })
+    .await;
     let r = api.send(Gql::new(PING).peer("198.51.100.7:5001")).await;
     limited(&r, "request 1001");
     // Another address is counted on its own.
@@ -62,44 +86,18 @@ async fn the_1001st_anonymous_request_in_a_minute_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_requests_are_counted_per_address() {
-    let api = TestApp::with(|c| c.rate_limits = limits(5, 100, 100)).await;
-    fresh_window(5).await;
-    for i in 1..=5 {
-        allowed(
-            &api.send(Gql::new(PING).peer("203.0.113.1:1000")).await,
-            &format!("A {i}"),
-        );
-    }
+    let api = app_limited_to(5, 100, 100).await;
+    assert_allowed(&api, "A", 5, |_| Gql::new(PING).peer("203.0.113.1:1000")).await;
     // A new port of the same host is the same client.
-    limited(
-        &api.send(Gql::new(PING).peer("203.0.113.1:1001")).await,
-        "A 6",
-    );
-    limited(
-        &api.send(Gql::new(PING).peer("203.0.113.1:1002")).await,
-        "A 7",
-    );
-    for i in 1..=5 {
-        allowed(
-            &api.send(Gql::new(PING).peer("203.0.113.2:1000")).await,
-            &format!("B {i}"),
+    for (n, peer) in [(6, "203.0.113.1:1001"), (7, "203.0.113.1:1002")] {
+        limited(
+            &api.send(Gql::new(PING).peer(peer)).await,
+            &format!("A {n}"),
         );
     }
-    limited(
-        &api.send(Gql::new(PING).peer("203.0.113.2:1000")).await,
-        "B 6",
-    );
+    use_up(&api, "B", 5, |_| Gql::new(PING).peer("203.0.113.2:1000")).await;
     // IPv6 clients too.
-    for i in 1..=5 {
-        allowed(
-            &api.send(Gql::new(PING).peer("[2001:db8::1]:443")).await,
-            &format!("v6 {i}"),
-        );
-    }
-    limited(
-        &api.send(Gql::new(PING).peer("[2001:db8::1]:443")).await,
-        "v6 6",
-    );
+    use_up(&api, "v6", 5, |_| Gql::new(PING).peer("[2001:db8::1]:443")).await;
     // A signed-in caller from a limited address is counted by subject instead.
     let r = api
         .send(
@@ -114,11 +112,8 @@ async fn anonymous_requests_are_counted_per_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limited_request_runs_nothing() {
-    let api = TestApp::with(|c| c.rate_limits = limits(2, 100, 100)).await;
-    fresh_window(5).await;
-    for i in 0..2 {
-        allowed(&api.send(Gql::new(PING)).await, &format!("{i}"));
-    }
+    let api = app_limited_to(2, 100, 100).await;
+    assert_allowed(&api, "ping", 2, |_| Gql::new(PING)).await;
     let r = api
         .send(Gql::vars(
             CREATE_USER,
@@ -140,16 +135,12 @@ async fn forwarded_for_from_an_untrusted_peer_does_not_dodge_the_limit() {
     })
     .await;
     fresh_window(5).await;
-    for i in 1..=5 {
-        let r = api
-            .send(
-                Gql::new(PING)
-                    .peer("203.0.113.50:4000")
-                    .header("x-forwarded-for", &format!("198.18.0.{i}")),
-            )
-            .await;
-        allowed(&r, &format!("{i}"));
-    }
+    assert_allowed(&api, "forwarded for", 5, |i| {
+        Gql::new(PING)
+            .peer("203.0.113.50:4000")
+            .header("x-forwarded-for", &format!("198.18.0.{i}"))
+    })
+    .await;
     for spoof in [
         "198.18.0.99",
         "10.0.0.9",
@@ -184,27 +175,15 @@ async fn forwarded_for_from_a_trusted_proxy_counts_each_client() {
             .peer("10.0.0.9:50000")
             .header("x-forwarded-for", xff)
     };
-    for i in 1..=5 {
-        allowed(
-            &api.send(via_proxy("198.51.100.1")).await,
-            &format!("client 1, {i}"),
-        );
-    }
-    limited(&api.send(via_proxy("198.51.100.1")).await, "client 1, 6");
+    use_up(&api, "client 1,", 5, |_| via_proxy("198.51.100.1")).await;
     // Another client behind the same proxy has its own count.
-    for i in 1..=5 {
-        allowed(
-            &api.send(via_proxy("198.51.100.2")).await,
-            &format!("client 2, {i}"),
-        );
-    }
-    limited(&api.send(via_proxy("198.51.100.2")).await, "client 2, 6");
+    use_up(&api, "client 2,", 5, |_| via_proxy("198.51.100.2")).await;
     // What the client itself wrote before the proxy appended its address does not count:
     // the nearest untrusted address is the client.
-    for i in 1..=5 {
-        let xff = format!("192.0.2.{i}, 198.51.100.3");
-        allowed(&api.send(via_proxy(&xff)).await, &format!("client 3, {i}"));
-    }
+    assert_allowed(&api, "client 3,", 5, |i| {
+        via_proxy(&format!("192.0.2.{i}, 198.51.100.3"))
+    })
+    .await;
     limited(
         &api.send(via_proxy("192.0.2.77, 198.51.100.3")).await,
         "client 3, 6",
@@ -228,61 +207,26 @@ async fn forwarded_for_from_a_trusted_proxy_counts_each_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn premium_subjects_get_a_higher_limit_than_standard_ones() {
-    let api = TestApp::with(|c| c.rate_limits = limits(2, 3, 6)).await;
-    fresh_window(5).await;
+    let api = app_limited_to(2, 3, 6).await;
     let standard = token("standard-subject", &[]);
     let premium = token_with_tier("premium-subject", &[], Some("premium"));
-    for i in 1..=3 {
-        allowed(
-            &api.send(Gql::new(PING).bearer(&standard)).await,
-            &format!("standard {i}"),
-        );
-    }
-    limited(
-        &api.send(Gql::new(PING).bearer(&standard)).await,
-        "standard 4",
-    );
-    for i in 1..=6 {
-        allowed(
-            &api.send(Gql::new(PING).bearer(&premium)).await,
-            &format!("premium {i}"),
-        );
-    }
-    limited(
-        &api.send(Gql::new(PING).bearer(&premium)).await,
-        "premium 7",
-    );
+    use_up(&api, "standard", 3, |_| Gql::new(PING).bearer(&standard)).await;
+    use_up(&api, "premium", 6, |_| Gql::new(PING).bearer(&premium)).await;
     // An unknown tier is standard.
     let gold = token_with_tier("gold-subject", &[], Some("gold"));
-    for i in 1..=3 {
-        allowed(
-            &api.send(Gql::new(PING).bearer(&gold)).await,
-            &format!("gold {i}"),
-        );
-    }
-    limited(&api.send(Gql::new(PING).bearer(&gold)).await, "gold 4");
+    use_up(&api, "gold", 3, |_| Gql::new(PING).bearer(&gold)).await;
     api.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authenticated_requests_are_counted_per_subject_not_per_address() {
-    let api = TestApp::with(|c| c.rate_limits = limits(100, 3, 6)).await;
-    fresh_window(5).await;
+    let api = app_limited_to(100, 3, 6).await;
     let t = token("roaming-subject", &[]);
-    for (i, peer) in ["192.0.2.1:1", "192.0.2.2:1", "192.0.2.3:1"]
-        .into_iter()
-        .enumerate()
-    {
-        allowed(
-            &api.send(Gql::new(PING).bearer(&t).peer(peer)).await,
-            &format!("{i}"),
-        );
-    }
-    limited(
-        &api.send(Gql::new(PING).bearer(&t).peer("192.0.2.4:1"))
-            .await,
-        "a fourth address",
-    );
+    // Each request from another address: the fourth is limited.
+    use_up(&api, "address", 3, |i| {
+        Gql::new(PING).bearer(&t).peer(&format!("192.0.2.{i}:1"))
+    })
+    .await;
     // A fresh token of the same subject shares the count.
     let again = token("roaming-subject", &["auditor"]);
     limited(
@@ -323,33 +267,24 @@ async fn api_keys_are_limited_per_key_with_their_tier() {
     })
     .await;
     fresh_window(5).await;
-    for i in 1..=2 {
-        let r = api
-            .send(Gql::new(PING).auth(Auth::ApiKeyHeader(KEY.into())))
-            .await;
-        allowed(&r, &format!("key {i}"));
-    }
+    assert_allowed(&api, "key", 2, |_| {
+        Gql::new(PING).auth(Auth::ApiKeyHeader(KEY.into()))
+    })
+    .await;
     let r = api
         .send(Gql::new(PING).auth(Auth::Raw(format!("ApiKey {KEY}"))))
         .await;
     limited(&r, "key 3");
-    for i in 1..=4 {
-        let r = api
-            .send(Gql::new(PING).auth(Auth::ApiKeyHeader(PREMIUM_KEY.into())))
-            .await;
-        allowed(&r, &format!("premium key {i}"));
-    }
-    let r = api
-        .send(Gql::new(PING).auth(Auth::ApiKeyHeader(PREMIUM_KEY.into())))
-        .await;
-    limited(&r, "premium key 5");
+    use_up(&api, "premium key", 4, |_| {
+        Gql::new(PING).auth(Auth::ApiKeyHeader(PREMIUM_KEY.into()))
+    })
+    .await;
     api.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_websocket_upgrade_is_rate_limited_by_address() {
-    let api = TestApp::with(|c| c.rate_limits = limits(2, 100, 100)).await;
-    fresh_window(5).await;
+    let api = app_limited_to(2, 100, 100).await;
     let ws_upgrade = || {
         let mut request = axum::http::Request::get("/graphql/ws")
             .header("connection", "upgrade")
@@ -387,12 +322,8 @@ async fn instances_sharing_redis_share_the_count() {
     let one = TestApp::with(tune).await;
     let two = TestApp::with(tune).await;
     fresh_window(5).await;
-    for i in 1..=3 {
-        allowed(&one.send(Gql::new(PING)).await, &format!("one {i}"));
-    }
-    for i in 4..=5 {
-        allowed(&two.send(Gql::new(PING)).await, &format!("two {i}"));
-    }
+    assert_allowed(&one, "one", 3, |_| Gql::new(PING)).await;
+    assert_allowed(&two, "two", 2, |_| Gql::new(PING)).await;
     limited(&two.send(Gql::new(PING)).await, "two 6");
     limited(&one.send(Gql::new(PING)).await, "one 7");
     one.stop().await;

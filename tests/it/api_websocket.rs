@@ -8,6 +8,7 @@ use crate::support::*;
 use pcf_domain::auth::PERSONAL_FIELDS;
 use serde_json::{json, Value};
 use std::time::Duration;
+use uuid::Uuid;
 
 const EVENTS_SUB: &str = "subscription($after: String, $aggregateId: ID, $types: [String!]) {
   events(after: $after, aggregateId: $aggregateId, types: $types) {
@@ -20,6 +21,14 @@ const USER_CHANGED: &str = "subscription($id: ID!) {
 }";
 
 const WAIT: Duration = Duration::from_secs(10);
+
+/// An embedded app with one user signed up, served on a loopback socket; the user's id.
+async fn served_with_user(email: &str, display_name: &str) -> (TestApp, Server, Uuid) {
+    let api = TestApp::start().await;
+    let (id, _) = api.create_user(email, display_name).await;
+    let server = Server::start(api.router()).await;
+    (api, server, id)
+}
 
 /// Asserts the server refused the connection: no `connection_ack`, and the connection ends.
 async fn assert_refused(server: &Server, payload: Value, what: &str) {
@@ -52,9 +61,7 @@ async fn assert_refused(server: &Server, payload: Value, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_without_valid_credentials_is_refused() {
-    let api = TestApp::start().await;
-    api.create_user("ws@example.com", "Ws").await;
-    let server = Server::start(api.router()).await;
+    let (api, server, _) = served_with_user("ws@example.com", "Ws").await;
 
     let now = unix_now();
     let expired = token_with_claims(
@@ -168,9 +175,7 @@ async fn expect_stream_error(ws: &mut WsClient, id: &str, code: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_auditor_subscription_receives_events_replayed_then_live() {
-    let api = TestApp::start().await;
-    let (a, _) = api.create_user("first@example.com", "First").await;
-    let server = Server::start(api.router()).await;
+    let (api, server, a) = served_with_user("first@example.com", "First").await;
     let mut ws = WsClient::authenticated(&server, &auditor()).await;
     ws.subscribe("s1", EVENTS_SUB, json!({ "after": START }))
         .await;
@@ -375,10 +380,8 @@ async fn a_resumed_subscription_gets_every_event_exactly_once_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_changed_pushes_the_owners_new_state() {
-    let api = TestApp::start().await;
-    let (a, _) = api.create_user("changing@example.com", "Before").await;
+    let (api, server, a) = served_with_user("changing@example.com", "Before").await;
     let alice = owner(a);
-    let server = Server::start(api.router()).await;
     let mut ws = WsClient::authenticated(&server, &alice).await;
     ws.subscribe("u", USER_CHANGED, json!({ "id": a })).await;
 
@@ -525,9 +528,7 @@ async fn an_operation_over_the_limits_is_refused_over_a_websocket_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_session_ends_with_4401_when_its_token_expires() {
-    let api = TestApp::start().await;
-    api.create_user("expiring@example.com", "Expiring").await;
-    let server = Server::start(api.router()).await;
+    let (api, server, _) = served_with_user("expiring@example.com", "Expiring").await;
     let now = unix_now();
     let short = token_with_claims(
         &json!({ "sub": "short-lived", "roles": ["auditor"], "iat": now, "exp": now + 3 }),

@@ -137,11 +137,18 @@ async fn create(service: &CommandService, id: Uuid, email: &str) {
         avatar_url: None,
         at: Utc::now(),
     };
-    let result = service
+    assert_eq!(execute(service, id, command).await, 1);
+}
+
+/// Runs `command` on the user `id`, without metadata, and returns the user's new version;
+/// panics if it fails.
+async fn execute(service: &CommandService, id: Uuid, command: UserCommand) -> u64 {
+    let name = command.name();
+    service
         .execute(id, command, EventMetadata::default())
         .await
-        .expect("createUser");
-    assert_eq!(result.version, 1);
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .version
 }
 
 async fn rename(service: &CommandService, id: Uuid, name: &str) {
@@ -152,10 +159,7 @@ async fn rename(service: &CommandService, id: Uuid, name: &str) {
         expected_version: None,
         at: Utc::now(),
     };
-    service
-        .execute(id, command, EventMetadata::default())
-        .await
-        .expect("updateProfile");
+    execute(service, id, command).await;
 }
 
 /// Steps the relay until the recorder holds `count` events (other clients of the server
@@ -332,18 +336,12 @@ async fn changes_match_envelopes(db: &TestDb) {
         expected_version: None,
         at: Utc::now(),
     };
-    service
-        .execute(a, change_email, EventMetadata::default())
-        .await
-        .expect("changeEmail");
+    execute(&service, a, change_email).await;
     let delete = UserCommand::DeleteAccount {
         expected_version: None,
         at: Utc::now(),
     };
-    service
-        .execute(b, delete, EventMetadata::default())
-        .await
-        .expect("deleteAccount");
+    execute(&service, b, delete).await;
     // A row written by another tool, whose payload is not a `UserEvent`.
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \

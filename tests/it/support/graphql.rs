@@ -322,6 +322,13 @@ impl Resp {
         assert_eq!(self.status, status, "{}", self.text);
         assert_eq!(self.codes(), vec![code.to_owned()], "{}", self.text);
     }
+
+    /// Asserts an HTTP error status with one error of `code`; a failure names `case`.
+    #[track_caller]
+    pub fn expect_refused_in(&self, case: impl std::fmt::Display, status: StatusCode, code: &str) {
+        assert_eq!(self.status, status, "{case}: {}", self.text);
+        assert_eq!(self.codes(), vec![code.to_owned()], "{case}: {}", self.text);
+    }
 }
 
 /// Sends a request through `router` (the one place a test request reaches a router).

@@ -16,7 +16,7 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -401,12 +401,8 @@ impl PrivateKafka {
     async fn spawn(&mut self) {
         let logs = self.server.dir.path().join("logs");
         std::fs::create_dir_all(&logs).expect("a log directory");
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(logs.join("kafka.out"))
-            .expect("a log file");
-        let child = Command::new("java")
+        let mut command = Command::new("java");
+        command
             .args([
                 "-Xms128m",
                 "-Xmx512m",
@@ -423,12 +419,12 @@ impl PrivateKafka {
             .arg("-cp")
             .arg(format!("{}/*", kafka_libs().display()))
             .arg("kafka.Kafka")
-            .arg(self.config_path())
-            .stdout(Stdio::from(out.try_clone().expect("a log file")))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .expect("starting the private Kafka broker");
-        self.server.started(child);
+            .arg(self.config_path());
+        self.server.spawn(
+            &mut command,
+            &logs.join("kafka.out"),
+            "the private Kafka broker",
+        );
         let brokers = self.brokers();
         let port = self.server.port;
         let started = Instant::now();

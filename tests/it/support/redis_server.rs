@@ -4,7 +4,10 @@
 use super::cleanup::Teardown;
 use super::services::{port_open, shared_redis_url, ChildServer};
 use super::wait::wait_until;
-use std::process::{Command, Stdio};
+use futures::StreamExt as _;
+use pcf_projectors::delete_matching;
+use redis::AsyncCommands as _;
+use std::process::Command;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -22,23 +25,8 @@ pub async fn scan_keys(
     conn: &mut redis::aio::MultiplexedConnection,
     pattern: &str,
 ) -> Result<Vec<String>, redis::RedisError> {
-    let mut cursor: u64 = 0;
-    let mut keys = Vec::new();
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
-        keys.extend(batch);
-        if next == 0 {
-            return Ok(keys);
-        }
-        cursor = next;
-    }
+    let keys: Vec<redis::RedisResult<String>> = conn.scan_match(pattern).await?.collect().await;
+    keys.into_iter().collect()
 }
 
 /// A key prefix of one test on the shared Redis; its keys are deleted at teardown.
@@ -66,15 +54,10 @@ impl RedisPrefix {
         let Ok(client) = redis::Client::open(self.url.as_str()) else {
             return;
         };
-        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        let Ok(mut conn) = redis::aio::ConnectionManager::new(client).await else {
             return;
         };
-        for key in scan_keys(&mut conn, &format!("{}:*", self.prefix))
-            .await
-            .unwrap_or_default()
-        {
-            let _: Result<(), _> = redis::cmd("DEL").arg(&key).query_async(&mut conn).await;
-        }
+        let _ = delete_matching(&mut conn, &format!("{}:*", self.prefix)).await;
     }
 }
 
@@ -122,22 +105,16 @@ impl PrivateRedis {
     }
 
     async fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.server.dir.path().join("redis.log"))
-            .expect("a log file");
-        let child = Command::new("redis-server")
+        let dir = self.server.dir.path().to_owned();
+        let mut command = Command::new("redis-server");
+        command
             .args(["--port", &self.server.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
-            .arg(self.server.dir.path())
-            .args(["--dbfilename", "dump.rdb"])
-            .stdout(Stdio::from(log.try_clone().expect("a log file")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("starting redis-server");
-        self.server.started(child);
+            .arg(&dir)
+            .args(["--dbfilename", "dump.rdb"]);
+        self.server
+            .spawn(&mut command, &dir.join("redis.log"), "redis-server");
         let url = self.url();
         wait_until(Duration::from_secs(20), "the private Redis", || {
             let url = url.clone();

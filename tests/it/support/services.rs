@@ -2,7 +2,8 @@
 //! loopback, overridable with `PCF_TEST_*`), and the plumbing of the private ones a test
 //! starts for itself: free ports, probes, killing a child process.
 
-use std::process::Child;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tempfile::TempDir;
 
@@ -89,9 +90,21 @@ impl ChildServer {
         self.child.is_some()
     }
 
-    /// Takes the started process in charge.
-    pub fn started(&mut self, child: Child) {
-        assert!(!self.is_running(), "already running");
+    /// Starts `command` (`what`, for messages) with its output appended to the file `log`,
+    /// and takes the process in charge.
+    pub fn spawn(&mut self, command: &mut Command, log: &Path, what: &str) {
+        assert!(!self.is_running(), "{what} is already running");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", log.display()));
+        let err = out.try_clone().expect("a log file");
+        let child = command
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {what}: {e}"));
         self.child = Some(child);
     }
 
