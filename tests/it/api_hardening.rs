@@ -352,8 +352,16 @@ async fn variables_that_do_not_fit_are_refused_alike_before_and_after_their_docu
     api.stop().await;
 }
 
+/// The key-encryption key of the production apps here (base64 of 32 bytes).
+const PRODUCTION_KEK: &str = "cGNmLWludGVncmF0aW9uLXRlc3RzLWtlay0zMi1ieXQ=";
+
+/// An embedded app in production mode, with the key-encryption key production requires.
 async fn production() -> TestApp {
-    TestApp::with(|c| c.environment = pcf::config::Environment::Production).await
+    TestApp::with(|c| {
+        c.environment = pcf::config::Environment::Production;
+        c.kek = Some(PRODUCTION_KEK.to_owned());
+    })
+    .await
 }
 
 /// Runs `test` on a development app and a production app, to compare, and stops both.
