@@ -120,6 +120,28 @@ impl Keys {
         self.stats.clone()
     }
 
+    /// The data key of `user` for a writer: from the cache without asking the database when
+    /// it is there, else from the key table. A writer may trust a cached key: no event is
+    /// appended after a user's `AccountDeleted` (the appends of one user are serialised by
+    /// their sequence), so a key destroyed meanwhile never seals anything.
+    pub async fn key_for_writing(&self, user: Uuid) -> Result<Option<DataKey>, PortError> {
+        let cached = {
+            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache.get(&user).map(|(_, key)| key.clone())
+        };
+        if let Some(key) = cached {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(key));
+        }
+        Ok(self.fetch(&[user]).await?.remove(&user))
+    }
+
+    /// Drops `user`'s key from this process's cache (its account was deleted here).
+    pub fn forget(&self, user: Uuid) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.remove(&user);
+    }
+
     /// The data keys of those of `users` that have one (live users), unwrapped.
     pub async fn fetch(&self, users: &[Uuid]) -> Result<HashMap<Uuid, DataKey>, PortError> {
         if users.is_empty() {

@@ -87,6 +87,26 @@ impl DeleteAccountPayload {
     async fn position(&self) -> String {
         self.0.position.to_string()
     }
+
+    /// The erasure receipt: the user's data key was destroyed, so no copy of the personal
+    /// data in the user's events (the event store, its replicas and backups, Kafka) can be
+    /// read any more. Null when the account had no key (created before personal data was
+    /// sealed; `pcf events protect` erases its older events).
+    async fn erasure(&self) -> Option<ErasureReceipt> {
+        self.0.key_destroyed_at.map(|at| ErasureReceipt {
+            position: self.0.position.to_string(),
+            key_destroyed_at: at,
+        })
+    }
+}
+
+/// Proof that a deleted account's personal data can no longer be read.
+#[derive(async_graphql::SimpleObject)]
+pub struct ErasureReceipt {
+    /// The position of the `AccountDeleted` event, whose transaction destroyed the key.
+    position: String,
+    /// When the key was destroyed.
+    key_destroyed_at: chrono::DateTime<Utc>,
 }
 
 /// The commands.

@@ -247,6 +247,7 @@ impl CommandService {
                     user: user.view().cloned(),
                     version: user.version(),
                     position,
+                    key_destroyed_at: None,
                 });
             }
             let request = AppendRequest {

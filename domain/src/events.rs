@@ -54,7 +54,7 @@ pub enum UserEvent {
 /// The version every event type is written with today: "2", personal fields sealed (and
 /// `AccountDeleted` saying when the key was destroyed). Version "1" events hold them in plain
 /// text; they are read alike.
-pub const CURRENT_EVENT_VERSION: &str = "1";
+pub const CURRENT_EVENT_VERSION: &str = "2";
 
 impl UserEvent {
     pub fn occurred_at(&self) -> DateTime<Utc> {

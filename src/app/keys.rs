@@ -42,11 +42,14 @@ pub fn read_kek_file(path: &Path) -> anyhow::Result<Vec<Kek>> {
             continue;
         }
         let (id, key) = line.split_once(char::is_whitespace).with_context(|| {
-            format!("{} line {}: expected `<id> <base64 key>`", path.display(), n + 1)
+            format!(
+                "{} line {}: expected `<id> <base64 key>`",
+                path.display(),
+                n + 1
+            )
         })?;
         keks.push(
-            Kek::parse(id, key)
-                .with_context(|| format!("{} line {}", path.display(), n + 1))?,
+            Kek::parse(id, key).with_context(|| format!("{} line {}", path.display(), n + 1))?,
         );
     }
     anyhow::ensure!(!keks.is_empty(), "{} holds no key", path.display());
@@ -112,7 +115,9 @@ mod tests {
         let key = pcf_adapters::personal::DataKey::generate();
         let wrapped = first.wrap("u", &key);
         let again = keyring(&config(dir.path())).unwrap();
-        again.unwrap("u", &wrapped).expect("the same KEK on the next start");
+        again
+            .unwrap("u", &wrapped)
+            .expect("the same KEK on the next start");
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -52,18 +52,16 @@ pub struct Storage {
 /// process here, saying which).
 pub async fn open_store(config: &Config) -> anyhow::Result<Storage> {
     let keyring = Arc::new(super::keys::keyring(config)?);
-    let (store, db): (Arc<dyn EventStore>, KeyDb) = match &config.database_url {
+    let (store, keys): (Arc<dyn EventStore>, Arc<Keys>) = match &config.database_url {
         Some(url) => {
             let pool = pg_pool(url, 32, "the event store (PCF_DATABASE_URL)").await?;
             let appends = append_pool(url, 32).await?;
             pcf_migrations::run_postgres(&pool)
                 .await
                 .context("applying PostgreSQL migrations")?;
-            let db = KeyDb::Postgres(pool.clone());
-            (
-                Arc::new(PostgresStore::new(pool).with_append_pool(appends)),
-                db,
-            )
+            let keys = Arc::new(Keys::new(KeyDb::Postgres(pool.clone()), keyring));
+            let store = PostgresStore::new(pool).with_append_pool(appends);
+            (Arc::new(store.with_keys(keys.clone())), keys)
         }
         None => {
             std::fs::create_dir_all(&config.data_dir).with_context(|| {
@@ -76,11 +74,10 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Storage> {
             pcf_migrations::run_sqlite(store.writer())
                 .await
                 .context("applying SQLite migrations")?;
-            let db = KeyDb::Sqlite(store.writer().clone());
-            (Arc::new(store), db)
+            let keys = Arc::new(Keys::new(KeyDb::Sqlite(store.writer().clone()), keyring));
+            (Arc::new(store.with_keys(keys.clone())), keys)
         }
     };
-    let keys = Arc::new(Keys::new(db, keyring));
     keys.check_keks()
         .await
         .context("checking the key-encryption keys (PCF_KEK, PCF_KEK_FILE)")?;

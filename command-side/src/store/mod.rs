@@ -16,6 +16,7 @@
 //! notifications.
 
 pub mod postgres;
+mod sealing;
 mod sql;
 pub mod sqlite;
 
@@ -80,6 +81,10 @@ pub struct CommandResult {
     pub user: Option<UserView>,
     pub version: u64,
     pub position: Position,
+    /// An account deletion's erasure receipt: when the user's data key was destroyed (in the
+    /// transaction that recorded the deletion, at `position`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_destroyed_at: Option<DateTime<Utc>>,
 }
 
 /// A command id's stored record, as `find_command` reads it.
@@ -116,6 +121,7 @@ impl AppendRequest<'_> {
             user: self.user_after.cloned(),
             version: self.expected_sequence + self.events.len() as u64,
             position,
+            key_destroyed_at: None,
         }
     }
 }
@@ -370,11 +376,6 @@ fn untag(payload: serde_json::Value) -> serde_json::Value {
         }
         other => other,
     }
-}
-
-/// Serialises an event as cqrs-es stores it (externally tagged).
-pub(crate) fn stored_payload(event: &UserEvent) -> Result<serde_json::Value, StoreError> {
-    serde_json::to_value(event).map_err(|e| StoreError::Internal(e.to_string()))
 }
 
 pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {

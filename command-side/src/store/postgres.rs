@@ -14,10 +14,11 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use super::sealing::Sealed;
 use super::sql::{envelope, Arg, SqlBackend, SqlStore, Statements};
 use super::{
-    email_changes, metadata_value, stored_payload, AppendError, AppendRequest, CommandResult,
-    EmailChange, Lease, StoreError,
+    email_changes, metadata_value, AppendError, AppendRequest, CommandResult, EmailChange, Lease,
+    StoreError,
 };
 
 const NOTIFY_CHANNEL: &str = "pcf_events";
@@ -240,8 +241,8 @@ async fn decode_log<T>(
 const LOG_PAGE_CAPACITY: usize = 10_000;
 
 /// An append in one statement, so one round trip and no explicit transaction: the events,
-/// the email index and the command id (with its fingerprint) change together or not at
-/// all. Each unique violation names its constraint (see `classify`). The stored command
+/// the email index, the command id (with its fingerprint) and the user's data key (made
+/// with the first event, destroyed with the deletion) change together or not at all. Each unique violation names its constraint (see `classify`). The stored command
 /// result gets the position of the last event appended, formatted as `Position` prints it.
 const APPEND: &str = "\
 WITH appended AS ( \
@@ -264,6 +265,11 @@ WITH appended AS ( \
         lpad(to_hex(transaction_id::text::bigint), 16, '0') || \
         lpad(to_hex(global_position), 16, '0'))), $14 \
     FROM last WHERE $12::text IS NOT NULL \
+), key_made AS ( \
+    INSERT INTO user_keys (user_id, kek_id, wrapped) \
+    SELECT $2, $15, $16 WHERE $16::bytea IS NOT NULL \
+), key_destroyed AS ( \
+    DELETE FROM user_keys WHERE user_id = $2 AND $17 \
 ) \
 SELECT transaction_id::text AS txid, global_position FROM last";
 
@@ -282,6 +288,8 @@ fn classify(e: sqlx::Error) -> AppendError {
         Some("events_pkey") => AppendError::Conflict,
         Some("user_emails_pkey") => AppendError::EmailTaken,
         Some("processed_commands_pkey") => AppendError::DuplicateCommand,
+        // Two first writes of an older user (without a key yet) raced to give it one.
+        Some("user_keys_pkey") => AppendError::Conflict,
         _ => AppendError::Store(e.into()),
     }
 }
@@ -311,18 +319,12 @@ impl SqlBackend for PgBackend {
     async fn append(
         store: &PostgresStore,
         req: AppendRequest<'_>,
+        sealed: &Sealed,
     ) -> Result<CommandResult, AppendError> {
         let n = req.events.len();
-        let mut types = Vec::with_capacity(n);
-        let mut versions = Vec::with_capacity(n);
-        let mut payloads = Vec::with_capacity(n);
-        let mut ids = Vec::with_capacity(n);
-        for event in req.events {
-            types.push(event.event_type());
-            versions.push(event.event_version());
-            payloads.push(stored_payload(event)?);
-            ids.push(Uuid::now_v7());
-        }
+        let types: Vec<String> = req.events.iter().map(|e| e.event_type()).collect();
+        let versions = vec![sealed.version; n];
+        let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
         let mut claims: Vec<&str> = Vec::new();
         let mut releases: Vec<&str> = Vec::new();
         let mut release_all = false;
@@ -339,16 +341,15 @@ impl SqlBackend for PgBackend {
             .metadata
             .command_id
             .as_ref()
-            .map(|_| serde_json::to_value(&result))
-            .transpose()
-            .map_err(|e| StoreError::Internal(e.to_string()))?;
+            .map(|_| sealed.stored_result(&result))
+            .transpose()?;
         let row = sqlx::query(APPEND)
             .bind(pcf_domain::AGGREGATE_TYPE)
             .bind(req.user_id.to_string())
             .bind(req.expected_sequence as i64)
             .bind(&types)
             .bind(&versions)
-            .bind(&payloads)
+            .bind(&sealed.payloads)
             .bind(metadata_value(req.metadata))
             .bind(&ids)
             .bind(release_all)
@@ -357,6 +358,9 @@ impl SqlBackend for PgBackend {
             .bind(&req.metadata.command_id)
             .bind(stored)
             .bind(req.fingerprint)
+            .bind(sealed.new_key.as_ref().map(|k| k.kek_id.as_str()))
+            .bind(sealed.new_key.as_ref().map(|k| k.bytes.as_slice()))
+            .bind(sealed.key_destroyed_at.is_some())
             .fetch_one(&store.backend.appends)
             .await
             .map_err(classify)?;

@@ -6,8 +6,9 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use cqrs_es::persist::{PersistedEventRepository, PersistedEventStore};
-use cqrs_es::EventStore as _;
+use cqrs_es::persist::PersistedEventRepository;
+use cqrs_es::Aggregate as _;
+use pcf_adapters::keys::Keys;
 use pcf_domain::ports::{Change, EmailDirectory, EventLog, LogQuery, PortError};
 use pcf_domain::{Email, EventEnvelope, Position, User};
 use sqlx::query::Query;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use super::sealing::{self, Sealed};
 use super::{
     retention_seconds, stored_command, AppendError, AppendRequest, CommandResult, CommandStore,
     CommitFeed, CommitSignal, Lease, RelayStore, StoreError, StoreHealth, StoredCommand,
@@ -52,6 +54,7 @@ pub trait SqlBackend: Sized + Send + Sync + 'static {
     async fn append(
         store: &SqlStore<Self>,
         request: AppendRequest<'_>,
+        sealed: &Sealed,
     ) -> Result<CommandResult, AppendError>;
 
     /// `EventLog::read`.
@@ -246,7 +249,10 @@ pub struct SqlStore<B: SqlBackend> {
     pub(super) writer: Pool<B::Db>,
     /// The statements, in the backend's SQL.
     sql: &'static Statements,
-    loader: PersistedEventStore<B::Repo, User>,
+    /// What aggregates are loaded through (postgres-es / sqlite-es).
+    repository: B::Repo,
+    /// Seal and open the personal data of events; none until `with_keys`.
+    keys: Option<Arc<Keys>>,
     pub(super) committed: CommitSignal,
     /// What the backend keeps of its own.
     pub(super) backend: B,
@@ -265,10 +271,25 @@ impl<B: SqlBackend> SqlStore<B> {
             reader,
             writer,
             sql,
-            loader: PersistedEventStore::new_event_store(repository),
+            repository,
+            keys: None,
             committed: CommitSignal::new(),
             backend,
         }
+    }
+
+    /// The store sealing and opening personal data with `keys` (wrapped by the same KEKs
+    /// every reader of the log uses).
+    pub fn with_keys(mut self, keys: Arc<Keys>) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// The keys, which every append and every load of sealed events needs.
+    fn keys(&self) -> Result<&Keys, StoreError> {
+        self.keys.as_deref().ok_or_else(|| {
+            StoreError::Internal("the event store has no keys for personal data".into())
+        })
     }
 
     /// The row that `sql`, a read of one row at most, returns, if any.
@@ -294,17 +315,58 @@ impl<B: SqlBackend> SqlStore<B> {
 
 #[async_trait]
 impl<B: SqlBackend> CommandStore for SqlStore<B> {
+    /// Reads the user's events through postgres-es / sqlite-es, opens their personal data
+    /// (erased if the account is deleted) and applies them.
     async fn load(&self, user_id: Uuid) -> Result<(User, u64), StoreError> {
-        let context = self
-            .loader
-            .load_aggregate(&user_id.to_string())
+        let events = self
+            .repository
+            .get_events::<User>(&user_id.to_string())
             .await
             .map_err(|e| StoreError::Internal(e.to_string()))?;
-        Ok((context.aggregate, context.current_sequence as u64))
+        let key = if events
+            .iter()
+            .any(|e| sealing::stored_is_sealed(&e.payload, &e.event_type))
+        {
+            let key = self.keys()?.key_for_writing(user_id).await?;
+            let deleted = events.iter().any(|e| e.event_type == "AccountDeleted");
+            if key.is_none() && !deleted {
+                return Err(StoreError::Internal(format!(
+                    "no data key for the live user {user_id}"
+                )));
+            }
+            key
+        } else {
+            None
+        };
+        let mut user = User::default();
+        let mut sequence = 0;
+        for e in events {
+            sequence = e.sequence as u64;
+            let event =
+                sealing::open_stored(user_id, sequence, &e.event_type, e.payload, key.as_ref())?;
+            user.apply(event);
+        }
+        Ok((user, sequence))
     }
 
     async fn append(&self, request: AppendRequest<'_>) -> Result<CommandResult, AppendError> {
-        B::append(self, request).await
+        let keys = self.keys()?;
+        let sealed = Sealed::prepare(
+            keys,
+            request.user_id,
+            request.expected_sequence + 1,
+            request.events,
+            request.user_after,
+            request.metadata.command_id.as_deref(),
+        )
+        .await?;
+        let user = request.user_id;
+        let mut result = B::append(self, request, &sealed).await?;
+        if sealed.key_destroyed_at.is_some() {
+            keys.forget(user);
+            result.key_destroyed_at = sealed.key_destroyed_at;
+        }
+        Ok(result)
     }
 
     async fn find_command(&self, command_id: &str) -> Result<Option<StoredCommand>, StoreError> {
@@ -312,6 +374,12 @@ impl<B: SqlBackend> CommandStore for SqlStore<B> {
         match self.fetch_row(self.sql.find_command, &args).await? {
             Some(row) => {
                 let (result, fingerprint, expired) = B::Db::command_record(&row)?;
+                let result = match result {
+                    Some(stored) => {
+                        Some(sealing::open_result(self.keys()?, command_id, stored).await?)
+                    }
+                    None => None,
+                };
                 stored_command(result, fingerprint, expired)
             }
             None => Ok(None),

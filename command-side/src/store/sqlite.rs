@@ -17,10 +17,11 @@ use std::path::Path;
 use std::time::Duration;
 use uuid::Uuid;
 
+use super::sealing::Sealed;
 use super::sql::{envelope, Arg, SqlBackend, SqlStore, Statements};
 use super::{
-    email_changes, is_unique_violation, metadata_value, stored_payload, AppendError, AppendRequest,
-    CommandResult, EmailChange, Lease, SoleLease, StoreError,
+    email_changes, is_unique_violation, metadata_value, AppendError, AppendRequest, CommandResult,
+    EmailChange, Lease, SoleLease, StoreError,
 };
 
 /// The columns of an event row, in the order `stored_event` takes them.
@@ -76,7 +77,10 @@ impl SqliteStore {
             // Events are the source of truth: every commit reaches the disk.
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // What is deleted (a destroyed data key, a released email, a rewritten event's
+            // plain text) is overwritten in the file, not left in its free pages.
+            .pragma("secure_delete", "ON");
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options.clone())
@@ -157,6 +161,7 @@ impl SqlBackend for SqliteBackend {
     async fn append(
         store: &SqliteStore,
         req: AppendRequest<'_>,
+        sealed: &Sealed,
     ) -> Result<CommandResult, AppendError> {
         let aggregate_id = req.user_id.to_string();
         let mut tx = store.writer.begin().await.map_err(StoreError::from)?;
@@ -185,8 +190,8 @@ impl SqlBackend for SqliteBackend {
             .bind(&aggregate_id)
             .bind((req.expected_sequence + 1 + i as u64) as i64)
             .bind(event.event_type())
-            .bind(event.event_version())
-            .bind(stored_payload(event)?)
+            .bind(sealed.version)
+            .bind(&sealed.payloads[i])
             .bind(&metadata)
             .bind(Uuid::now_v7().to_string())
             .bind(&recorded_at)
@@ -204,10 +209,19 @@ impl SqlBackend for SqliteBackend {
                 .await
                 .map_err(|e| classify(e, AppendError::EmailTaken))?;
         }
+        if let Some(key) = &sealed.new_key {
+            pcf_adapters::keys::insert_sqlite(&mut tx, req.user_id, key)
+                .await
+                .map_err(|e| classify(e, AppendError::Conflict))?;
+        }
+        if sealed.key_destroyed_at.is_some() {
+            pcf_adapters::keys::delete_sqlite(&mut tx, req.user_id)
+                .await
+                .map_err(StoreError::from)?;
+        }
         let result = req.result(last);
         if let Some(command_id) = &req.metadata.command_id {
-            let stored =
-                serde_json::to_value(&result).map_err(|e| StoreError::Internal(e.to_string()))?;
+            let stored = sealed.stored_result(&result)?;
             sqlx::query("UPDATE processed_commands SET result = $2 WHERE command_id = $1")
                 .bind(command_id)
                 .bind(stored)
