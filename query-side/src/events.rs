@@ -2,19 +2,19 @@
 
 use async_graphql::connection::Connection;
 use async_graphql::dataloader::{DataLoader, Loader};
-use async_graphql::{Context, Json, Object, SimpleObject, ID};
+use async_graphql::{Context, ErrorExtensions, Json, Object, SimpleObject, ID};
 use chrono::{DateTime, Utc};
+use pcf_adapters::keys::{Opener, Unopened};
 use pcf_domain::auth::{redact_payload, LogAccess, Principal};
 use pcf_domain::ports::{LogQuery, PortError, UserReader};
-use pcf_domain::UserView;
+use pcf_domain::{ErrorCode, UserView};
 use pcf_domain::{EventEnvelope, Position};
 use std::collections::HashMap;
 use std::sync::Arc;
 use uuid::Uuid;
 
-use crate::errors::{invalid, unavailable};
+use crate::errors::{error, invalid, unavailable};
 use crate::paging::Page;
-use crate::subscriptions::require_log_access;
 use crate::users::{ReadModels, UserObject};
 
 const MAX_PAGE: i32 = 500;
@@ -33,10 +33,11 @@ pub struct MetadataObject {
 pub struct EventObject(pub EventEnvelope);
 
 impl EventObject {
-    /// The event as a reader with `access` sees it. Without personal data (`analytics`):
-    /// no personal payload fields, and no command id, which would let its holder ask for
+    /// The event, read with `access` and opened if that needs it (`open_for`), as the reader
+    /// sees it. Without personal data (`analytics`): no personal payload fields, plain or
+    /// sealed (an erased marker stays), and no command id, which would let its holder ask for
     /// the command's result (nor the causation id, which is the command id today).
-    pub fn for_reader(mut event: EventEnvelope, access: LogAccess) -> Self {
+    fn for_reader(mut event: EventEnvelope, access: LogAccess) -> Self {
         if access == LogAccess::WithoutPersonalData {
             event.payload = redact_payload(&event.payload);
             event.metadata.command_id = None;
@@ -44,6 +45,97 @@ impl EventObject {
         }
         Self(event)
     }
+}
+
+/// How `caller` may read the log when asking for the events of `aggregate_id` (every user's
+/// when `None`): `admin` and `auditor` with personal data, and so a user reading their own
+/// events; `analytics` without personal data. Anyone else is refused, before the arguments
+/// are checked.
+pub(crate) fn log_access(
+    caller: &Principal,
+    aggregate_id: Option<&ID>,
+) -> async_graphql::Result<LogAccess> {
+    let own = aggregate_id
+        .and_then(|id| Uuid::parse_str(id.as_str()).ok())
+        .is_some_and(|id| caller.may_access_user(id));
+    match caller.log_access() {
+        Some(LogAccess::Full) => Ok(LogAccess::Full),
+        _ if own => Ok(LogAccess::Full),
+        Some(access) => Ok(access),
+        None if !caller.is_authenticated() => Err(error(
+            ErrorCode::Unauthenticated,
+            "sign in to read the event log",
+        )),
+        None => Err(error(
+            ErrorCode::Forbidden,
+            "reading the event log needs the auditor, analytics or admin role; \
+             a user may read their own events (aggregateId: their id)",
+        )),
+    }
+}
+
+/// Opens the personal data of `events` in place if a reader with `access` sees it: all of
+/// them at once, one batch of key look-ups (never one per event). Returns the events that
+/// did not open. Without personal data nothing is opened: no key is needed to leave fields
+/// out.
+pub(crate) async fn open_for(
+    access: LogAccess,
+    events: &mut [EventEnvelope],
+    opener: &dyn Opener,
+) -> Result<Vec<Unopened>, PortError> {
+    match access {
+        LogAccess::Full if !events.is_empty() => opener.open(events).await,
+        LogAccess::Full | LogAccess::WithoutPersonalData => Ok(Vec::new()),
+    }
+}
+
+/// `events`, passed through `open_for` (which found `unopened`), as a reader with `access`
+/// sees them, in order: an event that did not open is an `INTERNAL` error in its place
+/// (logged with its id; its sealed payload is never shown).
+pub(crate) fn as_read(
+    events: Vec<EventEnvelope>,
+    unopened: Vec<Unopened>,
+    access: LogAccess,
+) -> Vec<async_graphql::Result<EventObject>> {
+    let mut unopened: HashMap<Uuid, Unopened> =
+        unopened.into_iter().map(|u| (u.event_id, u)).collect();
+    events
+        .into_iter()
+        .map(|event| match unopened.remove(&event.event_id) {
+            Some(why) => Err(not_opened(&event, &why)),
+            None => Ok(EventObject::for_reader(event, access)),
+        })
+        .collect()
+}
+
+/// `unreadable`, for an event that did not open; the reason is logged only.
+fn not_opened(event: &EventEnvelope, why: &Unopened) -> async_graphql::Error {
+    tracing::error!(
+        event_id = %event.event_id,
+        reason = %why.reason,
+        "an event read from the log did not open; answered INTERNAL"
+    );
+    unreadable(event)
+}
+
+/// The public error for an event whose personal data cannot be read: `INTERNAL`, with the
+/// event's id and position (public fields of the event) so the reader knows which one it
+/// misses.
+pub(crate) fn unreadable(event: &EventEnvelope) -> async_graphql::Error {
+    let (event_id, position) = (event.event_id.to_string(), event.position.to_string());
+    error(
+        ErrorCode::Internal,
+        "internal error: an event could not be read",
+    )
+    .extend_with(move |_, e| {
+        e.set("eventId", event_id.as_str());
+        e.set("position", position.as_str());
+    })
+}
+
+/// A failed read of the data keys: logged, answered without details.
+pub(crate) fn keys_unavailable(e: PortError) -> async_graphql::Error {
+    pcf_adapters::errors::dependency(e, "the data keys")
 }
 
 #[Object(name = "Event")]
@@ -158,7 +250,7 @@ impl EventQueries {
     ) -> async_graphql::Result<Connection<String, EventObject>> {
         let models = ctx.data::<ReadModels>()?;
         let caller = ctx.data_opt::<Principal>().cloned().unwrap_or_default();
-        let access = require_log_access(&caller)?;
+        let access = log_access(&caller, aggregate_id.as_ref())?;
         let page = Page::<Position>::new(first, after, MAX_PAGE)?;
         let (aggregate_id, types) = log_filter(aggregate_id, types)?;
         let query = LogQuery {
@@ -168,10 +260,18 @@ impl EventQueries {
             limit: page.limit(),
         };
         let events = models.log.read(&query).await.map_err(unavailable)?;
-        Ok(page.connection(
-            events,
-            |e| e.position,
-            |e| EventObject::for_reader(e, access),
-        ))
+        // Only the page's events are opened (not the one read to tell whether more follow),
+        // together; one that does not open fails the whole request.
+        let (mut events, has_next) = page.split(events);
+        let unopened = open_for(access, &mut events, &*models.opener)
+            .await
+            .map_err(keys_unavailable)?;
+        let events = as_read(events, unopened, access)
+            .into_iter()
+            .collect::<async_graphql::Result<Vec<_>>>()?;
+        Ok(page.edges(events, has_next, |e| e.0.position, |e| e))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -142,6 +142,17 @@ impl LiveLog {
         after: Option<Position>,
         filter: LiveFilter,
     ) -> BoxStream<'static, EventEnvelope> {
+        self.batches(after, filter).flat_map(stream::iter).boxed()
+    }
+
+    /// The events of `stream`, in the batches they are read in (a page of the replay, or
+    /// what one read of the tail found), none empty: for whoever handles events a batch at
+    /// a time, such as opening their personal data.
+    pub fn batches(
+        self: &Arc<Self>,
+        after: Option<Position>,
+        filter: LiveFilter,
+    ) -> BoxStream<'static, Vec<EventEnvelope>> {
         // Subscribe before reading the store, so nothing falls between the two.
         let rx = self.batches.subscribe();
         self.joined.notify_one();
@@ -155,9 +166,9 @@ impl LiveLog {
         };
         stream::unfold(state, |mut s| async move {
             let batch = s.next_batch().await?;
-            Some((stream::iter(batch), s))
+            Some((batch, s))
         })
-        .flatten()
+        .filter(|batch| std::future::ready(!batch.is_empty()))
         .boxed()
     }
 }

@@ -44,16 +44,35 @@ impl<C: FromStr + ToString> Page<C> {
         self.first + 1
     }
 
+    /// The page's part of `items` (read with `limit`, in cursor order): the first `first` of
+    /// them, and whether more follow.
+    pub(crate) fn split<T>(&self, mut items: Vec<T>) -> (Vec<T>, bool) {
+        let has_next = items.len() > self.first;
+        items.truncate(self.first);
+        (items, has_next)
+    }
+
     /// The page of `items` (read with `limit`, in cursor order): the first `first` of them,
     /// each as `node` makes it, under the cursor `key` gives it.
     pub(crate) fn connection<T, N: OutputType>(
         &self,
-        mut items: Vec<T>,
+        items: Vec<T>,
         key: impl Fn(&T) -> C,
         node: impl Fn(T) -> N,
     ) -> Connection<String, N> {
-        let has_next = items.len() > self.first;
-        items.truncate(self.first);
+        let (items, has_next) = self.split(items);
+        self.edges(items, has_next, key, node)
+    }
+
+    /// The connection of a page's `items` (already `split`), `has_next` telling whether more
+    /// follow.
+    pub(crate) fn edges<T, N: OutputType>(
+        &self,
+        items: Vec<T>,
+        has_next: bool,
+        key: impl Fn(&T) -> C,
+        node: impl Fn(T) -> N,
+    ) -> Connection<String, N> {
         let mut connection = Connection::new(self.after.is_some(), has_next);
         connection.edges.extend(
             items

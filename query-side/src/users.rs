@@ -3,6 +3,7 @@
 use async_graphql::connection::Connection;
 use async_graphql::{Context, InputObject, MergedObject, Object, ID};
 use chrono::{DateTime, Utc};
+use pcf_adapters::keys::Opener;
 use pcf_domain::auth::Principal;
 use pcf_domain::ports::UserFilter;
 use pcf_domain::ports::{EventLog, PortError, UserReader};
@@ -21,6 +22,8 @@ use crate::projections::ProjectionQueries;
 pub struct ReadModels {
     pub users: Arc<dyn UserReader>,
     pub log: Arc<dyn EventLog>,
+    /// Opens the personal data of the log's events for the readers allowed to see it.
+    pub opener: Arc<dyn Opener>,
     /// How long `minVersion` waits for the view before answering `STALE_READ`.
     pub consistency_timeout: Duration,
 }
