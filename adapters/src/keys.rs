@@ -199,8 +199,36 @@ impl Keys {
         rows.iter().map(wrapped_key).collect()
     }
 
+    /// Stores `user`'s key unless it has one already (`pcf events protect` giving one to a
+    /// user created before keys existed, maybe beside a command doing the same).
+    pub async fn insert_if_absent(
+        &self,
+        user: Uuid,
+        wrapped: &WrappedKey,
+    ) -> Result<(), PortError> {
+        let sql = "INSERT INTO user_keys (user_id, kek_id, wrapped) VALUES ($1, $2, $3) \
+                   ON CONFLICT (user_id) DO NOTHING";
+        match &self.db {
+            KeyDb::Postgres(pool) => sqlx::query(sql)
+                .bind(user.to_string())
+                .bind(&wrapped.kek_id)
+                .bind(&wrapped.bytes)
+                .execute(pool)
+                .await
+                .map(drop),
+            KeyDb::Sqlite(pool) => sqlx::query(sql)
+                .bind(user.to_string())
+                .bind(&wrapped.kek_id)
+                .bind(&wrapped.bytes)
+                .execute(pool)
+                .await
+                .map(drop),
+        }
+        .map_err(db_error)
+    }
+
     /// Those of `users` whose account is deleted (an `AccountDeleted` event in the log).
-    async fn deleted_among(&self, users: &[Uuid]) -> Result<HashSet<Uuid>, PortError> {
+    pub async fn deleted_among(&self, users: &[Uuid]) -> Result<HashSet<Uuid>, PortError> {
         let ids: Vec<String> = users.iter().map(Uuid::to_string).collect();
         let ids: Vec<String> = match &self.db {
             KeyDb::Postgres(pool) => sqlx::query_scalar(

@@ -71,12 +71,13 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
         roles,
         store: store.clone(),
         log,
-        keys: storage.keys,
+        keys: storage.keys.clone(),
         metrics: Arc::new(Metrics::new()),
         shutdown: shutdown_rx,
         tasks: Vec::new(),
         dependencies,
     };
+    p.metrics.watch_keys(storage.keys.stats());
     let read = match kafka_config(config) {
         None => embedded::read_side(&mut p).await?,
         Some(kafka) => cluster::read_side(&mut p, kafka).await?,

@@ -97,4 +97,8 @@ pub enum EventsCommand {
         #[arg(long)]
         from: Option<String>,
     },
+    /// Seals the personal data of events written before it was sealed (erasing it for
+    /// deleted accounts), in place: the one sanctioned rewrite of history (docs/events.md).
+    /// Resumable and idempotent; safe while traffic goes on.
+    Protect,
 }

@@ -1,4 +1,5 @@
-//! `pcf events show` and `pcf events tail`: the log as JSON envelopes, one per line, with the
+//! `pcf events protect` seals the personal data of older events in place. `pcf events show`
+//! and `pcf events tail`: the log as JSON envelopes, one per line, with the
 //! personal data opened (this tool holds the key-encryption keys): erased where the user's key
 //! is destroyed. An event whose personal data does not open stops the command, naming it.
 
@@ -12,12 +13,14 @@ use std::time::Duration;
 use super::args::EventsCommand;
 use crate::app::Storage;
 use crate::config::Config;
+use pcf_command::EventStore;
 
 /// Prints one user's events, or the log from a position on (following it).
 pub async fn events(config: Config, command: EventsCommand) -> anyhow::Result<()> {
     let Storage { store, keys } = crate::app::open_store(&config).await?;
     let mut out = std::io::stdout().lock();
     match command {
+        EventsCommand::Protect => protect(&*store).await?,
         EventsCommand::Show { user_id } => {
             let mut events = store.user_events(user_id, 0).await?;
             open(&keys, &mut events).await?;
@@ -59,5 +62,38 @@ async fn open(keys: &Keys, events: &mut [EventEnvelope]) -> anyhow::Result<()> {
             bad.reason
         );
     }
+    Ok(())
+}
+
+/// Events rewritten per step of `pcf events protect`.
+const PROTECT_BATCH: u32 = 500;
+
+/// `pcf events protect`: seals (or, for deleted accounts, erases) the personal data of the
+/// events written before it was sealed, in place; resumable, while traffic goes on.
+async fn protect(store: &dyn EventStore) -> anyhow::Result<()> {
+    let bar = super::progress_bar("protect", "events");
+    bar.set_length(store.count_plain().await?);
+    let mut total = pcf_command::Protected::default();
+    loop {
+        let done = store.protect_some(PROTECT_BATCH).await?;
+        if done.total() == 0 && store.count_plain().await? == 0 {
+            break;
+        }
+        bar.inc(done.total());
+        total.sealed += done.sealed;
+        total.erased += done.erased;
+    }
+    let stray = store.destroy_keys_of_deleted().await?;
+    bar.finish();
+    println!(
+        "{} events sealed, {} events of deleted accounts erased; no event holds personal data in plain text{}",
+        total.sealed,
+        total.erased,
+        if stray > 0 {
+            format!(" ({stray} keys of deleted accounts destroyed)")
+        } else {
+            String::new()
+        }
+    );
     Ok(())
 }

@@ -106,6 +106,20 @@ pub async fn projections(config: Config, command: ProjectionsCommand) -> anyhow:
                     view.name()
                 );
             }
+            // What a live projector would have dead-lettered: the views hold each of these
+            // users as folded up to the event before.
+            if !rebuilt.set_aside.is_empty() {
+                println!(
+                    "{} events cannot be applied and were set aside:",
+                    rebuilt.set_aside.len()
+                );
+                for aside in &rebuilt.set_aside {
+                    println!(
+                        "  event {} at position {}: {}",
+                        aside.event_id, aside.source, aside.reason
+                    );
+                }
+            }
             Ok(())
         }
     }

@@ -1,6 +1,7 @@
 //! A small Prometheus registry: counters and latency histograms by label, rendered in the
 //! text exposition format at `/metrics`.
 
+use pcf_adapters::keys::KeyStats;
 use pcf_command::{EventStore, RelayConfig};
 use pcf_domain::ports::CommandObserver;
 use pcf_projectors::ProjectorStats;
@@ -48,6 +49,7 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     relays: Mutex<Vec<(RelayConfig, Arc<dyn EventStore>)>>,
     projectors: Mutex<Vec<WatchedProjector>>,
+    keys: Mutex<Option<Arc<KeyStats>>>,
 }
 
 impl Metrics {
@@ -83,6 +85,12 @@ impl Metrics {
     }
 
     /// Reports the backlog of a relay of this process.
+    /// Reports the personal-data keys' counters: the cache of unwrapped data keys (its hit
+    /// rate is hits / (hits + misses)) and the events whose personal data did not open.
+    pub fn watch_keys(&self, stats: Arc<KeyStats>) {
+        *self.keys.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
+    }
+
     pub fn watch_relay(&self, relay: RelayConfig, store: Arc<dyn EventStore>) {
         self.relays
             .lock()
@@ -109,7 +117,27 @@ impl Metrics {
     }
 
     /// Gauges read at scrape time: relay backlog, projector counters and lag.
+    /// The key counters (`watch_keys`).
+    fn render_keys(&self, out: &mut String) {
+        let Some(stats) = self.keys.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return;
+        };
+        let counters = [
+            ("pcf_data_key_cache_hits_total", &stats.cache_hits),
+            ("pcf_data_key_cache_misses_total", &stats.cache_misses),
+            (
+                "pcf_personal_data_integrity_errors_total",
+                &stats.integrity_errors,
+            ),
+        ];
+        for (metric, counter) in counters {
+            let n = counter.load(Ordering::Relaxed);
+            let _ = writeln!(out, "# TYPE {metric} counter\n{metric} {n}");
+        }
+    }
+
     async fn render_gauges(&self, out: &mut String) {
+        self.render_keys(out);
         let relays: Vec<(RelayConfig, Arc<dyn EventStore>)> = self
             .relays
             .lock()

@@ -16,9 +16,12 @@
 //! notifications.
 
 pub mod postgres;
+mod protect;
 mod sealing;
 mod sql;
 pub mod sqlite;
+
+pub use protect::{ProtectHistory, Protected};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -203,9 +206,15 @@ pub trait StoreHealth: Send + Sync {
 /// `Arc<dyn CommandStore>`, `Arc<dyn RelayStore>`, ... where one is expected). Every type
 /// with all the roles is one. The methods of every role are callable on a `dyn EventStore`
 /// with only `EventStore` imported; on a concrete store, the role's trait must be in scope.
-pub trait EventStore: CommandStore + RelayStore + CommitFeed + StoreHealth {}
+pub trait EventStore:
+    CommandStore + RelayStore + CommitFeed + StoreHealth + ProtectHistory
+{
+}
 
-impl<T: CommandStore + RelayStore + CommitFeed + StoreHealth + ?Sized> EventStore for T {}
+impl<T: CommandStore + RelayStore + CommitFeed + StoreHealth + ProtectHistory + ?Sized> EventStore
+    for T
+{
+}
 
 /// Leadership held while the lease lives; lost when its process or connection dies.
 #[async_trait]

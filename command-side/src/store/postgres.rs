@@ -62,6 +62,11 @@ const STATEMENTS: Statements = Statements {
     last_position: "SELECT transaction_id::text AS txid, global_position FROM events \
         WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
         ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+    select_plain: "SELECT aggregate_id, sequence, event_type, payload FROM events \
+        WHERE event_version = '1' ORDER BY global_position LIMIT $1",
+    rewrite_plain: "UPDATE events SET payload = $1::jsonb, event_version = '2' \
+        WHERE aggregate_type = 'User' AND aggregate_id = $2 AND sequence = $3 \
+          AND event_version = '1'",
 };
 
 /// The event store on a PostgreSQL primary.

@@ -103,6 +103,12 @@ pub struct Statements {
     /// The position of the last event of the safe prefix (what a log read can return); no
     /// row when there is none.
     pub(super) last_position: &'static str,
+    /// `aggregate_id, sequence, event_type, payload` of at most `$1` version-1 events (plain
+    /// personal data), oldest first.
+    pub(super) select_plain: &'static str,
+    /// Rewrites the payload of the event of aggregate id `$2`, sequence `$3` to `$1` (JSON
+    /// text) at version "2", if it is still version "1".
+    pub(super) rewrite_plain: &'static str,
 }
 
 /// A value bound to a statement of `SqlStore`.
@@ -112,7 +118,7 @@ pub enum Arg<'a> {
 }
 
 impl<'a> Arg<'a> {
-    fn text(value: impl Into<Cow<'a, str>>) -> Self {
+    pub(super) fn text(value: impl Into<Cow<'a, str>>) -> Self {
         Self::Text(value.into())
     }
 }
@@ -248,7 +254,7 @@ pub struct SqlStore<B: SqlBackend> {
     /// the single writer connection on SQLite.
     pub(super) writer: Pool<B::Db>,
     /// The statements, in the backend's SQL.
-    sql: &'static Statements,
+    pub(super) sql: &'static Statements,
     /// What aggregates are loaded through (postgres-es / sqlite-es).
     repository: B::Repo,
     /// Seal and open the personal data of events; none until `with_keys`.
@@ -286,7 +292,7 @@ impl<B: SqlBackend> SqlStore<B> {
     }
 
     /// The keys, which every append and every load of sealed events needs.
-    fn keys(&self) -> Result<&Keys, StoreError> {
+    pub(super) fn keys(&self) -> Result<&Keys, StoreError> {
         self.keys.as_deref().ok_or_else(|| {
             StoreError::Internal("the event store has no keys for personal data".into())
         })

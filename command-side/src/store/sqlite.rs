@@ -58,6 +58,11 @@ const STATEMENTS: Statements = Statements {
             global_position = excluded.global_position, updated_at = excluded.updated_at",
     last_position: "SELECT global_position, global_position FROM events \
         ORDER BY global_position DESC LIMIT 1",
+    select_plain: "SELECT aggregate_id, sequence, event_type, payload FROM events \
+        WHERE event_version = '1' ORDER BY global_position LIMIT $1",
+    rewrite_plain: "UPDATE events SET payload = $1, event_version = '2' \
+        WHERE aggregate_type = 'User' AND aggregate_id = $2 AND sequence = $3 \
+          AND event_version = '1'",
 };
 
 /// The event store in one SQLite file.
