@@ -599,7 +599,10 @@ async fn the_subscription_redacts_for_analytics_and_opens_only_a_users_own_event
     }
     assert_eq!(payload(&got[4]), erased(created(w.dave, "Dave")));
     let analytics_batches = w.opener.batches().len();
-    assert!(analytics_batches >= 1, "opened in batches for the erased markers");
+    assert!(
+        analytics_batches >= 1,
+        "opened in batches for the erased markers"
+    );
 
     let got = take(&mut subscribe(&schema, user(w.alice), Some(w.alice)), 2).await;
     assert_eq!(payload(&got[0]), created(w.alice, "Alice"));
