@@ -38,7 +38,7 @@ struct Args {
     /// its target applies at 0.5. More than one measures how latency grows with load.
     #[arg(long, value_delimiter = ',', default_value = "0.5", value_parser = load_fraction)]
     visible_load: Vec<f64>,
-    /// Only scenarios whose name starts with one of these (createUser, updateProfile,
+    /// Only scenarios whose name starts with one of these (createUser, updateProfile, deleteAccount,
     /// visible, query, rebuild).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,

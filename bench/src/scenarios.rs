@@ -255,6 +255,9 @@ impl Bench {
         if wanted(options, "updateProfile") {
             results.push(self.update_profile().await?);
         }
+        if wanted(options, "deleteAccount") {
+            results.push(self.delete_account().await?);
+        }
         if wanted(options, "visible") {
             for &load in &options.visible_loads {
                 results.push(self.commit_to_visible(load).await?);
@@ -456,6 +459,12 @@ impl Bench {
     async fn fill_users(&mut self) -> anyhow::Result<()> {
         let n = self.options.users;
         eprintln!("bench: creating {n} users");
+        self.users = self.create_users(n, "u").await?;
+        Ok(())
+    }
+
+    /// Creates `n` users (emails starting with `prefix`) from the bench's workers.
+    async fn create_users(&self, n: usize, prefix: &str) -> anyhow::Result<Vec<Uuid>> {
         let created = Arc::new(Mutex::new(Vec::with_capacity(n)));
         let next = Arc::new(AtomicU64::new(0));
         let mut workers = Vec::new();
@@ -464,6 +473,7 @@ impl Bench {
             let created = created.clone();
             let next = next.clone();
             let run = self.run_id.clone();
+            let prefix = prefix.to_owned();
             workers.push(tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -473,7 +483,7 @@ impl Bench {
                     let v = client
                         .graphql(&json!({
                             "query": "mutation($e: String!) { createUser(input: {email: $e, displayName: \"User\"}) { user { id } } }",
-                            "variables": { "e": format!("u{i}-{run}@bench.test") }
+                            "variables": { "e": format!("{prefix}{i}-{run}@bench.test") }
                         }))
                         .await?;
                     let id = v["data"]["createUser"]["user"]["id"]
@@ -487,11 +497,63 @@ impl Bench {
         for w in workers {
             w.await??;
         }
-        self.users = created
+        let created = created
             .lock()
             .map_err(|_| anyhow::anyhow!("poisoned"))?
             .clone();
-        Ok(())
+        Ok(created)
+    }
+
+    /// deleteAccount (the key destroyed with the event) against the same append baseline,
+    /// each operation deleting another user of a pool created beforehand, sized from the
+    /// command rate measured so far for the whole measurement with room to spare.
+    async fn delete_account(&mut self) -> anyhow::Result<ScenarioResult> {
+        let o = self.options.clone();
+        let rate = self.max_command_rate.unwrap_or(1000.0);
+        let seconds = (o.warmup.as_secs_f64() * f64::from(o.rounds.max(1))
+            + o.duration.as_secs_f64())
+        .max(1.0);
+        let pool = ((rate * seconds * 1.5) as usize).clamp(1000, 200_000);
+        eprintln!("bench: deleteAccount, creating {pool} users to delete");
+        let doomed = Arc::new(self.create_users(pool, "d").await?);
+        let client = self.client.clone();
+        let op: Op = Arc::new(move |n| {
+            let client = client.clone();
+            let doomed = doomed.clone();
+            async move {
+                let id = doomed
+                    .get(n as usize)
+                    .context("the pool of users to delete ran out")?;
+                let v = client
+                    .graphql(&json!({
+                        "query": "mutation($id: ID!) { deleteAccount(id: $id) { erasure { keyDestroyedAt } } }",
+                        "variables": { "id": id }
+                    }))
+                    .await?;
+                anyhow::ensure!(
+                    v["data"]["deleteAccount"]["erasure"]["keyDestroyedAt"].is_string(),
+                    "deleteAccount gave no erasure receipt: {v}"
+                );
+                Ok(())
+            }
+            .boxed()
+        });
+        let (subject, baseline) = interleaved(
+            op,
+            self.append_baseline(true),
+            o.concurrency,
+            o.warmup,
+            o.duration,
+            o.rounds,
+        )
+        .await;
+        Ok(ratio_result(
+            "deleteAccount",
+            subject,
+            "append transaction on PostgreSQL",
+            baseline,
+            0.5,
+        ))
     }
 
     fn update_op(&self) -> Op {
