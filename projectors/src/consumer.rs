@@ -1,7 +1,9 @@
-//! The Kafka side of a projector: consume a batch, have the projection write it to every
-//! live generation of the view, then commit the offsets (at-least-once; the views skip what
-//! they already have). Events the projection sets aside as never appliable go to the
-//! dead-letter topic; a dependency that is down is waited for, never dead-lettered.
+//! The Kafka side of a projector: consume a batch, have the projection open it and write it
+//! to every live generation of the view, then commit the offsets (at-least-once; the views
+//! skip what they already have). Events the projection sets aside as never appliable (their
+//! personal data does not open, or they do not fold) go to the dead-letter topic as they
+//! were received, sealed; a dependency that is down (the view, the log, the keys) is waited
+//! for, never dead-lettered, and no offset moves past it.
 
 use pcf_adapters::kafka::QuietContext;
 use pcf_domain::EventEnvelope;
@@ -219,33 +221,17 @@ impl KafkaProjector {
                 }
             }
         }
-        let mut failures = 0u32;
-        loop {
-            // What can never be applied is set aside and the rest written without it; what
-            // was already written is skipped by version.
-            let written = self.projection.apply_live_batch(&mut events, offsets).await;
-            for aside in events.take_set_aside() {
-                tracing::error!(event_id = %aside.event_id, reason = %aside.reason, "dead-lettering event");
-                self.dead_letter(aside.source, &aside.reason).await;
-            }
-            match written {
-                Ok(()) => {
-                    self.stats
-                        .applied
-                        .fetch_add(events.len() as u64, Ordering::Relaxed);
-                    return true;
-                }
-                Err(e) => {
-                    failures += 1;
-                    let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
-                    tracing::warn!(error = %e, failures, "projection batch failed; retrying");
-                    tokio::select! {
-                        _ = shutdown.as_mut() => return false,
-                        _ = tokio::time::sleep(pause) => {}
-                    }
-                }
-            }
-        }
+        write_live(
+            &self.projection,
+            &self.stats,
+            &mut events,
+            offsets,
+            |message: &Received, reason: String| async move {
+                self.dead_letter(message, &reason).await
+            },
+            shutdown,
+        )
+        .await
     }
 
     /// Publishes the message, as received, to the dead-letter topic with the reason;
@@ -297,6 +283,47 @@ impl KafkaProjector {
                     tracing::warn!(error = %e, "dead-letter publish failed; retrying");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Writes a live batch into `projection` with its `offsets`, retrying while a dependency is
+/// down (the view, the log, the opener: nothing is skipped then) and handing each event that
+/// can never be applied to `dead_letter` as it is set aside. Returns false if `shutdown`
+/// came first: nothing of the batch is to be committed then.
+async fn write_live<T: Send, D: Future<Output = ()>>(
+    projection: &Projection,
+    stats: &ProjectorStats,
+    events: &mut LiveBatch<T>,
+    offsets: &[(i32, i64)],
+    dead_letter: impl Fn(T, String) -> D,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> bool {
+    let mut failures = 0u32;
+    loop {
+        // What can never be applied is set aside and the rest written without it; what
+        // was already written is skipped by version.
+        let written = projection.apply_live_batch(events, offsets).await;
+        for aside in events.take_set_aside() {
+            tracing::error!(event_id = %aside.event_id, reason = %aside.reason, "dead-lettering event");
+            dead_letter(aside.source, aside.reason).await;
+        }
+        match written {
+            Ok(()) => {
+                stats
+                    .applied
+                    .fetch_add(events.len() as u64, Ordering::Relaxed);
+                return true;
+            }
+            Err(e) => {
+                failures += 1;
+                let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
+                tracing::warn!(error = %e, failures, "projection batch failed; retrying");
+                tokio::select! {
+                    _ = shutdown.as_mut() => return false,
+                    _ = tokio::time::sleep(pause) => {}
                 }
             }
         }
@@ -398,5 +425,81 @@ impl Uncommitted {
             }
         }
         Some(tpl)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{history, tamper, FakeKeys, InterferingViews, MemoryLog};
+    use pcf_domain::ports::UserReader;
+    use std::sync::Mutex;
+    use uuid::Uuid;
+
+    #[tokio::test]
+    async fn a_batch_dead_letters_what_does_not_open_and_its_offsets_wait_out_the_keys() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let keys = Arc::new(FakeKeys::default());
+        let mut log = keys.seal_all(history(a, 2));
+        log[1] = tamper(log[1].clone());
+        log.extend(keys.seal_all(history(b, 2)));
+        let views = Arc::new(InterferingViews::failing_to_open(0));
+        let projection = Projection::new(views.clone(), Arc::new(MemoryLog::of(log.clone())))
+            .with_opener(keys.clone());
+        let stats = ProjectorStats::default();
+        let dead = Mutex::new(Vec::new());
+        let dead_letter = |message: usize, reason: String| {
+            dead.lock().unwrap().push((message, reason));
+            std::future::ready(())
+        };
+        let mut batch = LiveBatch::new();
+        for (offset, event) in log.iter().enumerate() {
+            batch.push(event.clone(), offset);
+        }
+
+        // Stopped while the keys are down: nothing written, dead-lettered or checkpointed.
+        keys.fail(0, 1);
+        let stop = std::future::ready(());
+        tokio::pin!(stop);
+        let done = write_live(
+            &projection,
+            &stats,
+            &mut batch,
+            &[(0, 4)],
+            &dead_letter,
+            &mut stop,
+        )
+        .await;
+        assert!(!done);
+        assert!(dead.lock().unwrap().is_empty());
+        assert!(views.checkpoints.lock().unwrap().is_empty());
+        assert!(views.views.is_empty());
+        assert_eq!(stats.applied.load(Ordering::Relaxed), 0);
+
+        // The keys down twice more: waited out, then the batch is written without the event
+        // that does not open, which is dead-lettered once; its offsets are recorded once.
+        keys.fail(0, 2);
+        let never = std::future::pending::<()>();
+        tokio::pin!(never);
+        let done = write_live(
+            &projection,
+            &stats,
+            &mut batch,
+            &[(0, 4)],
+            &dead_letter,
+            &mut never,
+        )
+        .await;
+        assert!(done);
+        assert_eq!(keys.calls(), [4, 4, 4, 4]);
+        let dead = dead.lock().unwrap().clone();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].0, 1);
+        assert!(dead[0].1.contains("does not open"), "{}", dead[0].1);
+        assert_eq!(*views.checkpoints.lock().unwrap(), [vec![(0, 4)]]);
+        assert_eq!(stats.applied.load(Ordering::Relaxed), 3);
+        let version = async |user| views.views.user(user).await.unwrap().map(|v| v.version);
+        assert_eq!(version(a).await, Some(1));
+        assert_eq!(version(b).await, Some(2));
     }
 }

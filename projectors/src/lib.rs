@@ -4,7 +4,8 @@
 //!
 //! `Projection` (in `projection`) is what a projection means, written once; `ViewStore`
 //! (in `store`) is what a read model's storage does for it, implemented by the in-memory,
-//! Redis and SQL views. The Kafka consumer and the rebuild drive a `Projection`.
+//! Redis and SQL views. The Kafka consumer and the rebuild drive a `Projection`, which opens
+//! events' sealed personal data with its `Opener` (`Projection::with_opener`) before folding.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -13,6 +14,7 @@ pub mod memory;
 pub mod projection;
 pub mod rebuild;
 pub mod redis_view;
+mod retry;
 pub mod sql_view;
 pub mod status;
 pub mod store;
@@ -22,7 +24,7 @@ mod testing;
 pub use consumer::{ConsumerConfig, KafkaProjector, ProjectorStats};
 pub use memory::MemoryUserViews;
 pub use projection::{Foldable, LiveBatch, Projection, ProjectionError, SetAside};
-pub use rebuild::{rebuild_views, Progress, RebuildOptions, Rebuilt};
+pub use rebuild::{rebuild_views, rebuild_views_with, Progress, RebuildOptions, Rebuilt};
 pub use redis_view::{delete_matching, RedisUserViews};
 pub use sql_view::SqlUserViews;
 pub use status::{consumer_lag, PartitionLag};

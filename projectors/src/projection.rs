@@ -1,9 +1,20 @@
 //! The user projection: what applying the log to a user view means, written once over any
-//! view store. Folding events into documents, skipping what a document already has, filling
-//! a gap from the log, retrying a write another writer raced, and setting aside what can
-//! never apply all live here; the stores (`crate::store`) only load and write.
+//! view store. Opening events' personal data, folding events into documents, skipping what
+//! a document already has, filling a gap from the log, retrying a write another writer
+//! raced, and setting aside what can never apply all live here; the stores
+//! (`crate::store`) only load and write.
+//!
+//! Events come sealed (event version "2": their personal fields in `sealed`) from Kafka,
+//! the in-process bus and the log alike. Every batch is opened with the projection's
+//! `Opener` before it is folded, in one call: a live batch, a gap filled from the log, a
+//! rebuild's page. An opened event folds as a plain one; an erased one (its user's key was
+//! destroyed with the account) folds into the user's tombstone, whatever its type; one that
+//! does not open can never be applied, as an event that does not decode; and the opener
+//! failing is a dependency down, as the view store or the log failing.
 
-use pcf_domain::ports::{Change, EventLog, PortError};
+use pcf_adapters::keys::{Opener, PlainOnly, Unopened};
+use pcf_adapters::personal;
+use pcf_domain::ports::{EventLog, PortError};
 use pcf_domain::{EventEnvelope, UserEvent, UserView};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -12,6 +23,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::retry::Retry;
 use crate::store::{Offsets, Scope, ViewBatch, ViewStore, Written};
 
 /// How often one event is retried after losing a race to another writer.
@@ -29,6 +41,9 @@ pub enum ProjectionError {
     /// The event store failed (it may answer later).
     #[error("event store: {0}")]
     Log(PortError),
+    /// The keys that open events' personal data could not be read (they may answer later).
+    #[error("personal data keys: {0}")]
+    Keys(PortError),
     /// The event can never be applied.
     #[error("event {event_id} cannot be applied: {reason}")]
     Poison {
@@ -47,8 +62,8 @@ impl ProjectionError {
     }
 }
 
-/// An event as the projection folds it: a whole envelope (live batches, gap fills) or a
-/// change (what a rebuild reads).
+/// An event as the projection folds it: an envelope whose personal data is open (or erased),
+/// or a reference to one.
 pub trait Foldable: Sync {
     /// The event's id.
     fn event_id(&self) -> Uuid;
@@ -60,42 +75,38 @@ pub trait Foldable: Sync {
     fn kind(&self) -> &str;
     /// The event, or why its payload does not decode.
     fn event(&self) -> Result<Cow<'_, UserEvent>, String>;
+    /// Whether its personal fields are erased: its user's key was destroyed with the
+    /// account.
+    fn erased(&self) -> bool;
 }
 
-/// `Foldable`'s accessors of the fields an envelope and a change both carry.
-macro_rules! foldable_fields {
-    () => {
-        fn event_id(&self) -> Uuid {
-            self.event_id
-        }
-        fn aggregate_id(&self) -> Uuid {
-            self.aggregate_id
-        }
-        fn sequence(&self) -> u64 {
-            self.sequence
-        }
-    };
-}
-
+// A `Change` (`EventLog::read_changes`) is not `Foldable`: it keeps neither the sealed
+// personal fields to open nor the mark of erased ones, and a sealed event decodes with those
+// fields empty. What is folded is read as envelopes and opened.
 impl Foldable for EventEnvelope {
-    foldable_fields!();
+    fn event_id(&self) -> Uuid {
+        self.event_id
+    }
+    fn aggregate_id(&self) -> Uuid {
+        self.aggregate_id
+    }
+    fn sequence(&self) -> u64 {
+        self.sequence
+    }
     fn kind(&self) -> &str {
         &self.event_type
     }
     fn event(&self) -> Result<Cow<'_, UserEvent>, String> {
+        if personal::is_sealed(&self.payload) {
+            // Never folded with its personal fields missing.
+            return Err("its personal data is sealed (not opened)".into());
+        }
         EventEnvelope::event(self)
             .map(Cow::Owned)
             .map_err(|e| e.to_string())
     }
-}
-
-impl Foldable for Change {
-    foldable_fields!();
-    fn kind(&self) -> &str {
-        "an event"
-    }
-    fn event(&self) -> Result<Cow<'_, UserEvent>, String> {
-        self.event.as_ref().map(Cow::Borrowed).map_err(Clone::clone)
+    fn erased(&self) -> bool {
+        self.is_erased()
     }
 }
 
@@ -115,10 +126,14 @@ impl<E: Foldable + ?Sized> Foldable for &E {
     fn event(&self) -> Result<Cow<'_, UserEvent>, String> {
         (**self).event()
     }
+    fn erased(&self) -> bool {
+        (**self).erased()
+    }
 }
 
 /// The user after `event`; an event that does not decode, or that needs a view the user
-/// does not have, can never be applied.
+/// does not have, can never be applied. An erased event makes the user's tombstone at its
+/// sequence, whatever its type (`UserView::fold_erased`).
 pub fn fold<E: Foldable + ?Sized>(
     current: Option<UserView>,
     event: &E,
@@ -128,6 +143,14 @@ pub fn fold<E: Foldable + ?Sized>(
         reason,
     };
     let decoded = event.event().map_err(poison)?;
+    if event.erased() {
+        return Ok(UserView::fold_erased(
+            current,
+            event.aggregate_id(),
+            event.sequence(),
+            decoded.occurred_at(),
+        ));
+    }
     UserView::fold(current, event.aggregate_id(), event.sequence(), &decoded).ok_or_else(|| {
         poison(format!(
             "{} at sequence {} for a user that has no view",
@@ -193,8 +216,8 @@ enum Landed {
     GenerationsMoved,
 }
 
-/// An event of a live batch that can never be applied, set aside from the batch.
-#[derive(Debug)]
+/// An event that can never be applied, set aside from a live batch (or from a rebuild).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetAside<T> {
     /// What the caller knows the event by (its Kafka message, say).
     pub source: T,
@@ -205,12 +228,15 @@ pub struct SetAside<T> {
 }
 
 /// A batch of live events on its way into a view, each with what its source knows it by.
-/// Events that can never be applied are taken out of it as they are found, to be
-/// dead-lettered by the caller (`take_set_aside`).
+/// It is opened once (`Projection::apply_live_batch`), in place. Events that can never be
+/// applied, those whose personal data does not open among them, are taken out of it as they
+/// are found, to be dead-lettered by the caller (`take_set_aside`).
 pub struct LiveBatch<T> {
     events: Vec<EventEnvelope>,
     sources: Vec<T>,
     set_aside: Vec<SetAside<T>>,
+    /// Whether `events` are open (nothing pushed since they were opened).
+    opened: bool,
 }
 
 impl<T> Default for LiveBatch<T> {
@@ -219,6 +245,7 @@ impl<T> Default for LiveBatch<T> {
             events: Vec::new(),
             sources: Vec::new(),
             set_aside: Vec::new(),
+            opened: false,
         }
     }
 }
@@ -233,9 +260,10 @@ impl<T> LiveBatch<T> {
     pub fn push(&mut self, event: EventEnvelope, source: T) {
         self.events.push(event);
         self.sources.push(source);
+        self.opened = false;
     }
 
-    /// The events still to apply.
+    /// The events still to apply (opened, once the batch was applied).
     pub fn events(&self) -> &[EventEnvelope] {
         &self.events
     }
@@ -253,6 +281,31 @@ impl<T> LiveBatch<T> {
     /// The events set aside since the last call, in the order they were found.
     pub fn take_set_aside(&mut self) -> Vec<SetAside<T>> {
         std::mem::take(&mut self.set_aside)
+    }
+
+    /// Sets aside the events the opener could not open (their indexes in `events`), in
+    /// order.
+    fn set_aside_unopened(&mut self, unopened: Vec<Unopened>) {
+        if unopened.is_empty() {
+            return;
+        }
+        let mut reasons: HashMap<usize, Unopened> =
+            unopened.into_iter().map(|u| (u.index, u)).collect();
+        let events = std::mem::take(&mut self.events);
+        let sources = std::mem::take(&mut self.sources);
+        for (index, (event, source)) in events.into_iter().zip(sources).enumerate() {
+            match reasons.remove(&index) {
+                Some(unopened) => self.set_aside.push(SetAside {
+                    source,
+                    event_id: event.event_id,
+                    reason: unopened.reason,
+                }),
+                None => {
+                    self.events.push(event);
+                    self.sources.push(source);
+                }
+            }
+        }
     }
 
     /// Sets the event `event_id` aside; every event when it is not one of the batch (then
@@ -284,16 +337,46 @@ impl<T> LiveBatch<T> {
     }
 }
 
-/// The user projection over one view store, reading the log where the stream has a gap.
+/// Opens `events` in place with `opener`, in one call (none when no event is sealed);
+/// the events that did not open. The opener failing is a dependency down.
+pub(crate) async fn open_events(
+    opener: &dyn Opener,
+    events: &mut [EventEnvelope],
+) -> Result<Vec<Unopened>, ProjectionError> {
+    if !events.iter().any(|e| personal::is_sealed(&e.payload)) {
+        return Ok(Vec::new());
+    }
+    opener.open(events).await.map_err(ProjectionError::Keys)
+}
+
+/// The user projection over one view store, reading the log where the stream has a gap and
+/// opening events' personal data with its opener.
 pub struct Projection {
     store: Arc<dyn ViewStore>,
     log: Arc<dyn EventLog>,
+    opener: Arc<dyn Opener>,
 }
 
 impl Projection {
-    /// The projection of the log `log` into `store`.
+    /// The projection of the log `log` into `store`. It opens no sealed event (`PlainOnly`:
+    /// each one is set aside as unappliable) until given an opener (`with_opener`).
     pub fn new(store: Arc<dyn ViewStore>, log: Arc<dyn EventLog>) -> Self {
-        Self { store, log }
+        Self {
+            store,
+            log,
+            opener: Arc::new(PlainOnly),
+        }
+    }
+
+    /// This projection opening events' personal data with `opener` (the user keys).
+    pub fn with_opener(mut self, opener: Arc<dyn Opener>) -> Self {
+        self.opener = opener;
+        self
+    }
+
+    /// What opens events' personal data.
+    pub fn opener(&self) -> &Arc<dyn Opener> {
+        &self.opener
     }
 
     /// The projection's name (its store's, also its Kafka consumer group).
@@ -311,26 +394,59 @@ impl Projection {
         &self.log
     }
 
-    /// Applies a batch of the live stream to every generation that must have it, recording
-    /// `offsets` with it. Safe to repeat: what a view has is skipped.
-    pub async fn apply_live<E: Foldable>(
+    /// Opens `events` in place, in one call; the events that did not open.
+    async fn open(&self, events: &mut [EventEnvelope]) -> Result<Vec<Unopened>, ProjectionError> {
+        open_events(&*self.opener, events).await
+    }
+
+    /// `events` opened (a copy, where any is sealed); an event that does not open can never
+    /// be applied: the first one is named.
+    async fn opened<'e>(
         &self,
-        events: &[E],
+        events: &'e [EventEnvelope],
+    ) -> Result<Cow<'e, [EventEnvelope]>, ProjectionError> {
+        if !events.iter().any(|e| personal::is_sealed(&e.payload)) {
+            return Ok(Cow::Borrowed(events));
+        }
+        let mut events = events.to_vec();
+        match self.open(&mut events).await?.into_iter().next() {
+            Some(unopened) => Err(ProjectionError::Poison {
+                event_id: unopened.event_id,
+                reason: unopened.reason,
+            }),
+            None => Ok(Cow::Owned(events)),
+        }
+    }
+
+    /// Applies a batch of the live stream to every generation that must have it, recording
+    /// `offsets` with it; the batch is opened first. Safe to repeat: what a view has is
+    /// skipped.
+    pub async fn apply_live(
+        &self,
+        events: &[EventEnvelope],
         offsets: &Offsets,
     ) -> Result<(), ProjectionError> {
-        self.apply_scoped(Scope::Live, events, offsets).await
+        let events = self.opened(events).await?;
+        self.apply_scoped(Scope::Live, &events, offsets).await
     }
 
     /// `apply_live`, setting aside each event that can never be applied (taken out of
-    /// `batch`, see `LiveBatch::take_set_aside`) and applying the rest without it. What is
-    /// left to apply is left in `batch` when a dependency fails, to be retried.
+    /// `batch`, see `LiveBatch::take_set_aside`) and applying the rest without it: first
+    /// those whose personal data does not open, then those that do not fold. What is left
+    /// to apply is left in `batch` when a dependency fails (the opener among them), to be
+    /// retried; the batch is opened once.
     pub async fn apply_live_batch<T: Send>(
         &self,
         batch: &mut LiveBatch<T>,
         offsets: &Offsets,
     ) -> Result<(), ProjectionError> {
+        if !batch.opened {
+            let unopened = self.open(&mut batch.events).await?;
+            batch.opened = true;
+            batch.set_aside_unopened(unopened);
+        }
         loop {
-            match self.apply_live(&batch.events, offsets).await {
+            match self.apply_scoped(Scope::Live, &batch.events, offsets).await {
                 Err(ProjectionError::Poison { event_id, reason }) => {
                     if !batch.set_aside(event_id, reason) {
                         return Ok(());
@@ -341,14 +457,16 @@ impl Projection {
         }
     }
 
-    /// Applies events to one generation, recording `offsets` with them.
-    pub async fn apply_to<E: Foldable>(
+    /// Applies events to one generation, recording `offsets` with them; they are opened
+    /// first.
+    pub async fn apply_to(
         &self,
         generation: u64,
-        events: &[E],
+        events: &[EventEnvelope],
         offsets: &Offsets,
     ) -> Result<(), ProjectionError> {
-        self.apply_scoped(Scope::Generation(generation), events, offsets)
+        let events = self.opened(events).await?;
+        self.apply_scoped(Scope::Generation(generation), &events, offsets)
             .await
     }
 
@@ -362,22 +480,41 @@ impl Projection {
         write_states(&*self.store, generation, states).await
     }
 
-    /// Applies batches from an in-process channel until it closes. A failed batch is logged
-    /// and left: the next event of that user finds the gap and fills it from the log.
+    /// Applies batches from an in-process channel until it closes. An event that can never
+    /// be applied is logged and set aside (there is no dead-letter topic in process), the
+    /// rest of its batch applied. A batch whose dependency is down (the opener, the log) is
+    /// tried again a few times, then logged and left: the next event of one of its users
+    /// finds the gap and fills it from the log.
     pub async fn run(self, mut batches: mpsc::UnboundedReceiver<Arc<Vec<EventEnvelope>>>) {
-        while let Some(batch) = batches.recv().await {
-            let span = tracing::debug_span!("projection_batch", size = batch.len());
-            if let Err(e) = self.apply_live(&batch, &[]).instrument(span).await {
-                tracing::error!(error = %e, "projection batch failed");
+        while let Some(events) = batches.recv().await {
+            let span = tracing::debug_span!("projection_batch", size = events.len());
+            let mut batch = LiveBatch::new();
+            for event in Arc::try_unwrap(events).unwrap_or_else(|shared| (*shared).clone()) {
+                batch.push(event, ());
+            }
+            let mut retry = Retry::new();
+            loop {
+                let written = self
+                    .apply_live_batch(&mut batch, &[])
+                    .instrument(span.clone())
+                    .await;
+                for aside in batch.take_set_aside() {
+                    tracing::error!(event_id = %aside.event_id, reason = %aside.reason, "event set aside: it cannot be applied");
+                }
+                let Err(e) = written else { break };
+                if let Err(e) = retry.after("applying a live batch", e).await {
+                    tracing::error!(error = %e, "projection batch failed");
+                    break;
+                }
             }
         }
     }
 }
 
 impl Projection {
-    /// Applies `events` to every generation of `scope` in one batch of the store, with
-    /// `offsets`; opens it again while the generation state moves under it.
-    async fn apply_scoped<E: Foldable>(
+    /// Applies opened `events` to every generation of `scope` in one batch of the store,
+    /// with `offsets`; opens it again while the generation state moves under it.
+    pub(crate) async fn apply_scoped<E: Foldable>(
         &self,
         scope: Scope,
         events: &[E],
@@ -489,15 +626,29 @@ impl Projection {
             return self.write_one(batch, generation, current, next).await;
         }
         // A gap: earlier events of this user have not reached us (yet). Take them, and this
-        // one, from the event store.
-        let missing = self
+        // one, from the event store, and open them; one that does not open cannot be applied.
+        let mut missing = self
             .log
             .user_events(id, last)
             .await
             .map_err(ProjectionError::Log)?;
+        missing.retain(|e| e.sequence <= event.sequence());
+        let mut unopened: HashMap<usize, String> = self
+            .open(&mut missing)
+            .await?
+            .into_iter()
+            .map(|u| (u.index, u.reason))
+            .collect();
         let mut view = current.clone();
-        for earlier in missing.iter().filter(|e| e.sequence <= event.sequence()) {
-            match fold(view.clone(), earlier) {
+        for (index, earlier) in missing.iter().enumerate() {
+            let folded = match unopened.remove(&index) {
+                Some(reason) => Err(ProjectionError::Poison {
+                    event_id: earlier.event_id,
+                    reason,
+                }),
+                None => fold(view.clone(), earlier),
+            };
+            match folded {
                 Ok(next) => view = Some(next),
                 // An earlier event that cannot be applied makes this one unappliable too;
                 // the error names this one, the event the caller holds. What was folded
@@ -636,8 +787,11 @@ mod tests {
     use super::*;
     use crate::memory::MemoryUserViews;
     use crate::store::GenerationState;
-    use crate::testing::{history, poisoned, InterferingViews, MemoryLog};
+    use crate::testing::{
+        history, lifetime, poisoned, tamper, FakeKeys, InterferingViews, MemoryLog,
+    };
     use pcf_domain::ports::UserReader;
+    use pcf_domain::Email;
     use std::sync::atomic::Ordering;
 
     fn projection(log: Vec<EventEnvelope>) -> (Arc<MemoryUserViews>, Arc<MemoryLog>, Projection) {
@@ -645,6 +799,13 @@ mod tests {
         let log = Arc::new(MemoryLog::of(log));
         let projection = Projection::new(views.clone(), log.clone());
         (views, log, projection)
+    }
+
+    /// `projection`, for tests whose local `projection` hides it.
+    fn projection_of(
+        log: Vec<EventEnvelope>,
+    ) -> (Arc<MemoryUserViews>, Arc<MemoryLog>, Projection) {
+        projection(log)
     }
 
     async fn user(views: &MemoryUserViews, id: Uuid) -> Option<(u64, String)> {
@@ -845,5 +1006,290 @@ mod tests {
             let stored = batch.load(generation, &[a]).await.unwrap();
             assert_eq!(stored[&a].version, 2, "generation {generation}");
         }
+    }
+
+    /// A projection over checkpointing views of `log`, opening with `keys`.
+    fn opened_projection(
+        log: Vec<EventEnvelope>,
+        keys: &Arc<FakeKeys>,
+    ) -> (Arc<InterferingViews>, Arc<MemoryLog>, Projection) {
+        let views = Arc::new(InterferingViews::failing_to_open(0));
+        let log = Arc::new(MemoryLog::of(log));
+        let projection = Projection::new(views.clone(), log.clone()).with_opener(keys.clone());
+        (views, log, projection)
+    }
+
+    fn live_batch(events: &[EventEnvelope]) -> LiveBatch<usize> {
+        let mut batch = LiveBatch::new();
+        for (i, e) in events.iter().enumerate() {
+            batch.push(e.clone(), i);
+        }
+        batch
+    }
+
+    async fn by_email(views: &MemoryUserViews, email: &str) -> Option<Uuid> {
+        let email = Email::parse(email).unwrap();
+        views.user_by_email(&email).await.unwrap().map(|v| v.id)
+    }
+
+    #[tokio::test]
+    async fn a_sealed_batch_is_opened_in_one_call_and_folds_as_the_plain_one() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut plain = lifetime(a)[..3].to_vec();
+        plain.extend(history(b, 2));
+        let keys = Arc::new(FakeKeys::default());
+        let sealed = keys.seal_all(plain.clone());
+        assert!(sealed.iter().all(|e| personal::is_sealed(&e.payload)));
+        let (views, _, projection) = opened_projection(sealed.clone(), &keys);
+        projection.apply_live(&sealed, &[(0, 5)]).await.unwrap();
+        assert_eq!(keys.calls(), [5], "one call for the batch");
+        let (plain_views, _, plain_projection) = projection_of(plain.clone());
+        plain_projection.apply_live(&plain, &[]).await.unwrap();
+        for user in [a, b] {
+            let view = views.views.user(user).await.unwrap();
+            assert!(view.is_some());
+            assert_eq!(view, plain_views.user(user).await.unwrap());
+        }
+        assert_eq!(
+            views.views.user(a).await.unwrap().unwrap().display_name,
+            "v2"
+        );
+        assert_eq!(
+            by_email(&views.views, &format!("{a}@example.org")).await,
+            Some(a)
+        );
+        assert_eq!(*views.checkpoints.lock().unwrap(), [vec![(0, 5)]]);
+
+        // Without keys (`PlainOnly`) nothing sealed is folded: every event is set aside.
+        let (bare, _, bare_projection) = projection_of(sealed.clone());
+        let mut batch = live_batch(&sealed);
+        bare_projection
+            .apply_live_batch(&mut batch, &[])
+            .await
+            .unwrap();
+        assert_eq!(batch.take_set_aside().len(), 5);
+        assert!(bare.is_empty());
+        // Nor is a sealed event folded by itself, its personal fields missing.
+        assert!(matches!(
+            fold(None, &sealed[0]),
+            Err(ProjectionError::Poison { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_erased_event_folds_into_the_tombstone_whatever_its_type() {
+        let a = Uuid::now_v7();
+        let keys = Arc::new(FakeKeys::default());
+        let sealed = keys.seal_all(lifetime(a));
+        let (views, _, projection) = opened_projection(sealed.clone(), &keys);
+        // Created while the key was there; the rest arrives after the account's deletion.
+        projection.apply_live(&sealed[..1], &[]).await.unwrap();
+        assert_eq!(
+            by_email(&views.views, &format!("{a}@example.com")).await,
+            Some(a)
+        );
+        keys.delete_account(a);
+        // A profile update, erased: the user is deleted, the view its tombstone.
+        projection.apply_live(&sealed[1..2], &[]).await.unwrap();
+        let tombstone = views.views.user(a).await.unwrap().unwrap();
+        let created = match lifetime(a)[0].event().unwrap() {
+            UserEvent::UserCreated { occurred_at, .. } => occurred_at,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            tombstone,
+            UserView {
+                id: a,
+                email: String::new(),
+                display_name: String::new(),
+                bio: None,
+                avatar_url: None,
+                created_at: created,
+                updated_at: lifetime(a)[1].event().unwrap().occurred_at(),
+                version: 2,
+                deleted: true,
+            }
+        );
+        assert_eq!(
+            by_email(&views.views, &format!("{a}@example.com")).await,
+            None
+        );
+        // An erased email change and the deletion keep it a tombstone, with no email.
+        projection.apply_live(&sealed[2..], &[]).await.unwrap();
+        let end = views.views.user(a).await.unwrap().unwrap();
+        assert_eq!(
+            (end.version, end.deleted, end.email.as_str()),
+            (4, true, "")
+        );
+        assert_eq!(
+            by_email(&views.views, &format!("{a}@example.org")).await,
+            None
+        );
+        // The same as the plain history projected live, deletion included.
+        let (plain_views, _, plain_projection) = projection_of(lifetime(a));
+        plain_projection
+            .apply_live(&lifetime(a), &[])
+            .await
+            .unwrap();
+        assert_eq!(Some(end), plain_views.user(a).await.unwrap());
+        // An erased creation, met first, is a tombstone at once.
+        let mut created = sealed[0].clone();
+        keys.open(std::slice::from_mut(&mut created)).await.unwrap();
+        assert!(created.is_erased());
+        let folded = fold(None, &created).unwrap();
+        assert_eq!((folded.version, folded.deleted), (1, true));
+        assert_eq!(
+            (folded.email.as_str(), folded.display_name.as_str()),
+            ("", "")
+        );
+    }
+
+    #[tokio::test]
+    async fn events_that_do_not_open_are_set_aside_and_the_rest_of_the_batch_applied() {
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let keys = Arc::new(FakeKeys::default());
+        let log_a = keys.seal_all(history(a, 3));
+        let log_b = keys.seal_all(history(b, 2));
+        let log_c = keys.seal_all(history(c, 1));
+        let tampered = tamper(log_a[1].clone());
+        let mut log = vec![log_a[0].clone(), tampered.clone(), log_a[2].clone()];
+        log.extend(log_b.clone());
+        log.extend(log_c.clone());
+        // c is live, its key gone.
+        keys.lose_key(c);
+        let (views, _, projection) = opened_projection(log, &keys);
+        let events = [
+            log_a[0].clone(),
+            tampered.clone(),
+            log_b[0].clone(),
+            log_c[0].clone(),
+            log_a[2].clone(),
+            log_b[1].clone(),
+        ];
+        let mut batch = live_batch(&events);
+        projection
+            .apply_live_batch(&mut batch, &[(0, 6)])
+            .await
+            .unwrap();
+        let aside = batch.take_set_aside();
+        assert_eq!(
+            aside
+                .iter()
+                .map(|s| (s.source, s.event_id))
+                .collect::<Vec<_>>(),
+            [
+                (1, tampered.event_id),
+                (3, log_c[0].event_id),
+                (4, log_a[2].event_id)
+            ]
+        );
+        assert!(
+            aside[0].reason.contains("does not open"),
+            "{}",
+            aside[0].reason
+        );
+        assert!(
+            aside[1].reason.contains("no data key"),
+            "{}",
+            aside[1].reason
+        );
+        assert!(
+            aside[2].reason.starts_with(&format!(
+                "earlier event {} (sequence 2) cannot be applied",
+                tampered.event_id
+            )),
+            "{}",
+            aside[2].reason
+        );
+        // One call for the batch, one for a's gap filled from the log (a2, a3).
+        assert_eq!(keys.calls(), [6, 2]);
+        assert_eq!(user(&views.views, a).await, Some((1, "v1".into())));
+        assert_eq!(user(&views.views, b).await, Some((2, "v2".into())));
+        assert_eq!(user(&views.views, c).await, None);
+        assert_eq!(*views.checkpoints.lock().unwrap(), [vec![(0, 6)]]);
+
+        // A batch applied whole names the event that does not open, and writes nothing.
+        let (views, _, projection) = opened_projection(Vec::new(), &keys);
+        let named = poison_named(projection.apply_live(&events[..3], &[(0, 3)]).await);
+        assert_eq!(named, tampered.event_id);
+        assert!(views.views.is_empty());
+        assert!(views.checkpoints.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_opener_outage_is_retried_skipping_nothing_and_moving_no_checkpoint() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let keys = Arc::new(FakeKeys::default());
+        let log_a = keys.seal_all(history(a, 3));
+        let log_b = keys.seal_all(history(b, 2));
+        let mut log = log_a.clone();
+        log.extend(log_b.clone());
+        let (views, _, projection) = opened_projection(log, &keys);
+        let events = [log_a[0].clone(), log_b[0].clone(), log_b[1].clone()];
+        let mut batch = live_batch(&events);
+        keys.fail(0, 1);
+        let failed = projection.apply_live_batch(&mut batch, &[(0, 3)]).await;
+        assert!(
+            matches!(&failed, Err(e @ ProjectionError::Keys(_)) if e.is_transient()),
+            "{failed:?}"
+        );
+        assert!(batch.take_set_aside().is_empty(), "nothing dead-lettered");
+        assert_eq!(batch.len(), 3, "nothing skipped");
+        assert!(views.views.is_empty());
+        assert!(views.checkpoints.lock().unwrap().is_empty());
+        // Tried again once the keys answer: the whole batch, and its checkpoint.
+        projection
+            .apply_live_batch(&mut batch, &[(0, 3)])
+            .await
+            .unwrap();
+        assert_eq!(user(&views.views, a).await, Some((1, "v1".into())));
+        assert_eq!(user(&views.views, b).await, Some((2, "v2".into())));
+        assert_eq!(*views.checkpoints.lock().unwrap(), [vec![(0, 3)]]);
+
+        // The keys down while a gap is filled from the log: the same.
+        let mut batch = live_batch(&log_a[2..]);
+        keys.fail(1, 1);
+        let failed = projection.apply_live_batch(&mut batch, &[(0, 9)]).await;
+        assert!(
+            matches!(failed, Err(ProjectionError::Keys(_))),
+            "{failed:?}"
+        );
+        assert_eq!((batch.len(), batch.take_set_aside().len()), (1, 0));
+        assert_eq!(user(&views.views, a).await, Some((1, "v1".into())));
+        assert_eq!(views.checkpoints.lock().unwrap().len(), 1);
+        projection
+            .apply_live_batch(&mut batch, &[(0, 9)])
+            .await
+            .unwrap();
+        assert_eq!(user(&views.views, a).await, Some((3, "v3".into())));
+        assert_eq!(
+            views.checkpoints.lock().unwrap().last(),
+            Some(&vec![(0, 9)])
+        );
+    }
+
+    #[tokio::test]
+    async fn the_in_process_projection_sets_aside_what_does_not_open_and_waits_out_the_keys() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let keys = Arc::new(FakeKeys::default());
+        let log_a = keys.seal_all(history(a, 2));
+        let log_b = keys.seal_all(history(b, 2));
+        let tampered = tamper(log_a[0].clone());
+        let mut log = vec![tampered.clone(), log_a[1].clone()];
+        log.extend(log_b.clone());
+        let (views, _, projection) = opened_projection(log, &keys);
+        let (send, batches) = mpsc::unbounded_channel();
+        // The first batch meets the keys down twice; the second has an event that does not
+        // open.
+        keys.fail(0, 2);
+        send.send(Arc::new(log_b.clone())).unwrap();
+        send.send(Arc::new(vec![tampered, log_a[1].clone()]))
+            .unwrap();
+        drop(send);
+        projection.run(batches).await;
+        assert_eq!(user(&views.views, b).await, Some((2, "v2".into())));
+        assert_eq!(user(&views.views, a).await, None);
+        // b's batch three times; a's batch, then a's gap filled from the log.
+        assert_eq!(keys.calls(), [2, 2, 2, 2, 2]);
     }
 }

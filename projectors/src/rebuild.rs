@@ -1,17 +1,20 @@
 //! Blue-green rebuilds: replay the event store into a new generation beside the live one,
 //! while live projectors keep both up to date, then switch readers over atomically. The
-//! log is read with `LogPages` a page ahead and folded with the projection's own fold; the
-//! embedded mode builds its in-memory views at start the same way.
+//! log is read with `LogPages` a page ahead, each page opened (one call of the opener) and
+//! folded with the projection's own fold; the embedded mode builds its in-memory views at
+//! start the same way.
 
-use pcf_domain::ports::{Change, EventLog, LogPages, PortError};
-use pcf_domain::{Position, UserView};
+use pcf_adapters::keys::{Opener, PlainOnly, Unopened};
+use pcf_domain::ports::{EventLog, LogPages, PortError};
+use pcf_domain::{EventEnvelope, Position, UserView};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-use crate::projection::{fold_run, Projection, ProjectionError};
-use crate::store::ViewStore;
+use crate::projection::{fold_run, open_events, Projection, ProjectionError, SetAside};
+use crate::retry::{patiently, Retry};
+use crate::store::{Scope, ViewStore};
 
 /// How far a rebuild has come.
 #[derive(Debug, Clone, Copy)]
@@ -24,6 +27,8 @@ pub struct Progress {
     pub elapsed: Duration,
     /// Readers use the new generations (the old ones are dropped after the linger).
     pub switched: bool,
+    /// Events read that can never be applied, set aside so far (`Rebuilt::set_aside`).
+    pub set_aside: u64,
 }
 
 impl Progress {
@@ -43,55 +48,6 @@ impl Progress {
         let rate = self.rate();
         (rate > 0.0)
             .then(|| Duration::from_secs_f64(total.saturating_sub(self.applied) as f64 / rate))
-    }
-}
-
-/// How often a rebuild tries a read or a page's write before it gives up.
-const ATTEMPTS: u32 = 6;
-
-/// Pauses between the attempts of one step of a rebuild: up to `ATTEMPTS` tries with growing
-/// pauses (0.1 s to 1.6 s), so that a database that restarts or a deadlock with a live
-/// projector costs a rebuild a pause, not its progress. An event that cannot be applied is
-/// not tried again.
-struct Retry {
-    tries: u32,
-    pause: Duration,
-}
-
-impl Retry {
-    fn new() -> Self {
-        Self {
-            tries: 1,
-            pause: Duration::from_millis(100),
-        }
-    }
-
-    /// After a failed attempt: waits and returns `Ok` when another attempt is due, else the
-    /// error.
-    async fn after(&mut self, what: &str, e: ProjectionError) -> Result<(), ProjectionError> {
-        if self.tries >= ATTEMPTS || !e.is_transient() {
-            return Err(e);
-        }
-        tracing::warn!(error = %e, what, tries = self.tries, "rebuild step failed; trying again");
-        tokio::time::sleep(self.pause).await;
-        self.pause *= 2;
-        self.tries += 1;
-        Ok(())
-    }
-}
-
-/// Runs `attempt` until it succeeds, as `Retry` allows.
-async fn patiently<T, F, Fut>(what: &str, mut attempt: F) -> Result<T, ProjectionError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, ProjectionError>>,
-{
-    let mut retry = Retry::new();
-    loop {
-        match attempt().await {
-            Err(e) => retry.after(what, e).await?,
-            ok => return ok,
-        }
     }
 }
 
@@ -126,26 +82,43 @@ pub struct Rebuilt {
     pub position: Position,
     /// Events read from the log.
     pub applied: u64,
+    /// Events read that can never be applied, in log order, each with its position: those
+    /// whose personal data does not open (altered, or a live user's key missing), and the
+    /// later events of their users. The views hold each such user as folded up to the
+    /// event before; live projectors dead-letter the same events.
+    pub set_aside: Vec<SetAside<Position>>,
 }
 
 /// Rebuilds every store of `stores` from one reading of `log`, each into a new generation
-/// beside its live one, then switches readers over.
+/// beside its live one, then switches readers over. Sealed personal data is not opened
+/// (`PlainOnly`): see `rebuild_views_with`.
 pub async fn rebuild_views(
     stores: &[Arc<dyn ViewStore>],
     log: Arc<dyn EventLog>,
     options: &RebuildOptions,
     progress: &(dyn Fn(Progress) + Send + Sync),
 ) -> Result<Rebuilt, ProjectionError> {
+    rebuild_views_with(stores, log, Arc::new(PlainOnly), options, progress).await
+}
+
+/// `rebuild_views`, opening the log's sealed personal data with `opener` (the user keys).
+pub async fn rebuild_views_with(
+    stores: &[Arc<dyn ViewStore>],
+    log: Arc<dyn EventLog>,
+    opener: Arc<dyn Opener>,
+    options: &RebuildOptions,
+    progress: &(dyn Fn(Progress) + Send + Sync),
+) -> Result<Rebuilt, ProjectionError> {
     let projections: Vec<Projection> = stores
         .iter()
-        .map(|store| Projection::new(store.clone(), log.clone()))
+        .map(|store| Projection::new(store.clone(), log.clone()).with_opener(opener.clone()))
         .collect();
-    rebuild_projections(&projections, log, options, progress).await
+    rebuild_projections(&projections, log, opener, options, progress).await
 }
 
 impl Projection {
-    /// Rebuilds this projection's store from its log into a new generation, then switches
-    /// readers over (see `rebuild_views`).
+    /// Rebuilds this projection's store from its log, opened with its opener, into a new
+    /// generation, then switches readers over (see `rebuild_views`).
     pub async fn rebuild(
         &self,
         options: &RebuildOptions,
@@ -154,10 +127,89 @@ impl Projection {
         rebuild_projections(
             std::slice::from_ref(self),
             self.log().clone(),
+            self.opener().clone(),
             options,
             progress,
         )
         .await
+    }
+}
+
+/// A page of the log, opened, with the events that did not open.
+struct Page {
+    events: Vec<EventEnvelope>,
+    unopened: Vec<Unopened>,
+}
+
+/// Reads the next page of `log_pages` and opens it, each step tried again while its
+/// dependency is down (a page read is opened again, not read past).
+async fn read_page(log_pages: &mut LogPages, opener: &dyn Opener) -> Result<Page, ProjectionError> {
+    let mut retry = Retry::new();
+    let mut events = loop {
+        match log_pages.next_page().await {
+            Ok(events) => break events,
+            Err(e) => {
+                retry
+                    .after("reading the log", ProjectionError::Log(e))
+                    .await?
+            }
+        }
+    };
+    let mut retry = Retry::new();
+    let unopened = loop {
+        match open_events(opener, &mut events).await {
+            Ok(unopened) => break unopened,
+            Err(e) => retry.after("opening the log's personal data", e).await?,
+        }
+    };
+    Ok(Page { events, unopened })
+}
+
+/// The users a rebuild met an event of that does not open: their later events cannot be
+/// applied either (as a live projector's gap fill finds).
+#[derive(Default)]
+struct Blocked {
+    /// The first event of each such user that did not open: id, sequence, why.
+    users: HashMap<Uuid, (Uuid, u64, String)>,
+    set_aside: Vec<SetAside<Position>>,
+}
+
+impl Blocked {
+    /// The events of `page` that may be folded; the others are set aside.
+    fn sift<'p>(&mut self, page: &'p Page) -> Vec<&'p EventEnvelope> {
+        let mut unopened: HashMap<usize, &str> = page
+            .unopened
+            .iter()
+            .map(|u| (u.index, u.reason.as_str()))
+            .collect();
+        let mut applicable = Vec::with_capacity(page.events.len());
+        for (index, event) in page.events.iter().enumerate() {
+            let reason = match (unopened.remove(&index), self.users.get(&event.aggregate_id)) {
+                (Some(reason), first) => {
+                    if first.is_none() {
+                        self.users.insert(
+                            event.aggregate_id,
+                            (event.event_id, event.sequence, reason.to_owned()),
+                        );
+                    }
+                    reason.to_owned()
+                }
+                (None, Some((id, sequence, why))) => {
+                    format!("earlier event {id} (sequence {sequence}) cannot be applied: {why}")
+                }
+                (None, None) => {
+                    applicable.push(event);
+                    continue;
+                }
+            };
+            tracing::error!(event_id = %event.event_id, %reason, "rebuild: event set aside");
+            self.set_aside.push(SetAside {
+                source: event.position,
+                event_id: event.event_id,
+                reason,
+            });
+        }
+        applicable
     }
 }
 
@@ -174,6 +226,7 @@ impl Projection {
 async fn rebuild_projections(
     projections: &[Projection],
     log: Arc<dyn EventLog>,
+    opener: Arc<dyn Opener>,
     options: &RebuildOptions,
     progress: &(dyn Fn(Progress) + Send + Sync),
 ) -> Result<Rebuilt, ProjectionError> {
@@ -191,30 +244,21 @@ async fn rebuild_projections(
     }
     let started = Instant::now();
     let total = log.event_count().await.map_err(ProjectionError::Log)?;
-    // One task reads the log page after page, a page ahead of the views, as changes (what
-    // a fold needs); it ends with the position it reached.
-    let (pages, mut next_page) = tokio::sync::mpsc::channel::<Vec<Change>>(2);
+    // One task reads the log page after page, a page ahead of the views, as envelopes it
+    // opens (a `Change` keeps no sealed data to open); it ends with the position it reached.
+    let (pages, mut next_page) = tokio::sync::mpsc::channel::<Page>(2);
     let reader = {
         let mut log_pages = LogPages::new(log.clone(), Position::START, options.batch_size);
         tokio::spawn(async move {
             loop {
-                let mut retry = Retry::new();
-                let changes = loop {
-                    match log_pages.next_changes().await {
-                        Ok(changes) => break changes,
-                        Err(e) => {
-                            retry
-                                .after("reading the log", ProjectionError::Log(e))
-                                .await?
-                        }
-                    }
-                };
-                if changes.is_empty() || pages.send(changes).await.is_err() {
+                let page = read_page(&mut log_pages, &*opener).await?;
+                if page.events.is_empty() || pages.send(page).await.is_err() {
                     return Ok(log_pages.position());
                 }
             }
         })
     };
+    let mut blocked = Blocked::default();
     let mut applied = 0u64;
     // Users folded from the log so far, from their first event: each page is folded once
     // here and the users it changed are written to every view. Bounded: when full it is
@@ -222,7 +266,8 @@ async fn rebuild_projections(
     // path (which reads the user back, or fills from the log).
     let mut folded: HashMap<Uuid, UserView> = HashMap::new();
     while let Some(page) = next_page.recv().await {
-        let run = fold_run(&mut folded, &page)?;
+        let applicable = blocked.sift(&page);
+        let run = fold_run(&mut folded, &applicable)?;
         let states: Vec<UserView> = run
             .changed
             .iter()
@@ -242,7 +287,7 @@ async fn rebuild_projections(
             // Their users are read back, and gaps filled from the log.
             let writes = builds.iter().map(|(projection, _, generation)| {
                 patiently(projection.name(), || {
-                    projection.apply_to(*generation, &run.rest, &[])
+                    projection.apply_scoped(Scope::Generation(*generation), &run.rest, &[])
                 })
             });
             for result in futures::future::join_all(writes).await {
@@ -252,12 +297,13 @@ async fn rebuild_projections(
         if folded.len() > MAX_FOLDED_USERS {
             folded.clear();
         }
-        applied += page.len() as u64;
+        applied += page.events.len() as u64;
         progress(Progress {
             applied,
             total,
             elapsed: started.elapsed(),
             switched: false,
+            set_aside: blocked.set_aside.len() as u64,
         });
     }
     let position = match reader.await {
@@ -285,8 +331,13 @@ async fn rebuild_projections(
         total: Some(applied.max(total.unwrap_or(0))),
         elapsed: started.elapsed(),
         switched: true,
+        set_aside: blocked.set_aside.len() as u64,
     });
-    tracing::info!(applied, "rebuild switched readers to the new generations");
+    tracing::info!(
+        applied,
+        set_aside = blocked.set_aside.len(),
+        "rebuild switched readers to the new generations"
+    );
     tokio::time::sleep(options.linger).await;
     for (projection, old, _) in &builds {
         if let Err(e) = projection.store().drop_generation(*old).await {
@@ -297,6 +348,7 @@ async fn rebuild_projections(
         generations: builds.iter().map(|(_, _, g)| *g).collect(),
         position,
         applied,
+        set_aside: blocked.set_aside,
     })
 }
 
@@ -305,8 +357,11 @@ mod tests {
     use super::*;
     use crate::memory::MemoryUserViews;
     use crate::store::Scope;
-    use crate::testing::{history, poisoned, InterferingViews, MemoryLog};
+    use crate::testing::{
+        history, lifetime, poisoned, tamper, FakeKeys, InterferingViews, MemoryLog,
+    };
     use pcf_domain::ports::UserReader;
+    use pcf_domain::Email;
     use std::sync::atomic::Ordering;
     use std::sync::Mutex;
 
@@ -343,6 +398,7 @@ mod tests {
                 generations: vec![2],
                 position: log.events().last().unwrap().position,
                 applied: 15,
+                set_aside: Vec::new(),
             }
         );
         let state = ViewStore::state(&*views).await.unwrap();
@@ -403,5 +459,176 @@ mod tests {
         assert_eq!(store.failures.load(Ordering::SeqCst), 0);
         let view = store.views.user(a).await.unwrap().unwrap();
         assert_eq!(view.version, 3);
+    }
+
+    async fn by_email(views: &MemoryUserViews, email: &str) -> Option<Uuid> {
+        let email = Email::parse(email).unwrap();
+        views.user_by_email(&email).await.unwrap().map(|v| v.id)
+    }
+
+    #[tokio::test]
+    async fn a_rebuild_of_a_log_with_deleted_users_gives_the_views_live_projection_gave() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let keys = Arc::new(FakeKeys::default());
+        // a lives and is deleted; b lives on. Interleaved: a1 b1 a2 b2 a3 b3 a4.
+        let (life_a, life_b) = (keys.seal_all(lifetime(a)), keys.seal_all(history(b, 3)));
+        let mut sealed = Vec::new();
+        for (i, event) in life_a.iter().enumerate() {
+            sealed.push(event.clone());
+            sealed.extend(life_b.get(i).cloned());
+        }
+        // Live: each event as it comes; a's key is destroyed with its account, before its
+        // deletion event is published.
+        let live = Arc::new(MemoryUserViews::new());
+        let projection = Projection::new(live.clone(), Arc::new(MemoryLog::of(sealed.clone())))
+            .with_opener(keys.clone());
+        for event in &sealed {
+            if event.event_type == "AccountDeleted" {
+                keys.delete_account(a);
+            }
+            projection
+                .apply_live(std::slice::from_ref(event), &[])
+                .await
+                .unwrap();
+        }
+        // The rebuild reads a's events erased (its key is gone), in pages of three; the
+        // log's readable prefix ends before a's deletion event, still committing.
+        let log = Arc::new(MemoryLog::of(sealed[..6].to_vec()));
+        let calls = keys.calls().len();
+        let rebuilt_views = Arc::new(MemoryUserViews::new());
+        let rebuilding =
+            Projection::new(rebuilt_views.clone(), log.clone()).with_opener(keys.clone());
+        let rebuilt = rebuilding.rebuild(&options(3), &|_| {}).await.unwrap();
+        assert_eq!((rebuilt.applied, rebuilt.set_aside.len()), (6, 0));
+        assert_eq!(keys.calls()[calls..], [3, 3], "one call a page");
+        // a is a tombstone already: no personal data, no email entry.
+        let tombstone = rebuilt_views.user(a).await.unwrap().unwrap();
+        assert_eq!(
+            (
+                tombstone.version,
+                tombstone.deleted,
+                tombstone.email.as_str()
+            ),
+            (3, true, "")
+        );
+        assert_eq!(
+            (
+                tombstone.display_name.as_str(),
+                &tombstone.bio,
+                &tombstone.avatar_url
+            ),
+            ("", &None, &None)
+        );
+        assert_eq!(
+            by_email(&rebuilt_views, &format!("{a}@example.com")).await,
+            None
+        );
+        // Its deletion, applied live, ends it as live projection did.
+        log.append(sealed[6..].to_vec());
+        rebuilding.apply_live(&sealed[6..], &[]).await.unwrap();
+        for user in [a, b] {
+            let rebuilt = rebuilt_views.user(user).await.unwrap();
+            assert!(rebuilt.is_some());
+            assert_eq!(rebuilt, live.user(user).await.unwrap(), "{user}");
+        }
+        assert_eq!(rebuilt_views.user(a).await.unwrap().unwrap().version, 4);
+        // And a rebuild of the whole log, as well.
+        let whole = Arc::new(MemoryUserViews::new());
+        let rebuilt = Projection::new(whole.clone(), log)
+            .with_opener(keys.clone())
+            .rebuild(&options(3), &|_| {})
+            .await
+            .unwrap();
+        assert_eq!((rebuilt.applied, rebuilt.set_aside.len()), (7, 0));
+        for user in [a, b] {
+            assert_eq!(
+                whole.user(user).await.unwrap(),
+                live.user(user).await.unwrap()
+            );
+        }
+        for views in [&live, &rebuilt_views, &whole] {
+            assert_eq!(by_email(views, &format!("{a}@example.com")).await, None);
+            assert_eq!(by_email(views, &format!("{a}@example.org")).await, None);
+            assert_eq!(by_email(views, &format!("{b}@example.com")).await, Some(b));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rebuild_sets_aside_what_does_not_open_and_goes_on_to_the_switch() {
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let keys = Arc::new(FakeKeys::default());
+        let mut log_a = keys.seal_all(history(a, 3));
+        log_a[1] = tamper(log_a[1].clone());
+        let log_b = keys.seal_all(history(b, 2));
+        let log_c = keys.seal_all(history(c, 2));
+        // c is live, its key gone.
+        keys.lose_key(c);
+        let mut all = log_a.clone();
+        all.extend(log_b);
+        all.extend(log_c.clone());
+        let log = Arc::new(MemoryLog::of(all));
+        let positions = log.events();
+        let views = Arc::new(MemoryUserViews::new());
+        let stores: Vec<Arc<dyn ViewStore>> = vec![views.clone()];
+        let last = Mutex::new(None);
+        let rebuilt = rebuild_views_with(&stores, log.clone(), keys.clone(), &options(4), &|p| {
+            *last.lock().unwrap() = Some(p.set_aside)
+        })
+        .await
+        .unwrap();
+        let aside: Vec<(Position, Uuid)> = rebuilt
+            .set_aside
+            .iter()
+            .map(|s| (s.source, s.event_id))
+            .collect();
+        assert_eq!(
+            aside,
+            [1, 2, 5, 6].map(|i| (positions[i].position, positions[i].event_id))
+        );
+        assert!(rebuilt.set_aside[0].reason.contains("does not open"));
+        assert!(rebuilt.set_aside[1].reason.starts_with(&format!(
+            "earlier event {} (sequence 2) cannot be applied",
+            log_a[1].event_id
+        )));
+        assert!(rebuilt.set_aside[2].reason.contains("no data key"));
+        assert_eq!(*last.lock().unwrap(), Some(4));
+        assert_eq!(rebuilt.generations, [2]);
+        assert_eq!(ViewStore::state(&*views).await.unwrap().active, 2);
+        let version = async |user| views.user(user).await.unwrap().map(|v| v.version);
+        assert_eq!(version(a).await, Some(1));
+        assert_eq!(version(b).await, Some(2));
+        assert_eq!(version(c).await, None);
+        // Without keys, every sealed event is set aside.
+        let bare = rebuild_views(&stores, log, &options(4), &|_| {})
+            .await
+            .unwrap();
+        assert_eq!(bare.set_aside.len(), 7);
+        assert_eq!(version(b).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_rebuild_waits_out_the_keys_and_a_lasting_outage_stops_it_before_the_switch() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let keys = Arc::new(FakeKeys::default());
+        let log = Arc::new(MemoryLog::of(keys.seal_all(interleaved(&[a, b], 3))));
+        let views = Arc::new(MemoryUserViews::new());
+        let projection = Projection::new(views.clone(), log).with_opener(keys.clone());
+        // The second page meets the keys down twice: opened again, not read past.
+        keys.fail(1, 2);
+        let rebuilt = projection.rebuild(&options(4), &|_| {}).await.unwrap();
+        assert_eq!(keys.calls(), [4, 2, 2, 2]);
+        assert_eq!((rebuilt.applied, rebuilt.set_aside.len()), (6, 0));
+        for user in [a, b] {
+            assert_eq!(views.user(user).await.unwrap().unwrap().version, 3);
+        }
+        // Down for longer than the rebuild waits: it fails, readers stay where they were.
+        keys.fail(0, u64::MAX);
+        let failed = projection.rebuild(&options(4), &|_| {}).await;
+        assert!(
+            matches!(failed, Err(ProjectionError::Keys(_))),
+            "{failed:?}"
+        );
+        assert_eq!(ViewStore::state(&*views).await.unwrap().active, 2);
+        assert_eq!(views.user(a).await.unwrap().unwrap().version, 3);
     }
 }

@@ -1,16 +1,20 @@
-//! Fakes for the unit tests of this crate: a log in memory, users' event histories, and
-//! memory views that fail or race as batches open.
+//! Fakes for the unit tests of this crate: a log in memory, users' event histories, memory
+//! views that fail or race as batches open and keep the checkpoints committed, and user keys
+//! in memory that seal events and open, erase or fail them.
 
 use async_trait::async_trait;
 use chrono::{TimeZone, Utc};
+use pcf_adapters::keys::{Opener, Unopened};
+use pcf_adapters::personal::{self, DataKey};
 use pcf_domain::ports::{EventLog, LogQuery, PortError};
-use pcf_domain::{EventEnvelope, EventMetadata, Position, UserEvent};
+use pcf_domain::{EventEnvelope, EventMetadata, Position, UserEvent, UserView};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use uuid::Uuid;
 
 use crate::memory::MemoryUserViews;
-use crate::store::{GenerationState, Scope, ViewBatch, ViewStore};
+use crate::store::{GenerationState, Offsets, Scope, ViewBatch, ViewStore, Written};
 
 /// A log in memory, in position order; counts the reads of one user's events.
 #[derive(Default)]
@@ -117,6 +121,46 @@ pub fn history(user: Uuid, n: u64) -> Vec<EventEnvelope> {
     events
 }
 
+/// A user's whole life: created (at 1 s) with email `<id>@example.com` and display name
+/// "v1", renamed "v2" (2 s), moved to `<id>@example.org` (3 s), deleted (4 s).
+pub fn lifetime(user: Uuid) -> Vec<EventEnvelope> {
+    let at = |s| Utc.timestamp_opt(s, 0).unwrap();
+    vec![
+        envelope(
+            user,
+            1,
+            UserEvent::UserCreated {
+                user_id: user,
+                email: format!("{user}@example.com"),
+                display_name: "v1".into(),
+                bio: Some("bio".into()),
+                avatar_url: None,
+                occurred_at: at(1),
+            },
+        ),
+        envelope(
+            user,
+            2,
+            UserEvent::ProfileUpdated {
+                display_name: "v2".into(),
+                bio: Some("bio 2".into()),
+                avatar_url: Some("https://example.com/a.png".into()),
+                occurred_at: at(2),
+            },
+        ),
+        envelope(
+            user,
+            3,
+            UserEvent::EmailChanged {
+                old_email: format!("{user}@example.com"),
+                new_email: format!("{user}@example.org"),
+                occurred_at: at(3),
+            },
+        ),
+        envelope(user, 4, UserEvent::AccountDeleted { occurred_at: at(4) }),
+    ]
+}
+
 /// A payload no event decodes from.
 pub fn poisoned(mut event: EventEnvelope) -> EventEnvelope {
     event.payload = serde_json::json!({"nonsense": true});
@@ -125,7 +169,8 @@ pub fn poisoned(mut event: EventEnvelope) -> EventEnvelope {
 
 /// The memory views, troubled as batches open: the first `failures` opens fail (as when a
 /// database restarts), and a generation can be begun right after the next batch opens (a
-/// rebuild beginning under a live batch).
+/// rebuild beginning under a live batch). They keep the offsets each committed batch
+/// recorded (the checkpoint a SQL view commits with its rows).
 pub struct InterferingViews {
     /// The views batches are opened on.
     pub views: MemoryUserViews,
@@ -133,6 +178,8 @@ pub struct InterferingViews {
     pub failures: AtomicU64,
     /// The generation to begin right after the next batch opens, once.
     begin_after_open: Mutex<Option<u64>>,
+    /// The offsets of each batch committed, in order.
+    pub checkpoints: Mutex<Vec<Vec<(i32, i64)>>>,
 }
 
 impl InterferingViews {
@@ -142,6 +189,7 @@ impl InterferingViews {
             views: MemoryUserViews::new(),
             failures: AtomicU64::new(failures),
             begin_after_open: Mutex::new(None),
+            checkpoints: Mutex::new(Vec::new()),
         }
     }
 
@@ -187,6 +235,170 @@ impl ViewStore for InterferingViews {
         if let Some(generation) = begin {
             self.views.begin(generation).await?;
         }
-        Ok(batch)
+        Ok(Box::new(Checkpointing {
+            batch,
+            checkpoints: &self.checkpoints,
+        }))
+    }
+}
+
+/// A batch of the memory views that records the offsets it commits.
+struct Checkpointing<'a> {
+    batch: Box<dyn ViewBatch + 'a>,
+    checkpoints: &'a Mutex<Vec<Vec<(i32, i64)>>>,
+}
+
+#[async_trait]
+impl ViewBatch for Checkpointing<'_> {
+    fn generations(&self) -> &[u64] {
+        self.batch.generations()
+    }
+
+    async fn load(
+        &mut self,
+        generation: u64,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, UserView>, PortError> {
+        self.batch.load(generation, ids).await
+    }
+
+    async fn replace(
+        &mut self,
+        generation: u64,
+        changes: &[(Option<UserView>, UserView)],
+    ) -> Result<Written, PortError> {
+        self.batch.replace(generation, changes).await
+    }
+
+    async fn write_newer(
+        &mut self,
+        generation: u64,
+        states: &[UserView],
+    ) -> Result<Vec<bool>, PortError> {
+        self.batch.write_newer(generation, states).await
+    }
+
+    async fn commit(self: Box<Self>, offsets: &Offsets) -> Result<(), PortError> {
+        self.batch.commit(offsets).await?;
+        self.checkpoints.lock().unwrap().push(offsets.to_vec());
+        Ok(())
+    }
+}
+
+/// Users' data keys in memory, an `Opener` as `pcf_adapters::keys::Keys` is one: it seals
+/// events with real keys (`seal`), opens them with the user's key, erases those of a user
+/// whose key was destroyed with the account (`delete_account`), and leaves unopened those
+/// altered (`tamper`) or of a live user whose key is missing (`lose_key`). Calls fail as a
+/// key table that is down when told (`fail`). Every call's size is kept.
+#[derive(Default)]
+pub struct FakeKeys {
+    keys: Mutex<HashMap<Uuid, DataKey>>,
+    deleted: Mutex<HashSet<Uuid>>,
+    /// From which call on (counted from the first) calls fail, and how many more.
+    outage: Mutex<(usize, u64)>,
+    /// How many events each call was given, in order (failed calls included).
+    pub calls: Mutex<Vec<usize>>,
+}
+
+impl FakeKeys {
+    /// `event` sealed with its user's key (made at the user's first event): version "2",
+    /// its personal fields in `sealed`.
+    pub fn seal(&self, mut event: EventEnvelope) -> EventEnvelope {
+        let mut keys = self.keys.lock().unwrap();
+        let key = keys
+            .entry(event.aggregate_id)
+            .or_insert_with(DataKey::generate);
+        let aad = personal::event_aad(
+            &event.aggregate_id.to_string(),
+            event.sequence,
+            &event.event_type,
+        );
+        personal::seal_payload(&mut event.payload, key, &aad);
+        event.event_version = personal::SEALED_VERSION.into();
+        event
+    }
+
+    /// `events`, each sealed.
+    pub fn seal_all(&self, events: Vec<EventEnvelope>) -> Vec<EventEnvelope> {
+        events.into_iter().map(|e| self.seal(e)).collect()
+    }
+
+    /// The user's account is deleted: its key is destroyed.
+    pub fn delete_account(&self, user: Uuid) {
+        self.keys.lock().unwrap().remove(&user);
+        self.deleted.lock().unwrap().insert(user);
+    }
+
+    /// A live user's key is missing (the key table lost it).
+    pub fn lose_key(&self, user: Uuid) {
+        self.keys.lock().unwrap().remove(&user);
+    }
+
+    /// After the next `after` calls, `times` calls fail (the key table is down).
+    pub fn fail(&self, after: usize, times: u64) {
+        *self.outage.lock().unwrap() = (self.calls().len() + after, times);
+    }
+
+    /// How many events each call was given, in order (failed calls included).
+    pub fn calls(&self) -> Vec<usize> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+/// `event` with its sealed personal data altered: it no longer opens.
+pub fn tamper(mut event: EventEnvelope) -> EventEnvelope {
+    let sealed = event.payload[personal::SEALED]
+        .as_str()
+        .expect("a sealed event")
+        .to_owned();
+    let mut bytes = sealed.into_bytes();
+    // A character of the ciphertext changed (past the nonce), still base64.
+    bytes[30] = if bytes[30] == b'A' { b'B' } else { b'A' };
+    event.payload[personal::SEALED] = String::from_utf8(bytes).unwrap().into();
+    event
+}
+
+#[async_trait]
+impl Opener for FakeKeys {
+    async fn open(&self, events: &mut [EventEnvelope]) -> Result<Vec<Unopened>, PortError> {
+        let call = {
+            let mut calls = self.calls.lock().unwrap();
+            calls.push(events.len());
+            calls.len() - 1
+        };
+        {
+            let mut outage = self.outage.lock().unwrap();
+            if call >= outage.0 && outage.1 > 0 {
+                outage.1 -= 1;
+                return Err(PortError::Unavailable("the key table is down".into()));
+            }
+        }
+        let keys = self.keys.lock().unwrap().clone();
+        let deleted = self.deleted.lock().unwrap().clone();
+        let mut unopened = Vec::new();
+        for (index, event) in events.iter_mut().enumerate() {
+            if !personal::is_sealed(&event.payload) {
+                continue;
+            }
+            let user = event.aggregate_id;
+            let aad = personal::event_aad(&user.to_string(), event.sequence, &event.event_type);
+            let outcome = match keys.get(&user) {
+                Some(key) => personal::open_payload(&mut event.payload, Some(key), &aad)
+                    .map_err(|e| e.to_string()),
+                None if deleted.contains(&user) => {
+                    personal::erase_payload(&mut event.payload);
+                    Ok(())
+                }
+                None => Err(format!("no data key for the live user {user}")),
+            };
+            if let Err(reason) = outcome {
+                unopened.push(Unopened {
+                    index,
+                    event_id: event.event_id,
+                    reason,
+                });
+            }
+        }
+        Ok(unopened)
     }
 }
