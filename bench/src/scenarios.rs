@@ -1006,9 +1006,10 @@ impl Bench {
         eprintln!("bench: rebuilding both views from {in_log} events");
         let started = Instant::now();
         let switched_after = Mutex::new(None);
-        pcf_projectors::rebuild_views(
+        pcf_projectors::rebuild_views_with(
             &views,
             log,
+            self.app.keys.clone(),
             &pcf_projectors::RebuildOptions::default(),
             &|p| {
                 if p.switched {

@@ -27,7 +27,7 @@ pub fn router(
     let models = ReadModels {
         users: read.users,
         log: p.log.clone(),
-        opener: Arc::new(pcf_adapters::keys::PlainOnly),
+        opener: p.keys.clone(),
         consistency_timeout: config.consistency_timeout,
     };
     let limiter = Arc::new(RateLimiter::new(config.rate_limits, shared_counts(config)?));

@@ -129,7 +129,7 @@ fn start_projector(
             format!("{}{}", p.config.kafka_group_prefix, view.name()),
         )),
     );
-    let projection = Arc::new(Projection::new(view, p.log.clone()));
+    let projection = Arc::new(Projection::new(view, p.log.clone()).with_opener(p.keys.clone()));
     let projector =
         KafkaProjector::new(consumer, projection, stats).context("creating a Kafka consumer")?;
     let stop = p.stopped();

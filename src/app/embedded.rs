@@ -21,7 +21,7 @@ pub async fn read_side(p: &mut Process<'_>) -> anyhow::Result<ReadSide> {
     }
     let bus = Arc::new(InProcessBus::new());
     let views = Arc::new(MemoryUserViews::new());
-    let projection = Projection::new(views.clone(), p.log.clone());
+    let projection = Projection::new(views.clone(), p.log.clone()).with_opener(p.keys.clone());
     // Subscribe first, then rebuild from the log, so nothing falls between the two (anything
     // seen twice is skipped by sequence). The views are built as any rebuild builds them.
     let batches = bus.subscribe();

@@ -36,6 +36,8 @@ pub struct App {
     /// A development admin token, when no secret was configured.
     pub dev_token: Option<String>,
     pub store: Arc<dyn EventStore>,
+    /// Opens the personal data of the store's events.
+    pub keys: Arc<pcf_adapters::keys::Keys>,
     pub schema: PcfSchema,
     pub metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
@@ -98,6 +100,7 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
         router,
         dev_token: auth.dev_token,
         store,
+        keys: p.keys,
         schema,
         metrics: p.metrics,
         shutdown,

@@ -3,7 +3,8 @@
 use anyhow::Context;
 use pcf_domain::ports::EventLog;
 use pcf_projectors::{
-    consumer_lag, rebuild_views, Progress, RebuildOptions, RedisUserViews, SqlUserViews, ViewStore,
+    consumer_lag, rebuild_views_with, Progress, RebuildOptions, RedisUserViews, SqlUserViews,
+    ViewStore,
 };
 use std::sync::Arc;
 
@@ -81,8 +82,8 @@ pub async fn projections(config: Config, command: ProjectionsCommand) -> anyhow:
                 }
                 found
             };
-            let store = open_store(&config).await?.store;
-            let log: Arc<dyn EventLog> = store;
+            let storage = open_store(&config).await?;
+            let log: Arc<dyn EventLog> = storage.store;
             // All chosen views are built from one reading of the log.
             let label = chosen
                 .iter()
@@ -96,9 +97,15 @@ pub async fn projections(config: Config, command: ProjectionsCommand) -> anyhow:
                 }
                 bar.set_position(p.applied);
             };
-            let rebuilt = rebuild_views(&chosen, log, &RebuildOptions::default(), &report)
-                .await
-                .with_context(|| format!("rebuilding {name}"))?;
+            let rebuilt = rebuild_views_with(
+                &chosen,
+                log,
+                storage.keys,
+                &RebuildOptions::default(),
+                &report,
+            )
+            .await
+            .with_context(|| format!("rebuilding {name}"))?;
             bar.finish();
             for (view, generation) in chosen.iter().zip(rebuilt.generations) {
                 println!(
