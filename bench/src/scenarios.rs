@@ -913,6 +913,76 @@ impl Bench {
         ])
     }
 
+    /// Writes `n` users numbered from `first`, `per_user` events each (a `UserCreated`, then
+    /// `ProfileUpdated`s), as the event store writes them: personal fields sealed with each
+    /// user's own data key, the keys wrapped in the key table.
+    async fn seed_sealed(&self, first: u64, n: u64, per_user: u64) -> anyhow::Result<()> {
+        use pcf_adapters::personal::{event_aad, seal_payload, DataKey};
+        let keyring = self.app.keys.keyring();
+        let events = (n * per_user) as usize;
+        let (mut ids, mut sequences, mut types, mut payloads) = (
+            Vec::with_capacity(events),
+            Vec::with_capacity(events),
+            Vec::with_capacity(events),
+            Vec::with_capacity(events),
+        );
+        let (mut key_users, mut kek_ids, mut wrapped) = (Vec::new(), Vec::new(), Vec::new());
+        for u in first..first + n {
+            let id = Uuid::new_v4().to_string();
+            let key = DataKey::generate();
+            let wrap = keyring.wrap(&id, &key);
+            key_users.push(id.clone());
+            kek_ids.push(wrap.kek_id);
+            wrapped.push(wrap.bytes);
+            for seq in 1..=per_user {
+                let (event_type, mut inner) = if seq == 1 {
+                    let email = format!("r{u}-{}@bench.test", self.run_id);
+                    (
+                        "UserCreated",
+                        json!({"userId": id, "email": email, "displayName": format!("R{u}"),
+                        "bio": null, "avatarUrl": null, "occurredAt": "2026-01-01T00:00:00Z"}),
+                    )
+                } else {
+                    (
+                        "ProfileUpdated",
+                        json!({"displayName": format!("R{u}-{seq}"), "bio": null,
+                        "avatarUrl": null, "occurredAt": "2026-01-01T00:00:00Z"}),
+                    )
+                };
+                seal_payload(&mut inner, &key, &event_aad(&id, seq, event_type));
+                ids.push(id.clone());
+                sequences.push(seq as i64);
+                types.push(event_type);
+                payloads.push(json!({ event_type: inner }));
+            }
+        }
+        let mut tx = self.primary.begin().await?;
+        sqlx::query(
+            "INSERT INTO user_keys (user_id, kek_id, wrapped) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[])",
+        )
+        .bind(&key_users)
+        .bind(&kek_ids)
+        .bind(&wrapped)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+             event_version, payload, metadata) \
+             SELECT 'User', e.id, e.seq, e.kind, '2', e.payload, '{}'::jsonb \
+             FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::jsonb[]) \
+                  AS e (id, seq, kind, payload)",
+        )
+        .bind(&ids)
+        .bind(&sequences)
+        .bind(&types)
+        .bind(&payloads)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// `rebuild all` over a log of `rebuild_events` events, against the raw Kafka consume
     /// rate of the same topic and a raw pipelined Redis write of the same documents.
     async fn rebuild(&mut self) -> anyhow::Result<ScenarioResult> {
@@ -924,25 +994,7 @@ impl Bench {
         let mut done = 0u64;
         while done < users {
             let n = chunk.min(users - done);
-            sqlx::query(
-                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-                 SELECT 'User', u.id::text, s.seq, \
-                   CASE WHEN s.seq = 1 THEN 'UserCreated' ELSE 'ProfileUpdated' END, '1', \
-                   CASE WHEN s.seq = 1 THEN jsonb_build_object('UserCreated', jsonb_build_object( \
-                       'userId', u.id, 'email', 'r' || u.n || '-' || $3 || '@bench.test', 'displayName', 'R' || u.n, \
-                       'bio', null, 'avatarUrl', null, 'occurredAt', '2026-01-01T00:00:00Z')) \
-                   ELSE jsonb_build_object('ProfileUpdated', jsonb_build_object( \
-                       'displayName', 'R' || u.n || '-' || s.seq, 'bio', null, 'avatarUrl', null, \
-                       'occurredAt', '2026-01-01T00:00:00Z')) END, \
-                   '{}'::jsonb \
-                 FROM (SELECT n, gen_random_uuid() AS id FROM generate_series($1::bigint, $2::bigint) n) u \
-                 CROSS JOIN generate_series(1, 10) s(seq) ORDER BY u.n, s.seq",
-            )
-            .bind(done as i64)
-            .bind((done + n - 1) as i64)
-            .bind(&self.run_id)
-            .execute(&self.primary)
-            .await?;
+            self.seed_sealed(done, n, per_user).await?;
             done += n;
         }
         // Everything published and projected before measuring, and the database settled
