@@ -153,6 +153,7 @@ impl Cluster {
             ..Default::default()
         }
     }
+
     /// Starts a PCF process with `roles` on the test's own configuration ([`Cluster::config`]).
     pub async fn start_default(&mut self, roles: &[Role]) -> Node {
         let config = self.config();

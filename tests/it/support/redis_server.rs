@@ -6,7 +6,7 @@ use super::services::{port_open, shared_redis_url, ChildServer};
 use super::wait::wait_until;
 use futures::StreamExt as _;
 use pcf_projectors::delete_matching;
-use redis::AsyncCommands as _;
+use redis::{AsyncCommands as _, ScanOptions};
 use std::process::Command;
 use std::time::Duration;
 use uuid::Uuid;
@@ -20,12 +20,15 @@ pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
         .unwrap_or_else(|e| panic!("connecting to Redis at {url}: {e}"))
 }
 
-/// Every key matching `pattern`.
+/// Every key matching `pattern` (`SCAN`, a thousand keys a step).
 pub async fn scan_keys(
     conn: &mut redis::aio::MultiplexedConnection,
     pattern: &str,
 ) -> Result<Vec<String>, redis::RedisError> {
-    let keys: Vec<redis::RedisResult<String>> = conn.scan_match(pattern).await?.collect().await;
+    let options = ScanOptions::default()
+        .with_pattern(pattern)
+        .with_count(1000);
+    let keys: Vec<redis::RedisResult<String>> = conn.scan_options(options).await?.collect().await;
     keys.into_iter().collect()
 }
 
