@@ -1,13 +1,13 @@
 //! The key table (`user_keys`, `kek_checks`) in PostgreSQL or SQLite: the one place its SQL is
-//! written. The command side inserts and deletes keys inside its append transaction
-//! (`insert_pg`, `delete_pg`, ...); every reader of events opens their personal fields through
+//! written, but for PostgreSQL's append, which inserts and deletes a key inside its one
+//! statement (SQLite's uses `insert_sqlite` and `delete_sqlite`); every reader of events opens their personal fields through
 //! `Keys`, which unwraps data keys with the configured `Keyring` and keeps the unwrapped ones
 //! in a bounded cache.
 
 use crate::personal::{self, DataKey, KeyError, Keyring, Tampered, WrappedKey};
 use pcf_domain::ports::PortError;
 use pcf_domain::EventEnvelope;
-use sqlx::{PgConnection, PgPool, Row, SqliteConnection, SqlitePool};
+use sqlx::{PgPool, Row, SqliteConnection, SqlitePool};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -495,46 +495,8 @@ where
     ))
 }
 
-/// A new user's key, wrapped, inserted in the append's transaction (PostgreSQL).
-pub async fn insert_pg(
-    conn: &mut PgConnection,
-    user: Uuid,
-    wrapped: &WrappedKey,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO user_keys (user_id, kek_id, wrapped) VALUES ($1, $2, $3)")
-        .bind(user.to_string())
-        .bind(&wrapped.kek_id)
-        .bind(&wrapped.bytes)
-        .execute(conn)
-        .await
-        .map(drop)
-}
-
-/// Destroys a user's key in the append's transaction (PostgreSQL); false if it was gone.
-pub async fn delete_pg(conn: &mut PgConnection, user: Uuid) -> Result<bool, sqlx::Error> {
-    sqlx::query("DELETE FROM user_keys WHERE user_id = $1")
-        .bind(user.to_string())
-        .execute(conn)
-        .await
-        .map(|r| r.rows_affected() == 1)
-}
-
-/// A user's wrapped key, read in the append's transaction (PostgreSQL).
-pub async fn find_pg(
-    conn: &mut PgConnection,
-    user: Uuid,
-) -> Result<Option<WrappedKey>, sqlx::Error> {
-    let row = sqlx::query("SELECT user_id, kek_id, wrapped FROM user_keys WHERE user_id = $1")
-        .bind(user.to_string())
-        .fetch_optional(conn)
-        .await?;
-    Ok(row.map(|r| WrappedKey {
-        kek_id: r.get("kek_id"),
-        bytes: r.get("wrapped"),
-    }))
-}
-
-/// `insert_pg` for SQLite.
+/// A new user's key, wrapped, inserted in an SQLite append's transaction (PostgreSQL's
+/// append does it in its one statement).
 pub async fn insert_sqlite(
     conn: &mut SqliteConnection,
     user: Uuid,
@@ -549,26 +511,11 @@ pub async fn insert_sqlite(
         .map(drop)
 }
 
-/// `delete_pg` for SQLite.
+/// Destroys a user's key in an SQLite append's transaction; false if it was gone.
 pub async fn delete_sqlite(conn: &mut SqliteConnection, user: Uuid) -> Result<bool, sqlx::Error> {
     sqlx::query("DELETE FROM user_keys WHERE user_id = ?")
         .bind(user.to_string())
         .execute(conn)
         .await
         .map(|r| r.rows_affected() == 1)
-}
-
-/// `find_pg` for SQLite.
-pub async fn find_sqlite(
-    conn: &mut SqliteConnection,
-    user: Uuid,
-) -> Result<Option<WrappedKey>, sqlx::Error> {
-    let row = sqlx::query("SELECT user_id, kek_id, wrapped FROM user_keys WHERE user_id = ?")
-        .bind(user.to_string())
-        .fetch_optional(conn)
-        .await?;
-    Ok(row.map(|r| WrappedKey {
-        kek_id: r.get("kek_id"),
-        bytes: r.get("wrapped"),
-    }))
 }

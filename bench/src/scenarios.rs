@@ -418,6 +418,21 @@ impl Bench {
         })
     }
 
+    /// A command `op` and the append baseline (on existing users, or new ones), measured in
+    /// alternating rounds.
+    async fn against_append(&self, op: Op, existing: bool) -> (Measurement, Measurement) {
+        let o = &self.options;
+        interleaved(
+            op,
+            self.append_baseline(existing),
+            o.concurrency,
+            o.warmup,
+            o.duration,
+            o.rounds,
+        )
+        .await
+    }
+
     async fn create_user(&mut self) -> anyhow::Result<ScenarioResult> {
         eprintln!("bench: createUser");
         let client = self.client.clone();
@@ -436,16 +451,7 @@ impl Bench {
             }
             .boxed()
         });
-        let o = &self.options;
-        let (subject, baseline) = interleaved(
-            op,
-            self.append_baseline(false),
-            o.concurrency,
-            o.warmup,
-            o.duration,
-            o.rounds,
-        )
-        .await;
+        let (subject, baseline) = self.against_append(op, false).await;
         Ok(ratio_result(
             "createUser over HTTP",
             subject,
@@ -538,15 +544,7 @@ impl Bench {
             }
             .boxed()
         });
-        let (subject, baseline) = interleaved(
-            op,
-            self.append_baseline(true),
-            o.concurrency,
-            o.warmup,
-            o.duration,
-            o.rounds,
-        )
-        .await;
+        let (subject, baseline) = self.against_append(op, true).await;
         Ok(ratio_result(
             "deleteAccount",
             subject,
@@ -577,16 +575,7 @@ impl Bench {
 
     async fn update_profile(&mut self) -> anyhow::Result<ScenarioResult> {
         eprintln!("bench: updateProfile on {} users", self.users.len());
-        let o = self.options.clone();
-        let (subject, baseline) = interleaved(
-            self.update_op(),
-            self.append_baseline(true),
-            o.concurrency,
-            o.warmup,
-            o.duration,
-            o.rounds,
-        )
-        .await;
+        let (subject, baseline) = self.against_append(self.update_op(), true).await;
         self.max_command_rate = Some(subject.throughput);
         Ok(ratio_result(
             &format!("updateProfile on {} users", self.users.len()),
