@@ -97,6 +97,34 @@ impl std::fmt::Debug for Keys {
     }
 }
 
+/// Runs the same sqlx code on whichever pool the key table lives in, `$pool` bound to it: the
+/// statements are written in SQL both databases read (`$n` parameters included), and sqlx's
+/// types for the two drivers differ, so each arm is compiled on its own.
+macro_rules! on_pool {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            KeyDb::Postgres($pool) => $body,
+            KeyDb::Sqlite($pool) => $body,
+        }
+    };
+}
+
+/// The users of those `events` that `pick` picks, each once.
+fn distinct_users(events: &[EventEnvelope], pick: impl Fn(&EventEnvelope) -> bool) -> Vec<Uuid> {
+    let users: HashSet<Uuid> = events
+        .iter()
+        .filter(|e| pick(e))
+        .map(|e| e.aggregate_id)
+        .collect();
+    users.into_iter().collect()
+}
+
+/// A list of user ids as the JSON array text the statements read it from.
+fn id_list(users: &[Uuid]) -> String {
+    serde_json::to_string(&users.iter().map(Uuid::to_string).collect::<Vec<_>>())
+        .unwrap_or_else(|_| "[]".into())
+}
+
 fn db_error(e: sqlx::Error) -> PortError {
     crate::sql::port_error("key table", e)
 }
@@ -173,30 +201,21 @@ impl Keys {
     }
 
     async fn fetch_wrapped(&self, users: &[Uuid]) -> Result<Vec<(Uuid, WrappedKey)>, PortError> {
-        let ids: Vec<String> = users.iter().map(Uuid::to_string).collect();
-        let rows = match &self.db {
-            KeyDb::Postgres(pool) => {
-                sqlx::query(
-                    "SELECT user_id, kek_id, wrapped FROM user_keys WHERE user_id = ANY($1)",
-                )
-                .bind(&ids)
-                .fetch_all(pool)
-                .await
+        let sql = match &self.db {
+            KeyDb::Postgres(_) => {
+                "SELECT user_id, kek_id, wrapped FROM user_keys \
+                 WHERE user_id IN (SELECT jsonb_array_elements_text($1::jsonb))"
             }
-            KeyDb::Sqlite(pool) => {
-                let rows = sqlx::query(
-                    "SELECT user_id, kek_id, wrapped FROM user_keys \
-                     WHERE user_id IN (SELECT value FROM json_each(?))",
-                )
-                .bind(serde_json::to_string(&ids).unwrap_or_default())
-                .fetch_all(pool)
-                .await
-                .map_err(db_error)?;
-                return rows.iter().map(wrapped_key).collect();
+            KeyDb::Sqlite(_) => {
+                "SELECT user_id, kek_id, wrapped FROM user_keys \
+                 WHERE user_id IN (SELECT value FROM json_each($1))"
             }
-        }
-        .map_err(db_error)?;
-        rows.iter().map(wrapped_key).collect()
+        };
+        let ids = id_list(users);
+        on_pool!(&self.db, pool => {
+            let rows = sqlx::query(sql).bind(&ids).fetch_all(pool).await.map_err(db_error)?;
+            rows.iter().map(wrapped_key).collect()
+        })
     }
 
     /// Stores `user`'s key unless it has one already (`pcf events protect` giving one to a
@@ -208,48 +227,38 @@ impl Keys {
     ) -> Result<(), PortError> {
         let sql = "INSERT INTO user_keys (user_id, kek_id, wrapped) VALUES ($1, $2, $3) \
                    ON CONFLICT (user_id) DO NOTHING";
-        match &self.db {
-            KeyDb::Postgres(pool) => sqlx::query(sql)
-                .bind(user.to_string())
-                .bind(&wrapped.kek_id)
-                .bind(&wrapped.bytes)
-                .execute(pool)
-                .await
-                .map(drop),
-            KeyDb::Sqlite(pool) => sqlx::query(sql)
-                .bind(user.to_string())
-                .bind(&wrapped.kek_id)
-                .bind(&wrapped.bytes)
-                .execute(pool)
-                .await
-                .map(drop),
-        }
+        on_pool!(&self.db, pool => sqlx::query(sql)
+            .bind(user.to_string())
+            .bind(&wrapped.kek_id)
+            .bind(&wrapped.bytes)
+            .execute(pool)
+            .await
+            .map(drop))
         .map_err(db_error)
     }
 
     /// Those of `users` whose account is deleted (an `AccountDeleted` event in the log).
     pub async fn deleted_among(&self, users: &[Uuid]) -> Result<HashSet<Uuid>, PortError> {
-        let ids: Vec<String> = users.iter().map(Uuid::to_string).collect();
-        let ids: Vec<String> = match &self.db {
-            KeyDb::Postgres(pool) => sqlx::query_scalar(
-                "SELECT aggregate_id FROM events WHERE aggregate_type = 'User' \
-                 AND event_type = 'AccountDeleted' AND aggregate_id = ANY($1)",
-            )
-            .bind(&ids)
-            .fetch_all(pool)
-            .await
-            .map_err(db_error)?,
-            KeyDb::Sqlite(pool) => sqlx::query_scalar(
+        if users.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let sql = match &self.db {
+            KeyDb::Postgres(_) => {
                 "SELECT aggregate_id FROM events WHERE aggregate_type = 'User' \
                  AND event_type = 'AccountDeleted' \
-                 AND aggregate_id IN (SELECT value FROM json_each(?))",
-            )
-            .bind(serde_json::to_string(&ids).unwrap_or_default())
-            .fetch_all(pool)
-            .await
-            .map_err(db_error)?,
+                 AND aggregate_id IN (SELECT jsonb_array_elements_text($1::jsonb))"
+            }
+            KeyDb::Sqlite(_) => {
+                "SELECT aggregate_id FROM events WHERE aggregate_type = 'User' \
+                 AND event_type = 'AccountDeleted' \
+                 AND aggregate_id IN (SELECT value FROM json_each($1))"
+            }
         };
-        Ok(ids.iter().filter_map(|s| s.parse().ok()).collect())
+        let ids = id_list(users);
+        let deleted: Vec<String> =
+            on_pool!(&self.db, pool => sqlx::query_scalar(sql).bind(&ids).fetch_all(pool).await)
+                .map_err(db_error)?;
+        Ok(deleted.iter().filter_map(|s| s.parse().ok()).collect())
     }
 
     /// Opens the sealed personal fields of `events` in place (plain events pass through):
@@ -257,21 +266,21 @@ impl Keys {
     /// events that do not open come back (and are counted): a sealed value that was altered
     /// or moved, or a live user whose key is missing.
     pub async fn open(&self, events: &mut [EventEnvelope]) -> Result<Vec<Unopened>, PortError> {
-        let users: Vec<Uuid> = events
-            .iter()
-            .filter(|e| personal::is_sealed(&e.payload))
-            .map(|e| e.aggregate_id)
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        if users.is_empty() {
+        let sealed_for: Vec<Uuid> = distinct_users(events, |e| personal::is_sealed(&e.payload));
+        // Older events hold personal fields in plain text: a deleted account's read as
+        // erased too (until `pcf events protect` erases them in place).
+        let plain_for = distinct_users(events, |e| personal::has_plain_personal_data(&e.payload));
+        if sealed_for.is_empty() && plain_for.is_empty() {
             return Ok(Vec::new());
         }
-        let keys = self.fetch(&users).await?;
-        let keyless: Vec<Uuid> = users
+        let keys = self.fetch(&sealed_for).await?;
+        let keyless: Vec<Uuid> = sealed_for
             .iter()
             .filter(|u| !keys.contains_key(u))
+            .chain(&plain_for)
             .copied()
+            .collect::<HashSet<_>>()
+            .into_iter()
             .collect();
         let deleted = if keyless.is_empty() {
             HashSet::new()
@@ -280,10 +289,16 @@ impl Keys {
         };
         let mut unopened = Vec::new();
         for (index, event) in events.iter_mut().enumerate() {
+            let user = event.aggregate_id;
+            if personal::has_plain_personal_data(&event.payload) {
+                if deleted.contains(&user) {
+                    personal::erase_payload(&mut event.payload);
+                }
+                continue;
+            }
             if !personal::is_sealed(&event.payload) {
                 continue;
             }
-            let user = event.aggregate_id;
             let outcome = match keys.get(&user) {
                 Some(key) => {
                     let aad =
@@ -314,37 +329,11 @@ impl Keys {
     /// must be configured, and be the same key (its check value opens). Records the check
     /// value of the current KEK if it has none yet. Errors say which KEK is missing or wrong.
     pub async fn check_keks(&self) -> Result<(), KeyCheckError> {
-        let current = self.keyring.current_id().to_owned();
-        let check = self
-            .keyring
-            .check_value(&current)
-            .map_err(KeyCheckError::Key)?;
-        let stored: Vec<(String, Vec<u8>)> = match &self.db {
-            KeyDb::Postgres(pool) => {
-                sqlx::query(
-                    "INSERT INTO kek_checks (kek_id, check_value) VALUES ($1, $2) \
-                     ON CONFLICT (kek_id) DO NOTHING",
-                )
-                .bind(&current)
-                .bind(&check)
-                .execute(pool)
+        let stored: Vec<(String, Vec<u8>)> = on_pool!(&self.db, pool => {
+            sqlx::query_as("SELECT kek_id, check_value FROM kek_checks")
+                .fetch_all(pool)
                 .await
-                .map_err(|e| KeyCheckError::Port(db_error(e)))?;
-                sqlx::query_as(KEK_CHECKS).fetch_all(pool).await
-            }
-            KeyDb::Sqlite(pool) => {
-                sqlx::query(
-                    "INSERT INTO kek_checks (kek_id, check_value) VALUES (?, ?) \
-                     ON CONFLICT (kek_id) DO NOTHING",
-                )
-                .bind(&current)
-                .bind(&check)
-                .execute(pool)
-                .await
-                .map_err(|e| KeyCheckError::Port(db_error(e)))?;
-                sqlx::query_as(KEK_CHECKS).fetch_all(pool).await
-            }
-        }
+        })
         .map_err(|e| KeyCheckError::Port(db_error(e)))?;
         for (id, value) in &stored {
             if self.keyring.ids().any(|k| k == id) {
@@ -357,36 +346,38 @@ impl Keys {
                 return Err(KeyCheckError::Key(KeyError::UnknownKek(id)));
             }
         }
+        // Recorded only once the configuration is known to be right: a refused start leaves
+        // nothing behind.
+        let current = self.keyring.current_id().to_owned();
+        let check = self
+            .keyring
+            .check_value(&current)
+            .map_err(KeyCheckError::Key)?;
+        let insert = "INSERT INTO kek_checks (kek_id, check_value) VALUES ($1, $2) \
+                      ON CONFLICT (kek_id) DO NOTHING";
+        on_pool!(&self.db, pool => sqlx::query(insert)
+            .bind(&current)
+            .bind(&check)
+            .execute(pool)
+            .await
+            .map(drop))
+        .map_err(|e| KeyCheckError::Port(db_error(e)))?;
         Ok(())
     }
 
     /// The KEK ids that wrap at least one stored key.
     pub async fn kek_ids_in_use(&self) -> Result<Vec<String>, PortError> {
-        const SQL: &str = "SELECT DISTINCT kek_id FROM user_keys";
-        match &self.db {
-            KeyDb::Postgres(pool) => sqlx::query_scalar(SQL).fetch_all(pool).await,
-            KeyDb::Sqlite(pool) => sqlx::query_scalar(SQL).fetch_all(pool).await,
-        }
-        .map_err(db_error)
+        let sql = "SELECT DISTINCT kek_id FROM user_keys";
+        on_pool!(&self.db, pool => sqlx::query_scalar(sql).fetch_all(pool).await).map_err(db_error)
     }
 
     /// How many keys are wrapped by another KEK than the current one.
     pub async fn count_to_rotate(&self) -> Result<u64, PortError> {
         let current = self.keyring.current_id();
-        let n: i64 = match &self.db {
-            KeyDb::Postgres(pool) => {
-                sqlx::query_scalar("SELECT count(*) FROM user_keys WHERE kek_id <> $1")
-                    .bind(current)
-                    .fetch_one(pool)
-                    .await
-            }
-            KeyDb::Sqlite(pool) => {
-                sqlx::query_scalar("SELECT count(*) FROM user_keys WHERE kek_id <> ?")
-                    .bind(current)
-                    .fetch_one(pool)
-                    .await
-            }
-        }
+        let sql = "SELECT count(*) FROM user_keys WHERE kek_id <> $1";
+        let n: i64 = on_pool!(&self.db, pool => {
+            sqlx::query_scalar(sql).bind(current).fetch_one(pool).await
+        })
         .map_err(db_error)?;
         Ok(n as u64)
     }
@@ -396,47 +387,26 @@ impl Keys {
     /// stays deleted), so it is safe while traffic runs and from several processes.
     pub async fn rotate_some(&self, limit: u32) -> Result<u64, PortError> {
         let current = self.keyring.current_id().to_owned();
-        let rows =
-            match &self.db {
-                KeyDb::Postgres(pool) => sqlx::query(
-                    "SELECT user_id, kek_id, wrapped FROM user_keys WHERE kek_id <> $1 LIMIT $2",
-                )
+        let sql = "SELECT user_id, kek_id, wrapped FROM user_keys WHERE kek_id <> $1 LIMIT $2";
+        let old: Vec<(Uuid, WrappedKey)> = on_pool!(&self.db, pool => {
+            let rows = sqlx::query(sql)
                 .bind(&current)
                 .bind(i64::from(limit))
                 .fetch_all(pool)
-                .await,
-                KeyDb::Sqlite(pool) => {
-                    let rows = sqlx::query(
-                        "SELECT user_id, kek_id, wrapped FROM user_keys WHERE kek_id <> ? LIMIT ?",
-                    )
-                    .bind(&current)
-                    .bind(i64::from(limit))
-                    .fetch_all(pool)
-                    .await
-                    .map_err(db_error)?;
-                    return self
-                        .rewrap(rows.iter().map(wrapped_key).collect::<Result<_, _>>()?)
-                        .await;
-                }
-            }
-            .map_err(db_error)?;
-        self.rewrap(rows.iter().map(wrapped_key).collect::<Result<_, _>>()?)
-            .await
-    }
-
-    async fn rewrap(&self, keys: Vec<(Uuid, WrappedKey)>) -> Result<u64, PortError> {
+                .await
+                .map_err(db_error)?;
+            rows.iter().map(wrapped_key).collect::<Result<_, _>>()
+        })?;
+        let update = "UPDATE user_keys SET kek_id = $1, wrapped = $2 \
+                      WHERE user_id = $3 AND kek_id = $4 AND wrapped = $5";
         let mut done = 0;
-        for (user, old) in keys {
+        for (user, old) in old {
             let key = self
                 .keyring
                 .unwrap(&user.to_string(), &old)
                 .map_err(|e| PortError::Internal(e.to_string()))?;
             let new = self.keyring.wrap(&user.to_string(), &key);
-            let changed = match &self.db {
-                KeyDb::Postgres(pool) => sqlx::query(
-                    "UPDATE user_keys SET kek_id = $1, wrapped = $2 \
-                     WHERE user_id = $3 AND kek_id = $4 AND wrapped = $5",
-                )
+            done += on_pool!(&self.db, pool => sqlx::query(update)
                 .bind(&new.kek_id)
                 .bind(&new.bytes)
                 .bind(user.to_string())
@@ -444,28 +414,12 @@ impl Keys {
                 .bind(&old.bytes)
                 .execute(pool)
                 .await
-                .map(|r| r.rows_affected()),
-                KeyDb::Sqlite(pool) => sqlx::query(
-                    "UPDATE user_keys SET kek_id = ?, wrapped = ? \
-                     WHERE user_id = ? AND kek_id = ? AND wrapped = ?",
-                )
-                .bind(&new.kek_id)
-                .bind(&new.bytes)
-                .bind(user.to_string())
-                .bind(&old.kek_id)
-                .bind(&old.bytes)
-                .execute(pool)
-                .await
-                .map(|r| r.rows_affected()),
-            }
+                .map(|r| r.rows_affected()))
             .map_err(db_error)?;
-            done += changed;
         }
         Ok(done)
     }
 }
-
-const KEK_CHECKS: &str = "SELECT kek_id, check_value FROM kek_checks";
 
 /// Why the configured KEKs cannot serve the key table.
 #[derive(Debug, thiserror::Error)]

@@ -302,6 +302,13 @@ pub fn seal_payload(payload: &mut Value, key: &DataKey, aad: &[u8]) {
     );
 }
 
+/// Whether a payload holds personal fields in plain text (an older, version-1 event).
+pub fn has_plain_personal_data(payload: &Value) -> bool {
+    payload
+        .as_object()
+        .is_some_and(|fields| PERSONAL_FIELDS.iter().any(|f| fields.contains_key(*f)))
+}
+
 /// Whether a payload has sealed personal fields.
 pub fn is_sealed(payload: &Value) -> bool {
     payload.get(SEALED).is_some()

@@ -88,10 +88,10 @@ impl DeleteAccountPayload {
         self.0.position.to_string()
     }
 
-    /// The erasure receipt: the user's data key was destroyed, so no copy of the personal
-    /// data in the user's events (the event store, its replicas and backups, Kafka) can be
-    /// read any more. Null when the account had no key (created before personal data was
-    /// sealed; `pcf events protect` erases its older events).
+    /// The erasure receipt: the user's data key was destroyed, so the personal data sealed in
+    /// the user's events (in the event store, its replicas, Kafka and backups taken from now
+    /// on) can no longer be opened. Null when the account had no key (created before
+    /// personal data was sealed; `pcf events protect` erases its older events).
     async fn erasure(&self) -> Option<ErasureReceipt> {
         self.0.key_destroyed_at.map(|at| ErasureReceipt {
             position: self.0.position.to_string(),

@@ -82,13 +82,15 @@ async fn protect(store: &dyn EventStore) -> anyhow::Result<()> {
         bar.inc(done.total());
         total.sealed += done.sealed;
         total.erased += done.erased;
+        total.restamped += done.restamped;
     }
     let stray = store.destroy_keys_of_deleted().await?;
     bar.finish();
     println!(
-        "{} events sealed, {} events of deleted accounts erased; no event holds personal data in plain text{}",
+        "{} events sealed, {} events of deleted accounts erased, {} without personal data moved to version 2; no event holds personal data in plain text{}",
         total.sealed,
         total.erased,
+        total.restamped,
         if stray > 0 {
             format!(" ({stray} keys of deleted accounts destroyed)")
         } else {

@@ -20,11 +20,13 @@ pub struct Protected {
     pub sealed: u64,
     /// Events of deleted accounts whose personal fields were erased.
     pub erased: u64,
+    /// Events without personal fields (`AccountDeleted`), moved to version "2" as they are.
+    pub restamped: u64,
 }
 
 impl Protected {
     pub fn total(&self) -> u64 {
-        self.sealed + self.erased
+        self.sealed + self.erased + self.restamped
     }
 }
 
@@ -92,7 +94,9 @@ impl<B: SqlBackend> ProtectHistory for SqlStore<B> {
             let Some(inner) = event.payload.get_mut(&event.event_type) else {
                 continue;
             };
+            let personal = personal::has_plain_personal_data(inner);
             match key {
+                _ if !personal => {}
                 Some(key) => {
                     let aad = personal::event_aad(
                         &event.user.to_string(),
@@ -109,10 +113,10 @@ impl<B: SqlBackend> ProtectHistory for SqlStore<B> {
                 Arg::Int(event.sequence as i64),
             ];
             if B::Db::execute(&self.writer, sql.rewrite_plain, &args).await? == 1 {
-                if key.is_some() {
-                    done.sealed += 1;
-                } else {
-                    done.erased += 1;
+                match key {
+                    _ if !personal => done.restamped += 1,
+                    Some(_) => done.sealed += 1,
+                    None => done.erased += 1,
                 }
             }
         }

@@ -61,7 +61,8 @@ impl Sealed {
                 (Some(key), Some(wrapped))
             }
         };
-        let key_destroyed_at = deleting.then(Utc::now);
+        // Only a key that exists is destroyed (an account from before keys has none).
+        let key_destroyed_at = (deleting && key.is_some()).then(Utc::now);
         let mut payloads = Vec::with_capacity(events.len());
         for (i, event) in events.iter().enumerate() {
             let event_type = event.event_type();
