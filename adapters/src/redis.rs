@@ -7,3 +7,12 @@ use pcf_domain::ports::PortError;
 pub fn port_error(e: redis::RedisError) -> PortError {
     PortError::Unavailable(format!("redis: {e}"))
 }
+
+/// Succeeds when the Redis server behind `conn` answers a PING.
+pub async fn ping(conn: &redis::aio::ConnectionManager) -> Result<(), PortError> {
+    let _: String = redis::cmd("PING")
+        .query_async(&mut conn.clone())
+        .await
+        .map_err(port_error)?;
+    Ok(())
+}

@@ -435,11 +435,7 @@ impl RedisUserViews {
 
     /// Succeeds when Redis answers.
     pub async fn ping(&self) -> Result<(), PortError> {
-        let _: String = redis::cmd("PING")
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(pcf_adapters::redis::port_error)?;
-        Ok(())
+        pcf_adapters::redis::ping(&self.conn).await
     }
 }
 
