@@ -85,6 +85,11 @@ async fn concurrent_creates_of_one_email_in_different_cases_let_exactly_one_succ
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].event_type, "UserCreated");
     assert_eq!(events[0].payload["email"], "casey.jones@example.com");
+    // Stored, the email and names are sealed.
+    assert_sealed(
+        &app.stored_user_events(id_of(winner)).await,
+        &["casey.jones", "Casey "],
+    );
 }
 
 async fn change_email(app: &TestApp, id: Uuid, email: &str) -> Resp {
@@ -237,6 +242,7 @@ async fn twenty_concurrent_updates(app: &TestApp, routers: Vec<axum::Router>) {
     );
     let event_ids: BTreeSet<Uuid> = events.iter().map(|e| e.event_id).collect();
     assert_eq!(event_ids.len(), 21);
+    assert_sealed(&app.stored_user_events(id).await, &["paula"]);
     assert_eq!(app.count_events(None).await, 21);
 
     // The last event decides the profile readers see. (With two instances on one database
@@ -685,5 +691,8 @@ async fn rejected_commands_append_nothing_and_name_the_invalid_field(app: &TestA
     let events = app.user_events(id).await;
     let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
     assert_eq!(types, ["UserCreated", "AccountDeleted"]);
+    // The deleted account's personal data reads as erased, even to a reader allowed it.
+    assert!(events[0].is_erased(), "{:?}", events[0].payload);
+    assert_eq!(events[0].payload.get("email"), None);
     assert_eq!(app.count_events(None).await, 2);
 }

@@ -12,6 +12,8 @@ use super::graphql::{
 use super::wait::wait_until;
 use axum::body::Body;
 use axum::http::Request;
+use pcf_adapters::keys::Keys;
+use pcf_adapters::personal::{SEALED, SEALED_VERSION};
 use pcf_domain::auth::{AccessRole, Principal, Tier};
 use pcf_domain::ports::LogQuery;
 use pcf_domain::EventEnvelope;
@@ -271,8 +273,16 @@ impl TestApp {
         response.data.into_json().expect("data as JSON")
     }
 
-    /// The user's events, in sequence order, straight from the event store.
+    /// The user's events, in sequence order, from the event store, opened with the app's
+    /// keys as a reader allowed personal data reads them (a deleted user's erased); panics
+    /// if any does not open.
     pub async fn user_events(&self, id: Uuid) -> Vec<EventEnvelope> {
+        opened(&self.app().keys, self.stored_user_events(id).await).await
+    }
+
+    /// The user's events, in sequence order, as the event store holds them: personal fields
+    /// sealed.
+    pub async fn stored_user_events(&self, id: Uuid) -> Vec<EventEnvelope> {
         self.app()
             .store
             .user_events(id, 0)
@@ -280,10 +290,17 @@ impl TestApp {
             .expect("reading the user's events")
     }
 
-    /// Every committed event, as the relay reads the log. On PostgreSQL the log is readable
-    /// up to the oldest transaction still running anywhere on the server (other tests' too),
-    /// so this waits, bounded, until the readable log holds every committed event.
+    /// Every committed event, as the relay reads the log, opened with the app's keys (see
+    /// `user_events`).
     pub async fn all_events(&self) -> Vec<EventEnvelope> {
+        opened(&self.app().keys, self.stored_events().await).await
+    }
+
+    /// Every committed event, as the relay reads the log: personal fields sealed. On
+    /// PostgreSQL the log is readable up to the oldest transaction still running anywhere on
+    /// the server (other tests' too), so this waits, bounded, until the readable log holds
+    /// every committed event.
+    pub async fn stored_events(&self) -> Vec<EventEnvelope> {
         let committed = self.count_events(None).await;
         wait_until(
             Duration::from_secs(20),
@@ -334,7 +351,7 @@ impl TestApp {
 
     /// How many events the log shows its readers, once it shows every committed one.
     pub async fn event_count(&self) -> usize {
-        self.all_events().await.len()
+        self.stored_events().await.len()
     }
 
     /// Every event through the `events` query (paging with `after`), as `token` sees them.
@@ -367,5 +384,64 @@ impl TestApp {
 impl Teardown for TestApp {
     async fn teardown(self) {
         self.stop().await;
+    }
+}
+
+/// `events` with their personal data opened by `keys`, as a reader allowed it sees them: the
+/// fields of version 1 back in the payload, or `"erased": true` for a deleted user. Panics if
+/// any does not open.
+pub async fn opened(keys: &Keys, mut events: Vec<EventEnvelope>) -> Vec<EventEnvelope> {
+    let unopened = keys
+        .open(&mut events)
+        .await
+        .expect("opening the events' personal data");
+    assert!(
+        unopened.is_empty(),
+        "events that did not open: {unopened:?}"
+    );
+    events
+}
+
+/// The payload fields that carry no personal data, by event type, in the stored (sealed)
+/// form of version 2.
+fn sealed_fields(event_type: &str) -> &'static [&'static str] {
+    match event_type {
+        "UserCreated" => &["userId", "occurredAt", SEALED],
+        "ProfileUpdated" | "EmailChanged" => &["occurredAt", SEALED],
+        "AccountDeleted" => &["occurredAt", "keyDestroyedAt"],
+        other => panic!("an unknown event type {other}"),
+    }
+}
+
+/// Asserts that `events`, as stored or published, hold no personal data in plain text: each
+/// is of event version 2, its payload has exactly the fields of the sealed form (personal
+/// fields only inside `sealed`, a non-empty string), and none of `plain` (the personal values
+/// the test wrote, compared without letter case) appears anywhere in the envelope.
+pub fn assert_sealed(events: &[EventEnvelope], plain: &[&str]) {
+    assert!(!events.is_empty(), "no events to check");
+    for e in events {
+        let envelope = serde_json::to_string(e).expect("an envelope as JSON");
+        assert_eq!(e.event_version, SEALED_VERSION, "{envelope}");
+        let mut fields: Vec<&str> = e
+            .payload
+            .as_object()
+            .unwrap_or_else(|| panic!("a payload that is no object: {envelope}"))
+            .keys()
+            .map(String::as_str)
+            .collect();
+        fields.sort_unstable();
+        let mut want = sealed_fields(&e.event_type).to_vec();
+        want.sort_unstable();
+        assert_eq!(fields, want, "{envelope}");
+        if let Some(sealed) = e.payload.get(SEALED) {
+            assert!(sealed.as_str().is_some_and(|s| !s.is_empty()), "{envelope}");
+        }
+        let lower = envelope.to_lowercase();
+        for value in plain {
+            assert!(
+                !lower.contains(&value.to_lowercase()),
+                "{value:?} in plain text in {envelope}"
+            );
+        }
     }
 }
