@@ -1,7 +1,8 @@
 //! Who may do what (CONTRACT.md, "Who may do what"): sign-up is open; a user reads and
 //! changes only their own account, and someone else's account reads exactly like one that
-//! does not exist; `admin` may do everything; `auditor` reads `events` with personal data,
-//! `analytics` without it; API keys from the keys file carry their roles.
+//! does not exist, and reads only their own `events`; `admin` may do everything; `auditor`
+//! reads `events` with personal data, `analytics` without it, and for both a deleted account's
+//! personal data is erased; API keys from the keys file carry their roles.
 
 use crate::support::*;
 use axum::http::StatusCode;
@@ -222,8 +223,9 @@ async fn listing_users_and_projections_needs_admin() {
     api.stop().await;
 }
 
-/// Creates a user, changes every personal field and the email, and returns the id.
-async fn a_user_with_history(api: &TestApp) -> Uuid {
+/// Carol, who changes every personal field and her email; Erin, who signs up, writes a bio
+/// and deletes her account; Dave, who signs up. Returns Carol's and Erin's ids.
+async fn users_with_history(api: &TestApp) -> (Uuid, Uuid) {
     let (a, _) = api.create_user("carol@example.com", "Carol").await;
     let carol = owner(a);
     let input = json!({
@@ -233,30 +235,44 @@ async fn a_user_with_history(api: &TestApp) -> Uuid {
     api.change_email_as(&carol, a, "carol.c@example.com")
         .await
         .ok();
-    api.delete_account_as(&carol, a).await.ok();
+    let (e, _) = api.create_user("erin@example.com", "Erin").await;
+    let erin = owner(e);
+    let input = json!({ "bio": "erased bio", "avatarUrl": "https://img.example.com/e.png" });
+    api.update_profile_as(&erin, e, input).await.ok();
+    api.delete_account_as(&erin, e).await.ok();
     let (_, _) = api.create_user("dave@example.com", "Dave").await;
-    a
+    (a, e)
 }
+
+/// The event types of `users_with_history`, in log order.
+const HISTORY_TYPES: [&str; 7] = [
+    "UserCreated",
+    "ProfileUpdated",
+    "EmailChanged",
+    "UserCreated",
+    "ProfileUpdated",
+    "AccountDeleted",
+    "UserCreated",
+];
+
+/// What of Erin (deleted) no reader may see any more.
+const ERINS_DATA: [&str; 4] = [
+    "erin@example.com",
+    "Erin",
+    "erased bio",
+    "img.example.com/e",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auditors_read_events_with_personal_data() {
     let api = TestApp::start().await;
-    let carol = a_user_with_history(&api).await;
+    let (carol, erin) = users_with_history(&api).await;
     let events = api.events_via_api(&auditor()).await;
     let types: Vec<&str> = events
         .iter()
         .map(|e| e["eventType"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        types,
-        [
-            "UserCreated",
-            "ProfileUpdated",
-            "EmailChanged",
-            "AccountDeleted",
-            "UserCreated"
-        ]
-    );
+    assert_eq!(types, HISTORY_TYPES);
     assert_eq!(events[0]["payload"]["email"], "carol@example.com");
     assert_eq!(events[0]["payload"]["displayName"], "Carol");
     assert_eq!(events[0]["payload"]["userId"], carol.to_string());
@@ -268,22 +284,54 @@ async fn auditors_read_events_with_personal_data() {
     );
     assert_eq!(events[2]["payload"]["oldEmail"], "carol@example.com");
     assert_eq!(events[2]["payload"]["newEmail"], "carol.c@example.com");
+    assert_eq!(events[6]["payload"]["email"], "dave@example.com");
+    assert_eq!(events[6]["payload"]["displayName"], "Dave");
+
+    // A deleted account's personal data is erased for auditors too: its events are there,
+    // marked erased, with their other fields and none of the personal ones.
+    for e in &events[3..5] {
+        let payload = e["payload"].as_object().expect("a payload object");
+        assert_eq!(payload.get("erased"), Some(&json!(true)), "{e}");
+        for field in PERSONAL_FIELDS {
+            assert!(
+                !payload.contains_key(field),
+                "{field} of a deleted account: {e}"
+            );
+        }
+        assert!(payload.contains_key("occurredAt"), "{e}");
+        assert!(!payload.contains_key("sealed"), "{e}");
+    }
+    assert_eq!(events[3]["payload"]["userId"], erin.to_string());
+    assert!(
+        events[5]["payload"]["keyDestroyedAt"].is_string(),
+        "{}",
+        events[5]
+    );
+    let text = serde_json::to_string(&events).unwrap();
+    for leak in ERINS_DATA {
+        assert!(
+            !text.contains(leak),
+            "{leak} of a deleted account shown: {text}"
+        );
+    }
 
     // The `user` of an event is readable by an auditor (Dave is alive).
     let query = "{ events(types: [\"UserCreated\"]) { edges { node { user { email } } } } }";
     let r = api.gql(Some(&auditor()), query, json!({})).await;
     let edges = r.ok()["events"]["edges"].as_array().unwrap();
-    assert_eq!(edges[1]["node"]["user"]["email"], "dave@example.com");
+    assert_eq!(edges[0]["node"]["user"]["email"], "carol.c@example.com");
+    assert!(edges[1]["node"]["user"].is_null(), "{}", r.text);
+    assert_eq!(edges[2]["node"]["user"]["email"], "dave@example.com");
     api.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn analytics_reads_events_without_personal_data() {
     let api = TestApp::start().await;
-    let carol = a_user_with_history(&api).await;
+    let (carol, _) = users_with_history(&api).await;
     let full = api.events_via_api(&auditor()).await;
     let redacted = api.events_via_api(&analytics()).await;
-    assert_eq!(redacted.len(), 5);
+    assert_eq!(redacted.len(), HISTORY_TYPES.len());
     assert_personal_data_left_out(&full, &redacted);
     assert_eq!(redacted[0]["payload"]["userId"], carol.to_string());
 
@@ -301,6 +349,9 @@ async fn analytics_reads_events_without_personal_data() {
         "Dave",
         "about me",
         "img.example.com",
+        "erin",
+        "Erin",
+        "erased bio",
     ] {
         assert!(!text.contains(leak), "{leak} leaked: {text}");
     }
@@ -336,12 +387,27 @@ pub fn assert_personal_data_left_out(full: &[Value], redacted: &[Value]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plain_users_may_not_read_events() {
+async fn plain_users_read_only_their_own_events() {
     let api = TestApp::start().await;
     let (a, _) = api.create_user("alice@example.com", "Alice").await;
-    for vars in [json!({}), json!({ "aggregateId": a })] {
+    let (b, _) = api.create_user("bob@example.com", "Bob").await;
+    // Her own events, opened.
+    let r = api
+        .gql(Some(&owner(a)), EVENTS, json!({ "aggregateId": a }))
+        .await;
+    let edges = r.ok()["events"]["edges"].as_array().expect("edges").clone();
+    assert_eq!(edges.len(), 1, "{}", r.text);
+    let node = &edges[0]["node"];
+    assert_eq!(node["aggregateId"], a.to_string());
+    assert_eq!(node["eventType"], "UserCreated");
+    assert_eq!(node["payload"]["email"], "alice@example.com");
+    assert_eq!(node["payload"]["displayName"], "Alice");
+    assert!(!r.text.contains("bob@example.com"), "{}", r.text);
+    // Not the whole log, nor someone else's events.
+    for vars in [json!({}), json!({ "aggregateId": b })] {
         let r = api.gql(Some(&owner(a)), EVENTS, vars).await;
         r.expect_error("FORBIDDEN");
+        assert!(!r.text.contains("bob@example.com"), "{}", r.text);
         assert!(!r.text.contains("alice@example.com"), "{}", r.text);
     }
     // Neither does a service without roles, nor roles this version does not know.
@@ -396,7 +462,7 @@ async fn event_nodes(api: &TestApp, auth: Auth) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_from_the_keys_file_carry_their_roles() {
     let api = api_with_keys().await;
-    let _ = a_user_with_history(&api).await;
+    let _ = users_with_history(&api).await;
     let full = api.events_via_api(&auditor()).await;
 
     for auth in both_spellings(AUDIT_KEY) {
