@@ -195,7 +195,7 @@ async fn injection_scenario(api: &TestApp, with_nul: bool) {
             invalid(&r, "commandId", &format!("commandId {nasty:?}"));
         } else {
             let id = id_of(&r.data()["createUser"]);
-            let events = api.app().store.user_events(id, 0).await.unwrap();
+            let events = api.stored_user_events(id).await;
             assert_eq!(events[0].metadata.command_id.as_deref(), Some(*nasty));
         }
     }

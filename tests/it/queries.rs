@@ -205,21 +205,29 @@ async fn the_events_query_lists_a_users_events_in_order(app: &TestApp) {
     let position = body["data"]["updateProfile"]["position"].clone();
     app.create_user_unsettled("someone.else@example.com", "Else")
         .await;
+
+    // The log may hold back events behind still-running transactions: wait for them all.
+    let user_events = |count: usize| async move {
+        eventually(
+            Duration::from_secs(5),
+            &format!("{count} events of the user"),
+            || async move {
+                let Resp { body, .. } = app.admin_gql(EVENTS, json!({ "id": id })).await;
+                assert!(body.get("errors").is_none(), "{body}");
+                let edges = body["data"]["events"]["edges"].as_array().cloned()?;
+                (edges.len() >= count).then_some(edges)
+            },
+        )
+        .await
+    };
+    // While the account lives, its personal data reads opened.
+    let edges = user_events(2).await;
+    assert_eq!(edges[1]["node"]["payload"]["bio"], "Audited");
+    assert_eq!(edges[0]["node"]["payload"]["email"], "audit@example.com");
+
     let Resp { body, .. } = app.admin_gql(DELETE_ACCOUNT, json!({ "id": id })).await;
     assert!(body.get("errors").is_none(), "{body}");
-
-    // The log may hold back events behind still-running transactions: wait for all three.
-    let edges = eventually(
-        Duration::from_secs(5),
-        "three events of the user",
-        || async move {
-            let Resp { body, .. } = app.admin_gql(EVENTS, json!({ "id": id })).await;
-            assert!(body.get("errors").is_none(), "{body}");
-            let edges = body["data"]["events"]["edges"].as_array().cloned()?;
-            (edges.len() >= 3).then_some(edges)
-        },
-    )
-    .await;
+    let edges = user_events(3).await;
     let kinds: Vec<(&str, i64)> = edges
         .iter()
         .map(|e| {
@@ -240,10 +248,16 @@ async fn the_events_query_lists_a_users_events_in_order(app: &TestApp) {
     for e in &edges {
         assert_eq!(e["node"]["aggregateId"], id.to_string());
         assert_eq!(e["node"]["aggregateType"], "User");
-        assert_eq!(e["node"]["eventVersion"], "1");
+        assert_eq!(e["node"]["eventVersion"], "2");
         assert_eq!(e["cursor"], e["node"]["position"]);
     }
     assert_eq!(edges[1]["node"]["position"], position);
-    assert_eq!(edges[1]["node"]["payload"]["bio"], "Audited");
     assert_eq!(edges[1]["node"]["metadata"]["commandId"], command_id);
+    // Once the account is deleted, its personal data reads erased, even to an admin.
+    for e in &edges[..2] {
+        assert_eq!(e["node"]["payload"]["erased"], true, "{e}");
+    }
+    assert_eq!(edges[1]["node"]["payload"].get("bio"), None);
+    assert_eq!(edges[0]["node"]["payload"].get("email"), None);
+    assert!(edges[2]["node"]["payload"]["keyDestroyedAt"].is_string());
 }
