@@ -7,9 +7,11 @@
 //! neither stall other tests nor are stalled by them, and they poll (bounded) wherever other
 //! clients of the server could delay visibility.
 
-use crate::support::{eventually, run, TestDb};
+use crate::support::{assert_sealed, eventually, opened, run, TestDb};
 use async_trait::async_trait;
 use chrono::Utc;
+use pcf_adapters::keys::{KeyDb, Keys};
+use pcf_adapters::personal::{is_sealed, Kek, Keyring};
 use pcf_command::{
     CommandService, CommandStore, CommitFeed, PostgresStore, Relay, RelayConfig, RelayStore,
 };
@@ -18,7 +20,7 @@ use pcf_domain::{EventEnvelope, EventMetadata, Position, ProfilePatch, UserComma
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -99,7 +101,18 @@ impl EventPublisher for Recorder {
     }
 }
 
-/// A store of its own on the test database (a separate pool: another process, in effect).
+/// The key-encryption key of every store here (each test has a database of its own).
+static KEYRING: LazyLock<Arc<Keyring>> = LazyLock::new(|| {
+    Arc::new(Keyring::new(vec![Kek::generate("test")]).expect("a keyring of one KEK"))
+});
+
+/// The key table of the database `pool` is on, under the tests' KEK.
+fn keys(pool: &PgPool) -> Arc<Keys> {
+    Arc::new(Keys::new(KeyDb::Postgres(pool.clone()), KEYRING.clone()))
+}
+
+/// A store of its own on the test database (a separate pool: another process, in effect),
+/// sealing personal data with the tests' KEK.
 async fn open_store(db: &TestDb) -> (Arc<PostgresStore>, PgPool) {
     let pool = PgPoolOptions::new()
         .max_connections(8)
@@ -109,7 +122,8 @@ async fn open_store(db: &TestDb) -> (Arc<PostgresStore>, PgPool) {
     pcf_migrations::run_postgres(&pool)
         .await
         .expect("applying the migrations");
-    (Arc::new(PostgresStore::new(pool.clone())), pool)
+    let store = PostgresStore::new(pool.clone()).with_keys(keys(&pool));
+    (Arc::new(store), pool)
 }
 
 fn relay(store: Arc<PostgresStore>, recorder: &Arc<Recorder>, name: &str) -> Relay {
@@ -259,7 +273,11 @@ async fn commit_order(db: &TestDb) {
         "{x_created:?}"
     );
     assert_eq!(published[2].event_type, "UserCreated");
-    assert_eq!(published[3].payload["displayName"], "Y two");
+    // Y's events are published as stored, sealed; opened, they hold what was written.
+    assert_sealed(&published[2..], &["y@example.com", "Y two", "Relayed"]);
+    let y_events = opened(&keys(&pool), published[2..].to_vec()).await;
+    assert_eq!(y_events[0].payload["email"], "y@example.com");
+    assert_eq!(y_events[1].payload["displayName"], "Y two");
     assert!(
         published[1].position.global > published[3].position.global,
         "X's second event was inserted after Y's events"
@@ -321,13 +339,19 @@ async fn resume(db: &TestDb) {
     pool_two.close().await;
 }
 
-/// `read_changes` (what rebuilds read) carries what `read` does for a fold, for every
-/// event type, after a position and with a limit; a payload that does not decode is the
-/// change's error, not the read's.
+/// `read_changes` (PostgreSQL decodes the stored payload straight into the event) reads what
+/// `read` does, decoded: for every event type, after a position and with a limit; a payload
+/// that does not decode is the change's error, not the read's.
+///
+/// A change is decoded from the payload as stored, and holds no keys: for a sealed event
+/// (version 2) its personal fields are empty, for a plain one (version 1) they are there.
+/// What folds personal data must therefore read envelopes and open them (as the projections
+/// do); this checks that the changes show no personal data of sealed events and that the
+/// envelopes, opened, do.
 async fn changes_match_envelopes(db: &TestDb) {
     let (store, pool) = open_store(db).await;
     let service = commands(&store);
-    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
     create(&service, a, "a@example.com").await;
     create(&service, b, "b@example.com").await;
     rename(&service, a, "A two").await;
@@ -342,6 +366,19 @@ async fn changes_match_envelopes(db: &TestDb) {
         at: Utc::now(),
     };
     execute(&service, b, delete).await;
+    // An older event, written before personal data was sealed: plain text, version 1.
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
+         payload, metadata) VALUES ('User', $1, 1, 'UserCreated', '1', $2, '{}')",
+    )
+    .bind(c.to_string())
+    .bind(json!({ "UserCreated": {
+        "userId": c, "email": "c@example.com", "displayName": "Plain C",
+        "bio": null, "avatarUrl": null, "occurredAt": "2024-05-01T12:00:00Z",
+    } }))
+    .execute(&pool)
+    .await
+    .expect("a version 1 row");
     // A row written by another tool, whose payload is not a `UserEvent`.
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
@@ -357,15 +394,28 @@ async fn changes_match_envelopes(db: &TestDb) {
         limit: 100,
         ..Default::default()
     };
-    let envelopes = eventually(Duration::from_secs(15), "all six rows readable", || {
+    let envelopes = eventually(Duration::from_secs(15), "all seven rows readable", || {
         let store = store.clone();
         let q = everything.clone();
         async move {
             let read = store.read(&q).await.expect("read");
-            (read.len() == 6).then_some(read)
+            (read.len() == 7).then_some(read)
         }
     })
     .await;
+    let types: Vec<&str> = envelopes.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "UserCreated",
+            "UserCreated",
+            "ProfileUpdated",
+            "EmailChanged",
+            "AccountDeleted",
+            "UserCreated",
+            "ProfileUpdated"
+        ]
+    );
     let changes = store.read_changes(&everything).await.expect("read_changes");
     assert_eq!(changes.len(), envelopes.len());
     for (change, envelope) in changes.iter().zip(&envelopes) {
@@ -378,19 +428,57 @@ async fn changes_match_envelopes(db: &TestDb) {
             Err(_) => assert!(change.event.is_err(), "{change:?}"),
         }
     }
-    assert!(changes[5].event.is_err(), "the foreign row does not decode");
-    let types: Vec<&str> = envelopes.iter().map(|e| e.event_type.as_str()).collect();
-    assert_eq!(
-        types,
-        [
-            "UserCreated",
-            "UserCreated",
-            "ProfileUpdated",
-            "EmailChanged",
-            "AccountDeleted",
-            "ProfileUpdated"
-        ]
+    assert!(changes[6].event.is_err(), "the foreign row does not decode");
+
+    // The sealed events' changes show none of their personal data; the plain one's does.
+    assert_sealed(
+        &envelopes[..5],
+        &[
+            "a@example.com",
+            "b@example.com",
+            "a2@example.com",
+            "A two",
+            "Relayed",
+        ],
     );
+    for change in &changes[..5] {
+        let shown = format!("{:?}", change.event);
+        for personal in ["example.com", "A two", "Relayed"] {
+            assert!(!shown.contains(personal), "{personal} in {shown}");
+        }
+    }
+    assert!(matches!(
+        &changes[5].event,
+        Ok(UserEvent::UserCreated { email, display_name, .. })
+            if email == "c@example.com" && display_name == "Plain C"
+    ));
+    // Opened, the envelopes hold it: a's events in full, b's erased with its key.
+    assert!(envelopes[..5].iter().all(|e| e.event_version == "2"));
+    let opened = opened(&keys(&pool), envelopes[..6].to_vec()).await;
+    let events: Vec<UserEvent> = opened
+        .iter()
+        .map(|e| e.event().expect("an opened event decodes"))
+        .collect();
+    assert!(matches!(
+        &events[0],
+        UserEvent::UserCreated { email, display_name, .. }
+            if email == "a@example.com" && display_name == "Relayed"
+    ));
+    assert!(opened[1].is_erased(), "{:?}", opened[1].payload);
+    assert!(matches!(
+        &events[2],
+        UserEvent::ProfileUpdated { display_name, .. } if display_name == "A two"
+    ));
+    assert!(matches!(
+        &events[3],
+        UserEvent::EmailChanged { old_email, new_email, .. }
+            if old_email == "a@example.com" && new_email == "a2@example.com"
+    ));
+    assert_eq!(
+        events[5],
+        changes[5].event.clone().expect("the plain event")
+    );
+    assert!(!is_sealed(&opened[5].payload));
 
     // After a position, with a limit: the same window as `read`.
     let window = pcf_domain::ports::LogQuery {
