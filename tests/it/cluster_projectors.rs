@@ -176,6 +176,7 @@ async fn killed_mid_batch(c: &mut Cluster) {
             .collect();
         let active = view.state().await.expect("the view's state").active;
         Projection::new(view.clone(), log.clone())
+            .with_opener(c.keys())
             .apply_to(active, &events, &next_offsets(&batch))
             .await
             .unwrap_or_else(|e| panic!("applying the batch to {projection}: {e}"));
@@ -494,8 +495,8 @@ async fn rebuild_under_load(c: &mut Cluster) {
     let sql_views: Arc<dyn ViewStore> = Arc::new(SqlUserViews::new(c.pool.clone()));
     let redis = c.redis_view(&shared_redis_url()).await;
     let redis_views: Arc<dyn ViewStore> = Arc::new(redis.views.clone());
-    let sql_projection = Projection::new(sql_views.clone(), log.clone());
-    let redis_projection = Projection::new(redis_views.clone(), log.clone());
+    let sql_projection = Projection::new(sql_views.clone(), log.clone()).with_opener(c.keys());
+    let redis_projection = Projection::new(redis_views.clone(), log.clone()).with_opener(c.keys());
     let writes_before = writes.load(Ordering::Relaxed);
     let reads_before: Vec<u64> = readers
         .iter()
@@ -508,9 +509,13 @@ async fn rebuild_under_load(c: &mut Cluster) {
         redis_projection.rebuild(&options, &progress),
     );
     let took = started.elapsed();
-    let g_sql = g_sql.expect("the SQL rebuild").generations[0];
-    let g_redis = g_redis.expect("the Redis rebuild").generations[0];
-    assert_eq!((g_sql, g_redis), (2, 2));
+    let (g_sql, g_redis) = (
+        g_sql.expect("the SQL rebuild"),
+        g_redis.expect("the Redis rebuild"),
+    );
+    assert_eq!(g_sql.set_aside, [], "the SQL rebuild set events aside");
+    assert_eq!(g_redis.set_aside, [], "the Redis rebuild set events aside");
+    assert_eq!((g_sql.generations[0], g_redis.generations[0]), (2, 2));
     let writes_during = writes.load(Ordering::Relaxed) - writes_before;
     // Writes go on a little after the switch too.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -700,7 +705,7 @@ async fn live_batch_after_begin(c: &mut Cluster) {
     let sql = SqlUserViews::new(c.pool.clone());
     let views: [Arc<dyn ViewStore>; 2] = [Arc::new(redis.clone()), Arc::new(sql)];
     for view in &views {
-        let projection = Projection::new(view.clone(), log.clone());
+        let projection = Projection::new(view.clone(), log.clone()).with_opener(c.keys());
         projection
             .apply_live(before, &[(0, 2)])
             .await
@@ -760,7 +765,7 @@ async fn remembered_documents(c: &mut Cluster) {
     let redis = redis_view.views.clone();
     let offsets = [(0, 5)];
     // The projector under test, and another consumer's (another process) below.
-    let projection = Projection::new(Arc::new(redis.clone()), log.clone());
+    let projection = Projection::new(Arc::new(redis.clone()), log.clone()).with_opener(c.keys());
     let stored = |redis: pcf_projectors::RedisUserViews| async move {
         redis
             .document(1, a)
@@ -800,6 +805,7 @@ async fn remembered_documents(c: &mut Cluster) {
     // v3 again with v4: its remembered v2 is refused, and it reads what is stored.
     let other = c.redis_view(&shared_redis_url()).await.views;
     Projection::new(Arc::new(other.clone()), log.clone())
+        .with_opener(node.keys.clone())
         .apply_live(&events[2..3], &offsets)
         .await
         .expect("v3 elsewhere");
@@ -1002,11 +1008,13 @@ async fn rebuild_through_failures(c: &mut Cluster) {
         batch_size: 4,
         linger: Duration::from_millis(10),
     };
-    let generation = Projection::new(flaky.clone(), log.clone())
+    let rebuilt = Projection::new(flaky.clone(), log.clone())
+        .with_opener(c.keys())
         .rebuild(&options, &|_| {})
         .await
-        .expect("the rebuild rides out two failed writes")
-        .generations[0];
+        .expect("the rebuild rides out two failed writes");
+    assert_eq!(rebuilt.set_aside, [], "the rebuild set events aside");
+    let generation = rebuilt.generations[0];
     assert_eq!(
         flaky.failures.load(Ordering::SeqCst),
         0,

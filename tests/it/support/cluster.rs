@@ -19,6 +19,8 @@ use super::services::init_tracing;
 use super::wait::wait_until;
 use chrono::{DateTime, Utc};
 use pcf::app::Role;
+use pcf_adapters::keys::{KeyDb, Keys};
+use pcf_adapters::personal::{Kek, Keyring};
 use pcf_command::EventStore;
 use pcf_domain::ports::{EventLog, UserReader};
 use pcf_domain::read_model::{redis_email_key, redis_generation_prefix, redis_user_key};
@@ -47,6 +49,8 @@ pub struct Node {
     index: usize,
     pub router: axum::Router,
     pub store: Arc<dyn EventStore>,
+    /// What opens the personal data of the store's events.
+    pub keys: Arc<Keys>,
 }
 
 impl Node {
@@ -77,6 +81,10 @@ pub struct Cluster {
     shared_kafka: bool,
     apps: Vec<Option<pcf::App>>,
     replica_ready: bool,
+    /// The key-encryption key of the test's processes (`config`).
+    kek: Kek,
+    /// The test's key table under `kek`, on the primary.
+    keys: Arc<Keys>,
 }
 
 impl Cluster {
@@ -99,6 +107,12 @@ impl Cluster {
         wait_for(&replica_url, Replica::HasDatabase).await;
         let kafka = KafkaTopic::new(&id);
         let redis = RedisPrefix::new(&id);
+        let kek = Kek::generate("cluster-test");
+        let keyring = Keyring::new(vec![kek.clone()]).expect("a keyring of one KEK");
+        let keys = Arc::new(Keys::new(
+            KeyDb::Postgres(db.pool.clone()),
+            Arc::new(keyring),
+        ));
         Self {
             topic: kafka.topic.clone(),
             group_prefix: kafka.group_prefix.clone(),
@@ -114,7 +128,15 @@ impl Cluster {
             id,
             apps: Vec::new(),
             replica_ready: false,
+            kek,
+            keys,
         }
+    }
+
+    /// The test's key table, as every process of the test opens personal data with it: a
+    /// reader allowed personal data.
+    pub fn keys(&self) -> Arc<Keys> {
+        self.keys.clone()
     }
 
     /// A short tag for names (emails, display names) of this test.
@@ -130,9 +152,12 @@ impl Cluster {
     }
 
     /// Cluster mode on this test's resources: event store on the primary, reads from the
-    /// replica, the test topic with a few partitions, the shared Redis under the test prefix.
+    /// replica, the test topic with a few partitions, the shared Redis under the test prefix,
+    /// the test's own key-encryption key.
     pub fn config(&self) -> pcf::Config {
         pcf::Config {
+            kek: Some(self.kek.to_base64().to_string()),
+            kek_id: self.kek.id().to_owned(),
             database_url: Some(self.db_url.clone()),
             read_database_urls: vec![self.replica_url.clone()],
             kafka_brokers: Some(self.brokers.clone()),
@@ -183,6 +208,7 @@ impl Cluster {
             index: self.apps.len(),
             router: app.router.clone(),
             store: app.store.clone(),
+            keys: app.keys.clone(),
         };
         self.apps.push(Some(app));
         node
@@ -229,9 +255,10 @@ impl Cluster {
         self.redis.delete_keys().await;
     }
 
-    /// Every user's view, folded from the whole event log (a fresh rebuild in memory).
-    /// Fails while the log's readable prefix does not cover every committed event yet (a
-    /// transaction somewhere on the server holds the horizon back).
+    /// Every user's view, folded from the whole event log (a fresh rebuild in memory, its
+    /// personal data opened with the test's keys). Fails while the log's readable prefix does
+    /// not cover every committed event yet (a transaction somewhere on the server holds the
+    /// horizon back), and if any event of the log could not be applied.
     pub async fn expected_views(
         &self,
         log: Arc<dyn EventLog>,
@@ -242,10 +269,17 @@ impl Cluster {
             batch_size: 100,
             linger: Duration::ZERO,
         };
-        Projection::new(memory.clone(), log)
+        let rebuilt = Projection::new(memory.clone(), log)
+            .with_opener(self.keys())
             .rebuild(&options, &|_| {})
             .await
             .map_err(|e| format!("folding the log: {e}"))?;
+        if !rebuilt.set_aside.is_empty() {
+            return Err(format!(
+                "events of the log that the fold set aside: {:?}",
+                rebuilt.set_aside
+            ));
+        }
         let mut views = BTreeMap::new();
         for (id, count) in counts {
             let view = memory.user(id).await.map_err(|e| e.to_string())?;
