@@ -247,7 +247,10 @@ async fn late_commit(c: &mut Cluster) {
     assert_eq!(ex.len(), 1, "X published once: {ex:?}");
     assert_eq!(ey.len(), 1, "Y published once: {ey:?}");
     assert_eq!(ex[0].event_type, "UserCreated");
+    // X's event is of version 1, plain, as older events are; Y's is sealed.
+    assert_eq!(ex[0].event_version, "1");
     assert_eq!(ex[0].payload["email"], json!(x_email));
+    assert_sealed(&[ey[0].clone()], &[&format!("early@{tag}"), "Early"]);
     // Commit order: X's transaction began first, so it comes first in the log's order.
     assert!(ex[0].position < ey[0].position);
 
@@ -354,7 +357,7 @@ async fn message_key_and_headers(c: &mut Cluster) {
         );
         assert_eq!(
             h.get("eventVersion").map(String::as_str),
-            Some("1"),
+            Some("2"),
             "{h:?}"
         );
         assert_eq!(h.get("correlationId"), Some(&corr), "{h:?}");
@@ -365,7 +368,12 @@ async fn message_key_and_headers(c: &mut Cluster) {
         traces.push(trace);
         // The headers agree with the envelope they travel with.
         assert_eq!(envelope.event_type, event_type);
-        assert_eq!(envelope.event_version, "1");
+        assert_eq!(envelope.event_version, "2");
+        // The personal data travels sealed.
+        assert_sealed(
+            std::slice::from_ref(&envelope),
+            &[&format!("headers@{tag}"), "Headers"],
+        );
         assert_eq!(
             envelope.metadata.correlation_id.as_deref(),
             Some(corr.as_str())
