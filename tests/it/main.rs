@@ -23,6 +23,7 @@ mod cluster_projectors;
 mod cluster_relay;
 mod commands;
 mod embedded;
+mod erasure;
 mod event_schemas;
 mod http;
 mod queries;
