@@ -3,9 +3,12 @@
 //!
 //! Envelopes come from the real code path: GraphQL mutations through the app's router, then the
 //! event log as the relay reads it (`store.read`), serialised with serde_json — exactly the bytes
-//! the relay publishes. In cluster mode the test also reads the real Kafka topic and validates the
-//! message values, keys and headers. Tampered envelopes must fail, so the schemas are not vacuous,
-//! and the JSON examples in `docs/events.md` must pass.
+//! the relay publishes, personal data sealed (`envelope.schema.json`). What readers get is checked
+//! against `reader-envelope.schema.json`: the log opened with the app's keys (as `pcf events`
+//! prints it) and the GraphQL `events` query as admin and analytics, while an account lives
+//! (opened, redacted) and once it is deleted (erased). In cluster mode the test also reads the
+//! real Kafka topic and validates the message values, keys and headers. Tampered envelopes must
+//! fail, so the schemas are not vacuous, and the JSON examples in `docs/events.md` must pass.
 //!
 //! Needs nothing for the embedded tests; the Kafka test needs Kafka (`PCF_TEST_KAFKA_BROKERS`,
 //! default 127.0.0.1:9092) and PostgreSQL (`PCF_TEST_DATABASE_URL`, default
@@ -25,6 +28,8 @@ use uuid::Uuid;
 /// Where the schemas say they live (`$id`); their relative `$ref`s resolve against it.
 const SCHEMA_BASE: &str = "https://pcf.example/schemas/events/v1/";
 const ENVELOPE_SCHEMA: &str = "envelope.schema.json";
+/// An event as readers get it (personal data opened, erased or left out).
+const READER_ENVELOPE_SCHEMA: &str = "reader-envelope.schema.json";
 /// Each event type and the schema of its payload.
 const PAYLOAD_SCHEMAS: [(&str, &str); 4] = [
     ("UserCreated", "user-created.schema.json"),
@@ -36,10 +41,11 @@ const PAYLOAD_SCHEMAS: [(&str, &str); 4] = [
 // ---------------------------------------------------------------------------------------------
 // The schemas
 
-/// The five schemas, compiled from `docs/schemas/`.
+/// The six schemas, compiled from `docs/schemas/`.
 struct EventSchemas {
     schemas: Schemas,
     envelope: SchemaIndex,
+    reader: SchemaIndex,
     payloads: BTreeMap<&'static str, SchemaIndex>,
 }
 
@@ -55,7 +61,9 @@ impl EventSchemas {
             name: "idn-email",
             func: idn_email,
         });
-        let files = std::iter::once(ENVELOPE_SCHEMA).chain(PAYLOAD_SCHEMAS.iter().map(|p| p.1));
+        let files = [ENVELOPE_SCHEMA, READER_ENVELOPE_SCHEMA]
+            .into_iter()
+            .chain(PAYLOAD_SCHEMAS.iter().map(|p| p.1));
         for file in files {
             let path = dir.join(file);
             let text = std::fs::read_to_string(&path)
@@ -83,6 +91,7 @@ impl EventSchemas {
                 .unwrap_or_else(|e| panic!("compiling {file}: {e:#}"))
         };
         let envelope = compile(ENVELOPE_SCHEMA);
+        let reader = compile(READER_ENVELOPE_SCHEMA);
         let payloads = PAYLOAD_SCHEMAS
             .iter()
             .map(|&(event_type, file)| (event_type, compile(file)))
@@ -90,6 +99,7 @@ impl EventSchemas {
         Self {
             schemas,
             envelope,
+            reader,
             payloads,
         }
     }
@@ -99,6 +109,22 @@ impl EventSchemas {
         self.schemas
             .validate(envelope, self.envelope)
             .map_err(|e| format!("{e:#}"))
+    }
+
+    /// Validates an event as a reader gets it.
+    fn check_reader(&self, envelope: &Value) -> Result<(), String> {
+        self.schemas
+            .validate(envelope, self.reader)
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    /// Panics unless the event is valid as a reader gets it, naming what `source` was.
+    fn assert_valid_reader(&self, envelope: &Value, source: &str) {
+        if let Err(e) = self.check_reader(envelope) {
+            panic!(
+                "{source}: the event does not match {READER_ENVELOPE_SCHEMA}:\n{e}\n{envelope:#}"
+            );
+        }
     }
 
     /// Validates a payload against the schema of its event type.
@@ -216,6 +242,11 @@ struct Scenario {
     correlation: BTreeMap<(Uuid, u64), String>,
     /// The commandId sent with each mutation, likewise.
     command: BTreeMap<(Uuid, u64), String>,
+    /// Zoë's first three events, opened with the app's keys while her account existed.
+    opened_while_live: Vec<EventEnvelope>,
+    /// Personal values the mutations wrote, none of which may be in plain text where events
+    /// are stored or published.
+    plain: Vec<String>,
 }
 
 /// The scenario's mutations as they are sent, each with a fresh correlation id and command
@@ -264,8 +295,10 @@ impl Mutations<'_> {
 }
 
 /// Runs the four mutations (and one more sign-up), each with its own correlation and command
-/// id. Emails are non-ASCII and use `+` and `_`, as the profile rules allow.
-async fn run_scenario(router: &axum::Router) -> Scenario {
+/// id. Emails are non-ASCII and use `+` and `_`, as the profile rules allow. Zoë's events are
+/// read, opened with the app's keys, just before her account is deleted.
+async fn run_scenario(app: &pcf::App) -> Scenario {
+    let router = &app.router;
     let tag = Uuid::new_v4().simple().to_string()[..8].to_owned();
     let mut sent = Mutations {
         router,
@@ -290,6 +323,8 @@ async fn run_scenario(router: &axum::Router) -> Scenario {
     let email = json!({ "id": zoe, "email": format!("zoe_q.{tag}@example.org") });
     let changed = sent.send(Some(&token), CHANGE_EMAIL, "changeEmail", email);
     assert_eq!(changed.await, (zoe, 3));
+    let stored = app.store.user_events(zoe, 0).await.expect("Zoë's events");
+    let opened_while_live = opened(&app.keys, stored).await;
     let deleted = sent.send(
         Some(&token),
         DELETE_ACCOUNT,
@@ -306,12 +341,26 @@ async fn run_scenario(router: &axum::Router) -> Scenario {
         .await;
 
     let actor = (2..=4).map(|n| ((zoe, n), zoe.to_string())).collect();
+    let plain = [
+        &format!("zoë+news.{tag}"),
+        "Ångström",
+        "Line one",
+        "Zoë Q.",
+        "avatars/zoe.png",
+        &format!("zoe_q.{tag}"),
+        &format!("max.o'neil.{tag}"),
+        "img.example.net/max",
+    ]
+    .map(str::to_owned)
+    .to_vec();
     Scenario {
         zoe,
         max,
         actor,
         correlation: sent.correlation,
         command: sent.command,
+        opened_while_live,
+        plain,
     }
 }
 
@@ -381,21 +430,93 @@ fn check_scenario(scenario: &Scenario, events: &[EventEnvelope]) {
     }
 }
 
-/// The envelopes of the scenario on an embedded (SQLite) app, serialised as the relay
-/// publishes them.
-async fn embedded_envelopes() -> Vec<Value> {
-    let dir = tempfile::tempdir().expect("a temporary data directory");
-    let app = pcf::build(&base_config(dir.path()))
+/// The scenario's events on an embedded (SQLite) app, in each form PCF gives them out.
+struct Forms {
+    /// As stored, serialised as the relay publishes them: personal data sealed.
+    published: Vec<Value>,
+    /// Zoë's first three events, opened while her account existed.
+    opened_while_live: Vec<Value>,
+    /// The whole log opened with the app's keys once Zoë is deleted, as `pcf events show`
+    /// prints it: Zoë's events erased, Max's opened.
+    opened: Vec<Value>,
+    /// The `events` query as an admin, in envelope notation.
+    admin: Vec<Value>,
+    /// The `events` query as analytics, in envelope notation.
+    analytics: Vec<Value>,
+}
+
+/// An `events` node of GraphQL in the notation of envelopes: `recordedAt` with `Z` for
+/// `+00:00`, and metadata keys without a value left out instead of null (the two differences
+/// docs/events.md names).
+fn envelope_notation(mut node: Value) -> Value {
+    let recorded = node["recordedAt"].as_str().unwrap_or_default().to_owned();
+    let utc = recorded
+        .strip_suffix("+00:00")
+        .unwrap_or_else(|| panic!("GraphQL writes recordedAt with +00:00: {node}"));
+    node["recordedAt"] = json!(format!("{utc}Z"));
+    node["metadata"]
+        .as_object_mut()
+        .expect("metadata")
+        .retain(|_, v| !v.is_null());
+    node
+}
+
+/// Every event through the `events` query as the bearer of `token`, in envelope notation.
+async fn events_via_graphql(router: &axum::Router, token: &str) -> Vec<Value> {
+    let data = Gql::vars(EVENTS, json!({ "first": 100 }))
+        .bearer(token)
+        .send(router)
         .await
-        .expect("building the app");
-    let scenario = run_scenario(&app.router).await;
-    let events = read_log(&app, 5).await;
-    check_scenario(&scenario, &events);
-    app.shutdown().await;
+        .ok()
+        .clone();
+    data["events"]["edges"]
+        .as_array()
+        .expect("edges")
+        .iter()
+        .map(|e| envelope_notation(e["node"].clone()))
+        .collect()
+}
+
+fn to_values(events: &[EventEnvelope]) -> Vec<Value> {
     events
         .iter()
         .map(|e| serde_json::to_value(e).expect("an envelope serialises"))
         .collect()
+}
+
+/// Runs the scenario on an embedded (SQLite) app and gathers its events in every form.
+async fn embedded_forms() -> (Scenario, Forms) {
+    let dir = tempfile::tempdir().expect("a temporary data directory");
+    let app = pcf::build(&base_config(dir.path()))
+        .await
+        .expect("building the app");
+    let scenario = run_scenario(&app).await;
+    let events = read_log(&app, 5).await;
+    check_scenario(&scenario, &events);
+    assert_sealed(
+        &events,
+        &scenario
+            .plain
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let forms = Forms {
+        published: to_values(&events),
+        opened_while_live: to_values(&scenario.opened_while_live),
+        opened: to_values(&opened(&app.keys, events).await),
+        admin: events_via_graphql(&app.router, &admin()).await,
+        analytics: events_via_graphql(&app.router, &analytics()).await,
+    };
+    app.shutdown().await;
+    (scenario, forms)
+}
+
+/// Whether a payload holds any personal field in plain text.
+fn has_personal_fields(payload: &Value) -> bool {
+    pcf_domain::auth::PERSONAL_FIELDS
+        .iter()
+        .any(|f| payload.get(*f).is_some())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -404,32 +525,133 @@ async fn embedded_envelopes() -> Vec<Value> {
 #[tokio::test]
 async fn every_envelope_of_the_real_code_path_matches_the_schemas() {
     let schemas = EventSchemas::load();
-    let envelopes = embedded_envelopes().await;
+    let (_, forms) = embedded_forms().await;
+    let envelopes = &forms.published;
     let mut types = BTreeSet::new();
-    for envelope in &envelopes {
+    for envelope in envelopes {
         schemas.assert_valid(envelope, "the event log");
         types.insert(envelope["eventType"].as_str().unwrap().to_owned());
+        // Written now: version 2, personal fields sealed.
+        assert_eq!(envelope["eventVersion"], "2", "{envelope}");
+        let payload = &envelope["payload"];
+        assert!(!has_personal_fields(payload), "{envelope}");
+        if envelope["eventType"] == "AccountDeleted" {
+            assert!(payload["keyDestroyedAt"].is_string(), "{envelope}");
+            assert!(payload.get("sealed").is_none(), "{envelope}");
+        } else {
+            assert!(payload["sealed"].is_string(), "{envelope}");
+        }
     }
     let all: BTreeSet<String> = PAYLOAD_SCHEMAS.iter().map(|p| p.0.to_owned()).collect();
     assert_eq!(types, all, "every event type was checked");
 
-    // What the producer normalised is what consumers get.
-    let created = &envelopes[0]["payload"];
+    // What the producer normalised is what readers allowed personal data get.
+    let opened = &forms.opened_while_live;
+    for (envelope, event_type) in
+        opened
+            .iter()
+            .zip(["UserCreated", "ProfileUpdated", "EmailChanged"])
+    {
+        assert_eq!(envelope["eventType"], event_type);
+        schemas.assert_valid_reader(envelope, "an event opened while its account lived");
+        assert_eq!(envelope["eventVersion"], "2", "opened, the version stays");
+    }
+    let created = &opened[0]["payload"];
     assert!(created["email"].as_str().unwrap().starts_with("zoë+news."));
     assert_eq!(created["displayName"], "Zoë Ångström");
     assert_eq!(created["avatarUrl"], Value::Null, "absent values are null");
-    let updated = &envelopes[1]["payload"];
+    let updated = &opened[1]["payload"];
     assert_eq!(
         updated["bio"],
         Value::Null,
         "a cleared bio is null, not absent"
     );
+    assert!(opened[2]["payload"]["newEmail"]
+        .as_str()
+        .unwrap()
+        .starts_with("zoe_q."));
+}
+
+#[tokio::test]
+async fn what_readers_get_matches_the_reader_envelope_schema() {
+    let schemas = EventSchemas::load();
+    let (scenario, forms) = embedded_forms().await;
+    let (zoe, max) = (scenario.zoe.to_string(), scenario.max.to_string());
+    for (what, events) in [
+        ("the log opened with the keys", &forms.opened),
+        ("the events query as admin", &forms.admin),
+        ("the events query as analytics", &forms.analytics),
+    ] {
+        assert_eq!(events.len(), 5, "{what}");
+        let mut seen = Vec::new();
+        for (event, published) in events.iter().zip(&forms.published) {
+            schemas.assert_valid_reader(event, what);
+            assert_eq!(
+                event["eventId"], published["eventId"],
+                "{what}: in log order"
+            );
+            // Only the payload differs from what is published (and analytics' command ids).
+            for field in [
+                "aggregateId",
+                "sequence",
+                "position",
+                "eventType",
+                "eventVersion",
+            ] {
+                assert_eq!(event[field], published[field], "{what}: {field}");
+            }
+            let payload = &event["payload"];
+            assert!(payload.get("sealed").is_none(), "{what}: {event}");
+            let form = match (event["aggregateId"].as_str(), event["eventType"].as_str()) {
+                (_, Some("AccountDeleted")) => {
+                    assert_eq!(payload, &published["payload"], "{what}: as stored");
+                    "as stored"
+                }
+                // Zoë's account is deleted: erased for every reader.
+                (Some(id), _) if id == zoe => {
+                    assert_eq!(payload["erased"], true, "{what}: {event}");
+                    assert!(!has_personal_fields(payload), "{what}: {event}");
+                    "erased"
+                }
+                (Some(id), _) if id == max => {
+                    assert!(payload.get("erased").is_none(), "{what}: {event}");
+                    if has_personal_fields(payload) {
+                        "opened"
+                    } else {
+                        "redacted"
+                    }
+                }
+                _ => panic!("{what}: an event of neither user: {event}"),
+            };
+            seen.push(form);
+        }
+        let max_form = if what.contains("analytics") {
+            "redacted"
+        } else {
+            "opened"
+        };
+        assert_eq!(
+            seen,
+            ["erased", "erased", "erased", "as stored", max_form],
+            "{what}"
+        );
+    }
+    // The API shows admins what `pcf events` prints.
+    for (api, printed) in forms.admin.iter().zip(&forms.opened) {
+        assert_eq!(api["payload"], printed["payload"]);
+        assert_eq!(api["metadata"], printed["metadata"]);
+    }
+    let max_created = &forms.opened[4]["payload"];
+    assert_eq!(max_created["displayName"], "Max");
+    assert_eq!(max_created["bio"], Value::Null);
+    assert_eq!(max_created["avatarUrl"], "HTTPS://img.example.net/max.jpg");
 }
 
 #[tokio::test]
 async fn tampered_envelopes_fail_validation() {
     let schemas = EventSchemas::load();
-    let envelopes = embedded_envelopes().await;
+    let (_, forms) = embedded_forms().await;
+    let envelopes = &forms.published;
     let by_type = |t: &str| {
         envelopes
             .iter()
@@ -441,7 +663,31 @@ async fn tampered_envelopes_fail_validation() {
     let updated = by_type("ProfileUpdated");
     let changed = by_type("EmailChanged");
     let deleted = by_type("AccountDeleted");
-    for e in [&created, &updated, &changed, &deleted] {
+    // The same events as version 1 would have published them: the opened layout.
+    let as_version_1 = |i: usize| {
+        let mut e = forms.opened_while_live[i].clone();
+        e["eventVersion"] = json!("1");
+        e
+    };
+    let created_v1 = as_version_1(0);
+    let updated_v1 = as_version_1(1);
+    let changed_v1 = as_version_1(2);
+    let mut deleted_v1 = deleted.clone();
+    deleted_v1["eventVersion"] = json!("1");
+    deleted_v1["payload"]
+        .as_object_mut()
+        .unwrap()
+        .remove("keyDestroyedAt");
+    for e in [
+        &created,
+        &updated,
+        &changed,
+        &deleted,
+        &created_v1,
+        &updated_v1,
+        &changed_v1,
+        &deleted_v1,
+    ] {
         schemas.assert_valid(e, "the untampered envelope");
     }
 
@@ -487,10 +733,10 @@ async fn tampered_envelopes_fail_validation() {
             e["aggregateType"] = json!("Account");
         }),
         ("eventVersion a number", &created, |e| {
-            e["eventVersion"] = json!(1);
+            e["eventVersion"] = json!(2);
         }),
-        ("eventVersion 2, which no schema describes", &created, |e| {
-            e["eventVersion"] = json!("2");
+        ("eventVersion 3, which no schema describes", &created, |e| {
+            e["eventVersion"] = json!("3");
         }),
         ("recordedAt not a date-time", &created, |e| {
             e["recordedAt"] = json!("yesterday");
@@ -513,47 +759,136 @@ async fn tampered_envelopes_fail_validation() {
         ("a null metadata value", &created, |e| {
             e["metadata"]["actor"] = Value::Null;
         }),
-        ("UserCreated with a non-address email", &created, |e| {
-            e["payload"]["email"] = json!("zoë at example");
+        // Version 2: personal data only sealed.
+        (
+            "UserCreated v2 with an email in plain text",
+            &created,
+            |e| {
+                e["payload"]["email"] = json!("zoe@example.com");
+            },
+        ),
+        ("UserCreated v2 without sealed", &created, |e| {
+            e["payload"].as_object_mut().unwrap().remove("sealed");
         }),
-        ("UserCreated with an extra field", &created, |e| {
-            e["payload"]["password"] = json!("hunter2");
+        ("UserCreated v2 with sealed not base64", &created, |e| {
+            e["payload"]["sealed"] = json!("not base64, but long enough to pass the minimum");
         }),
-        ("UserCreated with userId not a UUID", &created, |e| {
+        ("UserCreated v2 with sealed too short", &created, |e| {
+            e["payload"]["sealed"] = json!("QUJD");
+        }),
+        ("UserCreated v2 with userId not a UUID", &created, |e| {
             e["payload"]["userId"] = json!("42");
         }),
-        ("UserCreated with an empty displayName", &created, |e| {
-            e["payload"]["displayName"] = json!("");
+        ("UserCreated v2 with an extra field", &created, |e| {
+            e["payload"]["password"] = json!("hunter2");
         }),
-        ("UserCreated without email", &created, |e| {
-            e["payload"].as_object_mut().unwrap().remove("email");
+        ("UserCreated v2 both sealed and erased", &created, |e| {
+            e["payload"]["erased"] = json!(true);
         }),
-        ("UserCreated without bio, not even null", &created, |e| {
-            e["payload"].as_object_mut().unwrap().remove("bio");
+        ("UserCreated v2 in the opened layout", &created_v1, |e| {
+            e["eventVersion"] = json!("2");
         }),
-        ("ProfileUpdated with a control character", &updated, |e| {
-            e["payload"]["displayName"] = json!("Zoë\u{7}");
+        ("UserCreated v1 sealed", &created, |e| {
+            e["eventVersion"] = json!("1");
         }),
-        ("ProfileUpdated with a numeric bio", &updated, |e| {
-            e["payload"]["bio"] = json!(5);
+        (
+            "ProfileUpdated v2 with a bio in plain text",
+            &updated,
+            |e| {
+                e["payload"]["bio"] = json!("Line one");
+            },
+        ),
+        ("ProfileUpdated v2 erased as false", &updated, |e| {
+            let payload = e["payload"].as_object_mut().unwrap();
+            payload.remove("sealed");
+            payload.insert("erased".into(), json!(false));
         }),
-        ("ProfileUpdated with a plain http avatar", &updated, |e| {
-            e["payload"]["avatarUrl"] = json!("http://cdn.example.com/a.png");
-        }),
-        ("ProfileUpdated, displayName too long", &updated, |e| {
-            e["payload"]["displayName"] = json!("x".repeat(101));
-        }),
-        ("EmailChanged without newEmail", &changed, |e| {
-            e["payload"].as_object_mut().unwrap().remove("newEmail");
-        }),
-        ("EmailChanged, occurredAt no date-time", &changed, |e| {
+        (
+            "EmailChanged v2 with newEmail beside sealed",
+            &changed,
+            |e| {
+                e["payload"]["newEmail"] = json!("zoe@example.com");
+            },
+        ),
+        ("EmailChanged v2, occurredAt no date-time", &changed, |e| {
             e["payload"]["occurredAt"] = json!("2024-05-01 12:00");
         }),
         ("AccountDeleted carrying personal data", &deleted, |e| {
             e["payload"]["email"] = json!("zoe@example.com");
         }),
+        ("AccountDeleted sealed", &deleted, |e| {
+            e["payload"]["sealed"] = json!("QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlq");
+        }),
         ("AccountDeleted without occurredAt", &deleted, |e| {
             e["payload"] = json!({});
+        }),
+        (
+            "AccountDeleted, keyDestroyedAt no date-time",
+            &deleted,
+            |e| {
+                e["payload"]["keyDestroyedAt"] = json!("now");
+            },
+        ),
+        ("AccountDeleted v1 with keyDestroyedAt", &deleted_v1, |e| {
+            e["payload"]["keyDestroyedAt"] = json!("2024-05-01T12:00:00Z");
+        }),
+        // Version 1: personal data in plain text, each field as the profile rules allow.
+        (
+            "UserCreated v1 with a non-address email",
+            &created_v1,
+            |e| {
+                e["payload"]["email"] = json!("zoë at example");
+            },
+        ),
+        (
+            "UserCreated v1 with an empty displayName",
+            &created_v1,
+            |e| {
+                e["payload"]["displayName"] = json!("");
+            },
+        ),
+        ("UserCreated v1 without email", &created_v1, |e| {
+            e["payload"].as_object_mut().unwrap().remove("email");
+        }),
+        (
+            "UserCreated v1 without bio, not even null",
+            &created_v1,
+            |e| {
+                e["payload"].as_object_mut().unwrap().remove("bio");
+            },
+        ),
+        ("UserCreated v1 with an extra field", &created_v1, |e| {
+            e["payload"]["password"] = json!("hunter2");
+        }),
+        (
+            "ProfileUpdated v1 with a control character",
+            &updated_v1,
+            |e| {
+                e["payload"]["displayName"] = json!("Zoë\u{7}");
+            },
+        ),
+        ("ProfileUpdated v1 with a numeric bio", &updated_v1, |e| {
+            e["payload"]["bio"] = json!(5);
+        }),
+        (
+            "ProfileUpdated v1 with a plain http avatar",
+            &updated_v1,
+            |e| {
+                e["payload"]["avatarUrl"] = json!("http://cdn.example.com/a.png");
+            },
+        ),
+        (
+            "ProfileUpdated v1, displayName too long",
+            &updated_v1,
+            |e| {
+                e["payload"]["displayName"] = json!("x".repeat(101));
+            },
+        ),
+        ("EmailChanged v1 without newEmail", &changed_v1, |e| {
+            e["payload"].as_object_mut().unwrap().remove("newEmail");
+        }),
+        ("EmailChanged v1 sealed as well", &changed_v1, |e| {
+            e["payload"]["sealed"] = json!("QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlq");
         }),
         ("a payload of the wrong event type", &deleted, |e| {
             e["eventType"] = json!("EmailChanged");
@@ -573,6 +908,69 @@ async fn tampered_envelopes_fail_validation() {
     assert!(
         accepted.is_empty(),
         "tampered envelopes that passed validation: {accepted:?}"
+    );
+
+    // What readers get: the forms of the real code path pass, tampered ones fail.
+    let opened = forms.opened_while_live[0].clone();
+    let erased = forms.opened[0].clone();
+    let redacted = forms.analytics[4].clone();
+    for (what, e) in [
+        ("opened", &opened),
+        ("erased", &erased),
+        ("redacted", &redacted),
+    ] {
+        schemas.assert_valid_reader(e, what);
+    }
+    let reader_cases: Vec<(&str, &Value, Tamper)> = vec![
+        ("a sealed payload shown to a reader", &created, |_| {}),
+        ("an opened payload without its bio", &opened, |e| {
+            e["payload"].as_object_mut().unwrap().remove("bio");
+        }),
+        ("an opened payload still sealed too", &opened, |e| {
+            e["payload"]["sealed"] = json!("QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlq");
+        }),
+        ("an opened payload marked erased", &opened, |e| {
+            e["payload"]["erased"] = json!(true);
+        }),
+        ("an erased payload keeping an email", &erased, |e| {
+            e["payload"]["email"] = json!("zoe@example.com");
+        }),
+        ("erased as false", &erased, |e| {
+            e["payload"]["erased"] = json!(false);
+        }),
+        (
+            "a redacted payload keeping the sealed value",
+            &redacted,
+            |e| {
+                e["payload"]["sealed"] = json!("QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlq");
+            },
+        ),
+        (
+            "a redacted payload keeping a display name",
+            &redacted,
+            |e| {
+                e["payload"]["displayName"] = json!("Max");
+            },
+        ),
+        (
+            "a reader's envelope with an unknown field",
+            &redacted,
+            |e| {
+                e["partition"] = json!(0);
+            },
+        ),
+    ];
+    let mut accepted = Vec::new();
+    for (what, original, tamper) in &reader_cases {
+        let mut envelope = (*original).clone();
+        tamper(&mut envelope);
+        if schemas.check_reader(&envelope).is_ok() {
+            accepted.push(*what);
+        }
+    }
+    assert!(
+        accepted.is_empty(),
+        "tampered reader envelopes that passed validation: {accepted:?}"
     );
 
     // The payload schemas alone refuse what they must, too.
@@ -598,35 +996,66 @@ fn the_examples_in_the_consumer_guide_match_the_schemas() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/events.md");
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let mut blocks = Vec::new();
-    let mut current: Option<String> = None;
+    // (block, whether it is marked as a reader's envelope)
+    let mut blocks: Vec<(String, bool)> = Vec::new();
+    let mut current: Option<(String, bool)> = None;
     for line in text.lines() {
         match (&mut current, line.trim_start()) {
-            (None, "```json") => current = Some(String::new()),
-            (Some(block), l) if l.starts_with("```") => {
-                blocks.push(std::mem::take(block));
-                current = None;
+            (None, "```json") => current = Some((String::new(), false)),
+            (None, "```json reader") => current = Some((String::new(), true)),
+            (Some(_), l) if l.starts_with("```") => {
+                blocks.extend(current.take());
             }
-            (Some(block), _) => {
+            (Some((block, _)), _) => {
                 block.push_str(line);
                 block.push('\n');
             }
             _ => {}
         }
     }
-    let mut envelopes = 0;
-    for block in &blocks {
+    let mut published = BTreeSet::new();
+    let mut reader_forms = BTreeSet::new();
+    for (block, reader) in &blocks {
         let value: Value = serde_json::from_str(block).unwrap_or_else(|e| {
             panic!("a json block of docs/events.md is not JSON ({e}):\n{block}")
         });
-        if value.get("eventId").is_some() {
+        if value.get("eventId").is_none() {
+            assert!(!reader, "a json reader block that is no envelope:\n{block}");
+            continue;
+        }
+        let event_type = value["eventType"].as_str().unwrap_or_default().to_owned();
+        if *reader {
+            schemas.assert_valid_reader(&value, "a reader's example in docs/events.md");
+            let payload = &value["payload"];
+            let form = if payload.get("erased").is_some() {
+                "erased"
+            } else if has_personal_fields(payload) {
+                "opened"
+            } else {
+                "redacted"
+            };
+            reader_forms.insert(form);
+        } else {
             schemas.assert_valid(&value, "an example in docs/events.md");
-            envelopes += 1;
+            let version = value["eventVersion"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            published.insert((event_type, version));
         }
     }
-    assert!(
-        envelopes >= PAYLOAD_SCHEMAS.len(),
-        "docs/events.md shows an envelope of every event type ({envelopes} found)"
+    let every: BTreeSet<(String, String)> = PAYLOAD_SCHEMAS
+        .iter()
+        .flat_map(|p| ["1", "2"].map(|v| (p.0.to_owned(), v.to_owned())))
+        .collect();
+    assert_eq!(
+        published, every,
+        "docs/events.md shows a published envelope of every event type in both versions"
+    );
+    assert_eq!(
+        reader_forms,
+        BTreeSet::from(["erased", "opened", "redacted"]),
+        "docs/events.md shows every form readers get"
     );
 }
 
@@ -732,9 +1161,12 @@ async fn kafka_messages_match_the_schemas_with_user_keys_and_headers() {
         let app = pcf::build(&config)
             .await
             .expect("building the cluster-mode app");
-        let scenario = run_scenario(&app.router).await;
+        let scenario = run_scenario(&app).await;
         let events = read_log(&app, 5).await;
         check_scenario(&scenario, &events);
+        // The messages are these envelopes (`check_messages`): no personal data in plain text.
+        let plain: Vec<&str> = scenario.plain.iter().map(String::as_str).collect();
+        assert_sealed(&events, &plain);
         let ids: BTreeSet<String> = events.iter().map(|e| e.event_id.to_string()).collect();
         let received = consume(&kafka.brokers, &kafka.topic, &consumer_group, &ids).await;
         let stopped = tokio::time::timeout(Duration::from_secs(15), app.shutdown()).await;
