@@ -22,6 +22,7 @@ mod cluster_outages;
 mod cluster_projectors;
 mod cluster_relay;
 mod commands;
+mod deploy;
 mod embedded;
 mod erasure;
 mod event_schemas;
