@@ -66,7 +66,10 @@ fn generated_kek(data_dir: &Path) -> anyhow::Result<Kek> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
     let kek = Kek::generate("dev");
-    let mut file = create_private(&path)?;
+    // Written whole under a name of its own, then linked into place, which fails
+    // if another process starting at the same time got there first: then its KEK is the one.
+    let draft = data_dir.join(format!(".{GENERATED_KEK_FILE}.{}", uuid::Uuid::new_v4()));
+    let mut file = create_private(&draft)?;
     writeln!(
         file,
         "# The key-encryption key of this development data directory: it wraps every \
@@ -74,7 +77,17 @@ fn generated_kek(data_dir: &Path) -> anyhow::Result<Kek> {
         kek.id(),
         kek.to_base64().as_str()
     )
-    .with_context(|| format!("writing {}", path.display()))?;
+    .and_then(|()| file.sync_all())
+    .with_context(|| format!("writing {}", draft.display()))?;
+    let linked = std::fs::hard_link(&draft, &path);
+    let _ = std::fs::remove_file(&draft);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Ok(read_kek_file(&path)?.remove(0));
+        }
+        Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+    }
     tracing::warn!(
         path = %path.display(),
         "generated a key-encryption key for development; it alone opens the personal data \
@@ -126,6 +139,21 @@ mod tests {
                 .permissions()
                 .mode();
             assert_eq!(mode & 0o077, 0, "only its owner may read the KEK file");
+        }
+    }
+
+    #[test]
+    fn processes_starting_at_once_agree_on_one_generated_kek() {
+        let dir = tempfile::tempdir().unwrap();
+        let rings: Vec<Keyring> = std::thread::scope(|s| {
+            let starts: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| keyring(&config(dir.path())).unwrap()))
+                .collect();
+            starts.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        let wrapped = rings[0].wrap("u", &pcf_adapters::personal::DataKey::generate());
+        for ring in &rings {
+            ring.unwrap("u", &wrapped).expect("one KEK for all");
         }
     }
 
