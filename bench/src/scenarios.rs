@@ -54,6 +54,9 @@ struct Bench {
     /// The command rate measured by the updateProfile scenario (or, run without it, by the
     /// first commit -> visible measurement's own closed loop).
     max_command_rate: Option<f64>,
+    /// The sequence of the append baseline's next row: one count for every scenario, so
+    /// that no two baseline rows of a user clash.
+    baseline_sequence: Arc<AtomicU64>,
     /// The run's database, on the server of `base_url`.
     database: String,
     base_url: String,
@@ -184,6 +187,7 @@ async fn setup(base: Config, options: &BenchOptions) -> anyhow::Result<Bench> {
             users: Vec::new(),
             run_id,
             max_command_rate: None,
+            baseline_sequence: Arc::new(AtomicU64::new(0)),
             database: database.clone(),
             base_url: url.clone(),
             server,
@@ -384,9 +388,11 @@ impl Bench {
     fn append_baseline(&self, existing: bool) -> Op {
         let pool = self.primary.clone();
         let users = Arc::new(self.users.clone());
+        let sequences = self.baseline_sequence.clone();
         Arc::new(move |n| {
             let pool = pool.clone();
             let users = users.clone();
+            let sequence = sequences.fetch_add(1, Ordering::Relaxed) + 1;
             async move {
                 let id = if existing && !users.is_empty() {
                     users[n as usize % users.len()]
@@ -407,7 +413,7 @@ impl Bench {
                      VALUES ('User', $1, $2, 'ProfileUpdated', '1', $3, '{}')",
                 )
                 .bind(id.to_string())
-                .bind(n as i64 + 1)
+                .bind(sequence as i64)
                 .bind(json!({"ProfileUpdated": {"displayName": format!("B{n}")}}))
                 .execute(&mut *tx)
                 .await?;
