@@ -69,19 +69,5 @@ cat "$services_log" >&2
 # themselves take a lock of their own). Set RUST_TEST_THREADS to change it.
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-8}"
 
-# The benchmark's own test (a small `pcf bench` run, about 45 s of mostly waiting on the
-# services) runs beside the rest rather than after it; its output follows theirs.
-step "cargo test --workspace --all-targets (pcf-bench's beside the rest)"
-bench_log="$target_dir/bench-tests.log"
-cargo test -p pcf-bench --all-targets >"$bench_log" 2>&1 &
-bench_pid=$!
-status=0
-cargo test --workspace --all-targets --exclude pcf-bench || status=$?
-bench_status=0
-wait "$bench_pid" || bench_status=$?
-step "cargo test -p pcf-bench --all-targets"
-cat "$bench_log" >&2
-if ((status != 0 || bench_status != 0)); then
-    echo "test.sh: tests failed" >&2
-    exit 1
-fi
+step "cargo test --workspace --all-targets"
+cargo test --workspace --all-targets
