@@ -132,8 +132,9 @@ async fn setup(base: Config, options: &BenchOptions) -> anyhow::Result<Bench> {
             failed_auth: u32::MAX,
         };
         config.consistency_timeout = Duration::from_secs(10);
-        // The replica may take a moment to see the new database.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        for replica in &config.read_database_urls {
+            replica_has_database(replica).await?;
+        }
         let app = build(&config).await?;
         // The seeding statements write 100,000 rows each: sqlx would log every one of them
         // as a slow statement.
@@ -201,6 +202,25 @@ async fn setup(base: Config, options: &BenchOptions) -> anyhow::Result<Bench> {
         }
     }
     built
+}
+
+/// Waits until the replica at `url` has replayed the database's creation (it may take a
+/// moment, longer on a busy machine), for at most 30 s.
+async fn replica_has_database(url: &str) -> anyhow::Result<()> {
+    use sqlx::Connection;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match sqlx::PgConnection::connect(url).await {
+            Ok(conn) => {
+                let _ = conn.close().await;
+                return Ok(());
+            }
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e).context("the read replica never showed the benchmark database")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 fn wanted(options: &BenchOptions, name: &str) -> bool {
