@@ -1138,29 +1138,49 @@ async fn consume(
     received
 }
 
-#[tokio::test]
-async fn kafka_messages_match_the_schemas_with_user_keys_and_headers() {
-    let schemas = EventSchemas::load();
+/// A fresh database and Kafka topic, named after one id, and the consumer group the test
+/// reads the topic with (deleted with the topic). Panics when Kafka cannot be reached.
+async fn kafka_fixture() -> ((TestDb, KafkaTopic), String) {
     let id = Uuid::new_v4().simple().to_string();
     let mut kafka = KafkaTopic::new(&id);
     require_kafka(&kafka.brokers);
     let consumer_group = format!("{}schema-check", kafka.group_prefix);
     kafka.extra_groups.push(consumer_group.clone());
-    let fixture = (TestDb::create_named(&id, ServerUse::Shared).await, kafka);
+    let db = TestDb::create_named(&id, ServerUse::Shared).await;
+    ((db, kafka), consumer_group)
+}
+
+/// The app in cluster mode on the fixture's database and topic (two partitions).
+async fn cluster_app(db: &TestDb, kafka: &KafkaTopic, dir: &std::path::Path) -> pcf::App {
+    let config = pcf::Config {
+        database_url: Some(db.url.clone()),
+        read_database_urls: vec![db.url.clone()],
+        kafka_brokers: Some(kafka.brokers.clone()),
+        kafka_topic: kafka.topic.clone(),
+        kafka_partitions: 2,
+        kafka_group_prefix: kafka.group_prefix.clone(),
+        ..base_config(dir)
+    };
+    pcf::build(&config)
+        .await
+        .expect("building the cluster-mode app")
+}
+
+/// Shuts the app down, giving up (with a note) after 15 s.
+async fn shut_down(app: pcf::App) {
+    let stopped = tokio::time::timeout(Duration::from_secs(15), app.shutdown()).await;
+    if stopped.is_err() {
+        eprintln!("the app did not shut down within 15 s");
+    }
+}
+
+#[tokio::test]
+async fn kafka_messages_match_the_schemas_with_user_keys_and_headers() {
+    let schemas = EventSchemas::load();
+    let (fixture, consumer_group) = kafka_fixture().await;
     run(fixture, async |(db, kafka)| {
         let dir = tempfile::tempdir().expect("a temporary data directory");
-        let config = pcf::Config {
-            database_url: Some(db.url.clone()),
-            read_database_urls: vec![db.url.clone()],
-            kafka_brokers: Some(kafka.brokers.clone()),
-            kafka_topic: kafka.topic.clone(),
-            kafka_partitions: 2,
-            kafka_group_prefix: kafka.group_prefix.clone(),
-            ..base_config(dir.path())
-        };
-        let app = pcf::build(&config)
-            .await
-            .expect("building the cluster-mode app");
+        let app = cluster_app(db, kafka, dir.path()).await;
         let scenario = run_scenario(&app).await;
         let events = read_log(&app, 5).await;
         check_scenario(&scenario, &events);
@@ -1169,11 +1189,144 @@ async fn kafka_messages_match_the_schemas_with_user_keys_and_headers() {
         assert_sealed(&events, &plain);
         let ids: BTreeSet<String> = events.iter().map(|e| e.event_id.to_string()).collect();
         let received = consume(&kafka.brokers, &kafka.topic, &consumer_group, &ids).await;
-        let stopped = tokio::time::timeout(Duration::from_secs(15), app.shutdown()).await;
-        if stopped.is_err() {
-            eprintln!("the app did not shut down within 15 s");
-        }
+        shut_down(app).await;
         check_messages(&schemas, &scenario, &events, &received);
+    })
+    .await;
+}
+
+/// Version-1 events, as older PCF wrote them, in a database upgraded since: the relay
+/// publishes them as they are, so real Kafka messages of version 1 must match the envelope
+/// schema; readers of the API get them erased, since the account is deleted.
+#[tokio::test]
+async fn version_1_events_of_older_pcf_reach_kafka_valid_and_readers_get_them_erased() {
+    let schemas = EventSchemas::load();
+    let (fixture, consumer_group) = kafka_fixture().await;
+    run(fixture, async |(db, kafka)| {
+        let dir = tempfile::tempdir().expect("a temporary data directory");
+        let app = cluster_app(db, kafka, dir.path()).await;
+        let user = Uuid::now_v7();
+        let tag = user.simple().to_string()[24..].to_owned();
+        let first_email = format!("ann.lee+{tag}@example.com");
+        let new_email = format!("ann_{tag}@example.org");
+        // A complete history as older PCF wrote it: payloads externally tagged, personal
+        // fields in plain text, metadata as the HTTP API recorded it (no actor on sign-up).
+        let history = [
+            (
+                "UserCreated",
+                json!({ "UserCreated": {
+                    "userId": user, "email": first_email, "displayName": "Ann Lee",
+                    "bio": "Plain bio of version one", "avatarUrl": null,
+                    "occurredAt": "2024-03-01T09:00:00.123Z",
+                }}),
+            ),
+            (
+                "ProfileUpdated",
+                json!({ "ProfileUpdated": {
+                    "displayName": "Ann L.", "bio": null,
+                    "avatarUrl": "https://cdn.example.com/ann-v1.png",
+                    "occurredAt": "2024-03-02T10:30:00Z",
+                }}),
+            ),
+            (
+                "EmailChanged",
+                json!({ "EmailChanged": {
+                    "oldEmail": first_email, "newEmail": new_email,
+                    "occurredAt": "2024-03-03T11:45:00.5Z",
+                }}),
+            ),
+            (
+                "AccountDeleted",
+                json!({ "AccountDeleted": { "occurredAt": "2024-03-04T12:00:00Z" } }),
+            ),
+        ];
+        let plain = [
+            first_email.as_str(),
+            new_email.as_str(),
+            "Ann Lee",
+            "Plain bio of version one",
+            "Ann L.",
+            "ann-v1.png",
+        ];
+        let mut ids = BTreeSet::new();
+        for (sequence, (event_type, payload)) in (1_i64..).zip(&history) {
+            let command_id = format!("cmd-{}", Uuid::new_v4().simple());
+            let mut metadata = json!({
+                "correlationId": Uuid::new_v4(),
+                "causationId": command_id,
+                "commandId": command_id,
+            });
+            if sequence > 1 {
+                metadata["actor"] = json!(user);
+            }
+            let (event_id,): (String,) = sqlx::query_as(
+                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+                 event_version, payload, metadata) VALUES ('User', $1, $2, $3, '1', $4, $5) \
+                 RETURNING event_id::text",
+            )
+            .bind(user.to_string())
+            .bind(sequence)
+            .bind(event_type)
+            .bind(payload)
+            .bind(&metadata)
+            .fetch_one(&db.pool)
+            .await
+            .expect("inserting a version-1 event");
+            ids.insert(event_id);
+        }
+
+        // The relay publishes them; consume fails unless all four arrive.
+        let received = consume(&kafka.brokers, &kafka.topic, &consumer_group, &ids).await;
+        let admin_view = events_via_graphql(&app.router, &admin()).await;
+        shut_down(app).await;
+
+        let mut types = BTreeSet::new();
+        let mut sequences = BTreeSet::new();
+        for m in &received {
+            let source = format!("message {}@{}", m.partition, m.offset);
+            schemas.assert_valid(&m.value, &source);
+            assert_eq!(m.value["aggregateId"], json!(user), "{source}");
+            assert_eq!(m.value["eventVersion"], "1", "{source}: {}", m.value);
+            assert_eq!(
+                m.headers.get("eventVersion").map(String::as_str),
+                Some("1"),
+                "{source}: the eventVersion header"
+            );
+            assert_eq!(m.key, Some(user.to_string()), "{source}: key = user id");
+            let event_type = m.value["eventType"].as_str().unwrap().to_owned();
+            let sequence = m.value["sequence"].as_u64().unwrap();
+            // Published as stored: the payload is the stored one, untagged.
+            let stored = &history[sequence as usize - 1];
+            assert_eq!(event_type, stored.0, "{source}");
+            assert_eq!(m.value["payload"], stored.1[stored.0], "{source}");
+            types.insert(event_type);
+            sequences.insert(sequence);
+        }
+        let all: BTreeSet<String> = PAYLOAD_SCHEMAS.iter().map(|p| p.0.to_owned()).collect();
+        assert_eq!(types, all, "a version-1 message of every event type");
+        assert_eq!(sequences, BTreeSet::from([1, 2, 3, 4]));
+
+        // Readers never see the deleted account's plain data, even from version 1.
+        let read: Vec<&Value> = admin_view
+            .iter()
+            .filter(|e| e["aggregateId"] == json!(user))
+            .collect();
+        assert_eq!(read.len(), 4, "the events query as admin: {admin_view:#?}");
+        for (event, (event_type, stored)) in read.iter().zip(&history) {
+            assert_eq!(event["eventType"], *event_type, "{event}");
+            assert_eq!(event["eventVersion"], "1", "{event}");
+            let payload = &event["payload"];
+            assert!(!has_personal_fields(payload), "{event}");
+            if *event_type == "AccountDeleted" {
+                assert_eq!(payload, &stored[*event_type], "as stored: {event}");
+            } else {
+                assert_eq!(payload["erased"], true, "{event}");
+            }
+        }
+        let text = serde_json::to_string(&read).unwrap();
+        for value in plain {
+            assert!(!text.contains(value), "{value:?} is readable: {text}");
+        }
     })
     .await;
 }
