@@ -1313,6 +1313,7 @@ async fn version_1_events_of_older_pcf_reach_kafka_valid_and_readers_get_them_er
             .collect();
         assert_eq!(read.len(), 4, "the events query as admin: {admin_view:#?}");
         for (event, (event_type, stored)) in read.iter().zip(&history) {
+            schemas.assert_valid_reader(event, "the events query as admin");
             assert_eq!(event["eventType"], *event_type, "{event}");
             assert_eq!(event["eventVersion"], "1", "{event}");
             let payload = &event["payload"];
