@@ -545,9 +545,13 @@ impl Bench {
         let seconds = (o.warmup.as_secs_f64() * f64::from(o.rounds.max(1))
             + o.duration.as_secs_f64())
         .max(1.0);
-        let pool = ((rate * seconds * 1.5) as usize).clamp(1000, 200_000);
+        let pool = ((rate * seconds * 1.2) as usize).clamp(1000, 200_000);
         eprintln!("bench: deleteAccount, creating {pool} users to delete");
         let doomed = Arc::new(self.create_users(pool, "d").await?);
+        // The relay and the projectors have the pool's creations to work off first: measured
+        // meanwhile, deleteAccount would share the machine with them and the baseline not.
+        self.wait_caught_up().await?;
+        self.settle_database().await?;
         let client = self.client.clone();
         let op: Op = Arc::new(move |n| {
             let client = client.clone();
