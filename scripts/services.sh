@@ -61,26 +61,8 @@ die() {
 # ---------------------------------------------------------------------------------------------
 # helpers
 
-APT_UPDATED=0
-
-# ensure_packages PKG... : apt-get install whatever is not installed yet (apt-get update once).
-ensure_packages() {
-    local missing=() pkg
-    for pkg in "$@"; do
-        if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
-            missing+=("$pkg")
-        fi
-    done
-    ((${#missing[@]} == 0)) && return 0
-    [[ $(id -u) -eq 0 ]] || die "missing packages (${missing[*]}) and not root; install them first"
-    if ((APT_UPDATED == 0)); then
-        log "apt-get update"
-        apt-get update -qq
-        APT_UPDATED=1
-    fi
-    log "installing ${missing[*]}"
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-}
+# shellcheck source=lib/packages.sh
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/packages.sh"
 
 # wait_until DESCRIPTION COMMAND... : retry COMMAND every 0.5 s until it succeeds or TIMEOUT.
 wait_until() {
