@@ -109,12 +109,34 @@ macro_rules! on_pool {
     };
 }
 
-/// The users of those `events` that `pick` picks, each once.
-fn distinct_users(events: &[EventEnvelope], pick: impl Fn(&EventEnvelope) -> bool) -> Vec<Uuid> {
+/// What personal data a payload holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Personal {
+    Sealed,
+    /// In plain text: an older, version-1 event.
+    Plain,
+    None,
+}
+
+impl Personal {
+    fn of(payload: &serde_json::Value) -> Self {
+        if personal::is_sealed(payload) {
+            Self::Sealed
+        } else if personal::has_plain_personal_data(payload) {
+            Self::Plain
+        } else {
+            Self::None
+        }
+    }
+}
+
+/// The users of the `events` whose payload is of `kind`, each once.
+fn distinct_users(events: &[EventEnvelope], kinds: &[Personal], kind: Personal) -> Vec<Uuid> {
     let users: HashSet<Uuid> = events
         .iter()
-        .filter(|e| pick(e))
-        .map(|e| e.aggregate_id)
+        .zip(kinds)
+        .filter(|(_, k)| **k == kind)
+        .map(|(e, _)| e.aggregate_id)
         .collect();
     users.into_iter().collect()
 }
@@ -266,10 +288,12 @@ impl Keys {
     /// events that do not open come back (and are counted): a sealed value that was altered
     /// or moved, or a live user whose key is missing.
     pub async fn open(&self, events: &mut [EventEnvelope]) -> Result<Vec<Unopened>, PortError> {
-        let sealed_for: Vec<Uuid> = distinct_users(events, |e| personal::is_sealed(&e.payload));
+        // Each payload looked at once (a rebuild opens every event of the log).
+        let kinds: Vec<Personal> = events.iter().map(|e| Personal::of(&e.payload)).collect();
+        let sealed_for = distinct_users(events, &kinds, Personal::Sealed);
         // Older events hold personal fields in plain text: a deleted account's read as
         // erased too (until `pcf events protect` erases them in place).
-        let plain_for = distinct_users(events, |e| personal::has_plain_personal_data(&e.payload));
+        let plain_for = distinct_users(events, &kinds, Personal::Plain);
         if sealed_for.is_empty() && plain_for.is_empty() {
             return Ok(Vec::new());
         }
@@ -288,16 +312,15 @@ impl Keys {
             self.deleted_among(&keyless).await?
         };
         let mut unopened = Vec::new();
-        for (index, event) in events.iter_mut().enumerate() {
+        for (index, (event, kind)) in events.iter_mut().zip(kinds).enumerate() {
             let user = event.aggregate_id;
-            if personal::has_plain_personal_data(&event.payload) {
-                if deleted.contains(&user) {
+            match kind {
+                Personal::Plain if deleted.contains(&user) => {
                     personal::erase_payload(&mut event.payload);
+                    continue;
                 }
-                continue;
-            }
-            if !personal::is_sealed(&event.payload) {
-                continue;
+                Personal::Plain | Personal::None => continue,
+                Personal::Sealed => {}
             }
             let outcome = match keys.get(&user) {
                 Some(key) => {
