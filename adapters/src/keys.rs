@@ -170,6 +170,13 @@ impl Keys {
         self.stats.clone()
     }
 
+    /// Counts (in `KeyStats::integrity_errors`) and logs sealed personal data that does not
+    /// open: `what` names where it is (an event's id, a user's event, a command's result).
+    pub fn integrity_error(&self, what: std::fmt::Arguments<'_>, reason: &str) {
+        self.stats.integrity_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(%what, %reason, "personal data does not open");
+    }
+
     /// The data key of `user` for a writer: from the cache without asking the database when
     /// it is there, else from the key table. A writer may trust a cached key: no event is
     /// appended after a user's `AccountDeleted` (the appends of one user are serialised by
@@ -336,8 +343,7 @@ impl Keys {
                 None => Err(format!("no data key for the live user {user}")),
             };
             if let Err(reason) = outcome {
-                self.stats.integrity_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(event_id = %event.event_id, %reason, "an event's personal data does not open");
+                self.integrity_error(format_args!("event {}", event.event_id), &reason);
                 unopened.push(Unopened {
                     index,
                     event_id: event.event_id,
@@ -358,15 +364,22 @@ impl Keys {
                 .await
         })
         .map_err(|e| KeyCheckError::Port(db_error(e)))?;
+        // Every KEK that ever wrapped a key has its check value here (recorded below before
+        // a process wraps with it), so the KEKs in use are found among these few rows, one
+        // index look-up each, not by reading the whole key table at every start.
+        let in_use =
+            "SELECT count(*) FROM (SELECT 1 FROM user_keys WHERE kek_id = $1 LIMIT 1) AS k";
         for (id, value) in &stored {
             if self.keyring.ids().any(|k| k == id) {
                 self.keyring.verify(id, value).map_err(KeyCheckError::Key)?;
+                continue;
             }
-        }
-        let used = self.kek_ids_in_use().await.map_err(KeyCheckError::Port)?;
-        for id in used {
-            if !self.keyring.ids().any(|k| k == id) {
-                return Err(KeyCheckError::Key(KeyError::UnknownKek(id)));
+            let used: i64 = on_pool!(&self.db, pool => {
+                sqlx::query_scalar(in_use).bind(id).fetch_one(pool).await
+            })
+            .map_err(|e| KeyCheckError::Port(db_error(e)))?;
+            if used > 0 {
+                return Err(KeyCheckError::Key(KeyError::UnknownKek(id.clone())));
             }
         }
         // Recorded only once the configuration is known to be right: a refused start leaves
@@ -495,4 +508,76 @@ pub async fn delete_sqlite(conn: &mut SqliteConnection, user: Uuid) -> Result<bo
         .execute(conn)
         .await
         .map(|r| r.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::personal::Kek;
+
+    /// The key table of SQLite migration 0003, in memory.
+    async fn sqlite_keys(keks: Vec<Kek>) -> (SqlitePool, Keys) {
+        let pool = SqlitePool::connect("sqlite::memory:").await.unwrap();
+        for sql in [
+            "CREATE TABLE user_keys (user_id TEXT PRIMARY KEY, kek_id TEXT NOT NULL, \
+             wrapped BLOB NOT NULL, created_at TEXT)",
+            "CREATE TABLE kek_checks (kek_id TEXT PRIMARY KEY, check_value BLOB NOT NULL, \
+             created_at TEXT)",
+        ] {
+            sqlx::query(sql).execute(&pool).await.unwrap();
+        }
+        let keys = Keys::new(
+            KeyDb::Sqlite(pool.clone()),
+            Arc::new(Keyring::new(keks).unwrap()),
+        );
+        (pool, keys)
+    }
+
+    #[tokio::test]
+    async fn a_start_names_the_kek_in_use_it_lacks_or_has_wrong_and_records_nothing_then() {
+        let old = Kek::generate("old");
+        let (pool, keys) = sqlite_keys(vec![old.clone()]).await;
+        keys.check_keks().await.unwrap();
+        let user = Uuid::now_v7();
+        let wrapped = keys.keyring().wrap(&user.to_string(), &DataKey::generate());
+        keys.insert_if_absent(user, &wrapped).await.unwrap();
+
+        let lacking = Keys::new(
+            KeyDb::Sqlite(pool.clone()),
+            Arc::new(Keyring::new(vec![Kek::generate("new")]).unwrap()),
+        );
+        assert!(matches!(
+            lacking.check_keks().await,
+            Err(KeyCheckError::Key(KeyError::UnknownKek(id))) if id == "old"
+        ));
+        let wrong = Keys::new(
+            KeyDb::Sqlite(pool.clone()),
+            Arc::new(Keyring::new(vec![Kek::generate("old")]).unwrap()),
+        );
+        assert!(matches!(
+            wrong.check_keks().await,
+            Err(KeyCheckError::Key(KeyError::WrongKek(id))) if id == "old"
+        ));
+        let ids: Vec<String> = sqlx::query_scalar("SELECT kek_id FROM kek_checks")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(ids, ["old"], "the refused starts recorded nothing");
+
+        // Both KEKs, the new one first: accepted; once no key uses the old one any more,
+        // the new one alone is.
+        let new = Kek::generate("new");
+        let both = Keys::new(
+            KeyDb::Sqlite(pool.clone()),
+            Arc::new(Keyring::new(vec![new.clone(), old]).unwrap()),
+        );
+        both.check_keks().await.unwrap();
+        assert_eq!(both.rotate_some(10).await.unwrap(), 1);
+        let new_only = Keys::new(
+            KeyDb::Sqlite(pool),
+            Arc::new(Keyring::new(vec![new]).unwrap()),
+        );
+        new_only.check_keks().await.unwrap();
+        assert_eq!(new_only.fetch(&[user]).await.unwrap().len(), 1);
+    }
 }

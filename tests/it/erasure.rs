@@ -1161,6 +1161,25 @@ async fn an_altered_sealed_field_answers_internal_and_is_counted() {
             errors_after > errors_before,
             "{metric} went from {errors_before} to {errors_after}"
         );
+        // The write path too: a process that remembers nothing of the user loads its events
+        // to decide a command, answers INTERNAL without the plain text, and counts it.
+        let fresh = app.another_instance().await;
+        let before_load = counter(&fresh.router, metric).await;
+        let next = a.now.with_new_profile();
+        let resp = admin_gql(
+            &fresh.router,
+            UPDATE_PROFILE,
+            json!({ "id": a.id, "input": next.profile_input() }),
+        )
+        .await;
+        assert_eq!(resp.codes(), ["INTERNAL"], "{}", resp.text);
+        assert_none_in("the refused command", resp.text.as_bytes(), &updated);
+        let after_load = counter(&fresh.router, metric).await;
+        assert!(
+            after_load > before_load,
+            "the load's integrity error was not counted: {before_load} -> {after_load}"
+        );
+        fresh.shutdown().await;
         // The app still serves: another user's events open.
         let other = Account::create(r, "bystander", false).await;
         let (_, raw) = events_as(r, &auditor(), Some(other.id), 1).await;

@@ -135,7 +135,15 @@ pub(crate) async fn open_result(
         Some(key) => {
             let aad = personal::command_aad(&user.to_string(), command_id);
             let plain = personal::open_text(key, &aad, sealed.as_str().unwrap_or_default())
-                .map_err(|e| StoreError::Internal(format!("command {command_id:?}: {e}")))?;
+                .map_err(|e| {
+                    keys.integrity_error(
+                        format_args!("the stored result of a command of user {user}"),
+                        &e.to_string(),
+                    );
+                    StoreError::Internal(format!(
+                        "the stored result of a command of user {user}: {e}"
+                    ))
+                })?;
             serde_json::from_slice(&plain).map_err(internal)?
         }
         None => Value::Null,
@@ -147,6 +155,7 @@ pub(crate) async fn open_result(
 /// Opens one stored event of `user` for a load: its personal fields with `key`, or erased
 /// without one (a deleted user's). The event comes back as the domain event.
 pub(crate) fn open_stored(
+    keys: &Keys,
     user: Uuid,
     sequence: u64,
     event_type: &str,
@@ -155,8 +164,13 @@ pub(crate) fn open_stored(
 ) -> Result<UserEvent, StoreError> {
     if let Some(inner) = stored.get_mut(event_type) {
         let aad = personal::event_aad(&user.to_string(), sequence, event_type);
-        personal::open_payload(inner, key, &aad)
-            .map_err(|e| StoreError::Internal(format!("event {sequence} of user {user}: {e}")))?;
+        personal::open_payload(inner, key, &aad).map_err(|e| {
+            keys.integrity_error(
+                format_args!("event {sequence} of user {user}"),
+                &e.to_string(),
+            );
+            StoreError::Internal(format!("event {sequence} of user {user}: {e}"))
+        })?;
     }
     serde_json::from_value(stored).map_err(internal)
 }

@@ -336,9 +336,10 @@ impl<B: SqlBackend> CommandStore for SqlStore<B> {
             let key = self.keys()?.key_for_writing(user_id).await?;
             let deleted = events.iter().any(|e| e.event_type == "AccountDeleted");
             if key.is_none() && !deleted {
-                return Err(StoreError::Internal(format!(
-                    "no data key for the live user {user_id}"
-                )));
+                let why = format!("no data key for the live user {user_id}");
+                self.keys()?
+                    .integrity_error(format_args!("the events of user {user_id}"), &why);
+                return Err(StoreError::Internal(why));
             }
             key
         } else {
@@ -348,8 +349,14 @@ impl<B: SqlBackend> CommandStore for SqlStore<B> {
         let mut sequence = 0;
         for e in events {
             sequence = e.sequence as u64;
-            let event =
-                sealing::open_stored(user_id, sequence, &e.event_type, e.payload, key.as_ref())?;
+            let event = sealing::open_stored(
+                self.keys()?,
+                user_id,
+                sequence,
+                &e.event_type,
+                e.payload,
+                key.as_ref(),
+            )?;
             user.apply(event);
         }
         Ok((user, sequence))
