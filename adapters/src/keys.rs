@@ -5,13 +5,15 @@
 //! in a bounded cache.
 
 use crate::personal::{self, DataKey, KeyError, Keyring, Tampered, WrappedKey};
-use pcf_domain::ports::PortError;
+use pcf_domain::events::PersonalFields;
+use pcf_domain::ports::{Change, PortError};
 use pcf_domain::EventEnvelope;
 use sqlx::{PgPool, Row, SqliteConnection, SqlitePool};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
+use zeroize::Zeroizing;
 
 /// The database holding the key table.
 #[derive(Clone, Debug)]
@@ -50,6 +52,56 @@ pub trait Opener: Send + Sync {
     /// the user's key they read as plain fields; for a deleted user, as erased. The events
     /// that do not open come back, their payloads still sealed.
     async fn open(&self, events: &mut [EventEnvelope]) -> Result<Vec<Unopened>, PortError>;
+
+    /// `open` for events read as a fold needs them (`EventLog::read_changes`), opened into
+    /// the decoded event. By default through `open`, each sealed change made an envelope
+    /// and read back (`Keys` opens changes in place).
+    async fn open_changes(&self, changes: &mut [Change]) -> Result<Vec<Unopened>, PortError> {
+        let sealed: Vec<usize> = (0..changes.len())
+            .filter(|&i| changes[i].sealed.is_some() && changes[i].event.is_ok())
+            .collect();
+        let mut envelopes: Vec<EventEnvelope> = sealed
+            .iter()
+            .map(|&i| sealed_envelope(&changes[i]))
+            .collect();
+        let unopened = self.open(&mut envelopes).await?;
+        for (&i, envelope) in sealed.iter().zip(&envelopes) {
+            changes[i] = Change::of(envelope);
+        }
+        Ok(unopened
+            .into_iter()
+            .map(|u| Unopened {
+                index: sealed[u.index],
+                ..u
+            })
+            .collect())
+    }
+}
+
+/// A sealed change as the envelope it was read from (what `open` needs of it).
+fn sealed_envelope(change: &Change) -> EventEnvelope {
+    let (event_type, recorded_at, mut payload) = match &change.event {
+        Ok(event) => (event.type_name(), event.occurred_at(), event.payload()),
+        Err(_) => ("", Default::default(), serde_json::json!({})),
+    };
+    if let (Some(fields), Some(sealed)) = (payload.as_object_mut(), &change.sealed) {
+        for name in pcf_domain::auth::PERSONAL_FIELDS {
+            fields.remove(name);
+        }
+        fields.insert(personal::SEALED.to_owned(), sealed.clone().into());
+    }
+    EventEnvelope {
+        event_id: change.event_id,
+        aggregate_type: "User".into(),
+        aggregate_id: change.aggregate_id,
+        sequence: change.sequence,
+        position: change.position,
+        event_type: event_type.into(),
+        event_version: personal::SEALED_VERSION.into(),
+        recorded_at,
+        metadata: Default::default(),
+        payload,
+    }
 }
 
 /// An opener without keys, for logs of plain events only (tests, tools): every sealed event
@@ -71,12 +123,29 @@ impl Opener for PlainOnly {
             })
             .collect())
     }
+
+    async fn open_changes(&self, changes: &mut [Change]) -> Result<Vec<Unopened>, PortError> {
+        Ok(changes
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.sealed.is_some())
+            .map(|(index, c)| Unopened {
+                index,
+                event_id: c.event_id,
+                reason: "no keys to open sealed personal data".into(),
+            })
+            .collect())
+    }
 }
 
 #[async_trait::async_trait]
 impl Opener for Keys {
     async fn open(&self, events: &mut [EventEnvelope]) -> Result<Vec<Unopened>, PortError> {
         Keys::open(self, events).await
+    }
+
+    async fn open_changes(&self, changes: &mut [Change]) -> Result<Vec<Unopened>, PortError> {
+        self.open_all(changes).await
     }
 }
 
@@ -118,25 +187,97 @@ enum Personal {
     None,
 }
 
-impl Personal {
-    fn of(payload: &serde_json::Value) -> Self {
-        if personal::is_sealed(payload) {
-            Self::Sealed
-        } else if personal::has_plain_personal_data(payload) {
-            Self::Plain
+/// An event whose personal fields `Keys` opens in place: a whole envelope (its payload) or
+/// a `Change` (its decoded event).
+trait Openable {
+    fn user(&self) -> Uuid;
+    fn event_id(&self) -> Uuid;
+    /// What personal data it holds (each event looked at once: a rebuild opens the log).
+    fn personal(&self) -> Personal;
+    /// Opens its sealed fields with its user's `key`.
+    fn open_with(&mut self, key: &DataKey) -> Result<(), Tampered>;
+    /// Marks its personal fields erased, removing them.
+    fn erase(&mut self);
+}
+
+impl Openable for EventEnvelope {
+    fn user(&self) -> Uuid {
+        self.aggregate_id
+    }
+    fn event_id(&self) -> Uuid {
+        self.event_id
+    }
+    fn personal(&self) -> Personal {
+        if personal::is_sealed(&self.payload) {
+            Personal::Sealed
+        } else if personal::has_plain_personal_data(&self.payload) {
+            Personal::Plain
         } else {
-            Self::None
+            Personal::None
+        }
+    }
+    fn open_with(&mut self, key: &DataKey) -> Result<(), Tampered> {
+        let aad = personal::event_aad(
+            &self.aggregate_id.to_string(),
+            self.sequence,
+            &self.event_type,
+        );
+        personal::open_payload(&mut self.payload, Some(key), &aad)
+    }
+    fn erase(&mut self) {
+        personal::erase_payload(&mut self.payload);
+    }
+}
+
+impl Openable for Change {
+    fn user(&self) -> Uuid {
+        self.aggregate_id
+    }
+    fn event_id(&self) -> Uuid {
+        self.event_id
+    }
+    fn personal(&self) -> Personal {
+        match (&self.sealed, &self.event) {
+            (Some(_), _) => Personal::Sealed,
+            (None, Ok(event)) if !self.erased && event.has_personal_fields() => Personal::Plain,
+            _ => Personal::None,
+        }
+    }
+    fn open_with(&mut self, key: &DataKey) -> Result<(), Tampered> {
+        let Some(sealed) = &self.sealed else {
+            return Ok(());
+        };
+        let Ok(event) = &mut self.event else {
+            return Err(Tampered("the event does not decode"));
+        };
+        let aad = personal::event_aad(
+            &self.aggregate_id.to_string(),
+            self.sequence,
+            event.type_name(),
+        );
+        let plain = Zeroizing::new(personal::open_text(key, &aad, sealed)?);
+        let fields: PersonalFields =
+            serde_json::from_slice(&plain).map_err(|_| Tampered("not a JSON object"))?;
+        event.fill_personal(fields);
+        self.sealed = None;
+        Ok(())
+    }
+    fn erase(&mut self) {
+        self.sealed = None;
+        self.erased = true;
+        if let Ok(event) = &mut self.event {
+            event.fill_personal(PersonalFields::default());
         }
     }
 }
 
-/// The users of the `events` whose payload is of `kind`, each once.
-fn distinct_users(events: &[EventEnvelope], kinds: &[Personal], kind: Personal) -> Vec<Uuid> {
-    let users: HashSet<Uuid> = events
+/// The users of `items` whose personal data is of `kind`, each once.
+fn distinct_users<T: Openable>(items: &[T], kinds: &[Personal], kind: Personal) -> Vec<Uuid> {
+    let users: HashSet<Uuid> = items
         .iter()
         .zip(kinds)
         .filter(|(_, k)| **k == kind)
-        .map(|(e, _)| e.aggregate_id)
+        .map(|(e, _)| e.user())
         .collect();
     users.into_iter().collect()
 }
@@ -295,12 +436,15 @@ impl Keys {
     /// events that do not open come back (and are counted): a sealed value that was altered
     /// or moved, or a live user whose key is missing.
     pub async fn open(&self, events: &mut [EventEnvelope]) -> Result<Vec<Unopened>, PortError> {
-        // Each payload looked at once (a rebuild opens every event of the log).
-        let kinds: Vec<Personal> = events.iter().map(|e| Personal::of(&e.payload)).collect();
-        let sealed_for = distinct_users(events, &kinds, Personal::Sealed);
+        self.open_all(events).await
+    }
+
+    async fn open_all<T: Openable>(&self, items: &mut [T]) -> Result<Vec<Unopened>, PortError> {
+        let kinds: Vec<Personal> = items.iter().map(Openable::personal).collect();
+        let sealed_for = distinct_users(items, &kinds, Personal::Sealed);
         // Older events hold personal fields in plain text: a deleted account's read as
         // erased too (until `pcf events protect` erases them in place).
-        let plain_for = distinct_users(events, &kinds, Personal::Plain);
+        let plain_for = distinct_users(items, &kinds, Personal::Plain);
         if sealed_for.is_empty() && plain_for.is_empty() {
             return Ok(Vec::new());
         }
@@ -319,34 +463,32 @@ impl Keys {
             self.deleted_among(&keyless).await?
         };
         let mut unopened = Vec::new();
-        for (index, (event, kind)) in events.iter_mut().zip(kinds).enumerate() {
-            let user = event.aggregate_id;
+        for (index, (item, kind)) in items.iter_mut().zip(kinds).enumerate() {
+            let user = item.user();
             match kind {
                 Personal::Plain if deleted.contains(&user) => {
-                    personal::erase_payload(&mut event.payload);
+                    item.erase();
                     continue;
                 }
                 Personal::Plain | Personal::None => continue,
                 Personal::Sealed => {}
             }
             let outcome = match keys.get(&user) {
-                Some(key) => {
-                    let aad =
-                        personal::event_aad(&user.to_string(), event.sequence, &event.event_type);
-                    personal::open_payload(&mut event.payload, Some(key), &aad)
-                        .map_err(|Tampered(why)| format!("sealed personal data: {why}"))
-                }
+                Some(key) => item
+                    .open_with(key)
+                    .map_err(|Tampered(why)| format!("sealed personal data: {why}")),
                 None if deleted.contains(&user) => {
-                    personal::erase_payload(&mut event.payload);
+                    item.erase();
                     Ok(())
                 }
                 None => Err(format!("no data key for the live user {user}")),
             };
             if let Err(reason) = outcome {
-                self.integrity_error(format_args!("event {}", event.event_id), &reason);
+                let event_id = item.event_id();
+                self.integrity_error(format_args!("event {event_id}"), &reason);
                 unopened.push(Unopened {
                     index,
-                    event_id: event.event_id,
+                    event_id,
                     reason,
                 });
             }

@@ -89,17 +89,85 @@ impl UserEvent {
             MapDeserializer::<_, serde_json::Error>::new(std::iter::once((event_type, payload)));
         Self::deserialize(MapAccessDeserializer::new(tagged))
     }
-}
 
-impl DomainEvent for UserEvent {
-    fn event_type(&self) -> String {
+    /// The event's type name, as stored and published.
+    pub fn type_name(&self) -> &'static str {
         match self {
             Self::UserCreated { .. } => "UserCreated",
             Self::ProfileUpdated { .. } => "ProfileUpdated",
             Self::EmailChanged { .. } => "EmailChanged",
             Self::AccountDeleted { .. } => "AccountDeleted",
         }
-        .to_owned()
+    }
+
+    /// Whether events of this type carry personal fields (`PersonalFields`).
+    pub fn has_personal_fields(&self) -> bool {
+        !matches!(self, Self::AccountDeleted { .. })
+    }
+
+    /// Puts `fields` (opened from the event's sealed personal data) in place of its personal
+    /// fields; a field the event type does not have is ignored, one it lacks is emptied.
+    pub fn fill_personal(&mut self, fields: PersonalFields) {
+        let PersonalFields {
+            email,
+            display_name: name,
+            bio: b,
+            avatar_url: avatar,
+            old_email: old,
+            new_email: new,
+        } = fields;
+        match self {
+            Self::UserCreated {
+                email: e,
+                display_name,
+                bio,
+                avatar_url,
+                ..
+            } => {
+                *e = email.unwrap_or_default();
+                *display_name = name.unwrap_or_default();
+                *bio = b;
+                *avatar_url = avatar;
+            }
+            Self::ProfileUpdated {
+                display_name,
+                bio,
+                avatar_url,
+                ..
+            } => {
+                *display_name = name.unwrap_or_default();
+                *bio = b;
+                *avatar_url = avatar;
+            }
+            Self::EmailChanged {
+                old_email,
+                new_email,
+                ..
+            } => {
+                *old_email = old.unwrap_or_default();
+                *new_email = new.unwrap_or_default();
+            }
+            Self::AccountDeleted { .. } => {}
+        }
+    }
+}
+
+/// The personal fields of an event (`auth::PERSONAL_FIELDS`), as sealed together: the
+/// plaintext of a payload's `sealed` field.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PersonalFields {
+    pub email: Option<String>,
+    pub display_name: Option<String>,
+    pub bio: Option<String>,
+    pub avatar_url: Option<String>,
+    pub old_email: Option<String>,
+    pub new_email: Option<String>,
+}
+
+impl DomainEvent for UserEvent {
+    fn event_type(&self) -> String {
+        self.type_name().to_owned()
     }
 
     fn event_version(&self) -> String {

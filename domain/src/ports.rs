@@ -163,8 +163,13 @@ pub struct Change {
     pub aggregate_id: Uuid,
     pub sequence: u64,
     pub position: Position,
-    /// The event, or why its payload does not decode.
+    /// The event, or why its payload does not decode. While `sealed` holds its personal
+    /// fields, they are empty here.
     pub event: Result<UserEvent, String>,
+    /// Its personal fields, sealed (`envelope::SEALED`), until opened.
+    pub sealed: Option<String>,
+    /// Its personal fields are erased (`envelope::ERASED`): its user's key is gone.
+    pub erased: bool,
 }
 
 impl Change {
@@ -175,6 +180,38 @@ impl Change {
             sequence: envelope.sequence,
             position: envelope.position,
             event: envelope.event().map_err(|e| e.to_string()),
+            sealed: envelope
+                .payload
+                .get(crate::envelope::SEALED)
+                .and_then(|s| s.as_str())
+                .map(str::to_owned),
+            erased: envelope.is_erased(),
+        }
+    }
+
+    /// The event, its sealed personal fields and whether they are erased, decoded from a
+    /// stored payload (`{"UserCreated": {…}}`, the externally tagged form of `UserEvent`)
+    /// without a JSON value in between.
+    pub fn decode_stored(json: &[u8]) -> (Result<UserEvent, String>, Option<String>, bool) {
+        /// What a payload says beside the event's own fields.
+        #[derive(serde::Deserialize)]
+        struct Marks {
+            sealed: Option<String>,
+            #[serde(default)]
+            erased: bool,
+        }
+        let event: Result<UserEvent, String> =
+            serde_json::from_slice(json).map_err(|e| e.to_string());
+        // Only the types with personal fields can have them sealed or erased.
+        if !matches!(&event, Ok(e) if e.has_personal_fields()) {
+            return (event, None, false);
+        }
+        match serde_json::from_slice::<std::collections::BTreeMap<String, Marks>>(json) {
+            Ok(tagged) => match tagged.into_values().next() {
+                Some(marks) => (event, marks.sealed, marks.erased),
+                None => (event, None, false),
+            },
+            Err(e) => (Err(e.to_string()), None, false),
         }
     }
 }
@@ -273,6 +310,58 @@ mod tests {
     use super::*;
     use crate::envelope::EventMetadata;
     use std::sync::Mutex;
+
+    /// A stored payload decodes into its event (sealed personal fields empty), the sealed
+    /// text and the erased mark, and `fill_personal` puts opened fields back.
+    #[test]
+    fn stored_payloads_decode_with_their_marks() {
+        let at = "2026-01-02T03:04:05Z";
+        let id = Uuid::nil();
+        let sealed = serde_json::json!({"UserCreated": {
+            "userId": id, "bio": null, "sealed": "c2VhbGVk", "occurredAt": at}});
+        let (event, text, erased) = Change::decode_stored(sealed.to_string().as_bytes());
+        let mut event = event.unwrap();
+        assert_eq!((text.as_deref(), erased), (Some("c2VhbGVk"), false));
+        assert!(matches!(&event, UserEvent::UserCreated { email, .. } if email.is_empty()));
+        event.fill_personal(crate::events::PersonalFields {
+            email: Some("a@example.com".into()),
+            display_name: Some("A".into()),
+            bio: Some("hi".into()),
+            ..Default::default()
+        });
+        assert!(
+            matches!(&event, UserEvent::UserCreated { email, display_name, bio, avatar_url, .. }
+            if email == "a@example.com" && display_name == "A" && bio.as_deref() == Some("hi")
+                && avatar_url.is_none())
+        );
+
+        let erased = serde_json::json!({"EmailChanged": {"erased": true, "occurredAt": at}});
+        let (event, text, is_erased) = Change::decode_stored(erased.to_string().as_bytes());
+        assert!(event.is_ok() && text.is_none() && is_erased);
+
+        let deleted = serde_json::json!({"AccountDeleted": {"occurredAt": at}});
+        let (event, text, is_erased) = Change::decode_stored(deleted.to_string().as_bytes());
+        assert!(event.is_ok() && text.is_none() && !is_erased);
+
+        let (event, text, _) = Change::decode_stored(br#"{"Nonsense": 1}"#);
+        assert!(event.is_err() && text.is_none());
+        // The same payload read through an envelope gives the same change.
+        let envelope = EventEnvelope {
+            event_id: id,
+            aggregate_type: "User".into(),
+            aggregate_id: id,
+            sequence: 1,
+            position: Position::START,
+            event_type: "UserCreated".into(),
+            event_version: "2".into(),
+            recorded_at: chrono::Utc::now(),
+            metadata: EventMetadata::default(),
+            payload: sealed["UserCreated"].clone(),
+        };
+        let of = Change::of(&envelope);
+        let (event, text, erased) = Change::decode_stored(sealed.to_string().as_bytes());
+        assert_eq!((of.event, of.sealed, of.erased), (event, text, erased));
+    }
 
     /// A log in memory: `read` answers in position order; the next read fails when asked.
     #[derive(Default)]

@@ -14,7 +14,7 @@
 
 use pcf_adapters::keys::{Opener, PlainOnly, Unopened};
 use pcf_adapters::personal;
-use pcf_domain::ports::{EventLog, PortError};
+use pcf_domain::ports::{Change, EventLog, PortError};
 use pcf_domain::{EventEnvelope, UserEvent, UserView};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -80,9 +80,33 @@ pub trait Foldable: Sync {
     fn erased(&self) -> bool;
 }
 
-// A `Change` (`EventLog::read_changes`) is not `Foldable`: it keeps neither the sealed
-// personal fields to open nor the mark of erased ones, and a sealed event decodes with those
-// fields empty. What is folded is read as envelopes and opened.
+/// A `Change` (`EventLog::read_changes`, the rebuild's read) folds once opened
+/// (`Opener::open_changes`): while sealed, its event's personal fields are empty.
+impl Foldable for Change {
+    fn event_id(&self) -> Uuid {
+        self.event_id
+    }
+    fn aggregate_id(&self) -> Uuid {
+        self.aggregate_id
+    }
+    fn sequence(&self) -> u64 {
+        self.sequence
+    }
+    fn kind(&self) -> &str {
+        self.event.as_ref().map_or("event", UserEvent::type_name)
+    }
+    fn event(&self) -> Result<Cow<'_, UserEvent>, String> {
+        if self.sealed.is_some() {
+            // Never folded with its personal fields missing.
+            return Err("its personal data is sealed (not opened)".into());
+        }
+        self.event.as_ref().map(Cow::Borrowed).map_err(Clone::clone)
+    }
+    fn erased(&self) -> bool {
+        self.erased
+    }
+}
+
 impl Foldable for EventEnvelope {
     fn event_id(&self) -> Uuid {
         self.event_id

@@ -1,18 +1,18 @@
 //! Blue-green rebuilds: replay the event store into a new generation beside the live one,
 //! while live projectors keep both up to date, then switch readers over atomically. The
-//! log is read with `LogPages` a page ahead, each page opened (one call of the opener) and
-//! folded with the projection's own fold; the embedded mode builds its in-memory views at
+//! log is read with `LogPages` a page ahead as `Change`s (decoded straight into events),
+//! each page opened (one call of the opener) and folded with the projection's own fold; the embedded mode builds its in-memory views at
 //! start the same way.
 
 use pcf_adapters::keys::{Opener, PlainOnly, Unopened};
-use pcf_domain::ports::{EventLog, LogPages, PortError};
-use pcf_domain::{EventEnvelope, Position, UserView};
+use pcf_domain::ports::{Change, EventLog, LogPages, PortError};
+use pcf_domain::{Position, UserView};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-use crate::projection::{fold_run, open_events, Projection, ProjectionError, SetAside};
+use crate::projection::{fold_run, Projection, ProjectionError, SetAside};
 use crate::retry::{patiently, Retry};
 use crate::store::{Scope, ViewStore};
 
@@ -137,7 +137,7 @@ impl Projection {
 
 /// A page of the log, opened, with the events that did not open.
 struct Page {
-    events: Vec<EventEnvelope>,
+    events: Vec<Change>,
     unopened: Vec<Unopened>,
 }
 
@@ -146,7 +146,7 @@ struct Page {
 async fn read_page(log_pages: &mut LogPages, opener: &dyn Opener) -> Result<Page, ProjectionError> {
     let mut retry = Retry::new();
     let mut events = loop {
-        match log_pages.next_page().await {
+        match log_pages.next_changes().await {
             Ok(events) => break events,
             Err(e) => {
                 retry
@@ -157,9 +157,16 @@ async fn read_page(log_pages: &mut LogPages, opener: &dyn Opener) -> Result<Page
     };
     let mut retry = Retry::new();
     let unopened = loop {
-        match open_events(opener, &mut events).await {
+        if !events.iter().any(|c| c.sealed.is_some()) {
+            break Vec::new();
+        }
+        match opener.open_changes(&mut events).await {
             Ok(unopened) => break unopened,
-            Err(e) => retry.after("opening the log's personal data", e).await?,
+            Err(e) => {
+                retry
+                    .after("opening the log's personal data", ProjectionError::Keys(e))
+                    .await?
+            }
         }
     };
     Ok(Page { events, unopened })
@@ -176,7 +183,7 @@ struct Blocked {
 
 impl Blocked {
     /// The events of `page` that may be folded; the others are set aside.
-    fn sift<'p>(&mut self, page: &'p Page) -> Vec<&'p EventEnvelope> {
+    fn sift<'p>(&mut self, page: &'p Page) -> Vec<&'p Change> {
         let mut unopened: HashMap<usize, &str> = page
             .unopened
             .iter()
@@ -244,8 +251,8 @@ async fn rebuild_projections(
     }
     let started = Instant::now();
     let total = log.event_count().await.map_err(ProjectionError::Log)?;
-    // One task reads the log page after page, a page ahead of the views, as envelopes it
-    // opens (a `Change` keeps no sealed data to open); it ends with the position it reached.
+    // One task reads the log page after page, a page ahead of the views, and opens it; it
+    // ends with the position it reached.
     let (pages, mut next_page) = tokio::sync::mpsc::channel::<Page>(2);
     let reader = {
         let mut log_pages = LogPages::new(log.clone(), Position::START, options.batch_size);

@@ -10,7 +10,7 @@
 use crate::support::{assert_sealed, eventually, opened, run, TestDb};
 use async_trait::async_trait;
 use chrono::Utc;
-use pcf_adapters::keys::{KeyDb, Keys};
+use pcf_adapters::keys::{KeyDb, Keys, Opener};
 use pcf_adapters::personal::{is_sealed, Kek, Keyring};
 use pcf_command::{
     CommandService, CommandStore, CommitFeed, PostgresStore, Relay, RelayConfig, RelayStore,
@@ -344,10 +344,10 @@ async fn resume(db: &TestDb) {
 /// that does not decode is the change's error, not the read's.
 ///
 /// A change is decoded from the payload as stored, and holds no keys: for a sealed event
-/// (version 2) its personal fields are empty, for a plain one (version 1) they are there.
-/// What folds personal data must therefore read envelopes and open them (as the projections
-/// do); this checks that the changes show no personal data of sealed events and that the
-/// envelopes, opened, do.
+/// (version 2) its personal fields are empty and the sealed text is kept beside them, for a
+/// plain one (version 1) they are there. This checks that the changes show no personal data
+/// of sealed events until opened, and that opening the changes (`Opener::open_changes`, the
+/// rebuild's way) gives what opening the envelopes gives, a tampered change included.
 async fn changes_match_envelopes(db: &TestDb) {
     let (store, pool) = open_store(db).await;
     let service = commands(&store);
@@ -479,6 +479,36 @@ async fn changes_match_envelopes(db: &TestDb) {
         changes[5].event.clone().expect("the plain event")
     );
     assert!(!is_sealed(&opened[5].payload));
+
+    // The changes opened in place equal the envelopes opened, then read as changes.
+    for (change, envelope) in changes.iter().zip(&envelopes) {
+        let of = pcf_domain::ports::Change::of(envelope);
+        assert_eq!((&change.sealed, change.erased), (&of.sealed, of.erased));
+    }
+    assert!(changes[..4].iter().all(|c| c.sealed.is_some()));
+    let mut opened_changes = changes[..6].to_vec();
+    let mut tampered = changes[2].sealed.clone().expect("sealed").into_bytes();
+    tampered[30] = if tampered[30] == b'A' { b'B' } else { b'A' };
+    opened_changes[2].sealed = Some(String::from_utf8(tampered).expect("base64"));
+    let unopened = keys(&pool)
+        .open_changes(&mut opened_changes)
+        .await
+        .expect("the key table answers");
+    assert_eq!(unopened.len(), 1, "{unopened:?}");
+    assert_eq!(
+        (unopened[0].index, unopened[0].event_id),
+        (2, envelopes[2].event_id)
+    );
+    for (i, (change, envelope)) in opened_changes.iter().zip(&opened).enumerate() {
+        if i == 2 {
+            assert!(change.sealed.is_some(), "left sealed");
+            continue;
+        }
+        let expected = pcf_domain::ports::Change::of(envelope);
+        assert_eq!(change.event, expected.event, "event {i}");
+        assert_eq!((&change.sealed, change.erased), (&None, expected.erased));
+    }
+    assert!(opened_changes[1].erased && opened_changes[4].sealed.is_none());
 
     // After a position, with a limit: the same window as `read`.
     let window = pcf_domain::ports::LogQuery {

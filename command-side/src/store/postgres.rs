@@ -169,12 +169,15 @@ fn row_to_change(row: &PgRow) -> Result<Change, StoreError> {
         PgValueFormat::Binary => bytes.get(1..).unwrap_or_default(),
         PgValueFormat::Text => bytes,
     };
+    let (event, sealed, erased) = Change::decode_stored(json);
     Ok(Change {
         event_id: row.try_get(0)?,
         aggregate_id,
         sequence: sequence as u64,
         position: position_at(row, 4)?,
-        event: serde_json::from_slice(json).map_err(|e| e.to_string()),
+        event,
+        sealed,
+        erased,
     })
 }
 
