@@ -7,6 +7,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod telemetry;
 
 pub use app::{build, App};
 pub use config::Config;

@@ -1,7 +1,8 @@
-//! `pcf`: configuration → tracing → the chosen command.
+//! `pcf`: configuration → logs and traces → the chosen command.
 #![forbid(unsafe_code)]
 
 use clap::Parser;
+use pcf::telemetry::{LogFormat, TraceSettings};
 use tracing_subscriber::EnvFilter;
 
 #[global_allocator]
@@ -11,14 +12,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> anyhow::Result<()> {
     let cli = pcf::cli::Cli::parse();
     let filter = EnvFilter::try_from_env("PCF_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("PCF_LOG_FORMAT").is_ok_and(|f| f == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-    pcf::cli::run(cli).await
+    let traces = TraceSettings::from_env(&cli.service_name())?;
+    let (subscriber, telemetry) =
+        pcf::telemetry::subscriber(filter, LogFormat::from_env(), std::io::stderr, &traces)?;
+    pcf::telemetry::install(subscriber)?;
+    let result = pcf::cli::run(cli).await;
+    telemetry.shutdown().await;
+    result
 }

@@ -16,5 +16,6 @@ pub mod personal;
 pub mod redis;
 pub mod repeats;
 pub mod sql;
+pub mod trace;
 
 pub use repeats::{Repeats, RepeatsByKey};

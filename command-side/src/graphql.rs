@@ -290,6 +290,7 @@ async fn run(
         causation_id: command_id.as_ref().map(|id| id.to_string()),
         command_id: command_id.map(|id| id.0),
         actor: principal.subject.or(caller.actor),
+        traceparent: None,
     };
     service
         .execute_as(&owner, user_id, command, metadata)

@@ -39,9 +39,29 @@ impl KafkaConfig {
     }
 }
 
-/// The W3C `traceparent` of an event: the trace is its correlation id when that is a UUID
-/// (so one request's events share a trace), else the event id; the span is the event's.
+/// The W3C `traceparent` of an event's Kafka message. When traces are exported, it names the
+/// message's producer span (`publish`), a child of the span that appended the event (the
+/// event's `metadata.traceparent`), so every consumer joins the command's trace. Otherwise it
+/// is the event's stored trace context, or, for an event appended untraced, one derived from
+/// it: the trace is its correlation id when that is a UUID (so one request's events share a
+/// trace), else the event id; the span is the event's.
 pub fn traceparent(event: &EventEnvelope) -> String {
+    let stored = event.metadata.traceparent.as_deref();
+    let span = tracing::debug_span!(
+        "publish",
+        otel.kind = "producer",
+        event_id = %event.event_id,
+        event_type = %event.event_type,
+    );
+    if let Some(parent) = stored {
+        pcf_adapters::trace::set_parent(&span, parent);
+    }
+    if let Some(traceparent) = pcf_adapters::trace::traceparent_of(&span) {
+        return traceparent;
+    }
+    if let Some(stored) = stored.filter(|s| pcf_adapters::trace::parse(s).is_some()) {
+        return stored.to_owned();
+    }
     let trace = event
         .metadata
         .correlation_id

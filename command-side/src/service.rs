@@ -212,7 +212,12 @@ impl CommandService {
                 None if !careful && matches!(command, UserCommand::CreateUser { .. }) => {
                     (User::default(), 0)
                 }
-                None => self.store.load(user_id).await?,
+                None => {
+                    self.store
+                        .load(user_id)
+                        .instrument(tracing::debug_span!("load"))
+                        .await?
+                }
             };
             let services = if careful {
                 &self.services
@@ -220,7 +225,10 @@ impl CommandService {
                 &self.optimistic
             };
             let sink = EventSink::default();
-            let decided = user.handle(command.clone(), services, &sink).await;
+            let decided = user
+                .handle(command.clone(), services, &sink)
+                .instrument(tracing::debug_span!("decide"))
+                .await;
             let events = sink.collect().await;
             if guessed && (decided.is_err() || events.is_empty()) {
                 // Refused, or nothing to do, on a remembered state that may be stale:
@@ -250,6 +258,19 @@ impl CommandService {
                     key_destroyed_at: None,
                 });
             }
+            // The events carry the trace context of the span that appends them.
+            let span = tracing::debug_span!("append", events = events.len());
+            let traced;
+            let metadata = match pcf_adapters::trace::traceparent_of(&span) {
+                Some(traceparent) => {
+                    traced = EventMetadata {
+                        traceparent: Some(traceparent),
+                        ..metadata.clone()
+                    };
+                    &traced
+                }
+                None => metadata,
+            };
             let request = AppendRequest {
                 user_id,
                 expected_sequence: sequence,
@@ -258,8 +279,13 @@ impl CommandService {
                 fingerprint: key.map(|k| k.fingerprint.as_str()),
                 user_after: user.view(),
             };
-            match self.store.append(request).await {
+            match self.store.append(request).instrument(span).await {
                 Ok(result) => {
+                    tracing::debug!(
+                        events = events.len(),
+                        version = result.version,
+                        "command committed"
+                    );
                     stripe.remember(user_id, user, sequence + events.len() as u64);
                     return Ok(result);
                 }

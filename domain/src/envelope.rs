@@ -79,6 +79,10 @@ pub struct EventMetadata {
     pub command_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
+    /// The W3C trace context of the command that caused the event, when it was traced: the
+    /// relay's publish, the Kafka message and the projectors' writes join that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// One committed event as published to every reader of the log.

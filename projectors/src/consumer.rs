@@ -9,7 +9,7 @@ use pcf_adapters::kafka::QuietContext;
 use pcf_domain::EventEnvelope;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use std::collections::BTreeMap;
@@ -17,6 +17,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use crate::projection::{LiveBatch, Projection};
 
@@ -72,16 +73,30 @@ struct Received {
     offset: i64,
     payload: Vec<u8>,
     key: Option<Vec<u8>>,
+    /// Its `traceparent` header: the relay's span that published it.
+    traceparent: Option<String>,
 }
 
 fn received(m: &BorrowedMessage<'_>) -> Received {
+    let traceparent = m.headers().and_then(|headers| {
+        headers
+            .iter()
+            .find(|h| h.key == pcf_adapters::kafka::headers::TRACEPARENT)
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::to_owned)
+    });
     Received {
         partition: m.partition(),
         offset: m.offset(),
         payload: m.payload().unwrap_or_default().to_vec(),
         key: m.key().map(<[u8]>::to_vec),
+        traceparent,
     }
 }
+
+/// Links kept at most on a batch's span, to the messages after its first.
+const MAX_LINKS: usize = 128;
 
 /// Consumes the topic into a projection until `shutdown` completes.
 pub struct KafkaProjector {
@@ -205,12 +220,32 @@ impl KafkaProjector {
         offsets: &[(i32, i64)],
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> bool {
+        // The batch joins the trace of its first message (the relay's publish span, from the
+        // message's traceparent), linked to those of the others.
         let span = tracing::debug_span!(
             "projection_batch",
+            otel.kind = "consumer",
             projection = self.projection.name(),
             size = batch.len()
         );
-        let _enter = span.enter();
+        let mut traced = batch.iter().filter_map(|m| m.traceparent.as_deref());
+        if let Some(first) = traced.next() {
+            pcf_adapters::trace::set_parent(&span, first);
+            for other in traced.take(MAX_LINKS) {
+                pcf_adapters::trace::add_link(&span, other);
+            }
+        }
+        self.process_in_span(batch, offsets, shutdown)
+            .instrument(span)
+            .await
+    }
+
+    async fn process_in_span(
+        &self,
+        batch: &[Received],
+        offsets: &[(i32, i64)],
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> bool {
         let mut events: LiveBatch<&Received> = LiveBatch::new();
         for message in batch {
             match serde_json::from_slice::<EventEnvelope>(&message.payload) {

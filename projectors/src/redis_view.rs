@@ -209,6 +209,7 @@ impl ViewBatch for RedisBatch<'_> {
         self.generations.targets()
     }
 
+    #[tracing::instrument(level = "debug", name = "redis.load", skip_all, fields(generation = generation, users = ids.len()))]
     async fn load(
         &mut self,
         generation: u64,
@@ -252,6 +253,7 @@ impl ViewBatch for RedisBatch<'_> {
     /// Users without a document get theirs in one pipeline (`FILL`): a rebuild writes
     /// mostly those. Only for batches of one generation (a rebuild's): live writes go
     /// through the guarded script, which checks the generation state.
+    #[tracing::instrument(level = "debug", name = "redis.write", skip_all, fields(generation = generation, users = states.len()))]
     async fn write_newer(
         &mut self,
         generation: u64,
@@ -282,6 +284,7 @@ impl ViewBatch for RedisBatch<'_> {
     }
 
     /// One pipeline of the guarded script, a call per `USERS_PER_CALL` users.
+    #[tracing::instrument(level = "debug", name = "redis.write", skip_all, fields(generation = generation, users = changes.len()))]
     async fn replace(
         &mut self,
         generation: u64,

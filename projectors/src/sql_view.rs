@@ -58,6 +58,7 @@ impl ViewBatch for SqlBatch {
         self.generations.targets()
     }
 
+    #[tracing::instrument(level = "debug", name = "sql.load", skip_all, fields(generation = generation, users = ids.len()))]
     async fn load(
         &mut self,
         generation: u64,
@@ -77,6 +78,7 @@ impl ViewBatch for SqlBatch {
 
     /// One statement: each state is inserted, or replaces a row at an older version (the
     /// columns are bound as for `replace`; the versions folded from go unread).
+    #[tracing::instrument(level = "debug", name = "sql.write", skip_all, fields(generation = generation, users = states.len()))]
     async fn write_newer(
         &mut self,
         generation: u64,
@@ -115,6 +117,7 @@ impl ViewBatch for SqlBatch {
     /// One statement for the whole batch: rows whose stored version is still the one they
     /// were folded from are updated, new ones inserted where still absent. A live batch
     /// holds the generations lock, so its state cannot move.
+    #[tracing::instrument(level = "debug", name = "sql.write", skip_all, fields(generation = generation, users = changes.len()))]
     async fn replace(
         &mut self,
         generation: u64,
@@ -170,6 +173,7 @@ impl ViewBatch for SqlBatch {
     }
 
     /// Records `offsets` for every generation of the batch, then commits.
+    #[tracing::instrument(level = "debug", name = "sql.commit", skip_all)]
     async fn commit(mut self: Box<Self>, offsets: &Offsets) -> Result<(), PortError> {
         if !offsets.is_empty() {
             let partitions: Vec<i32> = offsets.iter().map(|(p, _)| *p).collect();

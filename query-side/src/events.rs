@@ -27,6 +27,8 @@ pub struct MetadataObject {
     causation_id: Option<String>,
     command_id: Option<String>,
     actor: Option<String>,
+    /// The W3C trace context of the command that caused the event, when it was traced.
+    traceparent: Option<String>,
 }
 
 /// One event of the log, as in the event envelope.
@@ -177,6 +179,7 @@ impl EventObject {
             causation_id: m.causation_id.clone(),
             command_id: m.command_id.clone(),
             actor: m.actor.clone(),
+            traceparent: m.traceparent.clone(),
         }
     }
     async fn payload(&self) -> Json<serde_json::Value> {

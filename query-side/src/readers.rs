@@ -102,6 +102,7 @@ impl RedisUserReader {
 
 #[async_trait]
 impl UserReader for RedisUserReader {
+    #[tracing::instrument(level = "debug", name = "redis.read", skip_all)]
     async fn user(&self, id: Uuid) -> Result<Option<UserView>, PortError> {
         let mut conn = self.conn.clone();
         let assumed = self.generation.load(Ordering::Relaxed);
@@ -124,6 +125,7 @@ impl UserReader for RedisUserReader {
         parse_doc(doc)
     }
 
+    #[tracing::instrument(level = "debug", name = "redis.read", skip_all)]
     async fn users(&self, ids: &[Uuid]) -> Result<Vec<UserView>, PortError> {
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -146,6 +148,7 @@ impl UserReader for RedisUserReader {
         Ok(found)
     }
 
+    #[tracing::instrument(level = "debug", name = "redis.read", skip_all)]
     async fn user_by_email(&self, email: &Email) -> Result<Option<UserView>, PortError> {
         let doc: Option<String> = USER_BY_EMAIL
             .key(redis_active_key(&self.prefix))
@@ -157,6 +160,7 @@ impl UserReader for RedisUserReader {
         parse_doc(doc)
     }
 
+    #[tracing::instrument(level = "debug", name = "redis.read", skip_all)]
     async fn list(
         &self,
         _after: Option<Uuid>,
@@ -198,6 +202,7 @@ impl SqlUserReader {
     }
 
     /// The users `query` selects, read on the next replica.
+    #[tracing::instrument(level = "debug", name = "replica.read", skip_all)]
     async fn fetch_users(&self, query: SqlQuery<'_>) -> Result<Vec<UserView>, PortError> {
         let rows = query.fetch_all(self.pool()).await.map_err(sql_error)?;
         rows.iter()
@@ -207,6 +212,7 @@ impl SqlUserReader {
     }
 
     /// The user `query` selects (at most one row), read on the next replica.
+    #[tracing::instrument(level = "debug", name = "replica.read", skip_all)]
     async fn fetch_user(&self, query: SqlQuery<'_>) -> Result<Option<UserView>, PortError> {
         let row = query.fetch_optional(self.pool()).await.map_err(sql_error)?;
         row.map(|r| read_user(&r)).transpose().map_err(sql_error)

@@ -40,6 +40,7 @@ impl ReadModels {
     /// The user's view once it has reached `version`, waiting at most `consistency_timeout`
     /// (read your writes: `minVersion`, and `userChanged` after each event). Reads again
     /// after a pause that doubles from 1 ms to at most 20 ms.
+    #[tracing::instrument(level = "debug", name = "wait.min_version", skip(self))]
     pub async fn user_at_least(&self, id: Uuid, version: u64) -> Result<Waited, PortError> {
         let deadline = Instant::now() + self.consistency_timeout;
         let mut pause = Duration::from_millis(1);

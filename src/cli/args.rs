@@ -16,6 +16,32 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+impl Cli {
+    /// The service its traces are reported as: `pcf` for a server of every role, `pcf-api`,
+    /// `pcf-relay-projector` and so on for fewer, `pcf-cli` for the other commands.
+    pub fn service_name(&self) -> String {
+        match &self.command {
+            None => "pcf".into(),
+            Some(Command::Serve { role, .. }) => {
+                if crate::app::ALL_ROLES.iter().all(|r| role.contains(r)) {
+                    return "pcf".into();
+                }
+                let mut names: Vec<&str> = role
+                    .iter()
+                    .map(|r| match r {
+                        Role::Api => "api",
+                        Role::Relay => "relay",
+                        Role::Projector => "projector",
+                    })
+                    .collect();
+                names.dedup();
+                format!("pcf-{}", names.join("-"))
+            }
+            Some(_) => "pcf-cli".into(),
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Runs the server (all roles by default).

@@ -34,5 +34,36 @@ pub fn router(state: HttpState) -> Router {
     if state.graphiql {
         router = router.route("/graphiql", get(probes::graphiql));
     }
+    if crate::telemetry::exporting() {
+        router = router.layer(axum::middleware::from_fn(traced));
+    }
     router.with_state(state)
+}
+
+/// Each request in a span of its own (only while traces are exported), the child of the
+/// caller's span when the request carries a W3C `traceparent` (a malformed one is ignored).
+async fn traced(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let span = tracing::debug_span!(
+        "http.request",
+        otel.kind = "server",
+        otel.name = %format_args!("{method} {path}"),
+        http.request.method = %method,
+        url.path = %path,
+        http.response.status_code = tracing::field::Empty,
+    );
+    if let Some(parent) = request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+    {
+        pcf_adapters::trace::set_parent(&span, parent);
+    }
+    let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
 }

@@ -62,6 +62,10 @@ pub fn schemas(
                 .extension(WebSocketLimit(limiter.clone()))
                 .extension(documents.clone());
         }
+        if crate::telemetry::exporting() {
+            // The operation's spans (parse, validation, execution, fields) in its trace.
+            builder = builder.extension(async_graphql::extensions::Tracing);
+        }
         if config.environment == Environment::Production {
             builder = builder.disable_introspection().disable_suggestions();
         }

@@ -3,6 +3,8 @@
 //!
 //! * `kafka_logging` installs the process's global tracing subscriber: librdkafka logs from its
 //!   own threads, which only a global subscriber sees, and only one can exist per process.
+//! * `traces` exports spans from every thread of the runtime PCF runs on, and turns on the
+//!   process-wide switch that adds the spans made only for traces.
 //! * `websocket_memory` measures the process's resident memory, which other tests running in
 //!   the same process would disturb.
 //!
@@ -14,6 +16,7 @@
 mod support;
 
 mod kafka_logging;
+mod traces;
 mod websocket_memory;
 
 /// Held by each test of this binary for as long as it runs: the tests here must have the

@@ -340,6 +340,7 @@ pub(crate) fn metadata_from_value(value: serde_json::Value) -> EventMetadata {
         causation_id: take("causationId"),
         command_id: take("commandId"),
         actor: take("actor"),
+        traceparent: take("traceparent"),
     }
 }
 
@@ -415,6 +416,7 @@ mod tests {
             causation_id: None,
             command_id: Some("k".into()),
             actor: Some("u".into()),
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         };
         assert_eq!(metadata_from_value(metadata_value(&m)), m);
     }
