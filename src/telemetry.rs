@@ -505,6 +505,33 @@ mod tests {
         assert_eq!(recorder.batches.lock().unwrap().iter().sum::<usize>(), 3);
     }
 
+    /// Spans for a collector that refuses connections are counted as dropped; nothing fails.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreachable_collector_fails_nothing_and_its_spans_are_counted_as_dropped() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let settings = TraceSettings::parse("pcf", Some(&endpoint), None).unwrap();
+        let (subscriber, telemetry) = subscriber(
+            EnvFilter::new("off"),
+            LogFormat::Text,
+            std::io::sink,
+            &settings,
+        )
+        .unwrap();
+        assert!(exporting());
+        let before = SPANS.dropped.load(Ordering::Relaxed);
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..10 {
+                tracing::debug_span!(target: "pcf", "work").in_scope(|| {});
+            }
+        });
+        telemetry.shutdown().await;
+        assert_eq!(SPANS.dropped.load(Ordering::Relaxed) - before, 10);
+        assert_eq!(SPANS.exported.load(Ordering::Relaxed), 0);
+        assert!(!exporting());
+    }
+
     #[test]
     fn settings_name_the_traces_url_and_refuse_bad_values() {
         let url = |endpoint: &str| {

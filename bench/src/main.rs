@@ -5,7 +5,9 @@
 #![forbid(unsafe_code)]
 
 use clap::Parser;
+use pcf::telemetry::{LogFormat, TraceSettings};
 use pcf_bench::BenchOptions;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
@@ -49,16 +51,25 @@ struct Args {
     /// (they are removed by default).
     #[arg(long)]
     keep: bool,
+    /// Export every span (sample ratio 1.0) over OTLP to a receiver the bench runs, which
+    /// reads and discards them: what tracing costs. Without it, spans are exported only if
+    /// PCF_OTLP_ENDPOINT is set.
+    #[arg(long)]
+    traces: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = EnvFilter::try_from_env("PCF_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let traces = if args.traces {
+        TraceSettings::parse("pcf-bench", Some(&otlp_sink().await?), Some("1"))?
+    } else {
+        TraceSettings::from_env("pcf-bench")?
+    };
+    let (subscriber, telemetry) =
+        pcf::telemetry::subscriber(filter, LogFormat::Text, std::io::stderr, &traces)?;
+    pcf::telemetry::install(subscriber)?;
     let options = BenchOptions {
         warmup: Duration::from_secs(args.warmup),
         duration: Duration::from_secs(args.duration),
@@ -71,7 +82,37 @@ async fn main() -> anyhow::Result<()> {
         out: args.out,
         keep: args.keep,
     };
-    pcf_bench::run(pcf::Config::load(None)?, options).await
+    let result = pcf_bench::run(pcf::Config::load(None)?, options).await;
+    if telemetry.exporting() {
+        telemetry.flush().await;
+        let spans = &pcf::telemetry::SPANS;
+        eprintln!(
+            "bench: spans exported {}, dropped {}",
+            spans.exported.load(Ordering::Relaxed),
+            spans.dropped.load(Ordering::Relaxed)
+        );
+    }
+    telemetry.shutdown().await;
+    result
+}
+
+/// An OTLP/HTTP receiver on a loopback port that reads each request whole and accepts it;
+/// its address.
+async fn otlp_sink() -> anyhow::Result<String> {
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(|body: bytes::Bytes| async move {
+            std::hint::black_box(body.len());
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/x-protobuf")],
+                Vec::<u8>::new(),
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(address)
 }
 
 /// A load for `--visible-load`: a fraction of the maximum command rate, above 0 and at
