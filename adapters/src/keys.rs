@@ -341,6 +341,7 @@ impl Keys {
     }
 
     /// The data keys of those of `users` that have one (live users), unwrapped.
+    #[tracing::instrument(level = "debug", name = "keys.fetch", skip_all, fields(users = users.len()))]
     pub async fn fetch(&self, users: &[Uuid]) -> Result<HashMap<Uuid, DataKey>, PortError> {
         if users.is_empty() {
             return Ok(HashMap::new());

@@ -99,6 +99,8 @@ impl SubscriptionRoot {
 }
 
 /// The user's view once it has reached `version` (bounded wait; the newest one otherwise).
+/// Each delivery is a trace of its own (`subscription.user_changed`, with the wait's reads).
+#[tracing::instrument(level = "debug", name = "subscription.user_changed", skip(models))]
 async fn wait_for_view(models: &ReadModels, id: Uuid, version: u64) -> Option<UserObject> {
     match models.user_at_least(id, version).await.ok()? {
         Waited::Reached(view) | Waited::Stale(view) => view.map(UserObject),
@@ -110,6 +112,8 @@ async fn wait_for_view(models: &ReadModels, id: Uuid, version: u64) -> Option<Us
 /// the batch is already past the stream's position, so it must not be dropped. A failure
 /// that trying again will not mend (a damaged key) makes each event of the batch an
 /// `INTERNAL` error in its place, as an event that does not open is.
+/// Each batch is a trace of its own (`subscription.events`, with the opening's key reads).
+#[tracing::instrument(level = "debug", name = "subscription.events", skip_all, fields(events = events.len()))]
 async fn read_batch(
     mut events: Vec<EventEnvelope>,
     access: LogAccess,
