@@ -206,13 +206,37 @@ impl Change {
         if !matches!(&event, Ok(e) if e.has_personal_fields()) {
             return (event, None, false);
         }
-        match serde_json::from_slice::<std::collections::BTreeMap<String, Marks>>(json) {
-            Ok(tagged) => match tagged.into_values().next() {
-                Some(marks) => (event, marks.sealed, marks.erased),
-                None => (event, None, false),
-            },
+        match serde_json::from_slice::<FirstValue<Marks>>(json) {
+            Ok(FirstValue(Some(marks))) => (event, marks.sealed, marks.erased),
+            Ok(FirstValue(None)) => (event, None, false),
             Err(e) => (Err(e.to_string()), None, false),
         }
+    }
+}
+
+/// The value of a JSON object's first entry, the rest skipped: the body of an externally
+/// tagged enum, read without allocating its tag or a map.
+struct FirstValue<T>(Option<T>);
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for FirstValue<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, Visitor};
+        struct First<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> Visitor<'de> for First<T> {
+            type Value = FirstValue<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let first = match map.next_key::<IgnoredAny>()? {
+                    Some(_) => Some(map.next_value::<T>()?),
+                    None => None,
+                };
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(FirstValue(first))
+            }
+        }
+        deserializer.deserialize_map(First(std::marker::PhantomData))
     }
 }
 

@@ -141,35 +141,41 @@ struct Page {
     unopened: Vec<Unopened>,
 }
 
-/// Reads the next page of `log_pages` and opens it, each step tried again while its
-/// dependency is down (a page read is opened again, not read past).
-async fn read_page(log_pages: &mut LogPages, opener: &dyn Opener) -> Result<Page, ProjectionError> {
+/// Reads the next page of `log_pages`, tried again while the log is down.
+async fn read_page(log_pages: &mut LogPages) -> Result<Vec<Change>, ProjectionError> {
     let mut retry = Retry::new();
-    let mut events = loop {
+    loop {
         match log_pages.next_changes().await {
-            Ok(events) => break events,
+            Ok(events) => return Ok(events),
             Err(e) => {
                 retry
                     .after("reading the log", ProjectionError::Log(e))
                     .await?
             }
         }
-    };
+    }
+}
+
+/// Opens a page read, tried again while the keys are down (a page read is opened again,
+/// not read past).
+async fn open_page(mut events: Vec<Change>, opener: &dyn Opener) -> Result<Page, ProjectionError> {
+    if !events.iter().any(|c| c.sealed.is_some()) {
+        return Ok(Page {
+            events,
+            unopened: Vec::new(),
+        });
+    }
     let mut retry = Retry::new();
-    let unopened = loop {
-        if !events.iter().any(|c| c.sealed.is_some()) {
-            break Vec::new();
-        }
+    loop {
         match opener.open_changes(&mut events).await {
-            Ok(unopened) => break unopened,
+            Ok(unopened) => return Ok(Page { events, unopened }),
             Err(e) => {
                 retry
                     .after("opening the log's personal data", ProjectionError::Keys(e))
                     .await?
             }
         }
-    };
-    Ok(Page { events, unopened })
+    }
 }
 
 /// The users a rebuild met an event of that does not open: their later events cannot be
@@ -251,20 +257,31 @@ async fn rebuild_projections(
     }
     let started = Instant::now();
     let total = log.event_count().await.map_err(ProjectionError::Log)?;
-    // One task reads the log page after page, a page ahead of the views, and opens it; it
-    // ends with the position it reached.
-    let (pages, mut next_page) = tokio::sync::mpsc::channel::<Page>(2);
+    // One task reads the log page after page and another opens each page, so that reading
+    // a page, opening the one before (its keys are read from the key table) and folding and
+    // writing the one before that overlap; the reader ends with the position it reached.
+    let (read, mut to_open) = tokio::sync::mpsc::channel::<Vec<Change>>(2);
     let reader = {
         let mut log_pages = LogPages::new(log.clone(), Position::START, options.batch_size);
         tokio::spawn(async move {
             loop {
-                let page = read_page(&mut log_pages, &*opener).await?;
-                if page.events.is_empty() || pages.send(page).await.is_err() {
-                    return Ok(log_pages.position());
+                let page = read_page(&mut log_pages).await?;
+                if page.is_empty() || read.send(page).await.is_err() {
+                    return Ok::<_, ProjectionError>(log_pages.position());
                 }
             }
         })
     };
+    let (pages, mut next_page) = tokio::sync::mpsc::channel::<Page>(2);
+    let opening = tokio::spawn(async move {
+        while let Some(page) = to_open.recv().await {
+            let page = open_page(page, &*opener).await?;
+            if pages.send(page).await.is_err() {
+                break;
+            }
+        }
+        Ok::<_, ProjectionError>(())
+    });
     let mut blocked = Blocked::default();
     let mut applied = 0u64;
     // Users folded from the log so far, from their first event: each page is folded once
@@ -313,15 +330,12 @@ async fn rebuild_projections(
             set_aside: blocked.set_aside.len() as u64,
         });
     }
-    let position = match reader.await {
-        Ok(Ok(position)) => position,
-        Ok(Err(e)) => return Err(e),
-        Err(e) => {
-            return Err(ProjectionError::Log(PortError::Internal(format!(
-                "the log reader failed: {e}"
-            ))))
-        }
+    let task_failed = |e: tokio::task::JoinError| {
+        ProjectionError::Log(PortError::Internal(format!("the log reader failed: {e}")))
     };
+    // The opener ends when the reader does, or first, when it failed.
+    opening.await.map_err(task_failed)??;
+    let position = reader.await.map_err(task_failed)??;
     for (projection, _, generation) in &builds {
         // A switch may first build indexes (the SQL view's), long enough to meet a restart.
         patiently(projection.name(), || async {
