@@ -8,7 +8,8 @@
 #                             ConfigMap and Secret; no secret in a ConfigMap; ...)
 #   helm template (refused)   values the chart must refuse, each with its message: more
 #                             projectors than Kafka partitions, a made Secret without a
-#                             database URL, PCF_KEK together with a KEK file
+#                             database URL, PCF_KEK together with a KEK file, production
+#                             without a KEK, a misspelt key (values.schema.json)
 #   yamllint                  the chart's plain YAML (deploy/helm/.yamllint) and
 #                             deploy/prometheus (with its own settings)
 #   the Containerfile         deploy/container/Containerfile has what the chart relies on
@@ -122,6 +123,7 @@ refused "set secret.kek or kekFile, not both" -f "$CHART/ci/created-secret-value
     --set kekFile.enabled=true --set kekFile.content=x
 refused "production needs a key-encryption key" -f "$CHART/ci/created-secret-values.yaml" \
     --set secret.kek=
+refused "additional properties 'projectors' not allowed" --set projectors.replicas=3
 
 log "the Containerfile"
 "$PYTHON" - deploy/container/Containerfile <<'EOF'
