@@ -70,6 +70,31 @@ def parse_toml_ints(text):
     return values
 
 
+def check_files(where, spec, container, secrets):
+    """Every PCF_*_FILE variable names a file in a mounted volume, which holds that key."""
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for env in container.get("env", []):
+        name, path = env.get("name", ""), env.get("value", "")
+        if not (name.startswith("PCF_") and name.endswith("_FILE")):
+            continue
+        directory, _, file = path.rpartition("/")
+        volume = volumes.get(mounts.get(directory, ""), {})
+        if not check("secret" in volume, f"{where}: {name}={path} is not in a mounted Secret"):
+            continue
+        items = {i["path"]: i["key"] for i in volume["secret"].get("items", [])}
+        check(file in items, f"{where}: {name}: the Secret volume has no {file}")
+        made = secrets.get(volume["secret"]["secretName"])
+        if made is not None:
+            check(items.get(file) in made.get("data", {}),
+                  f"{where}: {name}: Secret {volume['secret']['secretName']} has no {items.get(file)}")
+    for ref in container.get("envFrom", []):
+        made = secrets.get(ref.get("secretRef", {}).get("name"))
+        if made is not None:
+            odd = [k for k in made.get("data", {}) if not k.startswith("PCF_")]
+            check(not odd, f"{where}: Secret {made['metadata']['name']} given as variables holds {odd}")
+
+
 def check_container(role, spec, container, configmap, secret_names):
     where = f"{role}: container {container.get('name')}"
     check(container.get("args") == ["serve", "--role", role],
@@ -112,6 +137,11 @@ def check_container(role, spec, container, configmap, secret_names):
                   f"{where}: the preStop sleep takes the whole grace period")
 
 
+def hooked_names(by_kind):
+    return {s["metadata"]["name"] for s in by_kind.get("Secret", [])
+            if "helm.sh/hook" in s["metadata"].get("annotations", {})}
+
+
 def main():
     variant, path = sys.argv[1], sys.argv[2]
     expect = EXPECT[variant]
@@ -138,15 +168,16 @@ def main():
         check("." not in value or value.startswith('"'),
               f"pcf.toml {key} = {value}: a float where PCF reads an integer")
 
-    secrets = [s for s in by_kind.get("Secret", [])
+    all_secrets = {s["metadata"]["name"]: s for s in by_kind.get("Secret", [])}
+    secrets = [s for s in all_secrets.values()
                if "helm.sh/hook" not in s["metadata"].get("annotations", {})]
     if expect["secret"] == "created":
-        check(len(secrets) == 1, f"{len(secrets)} Secrets made by the chart, not 1")
-        secret_names = {s["metadata"]["name"] for s in secrets}
+        env_secrets = [s for s in secrets if "PCF_DATABASE_URL" in s.get("data", {})]
+        check(len(env_secrets) == 1, f"{len(env_secrets)} Secrets with PCF_DATABASE_URL, not 1")
+        secret_names = {s["metadata"]["name"] for s in env_secrets}
         for s in secrets:
-            keys = set(s.get("data", {}))
-            check("PCF_DATABASE_URL" in keys, "the chart's Secret has no PCF_DATABASE_URL")
-            check(all(v for v in s.get("data", {}).values()), "the chart's Secret has empty keys")
+            check(all(v for v in s.get("data", {}).values()),
+                  f"Secret {s['metadata']['name']} has empty keys")
     else:
         name = expect["secret"].split(":", 1)[1]
         check(not secrets, "the chart made a Secret although secret.create is false")
@@ -170,6 +201,7 @@ def main():
         check(len(containers) == 1, f"{role}: {len(containers)} containers")
         for c in containers:
             check_container(role, spec, c, configmap, secret_names)
+            check_files(role, spec, c, all_secrets)
             kek_env = any(e.get("name") == "PCF_KEK_FILE" for e in c.get("env", []))
             check(kek_env == expect["kek_file"], f"{role}: PCF_KEK_FILE presence")
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
@@ -221,6 +253,15 @@ def main():
               f"the migration Job's hook is {hook!r}")
         c = job["spec"]["template"]["spec"]["containers"][0]
         check(c.get("args") == ["migrate"], "the migration Job does not run pcf migrate")
+        check_files("migrate", job["spec"]["template"]["spec"], c, all_secrets)
+        kek_env = any(e.get("name") == "PCF_KEK_FILE" for e in c.get("env", []))
+        check(kek_env == expect["kek_file"], "migrate: PCF_KEK_FILE presence")
+        if expect["secret"] == "created":
+            for v in job["spec"]["template"]["spec"].get("volumes", []):
+                if "secret" in v:
+                    check(v["secret"]["secretName"] in hooked_names(by_kind),
+                          f"migrate: volume {v['name']} needs Secret {v['secret']['secretName']},"
+                          " which a pre-install hook runs before")
         refs = [r["secretRef"]["name"] for r in c.get("envFrom", []) if "secretRef" in r]
         hooked = {s["metadata"]["name"] for s in by_kind.get("Secret", [])
                   if "helm.sh/hook" in s["metadata"].get("annotations", {})}

@@ -100,9 +100,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "pcf.secretData" -}}
 {{- $s := .Values.secret }}
 {{- $data := dict "PCF_DATABASE_URL" $s.databaseUrl "PCF_READ_DATABASE_URL" $s.readDatabaseUrl "PCF_REDIS_URL" $s.redisUrl "PCF_JWT_SECRET" $s.jwtSecret "PCF_JWT_PUBLIC_KEY" $s.jwtPublicKey "PCF_KEK" $s.kek "PCF_KEK_ID" $s.kekId }}
-{{- if and .Values.kekFile.enabled (not .Values.kekFile.secretName) }}
-{{- $_ := set $data .Values.kekFile.key .Values.kekFile.content }}
-{{- end }}
 {{- range $k, $v := $data }}
 {{- if $v }}
 {{ $k }}: {{ $v | b64enc | quote }}
@@ -140,6 +137,25 @@ prometheus.io/path: /metrics
 {{- end }}
 {{- end }}
 
+{{/*
+Whether the chart makes a Secret of its own for the KEK file (secret.create and no
+kekFile.secretName). It is apart from the Secret whose every key becomes a variable.
+*/}}
+{{- define "pcf.kekFileMade" -}}
+{{- if and .Values.kekFile.enabled .Values.secret.create (not .Values.kekFile.secretName) }}true{{ end }}
+{{- end }}
+
+{{/* The Secret the KEK file is mounted from, for the workloads. */}}
+{{- define "pcf.kekFileSecretName" -}}
+{{- if .Values.kekFile.secretName }}
+{{- .Values.kekFile.secretName }}
+{{- else if .Values.secret.create }}
+{{- printf "%s-kek" (include "pcf.fullname" .) }}
+{{- else }}
+{{- include "pcf.secretName" . }}
+{{- end }}
+{{- end }}
+
 {{/* The environment, volumes and mounts every PCF container shares. */}}
 {{- define "pcf.envFrom" -}}
 - configMapRef:
@@ -148,18 +164,23 @@ prometheus.io/path: /metrics
     name: {{ include "pcf.secretName" . }}
 {{- end }}
 
-{{- define "pcf.env" -}}
+{{/* The KEK file's variable and config.extraEnv: every PCF container, the migration's too. */}}
+{{- define "pcf.commonEnv" -}}
 {{- if .Values.kekFile.enabled }}
 - name: PCF_KEK_FILE
   value: {{ printf "%s/%s" .Values.kekFile.mountPath .Values.kekFile.key | quote }}
 {{- end }}
-{{- if .Values.apiKeysFile.enabled }}
-- name: PCF_API_KEYS_FILE
-  value: {{ printf "%s/%s" .Values.apiKeysFile.mountPath .Values.apiKeysFile.key | quote }}
-{{- end }}
 {{- range $name, $value := .Values.config.extraEnv }}
 - name: {{ $name }}
   value: {{ $value | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "pcf.env" -}}
+{{- include "pcf.commonEnv" . }}
+{{- if .Values.apiKeysFile.enabled }}
+- name: PCF_API_KEYS_FILE
+  value: {{ printf "%s/%s" .Values.apiKeysFile.mountPath .Values.apiKeysFile.key | quote }}
 {{- end }}
 {{- end }}
 
@@ -183,7 +204,7 @@ prometheus.io/path: /metrics
 {{- end }}
 {{- end }}
 
-{{/* (dict "root" $ "secretName" NAME): the volumes, the KEK file from NAME unless kekFile.secretName. */}}
+{{/* (dict "root" $ "kekSecretName" NAME): the volumes, the KEK file from the Secret NAME. */}}
 {{- define "pcf.volumes" -}}
 {{- $v := .root.Values }}
 - name: data
@@ -201,7 +222,7 @@ prometheus.io/path: /metrics
 {{- if $v.kekFile.enabled }}
 - name: kek
   secret:
-    secretName: {{ default .secretName $v.kekFile.secretName }}
+    secretName: {{ .kekSecretName }}
     defaultMode: 0440
     items:
       - key: {{ $v.kekFile.key }}
@@ -311,7 +332,7 @@ spec:
           volumeMounts:
             {{- include "pcf.volumeMounts" $root | trim | nindent 12 }}
       volumes:
-        {{- include "pcf.volumes" (dict "root" $root "secretName" (include "pcf.secretName" $root)) | trim | nindent 8 }}
+        {{- include "pcf.volumes" (dict "root" $root "kekSecretName" (include "pcf.kekFileSecretName" $root)) | trim | nindent 8 }}
       {{- if $root.Values.topologySpread.enabled }}
       topologySpreadConstraints:
         - maxSkew: {{ $root.Values.topologySpread.maxSkew }}
