@@ -64,6 +64,7 @@ install_helm() {
     if ! GOPATH="${work}/gopath" GOCACHE="${work}/gocache" GOBIN="${work}/bin" GOFLAGS=-modcacherw \
         "$go" install "helm.sh/helm/v4/cmd/helm@${HELM_VERSION}" >"${work}/build.log" 2>&1; then
         tail -n 20 "${work}/build.log" >&2
+        rm -rf "$work"
         die "go install helm.sh/helm/v4/cmd/helm@${HELM_VERSION} failed (log above)"
     fi
     mkdir -p "${cache}/bin"
