@@ -40,6 +40,11 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
+# The deployment artifacts: the Helm chart linted and rendered, its renderings checked, the
+# scripts shellchecked (Helm is built once into a cache, about 7 minutes the first time).
+step "scripts/check-chart.sh"
+scripts/check-chart.sh
+
 # Clippy lints every workspace target while the tests build, not in a build of its own:
 # clippy-driver is the workspace's compiler here (what `cargo clippy` runs, with its arguments
 # in CLIPPY_ARGS), so the dependencies compile once, for the tests, instead of once more for a
