@@ -290,6 +290,8 @@ pub struct FallbackReader {
     primary: Arc<dyn UserReader>,
     fallback: Arc<dyn UserReader>,
     primary_down_until: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Point reads the fallback answered (for metrics).
+    fallbacks: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FallbackReader {
@@ -298,7 +300,13 @@ impl FallbackReader {
             primary,
             fallback,
             primary_down_until: std::sync::Mutex::new(None),
+            fallbacks: Arc::default(),
         }
+    }
+
+    /// How many reads the fallback has answered, counting on.
+    pub fn fallbacks(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.fallbacks.clone()
     }
 
     /// Whether a recent failure of the primary sends point reads to the fallback directly.
@@ -328,12 +336,18 @@ impl FallbackReader {
         F: Fn(&'a Arc<dyn UserReader>) -> Fut,
         Fut: std::future::Future<Output = Result<T, PortError>>,
     {
+        let fallen_back = || {
+            self.fallbacks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        };
         if self.primary_resting() {
+            fallen_back();
             return read(&self.fallback).await;
         }
         match read(&self.primary).await {
             Err(PortError::Unavailable(detail)) => {
                 self.primary_failed(&detail);
+                fallen_back();
                 read(&self.fallback).await
             }
             other => other,
