@@ -505,6 +505,8 @@ mod tests {
         reader.user(id).await.expect("user");
         reader.user_by_email(&email()).await.expect("userByEmail");
         assert_eq!(primary.calls.load(Ordering::SeqCst), asked);
+        // Every read the fallback answered is counted: the first, and the two after it.
+        assert_eq!(reader.fallbacks().load(Ordering::Relaxed), 3);
     }
 
     /// Two reads on the primary when it goes down: the second to fail falls back as well,
