@@ -140,8 +140,8 @@ impl Metrics {
         self.http.record(&PathOutcome { path, outcome }, elapsed);
     }
 
-    /// Records one GraphQL operation that reached the schema (or was refused by its
-    /// document), by its label from [`operation`].
+    /// Records one GraphQL request whose document was admitted (within PCF's document
+    /// limits), whether it ran or the schema refused it, by its label from [`operation`].
     pub fn graphql_operation(
         &self,
         operation: &'static str,
