@@ -3,10 +3,11 @@
 //! second. The rules are the files of `deploy/prometheus/rules/` with one change: each
 //! alert's `for:` is cut to a few seconds, so that an alert whose condition holds fires
 //! within the test. Through Prometheus' HTTP API the test checks that the series the rules,
-//! the dashboard and on-call need are scraped, and that alerts fire when their condition is
-//! made true: this PCF's Redis never answers, so the Redis projector cannot apply anything
-//! while commands go on (its lag grows: `PcfProjectorStalled`), point reads fall back to the
-//! read replicas, and readiness fails (`PcfDependencyDown`).
+//! the dashboard and on-call need are scraped, that every query of the dashboard evaluates,
+//! and that alerts fire when their condition is made true: this PCF's Redis never answers,
+//! so the Redis projector cannot apply anything while commands go on (its lag grows:
+//! `PcfProjectorStalled`), point reads fall back to the read replicas, and readiness fails
+//! (`PcfDependencyDown`).
 
 use crate::support::*;
 use pcf::app::ALL_ROLES;
@@ -345,6 +346,19 @@ async fn prometheus_scrapes_and_alerts(c: &mut Cluster) {
         }
     })
     .await;
+
+    // Every query of the dashboard is PromQL that Prometheus evaluates (with Grafana's
+    // variables given values as Grafana would).
+    for query in crate::deploy::dashboard_queries() {
+        let promql = query
+            .replace("$__rate_interval", "1m")
+            .replace("$__range", "5m")
+            .replace("$job", "pcf")
+            .replace("$instance", ".*");
+        if let Err(e) = prometheus.query(&promql).await {
+            panic!("the dashboard's query {query:?} does not evaluate: {e}");
+        }
+    }
 
     // The alerts of a projector that cannot apply and of a dependency that is down fire,
     // naming the projection and the dependency; the SQL projection, which keeps up, does
