@@ -40,6 +40,8 @@ pub fn pool_gauge<DB: sqlx::Database>(pool: sqlx::Pool<DB>) -> PoolGauge {
 /// has not applied on each partition.
 const LAG_TIMEOUT: Duration = Duration::from_secs(4);
 const OLDEST_PATIENCE: Duration = Duration::from_secs(2);
+/// How long a scrape waits for a view's store to say which generations it has.
+const STATE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -147,17 +149,21 @@ async fn projector_lag(
     generations: Arc<Mutex<Vec<u64>>>,
 ) -> (String, Vec<u64>, Vec<PartitionLag>) {
     let name = view.name().to_owned();
+    let read_lag = async {
+        let (brokers, topic, group) = source?;
+        let read = pcf_projectors::consumer_lag_with_age(&brokers, &topic, &group, OLDEST_PATIENCE);
+        tokio::time::timeout(LAG_TIMEOUT, read).await.ok()?.ok()
+    };
+    // Both at once: the view's store and Kafka may each be slow to answer.
+    let (state, partitions) =
+        futures::join!(tokio::time::timeout(STATE_TIMEOUT, view.state()), read_lag);
     // The live stream writes every target generation: the active one, and the one a
     // rebuild is writing.
-    if let Ok(Ok(state)) = tokio::time::timeout(LAG_TIMEOUT, view.state()).await {
+    if let Ok(Ok(state)) = state {
         *lock(&generations) = state.targets();
     }
     let generations = lock(&generations).clone();
-    let Some((brokers, topic, group)) = source else {
-        return (name, generations, Vec::new());
-    };
-    let read = pcf_projectors::consumer_lag_with_age(&brokers, &topic, &group, OLDEST_PATIENCE);
-    let Ok(Ok(partitions)) = tokio::time::timeout(LAG_TIMEOUT, read).await else {
+    let Some(partitions) = partitions else {
         return (name, generations, Vec::new());
     };
     let now = Utc::now();
