@@ -17,6 +17,6 @@ pub use idempotency::{Caller, COMMAND_ID_RETENTION};
 pub use relay::{Relay, RelayConfig};
 pub use service::{CommandError, CommandResult, CommandService};
 pub use store::{
-    postgres::PostgresStore, sqlite::SqliteStore, CommandStore, CommitFeed, EventStore,
+    postgres::PostgresStore, sqlite::SqliteStore, Backlog, CommandStore, CommitFeed, EventStore,
     ProtectHistory, Protected, RelayStore, StoreError, StoreHealth,
 };

@@ -27,5 +27,5 @@ pub use projection::{Foldable, LiveBatch, Projection, ProjectionError, SetAside}
 pub use rebuild::{rebuild_views, rebuild_views_with, Progress, RebuildOptions, Rebuilt};
 pub use redis_view::{delete_matching, RedisUserViews};
 pub use sql_view::SqlUserViews;
-pub use status::{consumer_lag, PartitionLag};
+pub use status::{consumer_lag, consumer_lag_with_age, PartitionLag};
 pub use store::{GenerationState, Offsets, Scope, ViewBatch, ViewStore, Written};

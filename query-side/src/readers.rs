@@ -296,6 +296,8 @@ pub struct FallbackReader {
     primary: Arc<dyn UserReader>,
     fallback: Arc<dyn UserReader>,
     primary_down_until: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Point reads the fallback answered (for metrics).
+    fallbacks: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FallbackReader {
@@ -304,7 +306,13 @@ impl FallbackReader {
             primary,
             fallback,
             primary_down_until: std::sync::Mutex::new(None),
+            fallbacks: Arc::default(),
         }
+    }
+
+    /// How many reads the fallback has answered, counting on.
+    pub fn fallbacks(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.fallbacks.clone()
     }
 
     /// Whether a recent failure of the primary sends point reads to the fallback directly.
@@ -334,12 +342,18 @@ impl FallbackReader {
         F: Fn(&'a Arc<dyn UserReader>) -> Fut,
         Fut: std::future::Future<Output = Result<T, PortError>>,
     {
+        let fallen_back = || {
+            self.fallbacks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        };
         if self.primary_resting() {
+            fallen_back();
             return read(&self.fallback).await;
         }
         match read(&self.primary).await {
             Err(PortError::Unavailable(detail)) => {
                 self.primary_failed(&detail);
+                fallen_back();
                 read(&self.fallback).await
             }
             other => other,
@@ -497,6 +511,8 @@ mod tests {
         reader.user(id).await.expect("user");
         reader.user_by_email(&email()).await.expect("userByEmail");
         assert_eq!(primary.calls.load(Ordering::SeqCst), asked);
+        // Every read the fallback answered is counted: the first, and the two after it.
+        assert_eq!(reader.fallbacks().load(Ordering::Relaxed), 3);
     }
 
     /// Two reads on the primary when it goes down: the second to fail falls back as well,

@@ -31,6 +31,7 @@ pub fn router(
         consistency_timeout: config.consistency_timeout,
     };
     let limiter = Arc::new(RateLimiter::new(config.rate_limits, shared_counts(config)?));
+    p.metrics.watch_rate_limits(limiter.refusals());
     let schemas = schemas(
         config,
         commands,

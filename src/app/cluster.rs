@@ -21,6 +21,7 @@ use super::process::{Process, ReadSide};
 use super::roles::Role;
 use super::store::pg_pool;
 use crate::http::health::Dependency;
+use crate::http::metrics::pool_gauge;
 
 /// Starts the relay and the projectors the roles ask for, and opens the readers.
 pub async fn read_side(p: &mut Process<'_>, kafka: KafkaConfig) -> anyhow::Result<ReadSide> {
@@ -50,6 +51,8 @@ pub async fn read_side(p: &mut Process<'_>, kafka: KafkaConfig) -> anyhow::Resul
     };
     let pool_size = if p.has(Role::Projector) { 16 } else { 2 };
     let primary = pg_pool(&database_url, pool_size, "the SQL view (PCF_DATABASE_URL)").await?;
+    p.metrics
+        .watch_pool("sql_view", pool_gauge(primary.clone()));
     let mut views: Vec<(Arc<dyn ViewStore>, Option<RedisUserViews>)> =
         vec![(Arc::new(SqlUserViews::new(primary)), None)];
     if let Some(redis) = redis_views {
@@ -121,7 +124,7 @@ fn start_projector(
     }
     let stats = Arc::new(ProjectorStats::default());
     p.metrics.watch_projector(
-        view.name(),
+        view.clone(),
         stats.clone(),
         Some((
             kafka.brokers.clone(),
@@ -155,8 +158,12 @@ fn start_projector(
 /// The readers of the views: the read replicas, behind Redis when it is configured.
 async fn readers(p: &mut Process<'_>) -> anyhow::Result<Arc<dyn UserReader>> {
     let mut replicas = Vec::new();
-    for url in &p.config.read_database_urls {
-        replicas.push(pg_pool(url, 16, "a read replica (PCF_READ_DATABASE_URL)").await?);
+    for (i, url) in p.config.read_database_urls.iter().enumerate() {
+        let pool = pg_pool(url, 16, "a read replica (PCF_READ_DATABASE_URL)").await?;
+        // Numbered in the order configured: a bounded label.
+        p.metrics
+            .watch_pool(&format!("read_replica_{i}"), pool_gauge(pool.clone()));
+        replicas.push(pool);
     }
     let sql = Arc::new(SqlUserReader::new(replicas));
     p.dependencies.add(Dependency::ReadReplica(sql.clone()));
@@ -169,7 +176,9 @@ async fn readers(p: &mut Process<'_>) -> anyhow::Result<Arc<dyn UserReader>> {
             .context("PCF_REDIS_URL")?,
     );
     p.dependencies.add(Dependency::Redis(redis.clone()));
-    Ok(Arc::new(FallbackReader::new(redis, sql)))
+    let reader = FallbackReader::new(redis, sql);
+    p.metrics.watch_redis_fallbacks(reader.fallbacks());
+    Ok(Arc::new(reader))
 }
 
 /// Completes once Redis answers, asking again after growing pauses (at most 5 s apart).

@@ -80,6 +80,9 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
         dependencies,
     };
     p.metrics.watch_keys(storage.keys.stats());
+    for (name, pool) in storage.pools {
+        p.metrics.watch_pool(name, pool);
+    }
     let read = match kafka_config(config) {
         None => embedded::read_side(&mut p).await?,
         Some(kafka) => cluster::read_side(&mut p, kafka).await?,

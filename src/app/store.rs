@@ -10,6 +10,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::http::metrics::{pool_gauge, PoolGauge};
 
 /// Connects a PostgreSQL pool.
 pub async fn pg_pool(url: &str, max: u32, what: &str) -> anyhow::Result<PgPool> {
@@ -45,6 +46,8 @@ async fn append_pool(url: &str, max: u32) -> anyhow::Result<PgPool> {
 pub struct Storage {
     pub store: Arc<dyn EventStore>,
     pub keys: Arc<Keys>,
+    /// The store's connection pools by name, for metrics.
+    pub pools: Vec<(&'static str, PoolGauge)>,
 }
 
 /// Opens the event store the configuration names, applies the migrations, and checks the
@@ -52,10 +55,13 @@ pub struct Storage {
 /// process here, saying which).
 pub async fn open_store(config: &Config) -> anyhow::Result<Storage> {
     let keyring = Arc::new(super::keys::keyring(config)?);
+    let mut pools: Vec<(&'static str, PoolGauge)> = Vec::new();
     let (store, keys): (Arc<dyn EventStore>, Arc<Keys>) = match &config.database_url {
         Some(url) => {
             let pool = pg_pool(url, 32, "the event store (PCF_DATABASE_URL)").await?;
             let appends = append_pool(url, 32).await?;
+            pools.push(("event_store", pool_gauge(pool.clone())));
+            pools.push(("event_store_appends", pool_gauge(appends.clone())));
             pcf_migrations::run_postgres(&pool)
                 .await
                 .context("applying PostgreSQL migrations")?;
@@ -75,11 +81,12 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Storage> {
                 .await
                 .context("applying SQLite migrations")?;
             let keys = Arc::new(Keys::new(KeyDb::Sqlite(store.writer().clone()), keyring));
+            pools.push(("event_store", pool_gauge(store.writer().clone())));
             (Arc::new(store.with_keys(keys.clone())), keys)
         }
     };
     keys.check_keks()
         .await
         .context("checking the key-encryption keys (PCF_KEK, PCF_KEK_FILE)")?;
-    Ok(Storage { store, keys })
+    Ok(Storage { store, keys, pools })
 }

@@ -17,7 +17,7 @@ use pcf_command::EventStore;
 
 /// Prints one user's events, or the log from a position on (following it).
 pub async fn events(config: Config, command: EventsCommand) -> anyhow::Result<()> {
-    let Storage { store, keys } = crate::app::open_store(&config).await?;
+    let Storage { store, keys, .. } = crate::app::open_store(&config).await?;
     let mut out = std::io::stdout().lock();
     match command {
         EventsCommand::Protect => protect(&*store).await?,

@@ -70,6 +70,8 @@ pub async fn graphql(State(state): State<HttpState>, req: Request) -> Response {
     let started = Instant::now();
     let client = client_address(&req, &state.trusted_proxies);
     let (parts, body) = req.into_parts();
+    // Set once the request's document is known: the operation it runs.
+    let mut operation = None;
     let (response, outcome) = if !json_content_type(&parts.headers) {
         (
             request_error(
@@ -81,13 +83,15 @@ pub async fn graphql(State(state): State<HttpState>, req: Request) -> Response {
         )
     } else {
         match admit(&state, &parts.headers, &client).await {
-            Ok(principal) => execute(&state, principal, parts.headers, body).await,
+            Ok(principal) => execute(&state, principal, parts.headers, body, &mut operation).await,
             Err(refused) => refused,
         }
     };
-    state
-        .metrics
-        .http_request("/graphql", outcome, started.elapsed());
+    let elapsed = started.elapsed();
+    state.metrics.http_request("/graphql", outcome, elapsed);
+    if let Some(operation) = operation {
+        state.metrics.graphql_operation(operation, outcome, elapsed);
+    }
     response
 }
 
@@ -99,6 +103,7 @@ async fn execute(
     principal: Principal,
     headers: HeaderMap,
     body: Body,
+    operation: &mut Option<&'static str>,
 ) -> Answer {
     let body = match read_body(state, body).await {
         Ok(body) => body,
@@ -125,7 +130,7 @@ async fn execute(
             actor: None,
         })
         .data(principal);
-    let (mut response, known) = match run(state, request).await {
+    let (mut response, known) = match run(state, request, operation).await {
         Ok(ran) => ran,
         Err(refused) => return refused,
     };
@@ -193,10 +198,13 @@ fn decode(body: &[u8]) -> Result<async_graphql::Request, &'static str> {
 
 /// Runs the request within the document limits and the request deadline, on the schema
 /// with the fast validation when its document is known to allow it. With the response comes
-/// what is known of a cached document that ran through the full validation.
+/// what is known of a cached document that ran through the full validation. `operation`
+/// is set to the metrics label of the operation once the document is admitted (`other`
+/// for a document too long to be cached).
 async fn run(
     state: &HttpState,
     request: async_graphql::Request,
+    operation: &mut Option<&'static str>,
 ) -> Result<(async_graphql::Response, Option<std::sync::Arc<Known>>), Answer> {
     let (request, known) = match state.schemas.documents.admit(request) {
         // Over PCF's document limits: refused as a whole, with the limit's own code.
@@ -209,6 +217,13 @@ async fn run(
         }
         Ok(admitted) => admitted,
     };
+    *operation = Some(
+        known
+            .as_ref()
+            .map_or(super::metrics::operation::OTHER, |k| {
+                k.label(request.operation_name.as_deref())
+            }),
+    );
     let (schema, known) = match known {
         Some(k) if k.fast(&request) => (&state.schemas.http_fast, None),
         k => (&state.schemas.http, k),

@@ -44,6 +44,11 @@ impl Dependencies {
         self.0.push(d);
     }
 
+    /// The names of every dependency, as `/health/ready` reports them.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.0.iter().map(Dependency::name).collect()
+    }
+
     /// The names of the dependencies that do not answer (within a few seconds each),
     /// checked concurrently.
     pub async fn down(&self) -> Vec<&'static str> {

@@ -85,6 +85,8 @@ pub struct Known {
     /// `None` when the document cannot take the fast path.
     operation: Option<(Option<Name>, Vec<Declared>)>,
     validated: AtomicBool,
+    /// The metrics label of each of the document's operations, by name.
+    labels: Vec<(Option<String>, &'static str)>,
 }
 
 impl Known {
@@ -92,7 +94,14 @@ impl Known {
         Self {
             operation: fast_operation(doc),
             validated: AtomicBool::new(false),
+            labels: super::metrics::operation::of_document(doc),
         }
+    }
+
+    /// The metrics label of the operation a request with this document runs
+    /// (`operation_name` is the one it asks for).
+    pub fn label(&self, operation_name: Option<&str>) -> &'static str {
+        super::metrics::operation::pick(&self.labels, operation_name)
     }
 
     /// Records that a request with this document passed the full validation.

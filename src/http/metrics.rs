@@ -1,289 +1,228 @@
-//! A small Prometheus registry: counters and latency histograms by label, rendered in the
-//! text exposition format at `/metrics`.
+//! The Prometheus metrics at `/metrics`, kept with `prometheus-client` and rendered in the
+//! Prometheus text format (version 0.0.4).
+//!
+//! What requests and commands count is recorded as it happens, in counters and histograms
+//! whose labels take a few known values each (`operation` is one of PCF's root fields or
+//! `other`: [`operation`]). What the other parts of the process keep (projector, key and
+//! rate-limit counters, pools) and what must be asked for (the relay backlog, the projectors'
+//! lag, the dependencies) is read at each scrape ([`scraped`]).
+
+pub mod operation;
+mod scraped;
 
 use pcf_adapters::keys::KeyStats;
 use pcf_command::{EventStore, RelayConfig};
 use pcf_domain::ports::CommandObserver;
-use pcf_projectors::ProjectorStats;
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use pcf_projectors::{ProjectorStats, ViewStore};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::Duration;
 
+use super::health::Dependencies;
+use super::ratelimit::Refusals;
+use scraped::Sources;
+pub use scraped::{pool_gauge, LagSource, PoolGauge};
+
+/// The upper bounds (seconds) of every latency histogram's buckets.
 const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
-#[derive(Default)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathOutcome {
+    path: &'static str,
+    outcome: &'static str,
 }
 
-/// Label names and values; every value is one of a few known words, so none is allocated.
-type Labels = Vec<(&'static str, &'static str)>;
-
-/// Each histogram's count is also its counter (`…_total`).
-#[derive(Default)]
-struct Registry {
-    histograms: BTreeMap<(&'static str, Labels), Histogram>,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandOutcome {
+    command: &'static str,
+    outcome: &'static str,
 }
 
-/// brokers, topic, consumer group.
-type LagSource = (String, String, String);
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationOutcome {
+    operation: &'static str,
+    outcome: &'static str,
+}
 
-/// A Kafka projection whose lag is reported.
-struct WatchedProjector {
-    name: String,
-    stats: Arc<ProjectorStats>,
-    /// brokers, topic, consumer group
-    lag_source: Option<LagSource>,
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency() -> Histogram {
+    Histogram::new(BUCKETS)
+}
+
+/// A count and a latency histogram of the same label set: `<name>_total` and
+/// `<name>_duration_seconds`.
+struct Timed<L> {
+    count: Family<L, Counter>,
+    latency: Histograms<L>,
+}
+
+impl<L> Timed<L>
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    fn register(registry: &mut Registry, name: &str, help: &str) -> Self {
+        let count = Family::<L, Counter>::default();
+        let latency = Histograms::<L>::new_with_constructor(latency as fn() -> Histogram);
+        registry.register(name, help.to_owned(), count.clone());
+        registry.register(
+            format!("{name}_duration_seconds"),
+            format!("{help}, by duration in seconds"),
+            latency.clone(),
+        );
+        Self { count, latency }
+    }
+
+    fn record(&self, labels: &L, elapsed: Duration) {
+        self.count.get_or_create(labels).inc();
+        self.latency
+            .get_or_create(labels)
+            .observe(elapsed.as_secs_f64());
+    }
 }
 
 /// Process-wide metrics.
-#[derive(Default)]
 pub struct Metrics {
-    registry: Mutex<Registry>,
-    relays: Mutex<Vec<(RelayConfig, Arc<dyn EventStore>)>>,
-    projectors: Mutex<Vec<WatchedProjector>>,
-    keys: Mutex<Option<Arc<KeyStats>>>,
+    registry: Registry,
+    http: Timed<PathOutcome>,
+    commands: Timed<CommandOutcome>,
+    operations: Timed<OperationOutcome>,
+    sources: Arc<Sources>,
+    /// One scrape at a time: each asks the event store and Kafka.
+    scrape: tokio::sync::Mutex<()>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Metrics {
     pub fn new() -> Self {
-        Self::default()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
-        self.registry.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Counts one occurrence and records its duration under `name`.
-    pub fn observe(&self, name: &'static str, labels: Labels, elapsed: Duration) {
-        let mut r = self.lock();
-        let h = r.histograms.entry((name, labels)).or_default();
-        let secs = elapsed.as_secs_f64();
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                h.counts[i] += 1;
-            }
+        let mut registry = Registry::default();
+        let http = Timed::register(
+            &mut registry,
+            "pcf_http_requests",
+            "HTTP requests, by path and outcome",
+        );
+        let commands = Timed::register(
+            &mut registry,
+            "pcf_commands",
+            "Commands, by command and outcome (OK or the error code)",
+        );
+        let operations = Timed::register(
+            &mut registry,
+            "pcf_graphql_operations",
+            "GraphQL operations over HTTP, by root field (other for any other) and outcome",
+        );
+        let sources = Arc::new(Sources::default());
+        registry.register_collector(Box::new(sources.clone()));
+        Self {
+            registry,
+            http,
+            commands,
+            operations,
+            sources,
+            scrape: tokio::sync::Mutex::new(()),
         }
-        h.count += 1;
-        h.sum += secs;
     }
 
     /// Records one finished HTTP request.
     pub fn http_request(&self, path: &'static str, outcome: &'static str, elapsed: Duration) {
-        self.observe(
-            "pcf_http_requests",
-            vec![("path", path), ("outcome", outcome)],
-            elapsed,
-        );
+        self.http.record(&PathOutcome { path, outcome }, elapsed);
     }
 
-    /// Reports the backlog of a relay of this process.
+    /// Records one GraphQL request whose document was admitted (within PCF's document
+    /// limits), whether it ran or the schema refused it, by its label from [`operation`].
+    pub fn graphql_operation(
+        &self,
+        operation: &'static str,
+        outcome: &'static str,
+        elapsed: Duration,
+    ) {
+        self.operations
+            .record(&OperationOutcome { operation, outcome }, elapsed);
+    }
+
     /// Reports the personal-data keys' counters: the cache of unwrapped data keys (its hit
     /// rate is hits / (hits + misses)) and the events whose personal data did not open.
     pub fn watch_keys(&self, stats: Arc<KeyStats>) {
-        *self.keys.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
+        *scraped::lock(&self.sources.keys) = Some(stats);
     }
 
+    /// Reports the backlog of a relay of this process, and the age of its oldest event.
     pub fn watch_relay(&self, relay: RelayConfig, store: Arc<dyn EventStore>) {
-        self.relays
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((relay, store));
+        scraped::lock(&self.sources.relays).push((relay, store));
     }
 
-    /// Reports a projector's counters, and its consumer lag when `lag_source` names
+    /// Reports a projector's counters, and its lag (in messages, and the age of the oldest
+    /// message it has not applied) by generation of `view` when `lag_source` names
     /// (brokers, topic, group).
     pub fn watch_projector(
         &self,
-        name: &str,
+        view: Arc<dyn ViewStore>,
         stats: Arc<ProjectorStats>,
         lag_source: Option<LagSource>,
     ) {
-        self.projectors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(WatchedProjector {
-                name: name.to_owned(),
-                stats,
-                lag_source,
-            });
+        scraped::lock(&self.sources.projectors).push(scraped::WatchedProjector {
+            view,
+            stats,
+            lag_source,
+            generations: Default::default(),
+        });
     }
 
-    /// Gauges read at scrape time: relay backlog, projector counters and lag.
-    /// The key counters (`watch_keys`).
-    fn render_keys(&self, out: &mut String) {
-        let Some(stats) = self.keys.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
-            return;
-        };
-        let counters = [
-            ("pcf_data_key_cache_hits_total", &stats.cache_hits),
-            ("pcf_data_key_cache_misses_total", &stats.cache_misses),
-            (
-                "pcf_personal_data_integrity_errors_total",
-                &stats.integrity_errors,
-            ),
-        ];
-        for (metric, counter) in counters {
-            let n = counter.load(Ordering::Relaxed);
-            let _ = writeln!(out, "# TYPE {metric} counter\n{metric} {n}");
-        }
+    /// Reports a connection pool's size, idle connections and maximum under `name`.
+    pub fn watch_pool(&self, name: &str, pool: PoolGauge) {
+        scraped::lock(&self.sources.pools).push((name.to_owned(), pool));
     }
 
-    async fn render_gauges(&self, out: &mut String) {
-        self.render_keys(out);
-        let relays: Vec<(RelayConfig, Arc<dyn EventStore>)> = self
-            .relays
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if !relays.is_empty() {
-            let _ = writeln!(out, "# TYPE pcf_relay_backlog_events gauge");
-        }
-        for (relay, store) in relays {
-            let backlog = match store.load_checkpoint(&relay.name).await {
-                Ok(cp) => store.count_after(cp).await.ok(),
-                Err(_) => None,
-            };
-            if let Some(n) = backlog {
-                let _ = writeln!(
-                    out,
-                    "pcf_relay_backlog_events{{relay=\"{}\"}} {n}",
-                    relay.name
-                );
-            }
-        }
-        let projectors: Vec<(String, Arc<ProjectorStats>, Option<LagSource>)> = self
-            .projectors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|p| (p.name.clone(), p.stats.clone(), p.lag_source.clone()))
-            .collect();
-        if projectors.is_empty() {
-            return;
-        }
-        type Counter = fn(&ProjectorStats) -> &AtomicU64;
-        let counters: [(&str, Counter); 2] = [
-            ("pcf_projector_applied_events_total", |s| &s.applied),
-            ("pcf_projector_dead_letters_total", |s| &s.dead_lettered),
-        ];
-        for (metric, counter) in counters {
-            let _ = writeln!(out, "# TYPE {metric} counter");
-            for (name, stats, _) in &projectors {
-                let n = counter(stats).load(Ordering::Relaxed);
-                let _ = writeln!(out, "{metric}{{projection=\"{name}\"}} {n}");
-            }
-        }
-        let _ = writeln!(out, "# TYPE pcf_projector_lag_messages gauge");
-        for (name, _, source) in &projectors {
-            let Some((brokers, topic, group)) = source else {
-                continue;
-            };
-            let lag = tokio::time::timeout(
-                Duration::from_secs(3),
-                pcf_projectors::consumer_lag(brokers, topic, group),
-            )
-            .await;
-            if let Ok(Ok(partitions)) = lag {
-                for p in partitions {
-                    let _ = writeln!(
-                        out,
-                        "pcf_projector_lag_messages{{projection=\"{name}\",partition=\"{}\"}} {}",
-                        p.partition, p.lag
-                    );
-                }
-            }
-        }
+    /// Reports how many point reads fell back from Redis to the read replicas.
+    pub fn watch_redis_fallbacks(&self, count: Arc<AtomicU64>) {
+        *scraped::lock(&self.sources.fallbacks) = Some(count);
     }
 
-    /// Everything in Prometheus text format.
-    pub async fn render(&self) -> String {
-        let mut out = self.render_registry();
-        self.render_gauges(&mut out).await;
-        out
+    /// Reports the requests the rate limits refused.
+    pub fn watch_rate_limits(&self, refusals: Arc<Refusals>) {
+        *scraped::lock(&self.sources.refusals) = Some(refusals);
     }
 
-    /// The counters and histograms.
-    pub fn render_registry(&self) -> String {
-        let r = self.lock();
+    /// Everything in the Prometheus text format, with what is asked for at each scrape
+    /// measured now, `dependencies` among it.
+    pub async fn render(&self, dependencies: &Dependencies) -> String {
+        let _one = self.scrape.lock().await;
+        self.sources.measure(dependencies).await;
+        self.encode()
+    }
+
+    /// The registry as it stands, without measuring anything.
+    fn encode(&self) -> String {
         let mut out = String::new();
-        let mut last = "";
-        for ((name, labels), h) in &r.histograms {
-            if *name != last {
-                let _ = writeln!(out, "# TYPE {name}_total counter");
-                last = name;
-            }
-            let _ = writeln!(out, "{name}_total{} {}", fmt_labels(labels, None), h.count);
-        }
-        last = "";
-        for ((name, labels), h) in &r.histograms {
-            let metric = format!("{name}_duration_seconds");
-            if *name != last {
-                let _ = writeln!(out, "# TYPE {metric} histogram");
-                last = name;
-            }
-            for (i, bound) in BUCKETS.iter().enumerate() {
-                let le = bound.to_string();
-                let _ = writeln!(
-                    out,
-                    "{metric}_bucket{} {}",
-                    fmt_labels(labels, Some(&le)),
-                    h.counts[i]
-                );
-            }
-            let _ = writeln!(
-                out,
-                "{metric}_bucket{} {}",
-                fmt_labels(labels, Some("+Inf")),
-                h.count
-            );
-            let _ = writeln!(out, "{metric}_sum{} {}", fmt_labels(labels, None), h.sum);
-            let _ = writeln!(
-                out,
-                "{metric}_count{} {}",
-                fmt_labels(labels, None),
-                h.count
-            );
-        }
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
         out
-    }
-}
-
-fn fmt_labels(labels: &Labels, le: Option<&str>) -> String {
-    let mut parts: Vec<String> = labels
-        .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
-        .collect();
-    if let Some(le) = le {
-        parts.push(format!("le=\"{le}\""));
-    }
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!("{{{}}}", parts.join(","))
     }
 }
 
 impl CommandObserver for Metrics {
     fn command_finished(&self, command: &'static str, outcome: &'static str, elapsed: Duration) {
-        self.observe(
-            "pcf_commands",
-            vec![("command", command), ("outcome", outcome)],
-            elapsed,
-        );
+        self.commands
+            .record(&CommandOutcome { command, outcome }, elapsed);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     #[test]
     fn renders_counters_and_histograms_by_label() {
@@ -291,13 +230,67 @@ mod tests {
         m.command_finished("createUser", "OK", Duration::from_millis(3));
         m.command_finished("createUser", "EMAIL_TAKEN", Duration::from_millis(1));
         m.command_finished("createUser", "OK", Duration::from_millis(30));
-        let text = m.render_registry();
-        assert!(text.contains("pcf_commands_total{command=\"createUser\",outcome=\"OK\"} 2"));
+        let text = m.encode();
+        assert!(text.contains("# TYPE pcf_commands_total counter"), "{text}");
+        assert!(
+            text.contains("pcf_commands_total{command=\"createUser\",outcome=\"OK\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE pcf_commands_duration_seconds histogram"));
         assert!(text.contains(
             "pcf_commands_duration_seconds_bucket{command=\"createUser\",outcome=\"OK\",le=\"0.005\"} 1"
         ));
         assert!(text.contains(
+            "pcf_commands_duration_seconds_bucket{command=\"createUser\",outcome=\"OK\",le=\"+Inf\"} 2"
+        ));
+        assert!(text.contains(
             "pcf_commands_duration_seconds_count{command=\"createUser\",outcome=\"EMAIL_TAKEN\"} 1"
         ));
+    }
+
+    #[test]
+    fn graphql_operations_are_counted_and_timed_by_operation_and_outcome() {
+        let m = Metrics::new();
+        m.graphql_operation("user", "ok", Duration::from_millis(2));
+        m.graphql_operation(operation::OTHER, "error", Duration::from_millis(700));
+        let text = m.encode();
+        assert!(
+            text.contains("pcf_graphql_operations_total{operation=\"user\",outcome=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "pcf_graphql_operations_duration_seconds_bucket{operation=\"other\",outcome=\"error\",le=\"0.5\"} 0"
+        ));
+        assert!(text.contains(
+            "pcf_graphql_operations_duration_seconds_bucket{operation=\"other\",outcome=\"error\",le=\"1\"} 1"
+        ));
+    }
+
+    #[tokio::test]
+    async fn counters_kept_elsewhere_are_read_at_each_scrape() {
+        let m = Metrics::new();
+        let keys = Arc::new(KeyStats::default());
+        let fallbacks = Arc::new(AtomicU64::new(0));
+        let refusals = Arc::new(Refusals::default());
+        m.watch_keys(keys.clone());
+        m.watch_redis_fallbacks(fallbacks.clone());
+        m.watch_rate_limits(refusals.clone());
+        keys.cache_hits.fetch_add(5, Ordering::Relaxed);
+        fallbacks.fetch_add(2, Ordering::Relaxed);
+        refusals.premium.fetch_add(3, Ordering::Relaxed);
+        let text = m.render(&Dependencies::default()).await;
+        for line in [
+            "pcf_data_key_cache_hits_total 5",
+            "pcf_data_key_cache_misses_total 0",
+            "pcf_redis_fallback_reads_total 2",
+            "pcf_rate_limit_refusals_total{limit=\"premium\"} 3",
+            "pcf_rate_limit_refusals_total{limit=\"anonymous\"} 0",
+            "pcf_ready 1",
+        ] {
+            assert!(text.contains(line), "{line} not in:\n{text}");
+        }
+        // What is not watched is not reported.
+        assert!(!text.contains("pcf_relay_backlog_events"), "{text}");
+        assert!(!text.contains("pcf_db_pool"), "{text}");
     }
 }

@@ -41,9 +41,9 @@ pub async fn metrics(State(state): State<HttpState>) -> Response {
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
         )],
-        state.metrics.render().await,
+        state.metrics.render(&state.dependencies).await,
     )
         .into_response()
 }

@@ -19,7 +19,8 @@ use pcf_domain::auth::{Principal, Tier};
 use redis::aio::ConnectionManager;
 use redis::Script;
 use std::collections::HashMap;
-use std::sync::{LazyLock, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::RateLimits;
@@ -81,9 +82,23 @@ impl Budget {
     }
 }
 
+/// Requests refused, by the limit that refused them (for metrics).
+#[derive(Debug, Default)]
+pub struct Refusals {
+    /// Anonymous requests, per client address.
+    pub anonymous: AtomicU64,
+    /// Authenticated requests of the standard tier, per subject.
+    pub authenticated: AtomicU64,
+    /// Requests of the premium tier, per subject.
+    pub premium: AtomicU64,
+    /// Requests with refused credentials, per client address.
+    pub failed_auth: AtomicU64,
+}
+
 /// Counts requests.
 pub struct RateLimiter {
     limits: RateLimits,
+    refusals: Arc<Refusals>,
     redis: Option<(ConnectionManager, String)>,
     budgets: Mutex<HashMap<String, Budget>>,
     /// After Redis fails, count locally until then instead of waiting on it per request.
@@ -108,25 +123,45 @@ impl RateLimiter {
     pub fn new(limits: RateLimits, redis: Option<(ConnectionManager, String)>) -> Self {
         Self {
             limits,
+            refusals: Arc::default(),
             redis,
             budgets: Mutex::new(HashMap::new()),
             redis_down_until: Mutex::new(None),
         }
     }
 
-    /// The limit that applies to a caller, and the key it is counted under.
-    fn bucket(&self, principal: &Principal, client: &str) -> (u32, String) {
+    /// The requests refused so far, by limit.
+    pub fn refusals(&self) -> Arc<Refusals> {
+        self.refusals.clone()
+    }
+
+    /// The limit that applies to a caller, the key it is counted under, and the counter of
+    /// its refusals.
+    fn bucket(&self, principal: &Principal, client: &str) -> (u32, String, &AtomicU64) {
+        let r = &self.refusals;
         match (&principal.subject, principal.tier) {
-            (Some(sub), Tier::Premium) => (self.limits.premium, format!("sub:{sub}")),
-            (Some(sub), Tier::Standard) => (self.limits.authenticated, format!("sub:{sub}")),
-            (None, _) => (self.limits.anonymous, format!("addr:{client}")),
+            (Some(sub), Tier::Premium) => (self.limits.premium, format!("sub:{sub}"), &r.premium),
+            (Some(sub), Tier::Standard) => (
+                self.limits.authenticated,
+                format!("sub:{sub}"),
+                &r.authenticated,
+            ),
+            (None, _) => (
+                self.limits.anonymous,
+                format!("addr:{client}"),
+                &r.anonymous,
+            ),
         }
     }
 
     /// Counts one request of `principal` from address `client`.
     pub async fn check(&self, principal: &Principal, client: &str) -> Decision {
-        let (limit, key) = self.bucket(principal, client);
-        self.count(limit, &key).await
+        let (limit, key, refused) = self.bucket(principal, client);
+        let decision = self.count(limit, &key).await;
+        if decision != Decision::Allowed {
+            refused.fetch_add(1, Ordering::Relaxed);
+        }
+        decision
     }
 
     /// Counts a request whose credentials were refused: as an anonymous request of its
@@ -137,6 +172,9 @@ impl RateLimiter {
         let failed = self
             .count(self.limits.failed_auth, &format!("authfail:{client}"))
             .await;
+        if anonymous == Decision::Allowed && failed != Decision::Allowed {
+            self.refusals.failed_auth.fetch_add(1, Ordering::Relaxed);
+        }
         match (anonymous, failed) {
             (Decision::Allowed, Decision::Allowed) => Decision::Allowed,
             (Decision::Limited { retry_after }, _) | (_, Decision::Limited { retry_after }) => {
@@ -391,5 +429,35 @@ mod tests {
             limiter.check(&premium, "x").await,
             Decision::Limited { .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn refusals_are_counted_by_the_limit_that_refused() {
+        let limiter = limiter(1, 1, 1, 1);
+        let standard = Principal {
+            subject: Some("s".into()),
+            tier: Tier::Standard,
+            ..Principal::default()
+        };
+        let anon = Principal::anonymous();
+        for _ in 0..3 {
+            limiter.check(&standard, "a").await;
+        }
+        limiter.check(&anon, "b").await;
+        limiter.check(&anon, "b").await;
+        // Refused credentials over the anonymous limit count there (c's second), those
+        // over the credentials' limit only count as such (d's second, anonymous allowed).
+        limiter.refused_credentials("c").await;
+        limiter.refused_credentials("c").await;
+        let counts = |limiter: &RateLimiter| {
+            let r = limiter.refusals();
+            [&r.anonymous, &r.authenticated, &r.premium, &r.failed_auth]
+                .map(|n| n.load(Ordering::Relaxed))
+        };
+        assert_eq!(counts(&limiter), [2, 2, 0, 0]);
+        let lenient = self::limiter(10, 1, 1, 1);
+        lenient.refused_credentials("d").await;
+        lenient.refused_credentials("d").await;
+        assert_eq!(counts(&lenient), [0, 0, 0, 1]);
     }
 }

@@ -405,7 +405,7 @@ fn heading_anchors(markdown: &str) -> BTreeSet<String> {
 }
 
 /// Every query of the dashboard: the panels' `expr`, and the template variables' queries.
-fn dashboard_queries() -> Vec<String> {
+pub(crate) fn dashboard_queries() -> Vec<String> {
     let path = root().join("deploy/grafana/pcf.json");
     let dashboard: Value = serde_json::from_str(&read(&path))
         .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));

@@ -1,9 +1,11 @@
 //! The HTTP surface, on SQLite and PostgreSQL: bad requests are 400 with a code, the body
-//! limit is 413, health, metrics and GraphiQL answer.
+//! limit is 413, health, metrics and GraphiQL answer, and the event store counts the relay's
+//! backlog with the age of its oldest event.
 
 use crate::support::*;
 use axum::http::{header, StatusCode};
 use serde_json::{json, Value};
+use std::time::Duration;
 
 on_both_backends!(
     malformed_json_is_a_bad_request,
@@ -15,6 +17,7 @@ on_both_backends!(
     a_body_over_64_kib_is_payload_too_large,
     liveness_and_readiness_answer_ok,
     metrics_count_commands_and_http_requests,
+    metrics_report_operations_pools_readiness_and_the_relay_backlog_with_its_age,
     graphiql_serves_html_in_development,
     responses_carry_a_correlation_id,
 );
@@ -166,6 +169,66 @@ async fn metrics_count_commands_and_http_requests(app: &TestApp) {
         )),
         "{text}"
     );
+}
+
+async fn metrics_report_operations_pools_readiness_and_the_relay_backlog_with_its_age(
+    app: &TestApp,
+) {
+    let (id, _) = app.create_user("aged@example.com", "Aged").await;
+    app.create_user_unsettled("aged2@example.com", "Aged").await;
+    let r = app
+        .admin_gql(
+            "query Who($id: ID!) { user(id: $id) { id } }",
+            json!({ "id": id }),
+        )
+        .await;
+    assert!(!r.has_errors(), "{:?}", r.body);
+
+    // The store's backlog from the start of the log: every event, the oldest recorded
+    // before the wait.
+    let store = app.app().store.clone();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let backlog = store
+        .backlog_after(pcf_domain::Position::START)
+        .await
+        .expect("the backlog");
+    assert_eq!(backlog.events, 2, "{backlog:?}");
+    assert!(
+        (1.0..60.0).contains(&backlog.oldest_age_seconds),
+        "{backlog:?}"
+    );
+    // Nothing after the last event: no age.
+    let last = store
+        .last_position()
+        .await
+        .expect("the last position")
+        .expect("an event");
+    let none = store.backlog_after(last).await.expect("the backlog");
+    assert_eq!((none.events, none.oldest_age_seconds), (0, 0.0));
+
+    let text = app.get("/metrics").await.text;
+    let lines: Vec<&str> = text.lines().collect();
+    for line in [
+        "pcf_graphql_operations_total{operation=\"createUser\",outcome=\"ok\"} 2",
+        "pcf_graphql_operations_total{operation=\"user\",outcome=\"ok\"} 1",
+        "pcf_graphql_operations_duration_seconds_count{operation=\"user\",outcome=\"ok\"} 1",
+        "pcf_dependency_up{dependency=\"event_store\"} 1",
+        "pcf_ready 1",
+        "pcf_rate_limit_refusals_total{limit=\"anonymous\"} 0",
+    ] {
+        assert!(lines.contains(&line), "{line} not in:\n{text}");
+    }
+    for prefix in [
+        "pcf_relay_backlog_events{relay=",
+        "pcf_relay_oldest_unpublished_age_seconds{relay=",
+        "pcf_db_pool_connections{pool=\"event_store\",state=\"in_use\"}",
+        "pcf_db_pool_max_connections{pool=\"event_store\"}",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(prefix)),
+            "{prefix} not in:\n{text}"
+        );
+    }
 }
 
 async fn graphiql_serves_html_in_development(app: &TestApp) {

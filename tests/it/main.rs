@@ -27,6 +27,7 @@ mod embedded;
 mod erasure;
 mod event_schemas;
 mod http;
+mod prometheus;
 mod queries;
 mod readme;
 mod relay;

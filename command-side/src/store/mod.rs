@@ -170,6 +170,10 @@ pub trait RelayStore: EventLog + CommitFeed + Send + Sync {
     /// How many events lie after `position` (committed or not yet safe to publish).
     async fn count_after(&self, position: Position) -> Result<u64, StoreError>;
 
+    /// The events after `position` and how long ago the oldest of them was recorded, by
+    /// the store's clock (for metrics: what `count_after` counts, and its age).
+    async fn backlog_after(&self, position: Position) -> Result<Backlog, StoreError>;
+
     async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError>;
 
     /// Signalled after events are committed (by this process, or by another one where the
@@ -178,6 +182,15 @@ pub trait RelayStore: EventLog + CommitFeed + Send + Sync {
 
     /// Tries to become the one active relay named `name`. `None`: another process leads.
     async fn try_lead(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError>;
+}
+
+/// What waits after a relay checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Backlog {
+    /// How many events.
+    pub events: u64,
+    /// Seconds since the oldest of them was recorded; 0 when there is none.
+    pub oldest_age_seconds: f64,
 }
 
 /// The commit feed: what live subscriptions (which follow the log in commit order) wait on

@@ -54,6 +54,9 @@ const STATEMENTS: Statements = Statements {
         FROM relay_checkpoints WHERE name = $1",
     count_after: "SELECT count(*) FROM events \
         WHERE (transaction_id, global_position) > ($1::text::xid8, $2)",
+    backlog_after: "SELECT count(*), \
+            COALESCE((EXTRACT(EPOCH FROM clock_timestamp() - min(recorded_at)) * 1000)::bigint, 0) \
+        FROM events WHERE (transaction_id, global_position) > ($1::text::xid8, $2)",
     save_checkpoint: "INSERT INTO relay_checkpoints \
             (name, transaction_id, global_position, updated_at) \
         VALUES ($1, $2::text::xid8, $3, now()) \

@@ -20,9 +20,9 @@ use uuid::Uuid;
 
 use super::sealing::{self, Sealed};
 use super::{
-    retention_seconds, stored_command, AppendError, AppendRequest, CommandResult, CommandStore,
-    CommitFeed, CommitSignal, Lease, RelayStore, StoreError, StoreHealth, StoredCommand,
-    StoredEvent, PRUNE_BATCH,
+    retention_seconds, stored_command, AppendError, AppendRequest, Backlog, CommandResult,
+    CommandStore, CommitFeed, CommitSignal, Lease, RelayStore, StoreError, StoreHealth,
+    StoredCommand, StoredEvent, PRUNE_BATCH,
 };
 
 /// A row of the backend's database.
@@ -97,6 +97,9 @@ pub struct Statements {
     pub(super) load_checkpoint: &'static str,
     /// How many events lie after the position (`$1` the commit, `$2` the global position).
     pub(super) count_after: &'static str,
+    /// The same count, and the milliseconds since the oldest of those events was recorded
+    /// (0 when there is none).
+    pub(super) backlog_after: &'static str,
     /// Saves relay checkpoint `$1` at the position (`$2` the commit, `$3` the global
     /// position).
     pub(super) save_checkpoint: &'static str,
@@ -447,6 +450,21 @@ impl<B: SqlBackend> RelayStore for SqlStore<B> {
             .await?
             .ok_or(sqlx::Error::RowNotFound)?;
         Ok(B::Db::int(&row, 0)? as u64)
+    }
+
+    async fn backlog_after(&self, position: Position) -> Result<Backlog, StoreError> {
+        let args = [
+            B::commit_arg(position.commit),
+            Arg::Int(position.global as i64),
+        ];
+        let row = self
+            .fetch_row(self.sql.backlog_after, &args)
+            .await?
+            .ok_or(sqlx::Error::RowNotFound)?;
+        Ok(Backlog {
+            events: B::Db::int(&row, 0)? as u64,
+            oldest_age_seconds: B::Db::int(&row, 1)?.max(0) as f64 / 1000.0,
+        })
     }
 
     async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {

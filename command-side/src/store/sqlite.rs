@@ -51,6 +51,9 @@ const STATEMENTS: Statements = Statements {
         FROM relay_checkpoints WHERE name = $1",
     // The commit (`$1`) is the global position here, and left unread.
     count_after: "SELECT count(*) FROM events WHERE global_position > $2",
+    backlog_after: "SELECT count(*), COALESCE(CAST( \
+            (julianday('now') - julianday(min(recorded_at))) * 86400000 AS INTEGER), 0) \
+        FROM events WHERE global_position > $2",
     save_checkpoint: "INSERT INTO relay_checkpoints \
             (name, transaction_id, global_position, updated_at) \
         VALUES ($1, $2, $3, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')) \
