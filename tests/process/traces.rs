@@ -365,6 +365,16 @@ async fn traced_cluster(
     let root = new_trace.one("POST /graphql", |_| true);
     assert!(root.parent_span_id.is_empty(), "a root span");
 
+    // /metrics counts the spans the receiver accepted.
+    let metrics = get(&node.router, "/metrics").await;
+    let exported: u64 = metrics
+        .text
+        .lines()
+        .find_map(|l| l.strip_prefix("pcf_trace_spans_exported_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("pcf_trace_spans_exported_total in /metrics");
+    assert!(exported as usize >= trace.spans.len(), "{exported}");
+
     // JSON log lines name their trace and span.
     let lines: Vec<Value> = log
         .text()

@@ -233,6 +233,21 @@ impl Collector for Sources {
                 family(e, name, help, Counter, [(NoLabels::default(), count(n))])?;
             }
         }
+        let spans = &crate::telemetry::SPANS;
+        for (name, help, n) in [
+            (
+                "pcf_trace_spans_exported",
+                "Spans the OTLP collector accepted (PCF_OTLP_ENDPOINT).",
+                &spans.exported,
+            ),
+            (
+                "pcf_trace_spans_dropped",
+                "Spans lost: the export queue was full, or the collector refused them or did not answer.",
+                &spans.dropped,
+            ),
+        ] {
+            family(e, name, help, Counter, [(NoLabels::default(), count(n))])?;
+        }
         if let Some(n) = lock(&self.fallbacks).clone() {
             family(
                 e,
