@@ -156,8 +156,8 @@ if "PCF_DATA_DIR=/var/lib/pcf" not in text:
     problems.append("PCF_DATA_DIR is not /var/lib/pcf")
 if last("ENTRYPOINT") != 'ENTRYPOINT ["/usr/local/bin/pcf"]' or last("CMD") != 'CMD ["serve"]':
     problems.append("the entrypoint is not pcf with serve as its command")
-if last("STOPSIGNAL") != "STOPSIGNAL SIGINT":
-    problems.append("the stop signal is not SIGINT (pcf serve stops gracefully on SIGINT only)")
+if last("STOPSIGNAL") not in ("STOPSIGNAL SIGTERM", "STOPSIGNAL SIGINT"):
+    problems.append("the stop signal is neither SIGTERM nor SIGINT (what pcf serve stops gracefully on)")
 if "org.opencontainers.image.title" not in text:
     problems.append("no OCI labels")
 for p in problems:

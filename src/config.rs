@@ -49,6 +49,9 @@ pub struct Config {
     pub max_aliases: usize,
     /// The longest a GraphQL request may run.
     pub request_timeout: Duration,
+    /// How long a stopping process keeps serving after readiness turns 503, so that load
+    /// balancers stop sending it requests first (`shutdown_delay_ms`, 0).
+    pub shutdown_delay: Duration,
     pub log: String,
     pub log_json: bool,
     /// How long `minVersion` waits.
@@ -123,6 +126,7 @@ impl Default for Config {
             rate_limits: RateLimits::default(),
             max_aliases: 15,
             request_timeout: Duration::from_secs(15),
+            shutdown_delay: Duration::ZERO,
             log: "info".to_owned(),
             log_json: false,
             consistency_timeout: Duration::from_secs(5),
@@ -169,6 +173,7 @@ struct FileConfig {
     rate_limit_premium: Option<u32>,
     max_aliases: Option<usize>,
     request_timeout_ms: Option<u64>,
+    shutdown_delay_ms: Option<u64>,
     log: Option<String>,
     log_format: Option<String>,
     consistency_timeout_ms: Option<u64>,
@@ -331,6 +336,9 @@ impl Config {
         set(&mut c.max_aliases, f.max_aliases.take());
         if let Some(ms) = f.request_timeout_ms.take() {
             c.request_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = f.shutdown_delay_ms.take() {
+            c.shutdown_delay = Duration::from_millis(ms);
         }
         set(&mut c.log, f.log.take());
         c.log_json = match f.log_format.as_deref() {

@@ -48,10 +48,12 @@ pub fn router(
         limiter: limiter.clone(),
         limits: WsLimits::from_config(config),
         open: Default::default(),
+        stopping: p.stopping.clone(),
     });
     let router = crate::http::router(HttpState {
         schemas: Arc::new(schemas),
         dependencies: Arc::new(std::mem::take(&mut p.dependencies)),
+        stopping: p.stopping.clone(),
         metrics: p.metrics.clone(),
         authenticator,
         limiter,

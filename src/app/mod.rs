@@ -41,10 +41,18 @@ pub struct App {
     pub schema: PcfSchema,
     pub metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
+    stopping: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl App {
+    /// The first step of stopping, while requests are still served: readiness answers 503
+    /// (load balancers stop sending new requests) and every websocket session is closed
+    /// with 1012, telling its client to reconnect and resume from its last position.
+    pub fn begin_shutdown(&self) {
+        let _ = self.stopping.send(true);
+    }
+
     /// Stops the background tasks and waits for them.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
@@ -66,6 +74,7 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
     let store = storage.store;
     let log: Arc<dyn EventLog> = store.clone();
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let (stopping, stopping_rx) = watch::channel(false);
     let mut dependencies = Dependencies::default();
     dependencies.add(Dependency::EventStore(store.clone()));
     let mut p = Process {
@@ -76,6 +85,7 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
         keys: storage.keys.clone(),
         metrics: Arc::new(Metrics::new()),
         shutdown: shutdown_rx,
+        stopping: stopping_rx,
         tasks: Vec::new(),
         dependencies,
     };
@@ -107,6 +117,7 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
         schema,
         metrics: p.metrics,
         shutdown,
+        stopping,
         tasks: p.tasks,
     })
 }

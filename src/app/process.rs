@@ -24,6 +24,9 @@ pub struct Process<'a> {
     pub keys: Arc<pcf_adapters::keys::Keys>,
     pub metrics: Arc<Metrics>,
     pub shutdown: watch::Receiver<bool>,
+    /// Raised when the process begins to stop (`App::begin_shutdown`), before it stops
+    /// serving: readiness answers 503 and websocket sessions are closed.
+    pub stopping: watch::Receiver<bool>,
     pub tasks: Vec<JoinHandle<()>>,
     pub dependencies: Dependencies,
 }

@@ -1,11 +1,13 @@
-//! `pcf serve`: the process's roles, served until Ctrl-C.
+//! `pcf serve`: the process's roles, served until SIGTERM or Ctrl-C.
 
 use anyhow::Context;
 
 use crate::app::Role;
 use crate::config::Config;
 
-/// Builds the roles' parts and serves HTTP until Ctrl-C, then stops the background tasks.
+/// Builds the roles' parts and serves HTTP until SIGTERM or Ctrl-C; then readiness turns
+/// 503 and websocket sessions close (1012), and after `shutdown_delay` the server stops
+/// accepting connections, lets open requests finish, and stops the background tasks.
 pub async fn serve(config: Config, roles: &[Role]) -> anyhow::Result<()> {
     let app = crate::app::build_roles(&config, roles).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -34,11 +36,45 @@ pub async fn serve(config: Config, roles: &[Role]) -> anyhow::Result<()> {
         router,
         crate::http::server::ConnectionLimits::from_config(&config),
         async {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("shutting down");
+            let signal = stop_signal().await;
+            // Readiness answers 503 and websocket clients are told to reconnect elsewhere;
+            // requests are still served while load balancers notice.
+            app.begin_shutdown();
+            tracing::info!(
+                %signal,
+                delay_ms = config.shutdown_delay.as_millis() as u64,
+                "shutting down: not ready, then no new connections, open requests finish"
+            );
+            tokio::time::sleep(config.shutdown_delay).await;
         },
     )
     .await?;
+    // The relay releases its lease and the projectors commit what they applied.
     app.shutdown().await;
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// Completes at SIGTERM (how orchestrators stop a process) or SIGINT (Ctrl-C); its name.
+async fn stop_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = terminate.recv() => "SIGTERM",
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch for SIGTERM; stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
 }

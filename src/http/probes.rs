@@ -23,8 +23,16 @@ pub async fn live() -> &'static str {
     "ok"
 }
 
-/// Ready when every dependency answers; otherwise 503 naming the ones that do not.
+/// Ready when every dependency answers; otherwise 503 naming the ones that do not. From the
+/// moment the process begins to stop, 503 `shutting down`.
 pub async fn ready(State(state): State<HttpState>) -> Response {
+    if *state.stopping.borrow() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "shutting down" })),
+        )
+            .into_response();
+    }
     let down = state.dependencies.down().await;
     if down.is_empty() {
         (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()

@@ -16,6 +16,8 @@ use super::websocket;
 pub struct HttpState {
     pub schemas: Arc<Schemas>,
     pub dependencies: Arc<Dependencies>,
+    /// Raised when the process begins to stop: readiness answers 503.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
     pub metrics: Arc<Metrics>,
     pub authenticator: Arc<Authenticator>,
     pub limiter: Arc<RateLimiter>,

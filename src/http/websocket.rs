@@ -45,7 +45,14 @@ pub mod close {
     pub const INIT_TIMEOUT: u16 = 4408;
     /// A `subscribe` with the id of an operation still running.
     pub const DUPLICATE_ID: u16 = 4409;
+    /// The server is stopping (RFC 6455's Service Restart): reconnect, to another instance,
+    /// and resume each subscription from the last position received.
+    pub const RESTARTING: u16 = 1012;
 }
+
+/// The reason sent with `close::RESTARTING`.
+pub const RESTARTING_REASON: &str =
+    "the server is restarting; reconnect and resume from the last position received";
 
 /// The websocket limits of a server.
 #[derive(Debug, Clone, Copy)]
@@ -108,6 +115,9 @@ pub struct Shared {
     pub limiter: Arc<RateLimiter>,
     pub limits: WsLimits,
     pub open: Arc<OpenOperations>,
+    /// Raised when the process begins to stop: every session is closed with
+    /// `close::RESTARTING`.
+    pub stopping: watch::Receiver<bool>,
 }
 
 /// The outcome of `connection_init`.
@@ -198,6 +208,7 @@ pub async fn serve(
         control: control_rx,
         operations,
         init_timeout: shared.limits.init_timeout,
+        stopping: shared.stopping.clone(),
     };
     let close = write(&mut sink, session, ends).await;
     reader.abort();
@@ -255,6 +266,7 @@ struct Ends {
     control: mpsc::UnboundedReceiver<Control>,
     operations: Arc<Mutex<Operations>>,
     init_timeout: Duration,
+    stopping: watch::Receiver<bool>,
 }
 
 /// Writes async-graphql's messages and the reader's until the session ends; the close to
@@ -272,6 +284,7 @@ where
         control: mut control_rx,
         operations,
         init_timeout,
+        mut stopping,
     } = ends;
     tokio::pin!(session);
     let init_deadline = Instant::now() + init_timeout;
@@ -280,6 +293,10 @@ where
     let mut refused = false;
     let mut init_open = true;
     let mut reader_done = false;
+    let mut watching_stop = true;
+    if *stopping.borrow_and_update() {
+        return Some((close::RESTARTING, RESTARTING_REASON.to_owned()));
+    }
     loop {
         let deadline = if initialised {
             expiry
@@ -339,6 +356,14 @@ where
                     Init::Pending => {}
                 }
             },
+            // A process whose `App` is gone never stops its sessions.
+            changed = stopping.changed(), if watching_stop => {
+                if changed.is_err() {
+                    watching_stop = false;
+                } else if *stopping.borrow_and_update() {
+                    break Some((close::RESTARTING, RESTARTING_REASON.to_owned()));
+                }
+            }
             _ = sleep_until(deadline) => {
                 break Some(if initialised {
                     (close::UNAUTHORIZED, "the token has expired; reconnect with a fresh one".to_owned())

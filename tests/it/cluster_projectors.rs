@@ -423,7 +423,7 @@ async fn rebuild_under_load(c: &mut Cluster) {
         tokio::spawn(async move {
             let mut i = 0usize;
             while !stop.load(Ordering::Relaxed) {
-                let result = if i % 3 == 0 {
+                let result = if i.is_multiple_of(3) {
                     try_gql(
                         &router,
                         CREATE_USER,

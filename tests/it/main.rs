@@ -32,3 +32,4 @@ mod queries;
 mod readme;
 mod relay;
 mod schema;
+mod shutdown;
