@@ -17,11 +17,13 @@
 
 pub mod postgres;
 mod protect;
+mod republish;
 mod sealing;
 mod sql;
 pub mod sqlite;
 
 pub use protect::{ProtectHistory, Protected};
+pub use republish::{RepublishCheckpoint, RepublishState, RepublishStore};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -207,12 +209,19 @@ pub trait StoreHealth: Send + Sync {
 /// with all the roles is one. The methods of every role are callable on a `dyn EventStore`
 /// with only `EventStore` imported; on a concrete store, the role's trait must be in scope.
 pub trait EventStore:
-    CommandStore + RelayStore + CommitFeed + StoreHealth + ProtectHistory
+    CommandStore + RelayStore + CommitFeed + StoreHealth + ProtectHistory + RepublishStore
 {
 }
 
-impl<T: CommandStore + RelayStore + CommitFeed + StoreHealth + ProtectHistory + ?Sized> EventStore
-    for T
+impl<
+        T: CommandStore
+            + RelayStore
+            + CommitFeed
+            + StoreHealth
+            + ProtectHistory
+            + RepublishStore
+            + ?Sized,
+    > EventStore for T
 {
 }
 
