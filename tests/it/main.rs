@@ -30,4 +30,5 @@ mod http;
 mod queries;
 mod readme;
 mod relay;
+mod republish;
 mod schema;
