@@ -6,10 +6,12 @@ use pcf_adapters::kafka::{headers, QuietContext};
 use pcf_domain::ports::{Acknowledgements, EventPublisher, PortError};
 use pcf_domain::EventEnvelope;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::ToBytes;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use std::time::Duration;
 
 /// Where and how to publish.
@@ -103,6 +105,45 @@ impl EventMessage {
     }
 }
 
+/// The settings of PCF's event producer: idempotent, `acks=all`, lz4 batches.
+pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("compression.type", "lz4")
+        .set(
+            "message.timeout.ms",
+            config.delivery_timeout.as_millis().to_string(),
+        );
+    client
+}
+
+/// Hands `record` to `producer`; while the producer's local queue is full, waits for
+/// deliveries to drain it. The delivery completes when Kafka acknowledged the message.
+pub async fn enqueue<C, K, P>(
+    producer: &FutureProducer<C>,
+    mut record: FutureRecord<'_, K, P>,
+) -> Result<DeliveryFuture, KafkaError>
+where
+    C: ClientContext + 'static,
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
 /// Publishes envelopes to Kafka.
 pub struct KafkaPublisher {
     producer: FutureProducer<QuietContext>,
@@ -111,17 +152,8 @@ pub struct KafkaPublisher {
 
 impl KafkaPublisher {
     pub fn new(config: KafkaConfig) -> Result<Self, KafkaError> {
-        let producer: FutureProducer<QuietContext> = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "2")
-            .set("compression.type", "lz4")
-            .set(
-                "message.timeout.ms",
-                config.delivery_timeout.as_millis().to_string(),
-            )
-            .create_with_context(QuietContext::default())?;
+        let producer: FutureProducer<QuietContext> =
+            producer_config(&config).create_with_context(QuietContext::default())?;
         Ok(Self { producer, config })
     }
 
@@ -188,24 +220,14 @@ impl EventPublisher for KafkaPublisher {
                 value,
                 headers,
             } = EventMessage::of(event, self.config.replay)?;
-            let mut record = FutureRecord::to(&self.config.topic)
+            let record = FutureRecord::to(&self.config.topic)
                 .key(&key)
                 .payload(&value)
                 .headers(headers);
-            // Enqueue; when the local queue is full, wait for deliveries to drain it.
-            loop {
-                match self.producer.send_result(record) {
-                    Ok(delivery) => {
-                        deliveries.push(delivery);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        record = r;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err((e, _)) => return Err(PortError::Unavailable(e.to_string())),
-                }
-            }
+            let delivery = enqueue(&self.producer, record)
+                .await
+                .map_err(|e| PortError::Unavailable(e.to_string()))?;
+            deliveries.push(delivery);
         }
         // The idempotent producer keeps per-partition order across retries, and messages
         // leave in the order they were enqueued, so each user's events stay in sequence

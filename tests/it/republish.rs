@@ -94,9 +94,18 @@ fn config_of(c: &Cluster) -> pcf::Config {
 async fn write_history(router: &axum::Router, tag: &str, n: usize) -> Vec<Uuid> {
     let mut ids = Vec::new();
     for i in 0..n {
-        let id = create_user(router, &format!("h{i}@{tag}.example.com"), &format!("H {i}")).await;
-        update_profile(router, id, json!({ "displayName": format!("H {i} b"), "bio": "bio" }))
-            .await;
+        let id = create_user(
+            router,
+            &format!("h{i}@{tag}.example.com"),
+            &format!("H {i}"),
+        )
+        .await;
+        update_profile(
+            router,
+            id,
+            json!({ "displayName": format!("H {i} b"), "bio": "bio" }),
+        )
+        .await;
         if i % 3 == 1 {
             change_email(router, id, &format!("h{i}-new@{tag}.example.com")).await;
         }
@@ -133,13 +142,42 @@ async fn settled_log(c: &Cluster, log: &Arc<dyn EventLog>) -> Vec<EventEnvelope>
     .await
 }
 
-/// Reads `topic` until it holds every event of `expected`, then for a moment more.
+/// How long a test waits for a topic to hold what it expects. Generous: a transaction held
+/// open anywhere on the shared PostgreSQL server (another test's bulk load) holds back every
+/// relay and replay on it.
+const TOPIC_WAIT: Duration = Duration::from_secs(180);
+
+/// Reads `topic` until it holds every event of `expected`, then for a moment more; fails
+/// naming how many are missing.
 async fn read_topic(brokers: &str, topic: &str, expected: &BTreeSet<Uuid>) -> Vec<Record> {
+    read_topic_explained(brokers, topic, expected, async |_| String::new()).await
+}
+
+/// `read_topic`, whose failure also says what `explain` tells of the missing events.
+async fn read_topic_explained(
+    brokers: &str,
+    topic: &str,
+    expected: &BTreeSet<Uuid>,
+    explain: impl AsyncFnOnce(Vec<Uuid>) -> String,
+) -> Vec<Record> {
     let mut tail = TopicTail::new(brokers, topic).await;
-    tail.wait_for(CONVERGE, "every expected event", |r| {
-        event_ids(r).is_superset(expected)
-    })
-    .await;
+    let deadline = Instant::now() + TOPIC_WAIT;
+    while !event_ids(&tail.records).is_superset(expected) {
+        if Instant::now() >= deadline {
+            let missing: Vec<Uuid> = expected
+                .difference(&event_ids(&tail.records))
+                .copied()
+                .collect();
+            panic!(
+                "{} of {} events missing from {topic} after {TOPIC_WAIT:?} ({} messages read); {}",
+                missing.len(),
+                expected.len(),
+                tail.records.len(),
+                explain(missing).await
+            );
+        }
+        tail.drain_for(Duration::from_millis(500)).await;
+    }
     tail.drain_for(Duration::from_millis(500)).await;
     tail.records
 }
@@ -158,7 +196,9 @@ fn assert_ordered_per_user(records: &[Record]) -> Vec<EventEnvelope> {
     for (partition, mut messages) in by_partition {
         messages.sort_by_key(|r| r.offset);
         for r in messages {
-            let e = r.envelope().unwrap_or_else(|| panic!("not an envelope: {r:?}"));
+            let e = r
+                .envelope()
+                .unwrap_or_else(|| panic!("not an envelope: {r:?}"));
             assert_eq!(r.key, Some(e.aggregate_id.to_string()), "key of {r:?}");
             let p = *partition_of.entry(e.aggregate_id).or_insert(partition);
             assert_eq!(p, partition, "user {} in two partitions", e.aggregate_id);
@@ -251,9 +291,7 @@ async fn run_fixture(
 
 async fn whole_republish(c: &mut Cluster) {
     let config = config_of(c);
-    let node = c
-        .start(&config, &[Role::Api, Role::Relay])
-        .await;
+    let node = c.start(&config, &[Role::Api, Role::Relay]).await;
     let tag = c.tag().to_owned();
     let ids = write_history(&node.router, &tag, 16).await;
     let deleted: Vec<Uuid> = ids
@@ -308,13 +346,23 @@ async fn whole_republish(c: &mut Cluster) {
     assert_eq!(done.through, before.last().unwrap().position);
     assert_eq!(done.resumed_after, None);
     let reported = reported.into_inner().unwrap();
-    assert_eq!(reported.first().map(|p| (p.published, p.total)), Some((0, before.len() as u64)));
-    assert_eq!(reported.last().map(|p| p.published), Some(before.len() as u64));
+    assert_eq!(
+        reported.first().map(|p| (p.published, p.total)),
+        Some((0, before.len() as u64))
+    );
+    assert_eq!(
+        reported.last().map(|p| p.published),
+        Some(before.len() as u64)
+    );
     let expected: BTreeSet<Uuid> = before.iter().map(|e| e.event_id).collect();
     let replayed = read_topic(&c.brokers, &replay, &expected).await;
     let in_order = assert_ordered_per_user(&replayed);
     assert_eq!(in_order.len(), before.len(), "a duplicate without a seam");
-    assert_eq!(event_ids(&replayed), expected, "events outside the log as it was");
+    assert_eq!(
+        event_ids(&replayed),
+        expected,
+        "events outside the log as it was"
+    );
     assert_eq!(
         topic_partitions(&c.brokers, &[&replay]).await.get(&replay),
         Some(&3)
@@ -334,19 +382,31 @@ async fn whole_republish(c: &mut Cluster) {
         let mut headers = l.headers.clone();
         headers.insert("replay".to_owned(), "true".to_owned());
         assert_eq!(r.headers, headers, "headers of {}", e.event_id);
-        assert!(!l.headers.contains_key("replay"), "the live stream says replay");
+        assert!(
+            !l.headers.contains_key("replay"),
+            "the live stream says replay"
+        );
     }
     let text = String::from_utf8_lossy(
-        &replayed.iter().flat_map(|r| r.payload.clone()).collect::<Vec<u8>>(),
+        &replayed
+            .iter()
+            .flat_map(|r| r.payload.clone())
+            .collect::<Vec<u8>>(),
     )
     .into_owned();
-    assert!(!text.contains(&format!("@{tag}.example.com")), "an email in plain text");
+    assert!(
+        !text.contains(&format!("@{tag}.example.com")),
+        "an email in plain text"
+    );
     let mut deleted_events: Vec<EventEnvelope> = replayed
         .iter()
         .filter_map(Record::envelope)
         .filter(|e| deleted.contains(&e.aggregate_id))
         .collect();
-    assert!(!deleted_events.is_empty(), "the control: no deleted user replayed");
+    assert!(
+        !deleted_events.is_empty(),
+        "the control: no deleted user replayed"
+    );
     let sealed = deleted_events
         .iter()
         .filter(|e| e.payload.get("sealed").is_some())
@@ -366,7 +426,11 @@ async fn whole_republish(c: &mut Cluster) {
     }
 
     // The live relay published what was committed during the replay; how long it took.
-    assert!(committed.len() >= 5, "too few commands during the replay: {}", committed.len());
+    assert!(
+        committed.len() >= 5,
+        "too few commands during the replay: {}",
+        committed.len()
+    );
     let latencies = watch.latencies(&committed, CONVERGE).await;
     eprintln!(
         "live relay during a replay at 40 events/s: {} commands, commit -> on the live topic \
@@ -381,7 +445,10 @@ async fn whole_republish(c: &mut Cluster) {
     assert_eq!(rows[0].0, replay);
     assert_eq!(rows[0].1, "from=start;to=end;types=all");
     assert_eq!(rows[0].2, done.through.to_string());
-    assert_eq!((rows[0].3, rows[0].4.as_str()), (before.len() as i64, "finished"));
+    assert_eq!(
+        (rows[0].3, rows[0].4.as_str()),
+        (before.len() as i64, "finished")
+    );
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
@@ -408,20 +475,26 @@ impl LiveWatch {
         let partitions = topic_partitions(brokers, &[topic]).await[topic];
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions as i32 {
-            tpl.add_partition_offset(topic, p, Offset::End).expect("an offset");
+            tpl.add_partition_offset(topic, p, Offset::End)
+                .expect("an offset");
         }
         consumer.assign(&tpl).expect("assigning");
         let arrived: Arc<Mutex<HashMap<(Uuid, u64), Instant>>> = Arc::default();
         let into = arrived.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok(m) = consumer.recv().await else { continue };
+                let Ok(m) = consumer.recv().await else {
+                    continue;
+                };
                 let at = Instant::now();
                 if let Some(e) = m
                     .payload()
                     .and_then(|p| serde_json::from_slice::<EventEnvelope>(p).ok())
                 {
-                    into.lock().unwrap().entry((e.aggregate_id, e.sequence)).or_insert(at);
+                    into.lock()
+                        .unwrap()
+                        .entry((e.aggregate_id, e.sequence))
+                        .or_insert(at);
                 }
             }
         });
@@ -480,16 +553,24 @@ async fn resumed_republish(c: &mut Cluster) {
     slow.rate = Some(40);
 
     // Interrupted (Ctrl-C): what is acknowledged is saved, and the run says so.
-    let e = republish(&config, &slow, &|_| {}, tokio::time::sleep(Duration::from_millis(700)))
-        .await
-        .unwrap_err();
+    let e = republish(
+        &config,
+        &slow,
+        &|_| {},
+        tokio::time::sleep(Duration::from_millis(700)),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code, "INTERRUPTED", "{e}");
     let rows = checkpoints(c).await;
     assert_eq!(rows.len(), 1, "{rows:?}");
     let (first_stop, published) = (rows[0].2.parse::<Position>().unwrap(), rows[0].3);
     assert_eq!(rows[0].4, "interrupted");
     assert!(e.message.contains(&first_stop.to_string()), "{e}");
-    assert!(published > 0 && (published as usize) < events.len(), "{rows:?}");
+    assert!(
+        published > 0 && (published as usize) < events.len(),
+        "{rows:?}"
+    );
     assert!(first_stop > Position::START && first_stop < events.last().unwrap().position);
 
     // Killed mid-run (no chance to save anything more): the checkpoint says it was
@@ -513,14 +594,26 @@ async fn resumed_republish(c: &mut Cluster) {
     let expected: BTreeSet<Uuid> = events.iter().map(|e| e.event_id).collect();
     let records = read_topic(&c.brokers, &topic, &expected).await;
     assert_ordered_per_user(&records);
-    assert_eq!(event_ids(&records), expected, "a gap, or events from elsewhere");
+    assert_eq!(
+        event_ids(&records),
+        expected,
+        "a gap, or events from elsewhere"
+    );
     // Duplicates only at the seams: events handed over after a saved checkpoint, never one
     // at or before the first.
     let dups = duplicated(&records);
     for d in &dups {
-        assert!(d.position > first_stop, "{} duplicated before the seam", d.position);
+        assert!(
+            d.position > first_stop,
+            "{} duplicated before the seam",
+            d.position
+        );
     }
-    eprintln!("{} events, {} duplicates at the seams", events.len(), dups.len());
+    eprintln!(
+        "{} events, {} duplicates at the seams",
+        events.len(),
+        dups.len()
+    );
     let rows = checkpoints(c).await;
     assert_eq!(rows[0].4, "finished", "{rows:?}");
     assert_eq!(rows[0].5, None, "{rows:?}");
@@ -528,11 +621,21 @@ async fn resumed_republish(c: &mut Cluster) {
     // Once finished, the same command publishes only what the log gained since.
     let later = create_user(&node.router, &format!("later@{tag}.example.com"), "Later").await;
     let log_now = settled_log(c, &log).await;
-    let again = run(&config, &args(&topic)).await.expect("a run after the end");
+    let again = run(&config, &args(&topic))
+        .await
+        .expect("a run after the end");
     assert_eq!(again.published, 1, "{again:?}");
     assert_eq!(again.resumed_after, Some(done.through));
-    let tail = read_topic(&c.brokers, &topic, &log_now.iter().map(|e| e.event_id).collect()).await;
-    let last = tail.iter().filter_map(Record::envelope).filter(|e| e.aggregate_id == later);
+    let tail = read_topic(
+        &c.brokers,
+        &topic,
+        &log_now.iter().map(|e| e.event_id).collect(),
+    )
+    .await;
+    let last = tail
+        .iter()
+        .filter_map(Record::envelope)
+        .filter(|e| e.aggregate_id == later);
     assert_eq!(last.count(), 1);
 }
 
@@ -584,7 +687,11 @@ async fn selections(c: &mut Cluster) {
     assert_eq!(total.into_inner().unwrap(), Some(expected.len() as u64));
     let ids: BTreeSet<Uuid> = expected.iter().map(|e| e.event_id).collect();
     let records = read_topic(&c.brokers, &topic, &ids).await;
-    assert_eq!(event_ids(&records), ids, "other events than the selection's");
+    assert_eq!(
+        event_ids(&records),
+        ids,
+        "other events than the selection's"
+    );
     assert_eq!(records.len(), ids.len(), "duplicates");
     // In commit order within each partition.
     let mut by_partition: BTreeMap<i32, Vec<(i64, Position)>> = BTreeMap::new();
@@ -596,7 +703,10 @@ async fn selections(c: &mut Cluster) {
     }
     for (p, mut v) in by_partition {
         v.sort();
-        assert!(v.windows(2).all(|w| w[0].1 < w[1].1), "partition {p}: {v:?}");
+        assert!(
+            v.windows(2).all(|w| w[0].1 < w[1].1),
+            "partition {p}: {v:?}"
+        );
     }
 
     // `--from` alone, inclusive: from that event to the end of the log.
@@ -605,7 +715,9 @@ async fn selections(c: &mut Cluster) {
         from: Some(to.to_string()),
         ..args(&topic)
     };
-    let done = run(&config, &tail).await.expect("the republish from a position");
+    let done = run(&config, &tail)
+        .await
+        .expect("the republish from a position");
     let expected: BTreeSet<Uuid> = events
         .iter()
         .filter(|e| e.position >= to)
@@ -618,9 +730,13 @@ async fn selections(c: &mut Cluster) {
     let rows = checkpoints(c).await;
     let selections: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
     assert_eq!(rows.len(), 2, "{rows:?}");
-    assert!(selections.contains(&format!("from={to};to=end;types=all").as_str()), "{rows:?}");
     assert!(
-        selections.contains(&format!("from={from};to={to};types=AccountDeleted,ProfileUpdated").as_str()),
+        selections.contains(&format!("from={to};to=end;types=all").as_str()),
+        "{rows:?}"
+    );
+    assert!(
+        selections
+            .contains(&format!("from={from};to={to};types=AccountDeleted,ProfileUpdated").as_str()),
         "{rows:?}"
     );
 }
@@ -652,14 +768,35 @@ async fn bad_input(c: &mut Cluster) {
         }
     };
     let e = refused("UNKNOWN_POSITION")(
-        run(&config, &RepublishArgs { from: Some(nowhere.clone()), ..args(&never) }).await,
+        run(
+            &config,
+            &RepublishArgs {
+                from: Some(nowhere.clone()),
+                ..args(&never)
+            },
+        )
+        .await,
     );
     assert!(e.message.contains(&nowhere), "{e}");
     refused("UNKNOWN_POSITION")(
-        run(&config, &RepublishArgs { to: Some(nowhere), ..args(&never) }).await,
+        run(
+            &config,
+            &RepublishArgs {
+                to: Some(nowhere),
+                ..args(&never)
+            },
+        )
+        .await,
     );
     refused("INVALID_POSITION")(
-        run(&config, &RepublishArgs { from: Some("last week".into()), ..args(&never) }).await,
+        run(
+            &config,
+            &RepublishArgs {
+                from: Some("last week".into()),
+                ..args(&never)
+            },
+        )
+        .await,
     );
     let e = refused("INVALID_RANGE")(
         run(
@@ -674,16 +811,33 @@ async fn bad_input(c: &mut Cluster) {
     );
     assert!(e.message.contains("is after"), "{e}");
     refused("UNKNOWN_EVENT_TYPE")(
-        run(&config, &RepublishArgs { types: vec!["UserRenamed".into()], ..args(&never) }).await,
+        run(
+            &config,
+            &RepublishArgs {
+                types: vec!["UserRenamed".into()],
+                ..args(&never)
+            },
+        )
+        .await,
     );
     let bad_name = format!("{}.never!", c.topic);
     let e = refused("INVALID_TOPIC")(run(&config, &args(&bad_name)).await);
     assert!(e.message.contains(&bad_name), "{e}");
     // The live topic exists with 4 partitions.
     let e = refused("PARTITIONS_MISMATCH")(
-        run(&config, &RepublishArgs { partitions: Some(PARTITIONS + 1), ..args(&c.topic) }).await,
+        run(
+            &config,
+            &RepublishArgs {
+                partitions: Some(PARTITIONS + 1),
+                ..args(&c.topic)
+            },
+        )
+        .await,
     );
-    assert!(e.message.contains(&format!("{PARTITIONS} partitions")), "{e}");
+    assert!(
+        e.message.contains(&format!("{PARTITIONS} partitions")),
+        "{e}"
+    );
     // A broker that does not answer.
     let down = pcf::Config {
         kafka_brokers: Some(format!("127.0.0.1:{}", free_port())),
@@ -691,7 +845,10 @@ async fn bad_input(c: &mut Cluster) {
     };
     let started = Instant::now();
     let e = refused("KAFKA_UNAVAILABLE")(run(&down, &args(&never)).await);
-    eprintln!("a broker that is down answered in {:?}: {e}", started.elapsed());
+    eprintln!(
+        "a broker that is down answered in {:?}: {e}",
+        started.elapsed()
+    );
 
     // Nothing was written: no checkpoint, no topic.
     assert_eq!(checkpoints(c).await, vec![]);
@@ -722,13 +879,17 @@ async fn broker_dies(c: &mut Cluster, mut kafka: PrivateKafka) {
         tokio::spawn(async move { run(&config, &slow).await })
     };
     // Killed once the run has published a little.
-    wait_until(Duration::from_secs(60), "a first acknowledged batch", || async {
-        let rows = checkpoints(c).await;
-        match rows.first() {
-            Some(r) if r.3 > 0 => Ok(()),
-            _ => Err(format!("{rows:?}")),
-        }
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "a first acknowledged batch",
+        || async {
+            let rows = checkpoints(c).await;
+            match rows.first() {
+                Some(r) if r.3 > 0 => Ok(()),
+                _ => Err(format!("{rows:?}")),
+            }
+        },
+    )
     .await;
     kafka.kill();
     let e = tokio::time::timeout(Duration::from_secs(60), running)
@@ -741,8 +902,14 @@ async fn broker_dies(c: &mut Cluster, mut kafka: PrivateKafka) {
     assert_eq!(rows.len(), 1, "{rows:?}");
     let (position, published, state, error) = (&rows[0].2, rows[0].3, &rows[0].4, &rows[0].5);
     assert_eq!(state, "interrupted");
-    assert!(error.as_deref().is_some_and(|e| e.contains("publishing")), "{rows:?}");
-    assert!(published > 0 && (published as usize) < events.len(), "{rows:?}");
+    assert!(
+        error.as_deref().is_some_and(|e| e.contains("publishing")),
+        "{rows:?}"
+    );
+    assert!(
+        published > 0 && (published as usize) < events.len(),
+        "{rows:?}"
+    );
     assert!(e.message.contains(position.as_str()), "{e}");
     // What the checkpoint counts is what the topic holds, at least.
     kafka.restart().await;
@@ -755,8 +922,13 @@ async fn broker_dies(c: &mut Cluster, mut kafka: PrivateKafka) {
     let records = read_topic(&c.brokers, topic, &acknowledged).await;
     assert_ordered_per_user(&records);
     // And the same command finishes the job.
-    let done = run(&config, &args(topic)).await.expect("the run after the restart");
-    assert_eq!(done.resumed_after.map(|p| p.to_string()).as_ref(), Some(position));
+    let done = run(&config, &args(topic))
+        .await
+        .expect("the run after the restart");
+    assert_eq!(
+        done.resumed_after.map(|p| p.to_string()).as_ref(),
+        Some(position)
+    );
     let all: BTreeSet<Uuid> = events.iter().map(|e| e.event_id).collect();
     let records = read_topic(&c.brokers, topic, &all).await;
     assert_ordered_per_user(&records);
@@ -829,7 +1001,7 @@ async fn topic_switch(c: &mut Cluster) {
     // 1. Republish the log into the new topic, with another partition count.
     let mut into_new = args(&new);
     into_new.partitions = Some(PARTITIONS - 1);
-    run(&config, &into_new).await.expect("the republish");
+    let replayed = run(&config, &into_new).await.expect("the republish");
     pause().await;
     // 2. The relay publishes to both: relay processes with the new topic as an extra topic
     //    replace the old ones.
@@ -860,19 +1032,50 @@ async fn topic_switch(c: &mut Cluster) {
     pause().await;
     writing.store(false, Ordering::Relaxed);
     let written = writer.await.expect("the writer");
-    assert!(written >= 5, "too few commands during the switch: {written}");
+    assert!(
+        written >= 5,
+        "too few commands during the switch: {written}"
+    );
 
     // Every stored event is on the new topic, each user's in sequence order.
     let stored = stored_event_ids(&c.pool).await;
-    let records = read_topic(&c.brokers, &new, &stored).await;
+    let log = api.log();
+    let pool = c.pool.clone();
+    let explain = async |missing: Vec<Uuid>| {
+        let positions: Vec<String> = whole_log(&log)
+            .await
+            .iter()
+            .filter(|e| missing.contains(&e.event_id))
+            .map(|e| e.position.to_string())
+            .collect();
+        let relays: Vec<(String, String)> = sqlx::query_as(
+            "SELECT name, lpad(to_hex(transaction_id::text::bigint), 16, '0') || \
+                    lpad(to_hex(global_position), 16, '0') FROM relay_checkpoints",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("relay checkpoints");
+        format!(
+            "the republish went through {}; missing positions (readable ones) {positions:?}; \
+             relay checkpoints {relays:?}",
+            replayed.through
+        )
+    };
+    let records = read_topic_explained(&c.brokers, &new, &stored, explain).await;
     assert_ordered_per_user(&records);
     assert_eq!(event_ids(&records), stored);
     let partitions = topic_partitions(&c.brokers, &[&new, &format!("{new}.dlq")]).await;
     assert_eq!(partitions.get(&new), Some(&((PARTITIONS - 1) as usize)));
-    assert!(partitions.contains_key(&format!("{new}.dlq")), "{partitions:?}");
+    assert!(
+        partitions.contains_key(&format!("{new}.dlq")),
+        "{partitions:?}"
+    );
     // The relay of the new topic went on from the republish: what it published first
     // follows the replay without repeating it all.
-    let replays = records.iter().filter(|r| r.headers.contains_key("replay")).count();
+    let replays = records
+        .iter()
+        .filter(|r| r.headers.contains_key("replay"))
+        .count();
     let dups = duplicated(&records).len();
     eprintln!(
         "{} events: {replays} messages replayed, {} by the relays, {dups} duplicates",

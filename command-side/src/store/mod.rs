@@ -1,6 +1,7 @@
 //! The event store, with a PostgreSQL and an SQLite adapter, behind one trait per role:
 //! `CommandStore` for command handling, `RelayStore` for the relay, `CommitFeed` for live
-//! subscriptions, `StoreHealth` for health checks. `EventStore` is all of them at once, for
+//! subscriptions, `StoreHealth` for health checks, `ProtectHistory` for `pcf events protect`,
+//! `RepublishStore` for `pcf events republish`. `EventStore` is all of them at once, for
 //! the wiring, which opens one store and hands each part the role it needs. Both adapters
 //! also implement the domain's `EventLog` (reads of the log, for the relay, rebuilds and
 //! tools) and `EmailDirectory`.
