@@ -1,5 +1,7 @@
 //! The relay's Kafka adapter: one topic per aggregate type, keyed by user id so that a user's
-//! events stay ordered in one partition; idempotent producer with `acks=all`.
+//! events stay ordered in one partition; idempotent producer with `acks=all`. The message of
+//! an event (`EventMessage`) is built here once, for the live relay and for
+//! `pcf events republish` alike, which also prepares its topic here (`prepare_topic`).
 
 use async_trait::async_trait;
 use pcf_adapters::kafka::{headers, QuietContext};
