@@ -10,6 +10,7 @@ use pcf_command::kafka::{
 use pcf_command::{RepublishConfig, Republisher, Selection};
 use pcf_domain::ports::{EventLog, LogPages};
 use pcf_domain::Position;
+use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
 
 /// The share of the maximum command rate at which commands run while the relay's latency is
@@ -253,6 +254,12 @@ impl Bench {
         });
         let o = self.options.clone();
         let paced = open_loop(op, rate, o.warmup, o.duration).await;
+        // Where the live relay stands: a backlog that grew means it was held back, not the
+        // consumer.
+        let relay = pcf::app::relay_name(&self.config);
+        let checkpoint = self.app.store.load_checkpoint(&relay).await?;
+        let backlog = self.app.store.count_after(checkpoint).await?;
+        eprintln!("bench: live relay backlog after the measurement: {backlog} events");
         watching.abort();
         if let Some((stop, task)) = replaying {
             let _ = stop.send(true);
@@ -283,9 +290,23 @@ impl Bench {
             .set("auto.offset.reset", "latest")
             .set("enable.partition.eof", "false")
             .create()?;
-        consumer.subscribe(&[&self.config.kafka_topic])?;
-        // Let the group settle before measuring.
-        let _ = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await;
+        // Every partition from its end as it is now, assigned rather than subscribed: a
+        // group's assignment comes after a rebalance, and what is published before it would
+        // be missed.
+        let topic = self.config.kafka_topic.clone();
+        let assignment = tokio::task::block_in_place(|| {
+            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+            let mut tpl = TopicPartitionList::new();
+            for t in metadata.topics() {
+                for p in t.partitions() {
+                    let (_, high) =
+                        consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
+                    tpl.add_partition_offset(&topic, p.id(), Offset::Offset(high))?;
+                }
+            }
+            anyhow::Ok(tpl)
+        })?;
+        consumer.assign(&assignment)?;
         Ok(tokio::spawn(async move {
             loop {
                 let Ok(m) = consumer.recv().await else {
