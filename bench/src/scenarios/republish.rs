@@ -10,12 +10,26 @@ use pcf_command::kafka::{
 use pcf_command::{RepublishConfig, Republisher, Selection};
 use pcf_domain::ports::{EventLog, LogPages};
 use pcf_domain::Position;
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
 
 /// The share of the maximum command rate at which commands run while the relay's latency is
 /// measured: the replay and the commands share the machine.
 const COMMAND_LOAD: f64 = 0.25;
+
+/// The thread that reads the live topic.
+struct LiveWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl LiveWatch {
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
+}
 
 /// Arrivals on the live topic, and the commits waiting for theirs.
 #[derive(Default)]
@@ -260,7 +274,7 @@ impl Bench {
         let checkpoint = self.app.store.load_checkpoint(&relay).await?;
         let backlog = self.app.store.count_after(checkpoint).await?;
         eprintln!("bench: live relay backlog after the measurement: {backlog} events");
-        watching.abort();
+        watching.stop();
         if let Some((stop, task)) = replaying {
             let _ = stop.send(true);
             let (runs, published) = task.await??;
@@ -275,12 +289,9 @@ impl Bench {
     }
 
     /// Reads the live topic from its end, telling each waiting commit when its event arrived.
-    async fn watch_live_topic(
-        &self,
-        arrivals: Arc<Mutex<Arrivals>>,
-    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    async fn watch_live_topic(&self, arrivals: Arc<Mutex<Arrivals>>) -> anyhow::Result<LiveWatch> {
         let brokers = self.config.kafka_brokers.clone().unwrap_or_default();
-        let consumer: StreamConsumer = ClientConfig::new()
+        let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &brokers)
             .set(
                 "group.id",
@@ -307,9 +318,13 @@ impl Bench {
             anyhow::Ok(tpl)
         })?;
         consumer.assign(&assignment)?;
-        Ok(tokio::spawn(async move {
-            loop {
-                let Ok(m) = consumer.recv().await else {
+        // On a thread of its own: the replay and the server keep the runtime's threads
+        // busy, and a late poll would be counted as the relay's delay.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopping.load(Ordering::Relaxed) {
+                let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
                     continue;
                 };
                 let at = Instant::now();
@@ -330,7 +345,8 @@ impl Bench {
                     }
                 }
             }
-        }))
+        });
+        Ok(LiveWatch { stop, thread })
     }
 }
 
