@@ -6,7 +6,7 @@
 //! on the live stream).
 
 use pcf_domain::ports::{Acknowledgements, EventPublisher, LogQuery, PortError};
-use pcf_domain::Position;
+use pcf_domain::{EventEnvelope, Position};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
@@ -308,12 +308,15 @@ impl Republisher {
             Some(rate) => (rate as usize / 10).clamp(1, self.config.batch_size.max(1)),
             None => self.config.batch_size.max(1),
         };
-        let mut query = LogQuery {
+        let query = LogQuery {
             after: Some(start),
             types: self.config.selection.types.clone(),
             limit: batch,
             ..LogQuery::default()
         };
+        // Pages are read ahead while the one before is handed over: the event store's work
+        // and this process's overlap.
+        let mut pages = read_ahead(self.store.clone(), query, end);
         let started = Instant::now();
         let mut handed = 0u64;
         loop {
@@ -327,30 +330,16 @@ impl Republisher {
                     _ = tokio::time::sleep_until(due.into()) => {}
                 }
             }
-            let mut events = self
-                .store
-                .read(&query)
-                .await
-                .map_err(RepublishError::Read)?;
-            if events.is_empty() {
-                // Nothing selected after here in the readable log: the end when the log is
-                // readable up to `end`, else events up to `end` are committed but wait for
-                // an earlier transaction.
-                let readable = self
-                    .store
-                    .last_position()
-                    .await
-                    .map_err(RepublishError::Read)?;
-                if readable.is_some_and(|r| r >= end) || query.after >= Some(end) {
-                    return Ok(());
-                }
-                tokio::select! {
-                    _ = stop.as_mut() => return Err(interrupted()),
-                    _ = tokio::time::sleep(PENDING_PAUSE) => {}
-                }
-                continue;
-            }
-            events.retain(|e| e.position <= end);
+            let events = tokio::select! {
+                _ = stop.as_mut() => return Err(interrupted()),
+                page = pages.recv() => match page {
+                    Some(page) => page?,
+                    None => return Err(RepublishError::Read(PortError::Internal(
+                        "the reading of the log stopped before its end".into(),
+                    ))),
+                },
+            };
+            // The empty page that says the selection is read to its end.
             let Some(last) = events.last().map(|e| e.position) else {
                 return Ok(());
             };
@@ -363,7 +352,6 @@ impl Republisher {
                         checkpoint: Position::START,
                     })?;
             handed += events.len() as u64;
-            query.after = Some(last);
             in_flight.push_back((last, events.len() as u64, acknowledged));
             if in_flight.len() >= MAX_IN_FLIGHT {
                 self.settle_oldest(in_flight, checkpoint, report).await?;
@@ -410,6 +398,60 @@ impl Republisher {
         report(checkpoint);
         Ok(())
     }
+}
+
+/// Pages of `query` up to `end`, read by a task of their own, at most two ahead of their
+/// reader; an empty page says the end is reached, a failed read is sent as such, and both
+/// are the last. The task ends when the reader drops the channel.
+fn read_ahead(
+    store: Arc<dyn EventStore>,
+    mut query: LogQuery,
+    end: Position,
+) -> tokio::sync::mpsc::Receiver<Result<Vec<EventEnvelope>, RepublishError>> {
+    let (pages, received) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(async move {
+        loop {
+            let mut events = match store.read(&query).await {
+                Ok(events) => events,
+                Err(e) => {
+                    let _ = pages.send(Err(RepublishError::Read(e))).await;
+                    return;
+                }
+            };
+            if events.is_empty() {
+                // Nothing selected after here in the readable log: the end when the log is
+                // readable up to `end`, else events up to `end` are committed but wait for
+                // an earlier transaction.
+                let at_end = match store.last_position().await {
+                    Ok(readable) => readable.is_some_and(|r| r >= end) || query.after >= Some(end),
+                    Err(e) => {
+                        let _ = pages.send(Err(RepublishError::Read(e))).await;
+                        return;
+                    }
+                };
+                if at_end {
+                    let _ = pages.send(Ok(Vec::new())).await;
+                    return;
+                }
+                if pages.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(PENDING_PAUSE).await;
+                continue;
+            }
+            events.retain(|e| e.position <= end);
+            let Some(last) = events.last().map(|e| e.position) else {
+                // Past `end`: an empty page says so.
+                let _ = pages.send(Ok(Vec::new())).await;
+                return;
+            };
+            query.after = Some(last);
+            if pages.send(Ok(events)).await.is_err() {
+                return;
+            }
+        }
+    });
+    received
 }
 
 /// The position just before `p`: the greatest one below it (no event lies between them).
