@@ -228,16 +228,20 @@ impl Bench {
         let client = self.client.clone();
         let users = Arc::new(self.users.clone());
         let (interval, warmup) = (super::super::load::interval(rate), self.options.warmup);
+        // A name no earlier measurement gave: an update to the name a user has already is no
+        // change, and appends no event.
+        let run = Uuid::new_v4().simple().to_string()[..8].to_owned();
         let op: Op = Arc::new(move |n| {
             let client = client.clone();
             let id = users[n as usize % users.len()];
             let rec = rec.clone();
             let arrivals = arrivals.clone();
+            let run = run.clone();
             async move {
                 let v = client
                     .graphql(&json!({
                         "query": "mutation($id: ID!, $d: String!) { updateProfile(id: $id, input: {displayName: $d}) { version } }",
-                        "variables": { "id": id, "d": format!("P{n}") }
+                        "variables": { "id": id, "d": format!("P{run}-{n}") }
                     }))
                     .await?;
                 let committed = Instant::now();
