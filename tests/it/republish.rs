@@ -549,6 +549,7 @@ async fn resumed_republish(c: &mut Cluster) {
     slow.rate = Some(40);
 
     // Interrupted (Ctrl-C): what is acknowledged is saved, and the run says so.
+    let started = Instant::now();
     let e = republish(
         &config,
         &slow,
@@ -557,10 +558,17 @@ async fn resumed_republish(c: &mut Cluster) {
     )
     .await
     .unwrap_err();
+    let elapsed = started.elapsed();
     assert_eq!(e.code, "INTERRUPTED", "{e}");
     let rows = checkpoints(c).await;
     assert_eq!(rows.len(), 1, "{rows:?}");
     let (first_stop, published) = (rows[0].2.parse::<Position>().unwrap(), rows[0].3);
+    // `--rate 40`: never more than 40 a second, and one batch (a tenth of a second's) ahead.
+    let allowed = 40.0 * elapsed.as_secs_f64() + 4.0;
+    assert!(
+        published as f64 <= allowed,
+        "{published} events published in {elapsed:?} at --rate 40"
+    );
     assert_eq!(rows[0].4, "interrupted");
     assert!(e.message.contains(&first_stop.to_string()), "{e}");
     assert!(
