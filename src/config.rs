@@ -23,6 +23,9 @@ pub struct Config {
     pub read_database_urls: Vec<String>,
     pub kafka_brokers: Option<String>,
     pub kafka_topic: String,
+    /// Topics the relay publishes every event to besides `kafka_topic`, each from its own
+    /// checkpoint: for switching topics (docs/operations.md).
+    pub kafka_extra_topics: Vec<String>,
     pub redis_url: Option<String>,
     /// Prefix of every Redis key of the user view.
     pub redis_prefix: String,
@@ -111,6 +114,7 @@ impl Default for Config {
             read_database_urls: Vec::new(),
             kafka_brokers: None,
             kafka_topic: "pcf.users.v1".to_owned(),
+            kafka_extra_topics: Vec::new(),
             redis_url: None,
             redis_prefix: pcf_domain::read_model::REDIS_PREFIX.to_owned(),
             kafka_group_prefix: String::new(),
@@ -156,6 +160,7 @@ struct FileConfig {
     read_database_url: Option<String>,
     kafka_brokers: Option<String>,
     kafka_topic: Option<String>,
+    kafka_extra_topics: Option<String>,
     redis_url: Option<String>,
     redis_prefix: Option<String>,
     kafka_group_prefix: Option<String>,
@@ -208,6 +213,7 @@ impl FileConfig {
         pick(&mut self.read_database_url, "PCF_READ_DATABASE_URL");
         pick(&mut self.kafka_brokers, "PCF_KAFKA_BROKERS");
         pick(&mut self.kafka_topic, "PCF_KAFKA_TOPIC");
+        pick(&mut self.kafka_extra_topics, "PCF_KAFKA_EXTRA_TOPICS");
         pick(&mut self.redis_url, "PCF_REDIS_URL");
         pick(&mut self.redis_prefix, "PCF_REDIS_PREFIX");
         pick(&mut self.kafka_group_prefix, "PCF_KAFKA_GROUP_PREFIX");
@@ -280,6 +286,17 @@ impl Config {
         };
         c.kafka_brokers = f.kafka_brokers.take();
         set(&mut c.kafka_topic, f.kafka_topic.take());
+        if let Some(list) = f.kafka_extra_topics.take() {
+            for topic in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                anyhow::ensure!(
+                    topic != c.kafka_topic,
+                    "PCF_KAFKA_EXTRA_TOPICS: {topic:?} is the event topic (PCF_KAFKA_TOPIC) itself"
+                );
+                if !c.kafka_extra_topics.iter().any(|t| t == topic) {
+                    c.kafka_extra_topics.push(topic.to_owned());
+                }
+            }
+        }
         c.redis_url = f.redis_url.take();
         set(&mut c.redis_prefix, f.redis_prefix.take());
         set(&mut c.kafka_group_prefix, f.kafka_group_prefix.take());
@@ -488,6 +505,27 @@ mod tests {
         ] {
             assert!(Config::from_sources(Some(bad), &|_| None).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn extra_topics_are_a_comma_separated_list_without_the_event_topic() {
+        let env = |k: &str| match k {
+            "PCF_KAFKA_EXTRA_TOPICS" => Some("b, c,b,".to_owned()),
+            "PCF_KAFKA_TOPIC" => Some("a".to_owned()),
+            _ => None,
+        };
+        let c = Config::from_sources(None, &env).unwrap();
+        assert_eq!(c.kafka_extra_topics, ["b", "c"]);
+        assert!(Config::from_sources(None, &|_| None)
+            .unwrap()
+            .kafka_extra_topics
+            .is_empty());
+        let c = Config::from_sources(Some("kafka_extra_topics = \"x\""), &|_| None).unwrap();
+        assert_eq!(c.kafka_extra_topics, ["x"]);
+        let err = Config::from_sources(Some("kafka_extra_topics = \"pcf.users.v1\""), &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("PCF_KAFKA_EXTRA_TOPICS"), "{err}");
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub mod headers {
     pub const TRACEPARENT: &str = "traceparent";
     /// The command's correlation id.
     pub const CORRELATION_ID: &str = "correlationId";
+    /// Present, with the value [`REPLAY_VALUE`], on the messages of a replay of the log
+    /// (`pcf events republish`); absent from the live stream.
+    pub const REPLAY: &str = "replay";
+    pub const REPLAY_VALUE: &str = "true";
     /// Why a dead letter could not be applied.
     pub const ERROR: &str = "error";
     /// Where a dead letter came from: topic, partition, offset, and the consumer group.

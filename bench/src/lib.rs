@@ -25,6 +25,8 @@ pub struct BenchOptions {
     pub users: usize,
     /// Events in the log for the rebuild scenario.
     pub rebuild_events: u64,
+    /// Events the republish scenario publishes (the first of the log, seeded if needed).
+    pub republish_events: u64,
     /// Commit -> visible runs once at each of these fractions of the maximum command rate.
     pub visible_loads: Vec<f64>,
     /// Only these scenarios (all when empty).

@@ -36,12 +36,16 @@ struct Args {
     /// Events in the log for the rebuild scenario.
     #[arg(long, default_value_t = 1_000_000)]
     rebuild_events: u64,
+    /// Events published by the republish scenario (the first of the log; seeded if the log
+    /// holds fewer).
+    #[arg(long, default_value_t = 200_000)]
+    republish_events: u64,
     /// The loads commit -> visible runs at, as fractions of the maximum command rate;
     /// its target applies at 0.5. More than one measures how latency grows with load.
     #[arg(long, value_delimiter = ',', default_value = "0.5", value_parser = load_fraction)]
     visible_load: Vec<f64>,
     /// Only scenarios whose name starts with one of these (createUser, updateProfile, deleteAccount,
-    /// visible, query, rebuild).
+    /// visible, query, rebuild, republish).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Also write the results as JSON here.
@@ -77,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
         rounds: args.rounds.max(1),
         users: args.users.max(1),
         rebuild_events: args.rebuild_events,
+        republish_events: args.republish_events,
         visible_loads: args.visible_load,
         only: args.only,
         out: args.out,

@@ -22,6 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
+mod republish;
+
 use super::client::HttpClient;
 use super::load::{closed_loop, interleaved, open_loop, Measurement, Op, Recorder};
 use super::{BenchOptions, ScenarioResult};
@@ -292,6 +294,9 @@ impl Bench {
         }
         if wanted(options, "rebuild") {
             results.push(self.rebuild().await?);
+        }
+        if wanted(options, "republish") {
+            results.extend(self.republish().await?);
         }
         Ok(results)
     }
@@ -683,28 +688,32 @@ impl Bench {
         Ok(())
     }
 
+    /// The maximum command rate: measured by the updateProfile scenario, else now by a
+    /// closed loop of its own.
+    async fn command_rate(&mut self) -> f64 {
+        if let Some(rate) = self.max_command_rate {
+            return rate;
+        }
+        let o = &self.options;
+        let measured = closed_loop(
+            self.update_op(),
+            o.concurrency,
+            o.warmup,
+            Duration::from_secs(3),
+        )
+        .await
+        .throughput;
+        self.max_command_rate = Some(measured);
+        measured
+    }
+
     /// Commit (the mutation's answer) → the new version readable in Redis, at `load` (the
     /// target's 0.5) of the maximum command rate; against Kafka produce → consume with the
     /// same client settings at the same rate.
     // The subject and its baseline side by side, at the same load and with the same client:
     // kept together so that they stay alike.
     async fn commit_to_visible(&mut self, load: f64) -> anyhow::Result<ScenarioResult> {
-        let max = match self.max_command_rate {
-            Some(r) => r,
-            None => {
-                let o = &self.options;
-                let measured = closed_loop(
-                    self.update_op(),
-                    o.concurrency,
-                    o.warmup,
-                    Duration::from_secs(3),
-                )
-                .await
-                .throughput;
-                self.max_command_rate = Some(measured);
-                measured
-            }
-        };
+        let max = self.command_rate().await;
         let rate = max * load;
         self.wait_caught_up().await?;
         self.settle_database().await?;

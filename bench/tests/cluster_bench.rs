@@ -128,6 +128,8 @@ async fn a_small_run_measures_every_scenario_and_leaves_nothing_behind() {
         "20",
         "--rebuild-events",
         "2000",
+        "--republish-events",
+        "500",
         "--visible-load",
         "0.1,0.5",
     ];
@@ -154,7 +156,7 @@ async fn a_small_run_measures_every_scenario_and_leaves_nothing_behind() {
     );
     // The rebuild reads the whole log: the 2,000 events seeded and those of the scenarios
     // before it, every one of them.
-    assert_eq!(names.len(), 8, "{names:?}");
+    assert_eq!(names.len(), 10, "{names:?}");
     let rebuilt: u64 = names[7]
         .strip_prefix("projections rebuild all (")
         .and_then(|n| n.strip_suffix(" events)"))
@@ -171,6 +173,25 @@ async fn a_small_run_measures_every_scenario_and_leaves_nothing_behind() {
         );
     }
     assert!(stderr.contains("bench: round 2: rebuild "), "{stderr}");
+    // The republish of the log's first 500 events, in each round as its baseline produced
+    // them; then the live relay's latency during a replay.
+    assert_eq!(
+        names[8..],
+        [
+            "events republish (500 events)",
+            "relay commit -> publish during a replay at half its max rate",
+        ],
+        "{stderr}"
+    );
+    for side in ["subject", "baseline"] {
+        assert_eq!(
+            results[8][side]["ops"].as_u64(),
+            Some(1000),
+            "{}",
+            results[8]
+        );
+    }
+    assert!(stderr.contains("bench: round 2: republish "), "{stderr}");
     for r in &results {
         let name = &r["scenario"];
         for side in ["subject", "baseline"] {

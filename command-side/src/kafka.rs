@@ -1,15 +1,19 @@
 //! The relay's Kafka adapter: one topic per aggregate type, keyed by user id so that a user's
-//! events stay ordered in one partition; idempotent producer with `acks=all`.
+//! events stay ordered in one partition; idempotent producer with `acks=all`. The message of
+//! an event (`EventMessage`) is built here once, for the live relay and for
+//! `pcf events republish` alike, which also prepares its topic here (`prepare_topic`).
 
 use async_trait::async_trait;
 use pcf_adapters::kafka::{headers, QuietContext};
 use pcf_domain::ports::{Acknowledgements, EventPublisher, PortError};
 use pcf_domain::EventEnvelope;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::ToBytes;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use std::time::Duration;
 
 /// Where and how to publish.
@@ -21,6 +25,9 @@ pub struct KafkaConfig {
     pub partitions: i32,
     /// How long one message may wait for acknowledgement before the batch fails.
     pub delivery_timeout: Duration,
+    /// Marks every message as a replay of the log (the `replay` header): set by
+    /// `pcf events republish`, never by the live relay.
+    pub replay: bool,
 }
 
 impl KafkaConfig {
@@ -30,6 +37,7 @@ impl KafkaConfig {
             topic: topic.into(),
             partitions: 12,
             delivery_timeout: Duration::from_secs(10),
+            replay: false,
         }
     }
 
@@ -72,6 +80,92 @@ pub fn traceparent(event: &EventEnvelope) -> String {
     format!("00-{}-{}-01", trace.simple(), span)
 }
 
+/// The Kafka message of an event, as every PCF producer writes it: the user id as key, the
+/// envelope as JSON value, and the headers of `docs/events.md` (with `replay` on a replay).
+pub struct EventMessage {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub headers: OwnedHeaders,
+}
+
+impl EventMessage {
+    /// The message of `event`; `replay` adds the header that marks a replay of the log.
+    pub fn of(event: &EventEnvelope, replay: bool) -> Result<Self, PortError> {
+        let key = event.aggregate_id.to_string();
+        let value = serde_json::to_vec(event).map_err(|e| PortError::Internal(e.to_string()))?;
+        let trace = traceparent(event);
+        let mut headers = OwnedHeaders::new()
+            .insert(Header {
+                key: headers::EVENT_TYPE,
+                value: Some(event.event_type.as_bytes()),
+            })
+            .insert(Header {
+                key: headers::EVENT_VERSION,
+                value: Some(event.event_version.as_bytes()),
+            })
+            .insert(Header {
+                key: headers::TRACEPARENT,
+                value: Some(trace.as_bytes()),
+            });
+        if let Some(correlation) = &event.metadata.correlation_id {
+            headers = headers.insert(Header {
+                key: headers::CORRELATION_ID,
+                value: Some(correlation.as_bytes()),
+            });
+        }
+        if replay {
+            headers = headers.insert(Header {
+                key: headers::REPLAY,
+                value: Some(headers::REPLAY_VALUE.as_bytes()),
+            });
+        }
+        Ok(Self {
+            key,
+            value,
+            headers,
+        })
+    }
+}
+
+/// The settings of PCF's event producer: idempotent, `acks=all`, lz4 batches.
+pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("compression.type", "lz4")
+        .set(
+            "message.timeout.ms",
+            config.delivery_timeout.as_millis().to_string(),
+        );
+    client
+}
+
+/// Hands `record` to `producer`; while the producer's local queue is full, waits for
+/// deliveries to drain it. The delivery completes when Kafka acknowledged the message.
+pub async fn enqueue<C, K, P>(
+    producer: &FutureProducer<C>,
+    mut record: FutureRecord<'_, K, P>,
+) -> Result<DeliveryFuture, KafkaError>
+where
+    C: ClientContext + 'static,
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
 /// Publishes envelopes to Kafka.
 pub struct KafkaPublisher {
     producer: FutureProducer<QuietContext>,
@@ -80,17 +174,8 @@ pub struct KafkaPublisher {
 
 impl KafkaPublisher {
     pub fn new(config: KafkaConfig) -> Result<Self, KafkaError> {
-        let producer: FutureProducer<QuietContext> = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "2")
-            .set("compression.type", "lz4")
-            .set(
-                "message.timeout.ms",
-                config.delivery_timeout.as_millis().to_string(),
-            )
-            .create_with_context(QuietContext::default())?;
+        let producer: FutureProducer<QuietContext> =
+            producer_config(&config).create_with_context(QuietContext::default())?;
         Ok(Self { producer, config })
     }
 
@@ -152,47 +237,19 @@ impl EventPublisher for KafkaPublisher {
     async fn enqueue(&self, events: &[EventEnvelope]) -> Result<Acknowledgements, PortError> {
         let mut deliveries = Vec::with_capacity(events.len());
         for event in events {
-            let key = event.aggregate_id.to_string();
-            let value =
-                serde_json::to_vec(event).map_err(|e| PortError::Internal(e.to_string()))?;
-            let trace = traceparent(event);
-            let mut headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: headers::EVENT_TYPE,
-                    value: Some(event.event_type.as_bytes()),
-                })
-                .insert(Header {
-                    key: headers::EVENT_VERSION,
-                    value: Some(event.event_version.as_bytes()),
-                })
-                .insert(Header {
-                    key: headers::TRACEPARENT,
-                    value: Some(trace.as_bytes()),
-                });
-            if let Some(correlation) = &event.metadata.correlation_id {
-                headers = headers.insert(Header {
-                    key: headers::CORRELATION_ID,
-                    value: Some(correlation.as_bytes()),
-                });
-            }
-            let mut record = FutureRecord::to(&self.config.topic)
+            let EventMessage {
+                key,
+                value,
+                headers,
+            } = EventMessage::of(event, self.config.replay)?;
+            let record = FutureRecord::to(&self.config.topic)
                 .key(&key)
                 .payload(&value)
                 .headers(headers);
-            // Enqueue; when the local queue is full, wait for deliveries to drain it.
-            loop {
-                match self.producer.send_result(record) {
-                    Ok(delivery) => {
-                        deliveries.push(delivery);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        record = r;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err((e, _)) => return Err(PortError::Unavailable(e.to_string())),
-                }
-            }
+            let delivery = enqueue(&self.producer, record)
+                .await
+                .map_err(|e| PortError::Unavailable(e.to_string()))?;
+            deliveries.push(delivery);
         }
         // The idempotent producer keeps per-partition order across retries, and messages
         // leave in the order they were enqueued, so each user's events stay in sequence
@@ -208,4 +265,112 @@ impl EventPublisher for KafkaPublisher {
             Ok(())
         }))
     }
+}
+
+/// Why a topic cannot be published to (`prepare_topic`).
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    #[error("Kafka at {brokers} does not answer: {cause}")]
+    Unavailable { brokers: String, cause: String },
+    #[error("Kafka refuses the topic {topic:?}: {cause}")]
+    Refused { topic: String, cause: String },
+    #[error(
+        "topic {topic} exists with {existing} partitions, not {asked}: choose another topic, \
+         or leave --partitions out to publish into it as it is"
+    )]
+    Partitions {
+        topic: String,
+        existing: i32,
+        asked: i32,
+    },
+}
+
+/// How `prepare_topic` found the topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicReady {
+    /// Created with this many partitions.
+    Created(i32),
+    /// It existed, with this many partitions.
+    Existed(i32),
+}
+
+/// Makes sure `topic` exists: created with `partitions` (else `default_partitions`) if it
+/// does not, and, if it does and `partitions` is given, with that many partitions. Kafka is
+/// asked first for its topics (which creates none, whatever the broker's auto-creation), so
+/// that a broker that is down is told apart from a name it refuses, before anything is made.
+pub async fn prepare_topic(
+    brokers: &str,
+    topic: &str,
+    partitions: Option<i32>,
+    default_partitions: i32,
+) -> Result<TopicReady, TopicError> {
+    let unavailable = |cause: String| TopicError::Unavailable {
+        brokers: brokers.to_owned(),
+        cause,
+    };
+    let admin: AdminClient<QuietContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create_with_context(QuietContext::default())
+        .map_err(|e| unavailable(e.to_string()))?;
+    let admin = std::sync::Arc::new(admin);
+    let asking = admin.clone();
+    let name = topic.to_owned();
+    // librdkafka's metadata call blocks: off the runtime's threads.
+    let existing = tokio::task::spawn_blocking(move || {
+        let metadata = asking
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(10))?;
+        Ok::<_, KafkaError>(
+            metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == name && t.error().is_none())
+                .map(|t| t.partitions().len() as i32),
+        )
+    })
+    .await
+    .map_err(|e| unavailable(e.to_string()))?
+    .map_err(|e| unavailable(e.to_string()))?;
+    if let Some(existing) = existing {
+        return match partitions {
+            Some(asked) if asked != existing => Err(TopicError::Partitions {
+                topic: topic.to_owned(),
+                existing,
+                asked,
+            }),
+            _ => Ok(TopicReady::Existed(existing)),
+        };
+    }
+    let count = partitions.unwrap_or(default_partitions);
+    let new = NewTopic::new(topic, count, TopicReplication::Fixed(-1));
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics(&[new], &options)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    for result in results {
+        match result {
+            Ok(_) => {}
+            // Made meanwhile by another run: as if it had existed.
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                return Ok(TopicReady::Existed(count));
+            }
+            Err((
+                _,
+                code @ (RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::OperationTimedOut
+                | RDKafkaErrorCode::RequestTimedOut),
+            )) => {
+                return Err(unavailable(code.to_string()));
+            }
+            Err((_, code)) => {
+                return Err(TopicError::Refused {
+                    topic: topic.to_owned(),
+                    cause: code.to_string(),
+                })
+            }
+        }
+    }
+    Ok(TopicReady::Created(count))
 }

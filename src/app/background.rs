@@ -19,9 +19,15 @@ pub fn kafka_config(config: &Config) -> Option<KafkaConfig> {
 /// The relay's checkpoint name for a configuration.
 pub fn relay_name(config: &Config) -> String {
     match &config.kafka_brokers {
-        Some(_) => format!("kafka:{}", config.kafka_topic),
+        Some(_) => kafka_relay_name(&config.kafka_topic),
         None => "bus".to_owned(),
     }
+}
+
+/// The checkpoint name of the relay that publishes to the Kafka topic `topic`, whether the
+/// topic is the event topic or an extra one.
+pub fn kafka_relay_name(topic: &str) -> String {
+    format!("kafka:{topic}")
 }
 
 /// How often the command ids past their retention are removed.

@@ -39,6 +39,8 @@ pub async fn read_side(p: &mut Process<'_>, kafka: KafkaConfig) -> anyhow::Resul
             .watch_relay(relay_config(p.config), p.store.clone());
         let stopped = p.stopped();
         p.spawn(relay.run(stopped));
+        // During a topic switch: the same events to the extra topics.
+        super::extra_topics::start_relays(p, &kafka)?;
     }
     // Redis is connected to on first use, not here: a process starts while Redis is down
     // (the Redis projector waits for it; reads fall back to the replicas).

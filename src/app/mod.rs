@@ -8,6 +8,7 @@ pub mod background;
 pub mod bus;
 pub mod cluster;
 pub mod embedded;
+pub mod extra_topics;
 pub mod keys;
 pub mod monitor;
 pub mod process;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use background::{kafka_config, relay_name, wait_for};
+pub use background::{kafka_config, kafka_relay_name, relay_name, wait_for};
 pub use roles::{Role, ALL_ROLES, PROJECTIONS};
 pub use store::{open_store, pg_pool, Storage};
 

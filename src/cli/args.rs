@@ -1,6 +1,6 @@
 //! The `pcf` command line's arguments.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 
 use crate::app::Role;
@@ -127,4 +127,35 @@ pub enum EventsCommand {
     /// deleted accounts), in place: the one sanctioned rewrite of history (docs/events.md).
     /// Resumable and idempotent; safe while traffic goes on.
     Protect,
+    /// Publishes the log (or part of it) again, in commit order, onto a Kafka topic, with
+    /// the live stream's envelope, key and headers plus the header `replay`: for new
+    /// consumers and topic switches. Resumable: run it again to go on from its checkpoint.
+    Republish(RepublishArgs),
+}
+
+/// What `pcf events republish` publishes, where, and how fast.
+#[derive(Args, Debug, Clone, Default)]
+pub struct RepublishArgs {
+    /// The topic, created if it does not exist.
+    #[arg(long)]
+    pub topic: String,
+    /// The first position to publish (an event's position, as PCF prints it); the start of
+    /// the log by default.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// The last position to publish (an event's position); the end of the log as it is when
+    /// the run starts by default.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Only these event types, comma-separated (UserCreated, ProfileUpdated, EmailChanged,
+    /// AccountDeleted).
+    #[arg(long, value_delimiter = ',')]
+    pub types: Vec<String>,
+    /// At most this many events a second, so that a replay leaves room to the live relay.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate: Option<u32>,
+    /// Partitions of the topic if it is created (`kafka_partitions` by default); an existing
+    /// topic must have this many.
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+    pub partitions: Option<i32>,
 }

@@ -1,4 +1,5 @@
-//! `pcf events protect` seals the personal data of older events in place. `pcf events show`
+//! `pcf events protect` seals the personal data of older events in place (`pcf events
+//! republish` is in `republish`). `pcf events show`
 //! and `pcf events tail`: the log as JSON envelopes, one per line, with the
 //! personal data opened (this tool holds the key-encryption keys): erased where the user's key
 //! is destroyed. An event whose personal data does not open stops the command, naming it.
@@ -17,10 +18,17 @@ use pcf_command::EventStore;
 
 /// Prints one user's events, or the log from a position on (following it).
 pub async fn events(config: Config, command: EventsCommand) -> anyhow::Result<()> {
+    let command = match command {
+        // It opens the store itself, once it knows Kafka is configured: without Kafka
+        // nothing is opened or written.
+        EventsCommand::Republish(args) => return super::republish::command(&config, args).await,
+        other => other,
+    };
     let Storage { store, keys, .. } = crate::app::open_store(&config).await?;
     let mut out = std::io::stdout().lock();
     match command {
         EventsCommand::Protect => protect(&*store).await?,
+        EventsCommand::Republish(args) => super::republish::command(&config, args).await?,
         EventsCommand::Show { user_id } => {
             let mut events = store.user_events(user_id, 0).await?;
             open(&keys, &mut events).await?;

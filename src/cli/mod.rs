@@ -1,13 +1,17 @@
 //! The `pcf` command line: its arguments (`args`), serving (`serve`), reading the log
-//! (`events`), and inspecting and rebuilding the projections and the relay (`operate`).
+//! (`events`), publishing it again onto a Kafka topic (`republish`), and inspecting and
+//! rebuilding the projections and the relay (`operate`).
 
 pub mod args;
 pub mod events;
 pub mod keys;
 pub mod operate;
+pub mod republish;
 pub mod serve;
 
-pub use args::{Cli, Command, EventsCommand, KeysCommand, ProjectionsCommand, RelayCommand};
+pub use args::{
+    Cli, Command, EventsCommand, KeysCommand, ProjectionsCommand, RelayCommand, RepublishArgs,
+};
 
 use crate::app::ALL_ROLES;
 use crate::config::Config;

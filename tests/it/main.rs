@@ -31,5 +31,6 @@ mod prometheus;
 mod queries;
 mod readme;
 mod relay;
+mod republish;
 mod schema;
 mod shutdown;

@@ -1,6 +1,7 @@
 //! The event store, with a PostgreSQL and an SQLite adapter, behind one trait per role:
 //! `CommandStore` for command handling, `RelayStore` for the relay, `CommitFeed` for live
-//! subscriptions, `StoreHealth` for health checks. `EventStore` is all of them at once, for
+//! subscriptions, `StoreHealth` for health checks, `ProtectHistory` for `pcf events protect`,
+//! `RepublishStore` for `pcf events republish`. `EventStore` is all of them at once, for
 //! the wiring, which opens one store and hands each part the role it needs. Both adapters
 //! also implement the domain's `EventLog` (reads of the log, for the relay, rebuilds and
 //! tools) and `EmailDirectory`.
@@ -17,11 +18,13 @@
 
 pub mod postgres;
 mod protect;
+mod republish;
 mod sealing;
 mod sql;
 pub mod sqlite;
 
 pub use protect::{ProtectHistory, Protected};
+pub use republish::{RepublishCheckpoint, RepublishState, RepublishStore};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -220,12 +223,19 @@ pub trait StoreHealth: Send + Sync {
 /// with all the roles is one. The methods of every role are callable on a `dyn EventStore`
 /// with only `EventStore` imported; on a concrete store, the role's trait must be in scope.
 pub trait EventStore:
-    CommandStore + RelayStore + CommitFeed + StoreHealth + ProtectHistory
+    CommandStore + RelayStore + CommitFeed + StoreHealth + ProtectHistory + RepublishStore
 {
 }
 
-impl<T: CommandStore + RelayStore + CommitFeed + StoreHealth + ProtectHistory + ?Sized> EventStore
-    for T
+impl<
+        T: CommandStore
+            + RelayStore
+            + CommitFeed
+            + StoreHealth
+            + ProtectHistory
+            + RepublishStore
+            + ?Sized,
+    > EventStore for T
 {
 }
 

@@ -70,6 +70,22 @@ const STATEMENTS: Statements = Statements {
     rewrite_plain: "UPDATE events SET payload = $1::jsonb, event_version = '2' \
         WHERE aggregate_type = 'User' AND aggregate_id = $2 AND sequence = $3 \
           AND event_version = '1'",
+    load_republish: "SELECT transaction_id::text AS txid, global_position, published, state, \
+            coalesce(error, '') FROM republish_checkpoints WHERE topic = $1 AND selection = $2",
+    save_republish: "INSERT INTO republish_checkpoints \
+            (topic, selection, transaction_id, global_position, published, state, error, \
+             updated_at) \
+        VALUES ($1, $2, $3::text::xid8, $4, $5, $6, NULLIF($7, ''), now()) \
+        ON CONFLICT (topic, selection) DO UPDATE SET \
+            transaction_id = EXCLUDED.transaction_id, \
+            global_position = EXCLUDED.global_position, published = EXCLUDED.published, \
+            state = EXCLUDED.state, error = EXCLUDED.error, updated_at = now()",
+    has_position: "SELECT count(*) FROM events \
+        WHERE transaction_id = $1::text::xid8 AND global_position = $2",
+    count_range: "SELECT count(*) FROM events \
+        WHERE (transaction_id, global_position) > ($1::text::xid8, $2) \
+          AND (transaction_id, global_position) <= ($3::text::xid8, $4) \
+          AND ($5 = '[]' OR event_type IN (SELECT jsonb_array_elements_text($5::jsonb)))",
 };
 
 /// The event store on a PostgreSQL primary.

@@ -112,6 +112,18 @@ pub struct Statements {
     /// Rewrites the payload of the event of aggregate id `$2`, sequence `$3` to `$1` (JSON
     /// text) at version "2", if it is still version "1".
     pub(super) rewrite_plain: &'static str,
+    /// The republish checkpoint of topic `$1`, selection `$2`: its position (two columns),
+    /// `published`, `state` and `error` (empty when none).
+    pub(super) load_republish: &'static str,
+    /// Saves the republish checkpoint of topic `$1`, selection `$2`: the position (`$3` the
+    /// commit, `$4` the global position), `published` `$5`, `state` `$6`, `error` `$7`
+    /// (empty for none).
+    pub(super) save_republish: &'static str,
+    /// How many events are at the position (`$1` the commit, `$2` the global position).
+    pub(super) has_position: &'static str,
+    /// How many events lie after the position `$1, $2` and at or before `$3, $4` (commits
+    /// and global positions), of the types in the JSON array `$5` (all when it is `[]`).
+    pub(super) count_range: &'static str,
 }
 
 /// A value bound to a statement of `SqlStore`.

@@ -66,6 +66,22 @@ const STATEMENTS: Statements = Statements {
     rewrite_plain: "UPDATE events SET payload = $1, event_version = '2' \
         WHERE aggregate_type = 'User' AND aggregate_id = $2 AND sequence = $3 \
           AND event_version = '1'",
+    load_republish: "SELECT transaction_id, global_position, published, state, \
+            coalesce(error, '') FROM republish_checkpoints WHERE topic = $1 AND selection = $2",
+    save_republish: "INSERT INTO republish_checkpoints \
+            (topic, selection, transaction_id, global_position, published, state, error, \
+             updated_at) \
+        VALUES ($1, $2, $3, $4, $5, $6, NULLIF($7, ''), strftime('%Y-%m-%dT%H:%M:%fZ', 'now')) \
+        ON CONFLICT (topic, selection) DO UPDATE SET \
+            transaction_id = excluded.transaction_id, \
+            global_position = excluded.global_position, published = excluded.published, \
+            state = excluded.state, error = excluded.error, updated_at = excluded.updated_at",
+    // A position here is the global position twice.
+    has_position: "SELECT count(*) FROM events WHERE global_position = $2 AND $1 = $2",
+    // The commits (`$1`, `$3`) are the global positions here, and left unread.
+    count_range: "SELECT count(*) FROM events \
+        WHERE global_position > $2 AND global_position <= $4 \
+          AND ($5 = '[]' OR event_type IN (SELECT value FROM json_each($5)))",
 };
 
 /// The event store in one SQLite file.
