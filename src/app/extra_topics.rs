@@ -12,7 +12,9 @@ use anyhow::Context;
 use async_trait::async_trait;
 use pcf_command::kafka::{prepare_topic, KafkaConfig, KafkaPublisher};
 use pcf_command::store::Lease;
-use pcf_command::{Backlog, CommitFeed, EventStore, Relay, RelayConfig, RelayStore, Selection, StoreError};
+use pcf_command::{
+    Backlog, CommitFeed, EventStore, Relay, RelayConfig, RelayStore, Selection, StoreError,
+};
 use pcf_domain::ports::{Change, EventLog, LogQuery, PortError};
 use pcf_domain::{EventEnvelope, Position};
 use std::future::Future;
