@@ -4,7 +4,7 @@
 //! `Keys`, which unwraps data keys with the configured `Keyring` and keeps the unwrapped ones
 //! in a bounded cache.
 
-use crate::personal::{self, DataKey, KeyError, Keyring, Tampered, WrappedKey};
+use crate::personal::{self, DataKey, KeyError, Keyring, Opening, Tampered, WrappedKey};
 use pcf_domain::events::PersonalFields;
 use pcf_domain::ports::{Change, PortError};
 use pcf_domain::EventEnvelope;
@@ -13,7 +13,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
-use zeroize::Zeroizing;
 
 /// The database holding the key table.
 #[derive(Clone, Debug)]
@@ -194,8 +193,8 @@ trait Openable {
     fn event_id(&self) -> Uuid;
     /// What personal data it holds (each event looked at once: a rebuild opens the log).
     fn personal(&self) -> Personal;
-    /// Opens its sealed fields with its user's `key`.
-    fn open_with(&mut self, key: &DataKey) -> Result<(), Tampered>;
+    /// Opens its sealed fields with its user's key.
+    fn open_with(&mut self, key: &Opening) -> Result<(), Tampered>;
     /// Marks its personal fields erased, removing them.
     fn erase(&mut self);
 }
@@ -216,13 +215,9 @@ impl Openable for EventEnvelope {
             Personal::None
         }
     }
-    fn open_with(&mut self, key: &DataKey) -> Result<(), Tampered> {
-        let aad = personal::event_aad(
-            &self.aggregate_id.to_string(),
-            self.sequence,
-            &self.event_type,
-        );
-        personal::open_payload(&mut self.payload, Some(key), &aad)
+    fn open_with(&mut self, key: &Opening) -> Result<(), Tampered> {
+        let aad = personal::event_aad(self.aggregate_id, self.sequence, &self.event_type);
+        personal::open_payload_with(&mut self.payload, key, &aad)
     }
     fn erase(&mut self) {
         personal::erase_payload(&mut self.payload);
@@ -243,19 +238,15 @@ impl Openable for Change {
             _ => Personal::None,
         }
     }
-    fn open_with(&mut self, key: &DataKey) -> Result<(), Tampered> {
+    fn open_with(&mut self, key: &Opening) -> Result<(), Tampered> {
         let Some(sealed) = &self.sealed else {
             return Ok(());
         };
         let Ok(event) = &mut self.event else {
             return Err(Tampered("the event does not decode"));
         };
-        let aad = personal::event_aad(
-            &self.aggregate_id.to_string(),
-            self.sequence,
-            event.type_name(),
-        );
-        let plain = Zeroizing::new(personal::open_text(key, &aad, sealed)?);
+        let aad = personal::event_aad(self.aggregate_id, self.sequence, event.type_name());
+        let plain = key.open_text(&aad, sealed)?;
         let fields: PersonalFields =
             serde_json::from_slice(&plain).map_err(|_| Tampered("not a JSON object"))?;
         event.fill_personal(fields);
@@ -464,6 +455,8 @@ impl Keys {
             self.deleted_among(&keyless).await?
         };
         let mut unopened = Vec::new();
+        // Each user's key made ready once for the batch.
+        let mut openings: HashMap<Uuid, Opening> = HashMap::new();
         for (index, (item, kind)) in items.iter_mut().zip(kinds).enumerate() {
             let user = item.user();
             match kind {
@@ -476,7 +469,7 @@ impl Keys {
             }
             let outcome = match keys.get(&user) {
                 Some(key) => item
-                    .open_with(key)
+                    .open_with(openings.entry(user).or_insert_with(|| Opening::new(key)))
                     .map_err(|Tampered(why)| format!("sealed personal data: {why}")),
                 None if deleted.contains(&user) => {
                     item.erase();

@@ -16,8 +16,8 @@
 //! * **redacted** (readers not allowed personal data, `pcf_domain::auth::redact_payload`):
 //!   the other fields only.
 
-use aes_gcm::aead::{Aead, Payload};
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+use aes_gcm::aead::{Aead, AeadInPlace, Payload};
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use serde_json::{Map, Value};
@@ -224,7 +224,7 @@ fn check_aad(kek_id: &str) -> Vec<u8> {
 }
 
 /// The associated data of an event's sealed fields: the user, the event's sequence and type.
-pub fn event_aad(user_id: &str, sequence: u64, event_type: &str) -> Vec<u8> {
+pub fn event_aad(user_id: impl std::fmt::Display, sequence: u64, event_type: &str) -> Vec<u8> {
     format!("pcf/event/v2/{user_id}/{sequence}/{event_type}").into_bytes()
 }
 
@@ -276,6 +276,34 @@ pub fn seal_text(key: &DataKey, aad: &[u8], plaintext: &[u8]) -> String {
     BASE64.encode(seal_bytes(&key.0, aad, plaintext))
 }
 
+/// A data key made ready to open many values: its cipher's key schedule is computed once (a
+/// rebuild opens every event of a user with the same key).
+pub struct Opening(Aes256Gcm);
+
+impl Opening {
+    pub fn new(key: &DataKey) -> Self {
+        Self(cipher(&key.0))
+    }
+
+    /// `open_text`, decrypted in place in the decoded bytes.
+    pub fn open_text(&self, aad: &[u8], sealed: &str) -> Result<Zeroizing<Vec<u8>>, Tampered> {
+        const TAG_LEN: usize = 16;
+        let mut bytes = Zeroizing::new(BASE64.decode(sealed).map_err(|_| Tampered("not base64"))?);
+        let len = bytes.len();
+        if len < NONCE_LEN + TAG_LEN {
+            return Err(Tampered("too short"));
+        }
+        let (nonce, rest) = bytes.split_at_mut(NONCE_LEN);
+        let (text, tag) = rest.split_at_mut(len - NONCE_LEN - TAG_LEN);
+        self.0
+            .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, text, Tag::from_slice(tag))
+            .map_err(|_| Tampered("authentication failed"))?;
+        bytes.truncate(len - TAG_LEN);
+        bytes.drain(..NONCE_LEN);
+        Ok(bytes)
+    }
+}
+
 /// Opens what `seal_text` sealed with the same key and associated data.
 pub fn open_text(key: &DataKey, aad: &[u8], sealed: &str) -> Result<Vec<u8>, Tampered> {
     let bytes = BASE64.decode(sealed).map_err(|_| Tampered("not base64"))?;
@@ -325,15 +353,26 @@ pub fn open_payload(
     let Some(fields) = payload.as_object_mut() else {
         return Ok(());
     };
-    let Some(sealed) = fields.get(SEALED) else {
+    if !fields.contains_key(SEALED) {
         return Ok(());
-    };
+    }
     let Some(key) = key else {
         erase(fields);
         return Ok(());
     };
+    open_payload_with(payload, &Opening::new(key), aad)
+}
+
+/// `open_payload` with the user's key made ready (`Opening`).
+pub fn open_payload_with(payload: &mut Value, key: &Opening, aad: &[u8]) -> Result<(), Tampered> {
+    let Some(fields) = payload.as_object_mut() else {
+        return Ok(());
+    };
+    let Some(sealed) = fields.get(SEALED) else {
+        return Ok(());
+    };
     let sealed = sealed.as_str().ok_or(Tampered("not a string"))?;
-    let plain = Zeroizing::new(open_text(key, aad, sealed)?);
+    let plain = key.open_text(aad, sealed)?;
     let Ok(Value::Object(personal)) = serde_json::from_slice::<Value>(&plain) else {
         return Err(Tampered("not a JSON object"));
     };

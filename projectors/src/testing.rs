@@ -308,11 +308,7 @@ impl FakeKeys {
         let key = keys
             .entry(event.aggregate_id)
             .or_insert_with(DataKey::generate);
-        let aad = personal::event_aad(
-            &event.aggregate_id.to_string(),
-            event.sequence,
-            &event.event_type,
-        );
+        let aad = personal::event_aad(event.aggregate_id, event.sequence, &event.event_type);
         personal::seal_payload(&mut event.payload, key, &aad);
         event.event_version = personal::SEALED_VERSION.into();
         event
@@ -381,7 +377,7 @@ impl Opener for FakeKeys {
                 continue;
             }
             let user = event.aggregate_id;
-            let aad = personal::event_aad(&user.to_string(), event.sequence, &event.event_type);
+            let aad = personal::event_aad(user, event.sequence, &event.event_type);
             let outcome = match keys.get(&user) {
                 Some(key) => personal::open_payload(&mut event.payload, Some(key), &aad)
                     .map_err(|e| e.to_string()),

@@ -98,11 +98,7 @@ impl<B: SqlBackend> ProtectHistory for SqlStore<B> {
             match key {
                 _ if !personal => {}
                 Some(key) => {
-                    let aad = personal::event_aad(
-                        &event.user.to_string(),
-                        event.sequence,
-                        &event.event_type,
-                    );
+                    let aad = personal::event_aad(event.user, event.sequence, &event.event_type);
                     personal::seal_payload(inner, key, &aad);
                 }
                 None => personal::erase_payload(inner),

@@ -68,8 +68,7 @@ impl Sealed {
             let event_type = event.event_type();
             let mut inner = event.payload();
             if let Some(key) = &key {
-                let aad =
-                    personal::event_aad(&user.to_string(), first_sequence + i as u64, &event_type);
+                let aad = personal::event_aad(user, first_sequence + i as u64, &event_type);
                 personal::seal_payload(&mut inner, key, &aad);
             }
             if let (UserEvent::AccountDeleted { .. }, Some(at), Some(fields)) =
@@ -163,7 +162,7 @@ pub(crate) fn open_stored(
     key: Option<&DataKey>,
 ) -> Result<UserEvent, StoreError> {
     if let Some(inner) = stored.get_mut(event_type) {
-        let aad = personal::event_aad(&user.to_string(), sequence, event_type);
+        let aad = personal::event_aad(user, sequence, event_type);
         personal::open_payload(inner, key, &aad).map_err(|e| {
             keys.integrity_error(
                 format_args!("event {sequence} of user {user}"),

@@ -92,7 +92,7 @@ impl Opener for FakeOpener {
             let user = e.aggregate_id;
             let outcome = match self.keys.get(&user) {
                 Some(key) => {
-                    let aad = personal::event_aad(&user.to_string(), e.sequence, &e.event_type);
+                    let aad = personal::event_aad(user, e.sequence, &e.event_type);
                     personal::open_payload(&mut e.payload, Some(key), &aad)
                         .map_err(|t| t.to_string())
                 }
@@ -152,7 +152,7 @@ impl Log {
         let n = events.len() as u64 + 1;
         let sequence = events.iter().filter(|e| e.aggregate_id == user).count() as u64 + 1;
         if let Some(key) = key {
-            let aad = personal::event_aad(&user.to_string(), sequence, event_type);
+            let aad = personal::event_aad(user, sequence, event_type);
             personal::seal_payload(&mut payload, key, &aad);
         }
         let event = EventEnvelope {
