@@ -27,9 +27,9 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 
 /// Ended spans waiting for export at most; more are dropped (and counted).
-pub const QUEUE_CAPACITY: usize = 4096;
+pub const QUEUE_CAPACITY: usize = 16_384;
 /// Spans sent in one export request at most.
-const BATCH_SIZE: usize = 512;
+const BATCH_SIZE: usize = 2048;
 /// How long a span waits for others to fill its batch.
 const BATCH_DELAY: Duration = Duration::from_millis(200);
 /// How long one export may take before it is given up (its spans counted as dropped).
@@ -249,15 +249,26 @@ where
 }
 
 /// The spans a trace is made of, whatever the log level: PCF's own (the hops of a request
-/// at `debug`), and the GraphQL operation's.
-fn traced_spans() -> Targets {
-    Targets::new()
+/// at `debug`), and the GraphQL operation's (request, parse, validation, execution; not one
+/// per resolved field, which would be most of the spans of a request). Of events, only
+/// warnings and errors are recorded in their span.
+fn traced_spans<S: Subscriber>() -> impl tracing_subscriber::layer::Filter<S> + Send + Sync + 'static
+{
+    use tracing_subscriber::filter::FilterExt;
+    let targets = Targets::new()
         .with_target("pcf", LevelFilter::DEBUG)
         .with_target("pcf_command", LevelFilter::DEBUG)
         .with_target("pcf_projectors", LevelFilter::DEBUG)
         .with_target("pcf_query", LevelFilter::DEBUG)
         .with_target("pcf_adapters", LevelFilter::DEBUG)
-        .with_target("async_graphql", LevelFilter::INFO)
+        .with_target("async_graphql", LevelFilter::INFO);
+    targets.and(tracing_subscriber::filter::filter_fn(|m| {
+        if m.is_span() {
+            !(m.target().starts_with("async_graphql") && m.name() == "field")
+        } else {
+            *m.level() <= tracing::Level::WARN
+        }
+    }))
 }
 
 /// A JSON log line with the trace and span ids of the span it was logged in, so a line leads
