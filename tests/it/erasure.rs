@@ -615,17 +615,7 @@ fn capturing_runtime(log: &CapturedLog) -> (tokio::runtime::Runtime, tracing::Di
         .with_writer(move || writer.clone())
         .finish();
     let dispatch = tracing::Dispatch::new(subscriber);
-    let for_threads = dispatch.clone();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .on_thread_start(move || {
-            // Kept for the thread's life.
-            std::mem::forget(tracing::dispatcher::set_default(&for_threads));
-        })
-        .build()
-        .expect("a runtime");
-    (runtime, dispatch)
+    (runtime_with(&dispatch, 4), dispatch)
 }
 
 // ---------------------------------------------------------------------------------------------

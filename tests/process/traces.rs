@@ -179,15 +179,7 @@ fn one_create_user_is_one_trace_from_the_http_request_to_the_view_writes() {
     };
     assert!(telemetry.exporting());
     let dispatch = pcf::telemetry::dispatch(subscriber);
-    let for_threads = dispatch.clone();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .on_thread_start(move || {
-            std::mem::forget(tracing::dispatcher::set_default(&for_threads));
-        })
-        .build()
-        .unwrap();
+    let runtime = runtime_with(&dispatch, 2);
     tracing::dispatcher::with_default(&dispatch, || {
         runtime.block_on(async {
             run(Cluster::create().await, async |c| {
