@@ -180,41 +180,82 @@ fn sql_error(e: sqlx::Error) -> PortError {
     pcf_adapters::sql::port_error("read replica", e)
 }
 
-/// The SQL user view on the read replicas, taken in turn.
+/// The SQL user view on the read replicas, taken in turn (one that is down is skipped).
 pub struct SqlUserReader {
     replicas: Vec<PgPool>,
     next: AtomicUsize,
+    /// Until when each replica is passed over after it was found unavailable.
+    resting: Vec<std::sync::Mutex<Option<std::time::Instant>>>,
 }
+
+/// How long a read replica found unavailable is passed over (while another answers).
+const REPLICA_REST: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl SqlUserReader {
     /// `replicas` must not be empty.
     pub fn new(replicas: Vec<PgPool>) -> Self {
         assert!(!replicas.is_empty(), "at least one read replica");
+        let resting = replicas.iter().map(|_| Default::default()).collect();
         Self {
             replicas,
             next: AtomicUsize::new(0),
+            resting,
         }
     }
 
-    fn pool(&self) -> &PgPool {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.replicas.len();
-        &self.replicas[i]
+    /// Runs `read` on the next replica in turn; a replica that is unavailable is skipped for
+    /// the one after it (each replica tried once), so reads go on while one is down.
+    async fn on_replicas<'a, T, F, Fut>(&'a self, read: F) -> Result<T, PortError>
+    where
+        F: Fn(&'a PgPool) -> Fut,
+        Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+    {
+        let n = self.replicas.len();
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = std::time::Instant::now();
+        let resting = |r: usize| {
+            let until = *self.resting[r].lock().unwrap_or_else(|e| e.into_inner());
+            until.is_some_and(|until| until > now)
+        };
+        // Those not resting first, in turn; the resting ones last, in case all are.
+        let mut order: Vec<usize> = (0..n).map(|i| (first + i) % n).collect();
+        order.sort_by_key(|&r| resting(r));
+        let mut last = None;
+        for r in order {
+            match read(&self.replicas[r]).await.map_err(sql_error) {
+                Err(PortError::Unavailable(detail)) => {
+                    tracing::debug!(replica = r, %detail, "a read replica is unavailable; trying the next");
+                    *self.resting[r].lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(std::time::Instant::now() + REPLICA_REST);
+                    last = Some(PortError::Unavailable(detail));
+                }
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| PortError::Unavailable("no read replica".into())))
     }
 
-    /// The users `query` selects, read on the next replica.
+    /// The users the query `make` builds selects, read on the next replica that answers.
     #[tracing::instrument(level = "debug", name = "replica.read", skip_all)]
-    async fn fetch_users(&self, query: SqlQuery<'_>) -> Result<Vec<UserView>, PortError> {
-        let rows = query.fetch_all(self.pool()).await.map_err(sql_error)?;
+    async fn fetch_users<'q>(
+        &self,
+        make: impl Fn() -> SqlQuery<'q>,
+    ) -> Result<Vec<UserView>, PortError> {
+        let rows = self.on_replicas(|pool| make().fetch_all(pool)).await?;
         rows.iter()
             .map(read_user)
             .collect::<Result<_, _>>()
             .map_err(sql_error)
     }
 
-    /// The user `query` selects (at most one row), read on the next replica.
+    /// The user the query `make` builds selects (at most one row), read on the next replica
+    /// that answers.
     #[tracing::instrument(level = "debug", name = "replica.read", skip_all)]
-    async fn fetch_user(&self, query: SqlQuery<'_>) -> Result<Option<UserView>, PortError> {
-        let row = query.fetch_optional(self.pool()).await.map_err(sql_error)?;
+    async fn fetch_user<'q>(
+        &self,
+        make: impl Fn() -> SqlQuery<'q>,
+    ) -> Result<Option<UserView>, PortError> {
+        let row = self.on_replicas(|pool| make().fetch_optional(pool)).await?;
         row.map(|r| read_user(&r)).transpose().map_err(sql_error)
     }
 
@@ -234,17 +275,17 @@ impl SqlUserReader {
 impl UserReader for SqlUserReader {
     async fn user(&self, id: Uuid) -> Result<Option<UserView>, PortError> {
         let sql = format!("SELECT * FROM {SQL_VIEW} WHERE id = $1");
-        self.fetch_user(sqlx::query(&sql).bind(id)).await
+        self.fetch_user(|| sqlx::query(&sql).bind(id)).await
     }
 
     async fn users(&self, ids: &[Uuid]) -> Result<Vec<UserView>, PortError> {
         let sql = format!("SELECT * FROM {SQL_VIEW} WHERE id = ANY($1)");
-        self.fetch_users(sqlx::query(&sql).bind(ids)).await
+        self.fetch_users(|| sqlx::query(&sql).bind(ids)).await
     }
 
     async fn user_by_email(&self, email: &Email) -> Result<Option<UserView>, PortError> {
         let sql = format!("SELECT * FROM {SQL_VIEW} WHERE email = $1 AND NOT deleted LIMIT 1");
-        self.fetch_user(sqlx::query(&sql).bind(email.as_str()))
+        self.fetch_user(|| sqlx::query(&sql).bind(email.as_str()))
             .await
     }
 
@@ -265,14 +306,16 @@ impl UserReader for SqlUserReader {
              ORDER BY id LIMIT $6"
         );
         let needle = filter.display_name_contains.as_deref().map(escape_like);
-        let query = sqlx::query(&sql)
-            .bind(after)
-            .bind(&filter.email)
-            .bind(needle)
-            .bind(filter.created_after)
-            .bind(filter.created_before)
-            .bind(limit as i64);
-        self.fetch_users(query).await
+        self.fetch_users(|| {
+            sqlx::query(&sql)
+                .bind(after)
+                .bind(&filter.email)
+                .bind(needle.clone())
+                .bind(filter.created_after)
+                .bind(filter.created_before)
+                .bind(limit as i64)
+        })
+        .await
     }
 }
 

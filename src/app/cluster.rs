@@ -19,7 +19,7 @@ use super::background::relay_config;
 use super::monitor::KafkaMonitor;
 use super::process::{Process, ReadSide};
 use super::roles::Role;
-use super::store::pg_pool;
+use super::store::{lazy_pg_pool, pg_pool};
 use crate::http::health::Dependency;
 use crate::http::metrics::pool_gauge;
 
@@ -160,12 +160,29 @@ fn start_projector(
 /// The readers of the views: the read replicas, behind Redis when it is configured.
 async fn readers(p: &mut Process<'_>) -> anyhow::Result<Arc<dyn UserReader>> {
     let mut replicas = Vec::new();
+    let several = p.config.read_database_urls.len() > 1;
+    let mut unreachable = Vec::new();
     for (i, url) in p.config.read_database_urls.iter().enumerate() {
-        let pool = pg_pool(url, 16, "a read replica (PCF_READ_DATABASE_URL)").await?;
+        let what = "a read replica (PCF_READ_DATABASE_URL)";
+        let pool = match pg_pool(url, 16, what).await {
+            Ok(pool) => pool,
+            // One of several may be down: the others serve, and it joins when it answers.
+            Err(e) if several => {
+                tracing::warn!(replica = i, error = %format!("{e:#}"), "a read replica is down at start; reads go to the others");
+                unreachable.push(e);
+                lazy_pg_pool(url, 16, what)?
+            }
+            Err(e) => return Err(e),
+        };
         // Numbered in the order configured: a bounded label.
         p.metrics
             .watch_pool(&format!("read_replica_{i}"), pool_gauge(pool.clone()));
         replicas.push(pool);
+    }
+    if unreachable.len() == replicas.len() {
+        if let Some(e) = unreachable.pop() {
+            return Err(e.context("no read replica answers"));
+        }
     }
     let sql = Arc::new(SqlUserReader::new(replicas));
     p.dependencies.add(Dependency::ReadReplica(sql.clone()));

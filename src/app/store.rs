@@ -32,6 +32,15 @@ pub async fn pg_pool_with(
         .with_context(|| format!("connecting to {what}"))
 }
 
+/// A PostgreSQL pool that connects when first used (a server that is down at start).
+pub fn lazy_pg_pool(url: &str, max: u32, what: &str) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(url).with_context(|| format!("reading {what}"))?;
+    Ok(PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect_lazy_with(options))
+}
+
 /// Connections for appends only, which keep one generic plan per prepared statement (see
 /// `PostgresStore::with_append_pool`).
 async fn append_pool(url: &str, max: u32) -> anyhow::Result<PgPool> {

@@ -17,6 +17,41 @@ on_cluster! {
         create => kafka_down_at_start,
     a_process_started_while_redis_is_down_serves_from_the_replica_then_uses_redis_once_up:
         create => redis_down_at_start,
+    reads_skip_a_read_replica_that_is_down_and_readiness_names_it: create => replica_down,
+}
+
+/// Two read replicas, one of them down (nothing listens): point reads and lists, taken by
+/// the replicas in turn, are all answered by the other; readiness names `read_replica`.
+async fn replica_down(c: &mut Cluster) {
+    let writer = c.start_default(&ALL_ROLES).await;
+    let id = create_user(
+        &writer.router,
+        &format!("replica@{}.example.com", c.tag()),
+        "Replica",
+    )
+    .await;
+    wait_for_replica_row(c, id).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = format!(
+        "postgres://postgres@{}/postgres",
+        closed.local_addr().unwrap()
+    );
+    drop(closed);
+    let config = pcf::Config {
+        redis_url: None,
+        read_database_urls: vec![down, c.replica_url.clone()],
+        ..c.config()
+    };
+    let reader = c.start(&config, &[pcf::app::Role::Api]).await;
+    for _ in 0..4 {
+        let view = user(&reader.router, id, None).await;
+        assert_eq!(view["id"], id.to_string(), "{view}");
+        let listed = gql(&reader.router, USERS, json!({ "first": 5 })).await;
+        assert!(listed_ids(&listed).contains(&id), "{listed}");
+    }
+    let (status, body) = ready(&reader.router).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["down"], json!(["read_replica"]), "{body}");
 }
 
 async fn kafka_outage(c: &mut Cluster) {
