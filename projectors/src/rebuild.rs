@@ -135,6 +135,10 @@ impl Projection {
     }
 }
 
+/// Pages a rebuild's reader, and its opener, may be ahead of the next stage (a page is at
+/// most `RebuildOptions::batch_size` events, a few megabytes).
+const PAGES_AHEAD: usize = 4;
+
 /// A page of the log, opened, with the events that did not open.
 struct Page {
     events: Vec<Change>,
@@ -260,7 +264,7 @@ async fn rebuild_projections(
     // One task reads the log page after page and another opens each page, so that reading
     // a page, opening the one before (its keys are read from the key table) and folding and
     // writing the one before that overlap; the reader ends with the position it reached.
-    let (read, mut to_open) = tokio::sync::mpsc::channel::<Vec<Change>>(2);
+    let (read, mut to_open) = tokio::sync::mpsc::channel::<Vec<Change>>(PAGES_AHEAD);
     let reader = {
         let mut log_pages = LogPages::new(log.clone(), Position::START, options.batch_size);
         tokio::spawn(async move {
@@ -272,7 +276,7 @@ async fn rebuild_projections(
             }
         })
     };
-    let (pages, mut next_page) = tokio::sync::mpsc::channel::<Page>(2);
+    let (pages, mut next_page) = tokio::sync::mpsc::channel::<Page>(PAGES_AHEAD);
     let opening = tokio::spawn(async move {
         while let Some(page) = to_open.recv().await {
             let page = open_page(page, &*opener).await?;
