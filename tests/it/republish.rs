@@ -469,9 +469,15 @@ impl LiveWatch {
             .create()
             .expect("a consumer");
         let partitions = topic_partitions(brokers, &[topic]).await[topic];
+        // From each partition's end as it is now, by offset: `Offset::End` is resolved only
+        // when fetching starts, and would skip what was published before that.
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions as i32 {
-            tpl.add_partition_offset(topic, p, Offset::End)
+            let (_, high) = tokio::task::block_in_place(|| {
+                consumer.fetch_watermarks(topic, p, Duration::from_secs(10))
+            })
+            .expect("the partition's end");
+            tpl.add_partition_offset(topic, p, Offset::Offset(high))
                 .expect("an offset");
         }
         consumer.assign(&tpl).expect("assigning");
