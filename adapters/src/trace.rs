@@ -7,6 +7,9 @@ use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, Tra
 use opentelemetry::Context;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+/// The longest `traceparent` read (later versions may append fields).
+pub const MAX_LEN: usize = 256;
+
 /// The `traceparent` of `span`, if it is part of a trace.
 pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
     let cx = span.context();
@@ -31,6 +34,10 @@ pub fn current_traceparent() -> Option<String> {
 /// ignored, never an error): version `00` with four parts, or a later version with at least
 /// four; lowercase hex; trace and span ids not all zeros.
 pub fn parse(traceparent: &str) -> Option<SpanContext> {
+    // A version 00 value is 55 characters; anything much longer is not looked into.
+    if traceparent.len() > MAX_LEN {
+        return None;
+    }
     let parts: Vec<&str> = traceparent.trim().split('-').collect();
     let [version, trace, span, flags, ..] = parts[..] else {
         return None;
@@ -107,6 +114,10 @@ mod tests {
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0z",
+            &format!(
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-{}",
+                "a".repeat(300)
+            ),
         ] {
             assert!(parse(bad).is_none(), "{bad:?}");
         }

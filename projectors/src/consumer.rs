@@ -83,6 +83,7 @@ fn received(m: &BorrowedMessage<'_>) -> Received {
             .iter()
             .find(|h| h.key == pcf_adapters::kafka::headers::TRACEPARENT)
             .and_then(|h| h.value)
+            .filter(|v| v.len() <= pcf_adapters::trace::MAX_LEN)
             .and_then(|v| std::str::from_utf8(v).ok())
             .map(str::to_owned)
     });
