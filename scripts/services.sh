@@ -6,7 +6,15 @@
 #   redis       Redis, no persistence            127.0.0.1:6379
 #   kafka       Apache Kafka, KRaft, one node    127.0.0.1:9092  (controller 127.0.0.1:9093)
 #
-# Usage: scripts/services.sh up|down|status
+# With --ha, the fleet's engines as well (scripts/lib/*_ha.sh, scripts/lib/redis_cluster.sh):
+#
+#   pg_ha          PostgreSQL 15 primary 127.0.0.1:5442, synchronous standby :5443, asynchronous
+#                  read replica :5444
+#   redis_cluster  Redis Cluster, three primaries and three replicas, 127.0.0.1:7000-7005
+#   kafka_ha       Apache Kafka, KRaft, three brokers 127.0.0.1:9192-9194 (controllers
+#                  :9195-9197), topics with replication factor 3 and min.insync.replicas=2
+#
+# Usage: scripts/services.sh up|down|status [--ha]
 #
 #   up      installs missing Debian packages, configures and starts every service that is not
 #           already running, and waits until each one is ready. Running services are left alone.
@@ -32,6 +40,8 @@
 set -euo pipefail
 
 SERVICES=(pg_primary pg_replica redis kafka)
+# The fleet's engines, started by `up --ha` after the ones above; `down` stops those running.
+HA_SERVICES=(pg_ha redis_cluster kafka_ha)
 
 PG_VERSION=15
 PG_HOST=127.0.0.1
@@ -530,29 +540,51 @@ kafka_status() {
 
 # ---------------------------------------------------------------------------------------------
 
+# shellcheck source=lib/pg_ha.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/pg_ha.sh"
+# shellcheck source=lib/redis_cluster.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/redis_cluster.sh"
+# shellcheck source=lib/kafka_ha.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/kafka_ha.sh"
+
+# The services `up` and `status` act on: the single-node ones, and with --ha the fleet's too.
+selected() {
+    echo "${SERVICES[@]}"
+    [[ ${HA:-0} == 1 ]] && echo "${HA_SERVICES[@]}"
+    return 0
+}
+
 cmd_up() {
     local s
-    for s in "${SERVICES[@]}"; do "${s}_up"; done
+    for s in $(selected); do "${s}_up"; done
     cmd_status
 }
 
+# Stops everything, the fleet's engines included (each stop does nothing when it is not running).
 cmd_down() {
-    local i
-    for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do "${SERVICES[i]}_down"; done
+    local all=("${SERVICES[@]}" "${HA_SERVICES[@]}") i
+    for ((i = ${#all[@]} - 1; i >= 0; i--)); do "${all[i]}_down"; done
 }
 
 cmd_status() {
     local s rc=0
-    for s in "${SERVICES[@]}"; do "${s}_status" || rc=1; done
+    for s in $(selected); do "${s}_status" || rc=1; done
     return "$rc"
 }
 
-case "${1:-}" in
+command=${1:-}
+HA=0
+if [[ ${2:-} == --ha ]]; then
+    HA=1
+elif [[ -n ${2:-} ]]; then
+    command=usage
+fi
+case "$command" in
 up) cmd_up ;;
 down) cmd_down ;;
 status) cmd_status ;;
 *)
-    echo "usage: $0 up|down|status" >&2
+    echo "usage: $0 up|down|status [--ha]" >&2
     exit 2
     ;;
 esac
