@@ -322,7 +322,7 @@ status) cmd_status ;;
 start)
     secrets
     start "${2:?start NAME}"
-    [[ $2 == api* ]] && enable "$2"
+    if [[ $2 == api* ]]; then enable "$2"; fi
     ;;
 stop) stop "${2:?stop NAME}" ;;
 kill) kill9 "${2:?kill NAME}" ;;

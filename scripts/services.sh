@@ -14,7 +14,10 @@
 #   kafka_ha       Apache Kafka, KRaft, three brokers 127.0.0.1:9192-9194 (controllers
 #                  :9195-9197), topics with replication factor 3 and min.insync.replicas=2
 #
-# Usage: scripts/services.sh up|down|status [--ha]
+# Usage: scripts/services.sh up|down|status [--ha | SERVICE]
+#
+#   With a SERVICE (one of the names above), only that one: `up kafka_ha` brings back a killed
+#   Kafka node of the fleet, for example.
 #
 #   up      installs missing Debian packages, configures and starts every service that is not
 #           already running, and waits until each one is ready. Running services are left alone.
@@ -547,8 +550,13 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/redis_cluster.sh"
 # shellcheck source=lib/kafka_ha.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/kafka_ha.sh"
 
-# The services `up` and `status` act on: the single-node ones, and with --ha the fleet's too.
+# The services `up` and `status` act on: the single-node ones, and with --ha the fleet's too;
+# or the one named.
 selected() {
+    if [[ -n ${ONLY:-} ]]; then
+        echo "$ONLY"
+        return 0
+    fi
     echo "${SERVICES[@]}"
     [[ ${HA:-0} == 1 ]] && echo "${HA_SERVICES[@]}"
     return 0
@@ -563,6 +571,7 @@ cmd_up() {
 # Stops everything, the fleet's engines included (each stop does nothing when it is not running).
 cmd_down() {
     local all=("${SERVICES[@]}" "${HA_SERVICES[@]}") i
+    [[ -n $ONLY ]] && all=("$ONLY")
     for ((i = ${#all[@]} - 1; i >= 0; i--)); do "${all[i]}_down"; done
 }
 
@@ -574,17 +583,21 @@ cmd_status() {
 
 command=${1:-}
 HA=0
+ONLY=
 if [[ ${2:-} == --ha ]]; then
     HA=1
 elif [[ -n ${2:-} ]]; then
     command=usage
+    for s in "${SERVICES[@]}" "${HA_SERVICES[@]}"; do
+        [[ $2 == "$s" ]] && command=$1 && ONLY=$2
+    done
 fi
 case "$command" in
 up) cmd_up ;;
 down) cmd_down ;;
 status) cmd_status ;;
 *)
-    echo "usage: $0 up|down|status [--ha]" >&2
+    echo "usage: $0 up|down|status [--ha | SERVICE]" >&2
     exit 2
     ;;
 esac

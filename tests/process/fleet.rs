@@ -1,0 +1,796 @@
+//! PCF as a fleet (`scripts/fleet.sh`: HAProxy, three API instances, two relays, two
+//! projectors) on the engines of `scripts/services.sh up --ha`, under a steady load of mixed
+//! mutations and queries through HAProxy while a deploy or a fault happens. Each test reports
+//! the failed requests, the longest window without a successful write, and whether the views
+//! equal a rebuild from the log afterwards (printed, and appended to `fleet-report.md` in the
+//! target's tmp directory, which `scripts/test.sh` prints).
+//!
+//! They run when `PCF_TEST_FLEET` is set (scripts/test.sh sets it and starts the engines), one
+//! at a time: the fleet's ports are fixed. The engines come from `PCF_TEST_FLEET_*`, by default
+//! those of `--ha`.
+
+use crate::support::*;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uuid::Uuid;
+
+/// Held by each fleet test: one fleet at a time.
+static ONE_FLEET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const HAPROXY_PORT: u16 = 8480;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The engines: PostgreSQL (several hosts: the primary is whichever accepts writes), its read
+/// replicas, Redis, Kafka.
+struct Engines {
+    database: String,
+    read_databases: String,
+    redis: String,
+    brokers: String,
+}
+
+impl Engines {
+    fn from_env() -> Option<Self> {
+        std::env::var("PCF_TEST_FLEET")
+            .ok()
+            .filter(|v| !v.is_empty())?;
+        Some(Self {
+            database: env_or(
+                "PCF_TEST_FLEET_DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5442,127.0.0.1:5443/postgres",
+            ),
+            read_databases: env_or(
+                "PCF_TEST_FLEET_READ_DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5444/postgres,postgres://postgres@127.0.0.1:5443/postgres",
+            ),
+            redis: env_or(
+                "PCF_TEST_FLEET_REDIS_URL",
+                "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002",
+            ),
+            brokers: env_or(
+                "PCF_TEST_FLEET_KAFKA_BROKERS",
+                "127.0.0.1:9192,127.0.0.1:9193,127.0.0.1:9194",
+            ),
+        })
+    }
+}
+
+/// `url` (`postgres://USER@HOST:PORT[,HOST:PORT...]/DB`) with database `db`, one URL per host.
+fn per_host(url: &str, db: &str) -> Vec<String> {
+    let (scheme, rest) = url.split_once("://").expect("a database URL");
+    let (user, rest) = rest.split_once('@').expect("a user in the database URL");
+    let hosts = rest.split('/').next().unwrap_or_default();
+    hosts
+        .split(',')
+        .map(|h| format!("{scheme}://{user}@{h}/{db}"))
+        .collect()
+}
+
+/// `url`, each of its comma-separated URLs (and hosts) naming database `db`.
+fn with_database(url: &str, db: &str) -> String {
+    url.split(',')
+        .map(|part| match part.rsplit_once('/') {
+            Some((head, _)) if part.contains("://") => format!("{head}/{db}"),
+            _ => part.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A pool on whichever host of `url` accepts writes now.
+async fn primary_pool(url: &str, db: &str) -> sqlx::PgPool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for host in per_host(url, db) {
+            let Ok(pool) = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(Duration::from_secs(2))
+                .connect(&host)
+                .await
+            else {
+                continue;
+            };
+            let standby: Result<(bool,), _> = sqlx::query_as("SELECT pg_is_in_recovery()")
+                .fetch_one(&pool)
+                .await;
+            if let Ok((false,)) = standby {
+                return pool;
+            }
+        }
+        assert!(Instant::now() < deadline, "no primary among {url}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// One fleet of a test, on a database, topic, group prefix and Redis prefix of its own; taken
+/// down when dropped.
+struct Fleet {
+    name: String,
+    dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+    engines: Engines,
+    db: String,
+}
+
+impl Fleet {
+    async fn up(name: &str, engines: Engines) -> Self {
+        let tag = format!("{name}_{}", &Uuid::new_v4().simple().to_string()[..8]);
+        let db = format!("fleet_{tag}");
+        let admin = primary_pool(&engines.database, "postgres").await;
+        sqlx::query(&format!("CREATE DATABASE {db}"))
+            .execute(&admin)
+            .await
+            .expect("creating the fleet's database");
+        let dir = tempfile::tempdir().expect("a directory for the fleet");
+        let env = vec![
+            ("PCF_BIN".into(), env!("CARGO_BIN_EXE_pcf").to_owned()),
+            ("FLEET_DIR".into(), dir.path().display().to_string()),
+            (
+                "PCF_DATABASE_URL".into(),
+                with_database(&engines.database, &db),
+            ),
+            (
+                "PCF_READ_DATABASE_URL".into(),
+                with_database(&engines.read_databases, &db),
+            ),
+            ("PCF_REDIS_URL".into(), engines.redis.clone()),
+            ("PCF_REDIS_PREFIX".into(), format!("fleet-{tag}")),
+            ("PCF_KAFKA_BROKERS".into(), engines.brokers.clone()),
+            ("PCF_KAFKA_TOPIC".into(), format!("pcf.fleet.{tag}")),
+            ("PCF_KAFKA_GROUP_PREFIX".into(), format!("fleet-{tag}")),
+            ("PCF_JWT_SECRET".into(), JWT_SECRET.to_owned()),
+            ("PCF_LOG".into(), "info,librdkafka=warn".into()),
+        ];
+        let fleet = Self {
+            name: name.to_owned(),
+            dir,
+            env,
+            engines,
+            db,
+        };
+        fleet.script(&["up"]);
+        fleet
+    }
+
+    /// Runs `scripts/fleet.sh ARGS` for this fleet; panics with its output if it fails.
+    fn script(&self, args: &[&str]) -> String {
+        let out = Command::new(repo().join("scripts/fleet.sh"))
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(repo())
+            .output()
+            .expect("running scripts/fleet.sh");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "scripts/fleet.sh {args:?} failed:\n{text}"
+        );
+        text
+    }
+
+    /// Runs the `pcf` command line with the fleet's configuration.
+    fn pcf(&self, args: &[&str]) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_pcf"))
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("PCF_ENV", "production")
+            .env("PCF_KEK", self.kek())
+            .env("PCF_KEK_ID", "fleet")
+            .env("PCF_LOG", "warn")
+            .output()
+            .expect("running pcf");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "pcf {args:?} failed:\n{text}");
+        text
+    }
+
+    fn kek(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("kek"))
+            .expect("the fleet's KEK")
+            .trim()
+            .to_owned()
+    }
+
+    fn log_of(&self, instance: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{instance}.log"))).unwrap_or_default()
+    }
+
+    /// How many times `relay` took the lease.
+    fn activations(&self, relay: &str) -> usize {
+        self.log_of(relay)
+            .matches("\"message\":\"relay active\"")
+            .count()
+    }
+
+    /// The relay instance that holds the lease, of two that run: the one that took it more
+    /// often than it lost it.
+    fn active_relay(&self) -> &'static str {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for relay in ["relay1", "relay2"] {
+                let lost = self.log_of(relay).matches("relay leadership lost").count();
+                if self.activations(relay) > lost {
+                    return relay;
+                }
+            }
+            assert!(Instant::now() < deadline, "no relay is active");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("scripts/fleet.sh"))
+            .arg("down")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(repo())
+            .output();
+        if std::thread::panicking() {
+            eprintln!(
+                "fleet {}: logs of the failed test kept in {}",
+                self.name,
+                self.dir.path().display()
+            );
+            let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+            std::mem::forget(kept);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP through HAProxy
+
+/// POSTs a GraphQL operation to HAProxy; the status and the JSON body, or what went wrong.
+async fn graphql(token: &str, query: &str, variables: Value) -> Result<Value, String> {
+    let body = json!({ "query": query, "variables": variables }).to_string();
+    let request = format!(
+        "POST /graphql HTTP/1.1\r\nHost: pcf\r\nContent-Type: application/json\r\n\
+         Authorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", HAPROXY_PORT))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut answer = Vec::new();
+        stream
+            .read_to_end(&mut answer)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        Ok::<_, String>(answer)
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(15), exchange)
+        .await
+        .map_err(|_| "no answer within 15 s".to_owned())??;
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("not an HTTP response: {text:?}"))?;
+    let status = head.split_whitespace().nth(1).unwrap_or_default();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    if status != "200" {
+        return Err(format!("HTTP {status}: {body}"));
+    }
+    let value: Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+    if let Some(errors) = value.get("errors") {
+        return Err(format!("errors: {errors}"));
+    }
+    Ok(value["data"].clone())
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// the load
+
+#[derive(Default)]
+struct Tally {
+    writes_ok: u64,
+    writes_failed: Vec<String>,
+    reads_ok: u64,
+    reads_failed: Vec<String>,
+    last_write: Option<Instant>,
+    longest_write_gap: Duration,
+    /// The last version acknowledged for each user.
+    acked: HashMap<Uuid, i64>,
+}
+
+impl Tally {
+    fn wrote(&mut self, id: Uuid, version: i64) {
+        let now = Instant::now();
+        if let Some(last) = self.last_write {
+            self.longest_write_gap = self.longest_write_gap.max(now - last);
+        }
+        self.last_write = Some(now);
+        self.writes_ok += 1;
+        let acked = self.acked.entry(id).or_default();
+        *acked = (*acked).max(version);
+    }
+}
+
+/// Writers and readers through HAProxy until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tally: Arc<Mutex<Tally>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+const WRITERS: usize = 4;
+const READERS: usize = 2;
+/// Each client's pause between requests: a steady load that leaves the two cores room for the
+/// fleet and its engines.
+const PAUSE: Duration = Duration::from_millis(25);
+
+fn random() -> u128 {
+    Uuid::new_v4().as_u128()
+}
+
+impl Load {
+    fn start() -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let mut tasks = Vec::new();
+        for _ in 0..WRITERS {
+            let (stop, tally) = (stop.clone(), tally.clone());
+            tasks.push(tokio::spawn(async move { write(stop, tally).await }));
+        }
+        for _ in 0..READERS {
+            let (stop, tally) = (stop.clone(), tally.clone());
+            tasks.push(tokio::spawn(async move { read(stop, tally).await }));
+        }
+        Self { stop, tally, tasks }
+    }
+
+    async fn stop(self) -> Tally {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.expect("a load task");
+        }
+        Arc::try_unwrap(self.tally)
+            .ok()
+            .expect("the tally")
+            .into_inner()
+            .unwrap()
+    }
+}
+
+fn email() -> String {
+    format!("fleet-{:x}@example.com", random())
+}
+
+async fn write(stop: Arc<AtomicBool>, tally: Arc<Mutex<Tally>>) {
+    let token = admin();
+    let mut mine: Vec<Uuid> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let pick = random();
+        let (query, variables, field) = if mine.len() < 3 || pick % 10 < 3 {
+            let input =
+                json!({ "email": email(), "displayName": format!("Fleet {}", pick % 1000) });
+            (CREATE_USER, json!({ "input": input }), "createUser")
+        } else {
+            let id = mine[(pick >> 8) as usize % mine.len()];
+            if pick % 10 < 8 {
+                let input = json!({ "displayName": format!("Renamed {}", pick % 100_000) });
+                (
+                    UPDATE_PROFILE,
+                    json!({ "id": id, "input": input }),
+                    "updateProfile",
+                )
+            } else {
+                (
+                    CHANGE_EMAIL,
+                    json!({ "id": id, "email": email() }),
+                    "changeEmail",
+                )
+            }
+        };
+        match graphql(&token, query, variables).await {
+            Ok(data) => {
+                let payload = &data[field];
+                let id = payload["user"]["id"]
+                    .as_str()
+                    .and_then(|s| Uuid::parse_str(s).ok());
+                match (id, payload["version"].as_i64()) {
+                    (Some(id), Some(version)) => {
+                        if field == "createUser" {
+                            mine.push(id);
+                        }
+                        tally.lock().unwrap().wrote(id, version);
+                    }
+                    _ => tally
+                        .lock()
+                        .unwrap()
+                        .writes_failed
+                        .push(format!("{field}: no user in {data}")),
+                }
+            }
+            Err(e) => tally
+                .lock()
+                .unwrap()
+                .writes_failed
+                .push(format!("{field}: {e}")),
+        }
+        tokio::time::sleep(PAUSE).await;
+    }
+}
+
+async fn read(stop: Arc<AtomicBool>, tally: Arc<Mutex<Tally>>) {
+    let token = admin();
+    while !stop.load(Ordering::Relaxed) {
+        let id = {
+            let t = tally.lock().unwrap();
+            let n = t.acked.len();
+            (n > 0).then(|| *t.acked.keys().nth(random() as usize % n).unwrap())
+        };
+        if let Some(id) = id {
+            let outcome = graphql(&token, USER, json!({ "id": id })).await;
+            let mut t = tally.lock().unwrap();
+            match outcome {
+                Ok(_) => t.reads_ok += 1,
+                Err(e) => t.reads_failed.push(format!("user: {e}")),
+            }
+        }
+        tokio::time::sleep(PAUSE).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// after the load: convergence, the log, and the views against a rebuild
+
+/// Waits until the views hold every acknowledged version; the longest wait.
+async fn converge(tally: &Tally) {
+    let token = admin();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for (id, version) in &tally.acked {
+        loop {
+            let data = graphql(&token, USER, json!({ "id": id, "minVersion": version })).await;
+            if matches!(&data, Ok(d) if d["user"]["version"].as_i64() >= Some(*version)) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "user {id} never reached version {version} in the views: {data:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The projections' lag, until every one is 0.
+async fn caught_up() {
+    let token = admin();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let data = graphql(&token, PROJECTIONS, json!({})).await;
+        if let Ok(d) = &data {
+            if d["projections"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().all(|p| p["lag"].as_i64() == Some(0)))
+            {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "projections never caught up: {data:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// What the views hold for `users`: the Redis view through `user(id)` and the SQL view's rows.
+async fn views(fleet: &Fleet, users: &[Uuid]) -> (Vec<Value>, Vec<String>) {
+    let token = admin();
+    let mut documents = Vec::new();
+    for id in users {
+        let data = graphql(&token, USER, json!({ "id": id }))
+            .await
+            .unwrap_or_else(|e| panic!("user {id}: {e}"));
+        documents.push(data["user"].clone());
+    }
+    let pool = primary_pool(&fleet.engines.database, &fleet.db).await;
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT row_to_json(r)::text FROM read_users r WHERE id = ANY($1) ORDER BY id",
+    )
+    .bind(users)
+    .fetch_all(&pool)
+    .await
+    .expect("reading the SQL view");
+    (documents, rows.into_iter().map(|(r,)| r).collect())
+}
+
+/// Every acknowledged version is in the log, and each user's events are numbered 1..=n
+/// without a gap or a double; the number of events of each user.
+async fn the_log_holds_every_acknowledged_write(fleet: &Fleet, tally: &Tally) -> usize {
+    let pool = primary_pool(&fleet.engines.database, &fleet.db).await;
+    let mut missing = Vec::new();
+    for (id, version) in &tally.acked {
+        let (count, max): (i64, Option<i64>) =
+            sqlx::query_as("SELECT count(*), max(sequence) FROM events WHERE aggregate_id = $1")
+                .bind(id.to_string())
+                .fetch_one(&pool)
+                .await
+                .expect("reading the log");
+        if max.unwrap_or(0) < *version || Some(count) != max {
+            missing.push(format!(
+                "{id}: acknowledged {version}, log {count} events up to {max:?}"
+            ));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "the log lacks acknowledged writes: {missing:?}"
+    );
+    tally.acked.len()
+}
+
+struct Report {
+    tally: Tally,
+    views_equal_a_rebuild: bool,
+}
+
+/// Runs `fault` on a fleet under load, then checks the log and the views; the report.
+async fn under_load<F>(name: &str, fault: F) -> Option<Report>
+where
+    F: AsyncFnOnce(&Fleet),
+{
+    let Some(engines) = Engines::from_env() else {
+        eprintln!("skipped: PCF_TEST_FLEET is not set (scripts/test.sh sets it and starts --ha)");
+        return None;
+    };
+    let fleet = Fleet::up(name, engines).await;
+    let load = Load::start();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    fault(&fleet).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let tally = load.stop().await;
+    assert!(tally.writes_ok > 0, "no write succeeded");
+
+    the_log_holds_every_acknowledged_write(&fleet, &tally).await;
+    converge(&tally).await;
+    caught_up().await;
+    let mut users: Vec<Uuid> = tally.acked.keys().copied().collect();
+    users.sort();
+    let before = views(&fleet, &users).await;
+    fleet.pcf(&["projections", "rebuild", "all"]);
+    caught_up().await;
+    let after = views(&fleet, &users).await;
+    let views_equal_a_rebuild = before == after;
+    let report = Report {
+        tally,
+        views_equal_a_rebuild,
+    };
+    record(name, &report);
+    if !views_equal_a_rebuild {
+        let diff: Vec<_> = before
+            .0
+            .iter()
+            .zip(&after.0)
+            .filter(|(b, a)| b != a)
+            .take(3)
+            .collect();
+        panic!("{name}: the views differ from a rebuild, e.g. {diff:?}");
+    }
+    Some(report)
+}
+
+/// Prints the report and appends it to the target's `fleet-report.md`.
+fn record(name: &str, r: &Report) {
+    let t = &r.tally;
+    let line = format!(
+        "| {name} | {} | {} | {} | {} | {:.2} s | {} |",
+        t.writes_ok,
+        t.writes_failed.len(),
+        t.reads_ok,
+        t.reads_failed.len(),
+        t.longest_write_gap.as_secs_f64(),
+        if r.views_equal_a_rebuild { "yes" } else { "NO" },
+    );
+    eprintln!("{line}");
+    for e in t.writes_failed.iter().chain(&t.reads_failed).take(5) {
+        eprintln!("  failed: {e}");
+    }
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fleet-report.md");
+    let new = !path.exists();
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+    {
+        use std::io::Write;
+        if new {
+            let _ = writeln!(
+                f,
+                "| event | writes ok | writes failed | reads ok | reads failed | longest write gap | views = rebuild |\n|---|---|---|---|---|---|---|"
+            );
+        }
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+fn no_failures(r: &Report) {
+    assert!(
+        r.tally.writes_failed.is_empty() && r.tally.reads_failed.is_empty(),
+        "failed requests: {:?} {:?}",
+        r.tally.writes_failed,
+        r.tally.reads_failed
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// the deploys and faults
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_the_api_instances_fails_no_request() {
+    let _one = ONE_FLEET.lock().await;
+    if let Some(r) = under_load("rolling_restart", async |fleet: &Fleet| {
+        fleet.script(&["rolling-restart"]);
+    })
+    .await
+    {
+        no_failures(&r);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blue_green_switch_fails_no_request() {
+    let _one = ONE_FLEET.lock().await;
+    if let Some(r) = under_load("blue_green", async |fleet: &Fleet| {
+        fleet.script(&["blue-green"]);
+    })
+    .await
+    {
+        no_failures(&r);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_relay_publishes_within_5_s_of_the_active_one_killed() {
+    let _one = ONE_FLEET.lock().await;
+    if let Some(r) = under_load("kill_relay", async |fleet: &Fleet| {
+        let active = fleet.active_relay();
+        let other = if active == "relay1" {
+            "relay2"
+        } else {
+            "relay1"
+        };
+        let standby_took = fleet.activations(other);
+        fleet.script(&["kill", active]);
+        let killed = Instant::now();
+        // A user created after the kill is in the views once the other relay published it.
+        let token = admin();
+        let input = json!({ "email": email(), "displayName": "After the relay" });
+        let data = graphql(&token, CREATE_USER, json!({ "input": input }))
+            .await
+            .expect("a write after the relay's kill");
+        let id = data["createUser"]["user"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        loop {
+            let seen = graphql(&token, USER, json!({ "id": id })).await;
+            if matches!(&seen, Ok(d) if !d["user"].is_null()) {
+                break;
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(30),
+                "nothing published 30 s after the active relay's kill"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let took = killed.elapsed();
+        eprintln!("kill_relay: a write after the kill was visible after {took:?}");
+        assert!(
+            took < Duration::from_secs(5),
+            "the standby relay took {took:?} to publish"
+        );
+        assert_eq!(
+            fleet.activations(other),
+            standby_took + 1,
+            "the standby took the lease"
+        );
+        fleet.script(&["start", active]);
+    })
+    .await
+    {
+        no_failures(&r);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_killed_mid_batch_loses_and_doubles_nothing() {
+    let _one = ONE_FLEET.lock().await;
+    if let Some(r) = under_load("kill_projector", async |fleet: &Fleet| {
+        fleet.script(&["kill", "proj1"]);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        fleet.script(&["start", "proj1"]);
+    })
+    .await
+    {
+        no_failures(&r);
+    }
+}
+
+/// The pid of Kafka node `n` of `--ha`.
+fn kafka_node_pid(n: u8) -> Option<i32> {
+    std::fs::read_to_string(format!("/var/lib/pcf-kafka-ha/n{n}/kafka.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn services(args: &[&str]) {
+    let out = Command::new(repo().join("scripts/services.sh"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("running scripts/services.sh");
+    assert!(
+        out.status.success(),
+        "scripts/services.sh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_broker_killed_and_back_fails_no_mutation() {
+    let _one = ONE_FLEET.lock().await;
+    if let Some(r) = under_load("kill_kafka_broker", async |_fleet: &Fleet| {
+        let pid = kafka_node_pid(2).expect("Kafka node 2 of --ha runs");
+        let status = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        services(&["up", "kafka_ha"]);
+    })
+    .await
+    {
+        no_failures(&r);
+    }
+}
