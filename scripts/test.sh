@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every check CI runs: starts the local services (PostgreSQL primary + replica, Redis, Kafka),
-# then rustfmt, clippy (warnings are errors) and the whole workspace's tests against them.
+# Runs every check CI runs: starts the local services (PostgreSQL primary + replica, Redis, Kafka,
+# and the fleet's engines of --ha), then rustfmt, clippy (warnings are errors) and the whole
+# workspace's tests against them, the fleet's deploys and faults under load among them.
 # Usage: scripts/test.sh
 set -euo pipefail
 
@@ -27,13 +28,15 @@ fi
 # The services start in the background while the workspace builds: they need about half a
 # minute, mostly waiting on Kafka's JVM, and the build needs the cores.
 services_log="$target_dir/services-up.log"
-scripts/services.sh up >"$services_log" 2>&1 &
+scripts/services.sh up --ha >"$services_log" 2>&1 &
 services_pid=$!
 
 export PCF_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres
 export PCF_TEST_READ_DATABASE_URL=postgres://postgres@127.0.0.1:5433/postgres
 export PCF_TEST_REDIS_URL=redis://127.0.0.1:6379
 export PCF_TEST_KAFKA_BROKERS=127.0.0.1:9092
+# The fleet's tests (tests/process/fleet.rs) on the engines of --ha, at their defaults.
+export PCF_TEST_FLEET=1
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
@@ -61,7 +64,7 @@ export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
 step "cargo test --workspace --all-targets --no-run, linted by clippy (-D warnings)"
 cargo test --workspace --all-targets --no-run
 
-step "scripts/services.sh up"
+step "scripts/services.sh up --ha"
 if ! wait "$services_pid"; then
     cat "$services_log" >&2
     echo "test.sh: the services did not start" >&2
@@ -74,5 +77,13 @@ cat "$services_log" >&2
 # themselves take a lock of their own). Set RUST_TEST_THREADS to change it.
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-8}"
 
+fleet_report="$target_dir/tmp/fleet-report.md"
+rm -f "$fleet_report"
+
 step "cargo test --workspace --all-targets"
 cargo test --workspace --all-targets
+
+if [[ -f $fleet_report ]]; then
+    step "the fleet under load ($fleet_report)"
+    cat "$fleet_report" >&2
+fi

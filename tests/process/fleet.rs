@@ -208,6 +208,21 @@ impl Fleet {
             .to_owned()
     }
 
+    /// The pids of the fleet's instances, by name.
+    fn pids(&self) -> Vec<(String, String)> {
+        let mut pids: Vec<_> = std::fs::read_dir(self.dir.path())
+            .expect("the fleet's directory")
+            .filter_map(|e| {
+                let name = e.ok()?.file_name().into_string().ok()?;
+                let instance = name.strip_suffix(".pid")?.to_owned();
+                let pid = std::fs::read_to_string(self.dir.path().join(&name)).ok()?;
+                Some((instance, pid.trim().to_owned()))
+            })
+            .collect();
+        pids.sort();
+        pids
+    }
+
     fn log_of(&self, instance: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{instance}.log"))).unwrap_or_default()
     }
@@ -466,11 +481,17 @@ async fn read(stop: Arc<AtomicBool>, tally: Arc<Mutex<Tally>>) {
             (n > 0).then(|| *t.acked.keys().nth(random() as usize % n).unwrap())
         };
         if let Some(id) = id {
-            let outcome = graphql(&token, USER, json!({ "id": id })).await;
+            // A point read (the Redis view) and a page of users (the SQL view, on the
+            // replicas), in turn.
+            let (what, outcome) = if random() % 2 == 0 {
+                ("user", graphql(&token, USER, json!({ "id": id })).await)
+            } else {
+                ("users", graphql(&token, USERS, json!({ "first": 5 })).await)
+            };
             let mut t = tally.lock().unwrap();
             match outcome {
                 Ok(_) => t.reads_ok += 1,
-                Err(e) => t.reads_failed.push(format!("user: {e}")),
+                Err(e) => t.reads_failed.push(format!("{what}: {e}")),
             }
         }
         tokio::time::sleep(PAUSE).await;
@@ -792,5 +813,149 @@ async fn a_kafka_broker_killed_and_back_fails_no_mutation() {
     .await
     {
         no_failures(&r);
+    }
+}
+
+/// The port and pid of a primary of the Redis Cluster of `--ha` that holds slots.
+fn a_redis_cluster_primary() -> (u16, i32) {
+    let nodes = Command::new("redis-cli")
+        .args(["-p", "7000", "cluster", "nodes"])
+        .output()
+        .expect("redis-cli cluster nodes");
+    let nodes = String::from_utf8_lossy(&nodes.stdout).to_string();
+    let port: u16 = nodes
+        .lines()
+        .filter(|l| l.contains("master") && !l.contains("fail") && l.split(' ').count() > 8)
+        .filter_map(|l| l.split(' ').nth(1)?.split(['@', ':']).nth(1)?.parse().ok())
+        .find(|p| *p != 7000)
+        .unwrap_or_else(|| panic!("no primary holding slots besides 7000 in:\n{nodes}"));
+    let info = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "info", "server"])
+        .output()
+        .expect("redis-cli info");
+    let pid = String::from_utf8_lossy(&info.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:")?.trim().parse().ok())
+        .expect("the primary's pid");
+    (port, pid)
+}
+
+fn kill9(pid: i32) {
+    let status = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -9 {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_primary_killed_keeps_reads_answering_and_the_views_converge() {
+    let _one = ONE_FLEET.lock().await;
+    let Some(engines) = Engines::from_env() else {
+        eprintln!("skipped: PCF_TEST_FLEET is not set");
+        return;
+    };
+    if !engines.redis.contains(',') {
+        eprintln!(
+            "skipped: the fleet's Redis is not a cluster ({})",
+            engines.redis
+        );
+        return;
+    }
+    if let Some(r) = under_load("kill_redis_primary", async |_fleet: &Fleet| {
+        let (port, pid) = a_redis_cluster_primary();
+        eprintln!("kill_redis_primary: kill -9 of the primary on port {port}");
+        kill9(pid);
+        // The cluster fails over (cluster-node-timeout); the killed node returns as a replica.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        services(&["up", "redis_cluster"]);
+    })
+    .await
+    {
+        assert!(
+            r.tally.reads_failed.is_empty(),
+            "reads failed: {:?}",
+            r.tally.reads_failed
+        );
+        assert!(
+            r.tally.writes_failed.is_empty(),
+            "{:?}",
+            r.tally.writes_failed
+        );
+    }
+}
+
+fn pg_ha(args: &[&str]) -> String {
+    let out = Command::new(repo().join("scripts/pg-ha.sh"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("running scripts/pg-ha.sh");
+    assert!(
+        out.status.success(),
+        "scripts/pg-ha.sh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_replica_killed_leaves_queries_answering_from_the_other() {
+    let _one = ONE_FLEET.lock().await;
+    let Some(engines) = Engines::from_env() else {
+        eprintln!("skipped: PCF_TEST_FLEET is not set");
+        return;
+    };
+    if !engines.read_databases.contains("5444") {
+        eprintln!("skipped: the fleet's read replicas are not those of --ha");
+        return;
+    }
+    if let Some(r) = under_load("kill_read_replica", async |_fleet: &Fleet| {
+        pg_ha(&["kill", "5444"]);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        pg_ha(&["repair"]);
+    })
+    .await
+    {
+        no_failures(&r);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_primary_lost_and_its_standby_promoted_resumes_writes_without_a_restart() {
+    let _one = ONE_FLEET.lock().await;
+    let Some(engines) = Engines::from_env() else {
+        eprintln!("skipped: PCF_TEST_FLEET is not set");
+        return;
+    };
+    if !engines.database.contains(',') {
+        eprintln!(
+            "skipped: the fleet's database has no standby ({})",
+            engines.database
+        );
+        return;
+    }
+    if let Some(r) = under_load("primary_promoted", async |fleet: &Fleet| {
+        let before = fleet.pids();
+        pg_ha(&["kill-primary"]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        pg_ha(&["promote"]);
+        // Writes resume on the new primary, by the same processes.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(fleet.pids(), before, "a PCF process restarted");
+        pg_ha(&["repair"]);
+    })
+    .await
+    {
+        // Writes in flight when the primary died may fail (retryable); none acknowledged is
+        // missing (checked on the log above), and reads never fail.
+        for e in &r.tally.writes_failed {
+            assert!(e.contains("UNAVAILABLE"), "a write failed otherwise: {e}");
+        }
+        assert!(
+            r.tally.reads_failed.is_empty(),
+            "{:?}",
+            r.tally.reads_failed
+        );
     }
 }
