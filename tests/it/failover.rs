@@ -88,7 +88,11 @@ async fn write_steadily(
                 Ok((id_of(payload), version_of(payload) as u64))
             } else {
                 Err(if r.has_errors() {
-                    r.codes()
+                    let codes = r.codes();
+                    if codes.iter().any(|c| c != "UNAVAILABLE") {
+                        eprintln!("failover: a refusal other than UNAVAILABLE: {}", r.body);
+                    }
+                    codes
                 } else {
                     vec![format!("HTTP {}", r.status)]
                 })
