@@ -581,6 +581,9 @@ cmd_status() {
     return "$rc"
 }
 
+# Sourced (scripts/pg-ha.sh): the functions only.
+[[ ${BASH_SOURCE[0]} == "$0" ]] || return 0
+
 command=${1:-}
 HA=0
 ONLY=

@@ -9,16 +9,22 @@ use sqlx::postgres::PgRow;
 use sqlx::Row;
 
 /// Whether the error says the database cannot be reached now, rather than that the request
-/// is wrong.
+/// is wrong. Besides connection trouble, what a server says while it cannot take the
+/// statement: a standby refusing a write (25006, read_only_sql_transaction: the primary moved
+/// and the connection still reaches the old one), a server shutting down or starting
+/// (57P01-57P03), and a connection exception (class 08).
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
-    matches!(
-        e,
+    match e {
         sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed
-    )
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            matches!(code.as_ref(), "25006" | "57P01" | "57P02" | "57P03") || code.starts_with("08")
+        }),
+        _ => false,
+    }
 }
 
 /// The error as a port's, naming `what` failed (`"postgres"`, `"read replica"`).

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use super::background::relay_config;
 use super::monitor::KafkaMonitor;
+use super::primary::split_hosts;
 use super::process::{Process, ReadSide};
 use super::roles::Role;
 use super::store::{lazy_pg_pool, pg_pool};
@@ -25,7 +26,7 @@ use crate::http::metrics::pool_gauge;
 
 /// Starts the relay and the projectors the roles ask for, and opens the readers.
 pub async fn read_side(p: &mut Process<'_>, kafka: KafkaConfig) -> anyhow::Result<ReadSide> {
-    let Some(database_url) = p.config.database_url.clone() else {
+    let Some(primary) = p.primary.clone() else {
         anyhow::bail!("Kafka needs the PostgreSQL event store: set PCF_DATABASE_URL");
     };
     let publisher =
@@ -52,7 +53,9 @@ pub async fn read_side(p: &mut Process<'_>, kafka: KafkaConfig) -> anyhow::Resul
         None => None,
     };
     let pool_size = if p.has(Role::Projector) { 16 } else { 2 };
-    let primary = pg_pool(&database_url, pool_size, "the SQL view (PCF_DATABASE_URL)").await?;
+    let primary = primary
+        .pool(pool_size, "the SQL view (PCF_DATABASE_URL)", None)
+        .await?;
     p.metrics
         .watch_pool("sql_view", pool_gauge(primary.clone()));
     let mut views: Vec<(Arc<dyn ViewStore>, Option<RedisUserViews>)> =
@@ -160,9 +163,15 @@ fn start_projector(
 /// The readers of the views: the read replicas, behind Redis when it is configured.
 async fn readers(p: &mut Process<'_>) -> anyhow::Result<Arc<dyn UserReader>> {
     let mut replicas = Vec::new();
-    let several = p.config.read_database_urls.len() > 1;
+    // A URL listing several hosts (PCF_DATABASE_URL's, when no replica is configured) stands
+    // for one replica per host.
+    let mut urls = Vec::new();
+    for url in &p.config.read_database_urls {
+        urls.extend(split_hosts(url).context("reading PCF_READ_DATABASE_URL")?);
+    }
+    let several = urls.len() > 1;
     let mut unreachable = Vec::new();
-    for (i, url) in p.config.read_database_urls.iter().enumerate() {
+    for (i, url) in urls.iter().enumerate() {
         let what = "a read replica (PCF_READ_DATABASE_URL)";
         let pool = match pg_pool(url, 16, what).await {
             Ok(pool) => pool,

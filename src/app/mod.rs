@@ -11,6 +11,7 @@ pub mod embedded;
 pub mod extra_topics;
 pub mod keys;
 pub mod monitor;
+pub mod primary;
 pub mod process;
 pub mod roles;
 pub mod store;
@@ -41,6 +42,8 @@ pub struct App {
     pub keys: Arc<pcf_adapters::keys::Keys>,
     pub schema: PcfSchema,
     pub metrics: Arc<Metrics>,
+    /// The PostgreSQL primary the pools follow, while the app lives.
+    pub primary: Option<Arc<primary::PrimaryLocator>>,
     shutdown: watch::Sender<bool>,
     stopping: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -89,6 +92,7 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
         stopping: stopping_rx,
         tasks: Vec::new(),
         dependencies,
+        primary: storage.primary,
     };
     p.metrics.watch_keys(storage.keys.stats());
     for (name, pool) in storage.pools {
@@ -117,6 +121,7 @@ pub async fn build_roles(config: &Config, roles: &[Role]) -> anyhow::Result<App>
         keys: p.keys,
         schema,
         metrics: p.metrics,
+        primary: p.primary,
         shutdown,
         stopping,
         tasks: p.tasks,

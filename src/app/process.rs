@@ -29,6 +29,8 @@ pub struct Process<'a> {
     pub stopping: watch::Receiver<bool>,
     pub tasks: Vec<JoinHandle<()>>,
     pub dependencies: Dependencies,
+    /// The PostgreSQL primary, for the pools that write to it (PostgreSQL only).
+    pub primary: Option<Arc<super::primary::PrimaryLocator>>,
 }
 
 impl Process<'_> {

@@ -9,11 +9,22 @@ use sqlx::PgPool;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use super::primary::{split_hosts, PrimaryLocator, Shape};
 use crate::config::Config;
 use crate::http::metrics::{pool_gauge, PoolGauge};
 
-/// Connects a PostgreSQL pool.
+/// Connects a PostgreSQL pool. A URL listing several hosts (`postgres://u@a:5432,b:5432/db`)
+/// gives a pool on the one that accepts writes, which stays there (see `PrimaryLocator` for
+/// pools that follow the primary).
 pub async fn pg_pool(url: &str, max: u32, what: &str) -> anyhow::Result<PgPool> {
+    if split_hosts(url)
+        .with_context(|| format!("reading {what}"))?
+        .len()
+        > 1
+    {
+        let primary = PrimaryLocator::connect(url, what).await?;
+        return primary.pool(max, what, None).await;
+    }
     let options = PgConnectOptions::from_str(url).with_context(|| format!("reading {what}"))?;
     pg_pool_with(options, max, what).await
 }
@@ -43,12 +54,10 @@ pub fn lazy_pg_pool(url: &str, max: u32, what: &str) -> anyhow::Result<PgPool> {
 
 /// Connections for appends only, which keep one generic plan per prepared statement (see
 /// `PostgresStore::with_append_pool`).
-async fn append_pool(url: &str, max: u32) -> anyhow::Result<PgPool> {
+async fn append_pool(primary: &PrimaryLocator, max: u32) -> anyhow::Result<PgPool> {
     let what = "the event store (PCF_DATABASE_URL)";
-    let options = PgConnectOptions::from_str(url)
-        .with_context(|| format!("reading {what}"))?
-        .options([("plan_cache_mode", "force_generic_plan")]);
-    pg_pool_with(options, max, what).await
+    let shape: Shape = Arc::new(|o| o.options([("plan_cache_mode", "force_generic_plan")]));
+    primary.pool(max, what, Some(shape)).await
 }
 
 /// The event store of a process and the keys to its personal data.
@@ -57,6 +66,9 @@ pub struct Storage {
     pub keys: Arc<Keys>,
     /// The store's connection pools by name, for metrics.
     pub pools: Vec<(&'static str, PoolGauge)>,
+    /// The PostgreSQL primary the pools follow (PostgreSQL only). Dropping it stops the
+    /// following (`PrimaryLocator::follow`).
+    pub primary: Option<Arc<PrimaryLocator>>,
 }
 
 /// Opens the event store the configuration names, applies the migrations, and checks the
@@ -65,10 +77,20 @@ pub struct Storage {
 pub async fn open_store(config: &Config) -> anyhow::Result<Storage> {
     let keyring = Arc::new(super::keys::keyring(config)?);
     let mut pools: Vec<(&'static str, PoolGauge)> = Vec::new();
+    let mut primary = None;
     let (store, keys): (Arc<dyn EventStore>, Arc<Keys>) = match &config.database_url {
         Some(url) => {
-            let pool = pg_pool(url, 32, "the event store (PCF_DATABASE_URL)").await?;
-            let appends = append_pool(url, 32).await?;
+            let what = "the event store (PCF_DATABASE_URL)";
+            let locator = PrimaryLocator::connect(url, what).await?;
+            if locator.hosts().len() > 1 {
+                tokio::spawn(PrimaryLocator::follow(
+                    Arc::downgrade(&locator),
+                    std::future::pending(),
+                ));
+            }
+            let pool = locator.pool(32, what, None).await?;
+            let appends = append_pool(&locator, 32).await?;
+            primary = Some(locator);
             pools.push(("event_store", pool_gauge(pool.clone())));
             pools.push(("event_store_appends", pool_gauge(appends.clone())));
             pcf_migrations::run_postgres(&pool)
@@ -97,5 +119,10 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Storage> {
     keys.check_keks()
         .await
         .context("checking the key-encryption keys (PCF_KEK, PCF_KEK_FILE)")?;
-    Ok(Storage { store, keys, pools })
+    Ok(Storage {
+        store,
+        keys,
+        pools,
+        primary,
+    })
 }

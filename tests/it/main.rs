@@ -26,6 +26,7 @@ mod deploy;
 mod embedded;
 mod erasure;
 mod event_schemas;
+mod failover;
 mod http;
 mod prometheus;
 mod queries;

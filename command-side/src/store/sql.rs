@@ -334,6 +334,21 @@ impl<B: SqlBackend> SqlStore<B> {
     }
 }
 
+/// What a failed read of a user's events (through postgres-es / sqlite-es) means: the
+/// database unavailable (a lost connection, a server shutting down: the command may be
+/// retried), or something wrong.
+fn loading_failed(e: cqrs_es::persist::PersistenceError) -> StoreError {
+    use cqrs_es::persist::PersistenceError;
+    match e {
+        PersistenceError::ConnectionError(e) => StoreError::Unavailable(e.to_string()),
+        PersistenceError::UnknownError(e) => match e.downcast::<sqlx::Error>() {
+            Ok(e) => StoreError::from(*e),
+            Err(e) => StoreError::Internal(e.to_string()),
+        },
+        e => StoreError::Internal(e.to_string()),
+    }
+}
+
 #[async_trait]
 impl<B: SqlBackend> CommandStore for SqlStore<B> {
     /// Reads the user's events through postgres-es / sqlite-es, opens their personal data
@@ -343,7 +358,7 @@ impl<B: SqlBackend> CommandStore for SqlStore<B> {
             .repository
             .get_events::<User>(&user_id.to_string())
             .await
-            .map_err(|e| StoreError::Internal(e.to_string()))?;
+            .map_err(loading_failed)?;
         let key = if events
             .iter()
             .any(|e| sealing::stored_is_sealed(&e.payload, &e.event_type))
@@ -574,5 +589,35 @@ impl<B: SqlBackend> EmailDirectory for SqlStore<B> {
             .transpose()
             .map_err(StoreError::from)?;
         Ok(owner.and_then(|id| Uuid::parse_str(&id).ok()))
+    }
+}
+
+#[cfg(test)]
+mod loading_tests {
+    use super::*;
+    use cqrs_es::persist::PersistenceError;
+
+    fn reset() -> sqlx::Error {
+        sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset))
+    }
+
+    #[test]
+    fn a_connection_lost_while_loading_is_unavailable_and_the_rest_internal() {
+        let lost = [
+            PersistenceError::ConnectionError(Box::new(reset())),
+            PersistenceError::UnknownError(Box::new(reset())),
+            PersistenceError::UnknownError(Box::new(sqlx::Error::PoolTimedOut)),
+        ];
+        for e in lost {
+            assert!(matches!(loading_failed(e), StoreError::Unavailable(_)));
+        }
+        let wrong = [
+            PersistenceError::UnknownError(Box::new(sqlx::Error::RowNotFound)),
+            PersistenceError::DeserializationError(Box::new(std::fmt::Error)),
+            PersistenceError::OptimisticLockError,
+        ];
+        for e in wrong {
+            assert!(matches!(loading_failed(e), StoreError::Internal(_)));
+        }
     }
 }

@@ -15,7 +15,7 @@ use super::cleanup::Teardown;
 use super::database::{ServerUse, TestDb};
 use super::kafka::KafkaTopic;
 use super::redis_server::{scan_keys, RedisPrefix};
-use super::services::init_tracing;
+use super::services::{init_tracing, primary_admin_url, replica_admin_url};
 use super::wait::wait_until;
 use chrono::{DateTime, Utc};
 use pcf::app::Role;
@@ -69,6 +69,8 @@ pub struct Cluster {
     pub db_url: String,
     /// The same database on the replica.
     pub replica_url: String,
+    /// The replicas the test's apps read from (`replica_url` unless the test says otherwise).
+    pub read_urls: Vec<String>,
     /// A small pool of the test's own on the primary.
     pub pool: PgPool,
     pub topic: String,
@@ -99,12 +101,26 @@ impl Cluster {
     }
 
     async fn create_on(server: ServerUse) -> Self {
+        Self::create_at(server, &primary_admin_url(), &[replica_admin_url()]).await
+    }
+
+    /// Fresh resources on another PostgreSQL server: `admin` (a URL that may list several
+    /// hosts: the apps and the test's pool write to the one that accepts writes), read from
+    /// the replicas `read_admins` (the first one is `replica_url`).
+    pub async fn create_at(server: ServerUse, admin: &str, read_admins: &[String]) -> Self {
         init_tracing();
         let id = Uuid::new_v4().simple().to_string();
-        let db = TestDb::create_named(&id, server).await;
+        let db = TestDb::create_at(&id, server, admin, &read_admins[0]).await;
+        let name = db.name.clone();
+        let read_urls: Vec<String> = read_admins
+            .iter()
+            .map(|url| super::database::with_database(url, &name))
+            .collect();
         // The replica follows the whole cluster; apps connect to it as soon as they start.
         let replica_url = db.replica_url.clone();
-        wait_for(&replica_url, Replica::HasDatabase).await;
+        for url in &read_urls {
+            wait_for(url, Replica::HasDatabase).await;
+        }
         let kafka = KafkaTopic::new(&id);
         let redis = RedisPrefix::new(&id);
         let kek = Kek::generate("cluster-test");
@@ -120,6 +136,7 @@ impl Cluster {
             redis_prefix: redis.prefix.clone(),
             db_url: db.url.clone(),
             replica_url,
+            read_urls,
             pool: db.pool.clone(),
             db,
             kafka,
@@ -159,7 +176,7 @@ impl Cluster {
             kek: Some(self.kek.to_base64().to_string()),
             kek_id: self.kek.id().to_owned(),
             database_url: Some(self.db_url.clone()),
-            read_database_urls: vec![self.replica_url.clone()],
+            read_database_urls: self.read_urls.clone(),
             kafka_brokers: Some(self.brokers.clone()),
             kafka_topic: self.topic.clone(),
             kafka_group_prefix: self.group_prefix.clone(),
@@ -226,7 +243,9 @@ impl Cluster {
 
     /// Waits until the replica has the test database with the read model's tables.
     pub async fn wait_for_replica(&self) {
-        wait_for(&self.replica_url, Replica::HasSchema).await;
+        for url in &self.read_urls {
+            wait_for(url, Replica::HasSchema).await;
+        }
     }
 
     /// A pool on the test database's replica.

@@ -7,6 +7,7 @@
 
 use super::cleanup::Teardown;
 use super::services::{primary_admin_url, replica_admin_url};
+use pcf::app::primary::{locate, parse_hosts, PrimaryLocator};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use std::sync::{Arc, LazyLock};
@@ -67,7 +68,24 @@ pub struct TestDb {
     pub replica_url: String,
     /// A small pool of the test's own, for looking at the tables directly.
     pub pool: PgPool,
+    /// The server's URL (any database), where the database is dropped.
+    admin_url: String,
+    /// With several hosts in `admin_url`: the primary `pool` follows.
+    _primary: Option<Arc<PrimaryLocator>>,
     _server: ServerHold,
+}
+
+/// A connection to the primary of `url`, which may list several hosts (the one that accepts
+/// writes).
+pub async fn connect_primary(url: &str) -> Result<PgConnection, String> {
+    let hosts = parse_hosts(url).map_err(|e| format!("{e:#}"))?;
+    if hosts.len() == 1 {
+        return PgConnection::connect(url).await.map_err(|e| e.to_string());
+    }
+    locate(&hosts, 0)
+        .await
+        .map(|(_, conn)| conn)
+        .map_err(|e| format!("{e:#}"))
 }
 
 impl TestDb {
@@ -84,10 +102,17 @@ impl TestDb {
     /// A fresh database named `pcf_test_<id>`, for a test that names its other resources
     /// after `id` too.
     pub async fn create_named(id: &str, server: ServerUse) -> Self {
+        Self::create_at(id, server, &primary_admin_url(), &replica_admin_url()).await
+    }
+
+    /// A fresh database named `pcf_test_<id>` on the server at `admin` (a URL that may list
+    /// several hosts: then on the one that accepts writes, with a pool that follows it), read
+    /// from the replica at `replica_admin`.
+    pub async fn create_at(id: &str, server: ServerUse, admin: &str, replica_admin: &str) -> Self {
         let hold = ServerHold::take(server).await;
         let name = format!("pcf_test_{id}");
-        let admin = primary_admin_url();
-        let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
+        let admin = admin.to_owned();
+        let mut conn = connect_primary(&admin).await.unwrap_or_else(|e| {
             panic!("connecting to {admin} (start scripts/services.sh up): {e}")
         });
         sqlx::query(&format!("CREATE DATABASE \"{name}\""))
@@ -96,17 +121,32 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("creating database {name}: {e}"));
         let _ = conn.close().await;
         let url = with_database(&admin, &name);
-        let replica_url = with_database(&replica_admin_url(), &name);
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
-            .connect(&url)
-            .await
-            .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+        let replica_url = with_database(replica_admin, &name);
+        let (pool, primary) = if parse_hosts(&url).map_or(1, |h| h.len()) > 1 {
+            let primary = PrimaryLocator::connect(&url, "the test database")
+                .await
+                .unwrap_or_else(|e| panic!("connecting to {url}: {e:#}"));
+            tokio::spawn(PrimaryLocator::follow(
+                Arc::downgrade(&primary),
+                std::future::pending(),
+            ));
+            let pool = primary.lazy_pool(8, None);
+            (pool, Some(primary))
+        } else {
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .connect(&url)
+                .await
+                .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+            (pool, None)
+        };
         Self {
             name,
             url,
             replica_url,
             pool,
+            admin_url: admin,
+            _primary: primary,
             _server: hold,
         }
     }
@@ -115,8 +155,7 @@ impl TestDb {
     /// listeners).
     pub async fn drop_db(self) {
         self.pool.close().await;
-        let admin = primary_admin_url();
-        match PgConnection::connect(&admin).await {
+        match connect_primary(&self.admin_url).await {
             Ok(mut conn) => {
                 let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
                 if let Err(e) = sqlx::query(&sql).execute(&mut conn).await {

@@ -31,6 +31,26 @@ pub fn replica_admin_url() -> String {
     )
 }
 
+/// The PostgreSQL primary with a synchronous standby (scripts/pg-ha.sh), as a URL listing
+/// both hosts; `None` (the tests on it are skipped) when `PCF_TEST_HA_DATABASE_URL` is unset.
+pub fn ha_admin_url() -> Option<String> {
+    std::env::var("PCF_TEST_HA_DATABASE_URL")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+}
+
+/// The read replicas of the HA topology (`PCF_TEST_HA_READ_DATABASE_URL`, comma-separated).
+pub fn ha_read_admin_urls() -> Vec<String> {
+    env_or(
+        "PCF_TEST_HA_READ_DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5444/postgres,postgres://postgres@127.0.0.1:5443/postgres",
+    )
+    .split(',')
+    .map(|u| u.trim().to_owned())
+    .filter(|u| !u.is_empty())
+    .collect()
+}
+
 /// The Redis server tests share (each under a key prefix of its own).
 pub fn shared_redis_url() -> String {
     env_or("PCF_TEST_REDIS_URL", "redis://127.0.0.1:6379")
