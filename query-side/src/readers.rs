@@ -259,6 +259,19 @@ impl SqlUserReader {
         row.map(|r| read_user(&r)).transpose().map_err(sql_error)
     }
 
+    /// How many of the replicas answer, of how many.
+    pub async fn answering(&self) -> (usize, usize) {
+        // A pool retries a refused connection until its acquire timeout: each replica gets
+        // a second and a half, all at once.
+        let pings = self.replicas.iter().map(|pool| async move {
+            let ping = sqlx::query("SELECT 1").execute(pool);
+            let answer = tokio::time::timeout(std::time::Duration::from_millis(1500), ping);
+            matches!(answer.await, Ok(Ok(_)))
+        });
+        let answers = futures::future::join_all(pings).await;
+        (answers.iter().filter(|ok| **ok).count(), answers.len())
+    }
+
     /// Succeeds when every replica answers.
     pub async fn ping(&self) -> Result<(), PortError> {
         for pool in &self.replicas {

@@ -23,8 +23,9 @@ pub async fn live() -> &'static str {
     "ok"
 }
 
-/// Ready when every dependency answers; otherwise 503 naming the ones that do not. From the
-/// moment the process begins to stop, 503 `shutting down`.
+/// Ready (200) unless a dependency the process cannot serve without is down: then 503 naming
+/// it. A dependency it serves without (Redis, some of several read replicas) is named as
+/// `degraded`, with 200. From the moment the process begins to stop, 503 `shutting down`.
 pub async fn ready(State(state): State<HttpState>) -> Response {
     if *state.stopping.borrow() {
         return (
@@ -33,15 +34,17 @@ pub async fn ready(State(state): State<HttpState>) -> Response {
         )
             .into_response();
     }
-    let down = state.dependencies.down().await;
-    if down.is_empty() {
-        (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
+    let health = state.dependencies.health().await;
+    let mut body = json!({ "status": "ready" });
+    if !health.degraded.is_empty() {
+        body = json!({ "status": "degraded", "degraded": health.degraded });
+    }
+    if health.down.is_empty() {
+        (StatusCode::OK, Json(body)).into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "unavailable", "down": down })),
-        )
-            .into_response()
+        body["status"] = json!("unavailable");
+        body["down"] = json!(health.down);
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
 }
 

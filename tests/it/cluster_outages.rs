@@ -49,9 +49,12 @@ async fn replica_down(c: &mut Cluster) {
         let listed = gql(&reader.router, USERS, json!({ "first": 5 })).await;
         assert!(listed_ids(&listed).contains(&id), "{listed}");
     }
+    // It serves from the other replica: ready, naming the one down as degraded.
     let (status, body) = ready(&reader.router).await;
-    assert_eq!(status, 503, "{body}");
-    assert_eq!(body["down"], json!(["read_replica"]), "{body}");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "degraded", "{body}");
+    assert_eq!(body["degraded"], json!(["read_replica"]), "{body}");
+    assert!(body.get("down").is_none(), "{body}");
 }
 
 async fn kafka_outage(c: &mut Cluster) {
@@ -204,18 +207,20 @@ async fn wait_for_replica_row(c: &Cluster, id: Uuid) {
     .await;
 }
 
-/// Asserts readiness fails naming Redis, and only Redis.
+/// Asserts readiness names Redis, and only Redis, as degraded: the process still serves (its
+/// reads fall back to the replicas), so it stays ready.
 async fn assert_only_redis_down(router: &axum::Router) {
     let (status, body) = ready(router).await;
-    assert_eq!(status, 503, "{body}");
-    assert_eq!(body["down"], json!(["redis"]), "{body}");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "degraded", "{body}");
+    assert_eq!(body["degraded"], json!(["redis"]), "{body}");
 }
 
-/// Waits until readiness answers 200.
+/// Waits until readiness answers 200 with nothing down or degraded.
 async fn wait_until_ready(router: &axum::Router, what: &str) {
     wait_until(CONVERGE, what, || async {
         match ready(router).await {
-            (200, _) => Ok(()),
+            (200, body) if body["status"] == "ready" => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })

@@ -6,8 +6,8 @@
 //! the dashboard and on-call need are scraped, that every query of the dashboard evaluates,
 //! and that alerts fire when their condition is made true: this PCF's Redis never answers,
 //! so the Redis projector cannot apply anything while commands go on (its lag grows:
-//! `PcfProjectorStalled`), point reads fall back to the read replicas, and readiness fails
-//! (`PcfDependencyDown`).
+//! `PcfProjectorStalled`), point reads fall back to the read replicas, and readiness names
+//! Redis as degraded (`PcfDependencyDown`).
 
 use crate::support::*;
 use pcf::app::ALL_ROLES;
@@ -318,7 +318,8 @@ async fn prometheus_scrapes_and_alerts(c: &mut Cluster) {
         ),
         ("pcf_dependency_up{dependency=\"redis\"} == 0", some),
         ("pcf_dependency_up{dependency=\"event_store\"} == 1", some),
-        ("pcf_ready == 0", some),
+        // Redis down leaves the process ready (degraded): its reads fall back to the replica.
+        ("pcf_ready == 1", some),
         ("pcf_data_key_cache_misses_total", some),
         // The recording rules run on them.
         (

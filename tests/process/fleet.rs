@@ -75,15 +75,39 @@ fn per_host(url: &str, db: &str) -> Vec<String> {
         .collect()
 }
 
-/// `url`, each of its comma-separated URLs (and hosts) naming database `db`.
-fn with_database(url: &str, db: &str) -> String {
-    url.split(',')
-        .map(|part| match part.rsplit_once('/') {
-            Some((head, _)) if part.contains("://") => format!("{head}/{db}"),
-            _ => part.to_owned(),
+/// `urls` (comma-separated, each of one or several hosts), each naming database `db`.
+fn with_database(urls: &str, db: &str) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for part in urls.split(',') {
+        match out.last_mut() {
+            // Another host of the URL before.
+            Some(last) if !part.contains("://") => {
+                last.push(',');
+                last.push_str(part);
+            }
+            _ => out.push(part.to_owned()),
+        }
+    }
+    out.iter()
+        .map(|url| {
+            let (scheme, rest) = url.split_once("://").expect("a database URL");
+            let authority = rest.split('/').next().unwrap_or_default();
+            format!("{scheme}://{authority}/{db}")
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+#[test]
+fn a_database_is_named_in_every_url_and_host_list() {
+    assert_eq!(
+        with_database(
+            "postgres://u@a:1,b:2/postgres,postgres://u@c:3/postgres",
+            "x"
+        ),
+        "postgres://u@a:1,b:2/x,postgres://u@c:3/x"
+    );
+    assert_eq!(with_database("postgres://u@a:1", "x"), "postgres://u@a:1/x");
 }
 
 /// A pool on whichever host of `url` accepts writes now.
@@ -651,8 +675,8 @@ fn record(name: &str, r: &Report) {
         if r.views_equal_a_rebuild { "yes" } else { "NO" },
     );
     eprintln!("{line}");
-    for e in t.writes_failed.iter().chain(&t.reads_failed).take(5) {
-        eprintln!("  failed: {e}");
+    for e in t.writes_failed.iter().chain(&t.reads_failed).take(3) {
+        eprintln!("  failed: {}", e.trim());
     }
     let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fleet-report.md");
     let new = !path.exists();
@@ -672,12 +696,22 @@ fn record(name: &str, r: &Report) {
     }
 }
 
+/// At most a few of `failures`, and how many there were.
+fn some(failures: &[String]) -> String {
+    let shown: Vec<&str> = failures.iter().take(3).map(|f| f.trim()).collect();
+    format!("{} failed, e.g. {shown:?}", failures.len())
+}
+
 fn no_failures(r: &Report) {
     assert!(
-        r.tally.writes_failed.is_empty() && r.tally.reads_failed.is_empty(),
-        "failed requests: {:?} {:?}",
-        r.tally.writes_failed,
-        r.tally.reads_failed
+        r.tally.writes_failed.is_empty(),
+        "writes: {}",
+        some(&r.tally.writes_failed)
+    );
+    assert!(
+        r.tally.reads_failed.is_empty(),
+        "reads: {}",
+        some(&r.tally.reads_failed)
     );
 }
 
@@ -947,15 +981,13 @@ async fn the_primary_lost_and_its_standby_promoted_resumes_writes_without_a_rest
     })
     .await
     {
-        // Writes in flight when the primary died may fail (retryable); none acknowledged is
-        // missing (checked on the log above), and reads never fail.
-        for e in &r.tally.writes_failed {
-            assert!(e.contains("UNAVAILABLE"), "a write failed otherwise: {e}");
+        // While no primary answers, every API instance is unready (its event store is down)
+        // and HAProxy answers 503 itself; a write in flight when the primary died fails as
+        // UNAVAILABLE. Nothing else may fail, and none acknowledged is missing (checked on
+        // the log above).
+        let retryable = |e: &String| e.contains("UNAVAILABLE") || e.contains("HTTP 503");
+        for e in r.tally.writes_failed.iter().chain(&r.tally.reads_failed) {
+            assert!(retryable(e), "a request failed otherwise: {e}");
         }
-        assert!(
-            r.tally.reads_failed.is_empty(),
-            "{:?}",
-            r.tally.reads_failed
-        );
     }
 }

@@ -79,6 +79,9 @@ struct Measured {
     /// Each projection's generations, for the lag's `generation` label.
     generations: BTreeMap<String, Vec<u64>>,
     dependencies: Vec<(&'static str, bool)>,
+    /// Whether `GET /health/ready` would answer 200: no dependency down (one degraded, such
+    /// as Redis with its fallback, leaves it ready).
+    ready: bool,
 }
 
 /// Everything watched; registered as the registry's collector.
@@ -122,16 +125,23 @@ impl Sources {
         );
         let names = dependencies.names();
         let ready = async {
-            let down = dependencies.down().await;
-            names
+            let health = dependencies.health().await;
+            let up = names
                 .iter()
-                .map(|name| (*name, !down.contains(name)))
-                .collect::<Vec<_>>()
+                .map(|name| {
+                    (
+                        *name,
+                        !health.down.contains(name) && !health.degraded.contains(name),
+                    )
+                })
+                .collect::<Vec<_>>();
+            (up, health.down.is_empty())
         };
-        let (relays, lags, dependencies) = futures::join!(relays, lags, ready);
+        let (relays, lags, (dependencies, ready)) = futures::join!(relays, lags, ready);
         let mut measured = Measured {
             relays: relays.into_iter().flatten().collect(),
             dependencies,
+            ready,
             ..Measured::default()
         };
         for (projection, generations, partitions) in lags {
@@ -308,11 +318,11 @@ impl Collector for Sources {
                     .iter()
                     .map(|(name, up)| ([("dependency", *name)], ConstGauge::new(i64::from(*up)))),
             )?;
-            let ready = measured.dependencies.iter().all(|(_, up)| *up);
+            let ready = measured.ready;
             family(
                 e,
                 "pcf_ready",
-                "Whether every dependency answers (GET /health/ready answers 200).",
+                "Whether GET /health/ready answers 200 (no dependency the process cannot serve without is down).",
                 Gauge,
                 [(NoLabels::default(), ConstGauge::new(i64::from(ready)))],
             )?;
