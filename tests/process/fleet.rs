@@ -507,7 +507,7 @@ async fn read(stop: Arc<AtomicBool>, tally: Arc<Mutex<Tally>>) {
         if let Some(id) = id {
             // A point read (the Redis view) and a page of users (the SQL view, on the
             // replicas), in turn.
-            let (what, outcome) = if random() % 2 == 0 {
+            let (what, outcome) = if random().is_multiple_of(2) {
                 ("user", graphql(&token, USER, json!({ "id": id })).await)
             } else {
                 ("users", graphql(&token, USERS, json!({ "first": 5 })).await)
