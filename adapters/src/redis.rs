@@ -240,7 +240,10 @@ d4 127.0.0.1:7002@17002,host.example master,fail - 0 0 3 connected
 ";
         assert_eq!(
             parse_primaries(nodes),
-            vec![("127.0.0.1".to_owned(), 7000), ("127.0.0.1".to_owned(), 7001)]
+            vec![
+                ("127.0.0.1".to_owned(), 7000),
+                ("127.0.0.1".to_owned(), 7001)
+            ]
         );
     }
 }

@@ -87,7 +87,10 @@ pub enum RedisViewKey<'a> {
 
 /// Parses a key of generation documents or email entries under `prefix`.
 pub fn parse_redis_key<'a>(prefix: &str, key: &'a str) -> Option<RedisViewKey<'a>> {
-    let rest = key.strip_prefix('{')?.strip_prefix(prefix)?.strip_prefix(":b")?;
+    let rest = key
+        .strip_prefix('{')?
+        .strip_prefix(prefix)?
+        .strip_prefix(":b")?;
     let (bucket, rest) = rest.split_once("}:g")?;
     bucket.parse::<u32>().ok()?;
     let (generation, rest) = rest.split_once(':')?;
@@ -122,7 +125,10 @@ mod tests {
             })
         );
         let email = redis_email_key("pcf:users", 12, "a@example.com");
-        assert!(email.starts_with(&redis_bucket_tag("pcf:users", email_bucket("a@example.com"))));
+        assert!(email.starts_with(&redis_bucket_tag(
+            "pcf:users",
+            email_bucket("a@example.com")
+        )));
         assert_eq!(
             parse_redis_key("pcf:users", &email),
             Some(RedisViewKey::Email {
@@ -130,7 +136,10 @@ mod tests {
                 email: "a@example.com"
             })
         );
-        assert_eq!(parse_redis_key("pcf:users", &redis_active_key("pcf:users", 1)), None);
+        assert_eq!(
+            parse_redis_key("pcf:users", &redis_active_key("pcf:users", 1)),
+            None
+        );
     }
 
     #[test]

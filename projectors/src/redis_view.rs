@@ -31,20 +31,22 @@ use crate::store::{
 
 /// Replaces users' documents where each is still at the version it was folded from, and
 /// moves their email entries: one call for many users. Per user, at KEYS[3+4i] (document),
-/// KEYS[4+4i] (new email entry, '' for none or on a cluster), KEYS[5+4i] (old email entry,
-/// '' likewise), KEYS[6+4i] (the pending mark, '' on one server) and ARGV[3+5i]
+/// KEYS[4+4i] (new email entry), KEYS[5+4i] (old email entry), KEYS[6+4i] (the pending
+/// mark), each the document's key again for none (a key of another slot, even '', is
+/// refused on a cluster: there the email entries are none, on one server the mark), ARGV[3+5i]
 /// (document), ARGV[4+5i] (its version), ARGV[5+5i] (the version it was folded from),
 /// ARGV[6+5i] (the user's id), ARGV[7+5i] (the mark); the outcome for each: 1 written,
 /// 2 the stored one is at exactly this version, 0 it is newer, -1 it moved since it was
 /// read. With the state's keys (KEYS[1], building, and KEYS[2], active: of the bucket of
 /// the users on a cluster), the writes happen only while the generation state is still the
-/// one the writer knows (ARGV[1] and ARGV[2], '' for none); else the only outcome is -2:
+/// one the writer knows (ARGV[1] and ARGV[2], '' for none; ARGV[1] '-': not checked, a
+/// rebuild's batch); else the only outcome is -2:
 /// the state moved (a rebuild began or switched) and the batch must be written again for
 /// the new state.
 static REPLACE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-if KEYS[1] ~= '' then
+if ARGV[1] ~= '-' then
   if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return {-2} end
   if (redis.call('GET', KEYS[2]) or '1') ~= ARGV[2] then return {-2} end
 end
@@ -63,11 +65,11 @@ for i = 0, (#KEYS - 2) / 4 - 1 do
   elseif stored ~= tonumber(ARGV[a + 2]) then
     outcome = -1
   else
-    if KEYS[k + 2] ~= '' and redis.call('GET', KEYS[k + 2]) == ARGV[a + 3] then
+    if KEYS[k + 2] ~= KEYS[k] and redis.call('GET', KEYS[k + 2]) == ARGV[a + 3] then
       redis.call('DEL', KEYS[k + 2])
     end
-    if KEYS[k + 1] ~= '' then redis.call('SET', KEYS[k + 1], ARGV[a + 3]) end
-    if KEYS[k + 3] ~= '' then redis.call('SET', KEYS[k + 3], ARGV[a + 4]) end
+    if KEYS[k + 1] ~= KEYS[k] then redis.call('SET', KEYS[k + 1], ARGV[a + 3]) end
+    if KEYS[k + 3] ~= KEYS[k] then redis.call('SET', KEYS[k + 3], ARGV[a + 4]) end
     redis.call('SET', KEYS[k], ARGV[a])
   end
   outcomes[i + 1] = outcome
@@ -81,8 +83,8 @@ return outcomes
 const USERS_PER_CALL: usize = 200;
 
 /// Writes the documents of users that have none yet (`SET NX`), with their email entries:
-/// one call for many users, KEYS[2i+1] (document) and KEYS[2i+2] (email entry, '' for
-/// none or on a cluster) with ARGV[2i+1] (document) and ARGV[2i+2] (the user's id). For
+/// one call for many users, KEYS[2i+1] (document) and KEYS[2i+2] (email entry, the
+/// document's key again for none, and on a cluster) with ARGV[2i+1] (document) and ARGV[2i+2] (the user's id). For
 /// each: 1 written, 0 the user has a document already (left as it is, for the guarded
 /// script to decide).
 static FILL: LazyLock<Script> = LazyLock::new(|| {
@@ -92,7 +94,7 @@ local outcomes = {}
 for i = 1, #KEYS, 2 do
   local outcome = 0
   if redis.call('SET', KEYS[i], ARGV[i], 'NX') then
-    if KEYS[i + 1] ~= '' then redis.call('SET', KEYS[i + 1], ARGV[i + 1]) end
+    if KEYS[i + 1] ~= KEYS[i] then redis.call('SET', KEYS[i + 1], ARGV[i + 1]) end
     outcome = 1
   end
   outcomes[(i + 1) / 2] = outcome
@@ -276,10 +278,7 @@ async fn email_step(conn: &RedisConnection, ops: Vec<EmailOp>) -> Result<(), Por
         .map(|ops| {
             let mut pipe = redis::pipe();
             for chunk in ops.chunks(USERS_PER_CALL) {
-                let call = pipe
-                    .cmd("EVALSHA")
-                    .arg(EMAILS.get_hash())
-                    .arg(chunk.len());
+                let call = pipe.cmd("EVALSHA").arg(EMAILS.get_hash()).arg(chunk.len());
                 for op in chunk {
                     call.arg(&op.key);
                 }
@@ -409,13 +408,9 @@ fn groups(cluster: bool, buckets: impl Iterator<Item = u32>) -> Vec<(u32, Vec<us
 }
 
 impl RedisBatch<'_> {
-    /// The email entry a user's document owns ('' for a tombstone, which owns none).
-    fn email_key(&self, generation: u64, user: &UserView) -> String {
-        if user.deleted {
-            String::new()
-        } else {
-            redis_email_key(&self.views.prefix, generation, &user.email)
-        }
+    /// The email entry a user's document owns (none for a tombstone).
+    fn email_key(&self, generation: u64, user: &UserView) -> Option<String> {
+        (!user.deleted).then(|| redis_email_key(&self.views.prefix, generation, &user.email))
     }
 
     fn remembered(&self) -> Option<std::sync::MutexGuard<'_, Remembered>> {
@@ -556,16 +551,18 @@ impl ViewBatch for RedisBatch<'_> {
                     .arg(2 * chunk.len());
                 for &i in chunk {
                     let state = &states[i];
+                    let doc_key = redis_user_key(&self.views.prefix, generation, state.id);
                     let email = if cluster {
-                        String::new()
+                        doc_key.clone()
                     } else {
                         self.email_key(generation, state)
+                            .unwrap_or_else(|| doc_key.clone())
                     };
-                    call.arg(redis_user_key(&self.views.prefix, generation, state.id))
-                        .arg(email);
+                    call.arg(doc_key).arg(email);
                 }
                 for &i in chunk {
-                    call.arg(document(&states[i])?).arg(states[i].id.to_string());
+                    call.arg(document(&states[i])?)
+                        .arg(states[i].id.to_string());
                 }
             }
             pipes.push(pipe);
@@ -584,7 +581,7 @@ impl ViewBatch for RedisBatch<'_> {
                 .zip(&written)
                 .filter(|(s, w)| **w && !s.deleted)
                 .map(|(s, _)| EmailOp {
-                    key: self.email_key(generation, s),
+                    key: redis_email_key(&self.views.prefix, generation, &s.email),
                     op: "s",
                     id: s.id,
                 })
@@ -614,28 +611,22 @@ impl ViewBatch for RedisBatch<'_> {
                 state.building.map(|b| b.to_string()).unwrap_or_default(),
                 state.active.to_string(),
             ),
-            None => Default::default(),
+            None => ("-".to_owned(), String::new()),
         };
         // The email a user had before, where the change moves it ('' when it does not).
         let old_email = |previous: &Option<UserView>, next: &UserView| -> String {
             match previous {
-                Some(p) if !p.deleted && (p.email != next.email || next.deleted) => {
-                    p.email.clone()
-                }
+                Some(p) if !p.deleted && (p.email != next.email || next.deleted) => p.email.clone(),
                 _ => String::new(),
             }
         };
         let groups = groups(cluster, changes.iter().map(|(_, n)| user_bucket(n.id)));
         let mut pipes = Vec::with_capacity(groups.len());
         for (bucket, members) in &groups {
-            let (building_key, active_key) = if opened.is_some() {
-                (
-                    redis_building_key(prefix, *bucket),
-                    redis_active_key(prefix, *bucket),
-                )
-            } else {
-                Default::default()
-            };
+            let (building_key, active_key) = (
+                redis_building_key(prefix, *bucket),
+                redis_active_key(prefix, *bucket),
+            );
             let mut pipe = redis::pipe();
             for chunk in members.chunks(USERS_PER_CALL) {
                 let call = pipe
@@ -647,21 +638,22 @@ impl ViewBatch for RedisBatch<'_> {
                 for &i in chunk {
                     let (previous, next) = &changes[i];
                     let old = old_email(previous, next);
+                    let doc_key = redis_user_key(prefix, generation, next.id);
                     if cluster {
-                        call.arg(redis_user_key(prefix, generation, next.id))
-                            .arg("")
-                            .arg("")
+                        call.arg(&doc_key)
+                            .arg(&doc_key)
+                            .arg(&doc_key)
                             .arg(mark_key(prefix, generation, next.id));
                     } else {
                         let old_key = if old.is_empty() {
-                            String::new()
+                            doc_key.clone()
                         } else {
                             redis_email_key(prefix, generation, &old)
                         };
-                        call.arg(redis_user_key(prefix, generation, next.id))
-                            .arg(self.email_key(generation, next))
-                            .arg(old_key)
-                            .arg("");
+                        let new_key = self
+                            .email_key(generation, next)
+                            .unwrap_or_else(|| doc_key.clone());
+                        call.arg(&doc_key).arg(new_key).arg(old_key).arg(&doc_key);
                     }
                 }
                 call.arg(&expected_building).arg(&expected_active);
@@ -707,7 +699,7 @@ impl ViewBatch for RedisBatch<'_> {
                 }
                 if !next.deleted {
                     ops.push(EmailOp {
-                        key: self.email_key(generation, next),
+                        key: redis_email_key(prefix, generation, &next.email),
                         op: "s",
                         id: next.id,
                     });
@@ -915,13 +907,19 @@ impl ViewStore for RedisUserViews {
             }
             let newest = states.iter().map(|s| s.0).max().unwrap_or(active);
             if states.iter().any(|s| s.0 != newest) {
-                tracing::warn!(generation = newest, "finishing an interrupted switch of the Redis view");
+                tracing::warn!(
+                    generation = newest,
+                    "finishing an interrupted switch of the Redis view"
+                );
                 self.in_every_bucket(&FINISH_SWITCH, &[newest.to_string()])
                     .await?;
                 continue;
             }
             if let Some(build) = states.iter().filter_map(|s| s.1).max() {
-                tracing::warn!(generation = build, "finishing an interrupted begin of the Redis view");
+                tracing::warn!(
+                    generation = build,
+                    "finishing an interrupted begin of the Redis view"
+                );
                 self.in_every_bucket(&FINISH_BEGIN, &[newest.to_string(), build.to_string()])
                     .await?;
             }

@@ -2,12 +2,12 @@
 //! replicas for lists and as the fallback when Redis is down.
 
 use async_trait::async_trait;
+use pcf_adapters::redis::{RedisConnection, RedisSettings};
 use pcf_adapters::sql::read_user;
 use pcf_domain::ports::{PortError, UserFilter, UserReader};
-use pcf_adapters::redis::{RedisConnection, RedisSettings};
 use pcf_domain::read_model::{
-    email_bucket, redis_active_key, redis_bucket_tag, redis_user_key, user_bucket,
-    REDIS_BUCKETS, SQL_VIEW,
+    email_bucket, redis_active_key, redis_bucket_tag, redis_user_key, user_bucket, REDIS_BUCKETS,
+    SQL_VIEW,
 };
 use pcf_domain::{Email, UserView};
 use redis::Script;

@@ -15,8 +15,8 @@ use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextPrepareRequest,
 };
 use async_graphql::ServerResult;
-use pcf_domain::auth::{Principal, Tier};
 use pcf_adapters::redis::RedisConnection;
+use pcf_domain::auth::{Principal, Tier};
 use redis::Script;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

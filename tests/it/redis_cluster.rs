@@ -1,0 +1,383 @@
+//! The Redis view, its readers and the rate limiter on a real Redis Cluster (the seeds in
+//! `PCF_TEST_REDIS_CLUSTER_URL`, e.g. `scripts/services.sh up --ha`): live projection equals
+//! a rebuild, email moves and deletions leave the right lookups, a rebuild switches while
+//! live writes go on, the old generation is deleted on every primary, and a write cut off
+//! between its document and its email entries is repaired when the user is written again.
+//! Skipped (with a note) when `PCF_TEST_REDIS_CLUSTER_URL` is unset.
+
+use crate::support::*;
+use pcf::app::Role;
+use pcf::http::ratelimit::{Decision, RateLimiter};
+use pcf_adapters::redis::RedisConnection;
+use pcf_domain::auth::Principal;
+use pcf_domain::ports::{EventLog, LogQuery, UserReader};
+use pcf_domain::read_model::{
+    redis_generation_pattern, redis_prefix_pattern, redis_user_key, user_bucket,
+};
+use pcf_domain::{Email, EventEnvelope, UserView};
+use pcf_projectors::{Projection, RebuildOptions, RedisUserViews, ViewStore};
+use pcf_query::RedisUserReader;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// The cluster's seeds, or `None` (and a note) when the tests are to be skipped.
+fn cluster_url(test: &str) -> Option<String> {
+    match std::env::var("PCF_TEST_REDIS_CLUSTER_URL") {
+        Ok(url) if !url.trim().is_empty() => Some(url),
+        _ => {
+            eprintln!(
+                "{test}: skipped, PCF_TEST_REDIS_CLUSTER_URL is unset (scripts/services.sh up --ha starts a cluster)"
+            );
+            None
+        }
+    }
+}
+
+macro_rules! on_redis_cluster {
+    ($($test:ident => $scenario:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $test() {
+            let Some(url) = cluster_url(stringify!($test)) else {
+                return;
+            };
+            run(Cluster::create().await, async |c: &mut Cluster| {
+                let view = cluster_view(c, &url).await;
+                let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+                    $scenario(c, &view, &url),
+                ))
+                .await;
+                delete_cluster_keys(&view).await;
+                if let Err(panic) = outcome {
+                    std::panic::resume_unwind(panic);
+                }
+            })
+            .await;
+        }
+    )*};
+}
+
+on_redis_cluster! {
+    redis_cluster_live_projection_equals_a_rebuild_and_lookups_follow_email_moves => live_equals_rebuild,
+    redis_cluster_rebuild_switches_while_live_writes_go_on_and_drops_the_old_generation => rebuild_under_live_writes,
+    redis_cluster_a_write_cut_off_before_its_email_step_is_repaired_on_replay => repaired_on_replay,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_rate_limiter_counts_in_the_cluster() {
+    let Some(url) = cluster_url("redis_cluster_rate_limiter_counts_in_the_cluster") else {
+        return;
+    };
+    let conn = RedisConnection::connect(&url, Default::default())
+        .await
+        .expect("connecting to the cluster");
+    assert!(conn.is_cluster());
+    let prefix = format!("pcf:test:{}", Uuid::new_v4().simple());
+    let limits = pcf::config::RateLimits {
+        anonymous: 5,
+        ..Default::default()
+    };
+    // Two instances share the count.
+    let one = RateLimiter::new(limits.clone(), Some((conn.clone(), prefix.clone())));
+    let two = RateLimiter::new(limits, Some((conn.clone(), prefix.clone())));
+    let anonymous = Principal::anonymous();
+    let mut allowed = 0;
+    for i in 0..12 {
+        let limiter = if i % 2 == 0 { &one } else { &two };
+        if limiter.check(&anonymous, "192.0.2.7").await == Decision::Allowed {
+            allowed += 1;
+        }
+    }
+    let _ = pcf_projectors::delete_matching(&conn, &format!("{prefix}:*")).await;
+    assert_eq!(
+        allowed, 5,
+        "five requests in the window, counted across instances"
+    );
+}
+
+/// The test's Redis view on the cluster (its prefix is the fixture's).
+async fn cluster_view(c: &Cluster, url: &str) -> RedisView {
+    let views = RedisUserViews::connect(url, c.redis_prefix.clone())
+        .await
+        .unwrap_or_else(|e| panic!("connecting to the Redis Cluster at {url}: {e}"));
+    assert!(views.connection().is_cluster(), "{url} is not a cluster");
+    RedisView {
+        views,
+        url: url.to_owned(),
+        prefix: c.redis_prefix.clone(),
+    }
+}
+
+async fn delete_cluster_keys(view: &RedisView) {
+    let conn = view.views.connection();
+    for pattern in [
+        redis_prefix_pattern(&view.prefix),
+        format!("{}:*", view.prefix),
+    ] {
+        if let Err(e) = pcf_projectors::delete_matching(conn, &pattern).await {
+            eprintln!("could not delete the test's cluster keys {pattern}: {e}");
+        }
+    }
+}
+
+/// Every event of the log once `n` are readable, in log order.
+async fn all_events(log: &Arc<dyn EventLog>, n: usize) -> Vec<EventEnvelope> {
+    wait_until(CONVERGE, &format!("{n} readable events"), || {
+        let log = log.clone();
+        async move {
+            let query = LogQuery {
+                limit: 10_000,
+                ..LogQuery::default()
+            };
+            let events = log.read(&query).await.map_err(|e| e.to_string())?;
+            if events.len() == n {
+                Ok(events)
+            } else {
+                Err(format!("{} of {n} events readable", events.len()))
+            }
+        }
+    })
+    .await
+}
+
+/// The Redis view equals the fold of the log: documents, and the email index as readers see
+/// it; and the readers answer every user by id and by email as the fold says.
+async fn matches_log(
+    c: &Cluster,
+    log: Arc<dyn EventLog>,
+    view: &RedisView,
+    reader: &RedisUserReader,
+) -> Result<(), String> {
+    let expected = c.expected_views(log).await?;
+    let docs = redis_docs(view).await?;
+    compare_views("Redis view on the cluster", &expected, &docs.users, false)?;
+    let live: BTreeMap<String, Uuid> = expected
+        .values()
+        .filter(|v| !v.deleted)
+        .map(|v| (v.email.clone(), v.id))
+        .collect();
+    if docs.emails != live {
+        return Err(format!(
+            "email index {:?} != live users' emails {live:?}",
+            docs.emails
+        ));
+    }
+    for v in expected.values() {
+        let by_id = reader.user(v.id).await.map_err(|e| e.to_string())?;
+        if by_id.as_ref().map(|u| u.version) != Some(v.version) {
+            return Err(format!("user({}) read {by_id:?}", v.id));
+        }
+        if v.deleted {
+            // A tombstone has no email; its former address is checked as another's or none.
+            continue;
+        }
+        let email = Email::parse(&v.email).map_err(|e| format!("{}: {e:?}", v.email))?;
+        let by_email = reader
+            .user_by_email(&email)
+            .await
+            .map_err(|e| e.to_string())?;
+        let want = Some(v.id);
+        if by_email.as_ref().map(|u| u.id) != want {
+            return Err(format!(
+                "userByEmail({}) read {by_email:?}, want {want:?}",
+                v.email
+            ));
+        }
+    }
+    let ids: Vec<Uuid> = expected.keys().copied().collect();
+    let many = reader.users(&ids).await.map_err(|e| e.to_string())?;
+    if many.len() != ids.len() || many.iter().zip(&ids).any(|(u, id)| u.id != *id) {
+        return Err(format!("users(ids) read {} of {}", many.len(), ids.len()));
+    }
+    Ok(())
+}
+
+/// Commands over many buckets: creations, profile edits, an email swap between two users
+/// (through a third address), email changes and deletions. Returns the users and how many
+/// events the log holds.
+async fn commands(node: &Node, tag: &str, users: usize) -> (Vec<Uuid>, usize) {
+    let mut ids = Vec::new();
+    let mut events = 0;
+    for i in 0..users {
+        ids.push(create_user(&node.router, &format!("u{i}-{tag}@example.com"), "U").await);
+        events += 1;
+    }
+    for (i, id) in ids.iter().enumerate().step_by(3) {
+        update_profile(&node.router, *id, json!({ "bio": format!("bio {i}") })).await;
+        events += 1;
+    }
+    // A and B swap addresses.
+    let (a, b) = (ids[0], ids[1]);
+    change_email(&node.router, a, &format!("swap-{tag}@example.com")).await;
+    change_email(&node.router, b, &format!("u0-{tag}@example.com")).await;
+    change_email(&node.router, a, &format!("u1-{tag}@example.com")).await;
+    events += 3;
+    for (i, id) in ids.iter().enumerate().skip(2).step_by(5) {
+        change_email(&node.router, *id, &format!("moved{i}-{tag}@example.com")).await;
+        events += 1;
+    }
+    for id in ids.iter().skip(4).step_by(7) {
+        delete_account(&node.router, *id).await;
+        events += 1;
+    }
+    // A deleted user's address taken by another.
+    change_email(&node.router, ids[3], &format!("u4-{tag}@example.com")).await;
+    events += 1;
+    (ids, events)
+}
+
+async fn live_equals_rebuild(c: &mut Cluster, view: &RedisView, url: &str) {
+    let node = c.start_default(&[Role::Api]).await;
+    let tag = c.tag().to_owned();
+    let (ids, n) = commands(&node, &tag, 40).await;
+    let buckets: std::collections::BTreeSet<u32> = ids.iter().map(|id| user_bucket(*id)).collect();
+    assert!(buckets.len() > 10, "users spread over buckets: {buckets:?}");
+    let log = node.log();
+    let events = all_events(&log, n).await;
+    let projection =
+        Projection::new(Arc::new(view.views.clone()), log.clone()).with_opener(c.keys());
+    for (i, batch) in events.chunks(9).enumerate() {
+        projection
+            .apply_live(batch, &[(0, i as i64 + 1)])
+            .await
+            .unwrap_or_else(|e| panic!("live batch {i}: {e}"));
+    }
+    let reader = RedisUserReader::connect(url, view.prefix.clone())
+        .await
+        .expect("a reader of the cluster");
+    matches_log(c, log.clone(), view, &reader)
+        .await
+        .unwrap_or_else(|e| panic!("after live batches: {e}"));
+    // Applying everything again (a redelivery) changes nothing.
+    projection
+        .apply_live(&events, &[(0, 1)])
+        .await
+        .expect("the whole log again");
+    matches_log(c, log, view, &reader)
+        .await
+        .unwrap_or_else(|e| panic!("after a redelivery: {e}"));
+}
+
+async fn rebuild_under_live_writes(c: &mut Cluster, view: &RedisView, url: &str) {
+    let node = c.start_default(&[Role::Api]).await;
+    let tag = c.tag().to_owned();
+    let (_, n) = commands(&node, &tag, 40).await;
+    let log = node.log();
+    let events = all_events(&log, n).await;
+    let live = Projection::new(Arc::new(view.views.clone()), log.clone()).with_opener(c.keys());
+    let half = events.len() / 2;
+    live.apply_live(&events[..half], &[(0, 1)])
+        .await
+        .expect("the first half live");
+    // More commands while the rebuild runs, applied live as they come.
+    let rebuilder = Projection::new(Arc::new(cluster_view(c, url).await.views), log.clone())
+        .with_opener(c.keys());
+    let options = RebuildOptions {
+        batch_size: 7,
+        linger: Duration::ZERO,
+    };
+    let rebuild = async { rebuilder.rebuild(&options, &|_| {}).await };
+    let live_writes = async {
+        for (i, batch) in events[half..].chunks(3).enumerate() {
+            live.apply_live(batch, &[(0, i as i64 + 2)])
+                .await
+                .unwrap_or_else(|e| panic!("live batch {i} during the rebuild: {e}"));
+            tokio::task::yield_now().await;
+        }
+        let mut more = Vec::new();
+        for i in 0..10 {
+            more.push(create_user(&node.router, &format!("late{i}-{tag}@example.com"), "L").await);
+        }
+        more
+    };
+    let (rebuilt, more) = tokio::join!(rebuild, live_writes);
+    let rebuilt = rebuilt.expect("the rebuild");
+    assert_eq!(rebuilt.generations, vec![2]);
+    let events = all_events(&log, n + more.len()).await;
+    live.apply_live(&events[n..], &[(0, 100)])
+        .await
+        .expect("the late users live");
+    let state = view.views.state().await.expect("the state");
+    assert_eq!((state.active, state.building), (2, None));
+    let reader = RedisUserReader::connect(url, view.prefix.clone())
+        .await
+        .expect("a reader of the cluster");
+    matches_log(c, log, view, &reader)
+        .await
+        .unwrap_or_else(|e| panic!("after the rebuild: {e}"));
+    // The old generation is gone from every primary.
+    let left = scan_all(
+        view.views.connection(),
+        &redis_generation_pattern(&view.prefix, 1),
+    )
+    .await
+    .expect("scanning generation 1");
+    assert!(left.is_empty(), "generation 1 keys left: {left:?}");
+}
+
+async fn repaired_on_replay(c: &mut Cluster, view: &RedisView, url: &str) {
+    let node = c.start_default(&[Role::Api]).await;
+    let tag = c.tag().to_owned();
+    let first = format!("first-{tag}@example.com");
+    let second = format!("second-{tag}@example.com");
+    let a = create_user(&node.router, &first, "A").await;
+    change_email(&node.router, a, &second).await;
+    let log = node.log();
+    let events = all_events(&log, 2).await;
+    let projection =
+        Projection::new(Arc::new(view.views.clone()), log.clone()).with_opener(c.keys());
+    projection
+        .apply_live(&events[..1], &[(0, 1)])
+        .await
+        .expect("v1");
+    // What a write of v2 cut off after its document step leaves: the document and its
+    // pending mark, the email entries as they were.
+    let v2: UserView = c.expected_views(log.clone()).await.expect("the fold")[&a].clone();
+    assert_eq!((v2.version, v2.email.as_str()), (2, second.as_str()));
+    let conn = view.views.connection().clone();
+    let key = redis_user_key(&view.prefix, 1, a);
+    let mark = key.replace(":user:", ":pending:");
+    let _: () = redis::pipe()
+        .set(&key, serde_json::to_string(&v2).unwrap())
+        .set(&mark, format!("2|{first}"))
+        .query_async(&mut conn.clone())
+        .await
+        .expect("writing v2 without its email step");
+    let reader = RedisUserReader::connect(url, view.prefix.clone())
+        .await
+        .expect("a reader of the cluster");
+    let by = async |email: &str| {
+        reader
+            .user_by_email(&Email::parse(email).unwrap())
+            .await
+            .expect("userByEmail")
+            .map(|u| u.id)
+    };
+    // The old entry still names A, but A's document has moved on: not found, never wrong.
+    assert_eq!(by(&first).await, None);
+    assert_eq!(by(&second).await, None, "no entry yet for the new address");
+    // The projector restarts and gets v2 again: the document is at v2 already, and the
+    // mark has the email step redone.
+    let restarted = Projection::new(Arc::new(cluster_view(c, url).await.views), log.clone())
+        .with_opener(c.keys());
+    restarted
+        .apply_live(&events[1..], &[(0, 2)])
+        .await
+        .expect("v2 again");
+    assert_eq!(by(&second).await, Some(a));
+    assert_eq!(by(&first).await, None);
+    let left: Option<String> = redis::cmd("GET")
+        .arg(&mark)
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    assert_eq!(left, None, "the mark is cleared");
+    let reader2 = RedisUserReader::connect(url, view.prefix.clone())
+        .await
+        .unwrap();
+    matches_log(c, log, view, &reader2)
+        .await
+        .unwrap_or_else(|e| panic!("after the repair: {e}"));
+}
