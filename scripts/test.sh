@@ -34,6 +34,7 @@ export PCF_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres
 export PCF_TEST_READ_DATABASE_URL=postgres://postgres@127.0.0.1:5433/postgres
 export PCF_TEST_REDIS_URL=redis://127.0.0.1:6379
 export PCF_TEST_KAFKA_BROKERS=127.0.0.1:9092
+export PCF_TEST_REDIS_CLUSTER_URL=redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
