@@ -12,7 +12,8 @@ use pcf_adapters::redis::RedisConnection;
 use pcf_domain::auth::Principal;
 use pcf_domain::ports::{EventLog, LogQuery, UserReader};
 use pcf_domain::read_model::{
-    redis_generation_pattern, redis_prefix_pattern, redis_user_key, user_bucket,
+    redis_active_key, redis_building_key, redis_generation_pattern, redis_prefix_pattern,
+    redis_user_key, user_bucket, REDIS_BUCKETS,
 };
 use pcf_domain::{Email, EventEnvelope, UserView};
 use pcf_projectors::{Projection, RebuildOptions, RedisUserViews, ViewStore};
@@ -80,7 +81,7 @@ async fn redis_cluster_rate_limiter_counts_in_the_cluster() {
         ..Default::default()
     };
     // Two instances share the count.
-    let one = RateLimiter::new(limits.clone(), Some((conn.clone(), prefix.clone())));
+    let one = RateLimiter::new(limits, Some((conn.clone(), prefix.clone())));
     let two = RateLimiter::new(limits, Some((conn.clone(), prefix.clone())));
     let anonymous = Principal::anonymous();
     let mut allowed = 0;
@@ -244,9 +245,9 @@ async fn live_equals_rebuild(c: &mut Cluster, view: &RedisView, url: &str) {
             .await
             .unwrap_or_else(|e| panic!("live batch {i}: {e}"));
     }
-    let reader = RedisUserReader::connect(url, view.prefix.clone())
-        .await
-        .expect("a reader of the cluster");
+    // Connected on first use, as the server's reader is.
+    let reader =
+        RedisUserReader::connect_lazily(url, view.prefix.clone()).expect("a reader of the cluster");
     matches_log(c, log.clone(), view, &reader)
         .await
         .unwrap_or_else(|e| panic!("after live batches: {e}"));
@@ -380,4 +381,65 @@ async fn repaired_on_replay(c: &mut Cluster, view: &RedisView, url: &str) {
     matches_log(c, log, view, &reader2)
         .await
         .unwrap_or_else(|e| panic!("after the repair: {e}"));
+}
+
+/// A `begin` or a `switch` cut off halfway leaves the buckets disagreeing; reading the state
+/// finishes the step. Also: the lazy connection and PING on the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_a_cut_off_begin_or_switch_is_finished_by_the_next_state_read() {
+    let Some(url) =
+        cluster_url("redis_cluster_a_cut_off_begin_or_switch_is_finished_by_the_next_state_read")
+    else {
+        return;
+    };
+    let prefix = format!("pcf:test:{}", Uuid::new_v4().simple());
+    let views = RedisUserViews::connect_lazily(&url, prefix.clone()).expect("a lazy connection");
+    views.ping().await.expect("PING on the cluster");
+    let view = RedisView {
+        views: views.clone(),
+        url: url.clone(),
+        prefix: prefix.clone(),
+    };
+    let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
+        let state = |s: pcf_projectors::GenerationState| (s.active, s.building);
+        assert_eq!(state(views.state().await.unwrap()), (1, None));
+        views.begin(2).await.expect("begin");
+        assert_eq!(state(views.state().await.unwrap()), (1, Some(2)));
+        // A switch to 2 that reached only the first ten buckets.
+        let mut conn = views.connection().clone();
+        for b in 0..10 {
+            let _: () = redis::pipe()
+                .set(redis_active_key(&prefix, b), 2)
+                .del(redis_building_key(&prefix, b))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        assert_eq!(state(views.state().await.unwrap()), (2, None));
+        // A begin of 3 that reached only buckets 5 and 6.
+        for b in 5..7 {
+            let _: () = redis::cmd("SET")
+                .arg(redis_building_key(&prefix, b))
+                .arg(3)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        assert_eq!(state(views.state().await.unwrap()), (2, Some(3)));
+        let building: Vec<Option<u64>> = redis::cmd("MGET")
+            .arg(
+                (0..REDIS_BUCKETS)
+                    .map(|b| redis_building_key(&prefix, b))
+                    .collect::<Vec<_>>(),
+            )
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(building.iter().all(|b| *b == Some(3)), "{building:?}");
+    }))
+    .await;
+    delete_cluster_keys(&view).await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
 }
