@@ -6,7 +6,7 @@
 //! Skipped (with a note) when `PCF_TEST_REDIS_CLUSTER_URL` is unset.
 
 use crate::support::*;
-use pcf::app::Role;
+use pcf::app::{Role, ALL_ROLES};
 use pcf::http::ratelimit::{Decision, RateLimiter};
 use pcf_adapters::redis::RedisConnection;
 use pcf_domain::auth::Principal;
@@ -64,6 +64,8 @@ on_redis_cluster! {
     redis_cluster_live_projection_equals_a_rebuild_and_lookups_follow_email_moves => live_equals_rebuild,
     redis_cluster_rebuild_switches_while_live_writes_go_on_and_drops_the_old_generation => rebuild_under_live_writes,
     redis_cluster_a_write_cut_off_before_its_email_step_is_repaired_on_replay => repaired_on_replay,
+    redis_cluster_the_product_runs_on_the_cluster_seeds => product_on_the_cluster,
+    redis_cluster_the_view_follows_a_failover_of_a_primary => follows_a_failover,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,4 +444,96 @@ async fn redis_cluster_a_cut_off_begin_or_switch_is_finished_by_the_next_state_r
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
+}
+
+/// The whole product with `PCF_REDIS_URL` naming the cluster's seeds: the relay, both
+/// projectors and the API; the Redis view on the cluster ends equal to the log, and reads
+/// answer.
+async fn product_on_the_cluster(c: &mut Cluster, view: &RedisView, url: &str) {
+    let config = pcf::Config {
+        redis_url: Some(url.to_owned()),
+        ..c.config()
+    };
+    let node = c.start(&config, &ALL_ROLES).await;
+    let tag = c.tag().to_owned();
+    let (ids, _) = commands(&node, &tag, 20).await;
+    c.wait_views_match_log(CONVERGE, node.log(), Some(view))
+        .await;
+    let read = user(&node.router, ids[1], None).await;
+    assert_eq!(read["email"], format!("u0-{tag}@example.com"), "{read}");
+    c.stop(&node).await;
+}
+
+/// A replica of the cluster takes over its primary (`CLUSTER FAILOVER`, as after a primary
+/// is lost, without losing writes): the view's writes and reads follow the new topology
+/// (and load their scripts where the new primary lacks them).
+async fn follows_a_failover(c: &mut Cluster, view: &RedisView, url: &str) {
+    let node = c.start_default(&[Role::Api]).await;
+    let tag = c.tag().to_owned();
+    let (_, n) = commands(&node, &tag, 30).await;
+    let log = node.log();
+    let events = all_events(&log, n).await;
+    let projection =
+        Projection::new(Arc::new(view.views.clone()), log.clone()).with_opener(c.keys());
+    let half = events.len() / 2;
+    projection
+        .apply_live(&events[..half], &[(0, 1)])
+        .await
+        .expect("the first half");
+    let conn = view.views.connection().clone();
+    let nodes: String = conn
+        .on_node(None, redis::cmd("CLUSTER").arg("NODES"))
+        .await
+        .expect("CLUSTER NODES");
+    let replica = nodes
+        .lines()
+        .find(|l| {
+            l.split_whitespace()
+                .nth(2)
+                .is_some_and(|f| f.contains("slave"))
+        })
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|a| a.split('@').next())
+        .and_then(|a| a.rsplit_once(':'))
+        .map(|(h, p)| (h.to_owned(), p.parse::<u16>().expect("a port")))
+        .expect("a replica in the cluster");
+    eprintln!("failing over to {}:{}", replica.0, replica.1);
+    let _: String = conn
+        .on_node(Some(&replica), redis::cmd("CLUSTER").arg("FAILOVER"))
+        .await
+        .expect("CLUSTER FAILOVER");
+    wait_until(CONVERGE, "the replica to be a primary", || async {
+        let role: Vec<redis::Value> = conn
+            .on_node(Some(&replica), &redis::cmd("ROLE"))
+            .await
+            .map_err(|e| e.to_string())?;
+        match role.first() {
+            Some(redis::Value::BulkString(r)) if r == b"master" => Ok(()),
+            other => Err(format!("role {other:?}")),
+        }
+    })
+    .await;
+    // The rest, each batch tried again while the cluster settles (as the projector does).
+    for (i, batch) in events[half..].chunks(5).enumerate() {
+        wait_until(
+            CONVERGE,
+            &format!("live batch {i} after the failover"),
+            || async {
+                projection
+                    .apply_live(batch, &[(0, i as i64 + 2)])
+                    .await
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .await;
+    }
+    let reader = RedisUserReader::connect(url, view.prefix.clone())
+        .await
+        .expect("a reader of the cluster");
+    wait_until(
+        CONVERGE,
+        "the view to equal the log after the failover",
+        || matches_log(c, log.clone(), view, &reader),
+    )
+    .await;
 }
