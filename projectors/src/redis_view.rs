@@ -662,8 +662,13 @@ impl ViewBatch for RedisBatch<'_> {
                     call.arg(document(next)?)
                         .arg(next.version)
                         .arg(previous.as_ref().map_or(0, |p| p.version))
-                        .arg(next.id.to_string())
-                        .arg(mark_value(next.version, &old_email(previous, next)));
+                        .arg(next.id.to_string());
+                    // The mark (written on a cluster only).
+                    if cluster {
+                        call.arg(mark_value(next.version, &old_email(previous, next)));
+                    } else {
+                        call.arg("");
+                    }
                 }
             }
             pipes.push(pipe);
