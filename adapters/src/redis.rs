@@ -208,13 +208,33 @@ impl ConnectionLike for RedisConnection {
     }
 }
 
-/// Succeeds when Redis behind `conn` answers a PING (a cluster: every primary).
+/// Succeeds when the Redis server behind `conn` answers a PING; for a cluster, when a node
+/// answers that the cluster is serving every slot (`cluster_state:ok`), so that one node
+/// down while its replica takes over is not Redis down.
 pub async fn ping(conn: &RedisConnection) -> Result<(), PortError> {
-    let _: String = redis::cmd("PING")
-        .query_async(&mut conn.clone())
+    let RedisConnection::Cluster(cluster) = conn else {
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn.clone())
+            .await
+            .map_err(port_error)?;
+        return Ok(());
+    };
+    let info = cluster
+        .clone()
+        .route_command(
+            redis::cmd("CLUSTER").arg("INFO").clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        )
         .await
         .map_err(port_error)?;
-    Ok(())
+    let info: String = redis::from_redis_value(info).map_err(|e| port_error(e.into()))?;
+    if info.lines().any(|l| l.trim() == "cluster_state:ok") {
+        Ok(())
+    } else {
+        Err(PortError::Unavailable(
+            "redis: the cluster is not serving every slot (cluster_state is not ok)".into(),
+        ))
+    }
 }
 
 #[cfg(test)]
