@@ -66,6 +66,7 @@ on_redis_cluster! {
     redis_cluster_a_write_cut_off_before_its_email_step_is_repaired_on_replay => repaired_on_replay,
     redis_cluster_the_product_runs_on_the_cluster_seeds => product_on_the_cluster,
     redis_cluster_the_view_follows_a_failover_of_a_primary => follows_a_failover,
+    redis_cluster_a_live_batch_with_a_stale_state_is_refused_in_every_bucket_and_redone => stale_state_redone,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -536,4 +537,74 @@ async fn follows_a_failover(c: &mut Cluster, view: &RedisView, url: &str) {
         || matches_log(c, log.clone(), view, &reader),
     )
     .await;
+}
+
+/// A live projector that knows an old generation state writes after another process began
+/// and then switched a rebuild: each bucket's call refuses the stale state and the batch is
+/// redone, so every user written after `begin` reaches the new generation, and after the
+/// switch only the new one is written.
+async fn stale_state_redone(c: &mut Cluster, view: &RedisView, url: &str) {
+    let node = c.start_default(&[Role::Api]).await;
+    let tag = c.tag().to_owned();
+    let (ids, n) = commands(&node, &tag, 30).await;
+    let log = node.log();
+    let events = all_events(&log, n).await;
+    let live = Projection::new(Arc::new(view.views.clone()), log.clone()).with_opener(c.keys());
+    let half = events.len() / 2;
+    live.apply_live(&events[..half], &[(0, 1)])
+        .await
+        .expect("the first half");
+    // The live projector now knows the state (1, none); another process begins 2.
+    let operator = cluster_view(c, url).await.views;
+    operator.begin(2).await.expect("begin 2");
+    live.apply_live(&events[half..], &[(0, 2)])
+        .await
+        .expect("the second half, after begin");
+    let expected = c.expected_views(log.clone()).await.expect("the fold");
+    let touched: std::collections::BTreeSet<Uuid> =
+        events[half..].iter().map(|e| e.aggregate_id).collect();
+    assert!(touched.len() > 5);
+    for id in &touched {
+        for generation in [1, 2] {
+            let doc = view.views.document(generation, *id).await.unwrap();
+            assert_eq!(
+                doc.as_ref(),
+                Some(&expected[id]),
+                "user {id} in generation {generation} after begin"
+            );
+        }
+    }
+    // The operator switches (no rebuild ran: generation 2 holds only what live wrote).
+    operator.switch(2).await.expect("switch 2");
+    change_email(
+        &node.router,
+        ids[1],
+        &format!("after-switch-{tag}@example.com"),
+    )
+    .await;
+    let late = create_user(&node.router, &format!("late-{tag}@example.com"), "L").await;
+    let events = all_events(&log, n + 2).await;
+    live.apply_live(&events[n..], &[(0, 3)])
+        .await
+        .expect("after the switch");
+    let expected = c.expected_views(log.clone()).await.expect("the fold");
+    let reader = RedisUserReader::connect(url, view.prefix.clone())
+        .await
+        .expect("a reader");
+    for id in [ids[1], late] {
+        assert_eq!(
+            view.views.document(2, id).await.unwrap().as_ref(),
+            Some(&expected[&id])
+        );
+        let by_email = reader
+            .user_by_email(&Email::parse(&expected[&id].email).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(by_email.map(|u| u.id), Some(id));
+    }
+    assert_eq!(
+        view.views.document(1, late).await.unwrap(),
+        None,
+        "after the switch only generation 2 is written"
+    );
 }
