@@ -12,6 +12,8 @@ use redis::cluster::{ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The error as a port's.
@@ -19,7 +21,16 @@ pub fn port_error(e: redis::RedisError) -> PortError {
     PortError::Unavailable(format!("redis: {e}"))
 }
 
-/// How a connection waits and retries; `None` leaves the client's default.
+/// A cluster request's retries when not configured.
+const CLUSTER_RETRIES: usize = 8;
+/// The longest a cluster request takes, retries included, when not configured.
+const CLUSTER_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The pauses between a cluster request's retries (growing from the first to the last).
+const CLUSTER_MIN_RETRY_WAIT_MS: u64 = 50;
+const CLUSTER_MAX_RETRY_WAIT_MS: u64 = 1000;
+
+/// How a connection waits and retries; `None` leaves the default (the client's for one
+/// server; for a cluster, see `CLUSTER_*`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RedisSettings {
     pub connection_timeout: Option<Duration>,
@@ -32,7 +43,70 @@ pub struct RedisSettings {
 #[derive(Clone)]
 pub enum RedisConnection {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(ClusterHandle),
+}
+
+/// A cluster connection that is replaced by a new one after `CLUSTER_FAILURES_TO_RECONNECT`
+/// failures in a row of the kind a broken connection gives (timeouts, I/O): the client can
+/// stay stuck in a slot refresh begun during a failover, and a new connection learns the
+/// topology afresh.
+#[derive(Clone)]
+pub struct ClusterHandle {
+    conn: Arc<Mutex<ClusterConnection>>,
+    failures: Arc<AtomicU32>,
+    reconnect: Arc<dyn Fn() -> ClusterConnection + Send + Sync>,
+}
+
+/// Failures in a row after which a cluster connection is replaced.
+const CLUSTER_FAILURES_TO_RECONNECT: u32 = 3;
+
+impl ClusterHandle {
+    fn new(
+        conn: ClusterConnection,
+        reconnect: impl Fn() -> ClusterConnection + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            conn: Arc::new(Mutex::new(conn)),
+            failures: Arc::default(),
+            reconnect: Arc::new(reconnect),
+        }
+    }
+
+    /// The connection in use.
+    pub fn current(&self) -> ClusterConnection {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Counts a call's outcome; replaces the connection after too many broken ones.
+    fn note<T>(&self, result: &RedisResult<T>) {
+        match result {
+            Ok(_) => self.failures.store(0, Ordering::Relaxed),
+            Err(e)
+                if e.is_timeout()
+                    || e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal() =>
+            {
+                let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if failures >= CLUSTER_FAILURES_TO_RECONNECT {
+                    self.failures.store(0, Ordering::Relaxed);
+                    tracing::warn!(
+                        failures,
+                        error = %e,
+                        "the Redis Cluster connection keeps failing; connecting anew"
+                    );
+                    *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = (self.reconnect)();
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    async fn route_command(&self, cmd: Cmd, routing: RoutingInfo) -> RedisResult<Value> {
+        let result = self.current().route_command(cmd, routing).await;
+        self.note(&result);
+        result
+    }
 }
 
 /// The seed URLs of a `PCF_REDIS_URL` (comma-separated, blanks ignored).
@@ -58,22 +132,35 @@ impl RedisConnection {
         config
     }
 
+    /// The per-connection part of a cluster's settings: (response timeout, config).
+    fn cluster_config(settings: RedisSettings) -> (Duration, ClusterConfig) {
+        let response_timeout = settings
+            .response_timeout
+            .unwrap_or(CLUSTER_RESPONSE_TIMEOUT);
+        let mut config = ClusterConfig::new().set_response_timeout(response_timeout);
+        if let Some(t) = settings.connection_timeout {
+            config = config.set_connection_timeout(t);
+        }
+        (response_timeout, config)
+    }
+
     fn cluster_client(
         seeds: &[&str],
         settings: RedisSettings,
     ) -> RedisResult<(redis::cluster::ClusterClient, ClusterConfig)> {
-        let mut builder = ClusterClientBuilder::new(seeds.to_vec());
-        let mut config = ClusterConfig::new();
+        // The client's own defaults retry 16 times, up to minutes apart, with no bound on a
+        // request: a request caught in a failover could wait for many minutes. Here a
+        // request (its retries, redirections and reconnections included) ends within the
+        // response timeout, and retries come quickly, as a failover takes seconds.
+        let retries = settings.retries.unwrap_or(CLUSTER_RETRIES);
+        let (response_timeout, config) = Self::cluster_config(settings);
+        let mut builder = ClusterClientBuilder::new(seeds.to_vec())
+            .retries(u32::try_from(retries).unwrap_or(u32::MAX))
+            .min_retry_wait(CLUSTER_MIN_RETRY_WAIT_MS)
+            .max_retry_wait(CLUSTER_MAX_RETRY_WAIT_MS)
+            .response_timeout(response_timeout);
         if let Some(t) = settings.connection_timeout {
             builder = builder.connection_timeout(t);
-            config = config.set_connection_timeout(t);
-        }
-        if let Some(t) = settings.response_timeout {
-            builder = builder.response_timeout(t);
-            config = config.set_response_timeout(t);
-        }
-        if let Some(retries) = settings.retries {
-            builder = builder.retries(u32::try_from(retries).unwrap_or(u32::MAX));
         }
         Ok((builder.build()?, config))
     }
@@ -85,7 +172,10 @@ impl RedisConnection {
         if seeds.len() > 1 {
             let (client, config) = Self::cluster_client(&seeds, settings)?;
             let conn = client.get_async_connection_with_config(config).await?;
-            return Ok(Self::Cluster(conn));
+            return Ok(Self::Cluster(ClusterHandle::new(conn, move || {
+                let (_, config) = Self::cluster_config(settings);
+                client.get_pending_async_connection_with_config(config)
+            })));
         }
         let client = redis::Client::open(seeds.first().copied().unwrap_or(urls))?;
         let conn =
@@ -100,9 +190,11 @@ impl RedisConnection {
         let seeds = seed_urls(urls);
         if seeds.len() > 1 {
             let (client, config) = Self::cluster_client(&seeds, settings)?;
-            return Ok(Self::Cluster(
-                client.get_pending_async_connection_with_config(config),
-            ));
+            let conn = client.get_pending_async_connection_with_config(config);
+            return Ok(Self::Cluster(ClusterHandle::new(conn, move || {
+                let (_, config) = Self::cluster_config(settings);
+                client.get_pending_async_connection_with_config(config)
+            })));
         }
         let client = redis::Client::open(seeds.first().copied().unwrap_or(urls))?;
         let conn = ConnectionManager::new_lazy_with_config(client, Self::manager_config(settings))?;
@@ -122,7 +214,6 @@ impl RedisConnection {
             return Ok(Vec::new());
         };
         let nodes = conn
-            .clone()
             .route_command(
                 redis::cmd("CLUSTER").arg("NODES").clone(),
                 RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
@@ -141,7 +232,6 @@ impl RedisConnection {
         match (self, node) {
             (Self::Cluster(conn), Some((host, port))) => {
                 let value = conn
-                    .clone()
                     .route_command(
                         cmd.clone(),
                         RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
@@ -184,7 +274,14 @@ impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Single(c) => c.req_packed_command(cmd),
-            Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => {
+                let handle = c.clone();
+                Box::pin(async move {
+                    let result = handle.current().req_packed_command(cmd).await;
+                    handle.note(&result);
+                    result
+                })
+            }
         }
     }
 
@@ -196,14 +293,24 @@ impl ConnectionLike for RedisConnection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => {
+                let handle = c.clone();
+                Box::pin(async move {
+                    let result = handle
+                        .current()
+                        .req_packed_commands(cmd, offset, count)
+                        .await;
+                    handle.note(&result);
+                    result
+                })
+            }
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Self::Single(c) => c.get_db(),
-            Self::Cluster(c) => c.get_db(),
+            Self::Cluster(c) => c.current().get_db(),
         }
     }
 }
@@ -220,7 +327,6 @@ pub async fn ping(conn: &RedisConnection) -> Result<(), PortError> {
         return Ok(());
     };
     let info = cluster
-        .clone()
         .route_command(
             redis::cmd("CLUSTER").arg("INFO").clone(),
             RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),

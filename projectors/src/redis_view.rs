@@ -904,8 +904,9 @@ impl ViewStore for RedisUserViews {
     /// a switch was interrupted (on a cluster they change bucket by bucket); it is finished
     /// here, each bucket only if it is still as the interrupted step left it.
     async fn state(&self) -> Result<GenerationState, PortError> {
+        let mut states = Vec::new();
         for _ in 0..3 {
-            let states = self.bucket_states().await?;
+            states = self.bucket_states().await?;
             let (active, building) = states[0];
             if states.iter().all(|s| *s == (active, building)) {
                 return Ok(GenerationState { active, building });
@@ -929,9 +930,19 @@ impl ViewStore for RedisUserViews {
                     .await?;
             }
         }
-        Err(PortError::Unavailable(
-            "the Redis view's buckets disagree on the generation state".into(),
-        ))
+        // Still disagreeing: not a step cut off, but buckets that lost their keys (a shard
+        // of a cluster without persistence lost its primary and replicas). The newest state
+        // is answered, so that a rebuild (`begin` sets every bucket, `switch` too) repairs
+        // the view; meanwhile live writes into those buckets are refused.
+        let active = states.iter().map(|s| s.0).max().unwrap_or(1);
+        let building = states.iter().filter_map(|s| s.1).max();
+        tracing::error!(
+            active,
+            ?building,
+            "the Redis view's buckets disagree on the generation state (lost keys?); \
+             rebuild the view: pcf projections rebuild users-redis"
+        );
+        Ok(GenerationState { active, building })
     }
 
     async fn begin(&self, generation: u64) -> Result<(), PortError> {

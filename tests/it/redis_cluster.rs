@@ -387,7 +387,8 @@ async fn repaired_on_replay(c: &mut Cluster, view: &RedisView, url: &str) {
 }
 
 /// A `begin` or a `switch` cut off halfway leaves the buckets disagreeing; reading the state
-/// finishes the step. Also: the lazy connection and PING on the cluster.
+/// finishes the step. Buckets that lost their keys are set again by the next rebuild. Also:
+/// the lazy connection and PING on the cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cluster_a_cut_off_begin_or_switch_is_finished_by_the_next_state_read() {
     let Some(url) =
@@ -439,6 +440,30 @@ async fn redis_cluster_a_cut_off_begin_or_switch_is_finished_by_the_next_state_r
             .await
             .unwrap();
         assert!(building.iter().all(|b| *b == Some(3)), "{building:?}");
+        views.switch(3).await.expect("switch 3");
+        // Buckets that lost their keys (a shard lost its data): the newest state is
+        // answered, and a rebuild's begin and switch set every bucket again.
+        for b in 20..30 {
+            let _: () = redis::cmd("DEL")
+                .arg(redis_active_key(&prefix, b))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        assert_eq!(state(views.state().await.unwrap()), (3, None));
+        views.begin(4).await.expect("begin 4");
+        views.switch(4).await.expect("switch 4");
+        let active: Vec<Option<u64>> = redis::cmd("MGET")
+            .arg(
+                (0..REDIS_BUCKETS)
+                    .map(|b| redis_active_key(&prefix, b))
+                    .collect::<Vec<_>>(),
+            )
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(active.iter().all(|a| *a == Some(4)), "{active:?}");
+        assert_eq!(state(views.state().await.unwrap()), (4, None));
     }))
     .await;
     delete_cluster_keys(&view).await;
