@@ -35,6 +35,7 @@ export PCF_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres
 export PCF_TEST_READ_DATABASE_URL=postgres://postgres@127.0.0.1:5433/postgres
 export PCF_TEST_REDIS_URL=redis://127.0.0.1:6379
 export PCF_TEST_KAFKA_BROKERS=127.0.0.1:9092
+export PCF_TEST_REDIS_CLUSTER_URL=redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002
 export PCF_TEST_HA_DATABASE_URL=postgres://postgres@127.0.0.1:5442,127.0.0.1:5443/postgres
 export PCF_TEST_HA_READ_DATABASE_URL=postgres://postgres@127.0.0.1:5444/postgres,postgres://postgres@127.0.0.1:5443/postgres
 # The fleet's tests (tests/process/fleet.rs) on the engines of --ha, at their defaults.

@@ -26,6 +26,7 @@ pub struct Config {
     /// Topics the relay publishes every event to besides `kafka_topic`, each from its own
     /// checkpoint: for switching topics (docs/operations.md).
     pub kafka_extra_topics: Vec<String>,
+    /// One Redis server's URL, or the comma-separated seed nodes of a Redis Cluster.
     pub redis_url: Option<String>,
     /// Prefix of every Redis key of the user view.
     pub redis_prefix: String,

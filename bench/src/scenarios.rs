@@ -5,7 +5,7 @@ use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures::FutureExt;
-use pcf_domain::read_model::{redis_active_key, redis_user_key};
+use pcf_domain::read_model::{redis_active_key, redis_prefix_pattern, redis_user_key, user_bucket};
 use pcf_domain::UserView;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -80,7 +80,7 @@ async fn noop() -> Json<serde_json::Value> {
 async fn redis_user(State(b): State<Baselines>, Path(id): Path<Uuid>) -> Json<serde_json::Value> {
     let mut conn = b.redis.clone();
     let generation: u64 = conn
-        .get::<_, Option<u64>>(redis_active_key(&b.prefix))
+        .get::<_, Option<u64>>(redis_active_key(&b.prefix, user_bucket(id)))
         .await
         .ok()
         .flatten()
@@ -321,10 +321,12 @@ impl Created {
         if let Err(e) = self.remove_kafka().await {
             eprintln!("bench: could not delete the run's topics and groups: {e:#}");
         }
-        let mut redis = self.redis.clone();
-        let pattern = format!("{}*", self.config.redis_prefix);
-        if let Err(e) = pcf_projectors::delete_matching(&mut redis, &pattern).await {
-            eprintln!("bench: could not delete Redis keys {pattern}: {e:#}");
+        let redis = pcf_adapters::redis::RedisConnection::Single(self.redis.clone());
+        let prefix = &self.config.redis_prefix;
+        for pattern in [format!("{prefix}*"), redis_prefix_pattern(prefix)] {
+            if let Err(e) = pcf_projectors::delete_matching(&redis, &pattern).await {
+                eprintln!("bench: could not delete Redis keys {pattern}: {e:#}");
+            }
         }
     }
 
@@ -726,7 +728,8 @@ impl Bench {
         let mut conn = redis.clone();
         let rec = recorder.clone();
         let generation: u64 = conn
-            .get::<_, Option<u64>>(redis_active_key(&prefix))
+            // Every bucket's copy names the same generation once a rebuild is over.
+            .get::<_, Option<u64>>(redis_active_key(&prefix, 0))
             .await?
             .unwrap_or(1);
         // One watcher looks for every commit awaiting visibility with one MGET a

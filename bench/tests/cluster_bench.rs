@@ -258,10 +258,16 @@ async fn a_small_run_measures_every_scenario_and_leaves_nothing_behind() {
         .get_multiplexed_async_connection()
         .await
         .expect("connecting to Redis");
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("pcf:bench:{run_id}*"))
-        .query_async(&mut redis)
-        .await
-        .expect("KEYS");
-    assert!(keys.is_empty(), "Redis keys left: {keys:?}");
+    // The rate limiter's keys, and the view's (each starts with a bucket's hash tag).
+    for pattern in [
+        format!("pcf:bench:{run_id}*"),
+        format!("{{pcf:bench:{run_id}*"),
+    ] {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(&pattern)
+            .query_async(&mut redis)
+            .await
+            .expect("KEYS");
+        assert!(keys.is_empty(), "Redis keys left ({pattern}): {keys:?}");
+    }
 }

@@ -2,38 +2,63 @@
 //! replicas for lists and as the fallback when Redis is down.
 
 use async_trait::async_trait;
+use pcf_adapters::redis::{RedisConnection, RedisSettings};
 use pcf_adapters::sql::read_user;
 use pcf_domain::ports::{PortError, UserFilter, UserReader};
-use pcf_domain::read_model::{redis_active_key, redis_user_key, SQL_VIEW};
+use pcf_domain::read_model::{
+    email_bucket, redis_active_key, redis_bucket_tag, redis_user_key, user_bucket, REDIS_BUCKETS,
+    SQL_VIEW,
+};
 use pcf_domain::{Email, UserView};
-use redis::aio::ConnectionManager;
 use redis::Script;
 use sqlx::PgPool;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use uuid::Uuid;
 
-/// Reads several user documents of the active generation in one round trip.
+/// Reads several user documents of their buckets' active generations in one round trip:
+/// ARGV[1] the key prefix, ARGV[2] the number of buckets, then the ids. KEYS[1] is an
+/// active key of the bucket of the ids on a cluster (where the ids of a call share one).
 static USERS_BY_ID: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local g = redis.call('GET', KEYS[1]) or '1'
-local keys = {}
-for i = 2, #ARGV do keys[#keys + 1] = ARGV[1] .. ':g' .. g .. ':user:' .. ARGV[i] end
-return redis.call('MGET', unpack(keys))
+local docs = {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local tag = '{' .. ARGV[1] .. ':b' .. (tonumber(string.sub(id, -2), 16) % tonumber(ARGV[2])) .. '}'
+  local g = redis.call('GET', tag .. ':active') or '1'
+  docs[#docs + 1] = redis.call('GET', tag .. ':g' .. g .. ':user:' .. id) or false
+end
+return docs
 "#,
     )
 });
 
-/// Follows the email index of the active generation to the user document, in one round trip.
+/// Follows the email index of the active generation to the user document, in one round
+/// trip (one server: the email entry and the document are in different buckets). KEYS[1]
+/// the email bucket's active key, ARGV[1] the email bucket's tag, ARGV[2] the email,
+/// ARGV[3] the key prefix, ARGV[4] the number of buckets.
 static USER_BY_EMAIL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local g = redis.call('GET', KEYS[1]) or '1'
-local base = ARGV[1] .. ':g' .. g
-local id = redis.call('GET', base .. ':email:' .. ARGV[2])
+local id = redis.call('GET', ARGV[1] .. ':g' .. g .. ':email:' .. ARGV[2])
 if not id then return false end
-return redis.call('GET', base .. ':user:' .. id)
+local tag = '{' .. ARGV[3] .. ':b' .. (tonumber(string.sub(id, -2), 16) % tonumber(ARGV[4])) .. '}'
+local ug = redis.call('GET', tag .. ':active') or '1'
+return redis.call('GET', tag .. ':g' .. ug .. ':user:' .. id)
+"#,
+    )
+});
+
+/// The id an email entry of the active generation names (a cluster's first step of a read
+/// by email): KEYS[1] the email bucket's active key, ARGV[1] its tag, ARGV[2] the email.
+static EMAIL_ENTRY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local g = redis.call('GET', KEYS[1]) or '1'
+return redis.call('GET', ARGV[1] .. ':g' .. g .. ':email:' .. ARGV[2])
 "#,
     )
 });
@@ -47,56 +72,69 @@ fn parse_doc(doc: Option<String>) -> Result<Option<UserView>, PortError> {
 /// The Redis user view.
 #[derive(Clone)]
 pub struct RedisUserReader {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     prefix: String,
-    active_key: String,
-    /// The active generation as last seen. A point read asks for the active pointer and the
-    /// document of this generation in one pipeline (two plain GETs, cheaper for Redis than
-    /// a script), and reads again only when a rebuild has moved the pointer.
+    /// The active generation as last seen. A point read asks for the active pointer (of
+    /// the user's bucket) and the document of this generation in one pipeline (two plain
+    /// GETs of one slot, cheaper for Redis than a script), and reads again only when a
+    /// rebuild has moved the pointer.
     generation: Arc<AtomicU64>,
 }
 
 impl RedisUserReader {
     /// Fail fast while Redis is down, so the replica answers instead.
-    fn manager_config() -> redis::aio::ConnectionManagerConfig {
-        redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(std::time::Duration::from_millis(500)))
-            .set_response_timeout(Some(std::time::Duration::from_millis(500)))
-            .set_number_of_retries(1)
+    fn settings() -> RedisSettings {
+        RedisSettings {
+            connection_timeout: Some(std::time::Duration::from_millis(500)),
+            response_timeout: Some(std::time::Duration::from_millis(500)),
+            retries: Some(1),
+        }
     }
 
-    fn with_connection(conn: ConnectionManager, prefix: String) -> Self {
+    /// The reader over a connection made already.
+    pub fn with_connection(conn: RedisConnection, prefix: impl Into<String>) -> Self {
         Self {
             conn,
-            active_key: redis_active_key(&prefix),
-            prefix,
+            prefix: prefix.into(),
             generation: Arc::new(AtomicU64::new(1)),
         }
     }
 
-    /// Connects to Redis at `url`; fails if Redis does not answer.
+    /// Connects to Redis at `url` (one server, or comma-separated cluster seeds); fails if
+    /// Redis does not answer.
     pub async fn connect(url: &str, prefix: impl Into<String>) -> Result<Self, PortError> {
-        let client = redis::Client::open(url).map_err(pcf_adapters::redis::port_error)?;
-        let conn = ConnectionManager::new_with_config(client, Self::manager_config())
+        let conn = RedisConnection::connect(url, Self::settings())
             .await
             .map_err(pcf_adapters::redis::port_error)?;
-        Ok(Self::with_connection(conn, prefix.into()))
+        Ok(Self::with_connection(conn, prefix))
     }
 
     /// A reader of Redis at `url` that connects on its first read instead of now, so that a
     /// server starts while Redis is down: until Redis answers, every read fails as
     /// unavailable (and a `FallbackReader` answers from the replica), and each failure has
-    /// the connection manager try again. Fails only for a malformed URL.
+    /// the connection try again. Fails only for a malformed URL.
     pub fn connect_lazily(url: &str, prefix: impl Into<String>) -> Result<Self, PortError> {
-        let client = redis::Client::open(url).map_err(pcf_adapters::redis::port_error)?;
-        let conn = ConnectionManager::new_lazy_with_config(client, Self::manager_config())
+        let conn = RedisConnection::connect_lazily(url, Self::settings())
             .map_err(pcf_adapters::redis::port_error)?;
-        Ok(Self::with_connection(conn, prefix.into()))
+        Ok(Self::with_connection(conn, prefix))
     }
 
     /// Succeeds when Redis answers.
     pub async fn ping(&self) -> Result<(), PortError> {
         pcf_adapters::redis::ping(&self.conn).await
+    }
+
+    /// `USERS_BY_ID` for `ids` (of one bucket on a cluster).
+    async fn users_in_one_call(&self, ids: &[Uuid]) -> Result<Vec<Option<String>>, PortError> {
+        let mut invocation = USERS_BY_ID.key(redis_active_key(&self.prefix, user_bucket(ids[0])));
+        invocation.arg(&self.prefix).arg(REDIS_BUCKETS);
+        for id in ids {
+            invocation.arg(id.to_string());
+        }
+        invocation
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(pcf_adapters::redis::port_error)
     }
 }
 
@@ -107,7 +145,7 @@ impl UserReader for RedisUserReader {
         let mut conn = self.conn.clone();
         let assumed = self.generation.load(Ordering::Relaxed);
         let (active, doc): (Option<u64>, Option<String>) = redis::pipe()
-            .get(&self.active_key)
+            .get(redis_active_key(&self.prefix, user_bucket(id)))
             .get(redis_user_key(&self.prefix, assumed, id))
             .query_async(&mut conn)
             .await
@@ -125,20 +163,31 @@ impl UserReader for RedisUserReader {
         parse_doc(doc)
     }
 
+    /// One script call on one server; on a cluster a call per bucket, concurrently.
     #[tracing::instrument(level = "debug", name = "redis.read", skip_all)]
     async fn users(&self, ids: &[Uuid]) -> Result<Vec<UserView>, PortError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut invocation = USERS_BY_ID.key(redis_active_key(&self.prefix));
-        invocation.arg(&self.prefix);
-        for id in ids {
-            invocation.arg(id.to_string());
-        }
-        let docs: Vec<Option<String>> = invocation
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(pcf_adapters::redis::port_error)?;
+        let docs = if self.conn.is_cluster() {
+            let mut by_bucket: BTreeMap<u32, Vec<Uuid>> = BTreeMap::new();
+            for id in ids {
+                by_bucket.entry(user_bucket(*id)).or_default().push(*id);
+            }
+            let answers = futures::future::try_join_all(
+                by_bucket.values().map(|ids| self.users_in_one_call(ids)),
+            )
+            .await?;
+            let mut found: BTreeMap<Uuid, Option<String>> = BTreeMap::new();
+            for (ids, docs) in by_bucket.values().zip(answers) {
+                found.extend(ids.iter().copied().zip(docs));
+            }
+            ids.iter()
+                .map(|id| found.get(id).cloned().flatten())
+                .collect()
+        } else {
+            self.users_in_one_call(ids).await?
+        };
         let mut found = Vec::with_capacity(docs.len());
         for doc in docs {
             if let Some(view) = parse_doc(doc)? {
@@ -148,16 +197,42 @@ impl UserReader for RedisUserReader {
         Ok(found)
     }
 
+    /// Follows the email entry to the document; only a live document that still has this
+    /// email answers (an entry the email step has not yet deleted reads as not found). One
+    /// round trip on one server; two on a cluster (the entry's bucket, then the user's).
     #[tracing::instrument(level = "debug", name = "redis.read", skip_all)]
     async fn user_by_email(&self, email: &Email) -> Result<Option<UserView>, PortError> {
-        let doc: Option<String> = USER_BY_EMAIL
-            .key(redis_active_key(&self.prefix))
-            .arg(&self.prefix)
-            .arg(email.as_str())
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(pcf_adapters::redis::port_error)?;
-        parse_doc(doc)
+        let bucket = email_bucket(email.as_str());
+        let active_key = redis_active_key(&self.prefix, bucket);
+        let tag = redis_bucket_tag(&self.prefix, bucket);
+        let view = if self.conn.is_cluster() {
+            let id: Option<String> = EMAIL_ENTRY
+                .key(active_key)
+                .arg(tag)
+                .arg(email.as_str())
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(pcf_adapters::redis::port_error)?;
+            match id.as_deref().map(Uuid::parse_str) {
+                Some(Ok(id)) => self.user(id).await?,
+                Some(Err(e)) => {
+                    return Err(PortError::Internal(format!("email entry: {e}")));
+                }
+                None => None,
+            }
+        } else {
+            let doc: Option<String> = USER_BY_EMAIL
+                .key(active_key)
+                .arg(tag)
+                .arg(email.as_str())
+                .arg(&self.prefix)
+                .arg(REDIS_BUCKETS)
+                .invoke_async(&mut self.conn.clone())
+                .await
+                .map_err(pcf_adapters::redis::port_error)?;
+            parse_doc(doc)?
+        };
+        Ok(view.filter(|v| !v.deleted && v.email == email.as_str()))
     }
 
     #[tracing::instrument(level = "debug", name = "redis.read", skip_all)]

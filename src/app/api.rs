@@ -70,19 +70,19 @@ pub fn router(
 /// Where the rate limiter counts when Redis is configured (shared by every instance).
 fn shared_counts(
     config: &Config,
-) -> anyhow::Result<Option<(redis::aio::ConnectionManager, String)>> {
+) -> anyhow::Result<Option<(pcf_adapters::redis::RedisConnection, String)>> {
     let Some(url) = &config.redis_url else {
         return Ok(None);
     };
-    let client = redis::Client::open(url.as_str()).context("PCF_REDIS_URL")?;
     // Fail fast: a request never waits long on the rate limiter's Redis.
-    let settings = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(300)))
-        .set_response_timeout(Some(Duration::from_millis(300)))
-        .set_number_of_retries(1);
+    let settings = pcf_adapters::redis::RedisSettings {
+        connection_timeout: Some(Duration::from_millis(300)),
+        response_timeout: Some(Duration::from_millis(300)),
+        retries: Some(1),
+    };
     // Connected on first use: while Redis is down (at start too) the limiter counts locally,
-    // and a later request's failure has the manager connect again.
-    let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, settings)
+    // and a later request's failure has the connection try again.
+    let conn = pcf_adapters::redis::RedisConnection::connect_lazily(url, settings)
         .context("PCF_REDIS_URL")?;
     Ok(Some((conn, config.redis_prefix.clone())))
 }

@@ -15,8 +15,8 @@ use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextPrepareRequest,
 };
 use async_graphql::ServerResult;
+use pcf_adapters::redis::RedisConnection;
 use pcf_domain::auth::{Principal, Tier};
-use redis::aio::ConnectionManager;
 use redis::Script;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -99,7 +99,7 @@ pub struct Refusals {
 pub struct RateLimiter {
     limits: RateLimits,
     refusals: Arc<Refusals>,
-    redis: Option<(ConnectionManager, String)>,
+    redis: Option<(RedisConnection, String)>,
     budgets: Mutex<HashMap<String, Budget>>,
     /// After Redis fails, count locally until then instead of waiting on it per request.
     redis_down_until: Mutex<Option<std::time::Instant>>,
@@ -120,7 +120,7 @@ fn share(left: Option<u64>) -> u64 {
 
 impl RateLimiter {
     /// `redis`: a connection and the key prefix to count under.
-    pub fn new(limits: RateLimits, redis: Option<(ConnectionManager, String)>) -> Self {
+    pub fn new(limits: RateLimits, redis: Option<(RedisConnection, String)>) -> Self {
         Self {
             limits,
             refusals: Arc::default(),

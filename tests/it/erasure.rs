@@ -541,9 +541,17 @@ fn flatten(value: &redis::Value, out: &mut Vec<u8>) {
 /// Every key under `prefix` and every value it holds, whatever its type; and how many keys.
 async fn redis_dump(url: &str, prefix: &str) -> (Vec<u8>, usize) {
     let mut conn = redis_conn(url).await;
-    let keys = scan_keys(&mut conn, &format!("{prefix}*"))
+    let mut keys = scan_keys(&mut conn, &format!("{prefix}*"))
         .await
         .expect("scanning the test's keys");
+    keys.extend(
+        scan_keys(
+            &mut conn,
+            &pcf_domain::read_model::redis_prefix_pattern(prefix),
+        )
+        .await
+        .expect("scanning the test's view keys"),
+    );
     let mut out = Vec::new();
     for key in &keys {
         out.extend_from_slice(key.as_bytes());

@@ -31,6 +31,7 @@ mod http;
 mod prometheus;
 mod queries;
 mod readme;
+mod redis_cluster;
 mod relay;
 mod republish;
 mod schema;

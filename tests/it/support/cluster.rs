@@ -14,7 +14,7 @@ use super::auth::JWT_SECRET;
 use super::cleanup::Teardown;
 use super::database::{ServerUse, TestDb};
 use super::kafka::KafkaTopic;
-use super::redis_server::{scan_keys, RedisPrefix};
+use super::redis_server::RedisPrefix;
 use super::services::{init_tracing, primary_admin_url, replica_admin_url};
 use super::wait::wait_until;
 use chrono::{DateTime, Utc};
@@ -23,7 +23,9 @@ use pcf_adapters::keys::{KeyDb, Keys};
 use pcf_adapters::personal::{Kek, Keyring};
 use pcf_command::EventStore;
 use pcf_domain::ports::{EventLog, UserReader};
-use pcf_domain::read_model::{redis_email_key, redis_generation_prefix, redis_user_key};
+use pcf_domain::read_model::{
+    parse_redis_key, redis_email_key, redis_generation_pattern, redis_user_key, RedisViewKey,
+};
 use pcf_domain::UserView;
 use pcf_projectors::{MemoryUserViews, Projection, RebuildOptions, RedisUserViews, ViewStore};
 use serde_json::Value;
@@ -458,53 +460,104 @@ pub struct RedisView {
     pub prefix: String,
 }
 
-/// Reads every document and email entry of the Redis view's active generation.
+/// Reads every document and email entry of the Redis view's active generation. The email
+/// index is compared as what readers can see of it: entries that name a live document with
+/// that email (an entry whose user has moved on, left when the email step of a write was
+/// cut off, reads as not found and is left out).
 pub async fn redis_docs(redis: &RedisView) -> Result<RedisDocs, String> {
     let (views, prefix) = (&redis.views, redis.prefix.as_str());
     let generation = views.state().await.map_err(|e| e.to_string())?.active;
-    let base = redis_generation_prefix(prefix, generation);
-    let client = redis::Client::open(redis.url.as_str()).map_err(|e| e.to_string())?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| e.to_string())?;
-    let keys = scan_keys(&mut conn, &format!("{base}*"))
-        .await
-        .map_err(|e| e.to_string())?;
+    let pattern = redis_generation_pattern(prefix, generation);
+    let conn = views.connection().clone();
+    let keys = scan_all(&conn, &pattern).await?;
     let mut users = BTreeMap::new();
-    let mut emails = BTreeMap::new();
+    let mut entries = BTreeMap::new();
     for key in keys {
-        let rest = &key[base.len()..];
-        if let Some(id) = rest.strip_prefix("user:") {
-            let id = Uuid::parse_str(id).map_err(|e| format!("key {key}: {e}"))?;
-            let doc = views
-                .document(generation, id)
-                .await
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("{key} vanished"))?;
-            assert_eq!(key, redis_user_key(prefix, generation, id));
-            users.insert(id, doc);
-        } else if let Some(email) = rest.strip_prefix("email:") {
-            let id: Option<String> = redis::cmd("GET")
-                .arg(&key)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| e.to_string())?;
-            let Some(id) = id else { continue };
-            assert_eq!(key, redis_email_key(prefix, generation, email));
-            emails.insert(
-                email.to_owned(),
-                Uuid::parse_str(&id).map_err(|e| format!("{key} -> {id}: {e}"))?,
-            );
-        } else {
-            return Err(format!("unexpected key {key}"));
+        match parse_redis_key(prefix, &key) {
+            Some(RedisViewKey::User { generation: g, id }) if g == generation => {
+                let id = Uuid::parse_str(id).map_err(|e| format!("key {key}: {e}"))?;
+                let doc = views
+                    .document(generation, id)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("{key} vanished"))?;
+                assert_eq!(key, redis_user_key(prefix, generation, id));
+                users.insert(id, doc);
+            }
+            Some(RedisViewKey::Email {
+                generation: g,
+                email,
+            }) if g == generation => {
+                let id: Option<String> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut conn.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let Some(id) = id else { continue };
+                assert_eq!(key, redis_email_key(prefix, generation, email));
+                entries.insert(
+                    email.to_owned(),
+                    Uuid::parse_str(&id).map_err(|e| format!("{key} -> {id}: {e}"))?,
+                );
+            }
+            _ if key.contains(":pending:") => {}
+            _ => return Err(format!("unexpected key {key}")),
         }
     }
+    let emails = entries
+        .into_iter()
+        .filter(|(email, id)| {
+            users
+                .get(id)
+                .is_some_and(|u: &UserView| !u.deleted && &u.email == email)
+        })
+        .collect();
     Ok(RedisDocs {
         generation,
         users,
         emails,
     })
+}
+
+/// Every key matching `pattern`, on every primary of a cluster.
+pub async fn scan_all(
+    conn: &pcf_adapters::redis::RedisConnection,
+    pattern: &str,
+) -> Result<Vec<String>, String> {
+    let nodes: Vec<Option<(String, u16)>> = if conn.is_cluster() {
+        conn.primaries()
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(Some)
+            .collect()
+    } else {
+        vec![None]
+    };
+    let mut keys = Vec::new();
+    for node in &nodes {
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, page): (u64, Vec<String>) = conn
+                .on_node(
+                    node.as_ref(),
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(1000),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            keys.extend(page);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(keys)
 }
 
 /// Reads every row of a `read_users`-shaped table or view.

@@ -5,6 +5,7 @@ use super::cleanup::Teardown;
 use super::services::{port_open, shared_redis_url, ChildServer};
 use super::wait::wait_until;
 use futures::StreamExt as _;
+use pcf_domain::read_model::redis_prefix_pattern;
 use pcf_projectors::delete_matching;
 use redis::{AsyncCommands as _, ScanOptions};
 use std::process::Command;
@@ -57,10 +58,12 @@ impl RedisPrefix {
         let Ok(client) = redis::Client::open(self.url.as_str()) else {
             return;
         };
-        let Ok(mut conn) = redis::aio::ConnectionManager::new(client).await else {
+        let Ok(conn) = redis::aio::ConnectionManager::new(client).await else {
             return;
         };
-        let _ = delete_matching(&mut conn, &format!("{}:*", self.prefix)).await;
+        let conn = pcf_adapters::redis::RedisConnection::Single(conn);
+        let _ = delete_matching(&conn, &format!("{}:*", self.prefix)).await;
+        let _ = delete_matching(&conn, &redis_prefix_pattern(&self.prefix)).await;
     }
 }
 
