@@ -206,7 +206,10 @@ backend api
     balance roundrobin
     option httpchk GET /health/ready
     http-check expect status 200
-    default-server inter 250ms fall 1 rise 2
+    # A readiness check waits up to 1.5 s on a replica that does not answer; an instance that
+    # begins to stop answers 503 for shutdown_delay_ms (1.5 s), longer than two checks.
+    timeout check 3s
+    default-server inter 500ms fall 2 rise 2
 ${lines}
 EOF
     haproxy -c -q -f "$FLEET_DIR/haproxy.cfg" || die "haproxy rejects $FLEET_DIR/haproxy.cfg"

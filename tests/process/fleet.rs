@@ -617,14 +617,15 @@ struct Report {
     views_equal_a_rebuild: bool,
 }
 
-/// Runs `fault` on a fleet under load, then checks the log and the views; the report.
-async fn under_load<F>(name: &str, fault: F) -> Option<Report>
+/// Runs `fault` on a fleet under load, then checks the log and the views, and `check` on the
+/// report while the fleet still runs (its logs are kept if a check fails).
+async fn under_load<F>(name: &str, fault: F, check: impl FnOnce(&Report))
 where
     F: AsyncFnOnce(&Fleet),
 {
     let Some(engines) = Engines::from_env() else {
         eprintln!("skipped: PCF_TEST_FLEET is not set (scripts/test.sh sets it and starts --ha)");
-        return None;
+        return;
     };
     let fleet = Fleet::up(name, engines).await;
     let load = Load::start();
@@ -659,7 +660,7 @@ where
             .collect();
         panic!("{name}: the views differ from a rebuild, e.g. {diff:?}");
     }
-    Some(report)
+    check(&report);
 }
 
 /// Prints the report and appends it to the target's `fleet-report.md`.
@@ -721,92 +722,104 @@ fn no_failures(r: &Report) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_the_api_instances_fails_no_request() {
     let _one = ONE_FLEET.lock().await;
-    if let Some(r) = under_load("rolling_restart", async |fleet: &Fleet| {
-        fleet.script(&["rolling-restart"]);
-    })
-    .await
-    {
-        no_failures(&r);
-    }
+    under_load(
+        "rolling_restart",
+        async |fleet: &Fleet| {
+            fleet.script(&["rolling-restart"]);
+        },
+        |r: &Report| {
+            no_failures(r);
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blue_green_switch_fails_no_request() {
     let _one = ONE_FLEET.lock().await;
-    if let Some(r) = under_load("blue_green", async |fleet: &Fleet| {
-        fleet.script(&["blue-green"]);
-    })
-    .await
-    {
-        no_failures(&r);
-    }
+    under_load(
+        "blue_green",
+        async |fleet: &Fleet| {
+            fleet.script(&["blue-green"]);
+        },
+        |r: &Report| {
+            no_failures(r);
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_standby_relay_publishes_within_5_s_of_the_active_one_killed() {
     let _one = ONE_FLEET.lock().await;
-    if let Some(r) = under_load("kill_relay", async |fleet: &Fleet| {
-        let active = fleet.active_relay();
-        let other = if active == "relay1" {
-            "relay2"
-        } else {
-            "relay1"
-        };
-        let standby_took = fleet.activations(other);
-        fleet.script(&["kill", active]);
-        let killed = Instant::now();
-        // A user created after the kill is in the views once the other relay published it.
-        let token = admin();
-        let input = json!({ "email": email(), "displayName": "After the relay" });
-        let data = graphql(&token, CREATE_USER, json!({ "input": input }))
-            .await
-            .expect("a write after the relay's kill");
-        let id = data["createUser"]["user"]["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        loop {
-            let seen = graphql(&token, USER, json!({ "id": id })).await;
-            if matches!(&seen, Ok(d) if !d["user"].is_null()) {
-                break;
+    under_load(
+        "kill_relay",
+        async |fleet: &Fleet| {
+            let active = fleet.active_relay();
+            let other = if active == "relay1" {
+                "relay2"
+            } else {
+                "relay1"
+            };
+            let standby_took = fleet.activations(other);
+            fleet.script(&["kill", active]);
+            let killed = Instant::now();
+            // A user created after the kill is in the views once the other relay published it.
+            let token = admin();
+            let input = json!({ "email": email(), "displayName": "After the relay" });
+            let data = graphql(&token, CREATE_USER, json!({ "input": input }))
+                .await
+                .expect("a write after the relay's kill");
+            let id = data["createUser"]["user"]["id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            loop {
+                let seen = graphql(&token, USER, json!({ "id": id })).await;
+                if matches!(&seen, Ok(d) if !d["user"].is_null()) {
+                    break;
+                }
+                assert!(
+                    killed.elapsed() < Duration::from_secs(30),
+                    "nothing published 30 s after the active relay's kill"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            let took = killed.elapsed();
+            eprintln!("kill_relay: a write after the kill was visible after {took:?}");
             assert!(
-                killed.elapsed() < Duration::from_secs(30),
-                "nothing published 30 s after the active relay's kill"
+                took < Duration::from_secs(5),
+                "the standby relay took {took:?} to publish"
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let took = killed.elapsed();
-        eprintln!("kill_relay: a write after the kill was visible after {took:?}");
-        assert!(
-            took < Duration::from_secs(5),
-            "the standby relay took {took:?} to publish"
-        );
-        assert_eq!(
-            fleet.activations(other),
-            standby_took + 1,
-            "the standby took the lease"
-        );
-        fleet.script(&["start", active]);
-    })
-    .await
-    {
-        no_failures(&r);
-    }
+            assert_eq!(
+                fleet.activations(other),
+                standby_took + 1,
+                "the standby took the lease"
+            );
+            fleet.script(&["start", active]);
+        },
+        |r: &Report| {
+            no_failures(r);
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projector_killed_mid_batch_loses_and_doubles_nothing() {
     let _one = ONE_FLEET.lock().await;
-    if let Some(r) = under_load("kill_projector", async |fleet: &Fleet| {
-        fleet.script(&["kill", "proj1"]);
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        fleet.script(&["start", "proj1"]);
-    })
-    .await
-    {
-        no_failures(&r);
-    }
+    under_load(
+        "kill_projector",
+        async |fleet: &Fleet| {
+            fleet.script(&["kill", "proj1"]);
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            fleet.script(&["start", "proj1"]);
+        },
+        |r: &Report| {
+            no_failures(r);
+        },
+    )
+    .await;
 }
 
 /// The pid of Kafka node `n` of `--ha`.
@@ -834,20 +847,23 @@ fn services(args: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kafka_broker_killed_and_back_fails_no_mutation() {
     let _one = ONE_FLEET.lock().await;
-    if let Some(r) = under_load("kill_kafka_broker", async |_fleet: &Fleet| {
-        let pid = kafka_node_pid(2).expect("Kafka node 2 of --ha runs");
-        let status = Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        tokio::time::sleep(Duration::from_secs(6)).await;
-        services(&["up", "kafka_ha"]);
-    })
-    .await
-    {
-        no_failures(&r);
-    }
+    under_load(
+        "kill_kafka_broker",
+        async |_fleet: &Fleet| {
+            let pid = kafka_node_pid(2).expect("Kafka node 2 of --ha runs");
+            let status = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .expect("kill");
+            assert!(status.success());
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            services(&["up", "kafka_ha"]);
+        },
+        |r: &Report| {
+            no_failures(r);
+        },
+    )
+    .await;
 }
 
 /// The port and pid of a primary of the Redis Cluster of `--ha` that holds slots.
@@ -896,27 +912,30 @@ async fn a_redis_primary_killed_keeps_reads_answering_and_the_views_converge() {
         );
         return;
     }
-    if let Some(r) = under_load("kill_redis_primary", async |_fleet: &Fleet| {
-        let (port, pid) = a_redis_cluster_primary();
-        eprintln!("kill_redis_primary: kill -9 of the primary on port {port}");
-        kill9(pid);
-        // The cluster fails over (cluster-node-timeout); the killed node returns as a replica.
-        tokio::time::sleep(Duration::from_secs(8)).await;
-        services(&["up", "redis_cluster"]);
-    })
-    .await
-    {
-        assert!(
-            r.tally.reads_failed.is_empty(),
-            "reads failed: {:?}",
-            r.tally.reads_failed
-        );
-        assert!(
-            r.tally.writes_failed.is_empty(),
-            "{:?}",
-            r.tally.writes_failed
-        );
-    }
+    under_load(
+        "kill_redis_primary",
+        async |_fleet: &Fleet| {
+            let (port, pid) = a_redis_cluster_primary();
+            eprintln!("kill_redis_primary: kill -9 of the primary on port {port}");
+            kill9(pid);
+            // The cluster fails over (cluster-node-timeout); the killed node returns as a replica.
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            services(&["up", "redis_cluster"]);
+        },
+        |r: &Report| {
+            assert!(
+                r.tally.reads_failed.is_empty(),
+                "reads failed: {:?}",
+                r.tally.reads_failed
+            );
+            assert!(
+                r.tally.writes_failed.is_empty(),
+                "{:?}",
+                r.tally.writes_failed
+            );
+        },
+    )
+    .await;
 }
 
 fn pg_ha(args: &[&str]) -> String {
@@ -944,15 +963,18 @@ async fn a_read_replica_killed_leaves_queries_answering_from_the_other() {
         eprintln!("skipped: the fleet's read replicas are not those of --ha");
         return;
     }
-    if let Some(r) = under_load("kill_read_replica", async |_fleet: &Fleet| {
-        pg_ha(&["kill", "5444"]);
-        tokio::time::sleep(Duration::from_secs(6)).await;
-        pg_ha(&["repair"]);
-    })
-    .await
-    {
-        no_failures(&r);
-    }
+    under_load(
+        "kill_read_replica",
+        async |_fleet: &Fleet| {
+            pg_ha(&["kill", "5444"]);
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            pg_ha(&["repair"]);
+        },
+        |r: &Report| {
+            no_failures(r);
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -969,25 +991,28 @@ async fn the_primary_lost_and_its_standby_promoted_resumes_writes_without_a_rest
         );
         return;
     }
-    if let Some(r) = under_load("primary_promoted", async |fleet: &Fleet| {
-        let before = fleet.pids();
-        pg_ha(&["kill-primary"]);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        pg_ha(&["promote"]);
-        // Writes resume on the new primary, by the same processes.
-        tokio::time::sleep(Duration::from_secs(6)).await;
-        assert_eq!(fleet.pids(), before, "a PCF process restarted");
-        pg_ha(&["repair"]);
-    })
-    .await
-    {
-        // While no primary answers, every API instance is unready (its event store is down)
-        // and HAProxy answers 503 itself; a write in flight when the primary died fails as
-        // UNAVAILABLE. Nothing else may fail, and none acknowledged is missing (checked on
-        // the log above).
-        let retryable = |e: &String| e.contains("UNAVAILABLE") || e.contains("HTTP 503");
-        for e in r.tally.writes_failed.iter().chain(&r.tally.reads_failed) {
-            assert!(retryable(e), "a request failed otherwise: {e}");
-        }
-    }
+    under_load(
+        "primary_promoted",
+        async |fleet: &Fleet| {
+            let before = fleet.pids();
+            pg_ha(&["kill-primary"]);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            pg_ha(&["promote"]);
+            // Writes resume on the new primary, by the same processes.
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            assert_eq!(fleet.pids(), before, "a PCF process restarted");
+            pg_ha(&["repair"]);
+        },
+        |r: &Report| {
+            // While no primary answers, every API instance is unready (its event store is down)
+            // and HAProxy answers 503 itself; a write in flight when the primary died fails as
+            // UNAVAILABLE. Nothing else may fail, and none acknowledged is missing (checked on
+            // the log above).
+            let retryable = |e: &String| e.contains("UNAVAILABLE") || e.contains("HTTP 503");
+            for e in r.tally.writes_failed.iter().chain(&r.tally.reads_failed) {
+                assert!(retryable(e), "a request failed otherwise: {e}");
+            }
+        },
+    )
+    .await;
 }
