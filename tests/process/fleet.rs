@@ -143,6 +143,8 @@ struct Fleet {
     env: Vec<(String, String)>,
     engines: Engines,
     db: String,
+    /// What the fault noted, for the report.
+    notes: Mutex<Vec<String>>,
 }
 
 impl Fleet {
@@ -180,6 +182,7 @@ impl Fleet {
             env,
             engines,
             db,
+            notes: Mutex::default(),
         };
         fleet.script(&["up"]);
         fleet
@@ -230,6 +233,12 @@ impl Fleet {
             .expect("the fleet's KEK")
             .trim()
             .to_owned()
+    }
+
+    /// Notes `what` in the report.
+    fn note(&self, what: String) {
+        eprintln!("{}: {what}", self.name);
+        self.notes.lock().unwrap().push(what);
     }
 
     /// The pids of the fleet's instances, by name.
@@ -615,6 +624,7 @@ async fn the_log_holds_every_acknowledged_write(fleet: &Fleet, tally: &Tally) ->
 struct Report {
     tally: Tally,
     views_equal_a_rebuild: bool,
+    notes: Vec<String>,
 }
 
 /// Runs `fault` on a fleet under load, then checks the log and the views, and `check` on the
@@ -648,6 +658,7 @@ where
     let report = Report {
         tally,
         views_equal_a_rebuild,
+        notes: std::mem::take(&mut fleet.notes.lock().unwrap()),
     };
     record(name, &report);
     if !views_equal_a_rebuild {
@@ -667,13 +678,14 @@ where
 fn record(name: &str, r: &Report) {
     let t = &r.tally;
     let line = format!(
-        "| {name} | {} | {} | {} | {} | {:.2} s | {} |",
+        "| {name} | {} | {} | {} | {} | {:.2} s | {} | {} |",
         t.writes_ok,
         t.writes_failed.len(),
         t.reads_ok,
         t.reads_failed.len(),
         t.longest_write_gap.as_secs_f64(),
         if r.views_equal_a_rebuild { "yes" } else { "NO" },
+        r.notes.join("; "),
     );
     eprintln!("{line}");
     for e in t.writes_failed.iter().chain(&t.reads_failed).take(3) {
@@ -690,7 +702,7 @@ fn record(name: &str, r: &Report) {
         if new {
             let _ = writeln!(
                 f,
-                "| event | writes ok | writes failed | reads ok | reads failed | longest write gap | views = rebuild |\n|---|---|---|---|---|---|---|"
+                "| event | writes ok | writes failed | reads ok | reads failed | longest write gap | views = rebuild | notes |\n|---|---|---|---|---|---|---|---|"
             );
         }
         let _ = writeln!(f, "{line}");
@@ -786,7 +798,10 @@ async fn the_standby_relay_publishes_within_5_s_of_the_active_one_killed() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             let took = killed.elapsed();
-            eprintln!("kill_relay: a write after the kill was visible after {took:?}");
+            fleet.note(format!(
+                "a write after the relay's kill visible in {:.2} s",
+                took.as_secs_f64()
+            ));
             assert!(
                 took < Duration::from_secs(5),
                 "the standby relay took {took:?} to publish"
@@ -914,9 +929,9 @@ async fn a_redis_primary_killed_keeps_reads_answering_and_the_views_converge() {
     }
     under_load(
         "kill_redis_primary",
-        async |_fleet: &Fleet| {
+        async |fleet: &Fleet| {
             let (port, pid) = a_redis_cluster_primary();
-            eprintln!("kill_redis_primary: kill -9 of the primary on port {port}");
+            fleet.note(format!("the primary on port {port} killed"));
             kill9(pid);
             // The cluster fails over (cluster-node-timeout); the killed node returns as a replica.
             tokio::time::sleep(Duration::from_secs(8)).await;
@@ -995,11 +1010,32 @@ async fn the_primary_lost_and_its_standby_promoted_resumes_writes_without_a_rest
         "primary_promoted",
         async |fleet: &Fleet| {
             let before = fleet.pids();
+            let old = pg_ha(&["primary"]);
             pg_ha(&["kill-primary"]);
+            let killed = Instant::now();
             tokio::time::sleep(Duration::from_secs(1)).await;
             pg_ha(&["promote"]);
+            let promoted = Instant::now();
             // Writes resume on the new primary, by the same processes.
-            tokio::time::sleep(Duration::from_secs(6)).await;
+            let token = admin();
+            loop {
+                let input = json!({ "email": email(), "displayName": "After the promotion" });
+                if graphql(&token, CREATE_USER, json!({ "input": input })).await.is_ok() {
+                    break;
+                }
+                assert!(
+                    promoted.elapsed() < Duration::from_secs(60),
+                    "no write succeeded within 60 s of the promotion"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            fleet.note(format!(
+                "primary {old} killed, {} promoted {:.1} s later; the first write after it {:.2} s after the promotion",
+                pg_ha(&["primary"]),
+                (promoted - killed).as_secs_f64(),
+                promoted.elapsed().as_secs_f64()
+            ));
+            tokio::time::sleep(Duration::from_secs(5)).await;
             assert_eq!(fleet.pids(), before, "a PCF process restarted");
             pg_ha(&["repair"]);
         },
