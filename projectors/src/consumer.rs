@@ -179,6 +179,10 @@ impl KafkaProjector {
                     offsets.commit(&consumer, &self.config.topic, CommitMode::Async);
                     continue;
                 }
+                _ = tokio::time::sleep_until(offsets.check_at()), if offsets.unconfirmed() => {
+                    offsets.confirm(&consumer).await;
+                    continue;
+                }
                 m = consumer.recv() => m,
             };
             let first = match first {
@@ -385,10 +389,19 @@ const COMMIT_EVERY: Duration = Duration::from_millis(100);
 /// The longest a stopping projector waits for its last offset commit.
 const LAST_COMMIT_WAIT: Duration = Duration::from_secs(2);
 
-/// Offsets of written batches not committed yet.
+/// How long after its last asynchronous commit a projector checks that the broker holds those
+/// offsets. An asynchronous commit that fails (a rebalance in progress: another instance
+/// joined or left) reports nowhere but the client's log; with no message after it, the
+/// partition's committed offset would stay behind what the views hold, its lag above 0 for
+/// as long as the stream is quiet, and a restart would read those messages again.
+const CONFIRM_AFTER: Duration = Duration::from_secs(1);
+
+/// Offsets of written batches not committed yet, and those committed asynchronously not yet
+/// seen on the broker.
 struct Uncommitted {
     next: BTreeMap<i32, i64>,
     committed_at: tokio::time::Instant,
+    sent: BTreeMap<i32, i64>,
 }
 
 impl Default for Uncommitted {
@@ -396,6 +409,7 @@ impl Default for Uncommitted {
         Self {
             next: BTreeMap::new(),
             committed_at: tokio::time::Instant::now(),
+            sent: BTreeMap::new(),
         }
     }
 }
@@ -420,12 +434,68 @@ impl Uncommitted {
     }
 
     fn commit(&mut self, consumer: &StreamConsumer<QuietContext>, topic: &str, mode: CommitMode) {
+        let pending = self.next.clone();
         let Some(tpl) = self.take(topic) else {
             return;
         };
-        // A failed commit only means some messages come again; the views skip them.
-        if let Err(e) = consumer.commit(&tpl, mode) {
-            tracing::warn!(error = %e, "offset commit failed");
+        // A failed commit only means some messages come again; the views skip them. An
+        // asynchronous one is checked once the stream is quiet (`confirm`).
+        match consumer.commit(&tpl, mode) {
+            Ok(()) if matches!(mode, CommitMode::Async) => self.sent.extend(pending),
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, "offset commit failed"),
+        }
+    }
+
+    /// Whether asynchronous commits wait to be checked.
+    fn unconfirmed(&self) -> bool {
+        !self.sent.is_empty()
+    }
+
+    /// When to check them: `CONFIRM_AFTER` after the last commit.
+    fn check_at(&self) -> tokio::time::Instant {
+        self.committed_at + CONFIRM_AFTER
+    }
+
+    /// Compares the offsets committed asynchronously with those the broker holds for the
+    /// partitions this consumer still owns; what the broker lacks is committed again.
+    async fn confirm(&mut self, consumer: &Arc<StreamConsumer<QuietContext>>) {
+        let sent = std::mem::take(&mut self.sent);
+        let asked = consumer.clone();
+        let stored = tokio::task::spawn_blocking(move || asked.committed(LAST_COMMIT_WAIT)).await;
+        let stored = match stored {
+            Ok(Ok(tpl)) => tpl,
+            // Unknown: the next check (after the next commit) or a restart settles it.
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "reading the committed offsets failed");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the committed offsets failed");
+                return;
+            }
+        };
+        let mut lost = Vec::new();
+        for element in stored.elements() {
+            let Some(&offset) = sent.get(&element.partition()) else {
+                continue;
+            };
+            let held = match element.offset() {
+                Offset::Offset(o) => o,
+                _ => -1,
+            };
+            if held < offset {
+                lost.push((element.partition(), offset));
+            }
+        }
+        if !lost.is_empty() {
+            tracing::info!(
+                partitions = lost.len(),
+                "committing offsets again that a commit lost"
+            );
+            self.add(&lost);
+            // Due at once: the next turn of the loop commits them.
+            self.committed_at = tokio::time::Instant::now() - COMMIT_EVERY;
         }
     }
 
