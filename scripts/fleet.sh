@@ -103,11 +103,15 @@ EOF
     export PCF_CONFIG="$FLEET_DIR/pcf.toml"
 }
 
+# pid_of NAME : the pid of a running instance, checked against its command line (whichever
+# binary started it), so a recycled pid is not taken for it.
 pid_of() {
     local file="$FLEET_DIR/$1.pid" pid
     [[ -f $file ]] || return 1
     pid=$(<"$file")
-    [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null && [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == "$PCF_BIN"* ]] || return 1
+    [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+    tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" |
+        grep -qF "serve --role $(role "$1") --listen 127.0.0.1:$(port "$1")" || return 1
     echo "$pid"
 }
 

@@ -568,10 +568,15 @@ cmd_up() {
     cmd_status
 }
 
-# Stops everything, the fleet's engines included (each stop does nothing when it is not running).
+# Stops everything, the fleet's engines included (each stop does nothing when it is not running),
+# and first the fleet of scripts/fleet.sh in its default directory, if one runs there.
 cmd_down() {
-    local all=("${SERVICES[@]}" "${HA_SERVICES[@]}") i
+    local all=("${SERVICES[@]}" "${HA_SERVICES[@]}") i fleet_dir
     [[ -n $ONLY ]] && all=("$ONLY")
+    fleet_dir="$(dirname "${BASH_SOURCE[0]}")/../target/fleet"
+    if [[ -z $ONLY ]] && compgen -G "${fleet_dir}/*.pid" >/dev/null; then
+        "$(dirname "${BASH_SOURCE[0]}")/fleet.sh" down || log "scripts/fleet.sh down failed"
+    fi
     for ((i = ${#all[@]} - 1; i >= 0; i--)); do "${all[i]}_down"; done
 }
 
