@@ -69,6 +69,13 @@ fn parse_doc(doc: Option<String>) -> Result<Option<UserView>, PortError> {
         .map_err(|e| PortError::Internal(format!("user document: {e}")))
 }
 
+fn earlier_layout() -> PortError {
+    PortError::Unavailable(
+        "the Redis view is in an earlier version's layout: run `pcf projections rebuild users-redis`"
+            .into(),
+    )
+}
+
 /// The Redis user view.
 #[derive(Clone)]
 pub struct RedisUserReader {
@@ -79,7 +86,26 @@ pub struct RedisUserReader {
     /// GETs of one slot, cheaper for Redis than a script), and reads again only when a
     /// rebuild has moved the pointer.
     generation: Arc<AtomicU64>,
+    /// Whether the view's keys are of this version's layout (`Layout`).
+    layout: Arc<std::sync::Mutex<Layout>>,
 }
+
+/// What a reader knows of the layout of the view's keys. Earlier versions kept the generation
+/// state in `<prefix>:active` and the documents under `<prefix>:g<n>:`, which this version
+/// does not read: until a rebuild writes the view in buckets (`pcf projections rebuild
+/// users-redis`), such a view answers as unavailable, so that reads fall back to the SQL view
+/// instead of finding no user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    Unknown,
+    /// Buckets (or no view at all yet): read it.
+    Current,
+    /// The earlier layout only, as seen then: looked at again after `LAYOUT_RECHECK`.
+    Earlier(std::time::Instant),
+}
+
+/// How long a reader that found the earlier layout answers unavailable before it looks again.
+const LAYOUT_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl RedisUserReader {
     /// Fail fast while Redis is down, so the replica answers instead.
@@ -97,6 +123,35 @@ impl RedisUserReader {
             conn,
             prefix: prefix.into(),
             generation: Arc::new(AtomicU64::new(1)),
+            layout: Arc::new(std::sync::Mutex::new(Layout::Unknown)),
+        }
+    }
+
+    /// Fails as unavailable while the view is only in an earlier version's layout (see
+    /// `Layout`); one look at Redis per process once it is current.
+    async fn current_layout(&self) -> Result<(), PortError> {
+        let known = *self.layout.lock().unwrap_or_else(|e| e.into_inner());
+        match known {
+            Layout::Current => return Ok(()),
+            Layout::Earlier(at) if at.elapsed() < LAYOUT_RECHECK => return Err(earlier_layout()),
+            _ => {}
+        }
+        let mut conn = self.conn.clone();
+        let (buckets, earlier): (bool, bool) = redis::pipe()
+            .exists(redis_active_key(&self.prefix, 0))
+            .exists(format!("{}:active", self.prefix))
+            .query_async(&mut conn)
+            .await
+            .map_err(pcf_adapters::redis::port_error)?;
+        let layout = if earlier && !buckets {
+            Layout::Earlier(std::time::Instant::now())
+        } else {
+            Layout::Current
+        };
+        *self.layout.lock().unwrap_or_else(|e| e.into_inner()) = layout;
+        match layout {
+            Layout::Current => Ok(()),
+            _ => Err(earlier_layout()),
         }
     }
 
@@ -142,6 +197,7 @@ impl RedisUserReader {
 impl UserReader for RedisUserReader {
     #[tracing::instrument(level = "debug", name = "redis.read", skip_all)]
     async fn user(&self, id: Uuid) -> Result<Option<UserView>, PortError> {
+        self.current_layout().await?;
         let mut conn = self.conn.clone();
         let assumed = self.generation.load(Ordering::Relaxed);
         let (active, doc): (Option<u64>, Option<String>) = redis::pipe()
@@ -169,6 +225,7 @@ impl UserReader for RedisUserReader {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
+        self.current_layout().await?;
         let docs = if self.conn.is_cluster() {
             let mut by_bucket: BTreeMap<u32, Vec<Uuid>> = BTreeMap::new();
             for id in ids {
@@ -202,6 +259,7 @@ impl UserReader for RedisUserReader {
     /// round trip on one server; two on a cluster (the entry's bucket, then the user's).
     #[tracing::instrument(level = "debug", name = "redis.read", skip_all)]
     async fn user_by_email(&self, email: &Email) -> Result<Option<UserView>, PortError> {
+        self.current_layout().await?;
         let bucket = email_bucket(email.as_str());
         let active_key = redis_active_key(&self.prefix, bucket);
         let tag = redis_bucket_tag(&self.prefix, bucket);

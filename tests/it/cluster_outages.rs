@@ -18,6 +18,87 @@ on_cluster! {
     a_process_started_while_redis_is_down_serves_from_the_replica_then_uses_redis_once_up:
         create => redis_down_at_start,
     reads_skip_a_read_replica_that_is_down_and_readiness_names_it: create => replica_down,
+    a_redis_view_in_an_earlier_layout_is_read_from_the_sql_view_until_rebuilt:
+        create => earlier_layout,
+}
+
+/// A Redis view an earlier version wrote (its generation state in `<prefix>:active`, no
+/// buckets) is not read: reads fall back to the SQL view, never answering "no such user",
+/// until a rebuild writes the view in buckets; then Redis answers again.
+async fn earlier_layout(c: &mut Cluster) {
+    let writer = c.start_default(&ALL_ROLES).await;
+    let tag = c.tag().to_owned();
+    let id = create_user(&writer.router, &format!("old@{tag}.example.com"), "Old").await;
+    wait_for_replica_row(c, id).await;
+    let redis = c.redis_view(&shared_redis_url()).await;
+    wait_until(CONVERGE, "the user in the Redis view", || async {
+        match redis_user(&redis, id).await {
+            Ok(Some(_)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let client = redis::Client::open(shared_redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // What an earlier version leaves: its state key, and none of the buckets'.
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}:active", c.redis_prefix))
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // A document this version would read, made to differ from the SQL view's row.
+    let key = pcf_domain::read_model::redis_user_key(&c.redis_prefix, 1, id);
+    let doc: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let tampered = doc.replace("\"Old\"", "\"Not from SQL\"");
+    assert_ne!(doc, tampered);
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(&tampered)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let reader = c.start(&c.config(), &[pcf::app::Role::Api]).await;
+    assert_eq!(user(&reader.router, id, None).await["displayName"], "Old");
+
+    // A rebuild writes the buckets' state; the reader looks again within 5 s and reads Redis.
+    let log = writer.log();
+    let views: std::sync::Arc<dyn pcf_projectors::ViewStore> =
+        std::sync::Arc::new(redis.views.clone());
+    let projection = pcf_projectors::Projection::new(views, log).with_opener(c.keys());
+    let options = pcf_projectors::RebuildOptions {
+        batch_size: 100,
+        linger: Duration::from_millis(100),
+    };
+    let rebuilt = projection
+        .rebuild(&options, &|_| {})
+        .await
+        .expect("the rebuild");
+    let generation = rebuilt.generations[0];
+    let key = pcf_domain::read_model::redis_user_key(&c.redis_prefix, generation, id);
+    let doc: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(doc.replace("\"Old\"", "\"From Redis\""))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    wait_until(CONVERGE, "reads from the rebuilt Redis view", || async {
+        match user(&reader.router, id, None).await["displayName"].as_str() {
+            Some("From Redis") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
 }
 
 /// Two read replicas, one of them down (nothing listens): point reads and lists, taken by
