@@ -136,14 +136,20 @@ impl RedisUserReader {
             Layout::Earlier(at) if at.elapsed() < LAYOUT_RECHECK => return Err(earlier_layout()),
             _ => {}
         }
-        let mut conn = self.conn.clone();
-        let (buckets, earlier): (bool, bool) = redis::pipe()
-            .exists(redis_active_key(&self.prefix, 0))
-            .exists(format!("{}:active", self.prefix))
-            .query_async(&mut conn)
-            .await
-            .map_err(pcf_adapters::redis::port_error)?;
-        let layout = if earlier && !buckets {
+        // Two commands, not a pipeline: the keys lie in different slots of a cluster.
+        let exists = |key: String| {
+            let mut conn = self.conn.clone();
+            async move {
+                redis::cmd("EXISTS")
+                    .arg(key)
+                    .query_async::<bool>(&mut conn)
+                    .await
+                    .map_err(pcf_adapters::redis::port_error)
+            }
+        };
+        let buckets = exists(redis_active_key(&self.prefix, 0)).await?;
+        let earlier = !buckets && exists(format!("{}:active", self.prefix)).await?;
+        let layout = if earlier {
             Layout::Earlier(std::time::Instant::now())
         } else {
             Layout::Current
