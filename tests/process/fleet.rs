@@ -299,6 +299,90 @@ impl Drop for Fleet {
             );
             let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
             std::mem::forget(kept);
+            return;
+        }
+        self.clean_up();
+    }
+}
+
+impl Fleet {
+    /// Removes what the fleet made on the engines: its database (on whichever host is the
+    /// primary: libpq follows `target_session_attrs`), its topics, its Redis keys.
+    fn clean_up(&self) {
+        let env = |key: &str| {
+            self.env
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        let admin = format!(
+            "{}?target_session_attrs=read-write",
+            with_database(&self.engines.database, "postgres")
+        );
+        let _ = Command::new("psql")
+            .args([
+                &admin,
+                "-qc",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db),
+            ])
+            .output();
+        let topic = env("PCF_KAFKA_TOPIC");
+        let _ = Command::new(repo().join("scripts/kafka-topics.sh"))
+            .args([
+                "--bootstrap-server",
+                &self.engines.brokers,
+                "--delete",
+                "--topic",
+            ])
+            .arg(format!("{topic}|{topic}.dlq"))
+            .output();
+        // Every primary of a cluster is scanned; the keys go to `redis-cli -c`'s input, one
+        // UNLINK a line (it follows each to its slot's node).
+        let prefix = env("PCF_REDIS_PREFIX");
+        let first = self
+            .engines
+            .redis
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let mut nodes = vec![first.clone()];
+        if self.engines.redis.contains(',') {
+            if let Ok(out) = Command::new("redis-cli")
+                .args(["-u", &first, "cluster", "nodes"])
+                .output()
+            {
+                nodes = String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| l.contains("master"))
+                    .filter_map(|l| l.split(' ').nth(1)?.split('@').next())
+                    .map(|addr| format!("redis://{addr}"))
+                    .collect();
+            }
+        }
+        let mut unlink = String::new();
+        for node in &nodes {
+            if let Ok(out) = Command::new("redis-cli")
+                .args(["-u", node, "--scan", "--pattern", &format!("*{prefix}*")])
+                .output()
+            {
+                for key in String::from_utf8_lossy(&out.stdout).lines() {
+                    unlink.push_str(&format!("UNLINK \"{key}\"\n"));
+                }
+            }
+        }
+        if let Ok(mut child) = Command::new("redis-cli")
+            .args(["-c", "-u", &first])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+        {
+            use std::io::Write;
+            if let Some(mut input) = child.stdin.take() {
+                let _ = input.write_all(unlink.as_bytes());
+            }
+            let _ = child.wait();
         }
     }
 }
