@@ -223,6 +223,23 @@ impl RedisConnection {
         Ok(parse_primaries(&text))
     }
 
+    /// The keys matching `pattern`, a page of `SCAN` at a time (`KeyScan::page`), on each
+    /// primary of a cluster (the one server otherwise).
+    pub async fn scan(&self, pattern: &str) -> RedisResult<KeyScan<'_>> {
+        let nodes: Vec<Option<(String, u16)>> = if self.is_cluster() {
+            self.primaries().await?.into_iter().map(Some).collect()
+        } else {
+            vec![None]
+        };
+        Ok(KeyScan {
+            conn: self,
+            pattern: pattern.to_owned(),
+            nodes,
+            node: 0,
+            cursor: 0,
+        })
+    }
+
     /// Runs `cmd` on the node at `host:port` (a cluster's); on the one server otherwise.
     pub async fn on_node<T: redis::FromRedisValue>(
         &self,
@@ -244,6 +261,38 @@ impl RedisConnection {
             }
             _ => cmd.query_async(&mut self.clone()).await,
         }
+    }
+}
+
+/// A `SCAN` of every primary, page by page (`RedisConnection::scan`).
+pub struct KeyScan<'a> {
+    conn: &'a RedisConnection,
+    pattern: String,
+    nodes: Vec<Option<(String, u16)>>,
+    node: usize,
+    cursor: u64,
+}
+
+impl KeyScan<'_> {
+    /// The next page of keys (never empty); `None` once every node is scanned.
+    pub async fn page(&mut self) -> RedisResult<Option<Vec<String>>> {
+        while let Some(node) = self.nodes.get(self.node) {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(self.cursor)
+                .arg("MATCH")
+                .arg(&self.pattern)
+                .arg("COUNT")
+                .arg(1000);
+            let (next, keys): (u64, Vec<String>) = self.conn.on_node(node.as_ref(), &scan).await?;
+            if next == 0 {
+                self.node += 1;
+            }
+            self.cursor = next;
+            if !keys.is_empty() {
+                return Ok(Some(keys));
+            }
+        }
+        Ok(None)
     }
 }
 

@@ -327,36 +327,12 @@ async fn clear_marks(
 /// cluster (on the one server otherwise); `UNLINK`: Redis frees the values in the
 /// background (on a cluster the client splits it by slot).
 pub async fn delete_matching(conn: &RedisConnection, pattern: &str) -> redis::RedisResult<()> {
-    let nodes: Vec<Option<(String, u16)>> = if conn.is_cluster() {
-        conn.primaries().await?.into_iter().map(Some).collect()
-    } else {
-        vec![None]
-    };
-    for node in &nodes {
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = conn
-                .on_node(
-                    node.as_ref(),
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(1000),
-                )
-                .await?;
-            if !keys.is_empty() {
-                let _: redis::Value = redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async(&mut conn.clone())
-                    .await?;
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+    let mut scan = conn.scan(pattern).await?;
+    while let Some(keys) = scan.page().await? {
+        let _: redis::Value = redis::cmd("UNLINK")
+            .arg(&keys)
+            .query_async(&mut conn.clone())
+            .await?;
     }
     Ok(())
 }

@@ -351,19 +351,7 @@ impl Cluster {
         let sql = self.sql_view().await;
         compare_views("SQL view", &expected, &sql, true)?;
         if let Some(redis) = redis {
-            let docs = redis_docs(redis).await?;
-            compare_views("Redis view", &expected, &docs.users, false)?;
-            let live: BTreeMap<String, Uuid> = expected
-                .values()
-                .filter(|v| !v.deleted)
-                .map(|v| (v.email.clone(), v.id))
-                .collect();
-            if docs.emails != live {
-                return Err(format!(
-                    "Redis email index {:?} != live users' emails {live:?}",
-                    docs.emails
-                ));
-            }
+            compare_redis_view("Redis view", &expected, redis).await?;
         }
         Ok(())
     }
@@ -524,38 +512,10 @@ pub async fn scan_all(
     conn: &pcf_adapters::redis::RedisConnection,
     pattern: &str,
 ) -> Result<Vec<String>, String> {
-    let nodes: Vec<Option<(String, u16)>> = if conn.is_cluster() {
-        conn.primaries()
-            .await
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(Some)
-            .collect()
-    } else {
-        vec![None]
-    };
     let mut keys = Vec::new();
-    for node in &nodes {
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, page): (u64, Vec<String>) = conn
-                .on_node(
-                    node.as_ref(),
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(1000),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            keys.extend(page);
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+    let mut scan = conn.scan(pattern).await.map_err(|e| e.to_string())?;
+    while let Some(page) = scan.page().await.map_err(|e| e.to_string())? {
+        keys.extend(page);
     }
     Ok(keys)
 }
@@ -586,6 +546,29 @@ fn at_micros(mut v: UserView) -> UserView {
 }
 
 /// Compares a view with the expected one, user by user.
+/// The Redis view `redis` against the fold `expected`: its documents, and its email index as
+/// readers see it, which must name exactly the live users' emails.
+pub async fn compare_redis_view(
+    label: &str,
+    expected: &BTreeMap<Uuid, UserView>,
+    redis: &RedisView,
+) -> Result<(), String> {
+    let docs = redis_docs(redis).await?;
+    compare_views(label, expected, &docs.users, false)?;
+    let live: BTreeMap<String, Uuid> = expected
+        .values()
+        .filter(|v| !v.deleted)
+        .map(|v| (v.email.clone(), v.id))
+        .collect();
+    if docs.emails != live {
+        return Err(format!(
+            "{label}: email index {:?} != live users' emails {live:?}",
+            docs.emails
+        ));
+    }
+    Ok(())
+}
+
 pub fn compare_views(
     what: &str,
     expected: &BTreeMap<Uuid, UserView>,
