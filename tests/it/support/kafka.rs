@@ -167,9 +167,29 @@ impl TopicTail {
             .set("auto.offset.reset", "earliest")
             .create()
             .expect("a Kafka consumer");
-        let partitions = wait_until(Duration::from_secs(30), "the topic's metadata", || async {
+        let partitions = Self::partitions(brokers, topic).await;
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .expect("a partition offset");
+        }
+        consumer.assign(&tpl).expect("assigning the partitions");
+        Self {
+            consumer,
+            topic: topic.to_owned(),
+            records: Vec::new(),
+        }
+    }
+
+    /// The partitions of `topic`, once its metadata names some.
+    pub async fn partitions(brokers: &str, topic: &str) -> Vec<i32> {
+        let client: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .expect("a Kafka client");
+        wait_until(Duration::from_secs(30), "the topic's metadata", || async {
             let metadata = tokio::task::block_in_place(|| {
-                consumer
+                client
                     .fetch_metadata(Some(topic), Duration::from_secs(2))
                     .map_err(|e| e.to_string())
             })?;
@@ -185,18 +205,7 @@ impl TopicTail {
                 Ok(partitions)
             }
         })
-        .await;
-        let mut tpl = TopicPartitionList::new();
-        for p in partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .expect("a partition offset");
-        }
-        consumer.assign(&tpl).expect("assigning the partitions");
-        Self {
-            consumer,
-            topic: topic.to_owned(),
-            records: Vec::new(),
-        }
+        .await
     }
 
     /// Reads until `done(records)` holds; panics after `timeout`.
@@ -241,6 +250,64 @@ impl TopicTail {
     /// The envelopes read so far, in the order read.
     pub fn envelopes(&self) -> Vec<EventEnvelope> {
         self.records.iter().filter_map(Record::envelope).collect()
+    }
+}
+
+/// Where each partition of `topic` stands: leader, in-sync replicas, low and high
+/// watermarks (what a consumer can read ends at the high one).
+pub fn partition_report(brokers: &str, topic: &str) -> String {
+    let consumer: rdkafka::consumer::BaseConsumer = match ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+    {
+        Ok(c) => c,
+        Err(e) => return format!("no client: {e}"),
+    };
+    let timeout = Duration::from_secs(5);
+    let metadata =
+        match tokio::task::block_in_place(|| consumer.fetch_metadata(Some(topic), timeout)) {
+            Ok(m) => m,
+            Err(e) => return format!("no metadata: {e}"),
+        };
+    let mut lines = Vec::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            let marks =
+                tokio::task::block_in_place(|| consumer.fetch_watermarks(topic, p.id(), timeout));
+            lines.push(format!(
+                "partition {}: leader {}, isr {:?}, error {:?}, watermarks {marks:?}",
+                p.id(),
+                p.leader(),
+                p.isr(),
+                p.error()
+            ));
+        }
+    }
+    lines.join("; ")
+}
+
+/// The key of the messages `nudge_partitions` writes.
+pub const NUDGE_KEY: &str = "pcf-test-nudge";
+
+/// Writes one message that is no event (keyed `NUDGE_KEY`) into every partition of `topic`.
+/// A broker that crashed takes its partitions' high watermarks from a checkpoint it writes
+/// every few seconds, so what was acknowledged after it can stay out of consumers' sight
+/// until the partition's next write moves the watermark to the log's end (live traffic
+/// does that).
+pub async fn nudge_partitions(brokers: &str, topic: &str) {
+    let partitions = TopicTail::partitions(brokers, topic).await;
+    let producer = producer(brokers);
+    for p in partitions {
+        let record = rdkafka::producer::FutureRecord::to(topic)
+            .partition(p)
+            .key(NUDGE_KEY)
+            .payload("nudge");
+        if let Err((e, _)) = producer.send(record, Duration::from_secs(30)).await {
+            panic!(
+                "writing into partition {p} of {topic}: {e}; {}",
+                partition_report(brokers, topic)
+            );
+        }
     }
 }
 
