@@ -375,6 +375,7 @@ pub(crate) async fn open_events(
 
 /// The user projection over one view store, reading the log where the stream has a gap and
 /// opening events' personal data with its opener.
+#[derive(Clone)]
 pub struct Projection {
     store: Arc<dyn ViewStore>,
     log: Arc<dyn EventLog>,

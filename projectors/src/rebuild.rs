@@ -1,13 +1,15 @@
 //! Blue-green rebuilds: replay the event store into a new generation beside the live one,
 //! while live projectors keep both up to date, then switch readers over atomically. The
 //! log is read with `LogPages` a page ahead as `Change`s (decoded straight into events),
-//! each page opened (one call of the opener) and folded with the projection's own fold; the embedded mode builds its in-memory views at
-//! start the same way.
+//! each page opened (one call of the opener) and folded with the projection's own fold,
+//! and each view written by a writer of its own, up to two pages behind the fold. The
+//! embedded mode builds its in-memory views at start the same way.
 
 use pcf_adapters::keys::{Opener, PlainOnly, Unopened};
 use pcf_domain::ports::{Change, EventLog, LogPages, PortError};
 use pcf_domain::{Position, UserView};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -230,16 +232,128 @@ impl Blocked {
     }
 }
 
+/// Pages of writes a view's writer may be behind the fold (a page is at most
+/// `RebuildOptions::batch_size` events).
+const WRITES_AHEAD: usize = 2;
+
+/// What folding one page came to, for every view.
+struct Writes {
+    /// The states of the users the page changed.
+    states: Vec<UserView>,
+    /// The events of users met after the folded users were forgotten: the writer reads
+    /// their users back (and fills gaps from the log).
+    rest: Vec<Change>,
+    /// Events the page held.
+    events: u64,
+}
+
+/// A writer task per view, each writing pages in order into its new generation.
+struct Writers {
+    senders: Vec<tokio::sync::mpsc::Sender<Arc<Writes>>>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), ProjectionError>>>,
+    /// Pages each writer has written.
+    written: Vec<Arc<AtomicUsize>>,
+    /// Events of the pages sent so far, summed: `sent[n]` after the first `n + 1`.
+    sent: Vec<u64>,
+}
+
+impl Writers {
+    fn start(builds: &[(&Projection, u64, u64)]) -> Self {
+        let mut writers = Self {
+            senders: Vec::new(),
+            tasks: Vec::new(),
+            written: Vec::new(),
+            sent: Vec::new(),
+        };
+        for (projection, _, generation) in builds {
+            let (sender, mut pages) = tokio::sync::mpsc::channel::<Arc<Writes>>(WRITES_AHEAD);
+            let (projection, generation) = ((*projection).clone(), *generation);
+            let written = Arc::new(AtomicUsize::new(0));
+            let counted = written.clone();
+            writers.tasks.push(tokio::spawn(async move {
+                while let Some(page) = pages.recv().await {
+                    // Writes are guarded by version, so writing a page again is harmless.
+                    patiently(projection.name(), || {
+                        projection.write_states(generation, &page.states)
+                    })
+                    .await?;
+                    if !page.rest.is_empty() {
+                        patiently(projection.name(), || {
+                            projection.apply_scoped(Scope::Generation(generation), &page.rest, &[])
+                        })
+                        .await?;
+                    }
+                    counted.fetch_add(1, Ordering::Release);
+                }
+                Ok(())
+            }));
+            writers.senders.push(sender);
+            writers.written.push(written);
+        }
+        writers
+    }
+
+    /// Hands a page to every writer, waiting while one is `WRITES_AHEAD` behind; false
+    /// when a writer has stopped (it failed).
+    async fn send(&mut self, writes: Writes) -> bool {
+        let before = self.sent.last().copied().unwrap_or(0);
+        self.sent.push(before + writes.events);
+        let writes = Arc::new(writes);
+        for sender in &self.senders {
+            if sender.send(writes.clone()).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Events of the pages every view has written.
+    fn applied(&self) -> u64 {
+        let pages = self
+            .written
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(self.sent.len());
+        pages.checked_sub(1).map_or(0, |last| self.sent[last])
+    }
+
+    /// Waits for every writer to write what it was sent; the events written, or the
+    /// first writer's error.
+    async fn finish(mut self) -> Result<u64, ProjectionError> {
+        self.senders.clear();
+        let mut outcome = Ok(());
+        for task in self.tasks.drain(..) {
+            let result = task.await.unwrap_or_else(|e| {
+                Err(ProjectionError::View(PortError::Internal(format!(
+                    "a view's writer failed: {e}"
+                ))))
+            });
+            if outcome.is_ok() {
+                outcome = result;
+            }
+        }
+        outcome.map(|()| self.sent.last().copied().unwrap_or(0))
+    }
+
+    /// Stops every writer where it is.
+    fn abort(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
 /// The rebuild of `projections` from one reading of `log`.
 ///
 /// Live projectors write both generations from the moment a build begins: `begin` and
 /// their writes are a handshake (`Scope::Live`), so an event is either in the log when this
 /// reads it, or written to the new generation by a live projector (or both: every write is
 /// guarded by version). No pause is needed for them to notice.
-// About 130 lines on purpose: begin, the read-ahead of pages, one fold per page for every
-// view, the writes, the switch and the linger are the rebuild's steps in order, sharing the
-// pages in flight; split, the read-ahead's channel and the views' state would be passed
-// through every part.
+// About 120 lines on purpose: begin, the read-ahead of pages, one fold per page for every
+// view, the hand-over to the views' writers, the switch and the linger are the rebuild's
+// steps in order, sharing the pages in flight; split, the read-ahead's channels and the
+// folded state would be passed through every part.
 async fn rebuild_projections(
     projections: &[Projection],
     log: Arc<dyn EventLog>,
@@ -286,8 +400,10 @@ async fn rebuild_projections(
         }
         Ok::<_, ProjectionError>(())
     });
+    // Each view has a writer of its own, up to `WRITES_AHEAD` pages behind the fold: one
+    // view's writes, the other's and the folding of the next page overlap.
+    let mut writers = Writers::start(&builds);
     let mut blocked = Blocked::default();
-    let mut applied = 0u64;
     // Users folded from the log so far, from their first event: each page is folded once
     // here and the users it changed are written to every view. Bounded: when full it is
     // forgotten, and a user met again after that goes through the projection's own event
@@ -295,45 +411,46 @@ async fn rebuild_projections(
     let mut folded: HashMap<Uuid, UserView> = HashMap::new();
     while let Some(page) = next_page.recv().await {
         let applicable = blocked.sift(&page);
-        let run = fold_run(&mut folded, &applicable)?;
-        let states: Vec<UserView> = run
-            .changed
-            .iter()
-            .filter_map(|id| folded.get(id).cloned())
-            .collect();
-        // Each view's writes are guarded by version, so writing a page again is harmless.
-        let writes = builds.iter().map(|(projection, _, generation)| {
-            patiently(projection.name(), || {
-                projection.write_states(*generation, &states)
-            })
-        });
-        for result in futures::future::join_all(writes).await {
-            result?;
-        }
-        if !run.rest.is_empty() {
-            // Rare: users met after the folded users were forgotten.
-            // Their users are read back, and gaps filled from the log.
-            let writes = builds.iter().map(|(projection, _, generation)| {
-                patiently(projection.name(), || {
-                    projection.apply_scoped(Scope::Generation(*generation), &run.rest, &[])
-                })
-            });
-            for result in futures::future::join_all(writes).await {
-                result?;
+        let run = match fold_run(&mut folded, &applicable) {
+            Ok(run) => run,
+            Err(e) => {
+                writers.abort();
+                return Err(e);
             }
-        }
+        };
+        let writes = Writes {
+            states: run
+                .changed
+                .iter()
+                .filter_map(|id| folded.get(id).cloned())
+                .collect(),
+            // Rare: users met after the folded users were forgotten.
+            rest: run.rest.iter().map(|c| (**c).clone()).collect(),
+            events: page.events.len() as u64,
+        };
         if folded.len() > MAX_FOLDED_USERS {
             folded.clear();
         }
-        applied += page.events.len() as u64;
+        if !writers.send(writes).await {
+            // A writer failed: its error is the rebuild's.
+            break;
+        }
         progress(Progress {
-            applied,
+            applied: writers.applied(),
             total,
             elapsed: started.elapsed(),
             switched: false,
             set_aside: blocked.set_aside.len() as u64,
         });
     }
+    let applied = writers.finish().await?;
+    progress(Progress {
+        applied,
+        total,
+        elapsed: started.elapsed(),
+        switched: false,
+        set_aside: blocked.set_aside.len() as u64,
+    });
     let task_failed = |e: tokio::task::JoinError| {
         ProjectionError::Log(PortError::Internal(format!("the log reader failed: {e}")))
     };
@@ -433,9 +550,18 @@ mod tests {
             assert_eq!((view.version, view.display_name.as_str()), (5, "v5"));
         }
         let seen = seen.into_inner().unwrap();
+        // A report a page: what every view has written, whole pages of 4, the last of 3;
+        // then all of it, before and after the switch.
         let applied: Vec<u64> = seen.iter().map(|p| p.applied).collect();
-        assert_eq!(applied, [4, 8, 12, 15, 15]);
-        assert!(seen.last().unwrap().switched);
+        assert_eq!(applied.len(), 6, "{applied:?}");
+        assert!(applied.is_sorted(), "{applied:?}");
+        assert!(
+            applied.iter().all(|a| a % 4 == 0 || *a == 15),
+            "{applied:?}"
+        );
+        assert_eq!(applied[4..], [15, 15]);
+        let switched: Vec<bool> = seen.iter().map(|p| p.switched).collect();
+        assert_eq!(switched, [false, false, false, false, false, true]);
         // The old generation is gone; the next rebuild takes the next number.
         let mut old = views.open(Scope::Generation(1)).await.unwrap();
         assert!(old.load(1, &users).await.unwrap().is_empty());
