@@ -2,13 +2,14 @@
 //! while live projectors keep both up to date, then switch readers over atomically. The
 //! log is read with `LogPages` a page ahead as `Change`s (decoded straight into events),
 //! each page opened (one call of the opener) and folded with the projection's own fold,
-//! and each view written by a writer of its own, up to two pages behind the fold. The
+//! and each view written by a writer of its own, up to two windows of pages behind the
+//! fold, each user's state once a window. The
 //! embedded mode builds its in-memory views at start the same way.
 
 use pcf_adapters::keys::{Opener, PlainOnly, Unopened};
 use pcf_domain::ports::{Change, EventLog, LogPages, PortError};
 use pcf_domain::{Position, UserView};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -232,28 +233,75 @@ impl Blocked {
     }
 }
 
-/// Pages of writes a view's writer may be behind the fold (a page is at most
-/// `RebuildOptions::batch_size` events).
+/// Windows of writes a view's writer may be behind the fold.
 const WRITES_AHEAD: usize = 2;
 
-/// What folding one page came to, for every view.
+/// What folding a window of pages came to, for every view.
 struct Writes {
     /// The states of the users the page changed.
     states: Vec<UserView>,
     /// The events of users met after the folded users were forgotten: the writer reads
     /// their users back (and fills gaps from the log).
     rest: Vec<Change>,
-    /// Events the page held.
+    /// Events the window's pages held.
     events: u64,
 }
 
-/// A writer task per view, each writing pages in order into its new generation.
+/// Pages of events a window spans at most, and users it holds at most.
+const WINDOW_PAGES: u64 = 10;
+const WINDOW_USERS: usize = 50_000;
+
+/// The users changed since the last hand-over to the writers, each once, in the order of
+/// their first change; and the events read meanwhile.
+#[derive(Default)]
+struct Window {
+    changed: Vec<Uuid>,
+    seen: HashSet<Uuid>,
+    events: u64,
+}
+
+impl Window {
+    fn add(&mut self, changed: &[Uuid], events: u64) {
+        for id in changed {
+            if self.seen.insert(*id) {
+                self.changed.push(*id);
+            }
+        }
+        self.events += events;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.events == 0
+    }
+
+    fn is_full(&self, batch_size: usize) -> bool {
+        self.events >= WINDOW_PAGES * batch_size.max(1) as u64 || self.changed.len() >= WINDOW_USERS
+    }
+
+    /// The window's writes: its users' states as folded now, and `rest`; the window is
+    /// empty after.
+    fn take(&mut self, folded: &HashMap<Uuid, UserView>, rest: Vec<Change>) -> Writes {
+        let writes = Writes {
+            states: self
+                .changed
+                .iter()
+                .filter_map(|id| folded.get(id).cloned())
+                .collect(),
+            rest,
+            events: self.events,
+        };
+        *self = Self::default();
+        writes
+    }
+}
+
+/// A writer task per view, each writing windows in order into its new generation.
 struct Writers {
     senders: Vec<tokio::sync::mpsc::Sender<Arc<Writes>>>,
     tasks: Vec<tokio::task::JoinHandle<Result<(), ProjectionError>>>,
-    /// Pages each writer has written.
+    /// Windows each writer has written.
     written: Vec<Arc<AtomicUsize>>,
-    /// Events of the pages sent so far, summed: `sent[n]` after the first `n + 1`.
+    /// Events of the windows sent so far, summed: `sent[n]` after the first `n + 1`.
     sent: Vec<u64>,
 }
 
@@ -293,7 +341,7 @@ impl Writers {
         writers
     }
 
-    /// Hands a page to every writer, waiting while one is `WRITES_AHEAD` behind; false
+    /// Hands a window to every writer, waiting while one is `WRITES_AHEAD` behind; false
     /// when a writer has stopped (it failed).
     async fn send(&mut self, writes: Writes) -> bool {
         let before = self.sent.last().copied().unwrap_or(0);
@@ -307,7 +355,7 @@ impl Writers {
         true
     }
 
-    /// Events of the pages every view has written.
+    /// Events of the windows every view has written.
     fn applied(&self) -> u64 {
         let pages = self
             .written
@@ -400,7 +448,7 @@ async fn rebuild_projections(
         }
         Ok::<_, ProjectionError>(())
     });
-    // Each view has a writer of its own, up to `WRITES_AHEAD` pages behind the fold: one
+    // Each view has a writer of its own, up to `WRITES_AHEAD` windows behind the fold: one
     // view's writes, the other's and the folding of the next page overlap.
     let mut writers = Writers::start(&builds);
     let mut blocked = Blocked::default();
@@ -409,6 +457,10 @@ async fn rebuild_projections(
     // forgotten, and a user met again after that goes through the projection's own event
     // path (which reads the user back, or fills from the log).
     let mut folded: HashMap<Uuid, UserView> = HashMap::new();
+    // Users changed since the views were last handed states, and the events read since.
+    // Nothing reads a generation before the switch, so a user's state is written once per
+    // window, however often the window's pages change it.
+    let mut window = Window::default();
     while let Some(page) = next_page.recv().await {
         let applicable = blocked.sift(&page);
         let run = match fold_run(&mut folded, &applicable) {
@@ -418,22 +470,17 @@ async fn rebuild_projections(
                 return Err(e);
             }
         };
-        let writes = Writes {
-            states: run
-                .changed
-                .iter()
-                .filter_map(|id| folded.get(id).cloned())
-                .collect(),
-            // Rare: users met after the folded users were forgotten.
-            rest: run.rest.iter().map(|c| (**c).clone()).collect(),
-            events: page.events.len() as u64,
-        };
-        if folded.len() > MAX_FOLDED_USERS {
-            folded.clear();
-        }
-        if !writers.send(writes).await {
+        window.add(&run.changed, page.events.len() as u64);
+        // Rare: users met after the folded users were forgotten.
+        let rest: Vec<Change> = run.rest.iter().map(|c| (**c).clone()).collect();
+        let forget = folded.len() > MAX_FOLDED_USERS;
+        let due = forget || !rest.is_empty() || window.is_full(options.batch_size);
+        if due && !writers.send(window.take(&folded, rest)).await {
             // A writer failed: its error is the rebuild's.
             break;
+        }
+        if forget {
+            folded.clear();
         }
         progress(Progress {
             applied: writers.applied(),
@@ -442,6 +489,9 @@ async fn rebuild_projections(
             switched: false,
             set_aside: blocked.set_aside.len() as u64,
         });
+    }
+    if !window.is_empty() {
+        writers.send(window.take(&folded, Vec::new())).await;
     }
     let applied = writers.finish().await?;
     progress(Progress {
@@ -569,6 +619,30 @@ mod tests {
         let again = projection.rebuild(&options(100), &|_| {}).await.unwrap();
         assert_eq!(again.generations, [3]);
         assert_eq!(views.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_user_changed_in_many_pages_of_a_window_is_written_once_a_window() {
+        let users = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
+        // 75 events in 19 pages of 4, every page changing every user: windows of 10 pages.
+        let log = Arc::new(MemoryLog::of(interleaved(&users, 25)));
+        let views = Arc::new(InterferingViews::failing_to_open(0));
+        let projection = Projection::new(views.clone(), log.clone());
+        let seen = Mutex::new(Vec::new());
+        let rebuilt = projection
+            .rebuild(&options(4), &|p| seen.lock().unwrap().push(p.applied))
+            .await
+            .unwrap();
+        assert_eq!(rebuilt.applied, 75);
+        // A batch committed a window: two windows, not 19 pages.
+        assert_eq!(views.checkpoints.lock().unwrap().len(), 2);
+        for user in users {
+            let view = views.views.user(user).await.unwrap().unwrap();
+            assert_eq!((view.version, view.display_name.as_str()), (25, "v25"));
+        }
+        let seen = seen.into_inner().unwrap();
+        assert!(seen.iter().all(|a| [0, 40, 75].contains(a)), "{seen:?}");
+        assert_eq!(seen.last(), Some(&75));
     }
 
     #[tokio::test]
