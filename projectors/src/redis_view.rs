@@ -82,22 +82,15 @@ return outcomes
 /// Users per call of `REPLACE`: a call holds Redis for its whole length (about 5 µs a user).
 const USERS_PER_CALL: usize = 200;
 
-/// Writes the documents of users that have none yet (`SET NX`), with their email entries:
-/// one call for many users, KEYS[2i+1] (document) and KEYS[2i+2] (email entry, the
-/// document's key again for none, and on a cluster) with ARGV[2i+1] (document) and ARGV[2i+2] (the user's id). For
-/// each: 1 written, 0 the user has a document already (left as it is, for the guarded
-/// script to decide).
+/// Writes the documents of users that have none yet (`SET NX`), on a cluster (within one
+/// bucket): KEYS[i] a document's key, ARGV[i] the document. For each: 1 written, 0 the user
+/// has a document already (left as it is, for the guarded script to decide).
 static FILL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local outcomes = {}
-for i = 1, #KEYS, 2 do
-  local outcome = 0
-  if redis.call('SET', KEYS[i], ARGV[i], 'NX') then
-    if KEYS[i + 1] ~= KEYS[i] then redis.call('SET', KEYS[i + 1], ARGV[i + 1]) end
-    outcome = 1
-  end
-  outcomes[(i + 1) / 2] = outcome
+for i = 1, #KEYS do
+  outcomes[i] = redis.call('SET', KEYS[i], ARGV[i], 'NX') and 1 or 0
 end
 return outcomes
 "#,
@@ -385,6 +378,46 @@ fn groups(cluster: bool, buckets: impl Iterator<Item = u32>) -> Vec<(u32, Vec<us
 
 impl RedisBatch<'_> {
     /// The email entry a user's document owns (none for a tombstone).
+    /// `write_newer` on one server: plain commands in one pipeline, no script. A document
+    /// is set with its email entry only where neither exists (an entry left by another
+    /// user sends this one the guarded way), a deleted user's document where it does not.
+    async fn fill_one_server(
+        &self,
+        generation: u64,
+        states: &[UserView],
+    ) -> Result<Vec<bool>, PortError> {
+        let mut pipe = redis::pipe();
+        for state in states {
+            let doc_key = redis_user_key(&self.views.prefix, generation, state.id);
+            match self.email_key(generation, state) {
+                Some(email) => pipe
+                    .cmd("MSETNX")
+                    .arg(doc_key)
+                    .arg(document(state)?)
+                    .arg(email)
+                    .arg(state.id.to_string()),
+                None => pipe.cmd("SET").arg(doc_key).arg(document(state)?).arg("NX"),
+            };
+        }
+        let mut conn = self.views.conn.clone();
+        let answers: Vec<redis::Value> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(pcf_adapters::redis::port_error)?;
+        if answers.len() != states.len() {
+            return Err(PortError::Internal(format!(
+                "{} answers for {} users written",
+                answers.len(),
+                states.len()
+            )));
+        }
+        // MSETNX answers 1 or 0, SET NX OK or nil.
+        Ok(answers
+            .iter()
+            .map(|a| matches!(a, redis::Value::Int(1) | redis::Value::Okay))
+            .collect())
+    }
+
     fn email_key(&self, generation: u64, user: &UserView) -> Option<String> {
         (!user.deleted).then(|| redis_email_key(&self.views.prefix, generation, &user.email))
     }
@@ -502,10 +535,12 @@ impl ViewBatch for RedisBatch<'_> {
         Ok(found)
     }
 
-    /// Users without a document get theirs in one pipeline (`FILL`): a rebuild writes
-    /// mostly those. Only for batches of one generation (a rebuild's): live writes go
-    /// through the guarded script, which checks the generation state. On a cluster the
-    /// documents go first (a call per bucket), then the email entries of those written.
+    /// Users without a document get theirs in one pipeline: a rebuild writes mostly those.
+    /// Only for batches of one generation (a rebuild's): live writes go through the guarded
+    /// script, which checks the generation state. On one server a user's document and email
+    /// entry are set together where neither exists (`MSETNX`); on a cluster the documents go
+    /// first (`FILL`, a call per bucket), then the email entries of those written. Users
+    /// not written here are written the guarded way by the caller.
     #[tracing::instrument(level = "debug", name = "redis.write", skip_all, fields(generation = generation, users = states.len()))]
     async fn write_newer(
         &mut self,
@@ -515,30 +550,21 @@ impl ViewBatch for RedisBatch<'_> {
         if self.generations.opened_with().is_some() || states.is_empty() {
             return Ok(vec![false; states.len()]);
         }
-        let cluster = self.views.conn.is_cluster();
-        let groups = groups(cluster, states.iter().map(|s| user_bucket(s.id)));
+        if !self.views.conn.is_cluster() {
+            return self.fill_one_server(generation, states).await;
+        }
+        let groups = groups(true, states.iter().map(|s| user_bucket(s.id)));
         let mut pipes = Vec::with_capacity(groups.len());
         for (_, members) in &groups {
             let mut pipe = redis::pipe();
             for chunk in members.chunks(USERS_PER_CALL) {
-                let call = pipe
-                    .cmd("EVALSHA")
-                    .arg(FILL.get_hash())
-                    .arg(2 * chunk.len());
+                let call = pipe.cmd("EVALSHA").arg(FILL.get_hash()).arg(chunk.len());
+                // The email entries lie in other slots: they come after (the email step).
                 for &i in chunk {
-                    let state = &states[i];
-                    let doc_key = redis_user_key(&self.views.prefix, generation, state.id);
-                    let email = if cluster {
-                        doc_key.clone()
-                    } else {
-                        self.email_key(generation, state)
-                            .unwrap_or_else(|| doc_key.clone())
-                    };
-                    call.arg(doc_key).arg(email);
+                    call.arg(redis_user_key(&self.views.prefix, generation, states[i].id));
                 }
                 for &i in chunk {
-                    call.arg(document(&states[i])?)
-                        .arg(states[i].id.to_string());
+                    call.arg(document(&states[i])?);
                 }
             }
             pipes.push(pipe);
@@ -551,19 +577,17 @@ impl ViewBatch for RedisBatch<'_> {
                 written[i] = o == 1;
             }
         }
-        if cluster {
-            let ops = states
-                .iter()
-                .zip(&written)
-                .filter(|(s, w)| **w && !s.deleted)
-                .map(|(s, _)| EmailOp {
-                    key: redis_email_key(&self.views.prefix, generation, &s.email),
-                    op: "s",
-                    id: s.id,
-                })
-                .collect();
-            email_step(&self.views.conn, ops).await?;
-        }
+        let ops = states
+            .iter()
+            .zip(&written)
+            .filter(|(s, w)| **w && !s.deleted)
+            .map(|(s, _)| EmailOp {
+                key: redis_email_key(&self.views.prefix, generation, &s.email),
+                op: "s",
+                id: s.id,
+            })
+            .collect();
+        email_step(&self.views.conn, ops).await?;
         Ok(written)
     }
 

@@ -837,7 +837,8 @@ async fn remembered_documents(c: &mut Cluster) {
 
 /// A rebuild's writes of folded states: users without a view get theirs at once, an
 /// existing view is replaced only by a newer state (its email entry moved, a tombstone's
-/// removed), and an older state changes nothing.
+/// removed), and an older state changes nothing. A new user whose email's entry still
+/// names the user who had it before gets the entry.
 async fn states_over_existing_views(c: &mut Cluster) {
     // A node without projectors: it migrates the database, and only this test writes.
     let node = c.start_default(&[Role::Api]).await;
@@ -854,7 +855,12 @@ async fn states_over_existing_views(c: &mut Cluster) {
         version,
         deleted,
     };
-    let (a, b, d) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let (a, b, d, e) = (
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+    );
     let first = [
         state(a, "a1", 2, false),
         state(b, "b1", 3, false),
@@ -862,14 +868,19 @@ async fn states_over_existing_views(c: &mut Cluster) {
     ];
     let second = [
         state(a, "a0", 1, false),
+        state(e, "b1", 1, false),
         state(b, "b2", 5, false),
         state(d, "d1", 2, true),
     ];
-    let expected: BTreeMap<Uuid, pcf_domain::UserView> =
-        [first[0].clone(), second[1].clone(), second[2].clone()]
-            .into_iter()
-            .map(|v| (v.id, v))
-            .collect();
+    let expected: BTreeMap<Uuid, pcf_domain::UserView> = [
+        first[0].clone(),
+        second[1].clone(),
+        second[2].clone(),
+        second[3].clone(),
+    ]
+    .into_iter()
+    .map(|v| (v.id, v))
+    .collect();
     let sql: Arc<dyn ViewStore> = Arc::new(SqlUserViews::new(c.pool.clone()));
     let redis = c.redis_view(&shared_redis_url()).await;
     let redis_views: Arc<dyn ViewStore> = Arc::new(redis.views.clone());
@@ -890,6 +901,7 @@ async fn states_over_existing_views(c: &mut Cluster) {
     let emails: BTreeMap<String, Uuid> = [
         (format!("a1@{tag}.example.com"), a),
         (format!("b2@{tag}.example.com"), b),
+        (format!("b1@{tag}.example.com"), e),
     ]
     .into_iter()
     .collect();
