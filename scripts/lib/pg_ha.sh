@@ -66,6 +66,22 @@ pg_ha_start() {
     fi
 }
 
+# pg_ha_try_start NODE : pg_ha_start, failing instead of ending the script when NODE does not
+# start or answer (a standby that cannot follow the new timeline stops at once).
+pg_ha_try_start() {
+    local node=$1 port
+    port=$(pg_ha_port "$node")
+    if ! pg_running "$node"; then
+        log "starting ${PG_VERSION}/${node} on ${PG_HOST}:${port}"
+        if [[ -n $PG_HA_LOCK_FD ]]; then
+            pg_ctlcluster "$PG_VERSION" "$node" start {PG_HA_LOCK_FD}>&- || return 1
+        else
+            pg_ctlcluster "$PG_VERSION" "$node" start || return 1
+        fi
+    fi
+    TIMEOUT=30 wait_until "PostgreSQL ${PG_VERSION}/${node} on ${PG_HOST}:${port}" pg_ready "$port"
+}
+
 pg_ha_answers() { pg_ready "$(pg_ha_port "$1")" 2>/dev/null; }
 
 # pg_ha_in_recovery NODE : prints t (standby) or f (primary); fails when the node does not answer.
@@ -234,8 +250,10 @@ pg_ha_follow() {
         log "pointing ${node} at ${primary} (${PG_HOST}:${pport})"
         pg_ha_stop "$node"
         pg_ha_standby_conf "$node" "$pport"
-        pg_ha_start "$node"
-        if TIMEOUT=20 wait_until "${node} to stream from ${primary}" pg_ha_streams_from "$node" "$pport"; then
+        # An asynchronous replica may have replayed WAL the promoted standby never had: it
+        # then refuses the new timeline (and stops), and is cloned again.
+        if pg_ha_try_start "$node" &&
+            TIMEOUT=20 wait_until "${node} to stream from ${primary}" pg_ha_streams_from "$node" "$pport"; then
             return 0
         fi
         log "${node} cannot follow ${primary} (diverged or too far behind); cloning it again"
