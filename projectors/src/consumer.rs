@@ -173,6 +173,7 @@ impl KafkaProjector {
             let first = tokio::select! {
                 _ = &mut shutdown => {
                     offsets.commit_last(&consumer, &self.config.topic).await;
+                    close(consumer).await;
                     return Ok(());
                 }
                 _ = tokio::time::sleep_until(offsets.due()), if offsets.waiting() => {
@@ -208,6 +209,7 @@ impl KafkaProjector {
             let next = next_offsets(&batch);
             if !self.process(&batch, &next, &mut shutdown).await {
                 offsets.commit_last(&consumer, &self.config.topic).await;
+                close(consumer).await;
                 return Ok(());
             }
             offsets.add(&next);
@@ -389,6 +391,40 @@ const COMMIT_EVERY: Duration = Duration::from_millis(100);
 /// The longest a stopping projector waits for its last offset commit.
 const LAST_COMMIT_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a stopping projector waits for its consumer to leave the group.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs `work` on a thread of its own, outside the runtime; its result when it ends. A call
+/// that never returns (librdkafka waiting on a broker that is down) holds only that thread:
+/// neither a worker of the runtime, nor the runtime's shutdown, which waits for its
+/// blocking pool.
+fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> tokio::sync::oneshot::Receiver<T> {
+    let (done, result) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("pcf-kafka".into())
+        .spawn(move || {
+            let _ = done.send(work());
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no thread for a Kafka call; it is dropped unanswered");
+    }
+    result
+}
+
+/// Closes `consumer` (dropping the last reference leaves the consumer group, which waits
+/// for the broker), at most `CLOSE_WAIT`: a broker that is down must not hold the shutdown
+/// up; the group then notices the member gone after its session timeout.
+async fn close(consumer: Arc<StreamConsumer<QuietContext>>) {
+    let closed = off_runtime(move || drop(consumer));
+    if tokio::time::timeout(CLOSE_WAIT, closed).await.is_err() {
+        tracing::warn!(
+            "the Kafka consumer did not leave its group within {CLOSE_WAIT:?}; stopping without it"
+        );
+    }
+}
+
 /// How long after its last asynchronous commit a projector checks that the broker holds those
 /// offsets. An asynchronous commit that fails (a rebalance in progress: another instance
 /// joined or left) reports nowhere but the client's log; with no message after it, the
@@ -462,7 +498,7 @@ impl Uncommitted {
     async fn confirm(&mut self, consumer: &Arc<StreamConsumer<QuietContext>>) {
         let sent = std::mem::take(&mut self.sent);
         let asked = consumer.clone();
-        let stored = tokio::task::spawn_blocking(move || asked.committed(LAST_COMMIT_WAIT)).await;
+        let stored = off_runtime(move || asked.committed(LAST_COMMIT_WAIT)).await;
         let stored = match stored {
             Ok(Ok(tpl)) => tpl,
             // Unknown: the next check (after the next commit) or a restart settles it.
@@ -507,12 +543,11 @@ impl Uncommitted {
             return;
         };
         let consumer = consumer.clone();
-        let committed =
-            tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync));
+        let committed = off_runtime(move || consumer.commit(&tpl, CommitMode::Sync));
         match tokio::time::timeout(LAST_COMMIT_WAIT, committed).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "offset commit failed"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "offset commit failed"),
+            Ok(Err(_)) => tracing::warn!("offset commit failed: its thread ended"),
             Err(_) => tracing::warn!("offset commit unanswered; stopping without it"),
         }
     }
