@@ -498,16 +498,15 @@ impl Uncommitted {
     async fn confirm(&mut self, consumer: &Arc<StreamConsumer<QuietContext>>) {
         let sent = std::mem::take(&mut self.sent);
         let asked = consumer.clone();
-        let stored = off_runtime(move || asked.committed(LAST_COMMIT_WAIT)).await;
+        let stored = off_runtime(move || asked.committed(LAST_COMMIT_WAIT))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|read| read.map_err(|e| e.to_string()));
         let stored = match stored {
-            Ok(Ok(tpl)) => tpl,
+            Ok(tpl) => tpl,
             // Unknown: the next check (after the next commit) or a restart settles it.
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "reading the committed offsets failed");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the committed offsets failed");
+            Err(error) => {
+                tracing::warn!(%error, "reading the committed offsets failed");
                 return;
             }
         };

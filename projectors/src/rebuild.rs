@@ -3,8 +3,8 @@
 //! log is read with `LogPages` a page ahead as `Change`s (decoded straight into events),
 //! each page opened (one call of the opener) and folded with the projection's own fold,
 //! and each view written by a writer of its own, up to two windows of pages behind the
-//! fold, each user's state once a window. The
-//! embedded mode builds its in-memory views at start the same way.
+//! fold, each user's state once a window. The embedded mode builds its in-memory views at
+//! start the same way.
 
 use pcf_adapters::keys::{Opener, PlainOnly, Unopened};
 use pcf_domain::ports::{Change, EventLog, LogPages, PortError};
@@ -238,7 +238,7 @@ const WRITES_AHEAD: usize = 2;
 
 /// What folding a window of pages came to, for every view.
 struct Writes {
-    /// The states of the users the page changed.
+    /// The states of the users the window changed.
     states: Vec<UserView>,
     /// The events of users met after the folded users were forgotten: the writer reads
     /// their users back (and fills gaps from the log).
@@ -251,22 +251,17 @@ struct Writes {
 const WINDOW_PAGES: u64 = 10;
 const WINDOW_USERS: usize = 50_000;
 
-/// The users changed since the last hand-over to the writers, each once, in the order of
-/// their first change; and the events read meanwhile.
+/// The users changed since the last hand-over to the writers, and the events read
+/// meanwhile.
 #[derive(Default)]
 struct Window {
-    changed: Vec<Uuid>,
-    seen: HashSet<Uuid>,
+    changed: HashSet<Uuid>,
     events: u64,
 }
 
 impl Window {
     fn add(&mut self, changed: &[Uuid], events: u64) {
-        for id in changed {
-            if self.seen.insert(*id) {
-                self.changed.push(*id);
-            }
-        }
+        self.changed.extend(changed);
         self.events += events;
     }
 
@@ -314,20 +309,24 @@ impl Writers {
             sent: Vec::new(),
         };
         for (projection, _, generation) in builds {
-            let (sender, mut pages) = tokio::sync::mpsc::channel::<Arc<Writes>>(WRITES_AHEAD);
+            let (sender, mut windows) = tokio::sync::mpsc::channel::<Arc<Writes>>(WRITES_AHEAD);
             let (projection, generation) = ((*projection).clone(), *generation);
             let written = Arc::new(AtomicUsize::new(0));
             let counted = written.clone();
             writers.tasks.push(tokio::spawn(async move {
-                while let Some(page) = pages.recv().await {
-                    // Writes are guarded by version, so writing a page again is harmless.
+                while let Some(window) = windows.recv().await {
+                    // Writes are guarded by version, so writing a window again is harmless.
                     patiently(projection.name(), || {
-                        projection.write_states(generation, &page.states)
+                        projection.write_states(generation, &window.states)
                     })
                     .await?;
-                    if !page.rest.is_empty() {
+                    if !window.rest.is_empty() {
                         patiently(projection.name(), || {
-                            projection.apply_scoped(Scope::Generation(generation), &page.rest, &[])
+                            projection.apply_scoped(
+                                Scope::Generation(generation),
+                                &window.rest,
+                                &[],
+                            )
                         })
                         .await?;
                     }
@@ -357,13 +356,13 @@ impl Writers {
 
     /// Events of the windows every view has written.
     fn applied(&self) -> u64 {
-        let pages = self
+        let windows = self
             .written
             .iter()
             .map(|w| w.load(Ordering::Acquire))
             .min()
             .unwrap_or(self.sent.len());
-        pages.checked_sub(1).map_or(0, |last| self.sent[last])
+        windows.checked_sub(1).map_or(0, |last| self.sent[last])
     }
 
     /// Waits for every writer to write what it was sent; the events written, or the

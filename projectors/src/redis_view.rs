@@ -377,7 +377,6 @@ fn groups(cluster: bool, buckets: impl Iterator<Item = u32>) -> Vec<(u32, Vec<us
 }
 
 impl RedisBatch<'_> {
-    /// The email entry a user's document owns (none for a tombstone).
     /// `write_newer` on one server: plain commands in one pipeline, no script. A document
     /// is set with its email entry only where neither exists (an entry left by another
     /// user sends this one the guarded way), a deleted user's document where it does not.
@@ -418,6 +417,7 @@ impl RedisBatch<'_> {
             .collect())
     }
 
+    /// The email entry a user's document owns (none for a tombstone).
     fn email_key(&self, generation: u64, user: &UserView) -> Option<String> {
         (!user.deleted).then(|| redis_email_key(&self.views.prefix, generation, &user.email))
     }
