@@ -21,6 +21,14 @@ use tracing::Instrument;
 
 use crate::projection::{LiveBatch, Projection};
 
+/// How long the Kafka client postpones fetching a partition whose local queue is over its
+/// thresholds (`queued.min.messages`, 100,000 messages, or `queued.max.messages.kbytes`).
+/// The client's default, 1 s, leaves a consumer idle once it drains its queue faster than
+/// that, as a projector catching up on a backlog can: a consumer doing nothing with its
+/// messages read 400,000 a second at 80 % of the machine idle with it, 1.6 million with
+/// 10 ms. Looking again every 10 ms while the queue is full costs nothing to speak of.
+pub const FETCH_QUEUE_BACKOFF_MS: &str = "10";
+
 /// How a projector consumes.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
@@ -141,7 +149,8 @@ impl KafkaProjector {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("session.timeout.ms", "10000")
-            .set("partition.assignment.strategy", "cooperative-sticky");
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
         // A projector that gathers its batches over a while (the SQL view's 20 ms) has the
         // broker hold each fetch as long, instead of answering one as soon as any message
         // arrives: a fetch answered per produce request, for a consumer that then waits
