@@ -13,6 +13,7 @@
 
 use async_trait::async_trait;
 use futures::future::try_join_all;
+use futures::{StreamExt, TryStreamExt};
 use pcf_adapters::redis::RedisConnection;
 use pcf_domain::ports::PortError;
 use pcf_domain::read_model::{
@@ -81,6 +82,14 @@ return outcomes
 
 /// Users per call of `REPLACE`: a call holds Redis for its whole length (about 5 µs a user).
 const USERS_PER_CALL: usize = 200;
+/// Users a rebuild's fill sends to one server in one pipeline, and how many such pipelines
+/// are in flight at once. A window's fill (up to 50,000 users, tens of megabytes) as one
+/// pipeline is one request to the client, under one response timeout (500 ms by default):
+/// on a busy machine it ran out, and the whole window was written again, the guarded way.
+/// Bounded pipelines each answer within a few tens of milliseconds, and other clients'
+/// commands (live reads) are served between them.
+const FILL_USERS_PER_PIPELINE: usize = 2_000;
+const FILL_PIPELINES_IN_FLIGHT: usize = 4;
 
 /// Writes the documents of users that have none yet (`SET NX`), on a cluster (within one
 /// bucket): KEYS[i] a document's key, ARGV[i] the document. For each: 1 written, 0 the user
@@ -377,7 +386,7 @@ fn groups(cluster: bool, buckets: impl Iterator<Item = u32>) -> Vec<(u32, Vec<us
 }
 
 impl RedisBatch<'_> {
-    /// `write_newer` on one server: plain commands in one pipeline, no script. A document
+    /// `write_newer` on one server: plain commands in bounded pipelines, no script. A document
     /// is set with its email entry only where neither exists (an entry left by another
     /// user sends this one the guarded way), a deleted user's document where it does not.
     async fn fill_one_server(
@@ -385,6 +394,41 @@ impl RedisBatch<'_> {
         generation: u64,
         states: &[UserView],
     ) -> Result<Vec<bool>, PortError> {
+        let pipes = states
+            .chunks(FILL_USERS_PER_PIPELINE)
+            .map(|chunk| self.fill_pipeline(generation, chunk))
+            .collect::<Result<Vec<_>, _>>()?;
+        let conn = self.views.conn.clone();
+        let answers: Vec<Vec<redis::Value>> = futures::stream::iter(pipes)
+            .map(|pipe| {
+                let mut conn = conn.clone();
+                async move { pipe.query_async::<Vec<redis::Value>>(&mut conn).await }
+            })
+            .buffered(FILL_PIPELINES_IN_FLIGHT)
+            .try_collect()
+            .await
+            .map_err(pcf_adapters::redis::port_error)?;
+        let answers: Vec<redis::Value> = answers.into_iter().flatten().collect();
+        if answers.len() != states.len() {
+            return Err(PortError::Internal(format!(
+                "{} answers for {} users written",
+                answers.len(),
+                states.len()
+            )));
+        }
+        // MSETNX answers 1 or 0, SET NX OK or nil.
+        Ok(answers
+            .iter()
+            .map(|a| matches!(a, redis::Value::Int(1) | redis::Value::Okay))
+            .collect())
+    }
+
+    /// The fill of `states` on one server, as one pipeline.
+    fn fill_pipeline(
+        &self,
+        generation: u64,
+        states: &[UserView],
+    ) -> Result<redis::Pipeline, PortError> {
         let mut pipe = redis::pipe();
         for state in states {
             let doc_key = redis_user_key(&self.views.prefix, generation, state.id);
@@ -398,23 +442,7 @@ impl RedisBatch<'_> {
                 None => pipe.cmd("SET").arg(doc_key).arg(document(state)?).arg("NX"),
             };
         }
-        let mut conn = self.views.conn.clone();
-        let answers: Vec<redis::Value> = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(pcf_adapters::redis::port_error)?;
-        if answers.len() != states.len() {
-            return Err(PortError::Internal(format!(
-                "{} answers for {} users written",
-                answers.len(),
-                states.len()
-            )));
-        }
-        // MSETNX answers 1 or 0, SET NX OK or nil.
-        Ok(answers
-            .iter()
-            .map(|a| matches!(a, redis::Value::Int(1) | redis::Value::Okay))
-            .collect())
+        Ok(pipe)
     }
 
     /// The email entry a user's document owns (none for a tombstone).

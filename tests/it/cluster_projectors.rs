@@ -872,15 +872,20 @@ async fn states_over_existing_views(c: &mut Cluster) {
         state(b, "b2", 5, false),
         state(d, "d1", 2, true),
     ];
-    let expected: BTreeMap<Uuid, pcf_domain::UserView> = [
-        first[0].clone(),
-        second[1].clone(),
-        second[2].clone(),
-        second[3].clone(),
-    ]
-    .into_iter()
-    .map(|v| (v.id, v))
-    .collect();
+    // More users than one pipeline of a rebuild's fill carries, the last one deleted; in
+    // later pipelines, two users stored already: one folded to an older version than the
+    // view's (it stays), one to a newer (it replaces the view's, email entry and all).
+    let mut many: Vec<pcf_domain::UserView> = (0..4_500)
+        .map(|i| state(Uuid::now_v7(), &format!("m{i}"), 1, i == 4_499))
+        .collect();
+    many[2_500] = state(b, "b0", 4, false);
+    many[4_100] = state(a, "a9", 9, false);
+    let expected: BTreeMap<Uuid, pcf_domain::UserView> =
+        [second[1].clone(), second[2].clone(), second[3].clone()]
+            .into_iter()
+            .chain(many.iter().filter(|m| m.id != b).cloned())
+            .map(|v| (v.id, v))
+            .collect();
     let sql: Arc<dyn ViewStore> = Arc::new(SqlUserViews::new(c.pool.clone()));
     let redis = c.redis_view(&shared_redis_url()).await;
     let redis_views: Arc<dyn ViewStore> = Arc::new(redis.views.clone());
@@ -894,16 +899,24 @@ async fn states_over_existing_views(c: &mut Cluster) {
             .write_states(1, &second)
             .await
             .expect("the second states");
+        projection
+            .write_states(1, &many)
+            .await
+            .expect("many new users");
     }
     assert_eq!(sql_rows(&c.pool, "read_users_g1").await, expected);
     let docs = redis_docs(&redis).await.expect("the Redis view");
     assert_eq!(docs.users, expected);
     let emails: BTreeMap<String, Uuid> = [
-        (format!("a1@{tag}.example.com"), a),
         (format!("b2@{tag}.example.com"), b),
         (format!("b1@{tag}.example.com"), e),
     ]
     .into_iter()
+    .chain(
+        many.iter()
+            .filter(|m| !m.deleted && m.id != b)
+            .map(|m| (m.email.clone(), m.id)),
+    )
     .collect();
     assert_eq!(docs.emails, emails);
 }
