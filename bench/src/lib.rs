@@ -47,7 +47,8 @@ pub struct ScenarioResult {
     /// The figure the target applies to.
     pub ratio: f64,
     pub target: String,
-    pub met: bool,
+    /// Whether the target is met; none for a row that only gives context (no target).
+    pub met: Option<bool>,
 }
 
 /// Runs the benchmark and prints the table (and writes JSON when asked).
@@ -99,7 +100,11 @@ pub async fn run(config: Config, options: BenchOptions) -> anyhow::Result<()> {
             r.baseline_name,
             r.ratio,
             r.target,
-            if r.met { "yes" } else { "NO" }
+            match r.met {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "-",
+            }
         );
     }
     if let Some(path) = &options.out {

@@ -227,13 +227,18 @@ pub async fn open_loop(op: Op, rate: f64, warmup: Duration, duration: Duration) 
 /// `during`: how much room the machine had left while a measurement ran. None where there
 /// is no `/proc/stat`.
 async fn machine_idle(after: Duration, during: Duration) -> Option<f64> {
-    let read = || idle_and_total(&std::fs::read_to_string("/proc/stat").ok()?);
     tokio::time::sleep(after).await;
-    let (idle0, total0) = read()?;
+    let (idle0, total0) = cpu_times()?;
     tokio::time::sleep(during).await;
-    let (idle1, total1) = read()?;
+    let (idle1, total1) = cpu_times()?;
     let total = total1.checked_sub(total0).filter(|t| *t > 0)?;
     Some(100.0 * idle1.saturating_sub(idle0) as f64 / total as f64)
+}
+
+/// The machine's idle and total CPU time so far (`/proc/stat`), to take the idle share of
+/// a stretch that is timed elsewhere. None where there is no `/proc/stat`.
+pub fn cpu_times() -> Option<(u64, u64)> {
+    idle_and_total(&std::fs::read_to_string("/proc/stat").ok()?)
 }
 
 /// Idle and total CPU time from `/proc/stat`'s first line (`cpu user nice system idle

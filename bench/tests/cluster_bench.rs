@@ -156,7 +156,7 @@ async fn a_small_run_measures_every_scenario_and_leaves_nothing_behind() {
     );
     // The rebuild reads the whole log: the 2,000 events seeded and those of the scenarios
     // before it, every one of them.
-    assert_eq!(names.len(), 10, "{names:?}");
+    assert_eq!(names.len(), 11, "{names:?}");
     let rebuilt: u64 = names[7]
         .strip_prefix("projections rebuild all (")
         .and_then(|n| n.strip_suffix(" events)"))
@@ -173,10 +173,29 @@ async fn a_small_run_measures_every_scenario_and_leaves_nothing_behind() {
         );
     }
     assert!(stderr.contains("bench: round 2: rebuild "), "{stderr}");
+    // Beside it, for context and without a target of its own, the log read alone (as the
+    // rebuild reads it) against the same baseline: every event, in each round.
+    assert_eq!(
+        names[8], "  the log read alone (a rebuild's first stage)",
+        "{stderr}"
+    );
+    assert_eq!(results[8]["subject"]["ops"].as_u64(), Some(2 * rebuilt));
+    assert_eq!(results[8]["baseline"], results[7]["baseline"]);
+    assert_eq!(results[8]["met"], serde_json::Value::Null, "{}", results[8]);
+    assert!(results[7]["met"].as_bool().is_some(), "{}", results[7]);
+    // The machine's idle share during each side, where /proc/stat tells it.
+    if std::path::Path::new("/proc/stat").exists() {
+        for row in &results[7..9] {
+            for side in ["subject", "baseline"] {
+                let idle = row[side]["machine_idle_percent"].as_f64();
+                assert!(idle.is_some_and(|i| (0.0..=100.0).contains(&i)), "{row}");
+            }
+        }
+    }
     // The republish of the log's first 500 events, in each round as its baseline produced
     // them; then the live relay's latency during a replay.
     assert_eq!(
-        names[8..],
+        names[9..],
         [
             "events republish (500 events)",
             "relay commit -> publish during a replay at half its max rate",
@@ -185,10 +204,10 @@ async fn a_small_run_measures_every_scenario_and_leaves_nothing_behind() {
     );
     for side in ["subject", "baseline"] {
         assert_eq!(
-            results[8][side]["ops"].as_u64(),
+            results[9][side]["ops"].as_u64(),
             Some(1000),
             "{}",
-            results[8]
+            results[9]
         );
     }
     assert!(stderr.contains("bench: round 2: republish "), "{stderr}");

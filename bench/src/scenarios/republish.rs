@@ -198,7 +198,7 @@ impl Bench {
                 0.0
             },
             // Only a measurement of commands that all reached the live topic counts.
-            met: subject.ops > 0 && subject.errors == 0 && subject.p99_ms <= limit,
+            met: Some(subject.ops > 0 && subject.errors == 0 && subject.p99_ms <= limit),
             target: format!("p99 <= {limit:.1} ms"),
             subject,
             baseline_name: "relay commit -> publish, no replay".to_owned(),
