@@ -82,14 +82,14 @@ return outcomes
 
 /// Users per call of `REPLACE`: a call holds Redis for its whole length (about 5 µs a user).
 const USERS_PER_CALL: usize = 200;
-/// Users a rebuild's fill sends to one server in one pipeline, and how many such pipelines
-/// are in flight at once. A window's fill (up to 50,000 users, tens of megabytes) as one
-/// pipeline is one request to the client, under one response timeout (500 ms by default):
-/// on a busy machine it ran out, and the whole window was written again, the guarded way.
-/// Bounded pipelines each answer within a few tens of milliseconds, and other clients'
-/// commands (live reads) are served between them.
-const FILL_USERS_PER_PIPELINE: usize = 2_000;
-const FILL_PIPELINES_IN_FLIGHT: usize = 4;
+/// Users one server is sent in one pipeline (a rebuild's fill, or guarded writes), and how
+/// many such pipelines are in flight at once. A rebuild's window (up to 50,000 users, tens
+/// of megabytes) as one pipeline is one request to the client, under one response timeout
+/// (500 ms by default): on a busy machine it ran out, and the whole window was written
+/// again. Bounded pipelines each answer within a few tens of milliseconds, and other
+/// clients' commands (live reads) are served between them.
+const USERS_PER_PIPELINE: usize = 2_000;
+const PIPELINES_IN_FLIGHT: usize = 4;
 
 /// Writes the documents of users that have none yet (`SET NX`), on a cluster (within one
 /// bucket): KEYS[i] a document's key, ARGV[i] the document. For each: 1 written, 0 the user
@@ -218,14 +218,26 @@ async fn query_scripts(
     Ok(outcomes.into_iter().flatten().collect())
 }
 
-/// Sends each pipeline (each within one slot on a cluster) concurrently; the outcomes of
-/// each, in order.
+/// Sends each pipeline (each within one slot on a cluster) concurrently, on one server
+/// `PIPELINES_IN_FLIGHT` at a time; the outcomes of each, in order.
 async fn query_each(
     conn: &RedisConnection,
     script: &Script,
     pipes: &[redis::Pipeline],
 ) -> Result<Vec<Vec<i64>>, PortError> {
-    try_join_all(pipes.iter().map(|p| query_scripts(conn, script, p))).await
+    if conn.is_cluster() {
+        return try_join_all(pipes.iter().map(|p| query_scripts(conn, script, p))).await;
+    }
+    // Made before they are streamed (a future starts when first polled): a stream mapping
+    // the pipelines to their calls is not `Send` for every lifetime the callers need.
+    let calls: Vec<_> = pipes
+        .iter()
+        .map(|p| query_scripts(conn, script, p))
+        .collect();
+    futures::stream::iter(calls)
+        .buffered(PIPELINES_IN_FLIGHT)
+        .try_collect()
+        .await
 }
 
 /// `outcomes`, checked to be one per user written.
@@ -371,12 +383,15 @@ struct RedisBatch<'a> {
     generations: BatchGenerations,
 }
 
-/// Which calls a step makes: on one server one group of every user; on a cluster a group
-/// per bucket (the bucket, the indexes of its users).
+/// Which pipelines a step sends: on one server a group per `USERS_PER_PIPELINE` users; on a
+/// cluster a group per bucket (the bucket, the indexes of its users).
 fn groups(cluster: bool, buckets: impl Iterator<Item = u32>) -> Vec<(u32, Vec<usize>)> {
     if !cluster {
         let all: Vec<usize> = buckets.enumerate().map(|(i, _)| i).collect();
-        return vec![(0, all)];
+        return all
+            .chunks(USERS_PER_PIPELINE)
+            .map(|chunk| (0, chunk.to_vec()))
+            .collect();
     }
     let mut by_bucket: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     for (i, b) in buckets.enumerate() {
@@ -395,7 +410,7 @@ impl RedisBatch<'_> {
         states: &[UserView],
     ) -> Result<Vec<bool>, PortError> {
         let pipes = states
-            .chunks(FILL_USERS_PER_PIPELINE)
+            .chunks(USERS_PER_PIPELINE)
             .map(|chunk| self.fill_pipeline(generation, chunk))
             .collect::<Result<Vec<_>, _>>()?;
         let conn = self.views.conn.clone();
@@ -404,7 +419,7 @@ impl RedisBatch<'_> {
                 let mut conn = conn.clone();
                 async move { pipe.query_async::<Vec<redis::Value>>(&mut conn).await }
             })
-            .buffered(FILL_PIPELINES_IN_FLIGHT)
+            .buffered(PIPELINES_IN_FLIGHT)
             .try_collect()
             .await
             .map_err(pcf_adapters::redis::port_error)?;
@@ -619,9 +634,9 @@ impl ViewBatch for RedisBatch<'_> {
         Ok(written)
     }
 
-    /// The guarded script, a call per `USERS_PER_CALL` users: on one server all in one
-    /// pipeline; on a cluster a pipeline per bucket, concurrently, then the email step and
-    /// the marks cleared.
+    /// The guarded script, a call per `USERS_PER_CALL` users: on one server in pipelines of
+    /// `USERS_PER_PIPELINE` users; on a cluster a pipeline per bucket, concurrently, then the
+    /// email step and the marks cleared.
     #[tracing::instrument(level = "debug", name = "redis.write", skip_all, fields(generation = generation, users = changes.len()))]
     async fn replace(
         &mut self,

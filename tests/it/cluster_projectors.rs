@@ -880,10 +880,20 @@ async fn states_over_existing_views(c: &mut Cluster) {
         .collect();
     many[2_500] = state(b, "b0", 4, false);
     many[4_100] = state(a, "a9", 9, false);
+    // Then all of them again, a version later, b's still older than its view's: every one
+    // is stored, so all go the guarded way, in several pipelines.
+    let again: Vec<pcf_domain::UserView> = many
+        .iter()
+        .map(|m| pcf_domain::UserView {
+            display_name: format!("{} again", m.display_name),
+            version: m.version + 1,
+            ..m.clone()
+        })
+        .collect();
     let expected: BTreeMap<Uuid, pcf_domain::UserView> =
         [second[1].clone(), second[2].clone(), second[3].clone()]
             .into_iter()
-            .chain(many.iter().filter(|m| m.id != b).cloned())
+            .chain(again.iter().filter(|m| m.id != b).cloned())
             .map(|v| (v.id, v))
             .collect();
     let sql: Arc<dyn ViewStore> = Arc::new(SqlUserViews::new(c.pool.clone()));
@@ -903,6 +913,10 @@ async fn states_over_existing_views(c: &mut Cluster) {
             .write_states(1, &many)
             .await
             .expect("many new users");
+        projection
+            .write_states(1, &again)
+            .await
+            .expect("many users again");
     }
     assert_eq!(sql_rows(&c.pool, "read_users_g1").await, expected);
     let docs = redis_docs(&redis).await.expect("the Redis view");
