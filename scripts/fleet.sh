@@ -22,7 +22,8 @@
 #   haproxy CMD...    one command on haproxy's admin socket (e.g. "show servers state api")
 #
 # Environment: PCF_BIN (default target/release/pcf, else target/debug/pcf), FLEET_DIR (state,
-# logs and pid files, default target/fleet), and the engines, by default those of --ha:
+# logs and pid files, default target/fleet), FLEET_DRAIN_TIMEOUT (seconds, default 30), and the
+# engines, by default those of --ha:
 # PCF_DATABASE_URL, PCF_READ_DATABASE_URL, PCF_REDIS_URL, PCF_KAFKA_BROKERS, PCF_KAFKA_TOPIC.
 # The instances share a KEK and a JWT secret generated once into FLEET_DIR (or PCF_KEK and
 # PCF_JWT_SECRET when set). Development and tests only: no TLS, loopback only.
@@ -38,6 +39,9 @@ die() {
 # shellcheck source=lib/packages.sh
 source scripts/lib/packages.sh
 
+# Seconds a drain waits for the requests of an instance (FLEET_DRAIN_TIMEOUT, default 30).
+DRAIN_TIMEOUT="${FLEET_DRAIN_TIMEOUT:-30}"
+[[ $DRAIN_TIMEOUT =~ ^[0-9]{1,5}$ ]] || die "FLEET_DRAIN_TIMEOUT must be a number of seconds"
 FLEET_DIR="${FLEET_DIR:-target/fleet}"
 mkdir -p "$FLEET_DIR"
 FLEET_DIR=$(cd "$FLEET_DIR" && pwd)
@@ -249,10 +253,10 @@ no_sessions() { [[ $(sessions "$1") == 0 ]]; }
 # NAME's graceful stop, which serves open requests to their end.
 drain() {
     haproxy_cmd "set server api/$1 state drain" >/dev/null
-    local deadline=$((SECONDS + ${FLEET_DRAIN_TIMEOUT:-30}))
+    local deadline=$((SECONDS + DRAIN_TIMEOUT))
     until no_sessions "$1"; do
         if ((SECONDS >= deadline)); then
-            log "$1 still has $(sessions "$1") requests in haproxy after ${FLEET_DRAIN_TIMEOUT:-30}s; its graceful stop serves them"
+            log "$1 still has $(sessions "$1") requests in haproxy after ${DRAIN_TIMEOUT}s; its graceful stop serves them"
             haproxy_cmd "show sess" | grep -F "srv=$1 " >&2 || true
             return 0
         fi

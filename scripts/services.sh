@@ -187,17 +187,23 @@ pg_prepare_runtime_dirs() {
 }
 
 # pg_start CLUSTER PORT : start the cluster unless it already runs, then wait for readiness.
-pg_start() {
+# pg_try_start CLUSTER PORT : starts CLUSTER unless it runs, and waits for it to answer;
+# fails (logged) when it does not start or answer.
+pg_try_start() {
     local cluster=$1 port=$2
     if pg_running "$cluster"; then
         log "${PG_VERSION}/${cluster} already running"
     else
         log "starting ${PG_VERSION}/${cluster} on ${PG_HOST}:${port}"
-        pg_ctlcluster "$PG_VERSION" "$cluster" start ||
-            die "could not start ${PG_VERSION}/${cluster}; see /var/log/postgresql/postgresql-${PG_VERSION}-${cluster}.log"
+        pg_ctlcluster "$PG_VERSION" "$cluster" start || return 1
     fi
-    wait_until "PostgreSQL ${PG_VERSION}/${cluster} on ${PG_HOST}:${port}" pg_ready "$port" ||
-        die "PostgreSQL ${PG_VERSION}/${cluster} is not ready; see /var/log/postgresql/postgresql-${PG_VERSION}-${cluster}.log"
+    wait_until "PostgreSQL ${PG_VERSION}/${cluster} on ${PG_HOST}:${port}" pg_ready "$port"
+}
+
+# pg_start CLUSTER PORT : pg_try_start, ending the script when it fails.
+pg_start() {
+    pg_try_start "$1" "$2" ||
+        die "PostgreSQL ${PG_VERSION}/$1 did not start or answer; see /var/log/postgresql/postgresql-${PG_VERSION}-$1.log"
 }
 
 pg_stop() {

@@ -231,8 +231,12 @@ async fn machine_idle(after: Duration, during: Duration) -> Option<f64> {
     let (idle0, total0) = cpu_times()?;
     tokio::time::sleep(during).await;
     let (idle1, total1) = cpu_times()?;
-    let total = total1.checked_sub(total0).filter(|t| *t > 0)?;
-    Some(100.0 * idle1.saturating_sub(idle0) as f64 / total as f64)
+    idle_percent(idle1.saturating_sub(idle0), total1.saturating_sub(total0))
+}
+
+/// `idle` CPU time as a share of `total`, in percent; none for no time at all.
+pub fn idle_percent(idle: u64, total: u64) -> Option<f64> {
+    (total > 0).then(|| 100.0 * idle as f64 / total as f64)
 }
 
 /// The machine's idle and total CPU time so far (`/proc/stat`), to take the idle share of

@@ -25,7 +25,9 @@ use uuid::Uuid;
 mod republish;
 
 use super::client::HttpClient;
-use super::load::{closed_loop, cpu_times, interleaved, open_loop, Measurement, Op, Recorder};
+use super::load::{
+    closed_loop, cpu_times, idle_percent, interleaved, open_loop, Measurement, Op, Recorder,
+};
 use super::{BenchOptions, ScenarioResult};
 use pcf::app::{build, pg_pool, App};
 use pcf::config::{Config, RateLimits};
@@ -1045,7 +1047,7 @@ impl Bench {
             let rebuilt = self.rebuild_once(in_log).await?;
             let read = Timed::of(self.read_log()).await?;
             let consumed = self.consume_topic(in_log, round).await?;
-            let written = Timed::of_self_timed(self.write_documents(in_log, per_user)).await?;
+            let written = Timed::of(self.write_documents(in_log, per_user)).await?;
             eprintln!(
                 "bench: round {}: rebuild {}, the log read alone {}, Kafka consume {}, \
                  Redis write {}",
@@ -1180,7 +1182,7 @@ impl Bench {
     }
 
     /// Writes one document per event to Redis, pipelined a thousand at a time.
-    async fn write_documents(&self, in_log: u64, per_user: u64) -> anyhow::Result<Duration> {
+    async fn write_documents(&self, in_log: u64, per_user: u64) -> anyhow::Result<()> {
         let conn = self.redis.clone();
         let doc = serde_json::to_string(&UserView {
             id: Uuid::nil(),
@@ -1194,7 +1196,6 @@ impl Bench {
             deleted: false,
         })?;
         let prefix = &self.config.redis_prefix;
-        let started = Instant::now();
         // Several pipelines in flight, as a rebuild's fill has: one at a time, the writer
         // waited for each answer and left the machine a third idle.
         futures::stream::iter((0..in_log).step_by(1000))
@@ -1210,7 +1211,7 @@ impl Bench {
             .buffered(4)
             .try_collect::<()>()
             .await?;
-        Ok(started.elapsed())
+        Ok(())
     }
 }
 
@@ -1250,27 +1251,10 @@ impl<T> Timed<T> {
     /// `count` over the time taken, with the machine's idle share then, for the log.
     fn rate(&self, count: u64) -> String {
         let rate = rate_measurement(count, self.elapsed).throughput;
-        match self.cpu {
-            Some((idle, total)) if total > 0 => {
-                format!(
-                    "{rate:.0}/s ({:.0} % idle)",
-                    100.0 * idle as f64 / total as f64
-                )
-            }
-            _ => format!("{rate:.0}/s"),
+        match self.cpu.and_then(|(idle, total)| idle_percent(idle, total)) {
+            Some(idle) => format!("{rate:.0}/s ({idle:.0} % idle)"),
+            None => format!("{rate:.0}/s"),
         }
-    }
-}
-
-impl Timed<Duration> {
-    /// The time a step measured itself (from its start to readers switching, say), with
-    /// the machine's CPU times over the whole of it.
-    async fn of_self_timed(
-        work: impl std::future::Future<Output = anyhow::Result<Duration>>,
-    ) -> anyhow::Result<Self> {
-        let mut timed = Self::of(work).await?;
-        timed.elapsed = timed.value;
-        Ok(timed)
     }
 }
 
@@ -1300,8 +1284,7 @@ impl Totals {
 
     fn measurement(self) -> Measurement {
         let mut measured = rate_measurement(self.count, self.elapsed);
-        measured.machine_idle_percent =
-            (self.cpu > 0).then(|| 100.0 * self.idle as f64 / self.cpu as f64);
+        measured.machine_idle_percent = idle_percent(self.idle, self.cpu);
         measured
     }
 }

@@ -225,15 +225,19 @@ async fn query_each(
     script: &Script,
     pipes: &[redis::Pipeline],
 ) -> Result<Vec<Vec<i64>>, PortError> {
+    let calls = pipes.iter().map(|p| query_scripts(conn, script, p));
     if conn.is_cluster() {
-        return try_join_all(pipes.iter().map(|p| query_scripts(conn, script, p))).await;
+        return try_join_all(calls).await;
     }
-    // Made before they are streamed (a future starts when first polled): a stream mapping
-    // the pipelines to their calls is not `Send` for every lifetime the callers need.
-    let calls: Vec<_> = pipes
-        .iter()
-        .map(|p| query_scripts(conn, script, p))
-        .collect();
+    a_few_at_a_time(calls.collect()).await
+}
+
+/// Runs `calls` (each a pipeline sent to one server) `PIPELINES_IN_FLIGHT` at a time; their
+/// answers in order. The calls are made before they are streamed (a call starts when first
+/// polled): made by the stream, they are not `Send` for every lifetime their callers need.
+async fn a_few_at_a_time<T, E>(
+    calls: Vec<impl std::future::Future<Output = Result<T, E>>>,
+) -> Result<Vec<T>, E> {
     futures::stream::iter(calls)
         .buffered(PIPELINES_IN_FLIGHT)
         .try_collect()
@@ -413,14 +417,11 @@ impl RedisBatch<'_> {
             .chunks(USERS_PER_PIPELINE)
             .map(|chunk| self.fill_pipeline(generation, chunk))
             .collect::<Result<Vec<_>, _>>()?;
-        let conn = self.views.conn.clone();
-        let answers: Vec<Vec<redis::Value>> = futures::stream::iter(pipes)
-            .map(|pipe| {
-                let mut conn = conn.clone();
-                async move { pipe.query_async::<Vec<redis::Value>>(&mut conn).await }
-            })
-            .buffered(PIPELINES_IN_FLIGHT)
-            .try_collect()
+        let calls = pipes.iter().map(|pipe| {
+            let mut conn = self.views.conn.clone();
+            async move { pipe.query_async::<Vec<redis::Value>>(&mut conn).await }
+        });
+        let answers = a_few_at_a_time(calls.collect())
             .await
             .map_err(pcf_adapters::redis::port_error)?;
         let answers: Vec<redis::Value> = answers.into_iter().flatten().collect();

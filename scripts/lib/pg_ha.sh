@@ -58,28 +58,20 @@ pg_ha_node() {
 }
 
 # pg_ha_start NODE : starts NODE unless it runs; the server does not inherit pg_ha_up's lock.
-pg_ha_start() {
-    if [[ -n $PG_HA_LOCK_FD ]]; then
-        pg_start "$1" "$(pg_ha_port "$1")" {PG_HA_LOCK_FD}>&-
-    else
-        pg_start "$1" "$(pg_ha_port "$1")"
-    fi
-}
+pg_ha_start() { pg_ha_starting pg_start "$1"; }
 
 # pg_ha_try_start NODE : pg_ha_start, failing instead of ending the script when NODE does not
-# start or answer (a standby that cannot follow the new timeline stops at once).
-pg_ha_try_start() {
-    local node=$1 port
-    port=$(pg_ha_port "$node")
-    if ! pg_running "$node"; then
-        log "starting ${PG_VERSION}/${node} on ${PG_HOST}:${port}"
-        if [[ -n $PG_HA_LOCK_FD ]]; then
-            pg_ctlcluster "$PG_VERSION" "$node" start {PG_HA_LOCK_FD}>&- || return 1
-        else
-            pg_ctlcluster "$PG_VERSION" "$node" start || return 1
-        fi
+# start or answer within 30 s (a standby that cannot follow the new timeline stops at once).
+pg_ha_try_start() { TIMEOUT=30 pg_ha_starting pg_try_start "$1"; }
+
+# pg_ha_starting START NODE : START (pg_start or pg_try_start) for NODE and its port.
+pg_ha_starting() {
+    local start=$1 node=$2
+    if [[ -n $PG_HA_LOCK_FD ]]; then
+        "$start" "$node" "$(pg_ha_port "$node")" {PG_HA_LOCK_FD}>&-
+    else
+        "$start" "$node" "$(pg_ha_port "$node")"
     fi
-    TIMEOUT=30 wait_until "PostgreSQL ${PG_VERSION}/${node} on ${PG_HOST}:${port}" pg_ready "$port"
 }
 
 pg_ha_answers() { pg_ready "$(pg_ha_port "$1")" 2>/dev/null; }

@@ -838,7 +838,8 @@ async fn remembered_documents(c: &mut Cluster) {
 /// A rebuild's writes of folded states: users without a view get theirs at once, an
 /// existing view is replaced only by a newer state (its email entry moved, a tombstone's
 /// removed), and an older state changes nothing. A new user whose email's entry still
-/// names the user who had it before gets the entry.
+/// names the user who had it before gets the entry. Thousands of users at once are written
+/// in several pipelines, each user's outcome kept with its user.
 async fn states_over_existing_views(c: &mut Cluster) {
     // A node without projectors: it migrates the database, and only this test writes.
     let node = c.start_default(&[Role::Api]).await;
@@ -901,22 +902,14 @@ async fn states_over_existing_views(c: &mut Cluster) {
     let redis_views: Arc<dyn ViewStore> = Arc::new(redis.views.clone());
     for view in [sql, redis_views] {
         let projection = Projection::new(view, node.log());
-        projection
-            .write_states(1, &first)
-            .await
-            .expect("the first states");
-        projection
-            .write_states(1, &second)
-            .await
-            .expect("the second states");
-        projection
-            .write_states(1, &many)
-            .await
-            .expect("many new users");
-        projection
-            .write_states(1, &again)
-            .await
-            .expect("many users again");
+        for (states, what) in [
+            (&first[..], "the first states"),
+            (&second[..], "the second states"),
+            (&many[..], "many new users"),
+            (&again[..], "many users again"),
+        ] {
+            projection.write_states(1, states).await.expect(what);
+        }
     }
     assert_eq!(sql_rows(&c.pool, "read_users_g1").await, expected);
     let docs = redis_docs(&redis).await.expect("the Redis view");
